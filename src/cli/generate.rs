@@ -1,0 +1,50 @@
+//! `awq-run generate`: one prompt, one streamed reply.
+use super::common::{chat_template, ModelArgs, SamplingArgs};
+use anyhow::{bail, Result};
+use awq_run::chat_template::Message;
+use awq_run::generation::Generator;
+use std::io::Write;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (the user's message, unless --raw).
+    #[arg(long, short)]
+    pub prompt: String,
+    /// A system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the prompt as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.prompt.trim().is_empty() {
+        bail!("--prompt is empty");
+    }
+    let params = a.sampling.params()?;
+    let (assets, model) = a.model.load()?;
+    let tokens = if a.raw {
+        assets.encode(&a.prompt, true)?
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        let text = chat_template(&assets)?.render(&msgs, true)?;
+        assets.encode(&text, false)?
+    };
+    let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = gen.generate(&tokens, &params, None, |t| {
+        stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| awq_run::Error::msg(e.to_string()))
+    })?;
+    writeln!(stdout)?;
+    eprintln!("{}", stats.summary());
+    Ok(())
+}

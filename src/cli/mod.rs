@@ -1,0 +1,33 @@
+//! The `awq-run` command line: a thin layer over the library.
+mod chat;
+mod common;
+mod generate;
+mod import;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "awq-run", version, about = "AWQ 4-bit quantization and fast inference for LLaMA-family models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply to one prompt, streamed to stdout.
+    Generate(generate::Args),
+    /// Talk to a model in the terminal.
+    Chat(chat::Args),
+    /// Convert a GGUF file into an HF-layout directory.
+    Import(import::Args),
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Import(a) => import::run(a),
+    }
+}

@@ -1,0 +1,56 @@
+//! `--device` and `--dtype` parsing, with "the best available" as the default device.
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`; `None` picks CUDA, then Metal, then the CPU.
+pub fn parse_device(spec: Option<&str>) -> Result<Device> {
+    let Some(spec) = spec else {
+        if candle_core::utils::cuda_is_available() {
+            if let Ok(d) = Device::new_cuda(0) {
+                return Ok(d);
+            }
+        }
+        if candle_core::utils::metal_is_available() {
+            if let Ok(d) = Device::new_metal(0) {
+                return Ok(d);
+            }
+        }
+        return Ok(Device::Cpu);
+    };
+    let (kind, idx) = match spec.split_once(':') {
+        Some((k, i)) => {
+            let i: usize = i.parse().map_err(|_| Error::msg(format!("--device {spec}: bad device index {i:?}")))?;
+            (k, i)
+        }
+        None => (spec, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(idx).map_err(|e| {
+            Error::msg(format!("--device {spec}: {e} (this build has CUDA support: {})", cfg!(feature = "cuda")))
+        }),
+        "metal" => Device::new_metal(idx).map_err(|e| {
+            Error::msg(format!("--device {spec}: {e} (this build has Metal support: {})", cfg!(feature = "metal")))
+        }),
+        _ => Err(Error::msg(format!("--device {spec}: expected cpu, cuda[:N] or metal[:N]"))),
+    }
+}
+
+/// Parses `f32`, `f16`, `bf16`; `None` gives f32 on the CPU and f16 on GPUs.
+pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
+    match spec {
+        None => Ok(if device.is_cpu() { DType::F32 } else { DType::F16 }),
+        Some("f32") | Some("float32") => Ok(DType::F32),
+        Some("f16") | Some("float16") => Ok(DType::F16),
+        Some("bf16") | Some("bfloat16") => Ok(DType::BF16),
+        Some(other) => Err(Error::msg(format!("--dtype {other}: expected f32, f16 or bf16"))),
+    }
+}
+
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}

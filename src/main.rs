@@ -1,0 +1,8 @@
+mod cli;
+
+fn main() {
+    if let Err(e) = cli::run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

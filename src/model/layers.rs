@@ -1,0 +1,178 @@
+//! Building blocks of the LLaMA-family decoder: RMS norm, rotary embedding, KV cache.
+use super::config::Config;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// RMS norm with a public weight, so the AWQ pass can fold scales into it.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: candle_nn::VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+}
+
+/// cos / sin tables of the (rotate-half, HF layout) rotary embedding for every position.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Inverse frequencies, with llama3-style scaling when the config asks for it.
+    pub fn inv_freqs(cfg: &Config) -> Vec<f64> {
+        let hd = cfg.head_dim();
+        let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let Some(rs) = cfg.rope_scaling.as_ref().filter(|r| r.rope_type == "llama3") else {
+            return base;
+        };
+        let factor = rs.factor.unwrap_or(8.0);
+        let low = rs.low_freq_factor.unwrap_or(1.0);
+        let high = rs.high_freq_factor.unwrap_or(4.0);
+        let orig = rs.original_max_position_embeddings.unwrap_or(8192) as f64;
+        let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / factor
+                } else {
+                    let smooth = (orig / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
+    }
+
+    pub fn new(cfg: &Config, max_len: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let inv = Self::inv_freqs(cfg);
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_len, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_len, half), dev)?.to_dtype(dtype)?,
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// `x` is `[b, heads, seq, head_dim]`, starting at position `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        if offset + seq > self.max_len() {
+            candle_core::bail!(
+                "position {} is beyond the model's context of {} tokens",
+                offset + seq,
+                self.max_len()
+            );
+        }
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// A preallocated per-layer KV cache, `[b, kv_heads, capacity, head_dim]`, written in place.
+/// Unlike candle-nn's it can be truncated, so a chat can keep the prefix shared with the next turn.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+    /// Appends `k`, `v` (`[b, kv_heads, seq, head_dim]`) and returns views of everything cached.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        if self.len + seq > capacity {
+            candle_core::bail!(
+                "the KV cache holds {capacity} tokens and {} were asked for",
+                self.len + seq
+            );
+        }
+        let fresh = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            Tensor::zeros((b, h, capacity, d), t.dtype(), t.device())
+        };
+        if self.k.as_ref().is_none_or(|c| c.dim(0).ok() != k.dim(0).ok()) {
+            self.k = Some(fresh(k)?);
+            self.v = Some(fresh(v)?);
+        }
+        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        kc.slice_set(&k.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += seq;
+        Ok((kc.narrow(2, 0, self.len)?, vc.narrow(2, 0, self.len)?))
+    }
+}
+
+/// The KV caches of all layers, with the capacity they were made for.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub layers: Vec<KvCache>,
+    pub capacity: usize,
+}
+
+impl Cache {
+    pub fn new(n_layers: usize, capacity: usize) -> Self {
+        Self { layers: vec![KvCache::default(); n_layers], capacity }
+    }
+    /// Tokens already in the cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
+    }
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+}
+
+/// Additive causal mask `[seq, offset + seq]` (0 or -inf), or `None` for a single query token.
+pub fn causal_mask(seq: usize, offset: usize, sliding_window: Option<usize>, dtype: DType, dev: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 && sliding_window.is_none_or(|w| offset < w) {
+        return Ok(None);
+    }
+    let m = candle_transformers::utils::build_additive_causal_mask(seq, offset, sliding_window, dev, dtype)?;
+    Ok(Some(m.squeeze(0)?.squeeze(0)?))
+}
+
+/// Softmax over the last dim in f32, whatever the input dtype (f16 scores overflow easily).
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let y = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+    y.to_dtype(dt)
+}

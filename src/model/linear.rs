@@ -1,0 +1,65 @@
+//! One trait for every linear layer, so a dense layer and a 4-bit layer are interchangeable in the
+//! model (the AWQ pass swaps them, checkpoints decide which one is loaded).
+use candle_core::{DType, Module, Result, Tensor};
+use std::sync::Arc;
+
+pub trait LinearLayer: std::fmt::Debug + Send + Sync {
+    /// `x` is `[..., in_features]`; the result is `[..., out_features]` in `x`'s dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// The effective weight as a dense `[out, in]` tensor (dequantized for quantized layers).
+    fn dense_weight(&self) -> Result<Tensor>;
+    fn bias(&self) -> Option<&Tensor>;
+    /// A short name of the implementation, for logs and reports.
+    fn kind(&self) -> &'static str;
+}
+
+pub type Linear = Arc<dyn LinearLayer>;
+
+/// A full-precision linear layer; weight `[out, in]` in the activation dtype.
+#[derive(Debug, Clone)]
+pub struct DenseLinear {
+    inner: candle_nn::Linear,
+}
+
+impl DenseLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { inner: candle_nn::Linear::new(weight, bias) }
+    }
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+    pub fn into_linear(self) -> Linear {
+        Arc::new(self)
+    }
+    /// A copy with weight and bias converted to `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let b = match self.inner.bias() {
+            Some(b) => Some(b.to_dtype(dtype)?),
+            None => None,
+        };
+        Ok(Self::new(self.inner.weight().to_dtype(dtype)?, b))
+    }
+}
+
+impl LinearLayer for DenseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+    fn in_features(&self) -> usize {
+        self.inner.weight().dim(1).unwrap_or(0)
+    }
+    fn out_features(&self) -> usize {
+        self.inner.weight().dim(0).unwrap_or(0)
+    }
+    fn dense_weight(&self) -> Result<Tensor> {
+        Ok(self.inner.weight().clone())
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+    fn kind(&self) -> &'static str {
+        "dense"
+    }
+}

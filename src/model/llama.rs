@@ -1,0 +1,315 @@
+//! The LLaMA-family decoder (llama, mistral, qwen2, qwen3) with interchangeable linear layers.
+//!
+//! Decoder blocks are public and can be run one at a time, with the inputs of each linear layer
+//! captured: the AWQ pass is built on that.
+use super::config::Config;
+use super::layers::{causal_mask, softmax_f32, Cache, KvCache, RmsNorm, Rope};
+use super::linear::{DenseLinear, Linear};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Builds one linear layer from `vb` (which points at e.g. `model.layers.0.self_attn.q_proj`):
+/// `(vb, in_features, out_features, has_bias)`. Dense and quantized checkpoints differ only here.
+pub type LinearLoader<'a> = &'a dyn Fn(VarBuilder, usize, usize, bool) -> Result<Linear>;
+
+/// The loader for full-precision checkpoints (`weight` `[out, in]`, optional `bias`).
+pub fn load_dense(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((out_f, in_f), "weight")?;
+    let b = if bias { Some(vb.get(out_f, "bias")?) } else { None };
+    Ok(DenseLinear::new(w, b).into_linear())
+}
+
+/// The inputs of each linear layer of one block, in the order the AWQ scale groups need them.
+#[derive(Debug, Default, Clone)]
+pub struct LinearInputs {
+    /// Input of q_proj, k_proj and v_proj (the output of input_layernorm).
+    pub qkv: Option<Tensor>,
+    /// Input of o_proj (the attention output before projection).
+    pub o_proj: Option<Tensor>,
+    /// Input of gate_proj and up_proj (the output of post_attention_layernorm).
+    pub gate_up: Option<Tensor>,
+    /// Input of down_proj.
+    pub down_proj: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+impl Attention {
+    pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
+        let qkv_bias = cfg.qkv_bias();
+        let (q_norm, k_norm) = if cfg.qk_norm() {
+            (
+                Some(RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?),
+                Some(RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            q_proj: lin(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, qkv_bias)?,
+            k_proj: lin(vb.pp("k_proj"), h, kvh * hd, qkv_bias)?,
+            v_proj: lin(vb.pp("v_proj"), h, kvh * hd, qkv_bias)?,
+            o_proj: lin(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, cfg.o_bias())?,
+            q_norm,
+            k_norm,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    /// The attention output before o_proj, `[b, seq, heads * head_dim]`.
+    fn attend(&self, x: &Tensor, rope: &Rope, offset: usize, mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, seq, h, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((b, seq, kvh, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((b, seq, kvh, hd))?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let q = rope.apply(&q.transpose(1, 2)?, offset)?;
+        let k = rope.apply(&k.transpose(1, 2)?, offset)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match cache {
+            Some((c, cap)) => c.append(&k, &v, cap)?,
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share a KV head
+        // are stacked along the sequence axis (HF's repeat_kv puts them next to each other too).
+        let n_rep = h / kvh;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, kvh, n_rep * seq, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, kvh, n_rep, seq, kv_len))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores)?.reshape((b, kvh, n_rep * seq, kv_len))?;
+        let out = probs.matmul(&v)?.reshape((b, h, seq, hd))?;
+        out.transpose(1, 2)?.reshape((b, seq, h * hd))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias.unwrap_or(false));
+        Ok(Self {
+            gate_proj: lin(vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: lin(vb.pp("up_proj"), h, i, bias)?,
+            down_proj: lin(vb.pp("down_proj"), i, h, bias)?,
+        })
+    }
+    /// The input of down_proj: silu(gate(x)) * up(x).
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.hidden(x)?)
+    }
+}
+
+/// What every block of one forward pass shares.
+pub struct BlockContext<'a> {
+    pub rope: &'a Rope,
+    pub offset: usize,
+    pub mask: Option<&'a Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, lin)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, lin)?,
+        })
+    }
+
+    /// Runs the block. With `capture`, the input of every linear layer is recorded there.
+    pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, mut capture: Option<&mut LinearInputs>) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x)?;
+        let attn = self.self_attn.attend(&normed, ctx.rope, ctx.offset, ctx.mask, cache)?;
+        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
+        let normed2 = self.post_attention_layernorm.forward(&x)?;
+        let hidden = self.mlp.hidden(&normed2)?;
+        let out = (&x + self.mlp.down_proj.forward(&hidden)?)?;
+        if let Some(c) = capture.as_deref_mut() {
+            c.qkv = Some(normed);
+            c.o_proj = Some(attn);
+            c.gate_up = Some(normed2);
+            c.down_proj = Some(hidden);
+        }
+        Ok(out)
+    }
+
+    /// The attention sub-layer alone (input_layernorm output in, o_proj output out), as the AWQ
+    /// loss for the q/k/v group measures it.
+    pub fn attention_output(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let attn = self.self_attn.attend(normed, ctx.rope, ctx.offset, ctx.mask, None)?;
+        self.self_attn.o_proj.forward(&attn)
+    }
+
+    /// Every linear layer of the block with its HF name relative to the block.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub cfg: Config,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Model {
+    /// Loads the model from `vb` (root of the checkpoint names), building linears with `lin`.
+    pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, lin))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // A tied lm_head shares the embedding; some checkpoints still carry a copy.
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            DenseLinear::new(embed_tokens.clone(), None).into_linear()
+        } else {
+            load_dense(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let rope = Rope::new(cfg, cfg.max_position_embeddings, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// A KV cache for up to `capacity` tokens (capped at the model's context).
+    pub fn new_cache(&self, capacity: usize) -> Cache {
+        Cache::new(self.layers.len(), capacity.min(self.context_len()))
+    }
+    pub fn context_len(&self) -> usize {
+        self.rope.max_len()
+    }
+
+    /// Token ids `[b, seq]` to hidden states `[b, seq, hidden]`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, seq) = tokens.dims2()?;
+        let flat = tokens.flatten_all()?;
+        let vocab = self.embed_tokens.dim(0)?;
+        let max = flat.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        if max >= vocab {
+            candle_core::bail!("token id {max} is out of range for the vocabulary of {vocab}");
+        }
+        self.embed_tokens.index_select(&flat, 0)?.reshape((b, seq, self.cfg.hidden_size))
+    }
+
+    pub fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {
+        causal_mask(seq, offset, self.cfg.sliding_window, self.dtype, &self.device)
+    }
+
+    /// Final norm and lm_head; logits in f32.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
+    }
+
+    fn hidden_states(&self, tokens: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let seq = tokens.dim(1)?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let mask = self.mask(seq, offset)?;
+        let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref() };
+        let mut x = self.embed(tokens)?;
+        match cache {
+            Some(cache) => {
+                let cap = cache.capacity;
+                for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    x = block.forward(&x, &ctx, Some((kv, cap)), None)?;
+                }
+            }
+            None => {
+                for block in &self.layers {
+                    x = block.forward(&x, &ctx, None, None)?;
+                }
+            }
+        }
+        Ok(x)
+    }
+
+    /// Logits of the last position, `[b, vocab]` f32; appends to `cache`.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let x = self.hidden_states(tokens, Some(cache))?;
+        let last = x.narrow(1, x.dim(1)? - 1, 1)?;
+        self.head(&last)?.squeeze(1)
+    }
+
+    /// Logits of every position, `[b, seq, vocab]` f32, without a cache (scoring, tests).
+    pub fn forward_all(&self, tokens: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_states(tokens, None)?;
+        self.head(&x)
+    }
+
+    /// Logits of every position, appending to `cache` (incremental scoring).
+    pub fn forward_all_cached(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let x = self.hidden_states(tokens, Some(cache))?;
+        self.head(&x)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dim(0).unwrap_or(0)
+    }
+}

@@ -1,0 +1,10 @@
+//! The LLaMA-family model: configuration, layers and the decoder.
+pub mod config;
+pub mod layers;
+pub mod linear;
+pub mod llama;
+
+pub use config::{Arch, Config};
+pub use layers::Cache;
+pub use linear::{DenseLinear, Linear, LinearLayer};
+pub use llama::{Block, LinearInputs, Model};

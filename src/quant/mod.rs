@@ -1,0 +1,6 @@
+//! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
+pub mod pack;
+pub mod quantizer;
+
+pub use pack::QuantizedWeight;
+pub use quantizer::{fake_quantize, quantize_codes, QuantParams};
