@@ -1,0 +1,127 @@
+//! The `awq-run` binary driven as a user would: generate, chat over stdin, hub cache, errors.
+mod common;
+use awq_run::model::Arch;
+use common::{bin, TinySpec};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn run_chat(dir: &std::path::Path, input: &str) -> (bool, String, String) {
+    let mut child = Command::new(bin())
+        .args(["chat", "--model", dir.to_str().unwrap(), "--show-prompt", "--temperature", "0", "--max-tokens", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn prompts(stderr: &str) -> Vec<String> {
+    stderr
+        .split("--- prompt ---\n")
+        .skip(1)
+        .map(|s| s.split("\n--- end of prompt ---").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn chat_keeps_history_clears_and_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let (ok, _stdout, stderr) = run_chat(&dir, "hello there\nsecond question\n/clear\nthird\n/exit\n");
+    assert!(ok, "chat failed: {stderr}");
+    let p = prompts(&stderr);
+    assert_eq!(p.len(), 3, "{stderr}");
+    assert!(p[0].ends_with("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"), "{}", p[0]);
+    // The second prompt holds the whole first exchange, then the new question.
+    assert!(p[1].starts_with("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"), "{}", p[1]);
+    assert_eq!(p[1].matches("<|im_start|>assistant\n").count(), 2, "{}", p[1]);
+    assert!(p[1].contains("<|im_start|>user\nsecond question<|im_end|>"), "{}", p[1]);
+    // After /clear the first exchange is gone.
+    assert!(!p[2].contains("hello there") && p[2].contains("third"), "{}", p[2]);
+    assert!(stderr.contains("conversation cleared"));
+}
+
+#[test]
+fn chat_system_and_help_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let (ok, _, stderr) = run_chat(&dir, "/help\n/system be terse\nhi\n/bogus\n");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("/clear") && stderr.contains("unknown command /bogus"), "{stderr}");
+    assert!(prompts(&stderr)[0].starts_with("<|im_start|>system\nbe terse<|im_end|>"), "{stderr}");
+}
+
+#[test]
+fn chat_drops_oldest_turns_when_context_is_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = TinySpec::new(Arch::Llama);
+    spec.max_pos = 64;
+    let dir = spec.write_dir(tmp.path());
+    let (ok, _, stderr) = run_chat(&dir, "one two three four five\nsix seven eight nine ten\neleven twelve thirteen\n");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("dropped the") && stderr.contains("oldest messages"), "{stderr}");
+}
+
+#[test]
+fn generate_streams_and_reports_speed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Qwen2).write_dir(tmp.path());
+    let out = Command::new(bin())
+        .args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "5", "--temperature", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("tok/s"), "{stderr}");
+}
+
+#[test]
+fn generate_refuses_empty_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let out = Command::new(bin()).args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "  "]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt is empty"));
+}
+
+#[test]
+fn hub_id_loads_from_hf_cache_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The HF cache layout: hub/models--owner--name/{refs/main, snapshots/<commit>/...}
+    let repo = tmp.path().join("hub/models--tiny-org--tiny-llama");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    TinySpec::new(Arch::Llama).write_dir(&repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for offline in ["1", ""] {
+        let out = Command::new(bin())
+            .args(["generate", "--model", "tiny-org/tiny-llama", "--prompt", "hi", "--max-tokens", "3"])
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", offline)
+            // Any network access would go here and fail.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A repo that is not in the cache, offline, is explained.
+    let out = Command::new(bin())
+        .args(["generate", "--model", "tiny-org/absent", "--prompt", "hi"])
+        .env("HF_HOME", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("tiny-org/absent") && e.contains("HF_HUB_OFFLINE"), "{e}");
+}
+
+#[test]
+fn missing_default_model_says_how_to_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin()).args(["chat"]).current_dir(tmp.path()).stdin(Stdio::null()).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("scripts/fetch-models.sh"), "{e}");
+}
