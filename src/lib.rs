@@ -5,10 +5,12 @@
 //! - [`generation`] / [`chat_template`]: sampling, streaming and chat rendering;
 //! - [`quant`] / [`awq`] / [`checkpoint`]: quantization, the AWQ search and AWQ checkpoints.
 pub mod assets;
+pub mod awq;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod generation;
 pub mod gguf;
 pub mod import;

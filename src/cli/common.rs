@@ -111,3 +111,16 @@ pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::chat_template::Cha
     };
     Ok(awq_run::chat_template::ChatTemplate::new(tmpl, assets.bos_token.as_deref(), assets.eos_token.as_deref())?)
 }
+
+/// Peak resident memory of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,8 +1,10 @@
 //! The `awq-run` command line: a thin layer over the library.
 mod chat;
+mod eval;
 mod common;
 mod generate;
 mod import;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,10 @@ enum Command {
     Chat(chat::Args),
     /// Convert a GGUF file into an HF-layout directory.
     Import(import::Args),
+    /// Perplexity of a model on a text (full precision, checkpoint or --fake-quant).
+    Eval(eval::Args),
+    /// Quantize a model with AWQ (or RTN) and write a 4-bit AutoAWQ GEMM checkpoint.
+    Quantize(quantize::Args),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -29,5 +35,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Import(a) => import::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }

@@ -13,6 +13,10 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn bias(&self) -> Option<&Tensor>;
     /// A short name of the implementation, for logs and reports.
     fn kind(&self) -> &'static str;
+    /// The integer codes, zeros and scales of a quantized layer.
+    fn quantized(&self) -> Option<&crate::quant::QuantizedWeight> {
+        None
+    }
 }
 
 pub type Linear = Arc<dyn LinearLayer>;

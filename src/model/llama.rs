@@ -73,7 +73,7 @@ impl Attention {
     }
 
     /// The attention output before o_proj, `[b, seq, heads * head_dim]`.
-    fn attend(&self, x: &Tensor, rope: &Rope, offset: usize, mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    pub fn attend(&self, x: &Tensor, rope: &Rope, offset: usize, mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, seq, h, hd))?;
@@ -103,6 +103,15 @@ impl Attention {
         let probs = softmax_f32(&scores)?.reshape((b, kvh, n_rep * seq, kv_len))?;
         let out = probs.matmul(&v)?.reshape((b, h, seq, hd))?;
         out.transpose(1, 2)?.reshape((b, seq, h * hd))
+    }
+}
+
+impl Attention {
+    /// The attention module alone, without a cache (input_layernorm output in, o_proj output
+    /// out), as the AWQ loss for the q/k/v group measures it.
+    pub fn forward(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let attn = self.attend(normed, ctx.rope, ctx.offset, ctx.mask, None)?;
+        self.o_proj.forward(&attn)
     }
 }
 
@@ -177,12 +186,6 @@ impl Block {
         Ok(out)
     }
 
-    /// The attention sub-layer alone (input_layernorm output in, o_proj output out), as the AWQ
-    /// loss for the q/k/v group measures it.
-    pub fn attention_output(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let attn = self.self_attn.attend(normed, ctx.rope, ctx.offset, ctx.mask, None)?;
-        self.self_attn.o_proj.forward(&attn)
-    }
 
     /// Every linear layer of the block with its HF name relative to the block.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
@@ -214,11 +217,17 @@ pub struct Model {
 impl Model {
     /// Loads the model from `vb` (root of the checkpoint names), building linears with `lin`.
     pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, lin))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_layers(vb, cfg, layers)
+    }
+
+    /// Loads embeddings, final norm and lm_head from `vb` around decoder blocks built elsewhere
+    /// (the quantization pass builds them one at a time).
+    pub fn from_layers(vb: VarBuilder, cfg: &Config, layers: Vec<Block>) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, lin))
-            .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // A tied lm_head shares the embedding; some checkpoints still carry a copy.
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {

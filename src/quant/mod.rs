@@ -1,6 +1,8 @@
 //! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
+pub mod linear;
 pub mod pack;
 pub mod quantizer;
 
+pub use linear::QuantLinear;
 pub use pack::QuantizedWeight;
 pub use quantizer::{fake_quantize, quantize_codes, QuantParams};

@@ -48,6 +48,7 @@ pub fn unpack_rows(packed: &[i32], rows: usize, out: usize) -> Vec<u8> {
 /// `scales[o * groups + g]`, with `groups = in / group_size`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
+    pub bits: u32,
     pub out_features: usize,
     pub in_features: usize,
     pub group_size: usize,
@@ -85,6 +86,13 @@ impl QuantizedWeight {
 
     /// Transposes to `[in, out]` and packs in the AutoAWQ GEMM layout.
     pub fn to_awq_gemm(&self) -> Result<AwqGemmTensors> {
+        if self.bits != 4 {
+            return Err(Error::msg(format!(
+                "the AWQ GEMM checkpoint format packs 4-bit codes only; {}-bit quantization can be \
+                 evaluated fake-quantized (awq-run eval --fake-quant) but not written",
+                self.bits
+            )));
+        }
         let (o_n, i_n) = (self.out_features, self.in_features);
         let groups = self.groups();
         let mut t_codes = vec![0u8; o_n * i_n];
@@ -133,7 +141,7 @@ impl QuantizedWeight {
                 scales[o * groups + g] = t.scales[g * out_features + o];
             }
         }
-        Ok(Self { out_features, in_features, group_size, codes, zeros, scales })
+        Ok(Self { bits: 4, out_features, in_features, group_size, codes, zeros, scales })
     }
 }
 

@@ -97,7 +97,7 @@ pub fn quantize_codes(w: &[f32], out: usize, inp: usize, p: QuantParams) -> supe
             }
         }
     }
-    super::pack::QuantizedWeight { out_features: out, in_features: inp, group_size: g, codes, zeros, scales }
+    super::pack::QuantizedWeight { bits: p.bits, out_features: out, in_features: inp, group_size: g, codes, zeros, scales }
 }
 
 #[cfg(test)]

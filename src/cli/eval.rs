@@ -1,0 +1,97 @@
+//! `awq-run eval`: perplexity of a model (full precision, a checkpoint, or a quantization
+//! evaluated on the fly with --fake-quant).
+use super::common::ModelArgs;
+use super::quantize::QuantArgs;
+use anyhow::{bail, Context, Result};
+use awq_run::ModelAssets;
+use candle_core::DType;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The evaluation text (UTF-8), e.g. models/data/wiki.utf8.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Quantize in memory before scoring: METHOD:BITS:GROUP, e.g. awq:4:64 or rtn:3:128.
+    #[arg(long)]
+    pub fake_quant: Option<String>,
+    /// Calibration text for --fake-quant awq (default models/data/c4.utf8).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration blocks for --fake-quant awq.
+    #[arg(long, default_value_t = 128)]
+    pub n_samples: usize,
+    /// Tokens per calibration block for --fake-quant awq.
+    #[arg(long, default_value_t = 512)]
+    pub calib_seqlen: usize,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_fake_quant(s: &str) -> Result<(String, u32, usize)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [m, b, g] = parts.as_slice() else {
+        bail!("--fake-quant {s}: expected METHOD:BITS:GROUP, e.g. awq:4:64");
+    };
+    let bits = b.parse().with_context(|| format!("--fake-quant {s}: bad bits {b:?}"))?;
+    let group = g.parse().with_context(|| format!("--fake-quant {s}: bad group size {g:?}"))?;
+    Ok((m.to_string(), bits, group))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = a.model.model_spec()?;
+    let device = a.model.device()?;
+    let dtype = awq_run::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+    let text = awq_run::awq::calib::read_text(&a.text)?;
+    let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
+    let tokens = assets.encode(&text, true)?;
+    awq_run::eval::check_windows(tokens.len(), a.seqlen, assets.config.max_position_embeddings)?;
+    let model = match &a.fake_quant {
+        None => assets.load_model(&device, dtype)?,
+        Some(fq) => {
+            let (method, bits, group_size) = parse_fake_quant(fq)?;
+            let qa = QuantArgs {
+                method,
+                bits,
+                group_size,
+                calib: a.calib.clone(),
+                n_samples: a.n_samples,
+                seqlen: a.calib_seqlen,
+                no_clip: false,
+                duo_scaling: true,
+                batch: 4,
+            };
+            let o = qa.options()?;
+            let calib = qa.calibration(&assets, &o)?;
+            let (m, r) = awq_run::awq::fake_quantized_model(&assets, &device, calib.as_deref(), &o)?;
+            eprintln!("fake-quantized with {fq} in {:.1}s", r.total_secs);
+            if dtype != DType::F32 {
+                eprintln!("note: fake-quantized models are evaluated in f32");
+            }
+            m
+        }
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("scoring [{bar:30}] window {pos}/{len} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let r = awq_run::eval::perplexity(&model, &tokens, a.seqlen, a.max_windows, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("perplexity: {:.4}", r.perplexity);
+        println!("windows: {} of {} tokens, {} tokens scored, {:.1}s", r.windows, r.seqlen, r.tokens_scored, r.seconds);
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `awq-run quantize`: AWQ (or RTN) to an AutoAWQ GEMM 4-bit checkpoint.
+use super::common::{peak_rss_mib, ModelArgs};
+use anyhow::{Context, Result};
+use awq_run::awq::{calib, AwqOptions, Method};
+use awq_run::quant::QuantParams;
+use awq_run::ModelAssets;
+use std::path::PathBuf;
+
+/// Calibration text used when --calib is not given (never the wiki text used for evaluation).
+pub const DEFAULT_CALIB: &str = "models/data/c4.utf8";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct QuantArgs {
+    /// awq (activation-aware scaling and clipping) or rtn (round-to-nearest baseline).
+    #[arg(long, default_value = "awq")]
+    pub method: String,
+    /// Bits per weight (2–8 for evaluation; checkpoints are 4-bit).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Input channels per quantization group; 0 for one group per output channel.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// Calibration text file (one record per line).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Number of calibration blocks.
+    #[arg(long, default_value_t = 128)]
+    pub n_samples: usize,
+    /// Tokens per calibration block.
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: usize,
+    /// Skip the clipping search.
+    #[arg(long)]
+    pub no_clip: bool,
+    /// AutoAWQ's duo scaling (activation and weight statistics); false uses activations alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub duo_scaling: bool,
+    /// Calibration blocks per forward chunk (memory vs. speed).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+}
+
+impl QuantArgs {
+    pub fn options(&self) -> Result<AwqOptions> {
+        let method: Method = self.method.parse()?;
+        let mut o = AwqOptions::new(method, QuantParams::new(self.bits, self.group_size)?);
+        o.clip = !self.no_clip;
+        o.duo_scaling = self.duo_scaling;
+        o.batch = self.batch.max(1);
+        o.progress = true;
+        Ok(o)
+    }
+
+    /// The calibration blocks for AWQ (None for RTN).
+    pub fn calibration(&self, assets: &ModelAssets, o: &AwqOptions) -> Result<Option<Vec<Vec<u32>>>> {
+        if o.method == Method::Rtn {
+            return Ok(None);
+        }
+        let path = self.calib.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CALIB));
+        if self.calib.is_none() && !path.exists() {
+            anyhow::bail!("the default calibration text {DEFAULT_CALIB} is missing: run scripts/fetch-models.sh or pass --calib FILE");
+        }
+        let blocks = calib::calibration_blocks(assets, &path, self.n_samples, self.seqlen)?;
+        if blocks.len() < self.n_samples {
+            eprintln!(
+                "note: {} gives {} blocks of {} tokens (asked for {})",
+                path.display(),
+                blocks.len(),
+                self.seqlen,
+                self.n_samples
+            );
+        }
+        Ok(Some(blocks))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output directory for the checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = a.model.model_spec()?;
+    let device = a.model.device()?;
+    let o = a.quant.options()?;
+    let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
+    awq_run::awq::check_group_size(&assets.config, o.params)?;
+    let calib = a.quant.calibration(&assets, &o)?;
+    eprintln!(
+        "quantizing {spec} with {:?}: w{}g{}{} on {}",
+        o.method,
+        o.params.bits,
+        o.params.group_size,
+        calib.as_ref().map_or(String::new(), |c| format!(", {} calibration blocks of {} tokens", c.len(), c[0].len())),
+        awq_run::device::device_name(&device)
+    );
+    let report = awq_run::checkpoint::write_quantized(&assets, &a.out, &o, calib.as_deref(), &device, a.force)?;
+    eprintln!(
+        "wrote {} in {:.1}s (peak RSS {:.0} MiB)",
+        a.out.display(),
+        report.total_secs,
+        peak_rss_mib()
+    );
+    Ok(())
+}
