@@ -415,3 +415,22 @@ pub fn fake_quantized_model(assets: &crate::ModelAssets, device: &Device, calib:
     let model = crate::model::Model::from_layers(vb, &assets.config, layers)?;
     Ok((model, report))
 }
+
+/// AWQ for one linear layer given its inputs `x` (`[tokens, in]`): the scale searched on the
+/// layer's own output, then clipping, as for the down_proj group. Returns the weight the
+/// quantized layer effectively applies (`Q(clip(W·s)) / s`, the 1/s folded back) and the choice.
+pub fn awq_linear(w: &Tensor, x: &Tensor, o: &AwqOptions) -> Result<(Tensor, scale::ScaleChoice)> {
+    let w = w.to_dtype(DType::F32)?;
+    let x = x.to_dtype(DType::F32)?;
+    let fp = x.matmul(&w.t()?)?;
+    let run = |ws: &[Tensor]| x.matmul(&ws[0].t()?);
+    let c = scale::search("linear", &scale::x_mean(&x)?, std::slice::from_ref(&w), &fp, o.params, o.duo_scaling, o.n_grid, &run)?;
+    let mut ws = scale::scale_columns(&w, &c.scales)?;
+    if o.clip {
+        let xs = x.broadcast_div(&c.scales)?;
+        let mv = clip::search_clip(&ws, &xs, o.params, &clip::ClipOptions::default())?;
+        ws = clip::apply_clip(&ws, &mv)?;
+    }
+    let eff = crate::quant::fake_quantize(&ws, o.params)?.broadcast_div(&c.scales)?;
+    Ok((eff, c))
+}

@@ -1,0 +1,392 @@
+//! The quantization pass and AWQ checkpoints on tiny random models: round trip, an independent
+//! decoder of the packed format, determinism, reading others' checkpoints, and bad input.
+mod common;
+use awq_run::awq::{AwqOptions, Method};
+use awq_run::model::Arch;
+use awq_run::quant::QuantParams;
+use awq_run::ModelAssets;
+use candle_core::{DType, Device, Tensor};
+use common::{rel_err, Rng, TinySpec};
+use std::path::{Path, PathBuf};
+
+const PROMPT: [u32; 8] = [1, 40, 71, 80, 80, 83, 2, 100];
+
+/// A calibration text of pseudo-words made of the tiny vocabulary's letters.
+fn calib_text(dir: &Path) -> PathBuf {
+    let mut r = Rng::new(11);
+    let words = ["hello", "the", "world", "order", "tell", "her", "other", "hero", "lore"];
+    let lines: Vec<String> = (0..80)
+        .map(|_| (0..3).map(|_| words[(r.next_f32() * words.len() as f32) as usize % words.len()]).collect::<Vec<_>>().join(" "))
+        .collect();
+    let p = dir.join("calib.txt");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn options(method: Method, group: usize) -> AwqOptions {
+    AwqOptions::new(method, QuantParams::new(4, group).unwrap())
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    calib: PathBuf,
+    root: PathBuf,
+}
+
+fn fixture(spec: &TinySpec) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = spec.write_dir(&root.join("model"));
+    let calib = calib_text(&root);
+    Fixture { _tmp: tmp, model, calib, root }
+}
+
+fn calib_blocks(a: &ModelAssets, f: &Fixture) -> Vec<Vec<u32>> {
+    awq_run::awq::calib::calibration_blocks(a, &f.calib, 6, 32).unwrap()
+}
+
+fn logits(m: &awq_run::model::Model) -> Tensor {
+    let t = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    m.forward_all(&t).unwrap()
+}
+
+#[test]
+fn checkpoint_round_trip_matches_in_memory_model() {
+    // Llama with GQA (o_proj group skipped), without GQA (o_proj searched), qwen2 with biases,
+    // qwen3 with q/k norms.
+    let mut no_gqa = TinySpec::new(Arch::Llama);
+    no_gqa.kv_heads = no_gqa.heads;
+    let mut tied = TinySpec::new(Arch::Llama);
+    tied.tie = true;
+    for spec in [tied, no_gqa, TinySpec::new(Arch::Qwen2), TinySpec::new(Arch::Qwen3)] {
+        let f = fixture(&spec);
+        let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+        let blocks = calib_blocks(&a, &f);
+        for method in [Method::Awq, Method::Rtn] {
+            let o = options(method, 32);
+            let calib = (method == Method::Awq).then_some(blocks.as_slice());
+            let (mem, report) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, calib, &o).unwrap();
+            if method == Method::Awq {
+                let groups_per_block = if spec.kv_heads == spec.heads { 4 } else { 3 };
+                assert_eq!(report.groups.len(), spec.layers * groups_per_block, "{spec:?}");
+                assert!(report.groups.iter().all(|g| g.loss_after <= g.loss_before * (1.0 + 1e-6)));
+            }
+            let out = f.root.join(format!("q-{method:?}"));
+            awq_run::checkpoint::write_quantized(&a, &out, &o, calib, &Device::Cpu, false).unwrap();
+            let qa = ModelAssets::load(out.to_str().unwrap()).unwrap();
+            let loaded = qa.load_model(&Device::Cpu, DType::F32).unwrap();
+            let e = rel_err(&logits(&loaded), &logits(&mem));
+            assert!(e < 1e-3, "{:?} {method:?}: round trip rel err {e}", spec.arch);
+            // The in-memory model differs from the checkpoint only by the f16 storage of the
+            // unquantized tensors: every quantized linear is bit-identical.
+            for (bm, bl) in mem.layers.iter().zip(&loaded.layers) {
+                for ((n, lm), (_, ll)) in bm.linears().iter().zip(bl.linears().iter()) {
+                    assert_eq!(lm.quantized(), ll.quantized(), "{n}");
+                }
+            }
+        }
+    }
+}
+
+/// Unpacks AutoAWQ GEMM tensors straight from the AWQ.md section 6 text, sharing no code with
+/// the packer: shift by 0, 4, ..., 28, then reorder with REVERSE.
+fn decode_awq_gemm(words: &[i32], rows: usize, out: usize) -> Vec<Vec<u8>> {
+    const REVERSE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+    let mut m = vec![vec![0u8; out]; rows];
+    for r in 0..rows {
+        for c in 0..out / 8 {
+            let w = words[r * (out / 8) + c] as u32;
+            let nibbles: Vec<u8> = (0..8).map(|k| ((w >> (4 * k)) & 0xF) as u8).collect();
+            for j in 0..8 {
+                m[r][8 * c + j] = nibbles[REVERSE[j]];
+            }
+        }
+    }
+    m
+}
+
+fn read_tensor_bytes(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} missing"));
+    (t.shape().to_vec(), t.data().to_vec())
+}
+
+#[test]
+fn independent_decoder_recovers_codes_and_weights() {
+    let spec = TinySpec::new(Arch::Qwen2);
+    let f = fixture(&spec);
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let blocks = calib_blocks(&a, &f);
+    let o = options(Method::Awq, 32);
+    let (mem, _) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, Some(&blocks), &o).unwrap();
+    let out = f.root.join("q");
+    awq_run::checkpoint::write_quantized(&a, &out, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (layer, block) in mem.layers.iter().enumerate() {
+        for (name, lin) in block.linears() {
+            let p = format!("model.layers.{layer}.{name}");
+            let q = lin.quantized().unwrap();
+            let (in_f, out_f, g) = (q.in_features, q.out_features, 32);
+            let (shape, data) = read_tensor_bytes(&st, &format!("{p}.qweight"));
+            assert_eq!(shape, vec![in_f, out_f / 8], "{p}.qweight");
+            let words: Vec<i32> = data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+            let codes = decode_awq_gemm(&words, in_f, out_f);
+            let (zshape, zdata) = read_tensor_bytes(&st, &format!("{p}.qzeros"));
+            assert_eq!(zshape, vec![in_f / g, out_f / 8]);
+            let zwords: Vec<i32> = zdata.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+            let zeros = decode_awq_gemm(&zwords, in_f / g, out_f);
+            let (sshape, sdata) = read_tensor_bytes(&st, &format!("{p}.scales"));
+            assert_eq!(sshape, vec![in_f / g, out_f]);
+            let scales: Vec<f32> = sdata.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            let dense = lin.dense_weight().unwrap().to_vec2::<f32>().unwrap(); // [out, in]
+            for i in 0..in_f {
+                for o_ in 0..out_f {
+                    assert_eq!(codes[i][o_], q.codes[o_ * in_f + i], "{p} code ({o_},{i})");
+                    let z = zeros[i / g][o_];
+                    assert_eq!(z, q.zeros[o_ * (in_f / g) + i / g], "{p} zero");
+                    let w = (f32::from(codes[i][o_]) - f32::from(z)) * scales[(i / g) * out_f + o_];
+                    assert_eq!(w, dense[o_][i], "{p} weight ({o_},{i})");
+                }
+            }
+            if name.ends_with("q_proj") || name.ends_with("k_proj") || name.ends_with("v_proj") {
+                assert!(st.tensor(&format!("{p}.bias")).is_ok(), "{p}.bias missing");
+            }
+        }
+    }
+    // The config carries the AutoAWQ quantization_config.
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let qc = &cfg["quantization_config"];
+    assert_eq!((qc["quant_method"].as_str(), qc["bits"].as_i64(), qc["group_size"].as_i64(), qc["version"].as_str()), (Some("awq"), Some(4), Some(32), Some("gemm")));
+    assert_eq!(qc["zero_point"], true);
+    for f_ in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "awq_report.json"] {
+        assert!(out.join(f_).exists(), "{f_}");
+    }
+}
+
+#[test]
+fn quantization_is_deterministic() {
+    let spec = TinySpec::new(Arch::Llama);
+    let f = fixture(&spec);
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let blocks = calib_blocks(&a, &f);
+    let o = options(Method::Awq, 32);
+    let (d1, d2) = (f.root.join("a"), f.root.join("b"));
+    awq_run::checkpoint::write_quantized(&a, &d1, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    awq_run::checkpoint::write_quantized(&a, &d2, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&d1).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    for n in names.iter().filter(|n| *n != "awq_report.json") {
+        assert_eq!(std::fs::read(d1.join(n)).unwrap(), std::fs::read(d2.join(n)).unwrap(), "{n} differs");
+    }
+    // The report differs only in its timings.
+    let strip = |p: &Path| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p.join("awq_report.json")).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("total_secs");
+        v.as_object_mut().unwrap().remove("block_secs");
+        v
+    };
+    assert_eq!(strip(&d1), strip(&d2));
+}
+
+#[test]
+fn shards_and_index_for_large_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = awq_run::checkpoint::ShardWriter::new(tmp.path(), 1000);
+    for i in 0..5 {
+        w.add(format!("t{i}"), Tensor::zeros(100, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    }
+    w.finish().unwrap();
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+    // 400-byte tensors, at most 1000 bytes a shard: two per shard.
+    assert_eq!(idx["weight_map"]["t0"], "model-00001-of-00003.safetensors");
+    assert_eq!(idx["weight_map"]["t1"], "model-00001-of-00003.safetensors");
+    assert_eq!(idx["weight_map"]["t4"], "model-00003-of-00003.safetensors");
+    for i in 1..=3 {
+        assert!(tmp.path().join(format!("model-0000{i}-of-00003.safetensors")).exists());
+    }
+    assert_eq!(idx["metadata"]["total_size"], 2000);
+}
+
+fn rewrite_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn reads_legacy_configs_and_refuses_other_formats() {
+    let spec = TinySpec::new(Arch::Qwen2);
+    let f = fixture(&spec);
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let o = options(Method::Rtn, 32);
+    let out = f.root.join("q");
+    awq_run::checkpoint::write_quantized(&a, &out, &o, None, &Device::Cpu, false).unwrap();
+    let reference = logits(&ModelAssets::load(out.to_str().unwrap()).unwrap().load_model(&Device::Cpu, DType::F32).unwrap());
+    let load = || ModelAssets::load(out.to_str().unwrap()).and_then(|a| a.load_model(&Device::Cpu, DType::F32));
+
+    // Legacy quant_config.json (w_bit / q_group_size / "GEMM"), and quantize_config.json.
+    rewrite_json(&out.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    for file in ["quant_config.json", "quantize_config.json"] {
+        std::fs::write(out.join(file), r#"{"zero_point": true, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}"#).unwrap();
+        assert_eq!(rel_err(&logits(&load().unwrap()), &reference), 0.0, "{file}");
+        std::fs::remove_file(out.join(file)).unwrap();
+    }
+    // Extra keys are tolerated.
+    rewrite_json(&out.join("config.json"), |c| {
+        c["quantization_config"] = serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": true,
+            "version": "gemm", "backend": "autoawq", "do_fuse": false, "fuse_max_seq_len": null, "modules_to_fuse": null,
+            "exllama_config": null, "modules_to_not_convert": null});
+    });
+    assert_eq!(rel_err(&logits(&load().unwrap()), &reference), 0.0);
+    // Other layouts and methods are refused, naming what was found.
+    for (qc, expect) in [
+        (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}), "\"gemv\""),
+        (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "exllama"}), "\"exllama\""),
+        (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "marlin"}), "\"marlin\""),
+        (serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 32}), "\"gptq\""),
+        (serde_json::json!({"quant_method": "compressed-tensors"}), "\"compressed-tensors\""),
+        (serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true}), "\"bitsandbytes\""),
+    ] {
+        rewrite_json(&out.join("config.json"), |c| c["quantization_config"] = qc.clone());
+        let e = load().err().unwrap().to_string();
+        assert!(e.contains(expect), "{expect}: {e}");
+    }
+}
+
+// ---- bad input: each a clear error, nothing written ----
+
+fn assert_nothing_written(root: &Path, out: &Path) {
+    assert!(!out.exists(), "{} was written", out.display());
+    for e in std::fs::read_dir(root).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().to_string();
+        assert!(!n.contains(".tmp-"), "temporary directory {n} left behind");
+    }
+}
+
+fn quantize_err(f: &Fixture, a: &ModelAssets, o: &AwqOptions, calib: Option<&[Vec<u32>]>, out: &Path) -> String {
+    let e = awq_run::checkpoint::write_quantized(a, out, o, calib, &Device::Cpu, false).err().expect("should fail").to_string();
+    assert_nothing_written(&f.root, out);
+    e
+}
+
+#[test]
+fn group_size_that_does_not_divide_names_the_layer() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let o = AwqOptions::new(Method::Rtn, QuantParams::new(4, 128).unwrap());
+    let e = quantize_err(&f, &a, &o, None, &f.root.join("out"));
+    assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("64") && e.contains("32, 64"), "{e}");
+}
+
+#[test]
+fn calibration_shorter_than_one_block() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    std::fs::write(f.root.join("short.txt"), "hello the world").unwrap();
+    let e = awq_run::awq::calib::calibration_blocks(&a, &f.root.join("short.txt"), 4, 512).unwrap_err().to_string();
+    assert!(e.contains("short.txt") && e.contains("shorter than one block"), "{e}");
+}
+
+#[test]
+fn nan_in_activations_is_refused() {
+    let spec = TinySpec::new(Arch::Llama);
+    let f = fixture(&spec);
+    let mut t = spec.tensors();
+    let w = t["model.layers.0.mlp.up_proj.weight"].clone();
+    let nan = w.slice_assign(&[3..4, 5..6], &Tensor::new(&[[f32::NAN]], &Device::Cpu).unwrap()).unwrap();
+    t.insert("model.layers.0.mlp.up_proj.weight".into(), nan);
+    candle_core::safetensors::save(&t, f.model.join("model.safetensors")).unwrap();
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let blocks = calib_blocks(&a, &f);
+    let e = quantize_err(&f, &a, &options(Method::Awq, 32), Some(&blocks), &f.root.join("out"));
+    assert!(e.contains("block 0") && e.contains("NaN or inf"), "{e}");
+}
+
+#[test]
+fn out_inside_model_is_refused() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let out = f.model.join("quantized");
+    let e = awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
+    assert!(e.contains("inside the model directory"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn existing_out_needs_force_and_bits_other_than_4_are_refused() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let out = f.root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let e = awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, true).unwrap();
+    let o3 = AwqOptions::new(Method::Rtn, QuantParams::new(3, 32).unwrap());
+    let e = quantize_err(&f, &a, &o3, None, &f.root.join("out3"));
+    assert!(e.contains("--bits 3") && e.contains("4-bit"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_refused_by_quantize() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    rewrite_json(&f.model.join("config.json"), |c| c["architectures"] = serde_json::json!(["FalconForCausalLM"]));
+    let out = f.root.join("out");
+    let o = std::process::Command::new(common::bin())
+        .args(["quantize", "--model", f.model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", "rtn", "--group-size", "32"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("FalconForCausalLM") && e.contains("LlamaForCausalLM"), "{e}");
+    assert_nothing_written(&f.root, &out);
+}
+
+#[test]
+fn quantize_cli_writes_a_checkpoint_that_generates() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let out = f.root.join("awq");
+    let o = std::process::Command::new(common::bin())
+        .args(["quantize", "--model", f.model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--group-size", "32",
+               "--calib", f.calib.to_str().unwrap(), "--n-samples", "4", "--seqlen", "32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g = std::process::Command::new(common::bin())
+        .args(["generate", "--model", out.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+}
+
+#[test]
+fn awq_beats_rtn_on_a_planted_salient_channel() {
+    let dev = Device::Cpu;
+    let mut r = Rng::new(5);
+    let (out, inp, tokens) = (64, 256, 1024);
+    let w = r.tensor(&[out, inp], 0.05);
+    let mut gain = vec![1f32; inp];
+    gain[17] = 80.0;
+    let x = r.tensor(&[tokens, inp], 1.0).broadcast_mul(&Tensor::new(gain.as_slice(), &dev).unwrap()).unwrap();
+    let mse = |wq: &Tensor| {
+        let d = (x.matmul(&wq.t().unwrap()).unwrap() - x.matmul(&w.t().unwrap()).unwrap()).unwrap();
+        d.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    for (bits, group) in [(4, 64), (3, 128)] {
+        let p = QuantParams::new(bits, group).unwrap();
+        let rtn = mse(&awq_run::quant::fake_quantize(&w, p).unwrap());
+        let (eff, c) = awq_run::awq::awq_linear(&w, &x, &AwqOptions::new(Method::Awq, p)).unwrap();
+        let awq = mse(&eff);
+        assert!(awq < 0.5 * rtn, "w{bits}g{group}: AWQ {awq} vs RTN {rtn}");
+        assert!(c.ratio > 0.0);
+        // Plain scaling at ratio 0 is exactly RTN.
+        let mut plain = AwqOptions::new(Method::Awq, p);
+        plain.duo_scaling = false;
+        plain.n_grid = 1;
+        plain.clip = false;
+        let (eff0, c0) = awq_run::awq::awq_linear(&w, &x, &plain).unwrap();
+        assert_eq!(c0.ratio, 0.0);
+        assert_eq!(mse(&eff0), rtn);
+    }
+}
