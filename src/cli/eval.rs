@@ -14,9 +14,9 @@ pub struct Args {
     /// The evaluation text (UTF-8), e.g. models/data/wiki.utf8.
     #[arg(long)]
     pub text: PathBuf,
-    /// Tokens per window.
-    #[arg(long, default_value_t = 2048)]
-    pub seqlen: usize,
+    /// Tokens per window; several (comma-separated) score the same model at each length.
+    #[arg(long, default_value = "2048", value_delimiter = ',')]
+    pub seqlen: Vec<usize>,
     /// Score at most this many windows.
     #[arg(long)]
     pub max_windows: Option<usize>,
@@ -54,7 +54,9 @@ pub fn run(a: Args) -> Result<()> {
     let text = awq_run::awq::calib::read_text(&a.text)?;
     let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
     let tokens = assets.encode(&text, true)?;
-    awq_run::eval::check_windows(tokens.len(), a.seqlen, assets.config.max_position_embeddings)?;
+    for &s in &a.seqlen {
+        awq_run::eval::check_windows(tokens.len(), s, assets.config.max_position_embeddings)?;
+    }
     let model = match &a.fake_quant {
         None => assets.load_model(&device, dtype)?,
         Some(fq) => {
@@ -80,18 +82,21 @@ pub fn run(a: Args) -> Result<()> {
             m
         }
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("scoring [{bar:30}] window {pos}/{len} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-    let r = awq_run::eval::perplexity(&model, &tokens, a.seqlen, a.max_windows, |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
-    bar.finish_and_clear();
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!("perplexity: {:.4}", r.perplexity);
-        println!("windows: {} of {} tokens, {} tokens scored, {:.1}s", r.windows, r.seqlen, r.tokens_scored, r.seconds);
+    for &seqlen in &a.seqlen {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(indicatif::ProgressStyle::with_template("scoring [{bar:30}] window {pos}/{len} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        let r = awq_run::eval::perplexity(&model, &tokens, seqlen, a.max_windows, |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        })?;
+        bar.finish_and_clear();
+        if a.json {
+            // One JSON object per line (per --seqlen).
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!("perplexity: {:.4}", r.perplexity);
+            println!("windows: {} of {} tokens, {} tokens scored, {:.1}s", r.windows, r.seqlen, r.tokens_scored, r.seconds);
+        }
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     /// A short name of the implementation, for logs and reports.
     fn kind(&self) -> &'static str;
     /// The integer codes, zeros and scales of a quantized layer.
-    fn quantized(&self) -> Option<&crate::quant::QuantizedWeight> {
+    fn quantized(&self) -> Option<crate::quant::QuantizedWeight> {
         None
     }
 }

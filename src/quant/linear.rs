@@ -1,48 +1,201 @@
 //! The quantized linear layer: group-quantized integer codes with scales and zero points.
 //!
-//! Its forward multiplies by the dequantized weight, kept in the activation dtype.
+//! 4-bit weights whose rows split into 32-wide chunks are kept packed ([`PackedQ4`]) and run
+//! through the fused CPU kernel as a candle custom op; on other devices they are dequantized
+//! with candle tensor ops right before the matmul (the Metal path, and CUDA's until it has its
+//! own kernel), one layer at a time, so no dequantized copy of the model is ever kept. Other
+//! widths (2–8 bits, for evaluation) keep their dequantized weight.
+use super::cpu::{Kernel, PackedQ4};
 use super::pack::QuantizedWeight;
 use crate::model::linear::{DenseLinear, Linear, LinearLayer};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 #[derive(Debug)]
+enum Repr {
+    Packed {
+        w: Arc<PackedQ4>,
+        /// Device copies for the tensor-op path (non-CPU devices): codes `[n, k/2]` u8,
+        /// scales and mins `[n, groups]` f32.
+        dev: Option<(Tensor, Tensor, Tensor)>,
+    },
+    Dequantized {
+        q: QuantizedWeight,
+        dense: DenseLinear,
+    },
+}
+
+#[derive(Debug)]
 pub struct QuantLinear {
-    q: QuantizedWeight,
-    dense: DenseLinear,
+    repr: Repr,
+    bias: Option<Tensor>,
+    device: Device,
+}
+
+/// The candle custom op around the CPU kernel.
+struct Q4MatMul {
+    w: Arc<PackedQ4>,
+    bias: Option<Vec<f32>>,
+    kernel: Kernel,
+}
+
+impl CustomOp1 for Q4MatMul {
+    fn name(&self) -> &'static str {
+        "awq-w4a16-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{}: expects f32 activations", self.name());
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{}: expects contiguous activations", self.name());
+        };
+        let dims = l.dims();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.w.k {
+            candle_core::bail!("{}: input has {k} features, the layer {}", self.name(), self.w.k);
+        }
+        let m = l.shape().elem_count() / k.max(1);
+        let y = self.w.matmul(&data[a..b], m, self.bias.as_deref(), self.kernel);
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = self.w.n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
 }
 
 impl QuantLinear {
     pub fn new(q: QuantizedWeight, bias: Option<Tensor>, dtype: DType, device: &Device) -> Result<Self> {
-        let w = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?.to_dtype(dtype)?;
-        let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
-        Ok(Self { q, dense: DenseLinear::new(w, bias) })
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_device(device)).transpose()?;
+        let repr = if q.bits == 4 && PackedQ4::supports(q.in_features, q.group_size) {
+            let w = Arc::new(PackedQ4::from_quantized(&q));
+            let dev = if device.is_cpu() { None } else { Some(Self::device_tensors(&w, device)?) };
+            Repr::Packed { w, dev }
+        } else {
+            let d = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?.to_dtype(dtype)?;
+            let b = bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
+            Repr::Dequantized { q, dense: DenseLinear::new(d, b) }
+        };
+        Ok(Self { repr, bias, device: device.clone() })
     }
+
     pub fn into_linear(self) -> Linear {
         Arc::new(self)
+    }
+
+    fn device_tensors(w: &PackedQ4, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let g = w.groups();
+        Ok((
+            Tensor::from_slice(&w.codes, (w.n, w.k / 2), device)?,
+            Tensor::from_slice(&w.scales, (w.n, g), device)?,
+            Tensor::from_slice(&w.mins, (w.n, g), device)?,
+        ))
+    }
+
+    /// Dequantizes with tensor ops: codes `[n, k/2]` u8, scales/mins `[n, groups]` -> `[n, k]`.
+    fn dequantize_tensors(codes: &Tensor, scales: &Tensor, mins: &Tensor, k: usize) -> Result<Tensor> {
+        let (n, groups) = scales.dims2()?;
+        let v = codes.to_dtype(DType::F32)?.reshape((n, k / 32, 16))?;
+        let hi = (&v / 16.0)?.floor()?;
+        let lo = (&v - (&hi * 16.0)?)?;
+        let w = Tensor::cat(&[lo, hi], 2)?.reshape((n, groups, k / groups))?;
+        let w = w.broadcast_mul(&scales.unsqueeze(2)?)?.broadcast_add(&mins.unsqueeze(2)?)?;
+        w.reshape((n, k))
+    }
+
+    /// The device path (dequantize with tensor ops, then matmul); public so CPU tests cover it.
+    pub fn forward_dequant(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.repr {
+            Repr::Packed { w, dev: Some((c, s, m)) } => Self::dequantize_tensors(c, s, m, w.k)?,
+            Repr::Packed { w, dev: None } => {
+                let (c, s, m) = Self::device_tensors(w, x.device())?;
+                Self::dequantize_tensors(&c, &s, &m, w.k)?
+            }
+            Repr::Dequantized { dense, .. } => return dense.forward(x),
+        };
+        let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+
+    /// The CPU kernel with a chosen inner loop (tests run every one the machine has).
+    pub fn forward_cpu(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+        let Repr::Packed { w, .. } = &self.repr else {
+            return self.forward_dequant(x);
+        };
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_device(&Device::Cpu)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let op = Q4MatMul { w: w.clone(), bias, kernel };
+        let dt = x.dtype();
+        x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?.to_dtype(dt)
+    }
+
+    pub fn packed(&self) -> Option<&PackedQ4> {
+        match &self.repr {
+            Repr::Packed { w, .. } => Some(w),
+            _ => None,
+        }
     }
 }
 
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.dense.forward(x)
+        match &self.repr {
+            Repr::Packed { w, .. } if x.device().is_cpu() => {
+                let dt = x.dtype();
+                let op = Q4MatMul { w: w.clone(), bias: None, kernel: Kernel::Auto };
+                let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.to_dtype(dt)
+            }
+            Repr::Packed { .. } => self.forward_dequant(x),
+            Repr::Dequantized { dense, .. } => dense.forward(x),
+        }
     }
     fn in_features(&self) -> usize {
-        self.q.in_features
+        match &self.repr {
+            Repr::Packed { w, .. } => w.k,
+            Repr::Dequantized { q, .. } => q.in_features,
+        }
     }
     fn out_features(&self) -> usize {
-        self.q.out_features
+        match &self.repr {
+            Repr::Packed { w, .. } => w.n,
+            Repr::Dequantized { q, .. } => q.out_features,
+        }
     }
     fn dense_weight(&self) -> Result<Tensor> {
-        self.dense.dense_weight()
+        match &self.repr {
+            Repr::Packed { w, .. } => {
+                let mut d = vec![0f32; w.n * w.k];
+                for (o, row) in d.chunks_mut(w.k).enumerate() {
+                    w.dequantize_row(o, row);
+                }
+                Tensor::from_vec(d, (w.n, w.k), &self.device)
+            }
+            Repr::Dequantized { dense, .. } => dense.dense_weight(),
+        }
     }
     fn bias(&self) -> Option<&Tensor> {
-        self.dense.bias()
+        self.bias.as_ref()
     }
     fn kind(&self) -> &'static str {
-        "w-int-dequant"
+        match &self.repr {
+            Repr::Packed { .. } => "w4a16",
+            Repr::Dequantized { .. } => "fake-quant",
+        }
     }
-    fn quantized(&self) -> Option<&QuantizedWeight> {
-        Some(&self.q)
+    fn quantized(&self) -> Option<QuantizedWeight> {
+        Some(match &self.repr {
+            Repr::Packed { w, .. } => w.to_quantized(),
+            Repr::Dequantized { q, .. } => q.clone(),
+        })
     }
 }

@@ -1,4 +1,5 @@
 //! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
+pub mod cpu;
 pub mod linear;
 pub mod pack;
 pub mod quantizer;

@@ -1,0 +1,366 @@
+//! The W4A16 CPU kernel: a fused unpack–dequantize–multiply that never materializes the whole
+//! dequantized weight.
+//!
+//! Layout (repacked from the AWQ GEMM layout at load time): for output row `o`, the `k` codes
+//! are stored in chunks of 32 as 16 bytes, byte `j` holding weight `j` in its low nibble and
+//! weight `j + 16` in its high nibble, so one 16-byte load unpacks to 32 consecutive weights
+//! with two masks. Per (row, group): `scale` and `min = -zero * scale`, so that
+//! `w = q * scale + min` and `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`.
+//!
+//! Paths: GEMV (few tokens, rows in parallel, SIMD dot products: AVX2/FMA chosen at run time on
+//! x86_64, NEON on aarch64, scalar elsewhere) and a blocked GEMM for prefill (row blocks
+//! dequantized into a small buffer, then an f32 GEMM, blocks in parallel).
+use rayon::prelude::*;
+
+/// Which inner loop to use; `Auto` picks the best the CPU supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Auto,
+    Scalar,
+    Avx2,
+    Neon,
+}
+
+impl Kernel {
+    /// The kernel `Auto` resolves to on this machine.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return Kernel::Neon;
+            }
+        }
+        Kernel::Scalar
+    }
+    fn resolve(self) -> Kernel {
+        match self {
+            Kernel::Auto => Kernel::detect(),
+            k if k == Kernel::detect() || k == Kernel::Scalar => k,
+            // A kernel this CPU lacks is never run.
+            _ => Kernel::Scalar,
+        }
+    }
+}
+
+/// Tokens at or above which the blocked GEMM path is used.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
+/// A 4-bit group-quantized weight in the kernel's layout.
+#[derive(Debug, Clone)]
+pub struct PackedQ4 {
+    pub n: usize,
+    pub k: usize,
+    pub group_size: usize,
+    /// `[n][k / 2]`, see the module docs.
+    pub codes: Vec<u8>,
+    /// `[n][groups]`
+    pub scales: Vec<f32>,
+    /// `[n][groups]`, `-zero * scale`
+    pub mins: Vec<f32>,
+    /// `[n][groups]`, kept to give the exact integer zeros back.
+    pub zeros: Vec<u8>,
+}
+
+impl PackedQ4 {
+    pub fn groups(&self) -> usize {
+        self.k / self.group_size
+    }
+
+    /// Whether `k` and the group size suit the packed layout (whole 32-weight chunks).
+    pub fn supports(k: usize, group_size: usize) -> bool {
+        k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0
+    }
+
+    /// Repacks a 4-bit [`super::QuantizedWeight`].
+    pub fn from_quantized(q: &super::QuantizedWeight) -> Self {
+        let (n, k, g) = (q.out_features, q.in_features, q.group_size);
+        debug_assert!(q.bits == 4 && Self::supports(k, g));
+        let mut codes = vec![0u8; n * k / 2];
+        for o in 0..n {
+            let row = &q.codes[o * k..(o + 1) * k];
+            let dst = &mut codes[o * k / 2..(o + 1) * k / 2];
+            for c in 0..k / 32 {
+                for j in 0..16 {
+                    dst[c * 16 + j] = (row[c * 32 + j] & 0xF) | ((row[c * 32 + j + 16] & 0xF) << 4);
+                }
+            }
+        }
+        let mins = q.scales.iter().zip(&q.zeros).map(|(s, z)| -f32::from(*z) * s).collect();
+        Self { n, k, group_size: g, codes, scales: q.scales.clone(), mins, zeros: q.zeros.clone() }
+    }
+
+    /// The integer codes back, as a [`super::QuantizedWeight`].
+    pub fn to_quantized(&self) -> super::QuantizedWeight {
+        let (n, k) = (self.n, self.k);
+        let mut codes = vec![0u8; n * k];
+        for o in 0..n {
+            self.unpack_row(o, &mut codes[o * k..(o + 1) * k]);
+        }
+        super::QuantizedWeight {
+            bits: 4,
+            out_features: n,
+            in_features: k,
+            group_size: self.group_size,
+            codes,
+            zeros: self.zeros.clone(),
+            scales: self.scales.clone(),
+        }
+    }
+
+    fn unpack_row(&self, o: usize, out: &mut [u8]) {
+        let src = &self.codes[o * self.k / 2..(o + 1) * self.k / 2];
+        for c in 0..self.k / 32 {
+            for j in 0..16 {
+                let b = src[c * 16 + j];
+                out[c * 32 + j] = b & 0xF;
+                out[c * 32 + j + 16] = b >> 4;
+            }
+        }
+    }
+
+    /// Dequantizes row `o` into `out` (`k` values).
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
+        let g = self.group_size;
+        let groups = self.groups();
+        let src = &self.codes[o * self.k / 2..(o + 1) * self.k / 2];
+        for c in 0..self.k / 32 {
+            let gi = (c * 32) / g;
+            let (s, m) = (self.scales[o * groups + gi], self.mins[o * groups + gi]);
+            for j in 0..16 {
+                let b = src[c * 16 + j];
+                out[c * 32 + j] = f32::from(b & 0xF) * s + m;
+                out[c * 32 + j + 16] = f32::from(b >> 4) * s + m;
+            }
+        }
+    }
+
+    /// `y[t][o] = Σ_i x[t][i] · W[o][i] (+ bias[o])` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
+    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, kernel: Kernel) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "input length");
+        let mut y = if m >= GEMM_MIN_TOKENS { self.gemm(x, m) } else { self.gemv(x, m, kernel.resolve()) };
+        if let Some(b) = bias {
+            for row in y.chunks_mut(self.n) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
+    }
+
+    /// Few tokens: rows in parallel, one fused dot product per (row, token).
+    fn gemv(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let groups = self.groups();
+        // Per token and group: Σ x, for the `min` term.
+        let xsum: Vec<f32> = x.chunks(self.group_size).map(|c| c.iter().sum()).collect();
+        let rows_per_task = 16;
+        let mut yt = vec![0f32; n * m]; // [n][m], transposed at the end
+        yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
+            let o0 = task * rows_per_task;
+            for (r, out_row) in out.chunks_mut(m).enumerate() {
+                let o = o0 + r;
+                let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
+                let scales = &self.scales[o * groups..(o + 1) * groups];
+                let mins = &self.mins[o * groups..(o + 1) * groups];
+                for (t, v) in out_row.iter_mut().enumerate() {
+                    let xt = &x[t * k..(t + 1) * k];
+                    let xs = &xsum[t * groups..(t + 1) * groups];
+                    *v = row_dot(kernel, codes, xt, scales, mins, xs, self.group_size);
+                }
+            }
+        });
+        if m == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; m * n];
+        for o in 0..n {
+            for t in 0..m {
+                y[t * n + o] = yt[o * m + t];
+            }
+        }
+        y
+    }
+
+    /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
+    fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let block = 64;
+        let mut y = vec![0f32; m * n];
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each_init(
+            || vec![0f32; block * k],
+            |buf, b| {
+                let o0 = b * block;
+                let nb = block.min(n - o0);
+                for r in 0..nb {
+                    self.dequantize_row(o0 + r, &mut buf[r * k..(r + 1) * k]);
+                }
+                // y[:, o0..o0+nb] = x [m, k] · buf[nb, k]^T; blocks write disjoint columns.
+                // SAFETY: all pointers stay inside x, buf and y; strides describe row-major
+                // matrices of the stated shapes; no two tasks touch the same y columns.
+                unsafe {
+                    let y = y_ptr;
+                    gemm::gemm(
+                        m,
+                        nb,
+                        k,
+                        y.0.add(o0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        buf.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        y
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint column ranges of one output buffer to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One row's dot product with one token.
+#[inline]
+fn row_dot(kernel: Kernel, codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Kernel::Avx2 is only resolved when the CPU has AVX2 and FMA.
+        Kernel::Avx2 => unsafe { x86::row_dot_avx2(codes, x, scales, mins, xsum, g) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: Kernel::Neon is only resolved when the CPU has NEON.
+        Kernel::Neon => unsafe { arm::row_dot_neon(codes, x, scales, mins, xsum, g) },
+        _ => row_dot_scalar(codes, x, scales, mins, xsum, g),
+    }
+}
+
+fn row_dot_scalar(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+    let mut total = 0f32;
+    for (gi, (s, m)) in scales.iter().zip(mins).enumerate() {
+        let mut d = 0f32;
+        for c in 0..g / 32 {
+            let base = gi * g + c * 32;
+            let bytes = &codes[base / 2..base / 2 + 16];
+            let xs = &x[base..base + 32];
+            for j in 0..16 {
+                d += f32::from(bytes[j] & 0xF) * xs[j] + f32::from(bytes[j] >> 4) * xs[j + 16];
+            }
+        }
+        total += s * d + m * xsum[gi];
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 32 weights from 16 bytes (see the layout), times 32 activations, accumulated into d0/d1.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn chunk(codes: *const u8, x: *const f32, d0: &mut __m256, d1: &mut __m256) {
+        let mask = _mm_set1_epi8(0x0F);
+        let v = _mm_loadu_si128(codes as *const __m128i);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        let w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        let w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        let w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        let w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        *d0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), *d0);
+        *d1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), *d1);
+        *d0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x.add(16)), *d0);
+        *d1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x.add(24)), *d1);
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; slices as in `row_dot_scalar`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot_avx2(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+        debug_assert!(codes.len() * 2 == x.len() && x.len() == scales.len() * g);
+        let mut tot = _mm256_setzero_ps();
+        let mut min_term = 0f32;
+        let (cp, xp) = (codes.as_ptr(), x.as_ptr());
+        for gi in 0..scales.len() {
+            let mut d0 = _mm256_setzero_ps();
+            let mut d1 = _mm256_setzero_ps();
+            for c in 0..g / 32 {
+                let base = gi * g + c * 32;
+                chunk(cp.add(base / 2), xp.add(base), &mut d0, &mut d1);
+            }
+            tot = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(*scales.get_unchecked(gi)), tot);
+            min_term += mins.get_unchecked(gi) * xsum.get_unchecked(gi);
+        }
+        hsum(tot) + min_term
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// The CPU must support NEON; slices as in `row_dot_scalar`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row_dot_neon(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+        let mut tot = vdupq_n_f32(0.0);
+        let mut min_term = 0f32;
+        let (cp, xp) = (codes.as_ptr(), x.as_ptr());
+        let mask = vdupq_n_u8(0x0F);
+        for gi in 0..scales.len() {
+            let mut d0 = vdupq_n_f32(0.0);
+            let mut d1 = vdupq_n_f32(0.0);
+            for c in 0..g / 32 {
+                let base = gi * g + c * 32;
+                let v = vld1q_u8(cp.add(base / 2));
+                let lo = vandq_u8(v, mask); // weights 0..16
+                let hi = vshrq_n_u8(v, 4); // weights 16..32
+                for (half, off) in [(lo, 0usize), (hi, 16usize)] {
+                    let w16a = vmovl_u8(vget_low_u8(half));
+                    let w16b = vmovl_u8(vget_high_u8(half));
+                    let w0 = vcvtq_f32_u32(vmovl_u16(vget_low_u16(w16a)));
+                    let w1 = vcvtq_f32_u32(vmovl_u16(vget_high_u16(w16a)));
+                    let w2 = vcvtq_f32_u32(vmovl_u16(vget_low_u16(w16b)));
+                    let w3 = vcvtq_f32_u32(vmovl_u16(vget_high_u16(w16b)));
+                    let xb = xp.add(base + off);
+                    d0 = vfmaq_f32(d0, w0, vld1q_f32(xb));
+                    d1 = vfmaq_f32(d1, w1, vld1q_f32(xb.add(4)));
+                    d0 = vfmaq_f32(d0, w2, vld1q_f32(xb.add(8)));
+                    d1 = vfmaq_f32(d1, w3, vld1q_f32(xb.add(12)));
+                }
+            }
+            tot = vfmaq_n_f32(tot, vaddq_f32(d0, d1), *scales.get_unchecked(gi));
+            min_term += mins.get_unchecked(gi) * xsum.get_unchecked(gi);
+        }
+        vaddvq_f32(tot) + min_term
+    }
+}
