@@ -1,4 +1,5 @@
 //! The `awq-run` command line: a thin layer over the library.
+mod bench;
 mod chat;
 mod eval;
 mod common;
@@ -25,6 +26,8 @@ enum Command {
     Import(import::Args),
     /// Perplexity of a model on a text (full precision, checkpoint or --fake-quant).
     Eval(eval::Args),
+    /// Prefill and decode speed and peak memory (real or --dummy-weights model).
+    Bench(bench::Args),
     /// Quantize a model with AWQ (or RTN) and write a 4-bit AutoAWQ GEMM checkpoint.
     Quantize(quantize::Args),
 }
@@ -35,6 +38,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Import(a) => import::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Quantize(a) => quantize::run(a),
     }

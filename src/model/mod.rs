@@ -1,5 +1,6 @@
 //! The LLaMA-family model: configuration, layers and the decoder.
 pub mod config;
+pub mod dummy;
 pub mod layers;
 pub mod linear;
 pub mod llama;

@@ -158,7 +158,10 @@ impl PackedQ4 {
         let groups = self.groups();
         // Per token and group: Σ x, for the `min` term.
         let xsum: Vec<f32> = x.chunks(self.group_size).map(|c| c.iter().sum()).collect();
-        let rows_per_task = 16;
+        // One contiguous range of rows per thread: with few cores, more (smaller) tasks cost more
+        // in scheduling than they gain in balance.
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = n.div_ceil(threads).max(1);
         let mut yt = vec![0f32; n * m]; // [n][m], transposed at the end
         yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
             let o0 = task * rows_per_task;

@@ -1,5 +1,6 @@
 //! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
 pub mod cpu;
+pub mod ggml;
 pub mod linear;
 pub mod pack;
 pub mod quantizer;

@@ -1,0 +1,144 @@
+//! `awq-run bench`: prefill and decode speed and peak memory, on a real or a dummy model.
+use super::common::{peak_rss_mib, ModelArgs};
+use anyhow::{bail, Result};
+use awq_run::model::{dummy, Model};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Build a random model of a known shape instead of loading one.
+    #[arg(long)]
+    pub dummy_weights: bool,
+    /// The shape for --dummy-weights: llama-2-7b, llama-3-8b, qwen2.5-7b, smollm2-135m.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// For --dummy-weights: fp (the activation dtype) or w4 (4-bit AWQ layers).
+    #[arg(long, default_value = "fp")]
+    pub weights: String,
+    /// Group size of --weights w4.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// Re-quantize the decoder linears with candle's own format (q4_0, q4k) for comparison.
+    #[arg(long)]
+    pub requant: Option<String>,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    pub gen: usize,
+    /// Timed repetitions (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    model: String,
+    weights: String,
+    device: String,
+    dtype: String,
+    prompt_len: usize,
+    gen: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    decode_ms_per_token: f64,
+    peak_rss_mib: f64,
+    threads: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn sync(d: &Device) -> Result<()> {
+    Ok(d.synchronize()?)
+}
+
+/// One prefill of `prompt` and `gen` greedy decode steps; returns (prefill s, decode s).
+fn run_once(model: &Model, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
+    let dev = &model.device;
+    let mut cache = model.new_cache(prompt.len() + gen + 1);
+    sync(dev)?;
+    let t0 = Instant::now();
+    let logits = model.forward(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut cache)?;
+    let mut next = logits.argmax(1)?.to_vec1::<u32>()?[0];
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..gen {
+        let logits = model.forward(&Tensor::new(&[next], dev)?.unsqueeze(0)?, &mut cache)?;
+        // Reading the token back is part of every real decode step.
+        next = logits.argmax(1)?.to_vec1::<u32>()?[0];
+    }
+    Ok((prefill, t1.elapsed().as_secs_f64()))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = a.model.device()?;
+    let dtype = awq_run::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+    let (mut model, name, weights) = if a.dummy_weights {
+        let Some(cfg_name) = a.config.as_deref() else { bail!("--dummy-weights needs --config NAME") };
+        let cfg = dummy::preset(cfg_name)?;
+        let w4 = match a.weights.as_str() {
+            "fp" => false,
+            "w4" => true,
+            other => bail!("--weights {other}: expected fp or w4"),
+        };
+        let m = dummy::dummy_model(&cfg, w4, a.group_size, dtype, &device)?;
+        (m, format!("dummy {cfg_name}"), if w4 { format!("w4g{}", a.group_size) } else { format!("{dtype:?}").to_lowercase() })
+    } else {
+        let (assets, m) = a.model.load()?;
+        let quant = awq_run::checkpoint::QuantSpec::from_assets(&assets)?;
+        let w = quant.map_or(format!("{dtype:?}").to_lowercase(), |q| format!("awq w{}g{}", q.bits, q.group_size));
+        (m, assets.name.clone(), w)
+    };
+    let weights = match &a.requant {
+        Some(r) => {
+            awq_run::quant::ggml::requantize_model(&mut model, awq_run::quant::ggml::parse_ggml_dtype(r)?)?;
+            format!("candle {r}")
+        }
+        None => weights,
+    };
+    if a.prompt_len == 0 || a.prompt_len + a.gen + 1 > model.context_len() {
+        bail!("--prompt-len {} + --gen {} does not fit the context of {}", a.prompt_len, a.gen, model.context_len());
+    }
+    let vocab = model.vocab_size() as u32;
+    let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    run_once(&model, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for _ in 0..a.repeats.max(1) {
+        let (p, d) = run_once(&model, &prompt, a.gen)?;
+        pre.push(a.prompt_len as f64 / p);
+        dec.push(a.gen as f64 / d.max(1e-9));
+    }
+    let r = BenchResult {
+        model: name,
+        weights,
+        device: awq_run::device::device_name(&device),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        prompt_len: a.prompt_len,
+        gen: a.gen,
+        prefill_tok_s: median(pre),
+        decode_tok_s: median(dec.clone()),
+        decode_ms_per_token: 1000.0 / median(dec),
+        peak_rss_mib: peak_rss_mib(),
+        threads: rayon::current_num_threads(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} [{}] on {} ({}): prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {} tokens), peak RSS {:.0} MiB",
+            r.model, r.weights, r.device, r.dtype, r.prefill_tok_s, r.prompt_len, r.decode_tok_s, r.decode_ms_per_token, r.gen, r.peak_rss_mib
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Random models of real shapes without any checkpoint (like vLLM's dummy load format), for
+//! speed work: full precision, or 4-bit with random codes.
+use super::config::{Config, RopeScaling};
+use super::linear::Linear;
+use super::llama::{load_dense, Model};
+use crate::error::{Error, Result};
+use crate::quant::{QuantLinear, QuantizedWeight};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+pub const PRESETS: &[&str] = &["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m"];
+
+/// The configuration of a known model shape.
+pub fn preset(name: &str) -> Result<Config> {
+    let (arch, h, i, l, heads, kv, vocab, theta, max_pos, tie) = match name {
+        "llama-2-7b" => ("LlamaForCausalLM", 4096, 11008, 32, 32, 32, 32000, 10_000.0, 4096, false),
+        "llama-3-8b" => ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128_256, 500_000.0, 8192, false),
+        "qwen2.5-7b" => ("Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152_064, 1_000_000.0, 32768, false),
+        "smollm2-135m" => ("LlamaForCausalLM", 576, 1536, 30, 9, 3, 49152, 100_000.0, 8192, true),
+        other => return Err(Error::msg(format!("--config {other}: known shapes are {}", PRESETS.join(", ")))),
+    };
+    let rope_scaling = (name == "llama-3-8b").then(|| RopeScaling {
+        rope_type: "llama3".into(),
+        factor: Some(8.0),
+        low_freq_factor: Some(1.0),
+        high_freq_factor: Some(4.0),
+        original_max_position_embeddings: Some(8192),
+    });
+    let v = serde_json::json!({
+        "architectures": [arch], "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rope_theta": theta,
+        "max_position_embeddings": max_pos, "tie_word_embeddings": tie, "rms_norm_eps": 1e-5,
+    });
+    let mut cfg: Config = serde_json::from_value(v).map_err(|e| Error::msg(e.to_string()))?;
+    cfg.rope_scaling = rope_scaling;
+    Ok(cfg)
+}
+
+/// Random tensors for every name: norms are ones, everything else small noise.
+struct RandomBackend {
+    tie: bool,
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if name.ends_with("norm.weight") {
+            return Tensor::ones(s, dtype, dev);
+        }
+        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("dummy weights: {name} has no shape")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        !(self.tie && name == "lm_head.weight")
+    }
+}
+
+/// A 4-bit linear with random codes (group size `g`).
+fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: DType, dev: &Device, seed: u64) -> candle_core::Result<Linear> {
+    let groups = in_f / g;
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut codes = vec![0u8; out_f * in_f];
+    for c in codes.chunks_mut(8) {
+        let r = next();
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = ((r >> (4 * j)) & 0xF) as u8;
+        }
+    }
+    let q = QuantizedWeight { bits: 4, out_features: out_f, in_features: in_f, group_size: g, codes, zeros: vec![8; out_f * groups], scales: vec![0.002; out_f * groups] };
+    Ok(QuantLinear::new(q, bias, dtype, dev)?.into_linear())
+}
+
+/// A random model of `cfg`'s shape; `w4` makes every decoder linear 4-bit with group size `g`.
+pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Device) -> Result<Model> {
+    let vb = VarBuilder::from_backend(Box::new(RandomBackend { tie: cfg.tie_word_embeddings }), dtype, device.clone());
+    let counter = std::sync::atomic::AtomicU64::new(1);
+    let loader = |vb: VarBuilder, i: usize, o: usize, b: bool| -> candle_core::Result<Linear> {
+        if !w4 {
+            return load_dense(vb, i, o, b);
+        }
+        let bias = if b { Some(vb.get(o, "bias")?) } else { None };
+        random_q4(o, i, g, bias, dtype, vb.device(), counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    };
+    Ok(Model::load(vb, cfg, &loader)?)
+}
