@@ -32,7 +32,9 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 
 fn layer(rng: &mut Rng, n: usize, k: usize, g: usize, bias: bool) -> (QuantLinear, QuantizedWeight, Option<Vec<f32>>) {
     let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.1).collect();
-    let q = quantize_codes(&w, n, k, QuantParams::new(4, g).unwrap());
+    let mut q = quantize_codes(&w, n, k, QuantParams::new(4, g).unwrap());
+    // Checkpoints store scales as f16, and so does the packed layer.
+    q.scales.iter_mut().for_each(|s| *s = half::f16::from_f32(*s).to_f32());
     let b: Option<Vec<f32>> = bias.then(|| (0..n).map(|_| rng.normal()).collect());
     let bt = b.as_ref().map(|b| Tensor::from_slice(b, n, &Device::Cpu).unwrap());
     let l = QuantLinear::new(q.clone(), bt, DType::F32, &Device::Cpu).unwrap();

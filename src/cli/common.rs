@@ -50,6 +50,7 @@ impl ModelArgs {
         let t = std::time::Instant::now();
         let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
         let model = assets.load_model(&device, dtype)?;
+        release_freed_memory();
         eprintln!(
             "loaded {spec} ({:?}, {} layers) on {} as {:?} in {:.2}s",
             assets.config.arch()?,
@@ -112,15 +113,34 @@ pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::chat_template::Cha
     Ok(awq_run::chat_template::ChatTemplate::new(tmpl, assets.bos_token.as_deref(), assets.eos_token.as_deref())?)
 }
 
-/// Peak resident memory of this process in MiB (Linux; 0 elsewhere).
-pub fn peak_rss_mib() -> f64 {
+fn proc_status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak resident memory of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+/// Current resident memory of this process in MiB (Linux; 0 elsewhere).
+pub fn rss_mib() -> f64 {
+    proc_status_mib("VmRSS:")
+}
+
+/// Hands heap memory freed while loading (conversion buffers, per-layer temporaries) back to the
+/// OS, so the resident size reflects the model as loaded rather than glibc's retained arenas.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

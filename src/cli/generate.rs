@@ -1,5 +1,5 @@
 //! `awq-run generate`: one prompt, one streamed reply.
-use super::common::{chat_template, ModelArgs, SamplingArgs};
+use super::common::{chat_template, peak_rss_mib, rss_mib, ModelArgs, SamplingArgs};
 use anyhow::{bail, Result};
 use awq_run::chat_template::Message;
 use awq_run::generation::Generator;
@@ -46,5 +46,6 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     writeln!(stdout)?;
     eprintln!("{}", stats.summary());
+    eprintln!("memory: {:.0} MiB resident, {:.0} MiB peak (loading included)", rss_mib(), peak_rss_mib());
     Ok(())
 }

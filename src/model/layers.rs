@@ -91,14 +91,19 @@ impl Rope {
     }
 }
 
-/// A preallocated per-layer KV cache, `[b, kv_heads, capacity, head_dim]`, written in place.
-/// Unlike candle-nn's it can be truncated, so a chat can keep the prefix shared with the next turn.
+/// A per-layer KV cache, `[b, kv_heads, allocated, head_dim]`, written in place. The buffer grows
+/// in steps (doubling, up to the capacity) so memory follows the tokens actually cached, not the
+/// model's whole context. Unlike candle-nn's it can be truncated, so a chat keeps the prefix it
+/// shares with the next turn.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
 }
+
+/// The first allocation, in tokens.
+const KV_MIN_ALLOC: usize = 256;
 
 impl KvCache {
     pub fn len(&self) -> usize {
@@ -110,6 +115,32 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+    fn allocated(&self) -> usize {
+        self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+    }
+    /// Makes room for `need` tokens, keeping what is cached.
+    fn reserve(&mut self, like_k: &Tensor, like_v: &Tensor, need: usize, capacity: usize) -> Result<()> {
+        let same_batch = self.k.as_ref().is_some_and(|c| c.dim(0).ok() == like_k.dim(0).ok());
+        if same_batch && need <= self.allocated() {
+            return Ok(());
+        }
+        let alloc = need.max(2 * self.allocated()).max(KV_MIN_ALLOC).min(capacity);
+        let fresh = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            Tensor::zeros((b, h, alloc, d), t.dtype(), t.device())
+        };
+        let (nk, nv) = (fresh(like_k)?, fresh(like_v)?);
+        if same_batch && self.len > 0 {
+            let (ok, ov) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+            nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        } else {
+            self.len = 0;
+        }
+        self.k = Some(nk);
+        self.v = Some(nv);
+        Ok(())
+    }
     /// Appends `k`, `v` (`[b, kv_heads, seq, head_dim]`) and returns views of everything cached.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
@@ -119,14 +150,7 @@ impl KvCache {
                 self.len + seq
             );
         }
-        let fresh = |t: &Tensor| -> Result<Tensor> {
-            let (b, h, _, d) = t.dims4()?;
-            Tensor::zeros((b, h, capacity, d), t.dtype(), t.device())
-        };
-        if self.k.as_ref().is_none_or(|c| c.dim(0).ok() != k.dim(0).ok()) {
-            self.k = Some(fresh(k)?);
-            self.v = Some(fresh(v)?);
-        }
+        self.reserve(k, v, self.len + seq, capacity)?;
         let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
         kc.slice_set(&k.contiguous()?, 2, self.len)?;
         vc.slice_set(&v.contiguous()?, 2, self.len)?;

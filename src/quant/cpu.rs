@@ -4,12 +4,14 @@
 //! Layout (repacked from the AWQ GEMM layout at load time): for output row `o`, the `k` codes
 //! are stored in chunks of 32 as 16 bytes, byte `j` holding weight `j` in its low nibble and
 //! weight `j + 16` in its high nibble, so one 16-byte load unpacks to 32 consecutive weights
-//! with two masks. Per (row, group): `scale` and `min = -zero * scale`, so that
-//! `w = q * scale + min` and `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`.
+//! with two masks. Per (row, group): an f16 `scale` (the checkpoint's own precision) and a u8
+//! `zero`, 3 bytes a group; with `min = -zero * scale`, `w = q * scale + min` and
+//! `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`.
 //!
 //! Paths: GEMV (few tokens, rows in parallel, SIMD dot products: AVX2/FMA chosen at run time on
 //! x86_64, NEON on aarch64, scalar elsewhere) and a blocked GEMM for prefill (row blocks
 //! dequantized into a small buffer, then an f32 GEMM, blocks in parallel).
+use half::f16;
 use rayon::prelude::*;
 
 /// Which inner loop to use; `Auto` picks the best the CPU supports.
@@ -60,10 +62,8 @@ pub struct PackedQ4 {
     /// `[n][k / 2]`, see the module docs.
     pub codes: Vec<u8>,
     /// `[n][groups]`
-    pub scales: Vec<f32>,
-    /// `[n][groups]`, `-zero * scale`
-    pub mins: Vec<f32>,
-    /// `[n][groups]`, kept to give the exact integer zeros back.
+    pub scales: Vec<f16>,
+    /// `[n][groups]`
     pub zeros: Vec<u8>,
 }
 
@@ -77,7 +77,8 @@ impl PackedQ4 {
         k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0
     }
 
-    /// Repacks a 4-bit [`super::QuantizedWeight`].
+    /// Repacks a 4-bit [`super::QuantizedWeight`]. Scales are kept as f16, as AWQ checkpoints
+    /// store them (the quantization pass rounds them so too).
     pub fn from_quantized(q: &super::QuantizedWeight) -> Self {
         let (n, k, g) = (q.out_features, q.in_features, q.group_size);
         debug_assert!(q.bits == 4 && Self::supports(k, g));
@@ -91,8 +92,8 @@ impl PackedQ4 {
                 }
             }
         }
-        let mins = q.scales.iter().zip(&q.zeros).map(|(s, z)| -f32::from(*z) * s).collect();
-        Self { n, k, group_size: g, codes, scales: q.scales.clone(), mins, zeros: q.zeros.clone() }
+        let scales = q.scales.iter().map(|&s| f16::from_f32(s)).collect();
+        Self { n, k, group_size: g, codes, scales, zeros: q.zeros.clone() }
     }
 
     /// The integer codes back, as a [`super::QuantizedWeight`].
@@ -109,7 +110,7 @@ impl PackedQ4 {
             group_size: self.group_size,
             codes,
             zeros: self.zeros.clone(),
-            scales: self.scales.clone(),
+            scales: self.scales.iter().map(|s| s.to_f32()).collect(),
         }
     }
 
@@ -131,7 +132,8 @@ impl PackedQ4 {
         let src = &self.codes[o * self.k / 2..(o + 1) * self.k / 2];
         for c in 0..self.k / 32 {
             let gi = (c * 32) / g;
-            let (s, m) = (self.scales[o * groups + gi], self.mins[o * groups + gi]);
+            let s = self.scales[o * groups + gi].to_f32();
+            let m = -f32::from(self.zeros[o * groups + gi]) * s;
             for j in 0..16 {
                 let b = src[c * 16 + j];
                 out[c * 32 + j] = f32::from(b & 0xF) * s + m;
@@ -169,11 +171,11 @@ impl PackedQ4 {
                 let o = o0 + r;
                 let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
                 let scales = &self.scales[o * groups..(o + 1) * groups];
-                let mins = &self.mins[o * groups..(o + 1) * groups];
+                let zeros = &self.zeros[o * groups..(o + 1) * groups];
                 for (t, v) in out_row.iter_mut().enumerate() {
                     let xt = &x[t * k..(t + 1) * k];
                     let xs = &xsum[t * groups..(t + 1) * groups];
-                    *v = row_dot(kernel, codes, xt, scales, mins, xs, self.group_size);
+                    *v = row_dot(kernel, codes, xt, scales, zeros, xs, self.group_size);
                 }
             }
         });
@@ -244,21 +246,29 @@ unsafe impl Sync for SendPtr {}
 
 /// One row's dot product with one token.
 #[inline]
-fn row_dot(kernel: Kernel, codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+fn row_dot(kernel: Kernel, codes: &[u8], x: &[f32], scales: &[f16], zeros: &[u8], xsum: &[f32], g: usize) -> f32 {
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Kernel::Avx2 is only resolved when the CPU has AVX2 and FMA.
-        Kernel::Avx2 => unsafe { x86::row_dot_avx2(codes, x, scales, mins, xsum, g) },
+        Kernel::Avx2 => unsafe { x86::row_dot_avx2(codes, x, scales, zeros, xsum, g) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: Kernel::Neon is only resolved when the CPU has NEON.
-        Kernel::Neon => unsafe { arm::row_dot_neon(codes, x, scales, mins, xsum, g) },
-        _ => row_dot_scalar(codes, x, scales, mins, xsum, g),
+        Kernel::Neon => unsafe { arm::row_dot_neon(codes, x, scales, zeros, xsum, g) },
+        _ => row_dot_scalar(codes, x, scales, zeros, xsum, g),
     }
 }
 
-fn row_dot_scalar(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+/// The scale and `min = -zero * scale` of one group.
+#[inline(always)]
+fn scale_min(s: f16, z: u8) -> (f32, f32) {
+    let s = s.to_f32();
+    (s, -f32::from(z) * s)
+}
+
+fn row_dot_scalar(codes: &[u8], x: &[f32], scales: &[f16], zeros: &[u8], xsum: &[f32], g: usize) -> f32 {
     let mut total = 0f32;
-    for (gi, (s, m)) in scales.iter().zip(mins).enumerate() {
+    for gi in 0..scales.len() {
+        let (s, m) = scale_min(scales[gi], zeros[gi]);
         let mut d = 0f32;
         for c in 0..g / 32 {
             let base = gi * g + c * 32;
@@ -275,6 +285,7 @@ fn row_dot_scalar(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use half::f16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -308,7 +319,7 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2 and FMA; slices as in `row_dot_scalar`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot_avx2(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+    pub unsafe fn row_dot_avx2(codes: &[u8], x: &[f32], scales: &[f16], zeros: &[u8], xsum: &[f32], g: usize) -> f32 {
         debug_assert!(codes.len() * 2 == x.len() && x.len() == scales.len() * g);
         let mut tot = _mm256_setzero_ps();
         let mut min_term = 0f32;
@@ -320,8 +331,9 @@ mod x86 {
                 let base = gi * g + c * 32;
                 chunk(cp.add(base / 2), xp.add(base), &mut d0, &mut d1);
             }
-            tot = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(*scales.get_unchecked(gi)), tot);
-            min_term += mins.get_unchecked(gi) * xsum.get_unchecked(gi);
+            let (s, m) = super::scale_min(*scales.get_unchecked(gi), *zeros.get_unchecked(gi));
+            tot = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(s), tot);
+            min_term += m * xsum.get_unchecked(gi);
         }
         hsum(tot) + min_term
     }
@@ -329,12 +341,13 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
+    use half::f16;
     use std::arch::aarch64::*;
 
     /// # Safety
     /// The CPU must support NEON; slices as in `row_dot_scalar`.
     #[target_feature(enable = "neon")]
-    pub unsafe fn row_dot_neon(codes: &[u8], x: &[f32], scales: &[f32], mins: &[f32], xsum: &[f32], g: usize) -> f32 {
+    pub unsafe fn row_dot_neon(codes: &[u8], x: &[f32], scales: &[f16], zeros: &[u8], xsum: &[f32], g: usize) -> f32 {
         let mut tot = vdupq_n_f32(0.0);
         let mut min_term = 0f32;
         let (cp, xp) = (codes.as_ptr(), x.as_ptr());
@@ -361,8 +374,9 @@ mod arm {
                     d1 = vfmaq_f32(d1, w3, vld1q_f32(xb.add(12)));
                 }
             }
-            tot = vfmaq_n_f32(tot, vaddq_f32(d0, d1), *scales.get_unchecked(gi));
-            min_term += mins.get_unchecked(gi) * xsum.get_unchecked(gi);
+            let (s, m) = super::scale_min(*scales.get_unchecked(gi), *zeros.get_unchecked(gi));
+            tot = vfmaq_n_f32(tot, vaddq_f32(d0, d1), s);
+            min_term += m * xsum.get_unchecked(gi);
         }
         vaddvq_f32(tot) + min_term
     }

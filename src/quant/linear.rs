@@ -16,7 +16,7 @@ enum Repr {
     Packed {
         w: Arc<PackedQ4>,
         /// Device copies for the tensor-op path (non-CPU devices): codes `[n, k/2]` u8,
-        /// scales and mins `[n, groups]` f32.
+        /// scales and mins (`-zero * scale`) `[n, groups]` f32.
         dev: Option<(Tensor, Tensor, Tensor)>,
     },
     Dequantized {
@@ -85,10 +85,12 @@ impl QuantLinear {
 
     fn device_tensors(w: &PackedQ4, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
         let g = w.groups();
+        let scales: Vec<f32> = w.scales.iter().map(|s| s.to_f32()).collect();
+        let mins: Vec<f32> = scales.iter().zip(&w.zeros).map(|(s, z)| -f32::from(*z) * s).collect();
         Ok((
             Tensor::from_slice(&w.codes, (w.n, w.k / 2), device)?,
-            Tensor::from_slice(&w.scales, (w.n, g), device)?,
-            Tensor::from_slice(&w.mins, (w.n, g), device)?,
+            Tensor::from_vec(scales, (w.n, g), device)?,
+            Tensor::from_vec(mins, (w.n, g), device)?,
         ))
     }
 

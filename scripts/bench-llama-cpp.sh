@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Side-by-side CPU speed: llama.cpp (llama-bench) against awq-run on SmolLM2-135M-Instruct, measured
+# in the same run on the same machine.
+#
+#   scripts/bench-llama-cpp.sh [THREADS]      (default 2)
+#
+# llama.cpp is the peer, never a dependency: it is built from the llama.cpp sources vendored in
+# PyPI's llama-cpp-python sdist, under .dev/llama.cpp (git-ignored), with cmake from PyPI.
+# llama.cpp's models are made with its own llama-quantize from the packaged Q4_1 GGUF
+# (--allow-requantize: the weights' quality is irrelevant here, only their format).
+# Prints a markdown table; run it on a quiet machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-2}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
+DEV=.dev/llama.cpp
+B=target/release/awq-run
+GGUF=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$DEV"
+
+if [ ! -x "$DEV/build/bin/llama-bench" ]; then
+  [ -x "$DEV/pytools/bin/cmake" ] || python3 -m pip install -q --disable-pip-version-check --target "$DEV/pytools" cmake ninja
+  export PATH="$PWD/$DEV/pytools/bin:$PATH" PYTHONPATH="$PWD/$DEV/pytools"
+  if [ ! -d "$DEV/src" ]; then
+    tmp=$(mktemp -d)
+    # The sdist straight from the package index (pip download would build its metadata, which
+    # for this package means configuring llama.cpp): the simple index page gives the URL and hash.
+    python3 - "$LLAMA_CPP_PYTHON" "$tmp/sdist.tar.gz" <<'PY'
+import hashlib, re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+page = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=120).read().decode()
+m = re.search(r'href="([^"#]+llama_cpp_python-%s\.tar\.gz)#sha256=([0-9a-f]+)"' % re.escape(version), page)
+if not m:
+    sys.exit(f"llama-cpp-python {version}: no sdist on the index")
+data = urllib.request.urlopen(m.group(1), timeout=600).read()
+if hashlib.sha256(data).hexdigest() != m.group(2):
+    sys.exit("sdist hash mismatch")
+open(dest, "wb").write(data)
+PY
+    tar -xzf "$tmp/sdist.tar.gz" -C "$tmp"
+    mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEV/src"
+    rm -rf "$tmp"
+  fi
+  cmake -S "$DEV/src" -B "$DEV/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+  cmake --build "$DEV/build" --target llama-bench llama-quantize -j "$(nproc)" >/dev/null
+fi
+[ -x "$B" ] || cargo build --release --quiet
+[ -d models/smollm2-135m-instruct ] || scripts/fetch-models.sh "$B"
+AWQ=.dev/smollm2-awq-w4g64
+[ -d "$AWQ" ] || "$B" quantize --model models/smollm2-135m-instruct --out "$AWQ" --group-size 64 --n-samples 16 --seqlen 256 2>/dev/null
+for q in Q4_0 Q4_K_M; do
+  [ -f "$DEV/smollm2-$q.gguf" ] || "$DEV/build/bin/llama-quantize" --allow-requantize "$GGUF" "$DEV/smollm2-$q.gguf" "$q" >/dev/null 2>&1
+done
+
+echo "| engine | weights | pp512 tok/s | tg128 tok/s |"
+echo "|---|---|---|---|"
+for q in Q4_0 Q4_K_M; do
+  "$DEV/build/bin/llama-bench" -m "$DEV/smollm2-$q.gguf" -t "$T" -p 512 -n 128 -r 3 -o json 2>/dev/null \
+    | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)
+pp = [r["avg_ts"] for r in rows if r["n_prompt"] > 0]
+tg = [r["avg_ts"] for r in rows if r["n_gen"] > 0]
+print(f"| llama.cpp | {sys.argv[1]} | {pp[0]:.1f} | {tg[0]:.1f} |")' "$q"
+done
+for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-instruct --requant q4_0" "--model $AWQ"; do
+  RAYON_NUM_THREADS=$T "$B" bench $args --prompt-len 512 --gen 128 --repeats 3 --json 2>/dev/null \
+    | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+print(f"| awq-run | {r[\"weights\"]} | {r[\"prefill_tok_s\"]:.1f} | {r[\"decode_tok_s\"]:.1f} |")'
+done
+echo
+echo "threads: $T; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON"
