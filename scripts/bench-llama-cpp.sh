@@ -69,7 +69,7 @@ for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-
     | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
-print(f"| awq-run | {r[\"weights\"]} | {r[\"prefill_tok_s\"]:.1f} | {r[\"decode_tok_s\"]:.1f} |")'
+print("| awq-run | %s | %.1f | %.1f |" % (r["weights"], r["prefill_tok_s"], r["decode_tok_s"]))'
 done
 echo
 echo "threads: $T; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON"

@@ -165,7 +165,10 @@ impl ModelAssets {
             None => llama::load_dense(vb, i, o, b),
             Some(q) => crate::checkpoint::load_awq_linear(vb, i, o, b, q),
         };
-        Model::load(vb, &self.config, &loader).map_err(|e| Error::msg(format!("{}: {e}", self.name)))
+        // Quantized checkpoints store embeddings and lm_head in f16: on the CPU, with f32
+        // activations, they stay f16 (half the memory and half the lm_head's reads).
+        let half_tables = quant.is_some() && device.is_cpu() && dtype == DType::F32;
+        Model::load_with(vb, &self.config, &loader, half_tables).map_err(|e| Error::msg(format!("{}: {e}", self.name)))
     }
 
     /// Encodes a prompt. Chat-rendered prompts carry their own special tokens, so

@@ -126,3 +126,27 @@ fn codes_survive_repacking() {
     let want: Vec<f64> = q.dequantize().iter().map(|&v| v as f64).collect();
     assert!(max_rel(&dense, &want) < 1e-6);
 }
+
+#[test]
+fn f16_weight_linear_matches_f64_reference() {
+    let mut rng = Rng::new(21);
+    // K not a multiple of 16 exercises the scalar tail of the F16C loop.
+    for &(n, k) in &[(40, 576), (24, 77), (130, 1024)] {
+        let w = rng.tensor(&[n, k], 0.1).to_dtype(DType::F16).unwrap();
+        let wv: Vec<f32> = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let l = awq_run::quant::HalfLinear::new(w, None).unwrap();
+        for m in [1, 3, 17, 128] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let mut want = vec![0f64; m * n];
+            for t in 0..m {
+                for o in 0..n {
+                    want[t * n + o] = (0..k).map(|i| x[t * k + i] as f64 * wv[o * k + i] as f64).sum();
+                }
+            }
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+            let got = l.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 1e-5, "n={n} k={k} m={m}: rel err {e}");
+        }
+    }
+}

@@ -412,7 +412,7 @@ pub fn fake_quantized_model(assets: &crate::ModelAssets, device: &Device, calib:
         layers.push(b);
         Ok(())
     })?;
-    let model = crate::model::Model::from_layers(vb, &assets.config, layers)?;
+    let model = crate::model::Model::from_layers(vb, &assets.config, layers, false)?;
     Ok((model, report))
 }
 

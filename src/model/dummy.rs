@@ -89,5 +89,7 @@ pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Devi
         let bias = if b { Some(vb.get(o, "bias")?) } else { None };
         random_q4(o, i, g, bias, dtype, vb.device(), counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     };
-    Ok(Model::load(vb, cfg, &loader)?)
+    // As for real AWQ checkpoints on the CPU: embeddings and lm_head stay f16 (see assets.rs).
+    let half_tables = w4 && device.is_cpu() && dtype == DType::F32;
+    Ok(Model::load_with(vb, cfg, &loader, half_tables)?)
 }

@@ -217,23 +217,36 @@ pub struct Model {
 impl Model {
     /// Loads the model from `vb` (root of the checkpoint names), building linears with `lin`.
     pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
+        Self::load_with(vb, cfg, lin, false)
+    }
+
+    /// As [`Model::load`]; with `half_tables` the embedding table and lm_head stay in f16 whatever
+    /// the activation dtype (see [`crate::quant::HalfLinear`]).
+    pub fn load_with(vb: VarBuilder, cfg: &Config, lin: LinearLoader, half_tables: bool) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, lin))
             .collect::<Result<Vec<_>>>()?;
-        Self::from_layers(vb, cfg, layers)
+        Self::from_layers(vb, cfg, layers, half_tables)
     }
 
     /// Loads embeddings, final norm and lm_head from `vb` around decoder blocks built elsewhere
     /// (the quantization pass builds them one at a time).
-    pub fn from_layers(vb: VarBuilder, cfg: &Config, layers: Vec<Block>) -> Result<Self> {
+    pub fn from_layers(vb: VarBuilder, cfg: &Config, layers: Vec<Block>, half_tables: bool) -> Result<Self> {
         let m = vb.pp("model");
-        let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let table_dtype = if half_tables { DType::F16 } else { vb.dtype() };
+        let table_shape = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = m.get_with_hints_dtype(table_shape, "embed_tokens.weight", Default::default(), table_dtype)?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // A tied lm_head shares the embedding; some checkpoints still carry a copy.
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            DenseLinear::new(embed_tokens.clone(), None).into_linear()
+        let head_weight = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            embed_tokens.clone()
         } else {
-            load_dense(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            vb.get_with_hints_dtype(table_shape, "lm_head.weight", Default::default(), table_dtype)?
+        };
+        let lm_head = if half_tables {
+            crate::quant::HalfLinear::new(head_weight, None)?.into_linear()
+        } else {
+            DenseLinear::new(head_weight, None).into_linear()
         };
         let rope = Rope::new(cfg, cfg.max_position_embeddings, vb.dtype(), vb.device())?;
         Ok(Self {
@@ -265,7 +278,7 @@ impl Model {
         if max >= vocab {
             candle_core::bail!("token id {max} is out of range for the vocabulary of {vocab}");
         }
-        self.embed_tokens.index_select(&flat, 0)?.reshape((b, seq, self.cfg.hidden_size))
+        self.embed_tokens.index_select(&flat, 0)?.to_dtype(self.dtype)?.reshape((b, seq, self.cfg.hidden_size))
     }
 
     pub fn mask(&self, seq: usize, offset: usize) -> Result<Option<Tensor>> {

@@ -193,49 +193,55 @@ impl PackedQ4 {
 
     /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
     fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let block = 64;
-        let mut y = vec![0f32; m * n];
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..n.div_ceil(block)).into_par_iter().for_each_init(
-            || vec![0f32; block * k],
-            |buf, b| {
-                let o0 = b * block;
-                let nb = block.min(n - o0);
-                for r in 0..nb {
-                    self.dequantize_row(o0 + r, &mut buf[r * k..(r + 1) * k]);
-                }
-                // y[:, o0..o0+nb] = x [m, k] · buf[nb, k]^T; blocks write disjoint columns.
-                // SAFETY: all pointers stay inside x, buf and y; strides describe row-major
-                // matrices of the stated shapes; no two tasks touch the same y columns.
-                unsafe {
-                    let y = y_ptr;
-                    gemm::gemm(
-                        m,
-                        nb,
-                        k,
-                        y.0.add(o0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        buf.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            },
-        );
-        y
+        blocked_gemm(x, m, self.n, self.k, |o, row| self.dequantize_row(o, row))
     }
+}
+
+/// `y = x · Wᵀ` for `x` `[m, k]` and a weight `[n, k]` that `fill_row(o, buf)` writes out row by
+/// row in f32: blocks of 64 rows are expanded into a per-thread buffer and multiplied with an f32
+/// GEMM, blocks in parallel; the whole weight is never expanded.
+pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let block = 64;
+    let mut y = vec![0f32; m * n];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each_init(
+        || vec![0f32; block * k],
+        |buf, b| {
+            let o0 = b * block;
+            let nb = block.min(n - o0);
+            for r in 0..nb {
+                fill_row(o0 + r, &mut buf[r * k..(r + 1) * k]);
+            }
+            // y[:, o0..o0+nb] = x [m, k] · buf[nb, k]^T; blocks write disjoint columns.
+            // SAFETY: all pointers stay inside x, buf and y; strides describe row-major
+            // matrices of the stated shapes; no two tasks touch the same y columns.
+            unsafe {
+                let y = y_ptr;
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    y.0.add(o0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    buf.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+    y
 }
 
 #[derive(Clone, Copy)]

@@ -1,10 +1,12 @@
 //! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
 pub mod cpu;
 pub mod ggml;
+pub mod half;
 pub mod linear;
 pub mod pack;
 pub mod quantizer;
 
+pub use half::HalfLinear;
 pub use linear::QuantLinear;
 pub use pack::QuantizedWeight;
 pub use quantizer::{fake_quantize, quantize_codes, QuantParams};
