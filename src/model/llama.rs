@@ -90,6 +90,10 @@ impl Attention {
             Some((c, cap)) => c.append(&k, &v, cap)?,
             None => (k, v),
         };
+        if mask.is_none() && super::attention_cpu::applies(&q, &k, &v) {
+            let out = super::attention_cpu::attend_one(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+            return out.reshape((b, h * hd))?.reshape((b, seq, h * hd));
+        }
         let kv_len = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV head
         // are stacked along the sequence axis (HF's repeat_kv puts them next to each other too).

@@ -1,4 +1,5 @@
 //! The LLaMA-family model: configuration, layers and the decoder.
+pub mod attention_cpu;
 pub mod config;
 pub mod dummy;
 pub mod layers;
