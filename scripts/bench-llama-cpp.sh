@@ -56,7 +56,7 @@ done
 echo "| engine | weights | pp512 tok/s | tg128 tok/s |"
 echo "|---|---|---|---|"
 for q in Q4_0 Q4_K_M; do
-  "$DEV/build/bin/llama-bench" -m "$DEV/smollm2-$q.gguf" -t "$T" -p 512 -n 128 -r 3 -o json 2>/dev/null \
+  "$DEV/build/bin/llama-bench" -m "$DEV/smollm2-$q.gguf" -t "$T" -p 512 -n 128 -r 5 -o json 2>/dev/null \
     | python3 -c '
 import json, sys
 rows = json.load(sys.stdin)
@@ -65,7 +65,7 @@ tg = [r["avg_ts"] for r in rows if r["n_gen"] > 0]
 print(f"| llama.cpp | {sys.argv[1]} | {pp[0]:.1f} | {tg[0]:.1f} |")' "$q"
 done
 for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-instruct --requant q4_0" "--model $AWQ"; do
-  RAYON_NUM_THREADS=$T "$B" bench $args --prompt-len 512 --gen 128 --repeats 3 --json 2>/dev/null \
+  RAYON_NUM_THREADS=$T "$B" bench $args --prompt-len 512 --gen 128 --repeats 5 --json 2>/dev/null \
     | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
