@@ -6,6 +6,7 @@ mod common;
 mod generate;
 mod import;
 mod quantize;
+mod selftest;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Eval(eval::Args),
     /// Prefill and decode speed and peak memory (real or --dummy-weights model).
     Bench(bench::Args),
+    /// Check the CUDA kernels against the CPU reference (and measure them with --bench).
+    Selftest(selftest::Args),
     /// Quantize a model with AWQ (or RTN) and write a 4-bit AutoAWQ GEMM checkpoint.
     Quantize(quantize::Args),
 }
@@ -39,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Selftest(a) => selftest::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Quantize(a) => quantize::run(a),
     }

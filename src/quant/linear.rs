@@ -11,13 +11,22 @@ use crate::model::linear::{DenseLinear, Linear, LinearLayer};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
+/// The weight's copy on a non-CPU device.
+#[derive(Debug)]
+enum DeviceWeights {
+    /// For the tensor-op path (Metal): codes `[n, k/2]` u8, scales and mins (`-zero * scale`)
+    /// `[n, groups]` f32.
+    TensorOps(Tensor, Tensor, Tensor),
+    /// For the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda::CudaQ4),
+}
+
 #[derive(Debug)]
 enum Repr {
     Packed {
         w: Arc<PackedQ4>,
-        /// Device copies for the tensor-op path (non-CPU devices): codes `[n, k/2]` u8,
-        /// scales and mins (`-zero * scale`) `[n, groups]` f32.
-        dev: Option<(Tensor, Tensor, Tensor)>,
+        dev: Option<DeviceWeights>,
     },
     Dequantized {
         q: QuantizedWeight,
@@ -69,7 +78,15 @@ impl QuantLinear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_device(device)).transpose()?;
         let repr = if q.bits == 4 && PackedQ4::supports(q.in_features, q.group_size) {
             let w = Arc::new(PackedQ4::from_quantized(&q));
-            let dev = if device.is_cpu() { None } else { Some(Self::device_tensors(&w, device)?) };
+            let dev = match device {
+                Device::Cpu => None,
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => Some(DeviceWeights::Cuda(super::cuda::CudaQ4::new(&w, device)?)),
+                _ => {
+                    let (c, s, m) = Self::device_tensors(&w, device)?;
+                    Some(DeviceWeights::TensorOps(c, s, m))
+                }
+            };
             Repr::Packed { w, dev }
         } else {
             let d = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?.to_dtype(dtype)?;
@@ -108,8 +125,8 @@ impl QuantLinear {
     /// The device path (dequantize with tensor ops, then matmul); public so CPU tests cover it.
     pub fn forward_dequant(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.repr {
-            Repr::Packed { w, dev: Some((c, s, m)) } => Self::dequantize_tensors(c, s, m, w.k)?,
-            Repr::Packed { w, dev: None } => {
+            Repr::Packed { w, dev: Some(DeviceWeights::TensorOps(c, s, m)) } => Self::dequantize_tensors(c, s, m, w.k)?,
+            Repr::Packed { w, .. } => {
                 let (c, s, m) = Self::device_tensors(w, x.device())?;
                 Self::dequantize_tensors(&c, &s, &m, w.k)?
             }
@@ -136,6 +153,15 @@ impl QuantLinear {
         x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?.to_dtype(dt)
     }
 
+    /// The CUDA copy of the weight, on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Option<&super::cuda::CudaQ4> {
+        match &self.repr {
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => Some(c),
+            _ => None,
+        }
+    }
+
     pub fn packed(&self) -> Option<&PackedQ4> {
         match &self.repr {
             Repr::Packed { w, .. } => Some(w),
@@ -156,6 +182,14 @@ impl LinearLayer for QuantLinear {
                     None => y,
                 };
                 y.to_dtype(dt)
+            }
+            #[cfg(feature = "cuda")]
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => {
+                let y = c.forward(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                    None => Ok(y),
+                }
             }
             Repr::Packed { .. } => self.forward_dequant(x),
             Repr::Dequantized { dense, .. } => dense.forward(x),

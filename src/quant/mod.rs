@@ -1,5 +1,7 @@
 //! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ggml;
 pub mod half;
 pub mod linear;

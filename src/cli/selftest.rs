@@ -1,0 +1,42 @@
+//! `awq-run selftest`: checks the CUDA kernels against the CPU kernel; `--bench` measures the
+//! GEMV's bandwidth. Exits non-zero on any mismatch.
+use anyhow::{bail, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The device to test (cuda or cuda:N).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Seed of the random inputs (a fresh one per run by default).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also measure GEMV bandwidth at Llama-2-7B shapes against the copy bandwidth (JSON lines).
+    #[arg(long)]
+    pub bench: bool,
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(a: Args) -> Result<()> {
+    use awq_run::quant::cuda::selftest;
+    let device = awq_run::device::parse_device(Some(&a.device))?;
+    if !device.is_cuda() {
+        bail!("--device {}: the self-test checks the CUDA kernels", a.device);
+    }
+    let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+    let (pass, fail) = selftest::run(&device, seed)?;
+    println!("{pass} passed, {fail} failed (seed {seed})");
+    if a.bench {
+        for row in selftest::bench(&device)? {
+            println!("{row}");
+        }
+    }
+    if fail > 0 {
+        bail!("{fail} kernel checks failed");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(a: Args) -> Result<()> {
+    bail!("--device {}: this awq-run was built without CUDA (cargo build --release --features cuda)", a.device)
+}
