@@ -160,41 +160,46 @@ impl PackedQ4 {
         let groups = self.groups();
         // Per token and group: Σ x, for the `min` term.
         let xsum: Vec<f32> = x.chunks(self.group_size).map(|c| c.iter().sum()).collect();
-        // One contiguous range of rows per thread: with few cores, more (smaller) tasks cost more
-        // in scheduling than they gain in balance.
-        let threads = rayon::current_num_threads().max(1);
-        let rows_per_task = n.div_ceil(threads).max(1);
-        let mut yt = vec![0f32; n * m]; // [n][m], transposed at the end
-        yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
-            let o0 = task * rows_per_task;
-            for (r, out_row) in out.chunks_mut(m).enumerate() {
-                let o = o0 + r;
-                let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
-                let scales = &self.scales[o * groups..(o + 1) * groups];
-                let zeros = &self.zeros[o * groups..(o + 1) * groups];
-                for (t, v) in out_row.iter_mut().enumerate() {
-                    let xt = &x[t * k..(t + 1) * k];
-                    let xs = &xsum[t * groups..(t + 1) * groups];
-                    *v = row_dot(kernel, codes, xt, scales, zeros, xs, self.group_size);
-                }
-            }
-        });
-        if m == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; m * n];
-        for o in 0..n {
-            for t in 0..m {
-                y[t * n + o] = yt[o * m + t];
-            }
-        }
-        y
+        rows_parallel(n, m, |o, t| {
+            let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
+            let scales = &self.scales[o * groups..(o + 1) * groups];
+            let zeros = &self.zeros[o * groups..(o + 1) * groups];
+            let xt = &x[t * k..(t + 1) * k];
+            let xs = &xsum[t * groups..(t + 1) * groups];
+            row_dot(kernel, codes, xt, scales, zeros, xs, self.group_size)
+        })
     }
 
     /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
     fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
         blocked_gemm(x, m, self.n, self.k, |o, row| self.dequantize_row(o, row))
     }
+}
+
+/// `y[t][o] = dot(o, t)` for `n` rows and `m` tokens, `[m][n]` row-major: one contiguous range of
+/// rows per thread (with few cores, more and smaller tasks cost more in scheduling than they gain
+/// in balance), each row's tokens together so its weights are read once.
+pub fn rows_parallel(n: usize, m: usize, dot: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per_task = n.div_ceil(threads).max(1);
+    let mut yt = vec![0f32; n * m]; // [n][m], transposed at the end
+    yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
+        for (r, out_row) in out.chunks_mut(m).enumerate() {
+            for (t, v) in out_row.iter_mut().enumerate() {
+                *v = dot(task * rows_per_task + r, t);
+            }
+        }
+    });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for o in 0..n {
+        for t in 0..m {
+            y[t * n + o] = yt[o * m + t];
+        }
+    }
+    y
 }
 
 /// `y = x · Wᵀ` for `x` `[m, k]` and a weight `[n, k]` that `fill_row(o, buf)` writes out row by

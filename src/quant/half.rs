@@ -8,7 +8,6 @@
 use crate::model::linear::{Linear, LinearLayer};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::f16;
-use rayon::prelude::*;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -49,23 +48,7 @@ impl HalfMatMul<'_> {
     fn run(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         if m < super::cpu::GEMM_MIN_TOKENS {
-            let threads = rayon::current_num_threads().max(1);
-            let rows = n.div_ceil(threads).max(1);
-            let mut yt = vec![0f32; n * m];
-            yt.par_chunks_mut(rows * m).enumerate().for_each(|(task, out)| {
-                for (r, out_row) in out.chunks_mut(m).enumerate() {
-                    for (t, v) in out_row.iter_mut().enumerate() {
-                        *v = self.gemv_row(task * rows + r, &x[t * k..(t + 1) * k]);
-                    }
-                }
-            });
-            let mut y = vec![0f32; m * n];
-            for o in 0..n {
-                for t in 0..m {
-                    y[t * n + o] = yt[o * m + t];
-                }
-            }
-            return y;
+            return super::cpu::rows_parallel(n, m, |o, t| self.gemv_row(o, &x[t * k..(t + 1) * k]));
         }
         super::cpu::blocked_gemm(x, m, n, k, |o, buf| {
             for (d, s) in buf.iter_mut().zip(&self.w[o * k..(o + 1) * k]) {
