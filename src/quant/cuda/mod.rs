@@ -149,8 +149,8 @@ impl CustomOp1 for Gemv<'_> {
         let sfx = suffix(dt)?;
         weight_slices!(w, codes, scales, zeros);
         let (n, k_, g, m_) = (w.n as i32, w.k as i32, w.group_size as i32, m as i32);
-        // One warp per output row, 4 warps a block.
-        let cfg = LaunchConfig { grid_dim: ((w.n as u32).div_ceil(4), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // ROWS_PER_WARP (4) output rows per warp, 4 warps a block.
+        let cfg = LaunchConfig { grid_dim: ((w.n as u32).div_ceil(16), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func(&format!("w4_gemv_{sfx}"), MODULE, PTX)?;
         macro_rules! launch {
             ($t:ty) => {{

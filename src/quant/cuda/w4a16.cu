@@ -2,9 +2,10 @@
 // chunks of 16 bytes (byte j: weight j in the low nibble, weight j + 16 in the high nibble),
 // an f16 scale and a u8 zero per (row, group); w = (q - zero) * scale.
 //
-// w4_gemv_*: few tokens (M <= 8). One warp per output row; each lane streams 16-byte chunks
-// (a warp reads 512 contiguous bytes per step), dequantizes in registers, multiplies with up to 8
-// tokens' activations and accumulates in f32; a warp shuffle reduces.
+// w4_gemv_*: few tokens (M <= 8). Each warp takes ROWS_PER_WARP output rows; each lane streams
+// 16-byte chunks of every row (a warp reads 512 contiguous bytes of each row per step),
+// dequantizes in registers, multiplies with up to 8 tokens' activations and accumulates in f32;
+// warp shuffles reduce.
 // w4_dequant_*: the weight dequantized to the activation dtype for a cuBLAS GEMM (prefill).
 // poison_*: fills a buffer with NaN (the self-test's guard against unwritten outputs).
 #include <cuda_fp16.h>
@@ -55,50 +56,65 @@ template <> __device__ __forceinline__ void load32<__nv_bfloat16>(const __nv_bfl
     }
 }
 
+// Rows per warp: each lane keeps one 16-byte load per row in flight (4 independent loads instead
+// of 1, which a warp-per-row kernel left too few of to cover HBM latency), and each activation
+// chunk, loaded and converted once, serves all of them.
+#define ROWS_PER_WARP 4
+
 template <typename T>
 __device__ void w4_gemv(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
                         const uint8_t* __restrict__ zeros, const T* __restrict__ x, T* __restrict__ y,
                         int n, int k, int g, int m) {
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int row0 = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS_PER_WARP;
     const int lane = threadIdx.x & 31;
-    if (row >= n) return;
+    if (row0 >= n) return;
     const int groups = k / g;
     const int chunks = k >> 5;
-    const uint4* rc = reinterpret_cast<const uint4*>(codes + (size_t)row * (k >> 1));
-    float acc[MAX_TOKENS];
+    float acc[ROWS_PER_WARP][MAX_TOKENS];
 #pragma unroll
-    for (int t = 0; t < MAX_TOKENS; t++) acc[t] = 0.f;
+    for (int r = 0; r < ROWS_PER_WARP; r++)
+#pragma unroll
+        for (int t = 0; t < MAX_TOKENS; t++) acc[r][t] = 0.f;
     for (int c = lane; c < chunks; c += 32) {
-        const uint4 packed = __ldg(rc + c);
+        uint4 packed[ROWS_PER_WARP];
+        float s[ROWS_PER_WARP], zs[ROWS_PER_WARP];
         const int gi = (c << 5) / g;
-        const float s = __half2float(scales[(size_t)row * groups + gi]);
-        const float zs = -(float)zeros[(size_t)row * groups + gi] * s;
-        const uint8_t* b = reinterpret_cast<const uint8_t*>(&packed);
-        float w[32];
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            w[j] = fmaf((float)(b[j] & 0xF), s, zs);
-            w[j + 16] = fmaf((float)(b[j] >> 4), s, zs);
+        for (int r = 0; r < ROWS_PER_WARP; r++) {
+            const int row = row0 + r < n ? row0 + r : n - 1;  // clamped: loads stay in bounds
+            packed[r] = __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row * (k >> 1)) + c);
+            s[r] = __half2float(scales[(size_t)row * groups + gi]);
+            zs[r] = -(float)zeros[(size_t)row * groups + gi] * s[r];
         }
 #pragma unroll
         for (int t = 0; t < MAX_TOKENS; t++) {
             if (t < m) {
                 float xv[32];
                 load32<T>(x + (size_t)t * k + (c << 5), xv);
-                float a = 0.f;
 #pragma unroll
-                for (int j = 0; j < 32; j++) a = fmaf(w[j], xv[j], a);
-                acc[t] += a;
+                for (int r = 0; r < ROWS_PER_WARP; r++) {
+                    const uint8_t* b = reinterpret_cast<const uint8_t*>(&packed[r]);
+                    float a = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 16; j++) {
+                        a = fmaf(fmaf((float)(b[j] & 0xF), s[r], zs[r]), xv[j], a);
+                        a = fmaf(fmaf((float)(b[j] >> 4), s[r], zs[r]), xv[j + 16], a);
+                    }
+                    acc[r][t] += a;
+                }
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < MAX_TOKENS; t++) {
-        if (t < m) {
-            float v = acc[t];
+    for (int r = 0; r < ROWS_PER_WARP; r++) {
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0) y[(size_t)t * n + row] = from_f<T>(v);
+        for (int t = 0; t < MAX_TOKENS; t++) {
+            if (t < m) {
+                float v = acc[r][t];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0 && row0 + r < n) y[(size_t)t * n + row0 + r] = from_f<T>(v);
+            }
         }
     }
 }
