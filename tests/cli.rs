@@ -125,3 +125,58 @@ fn missing_default_model_says_how_to_fetch() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("scripts/fetch-models.sh"), "{e}");
 }
+
+#[test]
+fn bench_reports_speed_and_explains_bad_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let out = Command::new(bin())
+        .args(["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "16", "--gen", "4", "--repeats", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0 && v["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    let err = |args: &[&str]| {
+        let o = Command::new(bin()).args(args).output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert!(err(&["bench", "--dummy-weights"]).contains("--config"));
+    assert!(err(&["bench", "--dummy-weights", "--config", "gpt-5"]).contains("llama-2-7b"));
+    assert!(err(&["bench", "--dummy-weights", "--config", "smollm2-135m", "--weights", "int3"]).contains("--weights int3"));
+    assert!(err(&["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "300"]).contains("does not fit the context"));
+    assert!(err(&["bench", "--model", dir.to_str().unwrap(), "--requant", "q2"]).contains("--requant q2"));
+}
+
+#[test]
+fn selftest_needs_a_cuda_build_or_device() {
+    let o = Command::new(bin()).args(["selftest", "--device", "cuda"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    if cfg!(feature = "cuda") {
+        assert!(!e.is_empty());
+    } else {
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}
+
+#[test]
+fn bad_device_dtype_and_sampling_flags_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let d = dir.to_str().unwrap();
+    let err = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", d, "--prompt", "hi"];
+        args.extend_from_slice(extra);
+        let o = Command::new(bin()).args(&args).output().unwrap();
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert!(err(&["--device", "tpu"]).contains("--device tpu"));
+    assert!(err(&["--device", "cuda:x"]).contains("bad device index"));
+    assert!(err(&["--dtype", "f8"]).contains("--dtype f8"));
+    assert!(err(&["--top-p", "1.5"]).contains("--top-p"));
+    assert!(err(&["--top-k", "0"]).contains("--top-k"));
+    assert!(err(&["--max-tokens", "0"]).contains("--max-tokens"));
+}
