@@ -4,7 +4,7 @@ use crate::assets::ModelAssets;
 use crate::error::{Error, Result};
 use crate::model::Linear;
 use crate::quant::pack::{AwqGemmTensors, QuantizedWeight};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
@@ -186,8 +186,6 @@ pub struct ShardWriter {
     shards: Vec<(std::path::PathBuf, Vec<String>)>,
     total_bytes: usize,
 }
-
-use candle_core::Tensor;
 
 impl ShardWriter {
     pub const DEFAULT_MAX_BYTES: usize = 5_000_000_000;
