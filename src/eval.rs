@@ -46,6 +46,7 @@ pub fn check_windows(n_tokens: usize, seqlen: usize, context: usize) -> Result<u
 pub fn perplexity(model: &Model, tokens: &[u32], seqlen: usize, max_windows: Option<usize>, mut on_window: impl FnMut(usize, usize)) -> Result<Perplexity> {
     let t0 = std::time::Instant::now();
     let mut windows = check_windows(tokens.len(), seqlen, model.context_len())?;
+    model.check_tokens(tokens)?;
     if let Some(m) = max_windows {
         windows = windows.min(m.max(1));
     }

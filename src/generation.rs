@@ -139,6 +139,7 @@ impl<'a> Generator<'a> {
             return Err(Error::msg("the prompt is empty: nothing to generate from"));
         }
         params.validate()?;
+        self.model.check_tokens(prompt)?;
         let cap = self.context_len();
         if prompt.len() >= cap {
             return Err(Error::msg(format!(

@@ -156,6 +156,10 @@ fn generation_is_deterministic_and_stops() {
     assert_eq!(s2.prefilled_tokens, 1);
     let e = g.generate(&[], &p, None, |_| Ok(())).unwrap_err().to_string();
     assert!(e.contains("prompt is empty"), "{e}");
+    let e = g.generate(&[1, 5000, 2], &p, None, |_| Ok(())).unwrap_err().to_string();
+    assert!(e.contains("token id 5000 is out of range"), "{e}");
+    let bad = Tensor::new(&[[1u32, 9999]], &Device::Cpu).unwrap();
+    assert!(m.forward_all(&bad).unwrap_err().to_string().contains("token id 9999"));
 }
 
 // ---- bad input ----

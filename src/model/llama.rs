@@ -273,14 +273,23 @@ impl Model {
         self.rope.max_len()
     }
 
-    /// Token ids `[b, seq]` to hidden states `[b, seq, hidden]`.
+    /// Checks host-side token ids against the vocabulary (callers holding ids on the host do
+    /// this once, instead of a device reduction and sync in every forward pass).
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.vocab_size();
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => candle_core::bail!("token id {t} is out of range for the vocabulary of {vocab}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Token ids `[b, seq]` to hidden states `[b, seq, hidden]`. Ids on the CPU are checked here;
+    /// on a GPU that would cost a sync per step, so there the callers check ([`Model::check_tokens`]).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, seq) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
-        let vocab = self.embed_tokens.dim(0)?;
-        let max = flat.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
-        if max >= vocab {
-            candle_core::bail!("token id {max} is out of range for the vocabulary of {vocab}");
+        if flat.device().is_cpu() {
+            self.check_tokens(&flat.to_dtype(DType::U32)?.to_vec1::<u32>()?)?;
         }
         self.embed_tokens.index_select(&flat, 0)?.to_dtype(self.dtype)?.reshape((b, seq, self.cfg.hidden_size))
     }
