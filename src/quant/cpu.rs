@@ -142,16 +142,14 @@ impl PackedQ4 {
         }
     }
 
-    /// `y[t][o] = Σ_i x[t][i] · W[o][i] (+ bias[o])` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
-    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, kernel: Kernel) -> Vec<f32> {
+    /// `y[t][o] = Σ_i x[t][i] · W[o][i]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
+    pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "input length");
-        let mut y = if m >= GEMM_MIN_TOKENS { self.gemm(x, m) } else { self.gemv(x, m, kernel.resolve()) };
-        if let Some(b) = bias {
-            for row in y.chunks_mut(self.n) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
+        if m >= GEMM_MIN_TOKENS {
+            self.gemm(x, m)
+        } else {
+            self.gemv(x, m, kernel.resolve())
         }
-        y
     }
 
     /// Few tokens: rows in parallel, one fused dot product per (row, token).

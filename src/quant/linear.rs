@@ -44,7 +44,6 @@ pub struct QuantLinear {
 /// The candle custom op around the CPU kernel.
 struct Q4MatMul {
     w: Arc<PackedQ4>,
-    bias: Option<Vec<f32>>,
     kernel: Kernel,
 }
 
@@ -66,7 +65,7 @@ impl CustomOp1 for Q4MatMul {
             candle_core::bail!("{}: input has {k} features, the layer {}", self.name(), self.w.k);
         }
         let m = l.shape().elem_count() / k.max(1);
-        let y = self.w.matmul(&data[a..b], m, self.bias.as_deref(), self.kernel);
+        let y = self.w.matmul(&data[a..b], m, self.kernel);
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = self.w.n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -132,11 +131,7 @@ impl QuantLinear {
             }
             Repr::Dequantized { dense, .. } => return dense.forward(x),
         };
-        let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
-        }
+        self.add_bias(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?)
     }
 
     /// The CPU kernel with a chosen inner loop (tests run every one the machine has).
@@ -144,13 +139,16 @@ impl QuantLinear {
         let Repr::Packed { w, .. } = &self.repr else {
             return self.forward_dequant(x);
         };
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_device(&Device::Cpu)?.to_vec1::<f32>()?),
-            None => None,
-        };
-        let op = Q4MatMul { w: w.clone(), bias, kernel };
-        let dt = x.dtype();
-        x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?.to_dtype(dt)
+        let op = Q4MatMul { w: w.clone(), kernel };
+        let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?;
+        self.add_bias(y)?.to_dtype(x.dtype())
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
     }
 
     /// The CUDA copy of the weight, on a CUDA device.
@@ -173,24 +171,9 @@ impl QuantLinear {
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.repr {
-            Repr::Packed { w, .. } if x.device().is_cpu() => {
-                let dt = x.dtype();
-                let op = Q4MatMul { w: w.clone(), bias: None, kernel: Kernel::Auto };
-                let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?;
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                y.to_dtype(dt)
-            }
+            Repr::Packed { .. } if x.device().is_cpu() => self.forward_cpu(x, Kernel::Auto),
             #[cfg(feature = "cuda")]
-            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => {
-                let y = c.forward(x)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-                    None => Ok(y),
-                }
-            }
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => self.add_bias(c.forward(x)?),
             Repr::Packed { .. } => self.forward_dequant(x),
             Repr::Dequantized { dense, .. } => dense.forward(x),
         }
