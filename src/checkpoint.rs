@@ -351,7 +351,6 @@ pub fn write_quantized(
     if assets.config.quantization_config.is_some() {
         return Err(Error::msg(format!("{}: the model is already quantized", assets.name)));
     }
-    crate::awq::check_group_size(&assets.config, opts.params)?;
     let dir = AtomicDir::new(out, force)?;
     let vb = assets.var_builder(DType::F32, device)?;
     let cfg = &assets.config;
