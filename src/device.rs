@@ -4,6 +4,22 @@ use candle_core::{DType, Device};
 
 /// Parses `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`; `None` picks CUDA, then Metal, then the CPU.
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
+    parse_device_inner(spec).map(single_stream)
+}
+
+/// Every tensor of a candle CUDA device lives on its one stream, so cudarc's cross-stream event
+/// tracking (an event recorded, and possibly waited on, for every buffer of every op) only costs
+/// host time in each decode step. Turning it off is sound with a single stream.
+fn single_stream(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // SAFETY: all work of this device is ordered on its single stream (see above).
+        unsafe { c.disable_event_tracking() };
+    }
+    d
+}
+
+fn parse_device_inner(spec: Option<&str>) -> Result<Device> {
     let Some(spec) = spec else {
         if candle_core::utils::cuda_is_available() {
             if let Ok(d) = Device::new_cuda(0) {

@@ -378,7 +378,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         let q = match state.as_mut() {
             None => rtn_block(&block, o.params, vb.dtype())?,
             Some((x, rope, mask)) => {
-                let ctx = BlockContext { rope, offset: 0, mask: mask.as_ref() };
+                let ctx = BlockContext { rope, offset: 0, mask: mask.as_ref(), step: None };
                 let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut reports)?;
                 *x = y;
                 q

@@ -74,6 +74,13 @@ impl Rope {
     pub fn max_len(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }
+    /// `[positions, head_dim / 2]` tables, in the model dtype.
+    pub fn cos(&self) -> &Tensor {
+        &self.cos
+    }
+    pub fn sin(&self) -> &Tensor {
+        &self.sin
+    }
 
     /// `x` is `[b, heads, seq, head_dim]`, starting at position `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
@@ -141,6 +148,22 @@ impl KvCache {
         self.v = Some(nv);
         Ok(())
     }
+    /// Allocates the buffers to `capacity` tokens (keeping what is cached); they need to exist
+    /// already (after a first forward pass), since their shape comes from the model.
+    pub fn reserve_capacity(&mut self, capacity: usize) -> Result<()> {
+        let (Some(k), Some(v)) = (self.k.clone(), self.v.clone()) else {
+            candle_core::bail!("the KV cache has no buffers yet")
+        };
+        self.reserve(&k, &v, capacity, capacity)
+    }
+    /// The whole K and V buffers `[b, kv_heads, allocated, head_dim]`.
+    pub fn buffers(&self) -> Option<(&Tensor, &Tensor)> {
+        Some((self.k.as_ref()?, self.v.as_ref()?))
+    }
+    /// Counts `n` tokens written into the buffers by someone else (a CUDA graph's kernels).
+    pub fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.allocated());
+    }
     /// Appends `k`, `v` (`[b, kv_heads, seq, head_dim]`) and returns views of everything cached.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
@@ -164,11 +187,19 @@ impl KvCache {
 pub struct Cache {
     pub layers: Vec<KvCache>,
     pub capacity: usize,
+    /// The captured decode step replayed for this cache's buffers (CUDA).
+    #[cfg(feature = "cuda")]
+    pub(crate) graph: super::graph::GraphState,
 }
 
 impl Cache {
     pub fn new(n_layers: usize, capacity: usize) -> Self {
-        Self { layers: vec![KvCache::default(); n_layers], capacity }
+        Self {
+            layers: vec![KvCache::default(); n_layers],
+            capacity,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
+        }
     }
     /// Tokens already in the cache (the position of the next token).
     pub fn len(&self) -> usize {
@@ -199,4 +230,13 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
     let y = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
     y.to_dtype(dt)
+}
+
+/// silu(gate) * up: one fused kernel on CUDA, tensor ops elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::silu_mul_applies(gate, up) {
+        return super::cuda::silu_mul(gate, up);
+    }
+    gate.silu()? * up
 }

@@ -17,6 +17,19 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn quantized(&self) -> Option<crate::quant::QuantizedWeight> {
         None
     }
+    /// The layer as a 4-bit [`crate::quant::QuantLinear`], for kernels that take several at once.
+    fn as_quant(&self) -> Option<&crate::quant::QuantLinear> {
+        None
+    }
+}
+
+/// `x` through several layers that share it (q/k/v, gate/up): one fused launch where the layers'
+/// kernels allow it (4-bit weights on CUDA, few tokens), else one forward per layer.
+pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    if let Some(out) = crate::quant::linear::forward_fused(layers, x)? {
+        return Ok(out);
+    }
+    layers.iter().map(|l| l.forward(x)).collect()
 }
 
 pub type Linear = Arc<dyn LinearLayer>;

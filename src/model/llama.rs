@@ -73,12 +73,18 @@ impl Attention {
     }
 
     /// The attention output before o_proj, `[b, seq, heads * head_dim]`.
-    pub fn attend(&self, x: &Tensor, rope: &Rope, offset: usize, mask: Option<&Tensor>, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    pub fn attend(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (rope, offset, mask) = (ctx.rope, ctx.offset, ctx.mask);
+        #[cfg(feature = "cuda")]
+        if let (Some(pos), Some((kv, _))) = (ctx.step, cache.as_ref()) {
+            return self.attend_at(x, rope, pos, kv);
+        }
         let (b, seq, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, seq, h, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((b, seq, kvh, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, seq, kvh, hd))?;
+        let qkv = super::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = qkv[0].reshape((b, seq, h, hd))?;
+        let k = qkv[1].reshape((b, seq, kvh, hd))?;
+        let v = qkv[2].reshape((b, seq, kvh, hd))?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -93,6 +99,11 @@ impl Attention {
         if mask.is_none() && super::attention_cpu::applies(&q, &k, &v) {
             let out = super::attention_cpu::attend_one(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
             return out.reshape((b, h * hd))?.reshape((b, seq, h * hd));
+        }
+        #[cfg(feature = "cuda")]
+        if mask.is_none() && super::cuda::attention_applies(&q, &k, &v) {
+            let out = super::cuda::decode_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+            return out.reshape((b, seq, h * hd));
         }
         let kv_len = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV head
@@ -110,11 +121,31 @@ impl Attention {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// One token at the position held on the device by `pos` (u32), the cache's buffers allocated
+    /// to capacity: what the CUDA-graph decode step captures (see `super::graph`). Nothing here
+    /// depends on host-side position state, so the captured graph replays at any position.
+    fn attend_at(&self, x: &Tensor, rope: &Rope, pos: &Tensor, kv: &KvCache) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = super::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&qkv[0].reshape((1, 1, h, hd))?)?, kn.forward(&qkv[1].reshape((1, 1, kvh, hd))?)?),
+            _ => (qkv[0].clone(), qkv[1].clone()),
+        };
+        let Some((kc, vc)) = kv.buffers() else { candle_core::bail!("graph decode: the KV cache has no buffers") };
+        let q = super::cuda::rope_at(&q, rope.cos(), rope.sin(), pos, h, hd)?;
+        super::cuda::kv_write_at(&k, &qkv[2], kc, vc, rope.cos(), rope.sin(), pos, kvh, hd)?;
+        let out = super::cuda::decode_attention_at(&q, kc, vc, pos, 1.0 / (hd as f32).sqrt())?;
+        out.reshape((1, 1, h * hd))
+    }
+}
+
 impl Attention {
     /// The attention module alone, without a cache (input_layernorm output in, o_proj output
     /// out), as the AWQ loss for the q/k/v group measures it.
     pub fn forward(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let attn = self.attend(normed, ctx.rope, ctx.offset, ctx.mask, None)?;
+        let attn = self.attend(normed, ctx, None)?;
         self.o_proj.forward(&attn)
     }
 }
@@ -137,7 +168,8 @@ impl Mlp {
     }
     /// The input of down_proj: silu(gate(x)) * up(x).
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?
+        let gu = super::linear::forward_shared(&[&self.gate_proj, &self.up_proj], x)?;
+        super::layers::silu_mul(&gu[0], &gu[1])
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj.forward(&self.hidden(x)?)
@@ -149,6 +181,9 @@ pub struct BlockContext<'a> {
     pub rope: &'a Rope,
     pub offset: usize,
     pub mask: Option<&'a Tensor>,
+    /// For the CUDA-graph decode step: the token's position as a u32 on the device (then
+    /// `offset` is unused and the cache buffers are written at that position).
+    pub step: Option<&'a Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,7 +211,7 @@ impl Block {
     /// Runs the block. With `capture`, the input of every linear layer is recorded there.
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, mut capture: Option<&mut LinearInputs>) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.attend(&normed, ctx.rope, ctx.offset, ctx.mask, cache)?;
+        let attn = self.self_attn.attend(&normed, ctx, cache)?;
         let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
         let normed2 = self.post_attention_layernorm.forward(&x)?;
         let hidden = self.mlp.hidden(&normed2)?;
@@ -307,7 +342,7 @@ impl Model {
         let seq = tokens.dim(1)?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = self.mask(seq, offset)?;
-        let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref() };
+        let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref(), step: None };
         let mut x = self.embed(tokens)?;
         match cache {
             Some(cache) => {
@@ -336,8 +371,27 @@ impl Model {
         }
     }
 
-    /// Logits of the last position, `[b, vocab]` f32; appends to `cache`.
+    /// Hidden states `[1, 1, hidden]` of one token whose id and position are on the device
+    /// (`token` `[1, 1]`, `pos` `[1]`, u32), the cache buffers at capacity: the body of the CUDA
+    /// graph of a decode step. Does not advance the cache's host-side length.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn hidden_states_at(&self, token: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let ctx = BlockContext { rope: &self.rope, offset: 0, mask: None, step: Some(pos) };
+        let cap = cache.capacity;
+        let mut x = self.embed(token)?;
+        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &ctx, Some((kv, cap)), None)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits of the last position, `[b, vocab]` f32; appends to `cache`. On CUDA, single-token
+    /// steps replay a captured graph of the whole step (see `super::graph`).
     pub fn forward(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(logits) = super::graph::forward(self, tokens, cache)? {
+            return Ok(logits);
+        }
         self.on_pool(|| {
             let x = self.hidden_states(tokens, Some(cache))?;
             let last = x.narrow(1, x.dim(1)? - 1, 1)?;

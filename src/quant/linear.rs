@@ -1,10 +1,11 @@
 //! The quantized linear layer: group-quantized integer codes with scales and zero points.
 //!
 //! 4-bit weights whose rows split into 32-wide chunks are kept packed ([`PackedQ4`]) and run
-//! through the fused CPU kernel as a candle custom op; on other devices they are dequantized
-//! with candle tensor ops right before the matmul (the Metal path, and CUDA's until it has its
-//! own kernel), one layer at a time, so no dequantized copy of the model is ever kept. Other
-//! widths (2–8 bits, for evaluation) keep their dequantized weight.
+//! through the fused CPU kernel as a candle custom op; on CUDA through the kernels of
+//! [`super::cuda`] (a device copy in the tiled layout of [`super::tiled`]); on other devices
+//! (Metal) they are dequantized with candle tensor ops right before the matmul, one layer at a
+//! time, so no dequantized copy of the model is ever kept. Other widths (2–8 bits, for
+//! evaluation) keep their dequantized weight.
 use super::cpu::{Kernel, PackedQ4};
 use super::pack::QuantizedWeight;
 use crate::model::linear::{DenseLinear, Linear, LinearLayer};
@@ -217,4 +218,41 @@ impl LinearLayer for QuantLinear {
             Repr::Dequantized { q, .. } => q.clone(),
         })
     }
+    fn as_quant(&self) -> Option<&QuantLinear> {
+        Some(self)
+    }
+}
+
+/// Several 4-bit layers sharing the input `x` in one CUDA GEMV launch (up to three, few tokens,
+/// same input width and group size); `None` where that does not apply.
+#[cfg(feature = "cuda")]
+pub fn forward_fused(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    use super::cuda::{gemv_many, GEMV_MAX_SETS, GEMV_MAX_TOKENS};
+    if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
+        return Ok(None);
+    }
+    let k = x.dim(candle_core::D::Minus1)?;
+    if x.elem_count() / k.max(1) > GEMV_MAX_TOKENS {
+        return Ok(None);
+    }
+    let quant: Option<Vec<&QuantLinear>> = layers.iter().map(|l| l.as_quant()).collect();
+    let Some(quant) = quant else { return Ok(None) };
+    let cuda: Option<Vec<&super::cuda::CudaQ4>> = quant.iter().map(|q| q.cuda()).collect();
+    let Some(cuda) = cuda else { return Ok(None) };
+    if cuda.iter().any(|c| c.k != k || c.group_size != cuda[0].group_size) {
+        return Ok(None);
+    }
+    let y = gemv_many(&cuda, x, false)?;
+    let mut start = 0;
+    let mut out = Vec::with_capacity(layers.len());
+    for (q, c) in quant.iter().zip(&cuda) {
+        out.push(q.add_bias(y.narrow(candle_core::D::Minus1, start, c.n)?)?);
+        start += c.n;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn forward_fused(_: &[&Linear], _: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    Ok(None)
 }

@@ -7,6 +7,7 @@ pub mod half;
 pub mod linear;
 pub mod pack;
 pub mod quantizer;
+pub mod tiled;
 
 pub use half::HalfLinear;
 pub use linear::QuantLinear;

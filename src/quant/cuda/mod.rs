@@ -1,27 +1,47 @@
 //! Thin wrappers around the CUDA kernels of `w4a16.cu` (compiled to PTX by build.rs): the
-//! few-token GEMV as a candle custom op, and the dequantization used before a cuBLAS GEMM for
-//! prefill. Weights live on the device as candle tensors: codes `[n, k/2]` u8, scales
-//! `[n, groups]` f16, zeros `[n, groups]` u8 (the CPU kernel's layout, see `quant::cpu`).
+//! few-token GEMV (one to three weights sharing an input per launch), the tensor-core GEMM for
+//! f16 prefill, and the dequantizer that feeds cuBLAS where the GEMM does not apply. Weights live
+//! on the device in the tiled layout of [`crate::quant::tiled`], one copy per layer.
+use super::tiled::TiledQ4;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 pub mod selftest;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16.ptx"));
 const MODULE: &str = "awq_w4a16";
-/// Most tokens the GEMV kernel takes (MAX_TOKENS in w4a16.cu).
+/// The Hopper (sm_90a) GEMM; empty unless built for compute capability 9.0.
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_sm90.ptx"));
+const MODULE_SM90: &str = "awq_w4a16_sm90";
+/// Shared memory of the sm_90 GEMM (SM90_SMEM in w4a16_sm90.cu).
+const SM90_SMEM: usize = 4 * (128 * 64 * 2 + 8 * 512 + 128 * 4) + 1024;
+/// Most tokens the GEMV kernel takes.
 pub const GEMV_MAX_TOKENS: usize = 8;
+/// Most weights one GEMV launch takes (`W4Sets` in w4a16.cu).
+pub const GEMV_MAX_SETS: usize = 3;
+/// Warps (of 32 threads) per GEMV block (GEMV_WARPS in w4a16.cu).
+const GEMV_WARPS: usize = 4;
+/// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
+const GEMV_SLOTS: usize = 3;
+/// Dynamic shared memory of a GEMV block for `mt` tokens of `elem` bytes: each warp's ring of
+/// GEMV_SLOTS slots, each holding 4 weight units, 3 groups' scales and the padded activations (w4a16.cu).
+fn gemv_smem(mt: usize, elem: usize) -> usize {
+    GEMV_WARPS * GEMV_SLOTS * (4 * 512 + 3 * 64 * 4 + mt * 72 * elem)
+}
 
 /// The device copy of a packed 4-bit weight.
 #[derive(Debug, Clone)]
 pub struct CudaQ4 {
-    pub codes: Tensor,
-    pub scales: Tensor,
-    pub zeros: Tensor,
+    /// Tiled codes, `[units * 512]` u8.
+    pub q: Tensor,
+    /// `[groups, np, 2]` f16 (scale, zero).
+    pub sz: Tensor,
     pub n: usize,
+    pub np: usize,
     pub k: usize,
     pub group_size: usize,
 }
@@ -35,31 +55,63 @@ fn suffix(dt: DType) -> Result<&'static str> {
     }
 }
 
-fn cuda_of(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize)> {
+/// Mirrors `W4Sets` in w4a16.cu (passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct W4Sets {
+    q: [u64; 3],
+    sz: [u64; 3],
+    n: [i32; 3],
+    np: [i32; 3],
+    block_start: [i32; 4],
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for W4Sets {}
+
+/// The device address of a contiguous tensor's first element (for kernels that take raw
+/// pointers: several weights per launch, or buffers written in place).
+pub(crate) fn device_ptr(t: &Tensor, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> Result<u64> {
     let (s, l) = t.storage_and_layout();
-    let Some((o, _)) = l.contiguous_offsets() else { candle_core::bail!("W4A16: weight tensors must be contiguous") };
-    Ok((s, o))
+    let Some((o, _)) = l.contiguous_offsets() else { candle_core::bail!("CUDA kernel: a raw-pointer argument must be contiguous") };
+    let Storage::Cuda(cs) = &*s else { candle_core::bail!("CUDA kernel: a tensor is not on a CUDA device") };
+    let size = t.dtype().size_in_bytes() as u64;
+    let base = match t.dtype() {
+        DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+        DType::F16 => cs.as_cuda_slice::<f16>()?.device_ptr(stream).0,
+        DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        dt => candle_core::bail!("CUDA kernel: unexpected dtype {dt:?}"),
+    };
+    Ok(base + o as u64 * size)
 }
 
 impl CudaQ4 {
     pub fn new(w: &super::cpu::PackedQ4, device: &candle_core::Device) -> Result<Self> {
-        let g = w.groups();
+        let t = TiledQ4::from_packed(w);
         Ok(Self {
-            codes: Tensor::from_slice(&w.codes, (w.n, w.k / 2), device)?,
-            scales: Tensor::from_slice(&w.scales, (w.n, g), device)?,
-            zeros: Tensor::from_slice(&w.zeros, (w.n, g), device)?,
-            n: w.n,
-            k: w.k,
-            group_size: w.group_size,
+            q: Tensor::from_slice(&t.units, t.units.len(), device)?,
+            sz: Tensor::from_slice(&t.sz, (t.groups(), t.np, 2), device)?,
+            n: t.n,
+            np: t.np,
+            k: t.k,
+            group_size: t.group_size,
         })
     }
 
-    /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV kernel for up to 8 tokens, else
-    /// dequantization to `x`'s dtype and a cuBLAS matmul.
+    /// Whether the tensor-core GEMM takes this weight (one group per 64-wide k step).
+    pub fn gemm_supported(&self) -> bool {
+        self.k % 64 == 0 && self.group_size % 64 == 0 && self.n % 2 == 0
+    }
+
+    /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 8 tokens; beyond, the
+    /// tensor-core GEMM for f16, else dequantization to `x`'s dtype and a cuBLAS matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let m = x.elem_count() / self.k;
         if m <= GEMV_MAX_TOKENS {
             self.gemv(x, false)
+        } else if x.dtype() == DType::F16 && self.gemm_supported() {
+            self.gemm(x, false)
         } else {
             let w = self.dequantize(x.dtype())?;
             x.broadcast_matmul(&w.t()?)
@@ -68,7 +120,24 @@ impl CudaQ4 {
 
     /// The GEMV kernel alone; with `poison` the output is filled with NaN first (self-test).
     pub fn gemv(&self, x: &Tensor, poison: bool) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&Gemv { w: self, poison })
+        gemv_many(&[self], x, poison)
+    }
+
+    /// The tensor-core GEMM alone (f16 activations, [`CudaQ4::gemm_supported`] weights): the
+    /// Hopper wgmma kernel where the device has it and `m` fills its 128-token tiles well enough,
+    /// else the mma.sync kernel.
+    pub fn gemm(&self, x: &Tensor, poison: bool) -> Result<Tensor> {
+        let m = x.elem_count() / self.k.max(1);
+        let kernel = if m > SM90_MIN_TOKENS && sm90_available(x.device()) { GemmKernel::Sm90 } else { GemmKernel::Sm80 };
+        self.gemm_with(x, kernel, poison)
+    }
+
+    /// The GEMM with a chosen kernel (self-test and benchmarks run both).
+    pub fn gemm_with(&self, x: &Tensor, kernel: GemmKernel, poison: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        // cp.async reads 16-byte pieces: the start must be 16-byte aligned.
+        let x = if x.layout().start_offset() % 8 != 0 { x.copy()? } else { x };
+        x.apply_op1_no_bwd(&Gemm { w: self, kernel, poison })
     }
 
     /// The dequantized weight `[n, k]` in `dtype`.
@@ -79,12 +148,66 @@ impl CudaQ4 {
     /// As [`CudaQ4::dequantize`]; with `poison` the buffer is filled with NaN first (self-test).
     pub fn dequantize_with(&self, dtype: DType, poison: bool) -> Result<Tensor> {
         // The op runs on the codes tensor; it only uses it to find the device and stream.
-        self.codes.apply_op1_no_bwd(&Dequant { w: self, dtype, poison })
+        self.q.apply_op1_no_bwd(&Dequant { w: self, dtype, poison })
     }
 }
 
+/// `x · Wᵢᵀ` for up to three weights with the same input width and group size in one launch;
+/// the outputs are concatenated along the last dimension (`[..., Σ nᵢ]`).
+pub fn gemv_many(ws: &[&CudaQ4], x: &Tensor, poison: bool) -> Result<Tensor> {
+    gemv_many_with(ws, x, None, false, poison)
+}
+
+/// As [`gemv_many`] with the number of k slices and the kernel chosen by the caller (self-test and
+/// benchmarks): `cuda_cores` forces the CUDA-core kernel where the tensor-core one would run (f16).
+pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, cuda_cores: bool, poison: bool) -> Result<Tensor> {
+    if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
+        candle_core::bail!("W4A16 GEMV takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());
+    }
+    let (k, g) = (ws[0].k, ws[0].group_size);
+    if let Some(w) = ws.iter().find(|w| w.k != k || w.group_size != g) {
+        candle_core::bail!("W4A16 GEMV: weights of one launch must share k and group size ({k}/{g} vs {}/{})", w.k, w.group_size);
+    }
+    // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
+    let x = x.contiguous()?;
+    let x = if (x.layout().start_offset() * x.dtype().size_in_bytes()) % 16 != 0 { x.copy()? } else { x };
+    x.apply_op1_no_bwd(&Gemv { ws, splits, cuda_cores, poison })
+}
+
 struct Gemv<'a> {
+    ws: &'a [&'a CudaQ4],
+    splits: Option<usize>,
+    cuda_cores: bool,
+    poison: bool,
+}
+
+/// Below this many tokens the sm_80 kernel's 64-token tiles waste less than the 128-token tiles.
+const SM90_MIN_TOKENS: usize = 64;
+
+/// The two tensor-core GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// mma.sync (sm_80 and newer).
+    Sm80,
+    /// wgmma (sm_90a, Hopper).
+    Sm90,
+}
+
+/// Whether the Hopper kernel can run on `device` (built for compute 9.0, and the device is 9.0).
+pub fn sm90_available(device: &candle_core::Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let candle_core::Device::Cuda(d) = device else { return false };
+    if PTX_SM90.is_empty() {
+        return false;
+    }
+    let ctx = d.cuda_stream().context().clone();
+    let cc = (ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR));
+    matches!(cc, (Ok(9), Ok(0)))
+}
+
+struct Gemm<'a> {
     w: &'a CudaQ4,
+    kernel: GemmKernel,
     poison: bool,
 }
 
@@ -95,12 +218,7 @@ struct Dequant<'a> {
 }
 
 /// Fills `len` elements of `buf` with NaN.
-fn poison_buffer<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-    dev: &candle_core::CudaDevice,
-    sfx: &str,
-    buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    len: usize,
-) -> Result<()> {
+fn poison_buffer<T: DeviceRepr>(dev: &CudaDevice, sfx: &str, buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, len: usize) -> Result<()> {
     let pf = dev.get_or_load_custom_func(&format!("poison_{sfx}"), MODULE, PTX)?;
     let len64 = len as u64;
     let mut b = pf.builder();
@@ -111,18 +229,20 @@ fn poison_buffer<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     Ok(())
 }
 
-macro_rules! weight_slices {
-    ($w:expr, $codes:ident, $scales:ident, $zeros:ident) => {
-        let (cs, co) = cuda_of(&$w.codes)?;
-        let (ss, so) = cuda_of(&$w.scales)?;
-        let (zs, zo) = cuda_of(&$w.zeros)?;
-        let (Storage::Cuda(cs), Storage::Cuda(ss), Storage::Cuda(zs)) = (&*cs, &*ss, &*zs) else {
-            candle_core::bail!("W4A16: weights are not on a CUDA device")
-        };
-        let $codes = cs.as_cuda_slice::<u8>()?.slice(co..);
-        let $scales = ss.as_cuda_slice::<f16>()?.slice(so..);
-        let $zeros = zs.as_cuda_slice::<u8>()?.slice(zo..);
-    };
+fn input_check(name: &str, l: &Layout, k: usize) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let kk = *dims.last().unwrap_or(&0);
+    if kk != k {
+        candle_core::bail!("{name}: input has {kk} features, the layer {k}");
+    }
+    let Some((xo, _)) = l.contiguous_offsets() else { candle_core::bail!("{name}: input must be contiguous") };
+    Ok((l.shape().elem_count() / k.max(1), xo))
+}
+
+fn out_shape(l: &Layout, n: usize) -> Shape {
+    let mut shape = l.dims().to_vec();
+    *shape.last_mut().unwrap() = n;
+    Shape::from(shape)
 }
 
 impl CustomOp1 for Gemv<'_> {
@@ -133,44 +253,70 @@ impl CustomOp1 for Gemv<'_> {
         candle_core::bail!("{} runs on CUDA only", self.name())
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let w = self.w;
-        let dims = l.dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != w.k || k % 32 != 0 {
-            candle_core::bail!("{}: input has {k} features, the layer {}", self.name(), w.k);
-        }
-        let m = l.shape().elem_count() / k;
+        let w0 = self.ws[0];
+        let (m, xo) = input_check(self.name(), l, w0.k)?;
         if m > GEMV_MAX_TOKENS {
             candle_core::bail!("{}: {m} tokens, at most {GEMV_MAX_TOKENS}", self.name());
         }
-        let Some((xo, _)) = l.contiguous_offsets() else { candle_core::bail!("{}: input must be contiguous", self.name()) };
         let dev = s.device().clone();
+        let stream = dev.cuda_stream();
         let dt = s.dtype();
         let sfx = suffix(dt)?;
-        weight_slices!(w, codes, scales, zeros);
-        let (n, k_, g, m_) = (w.n as i32, w.k as i32, w.group_size as i32, m as i32);
-        // ROWS_PER_WARP (4) output rows per warp, 4 warps a block.
-        let cfg = LaunchConfig { grid_dim: ((w.n as u32).div_ceil(16), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let func = dev.get_or_load_custom_func(&format!("w4_gemv_{sfx}"), MODULE, PTX)?;
+        let mut sets = W4Sets::default();
+        let mut blocks = 0i32;
+        for (i, w) in self.ws.iter().enumerate() {
+            sets.q[i] = device_ptr(&w.q, &stream)?;
+            sets.sz[i] = device_ptr(&w.sz, &stream)?;
+            sets.n[i] = w.n as i32;
+            sets.np[i] = w.np as i32;
+            sets.block_start[i] = blocks;
+            blocks += (w.np / 64) as i32;
+        }
+        for i in self.ws.len()..4 {
+            sets.block_start[i] = blocks;
+        }
+        let n_total: usize = self.ws.iter().map(|w| w.n).sum();
+        let mt = match m {
+            0..=1 => 1,
+            2 => 2,
+            3..=4 => 4,
+            _ => 8,
+        };
+        let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
+        // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
+        let (name, mt) = if dt == DType::F16 && !self.cuda_cores { ("w4_gemv_f16_mma".to_string(), 8) } else { (format!("w4_gemv_{sfx}_{mt}"), mt) };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let smem = gemv_smem(mt, dt.size_in_bytes());
+        let resident = resident_blocks(&dev, &func, &name, smem)?;
+        let splits = match self.splits {
+            Some(s) => s.clamp(1, (w0.k / 16).max(1)),
+            None => super::tiled::gemv_splits(blocks as usize, w0.k / 16, resident),
+        };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        // Split k: per-slice sums, and the per-row-range arrival counters (left zeroed by the kernel).
+        // SAFETY: the kernel writes every element of the workspace it reads.
+        let part = unsafe { dev.alloc::<f32>(if splits > 1 { splits * m * blocks as usize * 64 } else { 1 })? };
+        let counters = device_ptr(&split_counters(&dev, blocks as usize)?, &stream)?;
         macro_rules! launch {
             ($t:ty) => {{
                 let x = s.as_cuda_slice::<$t>()?.slice(xo..);
                 // SAFETY: every element is written by the kernel (or poisoned first).
-                let y = unsafe { dev.alloc::<$t>(m * w.n)? };
+                let y = unsafe { dev.alloc::<$t>(m * n_total)? };
                 if self.poison {
-                    poison_buffer(&dev, sfx, &y, m * w.n)?;
+                    poison_buffer(&dev, sfx, &y, m * n_total)?;
                 }
                 let mut b = func.builder();
-                b.arg(&codes);
-                b.arg(&scales);
-                b.arg(&zeros);
+                b.arg(&sets);
                 b.arg(&x);
                 b.arg(&y);
-                b.arg(&n);
-                b.arg(&k_);
+                b.arg(&k);
                 b.arg(&g);
                 b.arg(&m_);
-                // SAFETY: buffer sizes match n, k, g and m as checked above.
+                b.arg(&nt);
+                b.arg(&part);
+                b.arg(&counters);
+                // SAFETY: the weights' buffers match n, np, k and g; x holds m * k elements; the
+                // workspace and counters are sized for the grid.
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};
@@ -180,9 +326,124 @@ impl CustomOp1 for Gemv<'_> {
             DType::BF16 => launch!(bf16),
             _ => launch!(f32),
         };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = w.n;
-        Ok((out, Shape::from(shape)))
+        Ok((out, out_shape(l, n_total)))
+    }
+}
+
+/// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM with `smem` bytes of dynamic
+/// shared memory), cached per kernel name: the answer never changes for a process. Also raises the
+/// kernel's dynamic shared-memory limit to `smem` (once).
+fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, smem: usize) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&n) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+        return Ok(n);
+    }
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as usize;
+    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * GEMV_WARPS) as u32, smem, None).w()? as usize;
+    let n = (sms * per_sm).max(1);
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), n);
+    Ok(n)
+}
+
+/// Most row ranges (64 rows each) one GEMV launch may have: 4M output rows.
+const MAX_GEMV_BLOCKS: usize = 1 << 16;
+
+/// The device's zeroed arrival counters for split-k GEMVs. Launches on the device's one stream
+/// never overlap, and each leaves the counters it used at zero, so one buffer serves them all.
+fn split_counters(dev: &CudaDevice, blocks: usize) -> Result<Tensor> {
+    use std::sync::{Mutex, OnceLock};
+    static COUNTERS: OnceLock<Mutex<Vec<Tensor>>> = OnceLock::new();
+    if blocks > MAX_GEMV_BLOCKS {
+        candle_core::bail!("W4A16 GEMV: {blocks} row ranges of 64, at most {MAX_GEMV_BLOCKS}");
+    }
+    let mut all = COUNTERS.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
+    let device = candle_core::Device::Cuda(dev.clone());
+    let t = match all.iter().find(|t| t.device().same_device(&device)) {
+        Some(t) => t.clone(),
+        None => {
+            let t = Tensor::zeros(MAX_GEMV_BLOCKS, DType::U32, &device)?;
+            all.push(t.clone());
+            t
+        }
+    };
+    Ok(t)
+}
+
+/// m16 tiles per warp of the GEMM (block rows = 64 × this) for `m` tokens.
+fn gemm_wm(m: usize) -> usize {
+    match m {
+        0..=64 => 1,
+        65..=1024 => 2,
+        _ => 4,
+    }
+}
+
+/// Shared memory of the GEMM (GemmSmem<WM>::TOTAL in w4a16.cu).
+fn gemm_smem(wm: usize) -> usize {
+    let stage = 64 * wm * 64 * 2 + 8 * 512 + 128 * 4;
+    stage * 4
+}
+
+impl CustomOp1 for Gemm<'_> {
+    fn name(&self) -> &'static str {
+        "awq-w4a16-gemm-cuda"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let w = self.w;
+        if s.dtype() != DType::F16 || !w.gemm_supported() {
+            candle_core::bail!("{}: f16 activations and k, group size multiples of 64 (got {:?}, k {}, g {})", self.name(), s.dtype(), w.k, w.group_size);
+        }
+        let (m, xo) = input_check(self.name(), l, w.k)?;
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let (func, smem, bm) = match self.kernel {
+            GemmKernel::Sm80 => {
+                let wm = gemm_wm(m);
+                (dev.get_or_load_custom_func(&format!("w4_gemm_f16_wm{wm}"), MODULE, PTX)?, gemm_smem(wm), 64 * wm)
+            }
+            GemmKernel::Sm90 => {
+                if PTX_SM90.is_empty() {
+                    candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
+                }
+                (dev.get_or_load_custom_func("w4_gemm_f16_sm90", MODULE_SM90, PTX_SM90)?, SM90_SMEM, 128)
+            }
+        };
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (w.np.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let x = s.as_cuda_slice::<f16>()?.slice(xo..);
+        // SAFETY: every element is written by the kernel (or poisoned first).
+        let y = unsafe { dev.alloc::<f16>(m * w.n)? };
+        if self.poison {
+            poison_buffer(&dev, "f16", &y, m * w.n)?;
+        }
+        let q = device_ptr(&w.q, &stream)?;
+        let sz = device_ptr(&w.sz, &stream)?;
+        let (m_, n_, np_, k_, g_) = (m as i32, w.n as i32, w.np as i32, w.k as i32, w.group_size as i32);
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&q);
+        b.arg(&sz);
+        b.arg(&y);
+        b.arg(&m_);
+        b.arg(&n_);
+        b.arg(&np_);
+        b.arg(&k_);
+        b.arg(&g_);
+        // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised above.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), out_shape(l, w.n)))
     }
 }
 
@@ -196,11 +457,13 @@ impl CustomOp1 for Dequant<'_> {
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         let w = self.w;
         let dev = s.device().clone();
+        let stream = dev.cuda_stream();
         let sfx = suffix(self.dtype)?;
-        weight_slices!(w, codes, scales, zeros);
-        let (n, k, g) = (w.n as i32, w.k as i32, w.group_size as i32);
+        let (n, np, k, g) = (w.n as i32, w.np as i32, w.k as i32, w.group_size as i32);
+        let q = device_ptr(&w.q, &stream)?;
+        let sz = device_ptr(&w.sz, &stream)?;
         let func = dev.get_or_load_custom_func(&format!("w4_dequant_{sfx}"), MODULE, PTX)?;
-        let cfg = LaunchConfig::for_num_elems((w.n * w.k / 2) as u32);
+        let cfg = LaunchConfig::for_num_elems(((w.k / 16) * (w.np / 64) * 32) as u32);
         macro_rules! launch {
             ($t:ty) => {{
                 // SAFETY: the kernel writes all n * k elements.
@@ -209,11 +472,11 @@ impl CustomOp1 for Dequant<'_> {
                     poison_buffer(&dev, sfx, &out, w.n * w.k)?;
                 }
                 let mut b = func.builder();
-                b.arg(&codes);
-                b.arg(&scales);
-                b.arg(&zeros);
+                b.arg(&q);
+                b.arg(&sz);
                 b.arg(&out);
                 b.arg(&n);
+                b.arg(&np);
                 b.arg(&k);
                 b.arg(&g);
                 // SAFETY: sizes as above.
@@ -229,3 +492,4 @@ impl CustomOp1 for Dequant<'_> {
         Ok((out, Shape::from((w.n, w.k))))
     }
 }
+

@@ -1,18 +1,30 @@
-// W4A16 kernels for the packed layout of src/quant/cpu.rs: per output row, codes in 32-weight
-// chunks of 16 bytes (byte j: weight j in the low nibble, weight j + 16 in the high nibble),
-// an f16 scale and a u8 zero per (row, group); w = (q - zero) * scale.
+// W4A16 kernels on the tiled device layout of src/quant/tiled.rs.
 //
-// w4_gemv_*: few tokens (M <= 8). Each warp takes ROWS_PER_WARP output rows; each lane streams
-// 16-byte chunks of every row (a warp reads 512 contiguous bytes of each row per step),
-// dequantizes in registers, multiplies with up to 8 tokens' activations and accumulates in f32;
-// warp shuffles reduce.
-// w4_dequant_*: the weight dequantized to the activation dtype for a cuBLAS GEMM (prefill).
+// Layout. The weight W [n, k] (n padded to np, a multiple of 64) is cut into units of 16 k x 64 n,
+// stored k-unit-major: unit (kb, nb) at ((kb * np/64) + nb) * 512 bytes. Inside a unit, lane l
+// (g = l / 4, t = l % 4) owns word i at byte 128 i + 4 l (word-major: one coalesced 4-byte load per
+// lane reads a row of words, conflict-free in shared memory too); word i holds the mma.m16n8k16 B
+// fragments of two n8 tiles, 2i and 2i+1, for rows n = nb*64 + 16i + g and n + 8, as nibbles
+//   0: W[n][2t]  4: W[n][2t+1]  1: W[n][2t+8]  5: W[n][2t+9]
+//   2: W[n+8][2t] 6: W[n+8][2t+1] 3: W[n+8][2t+8] 7: W[n+8][2t+9]      (k relative to 16 kb),
+// so four 4-byte loads per lane give a warp a 16 x 64 slice, and a `lop3` with 0x64006400 turns
+// nibble pairs (0,4), (1,5), ... into fp16 pairs 1024 + q (or 1024 + 16 q) without conversions.
+// Scales and zeros: sz[group * np + n] = (scale, zero) as a half2; w = (q - zero) * scale.
+//
+// w4_gemv_*: up to 8 tokens, up to 3 weights sharing the input (q/k/v, gate/up) in one launch.
+//   A block of 4 warps owns 64 output rows and a slice of k (split-k over gridDim.y, so even a
+//   4096-row layer fills the GPU), divided among its warps, each streaming its weights through a
+//   cp.async ring in shared memory several rounds ahead; partial sums meet in shared memory,
+//   then the last block of a row range to finish adds the slices' sums (no second launch).
+//   Accumulation in f32.
+// w4_gemm_f16_*: tensor cores (mma.sync m16n8k16, f32 accumulators). Block tile BM x 128 x 64,
+//   A (activations) and B (packed weights) staged through shared memory with cp.async in a
+//   4-deep pipeline; B is dequantized in registers right before the mma, as Marlin does.
+// w4_dequant_*: the dense weight, for the cuBLAS fallback (bf16/f32 prefill, odd group sizes).
 // poison_*: fills a buffer with NaN (the self-test's guard against unwritten outputs).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-
-#define MAX_TOKENS 8
 
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -22,118 +34,525 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 
-// 32 activations starting at p (16-byte aligned for 16-bit types, as k % 32 == 0).
-template <typename T> __device__ __forceinline__ void load32(const T* p, float* out) {
-#pragma unroll
-    for (int j = 0; j < 32; j++) out[j] = to_f(p[j]);
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    // (a & b) | c
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
 }
-template <> __device__ __forceinline__ void load32<__half>(const __half* p, float* out) {
-    const uint4* v = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-        uint4 u = v[q];
-        const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float2 f = __half22float2(h[e]);
-            out[q * 8 + 2 * e] = f.x;
-            out[q * 8 + 2 * e + 1] = f.y;
-        }
-    }
-}
-template <> __device__ __forceinline__ void load32<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
-    const uint4* v = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-        uint4 u = v[q];
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float2 f = __bfloat1622float2(h[e]);
-            out[q * 8 + 2 * e] = f.x;
-            out[q * 8 + 2 * e + 1] = f.y;
-        }
-    }
+__device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// Dequantized fragments of one word: tile 2i (b0, b1) and tile 2i+1 (b0, b1), as half2.
+// zl = 1024 + zero, zh = -(64 + zero), s = scale (as half2 pairs) of the two tiles' rows.
+struct Dq {
+    __half2 a0, a1, b0, b1;
+};
+__device__ __forceinline__ Dq dequant_word(uint32_t w, __half2 zlA, __half2 zhA, __half2 sA, __half2 zlB,
+                                           __half2 zhB, __half2 sB) {
+    const __half2 sixteenth = __float2half2_rn(0.0625f);
+    Dq d;
+    uint32_t lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+    uint32_t hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+    d.a0 = __hmul2(__hsub2(as_h2(lo), zlA), sA);
+    d.a1 = __hmul2(__hfma2(as_h2(hi), sixteenth, zhA), sA);
+    w >>= 8;
+    lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+    hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+    d.b0 = __hmul2(__hsub2(as_h2(lo), zlB), sB);
+    d.b1 = __hmul2(__hfma2(as_h2(hi), sixteenth, zhB), sB);
+    return d;
 }
 
-// Rows per warp: each lane keeps one 16-byte load per row in flight (4 independent loads instead
-// of 1, which a warp-per-row kernel left too few of to cover HBM latency), and each activation
-// chunk, loaded and converted once, serves all of them.
-#define ROWS_PER_WARP 4
+// The (scale, zero) pair of a row as the half2 constants dequant_word wants.
+__device__ __forceinline__ void sz_consts(__half2 sz, __half2& zl, __half2& zh, __half2& s) {
+    const __half z = __high2half(sz);
+    s = __half2half2(__low2half(sz));
+    zl = __half2half2(__hadd(z, __float2half(1024.f)));
+    zh = __half2half2(__hneg(__hadd(z, __float2half(64.f))));
+}
 
-template <typename T>
-__device__ void w4_gemv(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
-                        const uint8_t* __restrict__ zeros, const T* __restrict__ x, T* __restrict__ y,
-                        int n, int k, int g, int m) {
-    const int row0 = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS_PER_WARP;
-    const int lane = threadIdx.x & 31;
-    if (row0 >= n) return;
+// ---------------------------------------------------------------------------------------------
+// GEMV
+
+// Up to three weights that share an input; their outputs are concatenated along n.
+struct W4Sets {
+    unsigned long long q[3];   // tiled codes (uint4 units)
+    unsigned long long sz[3];  // half2 (scale, zero) [groups][np]
+    int n[3];                  // true output rows
+    int np[3];                 // padded rows (multiple of 64)
+    int block_start[4];        // first block of each set; block_start[3] = grid size
+};
+
+#define GEMV_WARPS 4
+#define GEMV_SLOTS 3
+// Staged activation rows are padded from 64 to 72 elements: the tensor-core path reads token g's
+// row in lanes 4g..4g+3, and an unpadded 128-byte stride put all eight tokens in one bank.
+#define GEMV_XS 72
+#define GEMV_UNITS_BYTES (4 * 512)
+// (scale, zero) pairs of up to 3 groups for 64 rows: a round spans 64 k, at most 3 groups of 32.
+#define GEMV_SZ_BYTES (3 * 64 * 4)
+
+__device__ __forceinline__ void gemv_cp_async16(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void gemv_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void gemv_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T> __device__ __forceinline__ float2 load_x2(const T* p);
+template <> __device__ __forceinline__ float2 load_x2<__half>(const __half* p) {
+    return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+template <> __device__ __forceinline__ float2 load_x2<__nv_bfloat16>(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+template <> __device__ __forceinline__ float2 load_x2<float>(const float* p) {
+    return *reinterpret_cast<const float2*>(p);
+}
+
+// c (f32) += a (f16 m16k16 fragment) x b (f16 k16n8 fragment).
+__device__ __forceinline__ void gemv_mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                              uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// MMA (f16 activations only): the products run on the tensor cores, Marlin-style: each unit word
+// dequantizes (with its scale, in f16 like the GEMMs) straight into the m16k16 A fragment of 16
+// rows, and the up-to-8 tokens are the n8 B operand; no f16 -> f32 conversions, half the
+// instructions of the CUDA-core path. Otherwise weights are exact integers (q - zero) converted to
+// f32, multiplied with f32 activations and scaled once per group.
+template <typename T, int MT, bool MMA>
+__device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict__ y, int k, int g, int m,
+                        int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
+    static_assert(!MMA || (MT == 8 && sizeof(T) == 2), "the MMA GEMV is instantiated for f16 and 8 tokens");
+    const int b = blockIdx.x;
+    const int split = blockIdx.y, nsplit = gridDim.y;
+    const int set = b < ws.block_start[1] ? 0 : (b < ws.block_start[2] ? 1 : 2);
+    // Selects, not indexing: a run-time index would copy the parameter struct to local memory.
+#define PICK(a) (set == 0 ? (a)[0] : (set == 1 ? (a)[1] : (a)[2]))
+    const int nb = b - PICK(ws.block_start);
+    const int np = PICK(ws.np), n = PICK(ws.n);
+    const int out_off = (set > 0 ? ws.n[0] : 0) + (set > 1 ? ws.n[1] : 0);
+    const uint32_t* __restrict__ q = reinterpret_cast<const uint32_t*>(PICK(ws.q));
+    const __half2* __restrict__ sz = reinterpret_cast<const __half2*>(PICK(ws.sz));
+#undef PICK
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gi = lane >> 2, ti = lane & 3;
+    const int ksteps = k >> 4, nunits = np >> 6;
+    // This block's slice of the k16 steps; each warp takes a contiguous range of it, so its
+    // scales change only every g/16 steps.
+    const int per_split = (ksteps + nsplit - 1) / nsplit;
+    const int b0 = split * per_split, b1 = min(ksteps, b0 + per_split);
+    const int per = (b1 - b0 + GEMV_WARPS - 1) / GEMV_WARPS;
+    const int s0 = b0 + warp * per, s1 = min(b1, s0 + per);
+    float acc[MT][8];
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[t][j] = 0.f;
+    // MMA: m16 tile wi (rows 16 wi .. 16 wi + 15): c0, c1 row g tokens 2t, 2t+1; c2, c3 row g + 8.
+    float macc[4][4];
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) macc[wi][e] = 0.f;
+    __half2 sc2[8];
+    // Per group: exact integers (q - zero) times x summed in `gsum`, then scaled once into acc.
+    float gsum[MT][8];
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) gsum[t][j] = 0.f;
+    int cur_group = -1;
+    __half2 zl[8], zh[8];
+    float sc[8];
+    auto flush = [&]() {
+#pragma unroll
+        for (int t = 0; t < MT; t++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                acc[t][j] = fmaf(sc[j], gsum[t][j], acc[t][j]);
+                gsum[t][j] = 0.f;
+            }
+    };
+    // Rounds of four k16 steps stream through a per-warp ring of GEMV_SLOTS slots in shared
+    // memory with cp.async, GEMV_SLOTS - 1 rounds ahead of the math. A slot holds everything a
+    // round reads: the four 512-byte weight units, the (scale, zero) pairs of the groups the round
+    // touches (64 rows x 4 bytes each) and the round's 64 activations of every token. Read from
+    // global memory directly, the scales and activations were dependent loads stalling every step.
+    extern __shared__ __align__(16) uint8_t gemv_smem[];
+    constexpr int X_BYTES = MT * GEMV_XS * (int)sizeof(T);
+    constexpr int SLOT = GEMV_UNITS_BYTES + GEMV_SZ_BYTES + X_BYTES;
+    uint8_t* ring = gemv_smem + warp * (GEMV_SLOTS * SLOT);
+    const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
     const int groups = k / g;
-    const int chunks = k >> 5;
-    float acc[ROWS_PER_WARP][MAX_TOKENS];
+    auto round_groups = [&](int s) { return (s * 16) / g; };
+    auto issue_round = [&](int s, int slot) {
+        if (s < s1) {
+            const uint32_t base = ring_s + slot * SLOT;
+            const int n_steps = min(4, s1 - s);
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; r++)
-#pragma unroll
-        for (int t = 0; t < MAX_TOKENS; t++) acc[r][t] = 0.f;
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 packed[ROWS_PER_WARP];
-        float s[ROWS_PER_WARP], zs[ROWS_PER_WARP];
-        const int gi = (c << 5) / g;
-#pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; r++) {
-            const int row = row0 + r < n ? row0 + r : n - 1;  // clamped: loads stay in bounds
-            packed[r] = __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row * (k >> 1)) + c);
-            s[r] = __half2float(scales[(size_t)row * groups + gi]);
-            zs[r] = -(float)zeros[(size_t)row * groups + gi] * s[r];
+            for (int i = 0; i < 4; i++)
+                if (i < n_steps) {
+                    const uint8_t* unit = reinterpret_cast<const uint8_t*>(q + ((size_t)(s + i) * nunits + nb) * 128);
+                    gemv_cp_async16(base + i * 512 + lane * 16, unit + lane * 16);
+                }
+            // Groups [ga, gb] (at most GEMV_SZ_GROUPS): 16 pieces of 16 bytes each.
+            const int ga = round_groups(s), gb = min(groups - 1, ((s + n_steps) * 16 - 1) / g);
+            const int pieces = (gb - ga + 1) * 16;
+            for (int pc = lane; pc < pieces; pc += 32) {
+                const __half2* src = sz + (size_t)(ga + pc / 16) * np + nb * 64 + (pc % 16) * 4;
+                gemv_cp_async16(base + GEMV_UNITS_BYTES + pc * 16, src);
+            }
+            // Activations: 64 per token (n_steps * 16 of them valid), 16-byte pieces.
+            constexpr int XP = 64 * (int)sizeof(T) / 16;  // pieces per token
+            const int valid = n_steps * 16 * (int)sizeof(T) / 16;
+            for (int pc = lane; pc < MT * XP; pc += 32) {
+                const int t = pc / XP, o = pc % XP;
+                if (t < m && o < valid)
+                    gemv_cp_async16(base + GEMV_UNITS_BYTES + GEMV_SZ_BYTES + t * GEMV_XS * (int)sizeof(T) + o * 16,
+                                    reinterpret_cast<const uint8_t*>(x + (size_t)t * k + s * 16) + o * 16);
+            }
         }
+        gemv_cp_commit();
+    };
 #pragma unroll
-        for (int t = 0; t < MAX_TOKENS; t++) {
-            if (t < m) {
-                float xv[32];
-                load32<T>(x + (size_t)t * k + (c << 5), xv);
+    for (int r = 0; r < GEMV_SLOTS - 1; r++) issue_round(s0 + 4 * r, r);
+    for (int s = s0, round = 0; s < s1; s += 4, round++) {
+        gemv_cp_wait<GEMV_SLOTS - 2>();
+        __syncwarp();  // every lane's pieces of this round have landed; last round's reads are done
+        issue_round(s + 4 * (GEMV_SLOTS - 1), (round + GEMV_SLOTS - 1) % GEMV_SLOTS);
+        const uint8_t* slot = ring + (round % GEMV_SLOTS) * SLOT;
+        const uint32_t* slot_words = reinterpret_cast<const uint32_t*>(slot);
+        const __half2* slot_sz = reinterpret_cast<const __half2*>(slot + GEMV_UNITS_BYTES);
+        const T* slot_x = reinterpret_cast<const T*>(slot + GEMV_UNITS_BYTES + GEMV_SZ_BYTES);
+        const int ga = round_groups(s);
 #pragma unroll
-                for (int r = 0; r < ROWS_PER_WARP; r++) {
-                    const uint8_t* b = reinterpret_cast<const uint8_t*>(&packed[r]);
-                    float a = 0.f;
+        for (int i = 0; i < 4; i++) {
+            if (s + i < s1) {
+                const int kk = (s + i) << 4;
+                const int grp = kk / g;
+                if (grp != cur_group) {
+                    if (!MMA && cur_group >= 0) flush();
+                    cur_group = grp;
 #pragma unroll
-                    for (int j = 0; j < 16; j++) {
-                        a = fmaf(fmaf((float)(b[j] & 0xF), s[r], zs[r]), xv[j], a);
-                        a = fmaf(fmaf((float)(b[j] >> 4), s[r], zs[r]), xv[j + 16], a);
+                    for (int j = 0; j < 8; j++) {
+                        const __half2 p = slot_sz[(grp - ga) * 64 + j * 8 + gi];
+                        sz_consts(p, zl[j], zh[j], sc2[j]);
+                        sc[j] = __low2float(p);
                     }
-                    acc[r][t] += a;
+                }
+                if constexpr (MMA) {
+                    // B fragment: token g, k 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of this step.
+                    const uint32_t* xs = reinterpret_cast<const uint32_t*>(slot_x + gi * GEMV_XS + i * 16 + 2 * ti);
+                    const uint32_t b0 = xs[0], b1 = xs[4];
+#pragma unroll
+                    for (int wi = 0; wi < 4; wi++) {
+                        const uint32_t w = slot_words[i * 128 + wi * 32 + lane];
+                        const Dq d = dequant_word(w, zl[2 * wi], zh[2 * wi], sc2[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1],
+                                                  sc2[2 * wi + 1]);
+                        gemv_mma16816(macc[wi], as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1), b0, b1);
+                    }
+                    continue;
+                }
+                uint32_t words[4];
+#pragma unroll
+                for (int wi = 0; wi < 4; wi++) words[wi] = slot_words[i * 128 + wi * 32 + lane];
+                float2 w0[8], w1[8];  // tile j: q - zero at (k 2t, 2t+1), (k 2t+8, 2t+9), exact
+#pragma unroll
+                for (int wi = 0; wi < 4; wi++) {
+                    const __half2 sixteenth = __float2half2_rn(0.0625f);
+                    uint32_t w = words[wi];
+                    uint32_t lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+                    uint32_t hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+                    w0[2 * wi] = __half22float2(__hsub2(as_h2(lo), zl[2 * wi]));
+                    w1[2 * wi] = __half22float2(__hfma2(as_h2(hi), sixteenth, zh[2 * wi]));
+                    w >>= 8;
+                    lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+                    hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+                    w0[2 * wi + 1] = __half22float2(__hsub2(as_h2(lo), zl[2 * wi + 1]));
+                    w1[2 * wi + 1] = __half22float2(__hfma2(as_h2(hi), sixteenth, zh[2 * wi + 1]));
+                }
+#pragma unroll
+                for (int t = 0; t < MT; t++) {
+                    if (t < m) {
+                        const T* xr = slot_x + t * GEMV_XS + i * 16 + 2 * ti;
+                        const float2 x0 = load_x2<T>(xr), x1 = load_x2<T>(xr + 8);
+#pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            float a = gsum[t][j];
+                            a = fmaf(w0[j].x, x0.x, a);
+                            a = fmaf(w0[j].y, x0.y, a);
+                            a = fmaf(w1[j].x, x1.x, a);
+                            a = fmaf(w1[j].y, x1.y, a);
+                            gsum[t][j] = a;
+                        }
+                    }
                 }
             }
         }
     }
+    gemv_cp_wait<0>();
+    if (!MMA && cur_group >= 0) flush();
+    // The four lanes of a row group hold partial sums over different k; then the warps meet.
+    __shared__ float red[GEMV_WARPS][MT][64];
+    if constexpr (MMA) {
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; r++) {
+        for (int wi = 0; wi < 4; wi++)
 #pragma unroll
-        for (int t = 0; t < MAX_TOKENS; t++) {
-            if (t < m) {
-                float v = acc[r][t];
+            for (int e = 0; e < 4; e++) red[warp][2 * ti + (e & 1)][wi * 16 + gi + (e >> 1) * 8] = macc[wi][e];
+    } else {
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0 && row0 + r < n) y[(size_t)t * n + row0 + r] = from_f<T>(v);
+        for (int t = 0; t < MT; t++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float v = acc[t][j];
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                if (ti == 0) red[warp][t][j * 8 + gi] = v;
+            }
+    }
+    __syncthreads();
+    if (nsplit == 1) {
+        for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+            const int t = idx >> 6, r = idx & 63;
+            const int row = nb * 64 + r;
+            if (t < m && row < n) {
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < GEMV_WARPS; w++) v += red[w][t][r];
+                y[(size_t)t * n_total + out_off + row] = from_f<T>(v);
+            }
+        }
+        return;
+    }
+    // Split k: publish this slice's sums; the last block of the row range adds them up.
+    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+        const int t = idx >> 6, r = idx & 63;
+        if (t < m) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; w++) v += red[w][t][r];
+            part[((size_t)split * m + t) * (gridDim.x * 64) + b * 64 + r] = v;
+        }
+    }
+    __threadfence();
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[b], 1u) == (unsigned)nsplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+        const int t = idx >> 6, r = idx & 63;
+        const int row = nb * 64 + r;
+        if (t < m && row < n) {
+            float v = 0.f;
+            for (int sp = 0; sp < nsplit; sp++) v += __ldcg(part + ((size_t)sp * m + t) * (gridDim.x * 64) + b * 64 + r);
+            y[(size_t)t * n_total + out_off + row] = from_f<T>(v);
+        }
+    }
+    if (threadIdx.x == 0) counters[b] = 0;  // ready for the next launch
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM (f16) on tensor cores
+
+#define GM_BN 128
+#define GM_BK 64
+#define GM_STAGES 4
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Shared memory of one stage: A [BM][64] f16 (rows of 128 bytes, 16-byte chunks XOR-swizzled by
+// row so ldmatrix reads are conflict-free), B 8 units of 512 bytes, and 128 (scale, zero) pairs.
+template <int WM> struct GemmSmem {
+    static constexpr int BM = 4 * 16 * WM;
+    static constexpr int A_BYTES = BM * GM_BK * 2;
+    static constexpr int B_BYTES = 8 * 512;
+    static constexpr int SZ_BYTES = GM_BN * 4;
+    static constexpr int STAGE = A_BYTES + B_BYTES + SZ_BYTES;
+    static constexpr int TOTAL = STAGE * GM_STAGES;
+};
+
+// 8 warps: 4 along m (WM m16 tiles each) x 2 along n (64 columns = 8 n8 tiles each).
+// Requires k % 64 == 0 and g % 64 == 0 (one group per stage); m and n are free.
+template <int WM>
+__device__ void w4_gemm_f16(const __half* __restrict__ x, const uint4* __restrict__ q, const __half2* __restrict__ sz,
+                            __half* __restrict__ y, int m, int n, int np, int k, int g) {
+    using S = GemmSmem<WM>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int bm = blockIdx.y, bn = blockIdx.x;
+    const int nunits = np >> 6;
+    const int ktiles = k / GM_BK;
+    const uint32_t smem_base = (uint32_t)__cvta_generic_to_shared(smem);
+
+    auto load_stage = [&](int kt, int stage) {
+        const uint32_t a_s = smem_base + stage * S::STAGE;
+        const uint32_t b_s = a_s + S::A_BYTES;
+        const uint32_t sz_s = b_s + S::B_BYTES;
+        // A: BM rows x 8 chunks of 16 bytes.
+#pragma unroll
+        for (int i = 0; i < S::BM * 8 / 256; i++) {
+            const int idx = tid + i * 256;
+            const int r = idx >> 3, c = idx & 7;
+            const int row = bm * S::BM + r;
+            const bool ok = row < m;
+            const __half* src = x + (size_t)(ok ? row : 0) * k + kt * GM_BK + c * 8;
+            cp_async16(a_s + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+        }
+        // B: units (k16 step kk, n64 half wn) = tid / 32, one 16-byte piece per lane.
+        {
+            const int u = tid >> 5, kk = u >> 1, h = u & 1;
+            const int unit_n = bn * 2 + h;
+            const bool ok = unit_n < nunits;
+            const uint4* src = q + ((size_t)(kt * 4 + kk) * nunits + (ok ? unit_n : 0)) * 32 + lane;
+            cp_async16(b_s + (u * 32 + lane) * 16, src, ok);
+        }
+        // Scales and zeros of the stage's group for the block's 128 rows.
+        if (tid < 32) {
+            const int grp = kt * GM_BK / g;
+            const int col = bn * GM_BN + tid * 4;
+            const bool ok = col < np;
+            const __half2* src = sz + (size_t)grp * np + (ok ? col : 0);
+            cp_async16(sz_s + tid * 16, src, ok);
+        }
+    };
+
+    float acc[WM][8][4];
+#pragma unroll
+    for (int i = 0; i < WM; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < GM_STAGES - 1; s++) {
+        if (s < ktiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; kt++) {
+        cp_async_wait<GM_STAGES - 2>();
+        __syncthreads();
+        // Refill the buffer every warp finished with in the previous iteration.
+        if (kt + GM_STAGES - 1 < ktiles) load_stage(kt + GM_STAGES - 1, (kt + GM_STAGES - 1) % GM_STAGES);
+        cp_async_commit();
+
+        const int stage = kt % GM_STAGES;
+        const uint32_t a_s = smem_base + stage * S::STAGE;
+        const uint8_t* stage_ptr = smem + stage * S::STAGE;
+        const uint4* b_s = reinterpret_cast<const uint4*>(stage_ptr + S::A_BYTES);
+        const __half2* sz_s = reinterpret_cast<const __half2*>(stage_ptr + S::A_BYTES + S::B_BYTES);
+        __half2 zl[8], zh[8], sc[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) sz_consts(sz_s[wn * 64 + j * 8 + (lane >> 2)], zl[j], zh[j], sc[j]);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[WM][4];
+#pragma unroll
+            for (int i = 0; i < WM; i++) {
+                const int r = wm * WM * 16 + i * 16 + (lane & 15);
+                const int c = kk * 2 + (lane >> 4);
+                ldmatrix_x4(a_s + r * 128 + ((c ^ (r & 7)) << 4), a[i][0], a[i][1], a[i][2], a[i][3]);
+            }
+            const uint32_t* bu = reinterpret_cast<const uint32_t*>(b_s) + (kk * 2 + wn) * 128 + lane;
+            const uint32_t words[4] = {bu[0], bu[32], bu[64], bu[96]};
+#pragma unroll
+            for (int wi = 0; wi < 4; wi++) {
+                Dq d = dequant_word(words[wi], zl[2 * wi], zh[2 * wi], sc[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1],
+                                    sc[2 * wi + 1]);
+#pragma unroll
+                for (int i = 0; i < WM; i++) {
+                    mma16816(acc[i][2 * wi], a[i], as_u32(d.a0), as_u32(d.a1));
+                    mma16816(acc[i][2 * wi + 1], a[i], as_u32(d.b0), as_u32(d.b1));
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < WM; i++) {
+        const int row = bm * S::BM + wm * WM * 16 + i * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int col = bn * GM_BN + wn * 64 + j * 8 + (lane & 3) * 2;
+            if (col < n) {  // n is even, so col + 1 < n too
+                if (row < m)
+                    *reinterpret_cast<__half2*>(y + (size_t)row * n + col) = __floats2half2_rn(acc[i][j][0], acc[i][j][1]);
+                if (row + 8 < m)
+                    *reinterpret_cast<__half2*>(y + (size_t)(row + 8) * n + col) =
+                        __floats2half2_rn(acc[i][j][2], acc[i][j][3]);
             }
         }
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dequantization (dense [n, k] in T) and poisoning
+
+// One thread per (unit, lane): 32 weights.
 template <typename T>
-__device__ void w4_dequant(const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
-                           const uint8_t* __restrict__ zeros, T* __restrict__ w, int n, int k, int g) {
+__device__ void w4_dequant(const uint4* __restrict__ q, const __half2* __restrict__ sz, T* __restrict__ w, int n,
+                           int np, int k, int g) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const size_t half_k = (size_t)(k >> 1);
-    if (idx >= (size_t)n * half_k) return;
-    const int row = (int)(idx / half_k);
-    const int bi = (int)(idx % half_k);
-    const int k0 = (bi >> 4) * 32 + (bi & 15);
-    const int groups = k / g;
-    const float s = __half2float(scales[(size_t)row * groups + k0 / g]);
-    const float z = (float)zeros[(size_t)row * groups + k0 / g];
-    const uint8_t b = codes[idx];
-    w[(size_t)row * k + k0] = from_f<T>(((float)(b & 0xF) - z) * s);
-    w[(size_t)row * k + k0 + 16] = from_f<T>(((float)(b >> 4) - z) * s);
+    const int nunits = np >> 6;
+    const size_t total = (size_t)(k >> 4) * nunits * 32;
+    if (idx >= total) return;
+    const int lane = (int)(idx & 31);
+    const size_t unit = idx >> 5;
+    const int kb = (int)(unit / nunits), nb = (int)(unit % nunits);
+    const int gi = lane >> 2, ti = lane & 3;
+    const int k0 = kb * 16 + 2 * ti;
+    const int grp = (kb * 16) / g;
+    const uint32_t* uq = reinterpret_cast<const uint32_t*>(q) + unit * 128 + lane;
+    const uint32_t words[4] = {uq[0], uq[32], uq[64], uq[96]};
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) {
+        const int ra = nb * 64 + wi * 16 + gi, rb = ra + 8;
+        __half2 zlA, zhA, sA, zlB, zhB, sB;
+        sz_consts(sz[(size_t)grp * np + ra], zlA, zhA, sA);
+        sz_consts(sz[(size_t)grp * np + rb], zlB, zhB, sB);
+        Dq d = dequant_word(words[wi], zlA, zhA, sA, zlB, zhB, sB);
+        if (ra < n) {
+            w[(size_t)ra * k + k0] = from_f<T>(__low2float(d.a0));
+            w[(size_t)ra * k + k0 + 1] = from_f<T>(__high2float(d.a0));
+            w[(size_t)ra * k + k0 + 8] = from_f<T>(__low2float(d.a1));
+            w[(size_t)ra * k + k0 + 9] = from_f<T>(__high2float(d.a1));
+        }
+        if (rb < n) {
+            w[(size_t)rb * k + k0] = from_f<T>(__low2float(d.b0));
+            w[(size_t)rb * k + k0 + 1] = from_f<T>(__high2float(d.b0));
+            w[(size_t)rb * k + k0 + 8] = from_f<T>(__low2float(d.b1));
+            w[(size_t)rb * k + k0 + 9] = from_f<T>(__high2float(d.b1));
+        }
+    }
 }
 
 template <typename T> __device__ void poison(T* p, size_t n) {
@@ -141,18 +560,43 @@ template <typename T> __device__ void poison(T* p, size_t n) {
     if (i < n) p[i] = from_f<T>(__int_as_float(0x7fc00000));
 }
 
-#define INSTANTIATE(NAME, T)                                                                        \
-    extern "C" __global__ void w4_gemv_##NAME(const uint8_t* codes, const __half* scales,          \
-                                              const uint8_t* zeros, const T* x, T* y, int n, int k, \
-                                              int g, int m) {                                       \
-        w4_gemv<T>(codes, scales, zeros, x, y, n, k, g, m);                                         \
-    }                                                                                               \
-    extern "C" __global__ void w4_dequant_##NAME(const uint8_t* codes, const __half* scales,       \
-                                                 const uint8_t* zeros, T* w, int n, int k, int g) { \
-        w4_dequant<T>(codes, scales, zeros, w, n, k, g);                                            \
-    }                                                                                               \
+#define INSTANTIATE(NAME, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_1(W4Sets ws, const T* x, T* y, int k, int g, \
+                                                                       int m, int nt, float* part, unsigned int* counters) { \
+        w4_gemv<T, 1, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_2(W4Sets ws, const T* x, T* y, int k, int g, \
+                                                                       int m, int nt, float* part, unsigned int* counters) { \
+        w4_gemv<T, 2, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_4(W4Sets ws, const T* x, T* y, int k, int g, \
+                                                                       int m, int nt, float* part, unsigned int* counters) { \
+        w4_gemv<T, 4, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_8(W4Sets ws, const T* x, T* y, int k, int g, \
+                                                                       int m, int nt, float* part, unsigned int* counters) { \
+        w4_gemv<T, 8, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void w4_dequant_##NAME(const uint4* q, const __half2* sz, T* w, int n, int np, int k,   \
+                                                 int g) {                                             \
+        w4_dequant<T>(q, sz, w, n, np, k, g);                                                         \
+    }                                                                                                 \
     extern "C" __global__ void poison_##NAME(T* p, unsigned long long n) { poison<T>(p, (size_t)n); }
 
 INSTANTIATE(f16, __half)
 INSTANTIATE(bf16, __nv_bfloat16)
 INSTANTIATE(f32, float)
+
+extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma(W4Sets ws, const __half* x, __half* y, int k, int g,
+                                                                  int m, int nt, float* part, unsigned int* counters) {
+    w4_gemv<__half, 8, true>(ws, x, y, k, g, m, nt, part, counters);
+}
+
+#define INSTANTIATE_GEMM(WM)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) w4_gemm_f16_wm##WM(                               \
+        const __half* x, const uint4* q, const __half2* sz, __half* y, int m, int n, int np, int k, int g) { \
+        w4_gemm_f16<WM>(x, q, sz, y, m, n, np, k, g);                                                   \
+    }
+INSTANTIATE_GEMM(1)
+INSTANTIATE_GEMM(2)
+INSTANTIATE_GEMM(4)

@@ -1,0 +1,182 @@
+// Fused decode-step kernels for the CUDA model path (src/model/cuda/mod.rs).
+//
+// decode_attention_*: one query token per sequence against the KV cache, read in place: scores,
+//   softmax (f32) and the weighted sum of values in one launch per layer, instead of a scale,
+//   two batched matmuls, two dtype conversions, a softmax and a transpose copy. One block of
+//   256 threads per (sequence, query head); grouped-query heads index their shared KV head.
+//   With `pos` non-null the length comes from the device (pos[0] + 1), so a captured CUDA graph
+//   of the decode step replays at any position.
+// silu_mul_*: silu(a) * b over rows with their own strides (the gate and up halves of a fused
+//   GEMV output, or two separate tensors): one launch instead of two.
+// rope_pos_*, kv_write_*: the rotary embedding of one token's queries, and of its key written into
+//   the KV cache with its value, at the position read from the device (CUDA-graph decode).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+
+// 8 consecutive elements (16-byte aligned for 16-bit types, 32-byte for f32) as floats.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) f[i] = to_f(e[i]);
+}
+template <> __device__ __forceinline__ void load8<float>(const float* p, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+#define ATT_THREADS 256
+
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // red may still be read by a previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < ATT_THREADS / 32; w++) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+    return r;
+}
+
+// Shared memory (floats): q [d] | scores [len] | partial sums [ATT_THREADS * 8] | reduction [8].
+template <typename T>
+__device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                 T* __restrict__ out, int len, const unsigned int* __restrict__ pos, int d,
+                                 int heads, int n_rep, long long k_sb,
+                                 long long k_sh, long long k_sl, long long v_sb, long long v_sh, long long v_sl,
+                                 float scale) {
+    extern __shared__ float sm[];
+    if (pos != nullptr) len = (int)pos[0] + 1;
+    float* sq = sm;
+    float* scores = sq + d;
+    float* partial = scores + len;
+    float* red = partial + ATT_THREADS * 8;
+    const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int kvh = head / n_rep;
+    const size_t qo = ((size_t)b * heads + head) * d;
+    for (int i = tid; i < d; i += ATT_THREADS) sq[i] = to_f(q[qo + i]);
+    __syncthreads();
+    const T* kb = k + b * k_sb + kvh * k_sh;
+    const T* vb = v + b * v_sb + kvh * v_sh;
+    float lmax = -INFINITY;
+    for (int j = tid; j < len; j += ATT_THREADS) {
+        const T* kr = kb + j * k_sl;
+        float dot = 0.f;
+        for (int i = 0; i < d; i += 8) {
+            float f[8];
+            load8<T>(kr + i, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sq[i + e], dot);
+        }
+        dot *= scale;
+        scores[j] = dot;
+        lmax = fmaxf(lmax, dot);
+    }
+    const float mx = block_reduce(lmax, red, true);
+    float lsum = 0.f;
+    for (int j = tid; j < len; j += ATT_THREADS) {
+        const float p = __expf(scores[j] - mx);
+        scores[j] = p;
+        lsum += p;
+    }
+    const float total = block_reduce(lsum, red, false);  // its barriers also publish scores
+    const int tpr = d >> 3;                // threads per value row, 8 elements each
+    const int streams = ATT_THREADS / tpr;  // rows summed in parallel
+    const int stream = tid / tpr, d0 = (tid % tpr) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j = stream; j < len; j += streams) {
+        const float p = scores[j];
+        float f[8];
+        load8<T>(vb + j * v_sl + d0, f);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) partial[stream * d + d0 + e] = acc[e];
+    __syncthreads();
+    const float inv = 1.f / total;
+    for (int i = tid; i < d; i += ATT_THREADS) {
+        float s = 0.f;
+        for (int st = 0; st < streams; st++) s += partial[st * d + i];
+        out[qo + i] = from_f<T>(s * inv);
+    }
+}
+
+template <typename T>
+__device__ void silu_mul(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int rows, int cols,
+                         long long sa, long long sb) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * cols) return;
+    const int r = (int)(i / cols), c = (int)(i % cols);
+    const float x = to_f(a[r * sa + c]);
+    out[i] = from_f<T>(x / (1.f + __expf(-x)) * to_f(b[r * sb + c]));
+}
+
+// Rotate-half (HF) rotary embedding of one head: grid = heads, d / 2 threads per head.
+template <typename T>
+__device__ void rope_pos(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
+                         const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d) {
+    const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
+    if (i >= half) return;
+    const size_t p = pos[0];
+    const float c = to_f(cos[p * half + i]), s = to_f(sin[p * half + i]);
+    const float a = to_f(x[(size_t)h * d + i]), b = to_f(x[(size_t)h * d + i + half]);
+    out[(size_t)h * d + i] = from_f<T>(a * c - b * s);
+    out[(size_t)h * d + i + half] = from_f<T>(b * c + a * s);
+}
+
+// The key (rotated) and value of one token written into the caches at pos[0]: grid = KV heads.
+template <typename T>
+__device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc,
+                         const T* __restrict__ cos, const T* __restrict__ sin, const unsigned int* __restrict__ pos,
+                         int d, long long head_stride, long long pos_stride) {
+    const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
+    if (i >= half) return;
+    const size_t p = pos[0];
+    const float c = to_f(cos[p * half + i]), s = to_f(sin[p * half + i]);
+    const float a = to_f(k[(size_t)h * d + i]), b = to_f(k[(size_t)h * d + i + half]);
+    const size_t o = (size_t)h * head_stride + p * pos_stride;
+    kc[o + i] = from_f<T>(a * c - b * s);
+    kc[o + i + half] = from_f<T>(b * c + a * s);
+    vc[o + i] = v[(size_t)h * d + i];
+    vc[o + i + half] = v[(size_t)h * d + i + half];
+}
+
+#define INSTANTIATE(NAME, T)                                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) decode_attention_##NAME(                    \
+        const T* q, const T* k, const T* v, T* out, int len, const unsigned int* pos, int d, int heads, int n_rep, \
+        long long k_sb, long long k_sh, long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale) { \
+        decode_attention<T>(q, k, v, out, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale); \
+    }                                                                                                     \
+    extern "C" __global__ void rope_pos_##NAME(const T* x, T* out, const T* cos, const T* sin,           \
+                                               const unsigned int* pos, int d) {                         \
+        rope_pos<T>(x, out, cos, sin, pos, d);                                                            \
+    }                                                                                                     \
+    extern "C" __global__ void kv_write_##NAME(const T* k, const T* v, T* kc, T* vc, const T* cos,       \
+                                               const T* sin, const unsigned int* pos, int d,             \
+                                               long long head_stride, long long pos_stride) {            \
+        kv_write<T>(k, v, kc, vc, cos, sin, pos, d, head_stride, pos_stride);                             \
+    }                                                                                                     \
+    extern "C" __global__ void silu_mul_##NAME(const T* a, const T* b, T* out, int rows, int cols, long long sa, \
+                                               long long sb) {                                            \
+        silu_mul<T>(a, b, out, rows, cols, sa, sb);                                                       \
+    }
+
+INSTANTIATE(f16, __half)
+INSTANTIATE(bf16, __nv_bfloat16)
+INSTANTIATE(f32, float)

@@ -1,0 +1,284 @@
+//! Wrappers around the fused decode-step kernels of `decode.cu` (compiled to PTX by build.rs):
+//! single-query attention over the KV cache in place, silu(gate) * up, and the position-reading
+//! rotary embedding and KV-cache write of the CUDA-graph decode step (`super::graph`).
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+const MODULE: &str = "awq_decode";
+const ATT_THREADS: usize = 256;
+/// Shared memory the attention kernel may use (H100 and A100 allow more than this per block).
+const ATT_MAX_SMEM: usize = 160 * 1024;
+
+fn suffix(dt: DType) -> Option<&'static str> {
+    match dt {
+        DType::F16 => Some("f16"),
+        DType::BF16 => Some("bf16"),
+        DType::F32 => Some("f32"),
+        _ => None,
+    }
+}
+
+fn att_smem(d: usize, len: usize) -> usize {
+    4 * (d + len + ATT_THREADS * 8 + 8)
+}
+
+/// Whether [`decode_attention`] takes these: CUDA, one query token, q `[b, heads, 1, d]`, k/v
+/// `[b, kv_heads, len, d]` of q's dtype with unit stride on `d`, `d` / 8 dividing 256.
+pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let (Ok((_, h, s, d)), Ok((_, kvh, len, _))) = (q.dims4(), k.dims4()) else { return false };
+    let unit = |t: &Tensor| t.layout().stride().last() == Some(&1);
+    q.device().is_cuda()
+        && suffix(q.dtype()).is_some()
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && s == 1
+        && kvh > 0
+        && h % kvh == 0
+        && unit(k)
+        && unit(v)
+        && attention_fits(d, len)
+}
+
+/// Whether the attention kernel takes heads of `d` over `len` cached positions.
+pub fn attention_fits(d: usize, len: usize) -> bool {
+    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0 && att_smem(d, len) <= ATT_MAX_SMEM
+}
+
+/// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos: 0 })
+}
+
+/// As [`decode_attention`] over the first `pos[0] + 1` cached positions, `pos` a u32 on the device
+/// (k and v are the whole cache buffers).
+pub fn decode_attention_at(q: &Tensor, k: &Tensor, v: &Tensor, pos: &Tensor, scale: f32) -> Result<Tensor> {
+    let dev = cuda_dev(q)?;
+    let pos = crate::quant::cuda::device_ptr(pos, &dev.cuda_stream())?;
+    q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos })
+}
+
+fn cuda_dev(t: &Tensor) -> Result<candle_core::CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    }
+}
+
+/// The rotary embedding of one token's queries `x` (`heads * d` contiguous values, batch 1) at the
+/// position `pos[0]` (u32 on the device); `cos`/`sin` are the `[positions, d / 2]` tables in x's
+/// dtype. Returns `[1, heads, 1, d]`.
+pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let dev = cuda_dev(&x)?;
+    let stream = dev.cuda_stream();
+    let Some(sfx) = suffix(x.dtype()) else { candle_core::bail!("rope: unsupported dtype {:?}", x.dtype()) };
+    if x.elem_count() != heads * d || cos.dtype() != x.dtype() || d % 2 != 0 || d > 2048 {
+        candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
+    }
+    let out = Tensor::zeros((1, heads, 1, d), x.dtype(), x.device())?;
+    let ptr = |t: &Tensor| crate::quant::cuda::device_ptr(t, &stream);
+    let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
+    let func = dev.get_or_load_custom_func(&format!("rope_pos_{sfx}"), MODULE, PTX)?;
+    let d_ = d as i32;
+    let mut b = func.builder();
+    b.arg(&xp);
+    b.arg(&op);
+    b.arg(&cp);
+    b.arg(&sp);
+    b.arg(&pp);
+    b.arg(&d_);
+    let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: out holds heads * d elements; the tables hold the position (checked by the caller
+    // against the context length before the step).
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// Writes one token's key (rotated at `pos[0]`) and value (`kv_heads * d` contiguous values each,
+/// batch 1) into the caches `kc`, `vc` (`[1, kv_heads, capacity, d]`) in place, at `pos[0]`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, kv_heads: usize, d: usize) -> Result<()> {
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let dev = cuda_dev(&k)?;
+    let stream = dev.cuda_stream();
+    let Some(sfx) = suffix(k.dtype()) else { candle_core::bail!("kv write: unsupported dtype {:?}", k.dtype()) };
+    let (_, h, cap, dd) = kc.dims4()?;
+    if h != kv_heads || dd != d || vc.dims() != kc.dims() || k.elem_count() != kv_heads * d || v.elem_count() != kv_heads * d || kc.dtype() != k.dtype() {
+        candle_core::bail!("kv write: key/value of {kv_heads} x {d} into caches {:?}", kc.dims());
+    }
+    let ptr = |t: &Tensor| crate::quant::cuda::device_ptr(t, &stream);
+    let (kp, vp, kcp, vcp, cp, sp, pp) = (ptr(&k)?, ptr(&v)?, ptr(kc)?, ptr(vc)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
+    let func = dev.get_or_load_custom_func(&format!("kv_write_{sfx}"), MODULE, PTX)?;
+    let (d_, hs, ps) = (d as i32, (cap * d) as i64, d as i64);
+    let mut b = func.builder();
+    for p in [&kp, &vp, &kcp, &vcp, &cp, &sp, &pp] {
+        b.arg(p);
+    }
+    b.arg(&d_);
+    b.arg(&hs);
+    b.arg(&ps);
+    let cfg = LaunchConfig { grid_dim: (kv_heads as u32, 1, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caches are contiguous [1, kv_heads, cap, d]; the caller keeps pos[0] < cap.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// silu(a) · b; `a` and `b` `[..., cols]` with unit stride on the last dimension and one row stride
+/// each (the halves of a fused gate/up output qualify). Other devices use tensor ops.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &SiluMul)
+}
+
+/// The row stride of a tensor seen as `[rows, cols]` with unit column stride.
+fn rows_of(l: &Layout) -> Option<(usize, usize, usize)> {
+    let dims = l.dims();
+    let stride = l.stride();
+    let cols = *dims.last()?;
+    if dims.len() < 2 {
+        return Some((1, cols, cols));
+    }
+    if *stride.last()? != 1 && cols > 1 {
+        return None;
+    }
+    // Leading dimensions must collapse into one run of rows.
+    let n = dims.len();
+    let row_stride = stride[n - 2];
+    let mut expect = row_stride * dims[n - 2];
+    for i in (0..n - 2).rev() {
+        if dims[i] > 1 && stride[i] != expect {
+            return None;
+        }
+        expect *= dims[i];
+    }
+    let rows = dims[..n - 1].iter().product();
+    Some((rows, cols, if dims[n - 2] > 1 { row_stride } else { cols }))
+}
+
+pub fn silu_mul_applies(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cuda()
+        && suffix(a.dtype()).is_some()
+        && a.dtype() == b.dtype()
+        && a.dims() == b.dims()
+        && rows_of(a.layout()).is_some()
+        && rows_of(b.layout()).is_some()
+}
+
+struct DecodeAttention {
+    scale: f32,
+    /// Device address of the u32 position (0: use the length of the k/v views).
+    pos: u64,
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention-cuda"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (b, h, _, d) = ql.shape().dims4()?;
+        let (_, kvh, len, _) = kl.shape().dims4()?;
+        let Some((qo, _)) = ql.contiguous_offsets() else { candle_core::bail!("{}: q must be contiguous", self.name()) };
+        let (kst, vst) = (kl.stride(), vl.stride());
+        let dev = qs.device().clone();
+        let dt = qs.dtype();
+        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let smem = att_smem(d, len);
+        let func = dev.get_or_load_custom_func(&format!("decode_attention_{sfx}"), MODULE, PTX)?;
+        if smem > 48 * 1024 {
+            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        }
+        let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        let (len_, d_, h_, rep) = (len as i32, d as i32, h as i32, (h / kvh) as i32);
+        let st = |s: &[usize], i: usize| s[i] as i64;
+        let (ksb, ksh, ksl, vsb, vsh, vsl) = (st(kst, 0), st(kst, 1), st(kst, 2), st(vst, 0), st(vst, 1), st(vst, 2));
+        macro_rules! launch {
+            ($t:ty) => {{
+                let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
+                let k = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
+                let v = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
+                // SAFETY: the kernel writes all b * h * d outputs.
+                let out = unsafe { dev.alloc::<$t>(b * h * d)? };
+                let mut bld = func.builder();
+                bld.arg(&q);
+                bld.arg(&k);
+                bld.arg(&v);
+                bld.arg(&out);
+                bld.arg(&len_);
+                bld.arg(&self.pos);
+                bld.arg(&d_);
+                bld.arg(&h_);
+                bld.arg(&rep);
+                bld.arg(&ksb);
+                bld.arg(&ksh);
+                bld.arg(&ksl);
+                bld.arg(&vsb);
+                bld.arg(&vsh);
+                bld.arg(&vsl);
+                bld.arg(&self.scale);
+                // SAFETY: strides and sizes come from the layouts checked in attention_applies.
+                unsafe { bld.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match dt {
+            DType::F16 => launch!(f16),
+            DType::BF16 => launch!(bf16),
+            _ => launch!(f32),
+        };
+        Ok((out, Shape::from((b, h, 1, d))))
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul-cuda"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (Some((rows, cols, sa)), Some((_, _, sb))) = (rows_of(al), rows_of(bl)) else {
+            candle_core::bail!("{}: inputs must be rows with unit column stride", self.name())
+        };
+        let dev = a.device().clone();
+        let dt = a.dtype();
+        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let func = dev.get_or_load_custom_func(&format!("silu_mul_{sfx}"), MODULE, PTX)?;
+        let cfg = LaunchConfig::for_num_elems((rows * cols) as u32);
+        let (r_, c_, sa_, sb_) = (rows as i32, cols as i32, sa as i64, sb as i64);
+        macro_rules! launch {
+            ($t:ty) => {{
+                let x = a.as_cuda_slice::<$t>()?.slice(al.start_offset()..);
+                let y = b.as_cuda_slice::<$t>()?.slice(bl.start_offset()..);
+                // SAFETY: the kernel writes all rows * cols outputs.
+                let out = unsafe { dev.alloc::<$t>(rows * cols)? };
+                let mut bld = func.builder();
+                bld.arg(&x);
+                bld.arg(&y);
+                bld.arg(&out);
+                bld.arg(&r_);
+                bld.arg(&c_);
+                bld.arg(&sa_);
+                bld.arg(&sb_);
+                // SAFETY: rows, cols and strides come from the layouts.
+                unsafe { bld.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match dt {
+            DType::F16 => launch!(f16),
+            DType::BF16 => launch!(bf16),
+            _ => launch!(f32),
+        };
+        Ok((out, al.shape().clone()))
+    }
+}
