@@ -180,3 +180,32 @@ fn bad_device_dtype_and_sampling_flags_are_named() {
     assert!(err(&["--top-k", "0"]).contains("--top-k"));
     assert!(err(&["--max-tokens", "0"]).contains("--max-tokens"));
 }
+
+#[test]
+fn quantize_dummy_weights_times_the_pass_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // RTN keeps this quick on the CI's CPU; the pass and its report are the same code as AWQ's.
+    let out = Command::new(bin())
+        .current_dir(tmp.path())
+        .args(["quantize", "--dummy-weights", "--config", "smollm2-135m", "--method", "rtn", "--group-size", "64", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["config"], "smollm2-135m");
+    assert_eq!(v["method"], "rtn");
+    assert!(v["total_secs"].as_f64().unwrap() > 0.0);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing may be written");
+
+    // Bad combinations are refused, naming the flag.
+    let out = Command::new(bin()).args(["quantize", "--dummy-weights", "--group-size", "64"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    let out = Command::new(bin()).args(["quantize", "--dummy-weights", "--config", "llama-2-7b", "--out", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+    let out = Command::new(bin()).args(["quantize", "--dummy-weights", "--config", "gpt-9", "--method", "rtn"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gpt-9"));
+}

@@ -79,8 +79,15 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Output directory for the checkpoint.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "dummy_weights")]
+    pub out: Option<PathBuf>,
+    /// Time the AWQ pass on a random model of a known shape (--config) with random calibration
+    /// tokens, for speed and memory work; writes nothing (random weights make no checkpoint).
+    #[arg(long, conflicts_with_all = ["out", "model"])]
+    pub dummy_weights: bool,
+    /// The shape for --dummy-weights: llama-2-7b, llama-3-8b, qwen2.5-7b, smollm2-135m.
+    #[arg(long, requires = "dummy_weights")]
+    pub config: Option<String>,
     #[command(flatten)]
     pub quant: QuantArgs,
     /// Replace an existing output directory.
@@ -89,6 +96,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.dummy_weights {
+        return run_dummy(&a);
+    }
+    let Some(out) = a.out.as_ref() else { anyhow::bail!("--out DIR is required") };
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
     let o = a.quant.options()?;
@@ -103,12 +114,60 @@ pub fn run(a: Args) -> Result<()> {
         calib.as_ref().map_or(String::new(), |c| format!(", {} calibration blocks of {} tokens", c.len(), c[0].len())),
         awq_run::device::device_name(&device)
     );
-    let report = awq_run::checkpoint::write_quantized(&assets, &a.out, &o, calib.as_deref(), &device, a.force)?;
+    let report = awq_run::checkpoint::write_quantized(&assets, out, &o, calib.as_deref(), &device, a.force)?;
     eprintln!(
         "wrote {} in {:.1}s (peak RSS {:.0} MiB)",
-        a.out.display(),
+        out.display(),
         report.total_secs,
         peak_rss_mib()
+    );
+    Ok(())
+}
+
+/// `--dummy-weights`: the AWQ pass over random weights of a preset shape, calibrated on random
+/// token ids (the same amount of work as a real model: every block's forward passes, scale and
+/// clip searches and quantization run; only the numbers are meaningless).
+fn run_dummy(a: &Args) -> Result<()> {
+    use awq_run::model::dummy;
+    let Some(name) = a.config.as_deref() else { anyhow::bail!("--dummy-weights needs --config NAME") };
+    let cfg = dummy::preset(name)?;
+    let device = a.model.device()?;
+    let o = a.quant.options()?;
+    awq_run::awq::check_group_size(&cfg, o.params)?;
+    let vb = dummy::dummy_var_builder(&cfg, candle_core::DType::F32, &device);
+    let vocab = cfg.vocab_size as u64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab) as u32
+    };
+    let calib: Option<Vec<Vec<u32>>> = (o.method != Method::Rtn)
+        .then(|| (0..a.quant.n_samples.max(1)).map(|_| (0..a.quant.seqlen.max(1)).map(|_| next()).collect()).collect());
+    eprintln!(
+        "timing {:?} w{}g{} on a random {name}{} on {} (nothing is written)",
+        o.method,
+        o.params.bits,
+        o.params.group_size,
+        calib.as_ref().map_or(String::new(), |c| format!(", {} random calibration blocks of {} tokens", c.len(), c[0].len())),
+        awq_run::device::device_name(&device)
+    );
+    let report = awq_run::awq::quantize_blocks(&vb, &cfg, calib.as_deref(), &o, |_, block| {
+        // Like writing a checkpoint: the packed codes of every layer are produced, then dropped.
+        for (_, l) in block.linears() {
+            std::hint::black_box(l.quantized());
+        }
+        Ok(())
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "config": name, "method": format!("{:?}", o.method).to_lowercase(), "bits": o.params.bits,
+            "group_size": o.params.group_size, "device": awq_run::device::device_name(&device),
+            "calib_blocks": calib.as_ref().map_or(0, |c| c.len()), "seqlen": a.quant.seqlen,
+            "total_secs": report.total_secs, "peak_rss_mib": peak_rss_mib(),
+        })
     );
     Ok(())
 }

@@ -57,6 +57,11 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
+/// A var builder of random weights of `cfg`'s shape (what the AWQ pass reads a checkpoint through).
+pub fn dummy_var_builder(cfg: &Config, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomBackend { tie: cfg.tie_word_embeddings }), dtype, device.clone())
+}
+
 /// A 4-bit linear with random codes (group size `g`).
 fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: DType, dev: &Device, seed: u64) -> candle_core::Result<Linear> {
     let groups = in_f / g;
@@ -80,7 +85,7 @@ fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: D
 
 /// A random model of `cfg`'s shape; `w4` makes every decoder linear 4-bit with group size `g`.
 pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Device) -> Result<Model> {
-    let vb = VarBuilder::from_backend(Box::new(RandomBackend { tie: cfg.tie_word_embeddings }), dtype, device.clone());
+    let vb = dummy_var_builder(cfg, dtype, device);
     let counter = std::sync::atomic::AtomicU64::new(1);
     let loader = |vb: VarBuilder, i: usize, o: usize, b: bool| -> candle_core::Result<Linear> {
         if !w4 {
