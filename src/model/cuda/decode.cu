@@ -117,6 +117,106 @@ __device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ 
     }
 }
 
+// Split-sequence attention (flash-decoding): block (head, sequence, chunk) takes positions
+// [chunk * ATT_CHUNK, +ATT_CHUNK) and writes its softmax statistics and unnormalized output,
+// part[((b * heads + head) * nchunks + chunk) * (d + 2)] = (max, sum, o[d]); a chunk past the
+// length writes (-inf, 0). Then one block per head combines the chunks. Hundreds of blocks instead
+// of one per head: a 32-head model used 32 SMs, and at long contexts each read megabytes.
+#define ATT_CHUNK 256
+template <typename T>
+__device__ void attention_chunk(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                float* __restrict__ part, int len, const unsigned int* __restrict__ pos, int d,
+                                int heads, int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
+                                long long v_sh, long long v_sl, float scale) {
+    __shared__ float sq[256];
+    __shared__ float scores[ATT_CHUNK];
+    __shared__ float partial[ATT_THREADS * 8];
+    __shared__ float red[8];
+    if (pos != nullptr) len = (int)pos[0] + 1;
+    const int head = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
+    float* out = part + (((size_t)b * heads + head) * nchunks + chunk) * (d + 2);
+    const int j0 = chunk * ATT_CHUNK, n = min(ATT_CHUNK, len - j0);
+    if (n <= 0) {
+        if (tid == 0) {
+            out[0] = -INFINITY;
+            out[1] = 0.f;
+        }
+        return;
+    }
+    const int kvh = head / n_rep;
+    const size_t qo = ((size_t)b * heads + head) * d;
+    for (int i = tid; i < d; i += ATT_THREADS) sq[i] = to_f(q[qo + i]);
+    __syncthreads();
+    const T* kb = k + b * k_sb + kvh * k_sh;
+    const T* vb = v + b * v_sb + kvh * v_sh;
+    float lmax = -INFINITY;
+    for (int j = tid; j < n; j += ATT_THREADS) {
+        const T* kr = kb + (j0 + j) * k_sl;
+        float dot = 0.f;
+        for (int i = 0; i < d; i += 8) {
+            float f[8];
+            load8<T>(kr + i, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sq[i + e], dot);
+        }
+        dot *= scale;
+        scores[j] = dot;
+        lmax = fmaxf(lmax, dot);
+    }
+    const float mx = block_reduce(lmax, red, true);
+    float lsum = 0.f;
+    for (int j = tid; j < n; j += ATT_THREADS) {
+        const float p = __expf(scores[j] - mx);
+        scores[j] = p;
+        lsum += p;
+    }
+    const float total = block_reduce(lsum, red, false);
+    const int tpr = d >> 3, streams = ATT_THREADS / tpr;
+    const int stream = tid / tpr, d0 = (tid % tpr) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j = stream; j < n; j += streams) {
+        const float p = scores[j];
+        float f[8];
+        load8<T>(vb + (j0 + j) * v_sl + d0, f);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) partial[stream * d + d0 + e] = acc[e];
+    __syncthreads();
+    for (int i = tid; i < d; i += ATT_THREADS) {
+        float s = 0.f;
+        for (int st = 0; st < streams; st++) s += partial[st * d + i];
+        out[2 + i] = s;
+    }
+    if (tid == 0) {
+        out[0] = mx;
+        out[1] = total;
+    }
+}
+
+// out[b, head] = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c over the chunks.
+template <typename T>
+__device__ void attention_combine(const float* __restrict__ part, T* __restrict__ out, int nchunks, int d, int heads) {
+    const int head = blockIdx.x, b = blockIdx.y;
+    const float* p = part + ((size_t)b * heads + head) * nchunks * (d + 2);
+    float mx = -INFINITY;
+    for (int c = 0; c < nchunks; c++) mx = fmaxf(mx, p[c * (d + 2)]);
+    float den = 0.f;
+    for (int c = 0; c < nchunks; c++) {
+        const float m = p[c * (d + 2)];
+        if (m != -INFINITY) den += __expf(m - mx) * p[c * (d + 2) + 1];
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float num = 0.f;
+        for (int c = 0; c < nchunks; c++) {
+            const float m = p[c * (d + 2)];
+            if (m != -INFINITY) num += __expf(m - mx) * p[c * (d + 2) + 2 + i];
+        }
+        out[((size_t)b * heads + head) * d + i] = from_f<T>(num / den);
+    }
+}
+
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int rows, int cols,
                          long long sa, long long sb) {
@@ -171,6 +271,16 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
                                                const T* sin, const unsigned int* pos, int d,             \
                                                long long head_stride, long long pos_stride) {            \
         kv_write<T>(k, v, kc, vc, cos, sin, pos, d, head_stride, pos_stride);                             \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_chunk_##NAME(                     \
+        const T* q, const T* k, const T* v, float* part, int len, const unsigned int* pos, int d, int heads,  \
+        int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb, long long v_sh,         \
+        long long v_sl, float scale) {                                                                    \
+        attention_chunk<T>(q, k, v, part, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale); \
+    }                                                                                                     \
+    extern "C" __global__ void attention_combine_##NAME(const float* part, T* out, int nchunks, int d,    \
+                                                        int heads) {                                      \
+        attention_combine<T>(part, out, nchunks, d, heads);                                               \
     }                                                                                                     \
     extern "C" __global__ void silu_mul_##NAME(const T* a, const T* b, T* out, int rows, int cols, long long sa, \
                                                long long sb) {                                            \

@@ -11,6 +11,8 @@ use half::{bf16, f16};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
+/// Positions per block of the split-sequence attention (ATT_CHUNK in decode.cu).
+const ATT_CHUNK: usize = 256;
 /// Shared memory the attention kernel may use (H100 and A100 allow more than this per block).
 const ATT_MAX_SMEM: usize = 160 * 1024;
 
@@ -44,9 +46,10 @@ pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && attention_fits(d, len)
 }
 
-/// Whether the attention kernel takes heads of `d` over `len` cached positions.
+/// Whether the attention kernels take heads of `d` over `len` cached positions (beyond
+/// ATT_CHUNK positions the split-sequence kernels run, whose shared memory does not grow).
 pub fn attention_fits(d: usize, len: usize) -> bool {
-    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0 && att_smem(d, len) <= ATT_MAX_SMEM
+    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0 && (len > ATT_CHUNK || att_smem(d, len) <= ATT_MAX_SMEM)
 }
 
 /// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
@@ -189,13 +192,22 @@ impl CustomOp3 for DecodeAttention {
         let dev = qs.device().clone();
         let dt = qs.dtype();
         let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
-        let smem = att_smem(d, len);
-        let func = dev.get_or_load_custom_func(&format!("decode_attention_{sfx}"), MODULE, PTX)?;
-        if smem > 48 * 1024 {
-            func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-        }
-        let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: smem as u32 };
-        let (len_, d_, h_, rep) = (len as i32, d as i32, h as i32, (h / kvh) as i32);
+        // Over ATT_CHUNK positions (of the view: the capacity when the length is on the device), the
+        // split-sequence kernels; else one block per head.
+        let chunks = len.div_ceil(ATT_CHUNK);
+        let split = chunks > 1;
+        let (func, cfg) = if split {
+            let f = dev.get_or_load_custom_func(&format!("attention_chunk_{sfx}"), MODULE, PTX)?;
+            (f, LaunchConfig { grid_dim: (h as u32, b as u32, chunks as u32), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 })
+        } else {
+            let smem = att_smem(d, len);
+            let f = dev.get_or_load_custom_func(&format!("decode_attention_{sfx}"), MODULE, PTX)?;
+            if smem > 48 * 1024 {
+                f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+            }
+            (f, LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: smem as u32 })
+        };
+        let (len_, d_, h_, rep, chunks_) = (len as i32, d as i32, h as i32, (h / kvh) as i32, chunks as i32);
         let st = |s: &[usize], i: usize| s[i] as i64;
         let (ksb, ksh, ksl, vsb, vsh, vsl) = (st(kst, 0), st(kst, 1), st(kst, 2), st(vst, 0), st(vst, 1), st(vst, 2));
         macro_rules! launch {
@@ -203,13 +215,18 @@ impl CustomOp3 for DecodeAttention {
                 let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
                 let k = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
                 let v = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
-                // SAFETY: the kernel writes all b * h * d outputs.
+                // SAFETY: the kernels write all b * h * d outputs (and every chunk's statistics).
                 let out = unsafe { dev.alloc::<$t>(b * h * d)? };
+                let part = unsafe { dev.alloc::<f32>(if split { b * h * chunks * (d + 2) } else { 1 })? };
                 let mut bld = func.builder();
                 bld.arg(&q);
                 bld.arg(&k);
                 bld.arg(&v);
-                bld.arg(&out);
+                if split {
+                    bld.arg(&part);
+                } else {
+                    bld.arg(&out);
+                }
                 bld.arg(&len_);
                 bld.arg(&self.pos);
                 bld.arg(&d_);
@@ -224,6 +241,18 @@ impl CustomOp3 for DecodeAttention {
                 bld.arg(&self.scale);
                 // SAFETY: strides and sizes come from the layouts checked in attention_applies.
                 unsafe { bld.launch(cfg) }.w()?;
+                if split {
+                    let combine = dev.get_or_load_custom_func(&format!("attention_combine_{sfx}"), MODULE, PTX)?;
+                    let mut c = combine.builder();
+                    c.arg(&part);
+                    c.arg(&out);
+                    c.arg(&chunks_);
+                    c.arg(&d_);
+                    c.arg(&h_);
+                    let ccfg = LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY: part holds b * h * chunks * (d + 2) floats, all written above.
+                    unsafe { c.launch(ccfg) }.w()?;
+                }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

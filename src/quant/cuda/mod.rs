@@ -155,12 +155,20 @@ impl CudaQ4 {
 /// `x · Wᵢᵀ` for up to three weights with the same input width and group size in one launch;
 /// the outputs are concatenated along the last dimension (`[..., Σ nᵢ]`).
 pub fn gemv_many(ws: &[&CudaQ4], x: &Tensor, poison: bool) -> Result<Tensor> {
-    gemv_many_with(ws, x, None, false, poison)
+    gemv_many_with(ws, x, GemvOptions::default(), poison)
 }
 
-/// As [`gemv_many`] with the number of k slices and the kernel chosen by the caller (self-test and
-/// benchmarks): `cuda_cores` forces the CUDA-core kernel where the tensor-core one would run (f16).
-pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, cuda_cores: bool, poison: bool) -> Result<Tensor> {
+/// How a GEMV launch is made, for the self-test and benchmarks; the default is what inference uses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemvOptions {
+    /// k slices (None: one wave of resident blocks, see [`super::tiled::gemv_splits`]).
+    pub splits: Option<usize>,
+    /// The CUDA-core kernel where the tensor-core one would run (f16).
+    pub cuda_cores: bool,
+}
+
+/// As [`gemv_many`] with the launch chosen by the caller.
+pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, opts: GemvOptions, poison: bool) -> Result<Tensor> {
     if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
         candle_core::bail!("W4A16 GEMV takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());
     }
@@ -171,13 +179,12 @@ pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, cuda_co
     // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
     let x = x.contiguous()?;
     let x = if (x.layout().start_offset() * x.dtype().size_in_bytes()) % 16 != 0 { x.copy()? } else { x };
-    x.apply_op1_no_bwd(&Gemv { ws, splits, cuda_cores, poison })
+    x.apply_op1_no_bwd(&Gemv { ws, opts, poison })
 }
 
 struct Gemv<'a> {
     ws: &'a [&'a CudaQ4],
-    splits: Option<usize>,
-    cuda_cores: bool,
+    opts: GemvOptions,
     poison: bool,
 }
 
@@ -284,11 +291,11 @@ impl CustomOp1 for Gemv<'_> {
         };
         let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
         // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
-        let (name, mt) = if dt == DType::F16 && !self.cuda_cores { ("w4_gemv_f16_mma".to_string(), 8) } else { (format!("w4_gemv_{sfx}_{mt}"), mt) };
+        let (name, mt) = if dt == DType::F16 && !self.opts.cuda_cores { ("w4_gemv_f16_mma".to_string(), 8) } else { (format!("w4_gemv_{sfx}_{mt}"), mt) };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let smem = gemv_smem(mt, dt.size_in_bytes());
         let resident = resident_blocks(&dev, &func, &name, smem)?;
-        let splits = match self.splits {
+        let splits = match self.opts.splits {
             Some(s) => s.clamp(1, (w0.k / 16).max(1)),
             None => super::tiled::gemv_splits(blocks as usize, w0.k / 16, resident),
         };

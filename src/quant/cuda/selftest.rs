@@ -1,7 +1,7 @@
 //! `awq-run selftest --device cuda`: every CUDA kernel against a CPU reference on fresh random
 //! inputs of awkward shapes, outputs poisoned with NaN before each run; and `--bench`: GEMV
 //! bandwidth, GEMM TFLOP/s against cuBLAS and the fused decode kernels, timed with CUDA events.
-use super::{gemv_many, CudaQ4, GemmKernel};
+use super::{gemv_many, CudaQ4, GemmKernel, GemvOptions};
 use crate::quant::cpu::{Kernel, PackedQ4};
 use crate::quant::QuantizedWeight;
 use candle_core::{DType, Device, Result, Tensor};
@@ -115,8 +115,14 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                 if m <= super::GEMV_MAX_TOKENS {
                     t.check(format!("gemv {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemv(&x, true)?, &want)?, tol(dt));
                     if dt == DType::F16 {
-                        let cc = super::gemv_many_with(&[&cw], &x, None, true, true)?;
+                        let cc = super::gemv_many_with(&[&cw], &x, GemvOptions { cuda_cores: true, ..Default::default() }, true)?;
                         t.check(format!("gemv cuda-cores {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cc, &want)?, tol(dt));
+                        // Split-k counts other than the default choice, where k has the steps.
+                        for splits in [1usize, 2, 3, 5, 8].into_iter().filter(|&sp| k / 16 >= 4 * sp) {
+                            let o = GemvOptions { splits: Some(splits), ..Default::default() };
+                            let got = super::gemv_many_with(&[&cw], &x, o, true)?;
+                            t.check(format!("gemv split {splits} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                        }
                     }
                 }
                 if dt == DType::F16 && cw.gemm_supported() {
@@ -364,7 +370,7 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
         let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let t_issue = time_events(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
-        let t_cc = time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, None, true, false).map(|_| ()))?;
+        let t_cc = time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, GemvOptions { cuda_cores: true, ..Default::default() }, false).map(|_| ()))?;
         let x8 = Tensor::from_vec(r.vec(8 * k), (8, k), device)?.to_dtype(DType::F16)?;
         let t8 = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x8, false).map(|_| ()))?;
         let gbs = bytes as f64 / t / 1e9;
@@ -383,7 +389,8 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
         let mut sweep = Vec::new();
         for splits in [1usize, 2, 3, 4, 6, 8] {
-            let t = time_graph(device, 5, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, Some(splits), false, false).map(|_| ()))?;
+            let o = GemvOptions { splits: Some(splits), ..Default::default() };
+            let t = time_graph(device, 5, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, o, false).map(|_| ()))?;
             sweep.push(serde_json::json!({"splits": splits, "us": t * 1e6, "gb_s": bytes as f64 / t / 1e9}));
         }
         rows.push(serde_json::json!({"what": format!("gemv split sweep K={k} N={n}"), "sweep": sweep}));

@@ -257,8 +257,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                                                   sc2[2 * wi + 1]);
                         gemv_mma16816(macc[wi], as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1), b0, b1);
                     }
-                    continue;
-                }
+                } else {
                 uint32_t words[4];
 #pragma unroll
                 for (int wi = 0; wi < 4; wi++) words[wi] = slot_words[i * 128 + wi * 32 + lane];
@@ -293,6 +292,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                         }
                     }
                 }
+                }  // CUDA cores
             }
         }
     }
