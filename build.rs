@@ -6,6 +6,8 @@ use std::process::Command;
 
 /// (source, PTX file name in OUT_DIR)
 const KERNELS: [(&str, &str); 2] = [("src/quant/cuda/w4a16.cu", "w4a16.ptx"), ("src/model/cuda/decode.cu", "decode.ptx")];
+/// Headers the kernels include (src/cuda is on nvcc's include path).
+const HEADERS: [&str; 2] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh"];
 /// Hopper-only kernels (wgmma): PTX for compute_90a when building for compute capability 9.0,
 /// else an empty file (the wrapper then never loads it).
 const SM90_KERNEL: (&str, &str) = ("src/quant/cuda/w4a16_sm90.cu", "w4a16_sm90.ptx");
@@ -14,6 +16,9 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for (src, _) in KERNELS.iter().chain([&SM90_KERNEL]) {
         println!("cargo:rerun-if-changed={src}");
+    }
+    for header in HEADERS {
+        println!("cargo:rerun-if-changed={header}");
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -25,7 +30,7 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let compile = |src: &str, ptx: &str, arch: &str| {
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17"])
+            .args(["--ptx", "-O3", "-std=c++17", "-Isrc/cuda"])
             .arg(format!("-arch={arch}"))
             .arg("-o")
             .arg(out_dir.join(ptx))

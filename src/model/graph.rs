@@ -86,7 +86,7 @@ fn applies(model: &Model, tokens: &Tensor, cache: &Cache) -> bool {
         // One query token never needs a mask while the window covers the whole cache.
         && cfg.sliding_window.is_none_or(|w| cache.capacity <= w)
         && h % kvh.max(1) == 0
-        && super::cuda::attention_fits(hd, cache.capacity)
+        && super::cuda::attention_fits(hd)
         && matches!(model.dtype, DType::F16 | DType::BF16 | DType::F32)
 }
 

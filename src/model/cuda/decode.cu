@@ -3,24 +3,15 @@
 // decode_attention_*: one query token per sequence against the KV cache, read in place: scores,
 //   softmax (f32) and the weighted sum of values in one launch per layer, instead of a scale,
 //   two batched matmuls, two dtype conversions, a softmax and a transpose copy. One block of
-//   256 threads per (sequence, query head); grouped-query heads index their shared KV head.
+//   256 threads per (sequence, query head), up to ATT_CHUNK positions; grouped-query heads index
+//   their shared KV head. Longer caches take attention_chunk_* + attention_combine_* (below).
 //   With `pos` non-null the length comes from the device (pos[0] + 1), so a captured CUDA graph
 //   of the decode step replays at any position.
 // silu_mul_*: silu(a) * b over rows with their own strides (the gate and up halves of a fused
 //   GEMV output, or two separate tensors): one launch instead of two.
 // rope_pos_*, kv_write_*: the rotary embedding of one token's queries, and of its key written into
 //   the KV cache with its value, at the position read from the device (CUDA-graph decode).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(float v) { return v; }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+#include "common.cuh"
 
 // 8 consecutive elements (16-byte aligned for 16-bit types, 32-byte for f32) as floats.
 template <typename T> __device__ __forceinline__ void load8(const T* p, float* f) {
@@ -53,68 +44,91 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
     return r;
 }
 
-// Shared memory (floats): q [d] | scores [len] | partial sums [ATT_THREADS * 8] | reduction [8].
+#define ATT_CHUNK 256
+
+// Shared memory of one attention block: the query, the scores of up to ATT_CHUNK positions, the
+// value streams' partial sums and the reduction scratch.
+struct __align__(16) AttSmem {
+    float q[256];
+    float scores[ATT_CHUNK];
+    float partial[ATT_THREADS * 8];
+    float red[8];
+};
+
+// One head's attention over n (<= ATT_CHUNK) positions whose keys and values start at kb and vb:
+// the softmax statistics (max, sum of exp) are returned and the unnormalized weighted sum of
+// values is left in sm.partial, as `streams` rows of d summed by att_out. sm.q holds the query.
 template <typename T>
-__device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                 T* __restrict__ out, int len, const unsigned int* __restrict__ pos, int d,
-                                 int heads, int n_rep, long long k_sb,
-                                 long long k_sh, long long k_sl, long long v_sb, long long v_sh, long long v_sl,
-                                 float scale) {
-    extern __shared__ float sm[];
-    if (pos != nullptr) len = (int)pos[0] + 1;
-    float* sq = sm;
-    float* scores = sq + d;
-    float* partial = scores + len;
-    float* red = partial + ATT_THREADS * 8;
-    const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const int kvh = head / n_rep;
-    const size_t qo = ((size_t)b * heads + head) * d;
-    for (int i = tid; i < d; i += ATT_THREADS) sq[i] = to_f(q[qo + i]);
-    __syncthreads();
-    const T* kb = k + b * k_sb + kvh * k_sh;
-    const T* vb = v + b * v_sb + kvh * v_sh;
+__device__ float2 attend_span(AttSmem& sm, const T* __restrict__ kb, const T* __restrict__ vb, int n, int d,
+                              long long k_sl, long long v_sl, float scale) {
+    const int tid = threadIdx.x;
     float lmax = -INFINITY;
-    for (int j = tid; j < len; j += ATT_THREADS) {
+    for (int j = tid; j < n; j += ATT_THREADS) {
         const T* kr = kb + j * k_sl;
         float dot = 0.f;
         for (int i = 0; i < d; i += 8) {
             float f[8];
             load8<T>(kr + i, f);
 #pragma unroll
-            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sq[i + e], dot);
+            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sm.q[i + e], dot);
         }
         dot *= scale;
-        scores[j] = dot;
+        sm.scores[j] = dot;
         lmax = fmaxf(lmax, dot);
     }
-    const float mx = block_reduce(lmax, red, true);
+    const float mx = block_reduce(lmax, sm.red, true);
     float lsum = 0.f;
-    for (int j = tid; j < len; j += ATT_THREADS) {
-        const float p = __expf(scores[j] - mx);
-        scores[j] = p;
+    for (int j = tid; j < n; j += ATT_THREADS) {
+        const float p = __expf(sm.scores[j] - mx);
+        sm.scores[j] = p;
         lsum += p;
     }
-    const float total = block_reduce(lsum, red, false);  // its barriers also publish scores
-    const int tpr = d >> 3;                // threads per value row, 8 elements each
+    const float total = block_reduce(lsum, sm.red, false);  // its barriers also publish the scores
+    const int tpr = d >> 3;                 // threads per value row, 8 elements each
     const int streams = ATT_THREADS / tpr;  // rows summed in parallel
     const int stream = tid / tpr, d0 = (tid % tpr) * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j = stream; j < len; j += streams) {
-        const float p = scores[j];
+    for (int j = stream; j < n; j += streams) {
+        const float p = sm.scores[j];
         float f[8];
         load8<T>(vb + j * v_sl + d0, f);
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
     }
 #pragma unroll
-    for (int e = 0; e < 8; e++) partial[stream * d + d0 + e] = acc[e];
+    for (int e = 0; e < 8; e++) sm.partial[stream * d + d0 + e] = acc[e];
     __syncthreads();
-    const float inv = 1.f / total;
-    for (int i = tid; i < d; i += ATT_THREADS) {
-        float s = 0.f;
-        for (int st = 0; st < streams; st++) s += partial[st * d + i];
-        out[qo + i] = from_f<T>(s * inv);
-    }
+    return make_float2(mx, total);
+}
+
+// Element i of the weighted value sum attend_span left in sm.partial.
+__device__ __forceinline__ float att_out(const AttSmem& sm, int i, int d) {
+    float s = 0.f;
+    for (int st = 0; st < ATT_THREADS / (d >> 3); st++) s += sm.partial[st * d + i];
+    return s;
+}
+
+// Loads the query of (sequence blockIdx.y, head blockIdx.x) into sm.q; returns its offset.
+template <typename T> __device__ size_t load_query(AttSmem& sm, const T* __restrict__ q, int d, int heads) {
+    const size_t qo = ((size_t)blockIdx.y * heads + blockIdx.x) * d;
+    for (int i = threadIdx.x; i < d; i += ATT_THREADS) sm.q[i] = to_f(q[qo + i]);
+    __syncthreads();
+    return qo;
+}
+
+// Up to ATT_CHUNK positions (the caller takes the chunked kernels beyond).
+template <typename T>
+__device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                 T* __restrict__ out, int len, const unsigned int* __restrict__ pos, int d,
+                                 int heads, int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
+                                 long long v_sh, long long v_sl, float scale) {
+    __shared__ AttSmem sm;
+    if (pos != nullptr) len = (int)pos[0] + 1;
+    const int head = blockIdx.x, b = blockIdx.y, kvh = head / n_rep;
+    const size_t qo = load_query(sm, q, d, heads);
+    const float2 st = attend_span(sm, k + b * k_sb + kvh * k_sh, v + b * v_sb + kvh * v_sh, len, d, k_sl, v_sl, scale);
+    const float inv = 1.f / st.y;
+    for (int i = threadIdx.x; i < d; i += ATT_THREADS) out[qo + i] = from_f<T>(att_out(sm, i, d) * inv);
 }
 
 // Split-sequence attention (flash-decoding): block (head, sequence, chunk) takes positions
@@ -122,16 +136,12 @@ __device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ 
 // part[((b * heads + head) * nchunks + chunk) * (d + 2)] = (max, sum, o[d]); a chunk past the
 // length writes (-inf, 0). Then one block per head combines the chunks. Hundreds of blocks instead
 // of one per head: a 32-head model used 32 SMs, and at long contexts each read megabytes.
-#define ATT_CHUNK 256
 template <typename T>
 __device__ void attention_chunk(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 float* __restrict__ part, int len, const unsigned int* __restrict__ pos, int d,
                                 int heads, int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
                                 long long v_sh, long long v_sl, float scale) {
-    __shared__ float sq[256];
-    __shared__ float scores[ATT_CHUNK];
-    __shared__ float partial[ATT_THREADS * 8];
-    __shared__ float red[8];
+    __shared__ AttSmem sm;
     if (pos != nullptr) len = (int)pos[0] + 1;
     const int head = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
     float* out = part + (((size_t)b * heads + head) * nchunks + chunk) * (d + 2);
@@ -144,54 +154,13 @@ __device__ void attention_chunk(const T* __restrict__ q, const T* __restrict__ k
         return;
     }
     const int kvh = head / n_rep;
-    const size_t qo = ((size_t)b * heads + head) * d;
-    for (int i = tid; i < d; i += ATT_THREADS) sq[i] = to_f(q[qo + i]);
-    __syncthreads();
-    const T* kb = k + b * k_sb + kvh * k_sh;
-    const T* vb = v + b * v_sb + kvh * v_sh;
-    float lmax = -INFINITY;
-    for (int j = tid; j < n; j += ATT_THREADS) {
-        const T* kr = kb + (j0 + j) * k_sl;
-        float dot = 0.f;
-        for (int i = 0; i < d; i += 8) {
-            float f[8];
-            load8<T>(kr + i, f);
-#pragma unroll
-            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sq[i + e], dot);
-        }
-        dot *= scale;
-        scores[j] = dot;
-        lmax = fmaxf(lmax, dot);
-    }
-    const float mx = block_reduce(lmax, red, true);
-    float lsum = 0.f;
-    for (int j = tid; j < n; j += ATT_THREADS) {
-        const float p = __expf(scores[j] - mx);
-        scores[j] = p;
-        lsum += p;
-    }
-    const float total = block_reduce(lsum, red, false);
-    const int tpr = d >> 3, streams = ATT_THREADS / tpr;
-    const int stream = tid / tpr, d0 = (tid % tpr) * 8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j = stream; j < n; j += streams) {
-        const float p = scores[j];
-        float f[8];
-        load8<T>(vb + (j0 + j) * v_sl + d0, f);
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
-    }
-#pragma unroll
-    for (int e = 0; e < 8; e++) partial[stream * d + d0 + e] = acc[e];
-    __syncthreads();
-    for (int i = tid; i < d; i += ATT_THREADS) {
-        float s = 0.f;
-        for (int st = 0; st < streams; st++) s += partial[st * d + i];
-        out[2 + i] = s;
-    }
+    load_query(sm, q, d, heads);
+    const float2 st = attend_span(sm, k + b * k_sb + kvh * k_sh + j0 * k_sl, v + b * v_sb + kvh * v_sh + j0 * v_sl, n, d,
+                                  k_sl, v_sl, scale);
+    for (int i = tid; i < d; i += ATT_THREADS) out[2 + i] = att_out(sm, i, d);
     if (tid == 0) {
-        out[0] = mx;
-        out[1] = total;
+        out[0] = st.x;
+        out[1] = st.y;
     }
 }
 

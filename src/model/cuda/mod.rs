@@ -2,7 +2,6 @@
 //! single-query attention over the KV cache in place, silu(gate) * up, and the position-reading
 //! rotary embedding and KV-cache write of the CUDA-graph decode step (`super::graph`).
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -13,8 +12,6 @@ const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
 /// Positions per block of the split-sequence attention (ATT_CHUNK in decode.cu).
 const ATT_CHUNK: usize = 256;
-/// Shared memory the attention kernel may use (H100 and A100 allow more than this per block).
-const ATT_MAX_SMEM: usize = 160 * 1024;
 
 fn suffix(dt: DType) -> Option<&'static str> {
     match dt {
@@ -25,14 +22,10 @@ fn suffix(dt: DType) -> Option<&'static str> {
     }
 }
 
-fn att_smem(d: usize, len: usize) -> usize {
-    4 * (d + len + ATT_THREADS * 8 + 8)
-}
-
 /// Whether [`decode_attention`] takes these: CUDA, one query token, q `[b, heads, 1, d]`, k/v
 /// `[b, kv_heads, len, d]` of q's dtype with unit stride on `d`, `d` / 8 dividing 256.
 pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let (Ok((_, h, s, d)), Ok((_, kvh, len, _))) = (q.dims4(), k.dims4()) else { return false };
+    let (Ok((_, h, s, d)), Ok((_, kvh, _, _))) = (q.dims4(), k.dims4()) else { return false };
     let unit = |t: &Tensor| t.layout().stride().last() == Some(&1);
     q.device().is_cuda()
         && suffix(q.dtype()).is_some()
@@ -43,13 +36,13 @@ pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && h % kvh == 0
         && unit(k)
         && unit(v)
-        && attention_fits(d, len)
+        && attention_fits(d)
 }
 
-/// Whether the attention kernels take heads of `d` over `len` cached positions (beyond
-/// ATT_CHUNK positions the split-sequence kernels run, whose shared memory does not grow).
-pub fn attention_fits(d: usize, len: usize) -> bool {
-    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0 && (len > ATT_CHUNK || att_smem(d, len) <= ATT_MAX_SMEM)
+/// Whether the attention kernels take heads of `d` (any number of cached positions: beyond
+/// ATT_CHUNK the split-sequence kernels run).
+pub fn attention_fits(d: usize) -> bool {
+    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0
 }
 
 /// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
@@ -196,17 +189,10 @@ impl CustomOp3 for DecodeAttention {
         // split-sequence kernels; else one block per head.
         let chunks = len.div_ceil(ATT_CHUNK);
         let split = chunks > 1;
-        let (func, cfg) = if split {
-            let f = dev.get_or_load_custom_func(&format!("attention_chunk_{sfx}"), MODULE, PTX)?;
-            (f, LaunchConfig { grid_dim: (h as u32, b as u32, chunks as u32), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 })
-        } else {
-            let smem = att_smem(d, len);
-            let f = dev.get_or_load_custom_func(&format!("decode_attention_{sfx}"), MODULE, PTX)?;
-            if smem > 48 * 1024 {
-                f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-            }
-            (f, LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: smem as u32 })
-        };
+        let kernel = if split { "attention_chunk" } else { "decode_attention" };
+        let func = dev.get_or_load_custom_func(&format!("{kernel}_{sfx}"), MODULE, PTX)?;
+        let grid_z = if split { chunks as u32 } else { 1 };
+        let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, grid_z), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         let (len_, d_, h_, rep, chunks_) = (len as i32, d as i32, h as i32, (h / kvh) as i32, chunks as i32);
         let st = |s: &[usize], i: usize| s[i] as i64;
         let (ksb, ksh, ksl, vsb, vsh, vsl) = (st(kst, 0), st(kst, 1), st(kst, 2), st(vst, 0), st(vst, 1), st(vst, 2));
@@ -217,16 +203,15 @@ impl CustomOp3 for DecodeAttention {
                 let v = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
                 // SAFETY: the kernels write all b * h * d outputs (and every chunk's statistics).
                 let out = unsafe { dev.alloc::<$t>(b * h * d)? };
-                let part = unsafe { dev.alloc::<f32>(if split { b * h * chunks * (d + 2) } else { 1 })? };
+                let part = if split { Some(unsafe { dev.alloc::<f32>(b * h * chunks * (d + 2))? }) } else { None };
                 let mut bld = func.builder();
                 bld.arg(&q);
                 bld.arg(&k);
                 bld.arg(&v);
-                if split {
-                    bld.arg(&part);
-                } else {
-                    bld.arg(&out);
-                }
+                match &part {
+                    Some(p) => bld.arg(p),
+                    None => bld.arg(&out),
+                };
                 bld.arg(&len_);
                 bld.arg(&self.pos);
                 bld.arg(&d_);
@@ -241,10 +226,10 @@ impl CustomOp3 for DecodeAttention {
                 bld.arg(&self.scale);
                 // SAFETY: strides and sizes come from the layouts checked in attention_applies.
                 unsafe { bld.launch(cfg) }.w()?;
-                if split {
+                if let Some(part) = &part {
                     let combine = dev.get_or_load_custom_func(&format!("attention_combine_{sfx}"), MODULE, PTX)?;
                     let mut c = combine.builder();
-                    c.arg(&part);
+                    c.arg(part);
                     c.arg(&out);
                     c.arg(&chunks_);
                     c.arg(&d_);

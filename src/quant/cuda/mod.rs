@@ -302,7 +302,7 @@ impl CustomOp1 for Gemv<'_> {
         let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 };
         // Split k: per-slice sums, and the per-row-range arrival counters (left zeroed by the kernel).
         // SAFETY: the kernel writes every element of the workspace it reads.
-        let part = unsafe { dev.alloc::<f32>(if splits > 1 { splits * m * blocks as usize * 64 } else { 1 })? };
+        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks as usize * 64)? }) } else { None };
         let counters = device_ptr(&split_counters(&dev, blocks as usize)?, &stream)?;
         macro_rules! launch {
             ($t:ty) => {{
@@ -320,7 +320,12 @@ impl CustomOp1 for Gemv<'_> {
                 b.arg(&g);
                 b.arg(&m_);
                 b.arg(&nt);
-                b.arg(&part);
+                // Unsplit launches never touch the workspace: a null pointer.
+                let null = 0u64;
+                match &part {
+                    Some(p) => b.arg(p),
+                    None => b.arg(&null),
+                };
                 b.arg(&counters);
                 // SAFETY: the weights' buffers match n, np, k and g; x holds m * k elements; the
                 // workspace and counters are sized for the grid.

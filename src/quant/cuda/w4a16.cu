@@ -22,55 +22,8 @@
 //   4-deep pipeline; B is dequantized in registers right before the mma, as Marlin does.
 // w4_dequant_*: the dense weight, for the cuBLAS fallback (bf16/f32 prefill, odd group sizes).
 // poison_*: fills a buffer with NaN (the self-test's guard against unwritten outputs).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(float v) { return v; }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-    uint32_t d;
-    // (a & b) | c
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
-__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-// Dequantized fragments of one word: tile 2i (b0, b1) and tile 2i+1 (b0, b1), as half2.
-// zl = 1024 + zero, zh = -(64 + zero), s = scale (as half2 pairs) of the two tiles' rows.
-struct Dq {
-    __half2 a0, a1, b0, b1;
-};
-__device__ __forceinline__ Dq dequant_word(uint32_t w, __half2 zlA, __half2 zhA, __half2 sA, __half2 zlB,
-                                           __half2 zhB, __half2 sB) {
-    const __half2 sixteenth = __float2half2_rn(0.0625f);
-    Dq d;
-    uint32_t lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
-    uint32_t hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
-    d.a0 = __hmul2(__hsub2(as_h2(lo), zlA), sA);
-    d.a1 = __hmul2(__hfma2(as_h2(hi), sixteenth, zhA), sA);
-    w >>= 8;
-    lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
-    hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
-    d.b0 = __hmul2(__hsub2(as_h2(lo), zlB), sB);
-    d.b1 = __hmul2(__hfma2(as_h2(hi), sixteenth, zhB), sB);
-    return d;
-}
-
-// The (scale, zero) pair of a row as the half2 constants dequant_word wants.
-__device__ __forceinline__ void sz_consts(__half2 sz, __half2& zl, __half2& zh, __half2& s) {
-    const __half z = __high2half(sz);
-    s = __half2half2(__low2half(sz));
-    zl = __half2half2(__hadd(z, __float2half(1024.f)));
-    zh = __half2half2(__hneg(__hadd(z, __float2half(64.f))));
-}
+#include "common.cuh"
+#include "w4_dequant.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // GEMV
@@ -93,12 +46,6 @@ struct W4Sets {
 // (scale, zero) pairs of up to 3 groups for 64 rows: a round spans 64 k, at most 3 groups of 32.
 #define GEMV_SZ_BYTES (3 * 64 * 4)
 
-__device__ __forceinline__ void gemv_cp_async16(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void gemv_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void gemv_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 template <typename T> __device__ __forceinline__ float2 load_x2(const T* p);
 template <> __device__ __forceinline__ float2 load_x2<__half>(const __half* p) {
     return __half22float2(*reinterpret_cast<const __half2*>(p));
@@ -108,16 +55,6 @@ template <> __device__ __forceinline__ float2 load_x2<__nv_bfloat16>(const __nv_
 }
 template <> __device__ __forceinline__ float2 load_x2<float>(const float* p) {
     return *reinterpret_cast<const float2*>(p);
-}
-
-// c (f32) += a (f16 m16k16 fragment) x b (f16 k16n8 fragment).
-__device__ __forceinline__ void gemv_mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // MMA (f16 activations only): the products run on the tensor cores, Marlin-style: each unit word
@@ -199,14 +136,14 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
             for (int i = 0; i < 4; i++)
                 if (i < n_steps) {
                     const uint8_t* unit = reinterpret_cast<const uint8_t*>(q + ((size_t)(s + i) * nunits + nb) * 128);
-                    gemv_cp_async16(base + i * 512 + lane * 16, unit + lane * 16);
+                    cp_async16(base + i * 512 + lane * 16, unit + lane * 16);
                 }
             // Groups [ga, gb] (at most GEMV_SZ_GROUPS): 16 pieces of 16 bytes each.
             const int ga = round_groups(s), gb = min(groups - 1, ((s + n_steps) * 16 - 1) / g);
             const int pieces = (gb - ga + 1) * 16;
             for (int pc = lane; pc < pieces; pc += 32) {
                 const __half2* src = sz + (size_t)(ga + pc / 16) * np + nb * 64 + (pc % 16) * 4;
-                gemv_cp_async16(base + GEMV_UNITS_BYTES + pc * 16, src);
+                cp_async16(base + GEMV_UNITS_BYTES + pc * 16, src);
             }
             // Activations: 64 per token (n_steps * 16 of them valid), 16-byte pieces.
             constexpr int XP = 64 * (int)sizeof(T) / 16;  // pieces per token
@@ -214,16 +151,16 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
             for (int pc = lane; pc < MT * XP; pc += 32) {
                 const int t = pc / XP, o = pc % XP;
                 if (t < m && o < valid)
-                    gemv_cp_async16(base + GEMV_UNITS_BYTES + GEMV_SZ_BYTES + t * GEMV_XS * (int)sizeof(T) + o * 16,
+                    cp_async16(base + GEMV_UNITS_BYTES + GEMV_SZ_BYTES + t * GEMV_XS * (int)sizeof(T) + o * 16,
                                     reinterpret_cast<const uint8_t*>(x + (size_t)t * k + s * 16) + o * 16);
             }
         }
-        gemv_cp_commit();
+        cp_async_commit();
     };
 #pragma unroll
     for (int r = 0; r < GEMV_SLOTS - 1; r++) issue_round(s0 + 4 * r, r);
     for (int s = s0, round = 0; s < s1; s += 4, round++) {
-        gemv_cp_wait<GEMV_SLOTS - 2>();
+        cp_async_wait<GEMV_SLOTS - 2>();
         __syncwarp();  // every lane's pieces of this round have landed; last round's reads are done
         issue_round(s + 4 * (GEMV_SLOTS - 1), (round + GEMV_SLOTS - 1) % GEMV_SLOTS);
         const uint8_t* slot = ring + (round % GEMV_SLOTS) * SLOT;
@@ -255,7 +192,8 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                         const uint32_t w = slot_words[i * 128 + wi * 32 + lane];
                         const Dq d = dequant_word(w, zl[2 * wi], zh[2 * wi], sc2[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1],
                                                   sc2[2 * wi + 1]);
-                        gemv_mma16816(macc[wi], as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1), b0, b1);
+                        const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                        mma16816(macc[wi], a, b0, b1);
                     }
                 } else {
                 uint32_t words[4];
@@ -296,7 +234,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
             }
         }
     }
-    gemv_cp_wait<0>();
+    cp_async_wait<0>();
     if (!MMA && cur_group >= 0) flush();
     // The four lanes of a row group hold partial sums over different k; then the warps meet.
     __shared__ float red[GEMV_WARPS][MT][64];
@@ -366,27 +304,11 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
 #define GM_BK 64
 #define GM_STAGES 4
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr));
 }
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Shared memory of one stage: A [BM][64] f16 (rows of 128 bytes, 16-byte chunks XOR-swizzled by
 // row so ldmatrix reads are conflict-free), B 8 units of 512 bytes, and 128 (scale, zero) pairs.
 template <int WM> struct GemmSmem {
@@ -560,23 +482,16 @@ template <typename T> __device__ void poison(T* p, size_t n) {
     if (i < n) p[i] = from_f<T>(__int_as_float(0x7fc00000));
 }
 
+#define GEMV_ENTRY(NAME, T, MT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_##MT(                                \
+        W4Sets ws, const T* x, T* y, int k, int g, int m, int nt, float* part, unsigned int* counters) {   \
+        w4_gemv<T, MT, false>(ws, x, y, k, g, m, nt, part, counters);                                     \
+    }
 #define INSTANTIATE(NAME, T)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_1(W4Sets ws, const T* x, T* y, int k, int g, \
-                                                                       int m, int nt, float* part, unsigned int* counters) { \
-        w4_gemv<T, 1, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_2(W4Sets ws, const T* x, T* y, int k, int g, \
-                                                                       int m, int nt, float* part, unsigned int* counters) { \
-        w4_gemv<T, 2, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_4(W4Sets ws, const T* x, T* y, int k, int g, \
-                                                                       int m, int nt, float* part, unsigned int* counters) { \
-        w4_gemv<T, 4, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_8(W4Sets ws, const T* x, T* y, int k, int g, \
-                                                                       int m, int nt, float* part, unsigned int* counters) { \
-        w4_gemv<T, 8, false>(ws, x, y, k, g, m, nt, part, counters);                                                         \
-    }                                                                                                 \
+    GEMV_ENTRY(NAME, T, 1)                                                                            \
+    GEMV_ENTRY(NAME, T, 2)                                                                            \
+    GEMV_ENTRY(NAME, T, 4)                                                                            \
+    GEMV_ENTRY(NAME, T, 8)                                                                            \
     extern "C" __global__ void w4_dequant_##NAME(const uint4* q, const __half2* sz, T* w, int n, int np, int k,   \
                                                  int g) {                                             \
         w4_dequant<T>(q, sz, w, n, np, k, g);                                                         \

@@ -10,8 +10,8 @@
 // Block: 2 warpgroups (weight rows 0-63 and 64-127 of the tile) x 128 tokens x k 64 per stage,
 // cp.async into a 4-deep pipeline; wgmma m64n128k16 with f32 accumulators. Requires k % 64 == 0
 // and group size % 64 == 0 (one group per stage).
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
+#include "w4_dequant.cuh"
 
 #define SM90_BN 128      // weight rows per block
 #define SM90_BT 128      // tokens per block
@@ -22,21 +22,6 @@
 #define SM90_SZ_BYTES (SM90_BN * 4)
 // X tiles first (each 1024-aligned), then weights, then scales; +1024 for aligning the base.
 #define SM90_SMEM (SM90_STAGES * (SM90_X_BYTES + SM90_W_BYTES + SM90_SZ_BYTES) + 1024)
-
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
-__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart.
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
@@ -134,7 +119,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     }
     // This lane's weight rows within the tile (A fragment rows g and g + 8 of warp w).
     const int r0 = wg * 64 + w * 16 + gi, r1 = r0 + 8;
-    const __half2 sixteenth = __float2half2_rn(0.0625f);
     for (int kt = 0; kt < ktiles; kt++) {
         cp_async_wait<SM90_STAGES - 2>();
         // cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
@@ -144,26 +128,20 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         cp_async_commit();
 
         const int stage = kt % SM90_STAGES;
-        const __half2 p0 = sz_p0[stage * SM90_BN + r0], p1 = sz_p0[stage * SM90_BN + r1];
-        const __half2 s0 = __half2half2(__low2half(p0)), s1 = __half2half2(__low2half(p1));
-        const __half2 zl0 = __half2half2(__hadd(__high2half(p0), __float2half(1024.f)));
-        const __half2 zl1 = __half2half2(__hadd(__high2half(p1), __float2half(1024.f)));
-        const __half2 zh0 = __half2half2(__hneg(__hadd(__high2half(p0), __float2half(64.f))));
-        const __half2 zh1 = __half2half2(__hneg(__hadd(__high2half(p1), __float2half(64.f))));
+        __half2 zl0, zh0, s0, zl1, zh1, s1;
+        sz_consts(sz_p0[stage * SM90_BN + r0], zl0, zh0, s0);
+        sz_consts(sz_p0[stage * SM90_BN + r1], zl1, zh1, s1);
         uint32_t a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            uint32_t word = w_p0[stage * (SM90_W_BYTES / 4) + (kk * 2 + wg) * 128 + w * 32 + lane];
-            // Nibbles (0,4), (1,5): row r0, k 2t.. and 2t+8..; (2,6), (3,7): row r1.
-            uint32_t lo = lop3_and_or(word, 0x000F000Fu, 0x64006400u);
-            uint32_t hi = lop3_and_or(word, 0x00F000F0u, 0x64006400u);
-            a[kk][0] = as_u32(__hmul2(__hsub2(as_h2(lo), zl0), s0));
-            a[kk][2] = as_u32(__hmul2(__hfma2(as_h2(hi), sixteenth, zh0), s0));
-            word >>= 8;
-            lo = lop3_and_or(word, 0x000F000Fu, 0x64006400u);
-            hi = lop3_and_or(word, 0x00F000F0u, 0x64006400u);
-            a[kk][1] = as_u32(__hmul2(__hsub2(as_h2(lo), zl1), s1));
-            a[kk][3] = as_u32(__hmul2(__hfma2(as_h2(hi), sixteenth, zh1), s1));
+            const uint32_t word = w_p0[stage * (SM90_W_BYTES / 4) + (kk * 2 + wg) * 128 + w * 32 + lane];
+            // Tile 2w (row r0) and 2w + 1 (row r1) of the word are the A fragment of rows r0, r1:
+            // a0 row r0 k 2t.., a1 row r1 k 2t.., a2 row r0 k 2t+8.., a3 row r1 k 2t+8...
+            const Dq d = dequant_word(word, zl0, zh0, s0, zl1, zh1, s1);
+            a[kk][0] = as_u32(d.a0);
+            a[kk][1] = as_u32(d.b0);
+            a[kk][2] = as_u32(d.a1);
+            a[kk][3] = as_u32(d.b1);
         }
         const uint32_t xs = x_s0 + stage * SM90_X_BYTES;
         wgmma_fence();
