@@ -42,3 +42,36 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Up to 8 device ranges to pull into L2 ahead of the kernel that reads them (the next layer's
+// weights, while a latency-bound kernel leaves DRAM idle). Mirrors `L2Prefetch` in
+// src/quant/cuda/prefetch.rs; bytes are multiples of 16, empty ranges have bytes 0.
+struct L2Prefetch {
+    unsigned long long ptr[8];
+    unsigned long long bytes[8];
+};
+
+#define L2_PREFETCH_CHUNK 4096u
+
+// Block `block` of `blocks` (thread threadIdx.x of blockDim.x) issues its share of the ranges as
+// bulk L2 prefetches of up to 4 KB, chunk c going to block c % blocks: an SM's TMA unit takes
+// its time over each, so a few blocks issuing megabytes would hold their kernel up for tens of
+// microseconds; spread over every SM the issue costs about a microsecond. Nothing waits for the
+// data. Compute 9.0 and newer; older cards skip the hint.
+__device__ __forceinline__ void l2_prefetch(const L2Prefetch& p, unsigned block, unsigned blocks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned long long part = (unsigned long long)threadIdx.x * blocks + block;
+    const unsigned long long parts = (unsigned long long)blockDim.x * blocks;
+#pragma unroll  // constant indices: the parameter struct is not copied to local memory
+    for (int r = 0; r < 8; r++) {
+        const unsigned long long bytes = p.bytes[r];
+        const unsigned long long chunks = (bytes + L2_PREFETCH_CHUNK - 1) / L2_PREFETCH_CHUNK;
+        for (unsigned long long c = part; c < chunks; c += parts) {
+            const unsigned long long off = c * L2_PREFETCH_CHUNK;
+            const unsigned size = (unsigned)min((unsigned long long)L2_PREFETCH_CHUNK, bytes - off) & ~15u;
+            if (size > 0)
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p.ptr[r] + off), "r"(size) : "memory");
+        }
+    }
+#endif
+}

@@ -142,8 +142,7 @@ impl DecodeGraph {
         let body = |cache: &mut Cache| -> Result<()> {
             let token = step.narrow(0, 0, 1)?.reshape((1, 1))?;
             let pos = step.narrow(0, 1, 1)?;
-            let x = model.hidden_states_at(&token, &pos, cache)?;
-            let l = model.head(&x)?.reshape((1, vocab))?;
+            let l = model.logits_at(&token, &pos, cache)?.reshape((1, vocab))?;
             logits.slice_set(&l, 0, 0)
         };
         let _uploads = dev.enable_cuda_graph_htod_cache();

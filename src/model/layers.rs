@@ -1,5 +1,6 @@
 //! Building blocks of the LLaMA-family decoder: RMS norm, rotary embedding, KV cache.
 use super::config::Config;
+use crate::quant::L2Prefetch;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// RMS norm with a public weight, so the AWQ pass can fold scales into it.
@@ -15,6 +16,21 @@ impl RmsNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+    /// `(x + delta, norm(x + delta))` (`(x, norm(x))` without `delta`): the residual add and the
+    /// norm after it, one kernel on CUDA that also pulls `prefetch` (the next GEMV's weights) into L2.
+    pub fn forward_residual(&self, x: &Tensor, delta: Option<&Tensor>, prefetch: &L2Prefetch) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if super::cuda::add_rms_norm_applies(x, delta, &self.weight) {
+            return super::cuda::add_rms_norm(x, delta, &self.weight, self.eps as f32, prefetch);
+        }
+        let _ = prefetch;
+        let sum = match delta {
+            Some(d) => (x + d)?,
+            None => x.clone(),
+        };
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
     }
 }
 
@@ -232,11 +248,13 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
     y.to_dtype(dt)
 }
 
-/// silu(gate) * up: one fused kernel on CUDA, tensor ops elsewhere.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// silu(gate) * up: one fused kernel on CUDA (which also pulls `prefetch`, down_proj's weights,
+/// into L2), tensor ops elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor, prefetch: &L2Prefetch) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::cuda::silu_mul_applies(gate, up) {
-        return super::cuda::silu_mul(gate, up);
+        return super::cuda::silu_mul(gate, up, prefetch);
     }
+    let _ = prefetch;
     gate.silu()? * up
 }

@@ -1,5 +1,6 @@
 //! One trait for every linear layer, so a dense layer and a 4-bit layer are interchangeable in the
 //! model (the AWQ pass swaps them, checkpoints decide which one is loaded).
+use crate::quant::L2Prefetch;
 use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
 
@@ -21,15 +22,37 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn as_quant(&self) -> Option<&crate::quant::QuantLinear> {
         None
     }
+    /// The device buffers a forward pass streams (the weights), for L2 prefetch hints; empty
+    /// where hints do not apply.
+    fn device_buffers(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+    /// [`LinearLayer::forward`], and where the kernel can (the 4-bit GEMV on CUDA), pulling the
+    /// ranges of `next` (the next layer's weights) into L2 as it finishes.
+    fn forward_prefetch(&self, x: &Tensor, next: &L2Prefetch) -> Result<Tensor> {
+        let _ = next;
+        self.forward(x)
+    }
+}
+
+/// The L2 prefetch hint for the weights of `layers` (see [`crate::quant::prefetch`]).
+pub fn prefetch_hint(layers: &[&Linear]) -> L2Prefetch {
+    let buffers: Vec<Tensor> = layers.iter().flat_map(|l| l.device_buffers()).collect();
+    L2Prefetch::of(&buffers)
 }
 
 /// `x` through several layers that share it (q/k/v, gate/up): one fused launch where the layers'
 /// kernels allow it (4-bit weights on CUDA, few tokens), else one forward per layer.
 pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    if let Some(out) = crate::quant::linear::forward_fused(layers, x)? {
+    forward_shared_prefetch(layers, x, &L2Prefetch::none())
+}
+
+/// [`forward_shared`], with `next` pulled into L2 by the fused kernel as it finishes.
+pub fn forward_shared_prefetch(layers: &[&Linear], x: &Tensor, next: &L2Prefetch) -> Result<Vec<Tensor>> {
+    if let Some(out) = crate::quant::linear::forward_fused(layers, x, next)? {
         return Ok(out);
     }
-    layers.iter().map(|l| l.forward(x)).collect()
+    layers.iter().map(|l| l.forward_prefetch(x, next)).collect()
 }
 
 pub type Linear = Arc<dyn LinearLayer>;
@@ -78,5 +101,12 @@ impl LinearLayer for DenseLinear {
     }
     fn kind(&self) -> &'static str {
         "dense"
+    }
+    fn device_buffers(&self) -> Vec<Tensor> {
+        if self.inner.weight().device().is_cuda() {
+            vec![self.inner.weight().clone()]
+        } else {
+            Vec::new()
+        }
     }
 }

@@ -5,6 +5,7 @@
 use super::config::Config;
 use super::layers::{causal_mask, softmax_f32, Cache, KvCache, RmsNorm, Rope};
 use super::linear::{DenseLinear, Linear};
+use crate::quant::L2Prefetch;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -72,16 +73,17 @@ impl Attention {
         })
     }
 
-    /// The attention output before o_proj, `[b, seq, heads * head_dim]`.
-    pub fn attend(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    /// The attention output before o_proj, `[b, seq, heads * head_dim]`. `o_hint`: o_proj's
+    /// weights, pulled into L2 by the q/k/v GEMV where it can.
+    pub fn attend(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, o_hint: &L2Prefetch) -> Result<Tensor> {
         let (rope, offset, mask) = (ctx.rope, ctx.offset, ctx.mask);
         #[cfg(feature = "cuda")]
         if let (Some(pos), Some((kv, _))) = (ctx.step, cache.as_ref()) {
-            return self.attend_at(x, rope, pos, kv);
+            return self.attend_at(x, rope, pos, kv, o_hint);
         }
         let (b, seq, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = super::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let qkv = super::linear::forward_shared_prefetch(&[&self.q_proj, &self.k_proj, &self.v_proj], x, o_hint)?;
         let q = qkv[0].reshape((b, seq, h, hd))?;
         let k = qkv[1].reshape((b, seq, kvh, hd))?;
         let v = qkv[2].reshape((b, seq, kvh, hd))?;
@@ -126,9 +128,9 @@ impl Attention {
     /// One token at the position held on the device by `pos` (u32), the cache's buffers allocated
     /// to capacity: what the CUDA-graph decode step captures (see `super::graph`). Nothing here
     /// depends on host-side position state, so the captured graph replays at any position.
-    fn attend_at(&self, x: &Tensor, rope: &Rope, pos: &Tensor, kv: &KvCache) -> Result<Tensor> {
+    fn attend_at(&self, x: &Tensor, rope: &Rope, pos: &Tensor, kv: &KvCache, o_hint: &L2Prefetch) -> Result<Tensor> {
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = super::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let qkv = super::linear::forward_shared_prefetch(&[&self.q_proj, &self.k_proj, &self.v_proj], x, o_hint)?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&qkv[0].reshape((1, 1, h, hd))?)?, kn.forward(&qkv[1].reshape((1, 1, kvh, hd))?)?),
             _ => (qkv[0].clone(), qkv[1].clone()),
@@ -145,7 +147,7 @@ impl Attention {
     /// The attention module alone, without a cache (input_layernorm output in, o_proj output
     /// out), as the AWQ loss for the q/k/v group measures it.
     pub fn forward(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let attn = self.attend(normed, ctx, None)?;
+        let attn = self.attend(normed, ctx, None, &L2Prefetch::none())?;
         self.o_proj.forward(&attn)
     }
 }
@@ -168,12 +170,33 @@ impl Mlp {
     }
     /// The input of down_proj: silu(gate(x)) * up(x).
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = super::linear::forward_shared(&[&self.gate_proj, &self.up_proj], x)?;
-        super::layers::silu_mul(&gu[0], &gu[1])
+        self.hidden_prefetch(x, &L2Prefetch::none())
+    }
+    /// [`Mlp::hidden`], pulling `down_hint` (down_proj's weights) into L2 on the way.
+    fn hidden_prefetch(&self, x: &Tensor, down_hint: &L2Prefetch) -> Result<Tensor> {
+        let gu = super::linear::forward_shared_prefetch(&[&self.gate_proj, &self.up_proj], x, down_hint)?;
+        super::layers::silu_mul(&gu[0], &gu[1], down_hint)
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj.forward(&self.hidden(x)?)
     }
+}
+
+/// The L2 prefetch hints of one block: each names the weights of the GEMV that the kernels
+/// holding the hint precede (all empty outside few-token CUDA forwards).
+#[derive(Debug, Clone, Copy, Default)]
+struct BlockHints {
+    qkv: L2Prefetch,
+    o: L2Prefetch,
+    gate_up: L2Prefetch,
+    down: L2Prefetch,
+    next: L2Prefetch,
+}
+
+/// Whether `x` (`[..., hidden]`) is a decode-sized batch on a GPU, where L2 hints pay.
+fn few_tokens_on_gpu(x: &Tensor) -> bool {
+    let h = x.dims().last().copied().unwrap_or(1).max(1);
+    x.device().is_cuda() && x.elem_count() / h <= crate::quant::prefetch::HINT_MAX_TOKENS && crate::quant::prefetch::budget() > 0
 }
 
 /// What every block of one forward pass shares.
@@ -209,20 +232,57 @@ impl Block {
     }
 
     /// Runs the block. With `capture`, the input of every linear layer is recorded there.
-    pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, mut capture: Option<&mut LinearInputs>) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.attend(&normed, ctx, cache)?;
-        let x = (x + self.self_attn.o_proj.forward(&attn)?)?;
-        let normed2 = self.post_attention_layernorm.forward(&x)?;
-        let hidden = self.mlp.hidden(&normed2)?;
-        let out = (&x + self.mlp.down_proj.forward(&hidden)?)?;
+    pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, capture: Option<&mut LinearInputs>) -> Result<Tensor> {
+        let (x, delta) = self.forward_split(x, None, ctx, cache, capture, &L2Prefetch::none())?;
+        x + delta
+    }
+
+    /// The block on the input `x + delta` (the previous block's residual and its unadded MLP
+    /// output, so the add runs fused with this block's first norm), returning its own residual
+    /// stream and MLP output unadded. For a few tokens on CUDA every kernel before a GEMV pulls
+    /// that GEMV's weights into L2, and the last GEMV pulls in `next` (the next block's q/k/v or
+    /// the lm_head), see [`crate::quant::prefetch`].
+    pub fn forward_split(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        ctx: &BlockContext,
+        cache: Option<(&mut KvCache, usize)>,
+        mut capture: Option<&mut LinearInputs>,
+        next: &L2Prefetch,
+    ) -> Result<(Tensor, Tensor)> {
+        let hints = if few_tokens_on_gpu(x) { self.prefetch_hints(*next) } else { BlockHints::default() };
+        let (x, normed) = self.input_layernorm.forward_residual(x, delta, &hints.qkv)?;
+        let attn = self.self_attn.attend(&normed, ctx, cache, &hints.o)?;
+        let o = self.self_attn.o_proj.forward_prefetch(&attn, &hints.gate_up)?;
+        let (x, normed2) = self.post_attention_layernorm.forward_residual(&x, Some(&o), &hints.gate_up)?;
+        let hidden = self.mlp.hidden_prefetch(&normed2, &hints.down)?;
+        let down = self.mlp.down_proj.forward_prefetch(&hidden, &hints.next)?;
         if let Some(c) = capture.as_deref_mut() {
             c.qkv = Some(normed);
             c.o_proj = Some(attn);
             c.gate_up = Some(normed2);
             c.down_proj = Some(hidden);
         }
-        Ok(out)
+        Ok((x, down))
+    }
+
+    /// The block's q/k/v weights as one L2 prefetch hint (what the previous block's last GEMV
+    /// pulls in).
+    pub fn qkv_hint(&self) -> L2Prefetch {
+        let a = &self.self_attn;
+        super::linear::prefetch_hint(&[&a.q_proj, &a.k_proj, &a.v_proj])
+    }
+
+    fn prefetch_hints(&self, next: L2Prefetch) -> BlockHints {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        BlockHints {
+            qkv: self.qkv_hint(),
+            o: super::linear::prefetch_hint(&[&a.o_proj]),
+            gate_up: super::linear::prefetch_hint(&[&m.gate_proj, &m.up_proj]),
+            down: super::linear::prefetch_hint(&[&m.down_proj]),
+            next,
+        }
     }
 
 
@@ -343,21 +403,42 @@ impl Model {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = self.mask(seq, offset)?;
         let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref(), step: None };
-        let mut x = self.embed(tokens)?;
-        match cache {
+        let x = self.embed(tokens)?;
+        let (x, delta) = match cache {
             Some(cache) => {
                 let cap = cache.capacity;
-                for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(&x, &ctx, Some((kv, cap)), None)?;
-                }
+                let mut kv = cache.layers.iter_mut();
+                self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, kv.next().map(|c| (c, cap)), None, next))?
             }
-            None => {
-                for block in &self.layers {
-                    x = block.forward(&x, &ctx, None, None)?;
-                }
-            }
+            None => self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, None, None, next))?,
+        };
+        match delta {
+            Some(d) => x + d,
+            None => Ok(x),
         }
-        Ok(x)
+    }
+
+    /// Runs the blocks in order, each taking the previous one's unadded output (see
+    /// [`Block::forward_split`]) and the prefetch hint of what follows it; returns the last
+    /// residual stream and MLP output.
+    fn blocks(
+        &self,
+        mut x: Tensor,
+        mut run: impl FnMut(&Block, &Tensor, Option<&Tensor>, &L2Prefetch) -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let hints = few_tokens_on_gpu(&x);
+        let mut delta: Option<Tensor> = None;
+        for (i, block) in self.layers.iter().enumerate() {
+            let next = match (hints, self.layers.get(i + 1)) {
+                (false, _) => L2Prefetch::none(),
+                (true, Some(b)) => b.qkv_hint(),
+                (true, None) => super::linear::prefetch_hint(&[&self.lm_head]),
+            };
+            let (nx, d) = run(block, &x, delta.as_ref(), &next)?;
+            x = nx;
+            delta = Some(d);
+        }
+        Ok((x, delta))
     }
 
     /// Runs `f` on the CPU thread pool. A forward pass issues hundreds of small parallel ops;
@@ -371,18 +452,18 @@ impl Model {
         }
     }
 
-    /// Hidden states `[1, 1, hidden]` of one token whose id and position are on the device
+    /// Logits `[1, 1, vocab]` (f32) of one token whose id and position are on the device
     /// (`token` `[1, 1]`, `pos` `[1]`, u32), the cache buffers at capacity: the body of the CUDA
     /// graph of a decode step. Does not advance the cache's host-side length.
     #[cfg(feature = "cuda")]
-    pub(crate) fn hidden_states_at(&self, token: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+    pub(crate) fn logits_at(&self, token: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let ctx = BlockContext { rope: &self.rope, offset: 0, mask: None, step: Some(pos) };
         let cap = cache.capacity;
-        let mut x = self.embed(token)?;
-        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &ctx, Some((kv, cap)), None)?;
-        }
-        Ok(x)
+        let mut kv = cache.layers.iter_mut();
+        let x = self.embed(token)?;
+        let (x, delta) = self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, kv.next().map(|c| (c, cap)), None, next))?;
+        let (_, normed) = self.norm.forward_residual(&x, delta.as_ref(), &L2Prefetch::none())?;
+        self.lm_head.forward(&normed)?.to_dtype(DType::F32)
     }
 
     /// Logits of the last position, `[b, vocab]` f32; appends to `cache`. On CUDA, single-token

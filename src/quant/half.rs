@@ -137,4 +137,11 @@ impl LinearLayer for HalfLinear {
     fn kind(&self) -> &'static str {
         "f16-weight"
     }
+    fn device_buffers(&self) -> Vec<Tensor> {
+        if self.weight.device().is_cuda() {
+            vec![self.weight.clone()]
+        } else {
+            Vec::new()
+        }
+    }
 }

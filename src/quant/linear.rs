@@ -221,13 +221,33 @@ impl LinearLayer for QuantLinear {
     fn as_quant(&self) -> Option<&QuantLinear> {
         Some(self)
     }
+    fn device_buffers(&self) -> Vec<Tensor> {
+        match &self.repr {
+            #[cfg(feature = "cuda")]
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => vec![c.q.clone(), c.sz.clone()],
+            Repr::Dequantized { dense, .. } => dense.device_buffers(),
+            _ => Vec::new(),
+        }
+    }
+    fn forward_prefetch(&self, x: &Tensor, next: &super::L2Prefetch) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } = &self.repr {
+            let tokens = x.elem_count() / c.k.max(1);
+            if tokens <= super::cuda::GEMV_MAX_TOKENS && !next.is_empty() {
+                let opts = super::cuda::GemvOptions { prefetch: *next, ..Default::default() };
+                return self.add_bias(super::cuda::gemv_many_with(&[c], x, opts, false)?);
+            }
+        }
+        let _ = next;
+        self.forward(x)
+    }
 }
 
 /// Several 4-bit layers sharing the input `x` in one CUDA GEMV launch (up to three, few tokens,
 /// same input width and group size); `None` where that does not apply.
 #[cfg(feature = "cuda")]
-pub fn forward_fused(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    use super::cuda::{gemv_many, GEMV_MAX_SETS, GEMV_MAX_TOKENS};
+pub fn forward_fused(layers: &[&Linear], x: &Tensor, next: &super::L2Prefetch) -> Result<Option<Vec<Tensor>>> {
+    use super::cuda::{GEMV_MAX_SETS, GEMV_MAX_TOKENS};
     if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
         return Ok(None);
     }
@@ -242,7 +262,8 @@ pub fn forward_fused(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor
     if cuda.iter().any(|c| c.k != k || c.group_size != cuda[0].group_size) {
         return Ok(None);
     }
-    let y = gemv_many(&cuda, x, false)?;
+    let opts = super::cuda::GemvOptions { prefetch: *next, ..Default::default() };
+    let y = super::cuda::gemv_many_with(&cuda, x, opts, false)?;
     let mut start = 0;
     let mut out = Vec::with_capacity(layers.len());
     for (q, c) in quant.iter().zip(&cuda) {
@@ -253,6 +274,6 @@ pub fn forward_fused(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn forward_fused(_: &[&Linear], _: &Tensor) -> Result<Option<Vec<Tensor>>> {
+pub fn forward_fused(_: &[&Linear], _: &Tensor, _: &super::L2Prefetch) -> Result<Option<Vec<Tensor>>> {
     Ok(None)
 }

@@ -92,10 +92,14 @@ impl TiledQ4 {
 /// (`resident` = SMs x blocks per SM), rounded down. A 4096-row layer has only 64 row ranges of
 /// 64, a few SMs' worth, and an 11008-row one 172: 1.3 blocks per SM unsplit, leaving SMs idle for
 /// a third of the launch (measured with Nsight Compute on an H100); three slices of 4-warp blocks,
-/// four resident per SM, fill one wave. Each slice keeps at least one k16 step per warp.
+/// four resident per SM, fill one wave. At most 8 slices; each slice keeps at least one k16 step
+/// per warp.
 pub fn gemv_splits(blocks: usize, ksteps: usize, resident: usize) -> usize {
-    (resident / blocks.max(1)).clamp(1, (ksteps / 4).clamp(1, 8))
+    (resident / blocks.max(1)).clamp(1, (ksteps / 4).clamp(1, MAX_GEMV_SPLITS))
 }
+
+/// Most k slices of a GEMV launch (see [`gemv_splits`]).
+pub const MAX_GEMV_SPLITS: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -172,5 +176,6 @@ mod tests {
         assert_eq!(gemv_splits(500, 256, 528), 1); // 32000 rows
         assert_eq!(gemv_splits(344, 256, 528), 1); // gate + up of 11008 each
         assert_eq!(gemv_splits(3, 4, 528), 1); // tiny k: one k16 step per warp at least
+        assert_eq!(gemv_splits(8, 1024, 528), MAX_GEMV_SPLITS);
     }
 }

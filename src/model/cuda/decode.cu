@@ -9,6 +9,9 @@
 //   of the decode step replays at any position.
 // silu_mul_*: silu(a) * b over rows with their own strides (the gate and up halves of a fused
 //   GEMV output, or two separate tensors): one launch instead of two.
+// add_rms_norm_*: the residual add and the RMS norm after it, one launch.
+// add_rms_norm and silu_mul precede GEMVs in decode and take an L2Prefetch (common.cuh): extra
+// blocks on otherwise idle SMs pull the GEMV's weights into L2 while DRAM would sit idle.
 // rope_pos_*, kv_write_*: the rotary embedding of one token's queries, and of its key written into
 //   the KV cache with its value, at the position read from the device (CUDA-graph decode).
 #include "common.cuh"
@@ -188,12 +191,112 @@ __device__ void attention_combine(const float* __restrict__ part, T* __restrict_
 
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int rows, int cols,
-                         long long sa, long long sb) {
+                         long long sa, long long sb, const L2Prefetch& pf) {
+    // Blocks past the elements only issue the L2 hint (spread over idle SMs, see l2_prefetch).
+    const unsigned work = (unsigned)(((size_t)rows * cols + blockDim.x - 1) / blockDim.x);
+    if (blockIdx.x >= work) {
+        l2_prefetch(pf, blockIdx.x - work, gridDim.x - work);
+        return;
+    }
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * cols) return;
     const int r = (int)(i / cols), c = (int)(i % cols);
     const float x = to_f(a[r * sa + c]);
     out[i] = from_f<T>(x / (1.f + __expf(-x)) * to_f(b[r * sb + c]));
+}
+
+#define NORM_THREADS 512
+// Row elements a thread keeps in registers between the sum of squares and the scaling: rows of
+// up to 16 x 512 = 8192 take one pass over memory with 16-byte loads.
+#define NORM_PER_THREAD 16
+
+// 8 consecutive floats stored as T (16-byte aligned for 16-bit types, 32-byte for f32).
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* f) {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++) e[i] = from_f<T>(f[i]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+template <> __device__ __forceinline__ void store8<float>(float* p, const float* f) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+__device__ __forceinline__ float norm_block_sum(float v) {
+    __shared__ float red[NORM_THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; i++) total += red[i];
+    return total;
+}
+
+// The residual add fused with the RMS norm that follows it: sum = x + delta (rounded to T, as the
+// separate add would), normed = rsqrt(mean(sum^2) + eps) * sum * w, in f32 like candle's rms_norm.
+// One block per row; without delta only the norm (sum is then not written). One launch where
+// there were two; blocks past the rows issue the L2 hint for the GEMV that reads `normed`.
+// `vec`: h % 8 == 0, h <= NORM_THREADS * NORM_PER_THREAD and 16-byte aligned rows; the row is
+// then read once with 16-byte loads and held in registers (a latency-bound kernel: every
+// dependent round trip to memory shows in the decode step); else an element loop.
+template <typename T>
+__device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delta, T* __restrict__ sum,
+                             T* __restrict__ normed, const T* __restrict__ w, int rows, int h, float eps, bool vec,
+                             const L2Prefetch& pf) {
+    if ((int)blockIdx.x >= rows) {
+        l2_prefetch(pf, blockIdx.x - rows, gridDim.x - rows);
+        return;
+    }
+    const size_t row = (size_t)blockIdx.x * h;
+    if (vec) {
+        float v[NORM_PER_THREAD];
+        float ss = 0.f;
+#pragma unroll
+        for (int c = 0; c < NORM_PER_THREAD / 8; c++) {
+            const int i = (threadIdx.x + c * NORM_THREADS) * 8;
+            if (i < h) {
+                load8<T>(x + row + i, v + 8 * c);
+                if (delta != nullptr) {
+                    float d[8];
+                    load8<T>(delta + row + i, d);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) v[8 * c + e] = to_f(from_f<T>(v[8 * c + e] + d[e]));
+                    store8<T>(sum + row + i, v + 8 * c);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss = fmaf(v[8 * c + e], v[8 * c + e], ss);
+            }
+        }
+        const float scale = rsqrtf(norm_block_sum(ss) / h + eps);
+#pragma unroll
+        for (int c = 0; c < NORM_PER_THREAD / 8; c++) {
+            const int i = (threadIdx.x + c * NORM_THREADS) * 8;
+            if (i < h) {
+                float wf[8], o[8];
+                load8<T>(w + i, wf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = scale * v[8 * c + e] * wf[e];
+                store8<T>(normed + row + i, o);
+            }
+        }
+        return;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < h; i += NORM_THREADS) {
+        float v = to_f(x[row + i]);
+        if (delta != nullptr) {
+            const T s = from_f<T>(v + to_f(delta[row + i]));
+            sum[row + i] = s;
+            v = to_f(s);
+        }
+        ss = fmaf(v, v, ss);
+    }
+    const float scale = rsqrtf(norm_block_sum(ss) / h + eps);
+    const T* src = delta != nullptr ? sum : x;  // this thread's own writes: no barrier needed
+    for (int i = threadIdx.x; i < h; i += NORM_THREADS) normed[row + i] = from_f<T>(scale * to_f(src[row + i]) * to_f(w[i]));
 }
 
 // Rotate-half (HF) rotary embedding of one head: grid = heads, d / 2 threads per head.
@@ -252,8 +355,13 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
         attention_combine<T>(part, out, nchunks, d, heads);                                               \
     }                                                                                                     \
     extern "C" __global__ void silu_mul_##NAME(const T* a, const T* b, T* out, int rows, int cols, long long sa, \
-                                               long long sb) {                                            \
-        silu_mul<T>(a, b, out, rows, cols, sa, sb);                                                       \
+                                               long long sb, L2Prefetch pf) {                             \
+        silu_mul<T>(a, b, out, rows, cols, sa, sb, pf);                                                   \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rms_norm_##NAME(                      \
+        const T* x, const T* delta, T* sum, T* normed, const T* w, int rows, int h, float eps, int vec,   \
+        L2Prefetch pf) {                                                                                  \
+        add_rms_norm<T>(x, delta, sum, normed, w, rows, h, eps, vec != 0, pf);                            \
     }
 
 INSTANTIATE(f16, __half)

@@ -2,9 +2,10 @@
 //! single-query attention over the KV cache in place, silu(gate) * up, and the position-reading
 //! rotary embedding and KV-cache write of the CUDA-graph decode step (`super::graph`).
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::quant::L2Prefetch;
+use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -125,9 +126,117 @@ pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tenso
 }
 
 /// silu(a) · b; `a` and `b` `[..., cols]` with unit stride on the last dimension and one row stride
-/// each (the halves of a fused gate/up output qualify). Other devices use tensor ops.
-pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &SiluMul)
+/// each (the halves of a fused gate/up output qualify). Other devices use tensor ops. `prefetch`:
+/// ranges (down_proj's weights) pulled into L2 meanwhile.
+pub fn silu_mul(a: &Tensor, b: &Tensor, prefetch: &L2Prefetch) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &SiluMul { prefetch: *prefetch })
+}
+
+/// Threads of an add_rms_norm block and row elements each keeps in registers (NORM_THREADS,
+/// NORM_PER_THREAD in decode.cu).
+const NORM_THREADS: usize = 512;
+const NORM_PER_THREAD: usize = 16;
+
+/// Whether [`add_rms_norm`] takes these: CUDA, a supported dtype shared by all, `x` (and `delta`)
+/// contiguous `[..., h]` of the same shape, `w` `[h]`.
+pub fn add_rms_norm_applies(x: &Tensor, delta: Option<&Tensor>, w: &Tensor) -> bool {
+    let h = x.dims().last().copied().unwrap_or(0);
+    x.device().is_cuda()
+        && suffix(x.dtype()).is_some()
+        && x.is_contiguous()
+        && h > 0
+        && w.dims() == [h]
+        && w.dtype() == x.dtype()
+        && delta.is_none_or(|d| d.dims() == x.dims() && d.dtype() == x.dtype() && d.is_contiguous())
+}
+
+/// `(x + delta, rms_norm(x + delta) · w)` in one launch (`x` itself and its norm without `delta`),
+/// the sum rounded to the dtype before the norm as the separate ops do; the norm in f32 with
+/// candle's formula. `prefetch`: ranges (the next GEMV's weights) pulled into L2 meanwhile.
+pub fn add_rms_norm(x: &Tensor, delta: Option<&Tensor>, w: &Tensor, eps: f32, prefetch: &L2Prefetch) -> Result<(Tensor, Tensor)> {
+    if !add_rms_norm_applies(x, delta, w) {
+        candle_core::bail!("add_rms_norm: x {:?} {:?}, delta {:?}, weight {:?}: unsupported", x.dims(), x.dtype(), delta.map(|d| d.dims()), w.dims());
+    }
+    // One buffer [outputs, ...x]: the sum (with delta) then the norm; the results are views of it.
+    let out = x.apply_op1_no_bwd(&AddRmsNorm { delta, w, eps, prefetch: *prefetch })?;
+    match delta {
+        Some(_) => Ok((out.get(0)?, out.get(1)?)),
+        None => Ok((x.clone(), out.get(0)?)),
+    }
+}
+
+struct AddRmsNorm<'a> {
+    delta: Option<&'a Tensor>,
+    w: &'a Tensor,
+    eps: f32,
+    prefetch: L2Prefetch,
+}
+
+impl CustomOp1 for AddRmsNorm<'_> {
+    fn name(&self) -> &'static str {
+        "add-rms-norm-cuda"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let dt = s.dtype();
+        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let Some((xo, _)) = l.contiguous_offsets() else { candle_core::bail!("{}: x must be contiguous", self.name()) };
+        let h = self.w.dim(0)?;
+        let n = l.shape().elem_count();
+        let rows = n / h.max(1);
+        let outputs = if self.delta.is_some() { 2 } else { 1 };
+        let dp = match self.delta {
+            Some(d) => crate::quant::cuda::device_ptr(d, &stream)?,
+            None => 0u64,
+        };
+        let wp = crate::quant::cuda::device_ptr(self.w, &stream)?;
+        let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{sfx}"), MODULE, PTX)?;
+        let (rows_, h_) = (rows as i32, h as i32);
+        let grid = rows as u32 + crate::quant::cuda::prefetch_blocks(&dev, &self.prefetch)?;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (NORM_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! launch {
+            ($t:ty) => {{
+                let x = s.as_cuda_slice::<$t>()?.slice(xo..);
+                // SAFETY: the kernel writes every element of both outputs (or of the norm alone).
+                let out = unsafe { dev.alloc::<$t>(outputs * n)? };
+                let base = out.device_ptr(&stream).0;
+                let size = std::mem::size_of::<$t>() as u64;
+                let (sum_p, norm_p) = if outputs == 2 { (base, base + n as u64 * size) } else { (0u64, base) };
+                let xp = x.device_ptr(&stream).0;
+                // The 16-byte path: whole rows of 8-element pieces in registers, every row aligned.
+                let row_bytes = h as u64 * size;
+                let aligned = [xp, dp, sum_p, norm_p, wp].iter().all(|p| p % 16 == 0) && row_bytes % 16 == 0;
+                let vec = i32::from(h % 8 == 0 && h <= NORM_THREADS * NORM_PER_THREAD && aligned);
+                let mut b = func.builder();
+                b.arg(&x);
+                for p in [&dp, &sum_p, &norm_p, &wp] {
+                    b.arg(p);
+                }
+                b.arg(&rows_);
+                b.arg(&h_);
+                b.arg(&self.eps);
+                b.arg(&vec);
+                b.arg(&self.prefetch);
+                if rows > 0 {
+                    // SAFETY: x, delta and each output hold rows * h contiguous elements, w holds h.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match dt {
+            DType::F16 => launch!(f16),
+            DType::BF16 => launch!(bf16),
+            _ => launch!(f32),
+        };
+        let mut dims = vec![outputs];
+        dims.extend_from_slice(l.dims());
+        Ok((out, Shape::from(dims)))
+    }
 }
 
 /// The row stride of a tensor seen as `[rows, cols]` with unit column stride.
@@ -250,7 +359,9 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
-struct SiluMul;
+struct SiluMul {
+    prefetch: L2Prefetch,
+}
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
@@ -267,7 +378,8 @@ impl CustomOp2 for SiluMul {
         let dt = a.dtype();
         let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
         let func = dev.get_or_load_custom_func(&format!("silu_mul_{sfx}"), MODULE, PTX)?;
-        let cfg = LaunchConfig::for_num_elems((rows * cols) as u32);
+        let mut cfg = LaunchConfig::for_num_elems((rows * cols) as u32);
+        cfg.grid_dim.0 += crate::quant::cuda::prefetch_blocks(&dev, &self.prefetch)?;
         let (r_, c_, sa_, sb_) = (rows as i32, cols as i32, sa as i64, sb as i64);
         macro_rules! launch {
             ($t:ty) => {{
@@ -283,6 +395,7 @@ impl CustomOp2 for SiluMul {
                 bld.arg(&c_);
                 bld.arg(&sa_);
                 bld.arg(&sb_);
+                bld.arg(&self.prefetch);
                 // SAFETY: rows, cols and strides come from the layouts.
                 unsafe { bld.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())

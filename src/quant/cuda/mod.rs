@@ -25,12 +25,15 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 pub const GEMV_MAX_SETS: usize = 3;
 /// Warps (of 32 threads) per GEMV block (GEMV_WARPS in w4a16.cu).
 const GEMV_WARPS: usize = 4;
-/// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
+/// Slots of each warp's cp.async ring: the default, and the deeper ring of the `_s4` kernel.
 const GEMV_SLOTS: usize = 3;
-/// Dynamic shared memory of a GEMV block for `mt` tokens of `elem` bytes: each warp's ring of
-/// GEMV_SLOTS slots, each holding 4 weight units, 3 groups' scales and the padded activations (w4a16.cu).
-fn gemv_smem(mt: usize, elem: usize) -> usize {
-    GEMV_WARPS * GEMV_SLOTS * (4 * 512 + 3 * 64 * 4 + mt * 72 * elem)
+const GEMV_DEEP_SLOTS: usize = 4;
+/// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
+/// `slots` slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide k
+/// window touches and `m` tokens' padded activations of `elem` bytes.
+fn gemv_smem(slots: usize, g: usize, m: usize, elem: usize) -> usize {
+    let sz_groups = (48 + g - 1) / g + 1;
+    GEMV_WARPS * slots * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem)
 }
 
 /// The device copy of a packed 4-bit weight.
@@ -165,6 +168,10 @@ pub struct GemvOptions {
     pub splits: Option<usize>,
     /// The CUDA-core kernel where the tensor-core one would run (f16).
     pub cuda_cores: bool,
+    /// The tensor-core kernel with a 4-slot ring instead of 3 (f16; benchmarks).
+    pub deep_ring: bool,
+    /// Ranges (the next GEMV's weights) each block pulls into L2 once its own reads are done.
+    pub prefetch: crate::quant::L2Prefetch,
 }
 
 /// As [`gemv_many`] with the launch chosen by the caller.
@@ -291,10 +298,18 @@ impl CustomOp1 for Gemv<'_> {
         };
         let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
         // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
-        let (name, mt) = if dt == DType::F16 && !self.opts.cuda_cores { ("w4_gemv_f16_mma".to_string(), 8) } else { (format!("w4_gemv_{sfx}_{mt}"), mt) };
+        let mma = dt == DType::F16 && !self.opts.cuda_cores;
+        let name = match (mma, self.opts.deep_ring) {
+            (true, false) => "w4_gemv_f16_mma".to_string(),
+            (true, true) => "w4_gemv_f16_mma_s4".to_string(),
+            (false, _) => format!("w4_gemv_{sfx}_{mt}"),
+        };
+        let slots = if mma && self.opts.deep_ring { GEMV_DEEP_SLOTS } else { GEMV_SLOTS };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let smem = gemv_smem(mt, dt.size_in_bytes());
-        let resident = resident_blocks(&dev, &func, &name, smem)?;
+        let elem = dt.size_in_bytes();
+        let smem = gemv_smem(slots, w0.group_size, m, elem);
+        // The limit covers every launch of the kernel: the most tokens, the smallest groups.
+        let resident = resident_blocks(&dev, &func, &name, smem, gemv_smem(slots, 32, GEMV_MAX_TOKENS, elem))?;
         let splits = match self.opts.splits {
             Some(s) => s.clamp(1, (w0.k / 16).max(1)),
             None => super::tiled::gemv_splits(blocks as usize, w0.k / 16, resident),
@@ -327,6 +342,7 @@ impl CustomOp1 for Gemv<'_> {
                     None => b.arg(&null),
                 };
                 b.arg(&counters);
+                b.arg(&self.opts.prefetch);
                 // SAFETY: the weights' buffers match n, np, k and g; x holds m * k elements; the
                 // workspace and counters are sized for the grid.
                 unsafe { b.launch(cfg) }.w()?;
@@ -343,23 +359,35 @@ impl CustomOp1 for Gemv<'_> {
 }
 
 /// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM with `smem` bytes of dynamic
-/// shared memory), cached per kernel name: the answer never changes for a process. Also raises the
-/// kernel's dynamic shared-memory limit to `smem` (once).
-fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, smem: usize) -> Result<usize> {
+/// shared memory), cached per kernel name and size: the answer never changes for a process. Also
+/// raises the kernel's dynamic shared-memory limit to `max_smem`, its largest launch (once).
+fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, smem: usize, max_smem: usize) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&n) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+    let key = (name.to_string(), smem);
+    if let Some(&n) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(n);
     }
-    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_smem.max(smem) as i32).w()?;
     let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as usize;
     let per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * GEMV_WARPS) as u32, smem, None).w()? as usize;
     let n = (sms * per_sm).max(1);
-    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), n);
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
     Ok(n)
+}
+
+/// Extra blocks a small kernel launches to issue an L2 hint (none for an empty hint): one per SM,
+/// so the prefetches spread over every SM's TMA unit (see `l2_prefetch` in common.cuh).
+pub(crate) fn prefetch_blocks(dev: &CudaDevice, hint: &crate::quant::L2Prefetch) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    if hint.is_empty() {
+        return Ok(0);
+    }
+    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+    Ok(sms.max(1) as u32)
 }
 
 /// Most row ranges (64 rows each) one GEMV launch may have: 4M output rows.

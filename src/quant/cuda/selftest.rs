@@ -3,7 +3,7 @@
 //! bandwidth, GEMM TFLOP/s against cuBLAS and the fused decode kernels, timed with CUDA events.
 use super::{gemv_many, CudaQ4, GemmKernel, GemvOptions};
 use crate::quant::cpu::{Kernel, PackedQ4};
-use crate::quant::QuantizedWeight;
+use crate::quant::{L2Prefetch, QuantizedWeight};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// (n = out, k = in, group): real models' shapes and odd multiples of the group size.
@@ -99,6 +99,9 @@ fn tol(dt: DType) -> f32 {
 pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     let mut r = Rng(seed | 1);
     let mut t = Tally { pass: 0, fail: 0 };
+    // A buffer the kernels under test are told to prefetch into L2 (a stand-in for the next
+    // layer's weights).
+    let hint_buf = Tensor::zeros(3 << 20, DType::U8, device)?;
     for &(n, k, g) in SHAPES {
         let packed = random_weight(&mut r, n, k, g);
         let cw = CudaQ4::new(&packed, device)?;
@@ -117,6 +120,13 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                     if dt == DType::F16 {
                         let cc = super::gemv_many_with(&[&cw], &x, GemvOptions { cuda_cores: true, ..Default::default() }, true)?;
                         t.check(format!("gemv cuda-cores {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cc, &want)?, tol(dt));
+                        let o = GemvOptions { deep_ring: true, ..Default::default() };
+                        let got = super::gemv_many_with(&[&cw], &x, o, true)?;
+                        t.check(format!("gemv 4-slot ring {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                        // An L2 hint (another weight's buffers) must not change the result.
+                        let o = GemvOptions { prefetch: L2Prefetch::of(&[hint_buf.clone()]), ..Default::default() };
+                        let got = super::gemv_many_with(&[&cw], &x, o, true)?;
+                        t.check(format!("gemv l2-hint {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                         // Split-k counts other than the default choice, where k has the steps.
                         for splits in [1usize, 2, 3, 5, 8].into_iter().filter(|&sp| k / 16 >= 4 * sp) {
                             let o = GemvOptions { splits: Some(splits), ..Default::default() };
@@ -138,7 +148,9 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
         }
     }
     fused_gemv(device, &mut r, &mut t)?;
-    decode_kernels(device, &mut r, &mut t)?;
+    let hint = L2Prefetch::of(&[hint_buf]);
+    decode_kernels(device, &mut r, &mut t, &hint)?;
+    add_rms_norm_kernel(device, &mut r, &mut t, &hint)?;
     position_kernels(device, &mut r, &mut t)?;
     graph_decode(device, &mut t)?;
     Ok((t.pass, t.fail))
@@ -242,7 +254,7 @@ fn fused_gemv(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
 }
 
 /// Decode attention (GQA, cache views with spare capacity) and silu·mul against f32 loops.
-fn decode_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
+fn decode_kernels(device: &Device, r: &mut Rng, t: &mut Tally, hint: &L2Prefetch) -> Result<()> {
     use crate::model::cuda::{attention_applies, decode_attention, silu_mul};
     for (b, h, kvh, d, len, alloc) in [(1, 32, 32, 128, 1, 256), (2, 8, 2, 64, 257, 300), (1, 28, 4, 128, 5000, 5000), (1, 4, 1, 128, 20000, 20001), (3, 9, 3, 64, 33, 64)] {
         for dt in [DType::F16, DType::BF16, DType::F32] {
@@ -289,10 +301,50 @@ fn decode_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                     (x / (1.0 + (-x).exp()) * fh[ri * 2 * cols + cols + c] as f64) as f32
                 })
                 .collect();
-            t.check(format!("silu_mul {dt:?} rows={rows} cols={cols}"), max_rel(&silu_mul(&a, &b)?, &want)?, tol(dt));
+            t.check(format!("silu_mul {dt:?} rows={rows} cols={cols}"), max_rel(&silu_mul(&a, &b, hint)?, &want)?, tol(dt));
         }
     }
     Ok(())
+}
+
+/// The fused residual add + RMS norm against an f64 loop over the separately added sum (and the
+/// norm alone, without the residual).
+fn add_rms_norm_kernel(device: &Device, r: &mut Rng, t: &mut Tally, hint: &L2Prefetch) -> Result<()> {
+    use crate::model::cuda::add_rms_norm;
+    let eps = 1e-5f32;
+    for (rows, h) in [(1usize, 4096usize), (3, 576), (8, 1000), (17, 2048), (2, 45), (1, 9000)] {
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let x = Tensor::from_vec(r.vec(rows * h), (1, rows, h), device)?.to_dtype(dt)?;
+            let d = Tensor::from_vec(r.vec(rows * h), (1, rows, h), device)?.to_dtype(dt)?;
+            let w = Tensor::from_vec(r.vec(h), h, device)?.to_dtype(dt)?;
+            let wh = host(&w)?;
+            let norm_of = |src: &[f32]| -> Vec<f32> {
+                src.chunks(h)
+                    .flat_map(|row| {
+                        let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
+                        let scale = 1.0 / (ms + eps as f64).sqrt();
+                        row.iter().zip(&wh).map(move |(&v, &wi)| (v as f64 * scale * wi as f64) as f32).collect::<Vec<_>>()
+                    })
+                    .collect()
+            };
+            let want_sum = host(&(&x + &d)?)?;
+            let (sum, normed) = add_rms_norm(&x, Some(&d), &w, eps, hint)?;
+            let what = format!("{dt:?} rows={rows} h={h}");
+            t.check(format!("add_rms_norm sum {what}"), max_rel(&sum, &want_sum)?, tol(dt));
+            t.check(format!("add_rms_norm norm {what}"), max_rel(&normed, &norm_of(&want_sum))?, tol(dt));
+            let (same, normed) = add_rms_norm(&x, None, &w, eps, &L2Prefetch::none())?;
+            t.check(format!("rms_norm alone {what}"), max_rel(&normed, &norm_of(&host(&x)?))?, tol(dt));
+            t.check(format!("rms_norm alone passes x through {what}"), max_rel(&same, &host(&x)?)?, 0.0);
+        }
+    }
+    Ok(())
+}
+
+fn dev_stream(device: &Device) -> Result<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>> {
+    match device {
+        Device::Cuda(d) => Ok(d.cuda_stream()),
+        _ => candle_core::bail!("not a CUDA device"),
+    }
 }
 
 /// Median GPU time of `f` in seconds: each of `reps` samples times `iters` calls between two CUDA
@@ -371,13 +423,33 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let t_issue = time_events(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let t_cc = time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, GemvOptions { cuda_cores: true, ..Default::default() }, false).map(|_| ()))?;
+        let deep = GemvOptions { deep_ring: true, ..Default::default() };
+        let t_deep = time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, deep, false).map(|_| ()))?;
         let x8 = Tensor::from_vec(r.vec(8 * k), (8, k), device)?.to_dtype(DType::F16)?;
         let t8 = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x8, false).map(|_| ()))?;
         let gbs = bytes as f64 / t / 1e9;
+        // Chained as in decode: each GEMV's blocks, as they finish, pull the next call's weights
+        // (the next copy) into L2, up to `mb` MiB.
+        let mut chained = Vec::new();
+        for mb in [8u64, 24, 64] {
+            let hints: Vec<L2Prefetch> = ws
+                .iter()
+                .map(|w| {
+                    let stream = dev_stream(device)?;
+                    let ptr = |t: &Tensor| super::device_ptr(t, &stream);
+                    Ok(L2Prefetch::from_ranges(&[(ptr(&w.q)?, w.q.elem_count() as u64), (ptr(&w.sz)?, 4 * w.sz.elem_count() as u64 / 2)], mb << 20))
+                })
+                .collect::<Result<_>>()?;
+            let tc = time_graph(device, 7, 100, |i| {
+                let o = GemvOptions { prefetch: hints[(i + 1) % copies], ..Default::default() };
+                super::gemv_many_with(&[&ws[i % copies]], &x, o, false).map(|_| ())
+            })?;
+            chained.push(serde_json::json!({"prefetch_mib": mb, "us": tc * 1e6, "gb_s": bytes as f64 / tc / 1e9, "of_copy": bytes as f64 / tc / 1e9 / copy_gbs}));
+        }
         rows.push(serde_json::json!({
             "what": format!("gemv K={k} N={n} M=1 f16"), "us": t * 1e6, "gb_s": gbs, "of_copy": gbs / copy_gbs,
             "us_issued_one_by_one": t_issue * 1e6, "cuda_cores_us": t_cc * 1e6, "cuda_cores_of_copy": bytes as f64 / t_cc / 1e9 / copy_gbs,
-            "m8_us": t8 * 1e6,
+            "m8_us": t8 * 1e6, "chained_l2_prefetch": chained, "four_slot_ring_us": t_deep * 1e6,
         }));
     }
     // GEMV k-split sweep (the default choice is the row above).

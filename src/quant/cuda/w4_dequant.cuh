@@ -24,6 +24,23 @@ __device__ __forceinline__ Dq dequant_word(uint32_t w, __half2 zlA, __half2 zhA,
     return d;
 }
 
+// As dequant_word without the scales: the exact integers q - zero (the GEMV scales its per-group
+// sums once instead, in f32).
+__device__ __forceinline__ Dq dequant_word_unscaled(uint32_t w, __half2 zlA, __half2 zhA, __half2 zlB, __half2 zhB) {
+    const __half2 sixteenth = __float2half2_rn(0.0625f);
+    Dq d;
+    uint32_t lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+    uint32_t hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+    d.a0 = __hsub2(as_h2(lo), zlA);
+    d.a1 = __hfma2(as_h2(hi), sixteenth, zhA);
+    w >>= 8;
+    lo = lop3_and_or(w, 0x000F000Fu, 0x64006400u);
+    hi = lop3_and_or(w, 0x00F000F0u, 0x64006400u);
+    d.b0 = __hsub2(as_h2(lo), zlB);
+    d.b1 = __hfma2(as_h2(hi), sixteenth, zhB);
+    return d;
+}
+
 // The (scale, zero) pair of a row as the half2 constants dequant_word wants.
 __device__ __forceinline__ void sz_consts(__half2 sz, __half2& zl, __half2& zh, __half2& s) {
     const __half z = __high2half(sz);
