@@ -403,30 +403,20 @@ impl Model {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = self.mask(seq, offset)?;
         let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref(), step: None };
-        let x = self.embed(tokens)?;
-        let (x, delta) = match cache {
-            Some(cache) => {
-                let cap = cache.capacity;
-                let mut kv = cache.layers.iter_mut();
-                self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, kv.next().map(|c| (c, cap)), None, next))?
-            }
-            None => self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, None, None, next))?,
-        };
+        let (x, delta) = self.blocks(self.embed(tokens)?, &ctx, cache)?;
         match delta {
             Some(d) => x + d,
             None => Ok(x),
         }
     }
 
-    /// Runs the blocks in order, each taking the previous one's unadded output (see
-    /// [`Block::forward_split`]) and the prefetch hint of what follows it; returns the last
-    /// residual stream and MLP output.
-    fn blocks(
-        &self,
-        mut x: Tensor,
-        mut run: impl FnMut(&Block, &Tensor, Option<&Tensor>, &L2Prefetch) -> Result<(Tensor, Tensor)>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// Runs the blocks in order (appending to `cache` where given), each taking the previous one's
+    /// unadded output (see [`Block::forward_split`]) and the prefetch hint of what follows it;
+    /// returns the last residual stream and MLP output.
+    fn blocks(&self, mut x: Tensor, ctx: &BlockContext, cache: Option<&mut Cache>) -> Result<(Tensor, Option<Tensor>)> {
         let hints = few_tokens_on_gpu(&x);
+        let cap = cache.as_ref().map_or(0, |c| c.capacity);
+        let mut kv = cache.map(|c| c.layers.iter_mut());
         let mut delta: Option<Tensor> = None;
         for (i, block) in self.layers.iter().enumerate() {
             let next = match (hints, self.layers.get(i + 1)) {
@@ -434,7 +424,8 @@ impl Model {
                 (true, Some(b)) => b.qkv_hint(),
                 (true, None) => super::linear::prefetch_hint(&[&self.lm_head]),
             };
-            let (nx, d) = run(block, &x, delta.as_ref(), &next)?;
+            let layer_cache = kv.as_mut().and_then(|layers| layers.next()).map(|c| (c, cap));
+            let (nx, d) = block.forward_split(&x, delta.as_ref(), ctx, layer_cache, None, &next)?;
             x = nx;
             delta = Some(d);
         }
@@ -458,10 +449,7 @@ impl Model {
     #[cfg(feature = "cuda")]
     pub(crate) fn logits_at(&self, token: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let ctx = BlockContext { rope: &self.rope, offset: 0, mask: None, step: Some(pos) };
-        let cap = cache.capacity;
-        let mut kv = cache.layers.iter_mut();
-        let x = self.embed(token)?;
-        let (x, delta) = self.blocks(x, |block, x, delta, next| block.forward_split(x, delta, &ctx, kv.next().map(|c| (c, cap)), None, next))?;
+        let (x, delta) = self.blocks(self.embed(token)?, &ctx, Some(cache))?;
         let (_, normed) = self.norm.forward_residual(&x, delta.as_ref(), &L2Prefetch::none())?;
         self.lm_head.forward(&normed)?.to_dtype(DType::F32)
     }

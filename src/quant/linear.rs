@@ -231,12 +231,8 @@ impl LinearLayer for QuantLinear {
     }
     fn forward_prefetch(&self, x: &Tensor, next: &super::L2Prefetch) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } = &self.repr {
-            let tokens = x.elem_count() / c.k.max(1);
-            if tokens <= super::cuda::GEMV_MAX_TOKENS && !next.is_empty() {
-                let opts = super::cuda::GemvOptions { prefetch: *next, ..Default::default() };
-                return self.add_bias(super::cuda::gemv_many_with(&[c], x, opts, false)?);
-            }
+        if let (Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. }, true) = (&self.repr, x.device().is_cuda()) {
+            return self.add_bias(c.forward_prefetch(x, next)?);
         }
         let _ = next;
         self.forward(x)

@@ -76,7 +76,11 @@ impl L2Prefetch {
     /// The whole buffers of `tensors` (contiguous, on a CUDA device), within [`budget`] bytes.
     /// Anything else (CPU tensors, a build without CUDA) gives no hint.
     pub fn of(tensors: &[Tensor]) -> Self {
-        let budget = budget() as u64;
+        Self::with_budget(tensors, budget() as u64)
+    }
+
+    /// As [`L2Prefetch::of`] within `budget` bytes (benchmarks compare sizes).
+    pub fn with_budget(tensors: &[Tensor], budget: u64) -> Self {
         if budget == 0 || tensors.is_empty() {
             return Self::none();
         }

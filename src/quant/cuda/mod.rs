@@ -25,15 +25,14 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 pub const GEMV_MAX_SETS: usize = 3;
 /// Warps (of 32 threads) per GEMV block (GEMV_WARPS in w4a16.cu).
 const GEMV_WARPS: usize = 4;
-/// Slots of each warp's cp.async ring: the default, and the deeper ring of the `_s4` kernel.
+/// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
 const GEMV_SLOTS: usize = 3;
-const GEMV_DEEP_SLOTS: usize = 4;
 /// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
-/// `slots` slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide k
-/// window touches and `m` tokens' padded activations of `elem` bytes.
-fn gemv_smem(slots: usize, g: usize, m: usize, elem: usize) -> usize {
-    let sz_groups = (48 + g - 1) / g + 1;
-    GEMV_WARPS * slots * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem)
+/// GEMV_SLOTS slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide
+/// k window touches and `m` tokens' padded activations of `elem` bytes.
+fn gemv_smem(g: usize, m: usize, elem: usize) -> usize {
+    let sz_groups = 48usize.div_ceil(g) + 1;
+    GEMV_WARPS * GEMV_SLOTS * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem)
 }
 
 /// The device copy of a packed 4-bit weight.
@@ -110,9 +109,15 @@ impl CudaQ4 {
     /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 8 tokens; beyond, the
     /// tensor-core GEMM for f16, else dequantization to `x`'s dtype and a cuBLAS matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_prefetch(x, &crate::quant::L2Prefetch::none())
+    }
+
+    /// [`CudaQ4::forward`]; the GEMV also pulls `next` (the next layer's weights) into L2 as its
+    /// blocks finish (the GEMMs are compute-bound and take no hint).
+    pub fn forward_prefetch(&self, x: &Tensor, next: &crate::quant::L2Prefetch) -> Result<Tensor> {
         let m = x.elem_count() / self.k;
         if m <= GEMV_MAX_TOKENS {
-            self.gemv(x, false)
+            gemv_many_with(&[self], x, GemvOptions { prefetch: *next, ..Default::default() }, false)
         } else if x.dtype() == DType::F16 && self.gemm_supported() {
             self.gemm(x, false)
         } else {
@@ -168,8 +173,6 @@ pub struct GemvOptions {
     pub splits: Option<usize>,
     /// The CUDA-core kernel where the tensor-core one would run (f16).
     pub cuda_cores: bool,
-    /// The tensor-core kernel with a 4-slot ring instead of 3 (f16; benchmarks).
-    pub deep_ring: bool,
     /// Ranges (the next GEMV's weights) each block pulls into L2 once its own reads are done.
     pub prefetch: crate::quant::L2Prefetch,
 }
@@ -298,18 +301,12 @@ impl CustomOp1 for Gemv<'_> {
         };
         let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
         // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
-        let mma = dt == DType::F16 && !self.opts.cuda_cores;
-        let name = match (mma, self.opts.deep_ring) {
-            (true, false) => "w4_gemv_f16_mma".to_string(),
-            (true, true) => "w4_gemv_f16_mma_s4".to_string(),
-            (false, _) => format!("w4_gemv_{sfx}_{mt}"),
-        };
-        let slots = if mma && self.opts.deep_ring { GEMV_DEEP_SLOTS } else { GEMV_SLOTS };
+        let name = if dt == DType::F16 && !self.opts.cuda_cores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{sfx}_{mt}") };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let elem = dt.size_in_bytes();
-        let smem = gemv_smem(slots, w0.group_size, m, elem);
+        let smem = gemv_smem(w0.group_size, m, elem);
         // The limit covers every launch of the kernel: the most tokens, the smallest groups.
-        let resident = resident_blocks(&dev, &func, &name, smem, gemv_smem(slots, 32, GEMV_MAX_TOKENS, elem))?;
+        let resident = resident_blocks(&dev, &func, &name, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
         let splits = match self.opts.splits {
             Some(s) => s.clamp(1, (w0.k / 16).max(1)),
             None => super::tiled::gemv_splits(blocks as usize, w0.k / 16, resident),
@@ -362,7 +359,6 @@ impl CustomOp1 for Gemv<'_> {
 /// shared memory), cached per kernel name and size: the answer never changes for a process. Also
 /// raises the kernel's dynamic shared-memory limit to `max_smem`, its largest launch (once).
 fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, smem: usize, max_smem: usize) -> Result<usize> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
@@ -372,7 +368,7 @@ fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::d
         return Ok(n);
     }
     func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_smem.max(smem) as i32).w()?;
-    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as usize;
+    let sms = sm_count(dev)?;
     let per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * GEMV_WARPS) as u32, smem, None).w()? as usize;
     let n = (sms * per_sm).max(1);
     cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
@@ -382,12 +378,17 @@ fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::d
 /// Extra blocks a small kernel launches to issue an L2 hint (none for an empty hint): one per SM,
 /// so the prefetches spread over every SM's TMA unit (see `l2_prefetch` in common.cuh).
 pub(crate) fn prefetch_blocks(dev: &CudaDevice, hint: &crate::quant::L2Prefetch) -> Result<u32> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     if hint.is_empty() {
         return Ok(0);
     }
+    Ok(sm_count(dev)? as u32)
+}
+
+/// The device's streaming multiprocessors (at least 1).
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
-    Ok(sms.max(1) as u32)
+    Ok(sms.max(1) as usize)
 }
 
 /// Most row ranges (64 rows each) one GEMV launch may have: 4M output rows.

@@ -39,6 +39,8 @@ struct W4Sets {
 };
 
 #define GEMV_WARPS 4
+// Slots of each warp's ring: 2 rounds ahead of the math (a 4-slot ring measured no faster).
+#define GEMV_SLOTS 3
 // Staged activation rows are padded from 64 to 72 elements: the tensor-core path reads token g's
 // row in lanes 4g..4g+3, and an unpadded 128-byte stride put all eight tokens in one bank.
 #define GEMV_XS 72
@@ -76,7 +78,7 @@ template <> __device__ __forceinline__ float2 load_x2<float>(const float* p) {
 // in f32, when the group ends. The loop is instruction-bound at batch 1 (Nsight Compute: DRAM at
 // a third of its peak), so it does no divisions and no 64-bit index math: it counts groups and
 // advances pointers.
-template <typename T, int MT, bool MMA, int SLOTS>
+template <typename T, int MT, bool MMA>
 __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict__ y, int k, int g, int m,
                         int n_total, float* __restrict__ part, unsigned int* __restrict__ counters,
                         const L2Prefetch& pf) {
@@ -141,17 +143,16 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                 }
         }
     };
-    // Rounds of four k16 steps stream through a per-warp ring of SLOTS slots in shared memory
-    // with cp.async, SLOTS - 1 rounds ahead of the math. A slot holds everything a round reads:
-    // the four 512-byte weight units, the (scale, zero) pairs of the groups the round touches
-    // (64 rows x 4 bytes each) and the round's 64 activations of the m tokens. Read from global
-    // memory directly, the scales and activations were dependent loads stalling every step. Slots
-    // are sized for this launch's m and g: the smaller the ring, the more blocks an SM holds, and
-    // the more weight bytes are in flight (the kernel is latency-bound at batch 1).
+    // Rounds of four k16 steps stream through a per-warp ring of GEMV_SLOTS slots in shared
+    // memory with cp.async, GEMV_SLOTS - 1 rounds ahead of the math. A slot holds everything a
+    // round reads: the four 512-byte weight units, the (scale, zero) pairs of the groups the round
+    // touches (64 rows x 4 bytes each) and the round's 64 activations of the m tokens. Read from
+    // global memory directly, the scales and activations were dependent loads stalling every step.
+    // Slots are sized for this launch's m and g, so an SM holds as many blocks as it can.
     extern __shared__ __align__(16) uint8_t gemv_smem[];
     const int SZ_BYTES = gemv_sz_groups(g) * GEMV_SZ_GROUP_BYTES;
     const int SLOT = gemv_slot_bytes(g, m, (int)sizeof(T));
-    uint8_t* ring = gemv_smem + warp * (SLOTS * SLOT);
+    uint8_t* ring = gemv_smem + warp * (GEMV_SLOTS * SLOT);
     const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
     const int groups = k / g;
     // Group bookkeeping without divisions in the loop (a division by the run-time g costs ~20
@@ -212,7 +213,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
         cp_async_commit();
     };
 #pragma unroll
-    for (int r = 0; r < SLOTS - 1; r++) issue_round(s0 + 4 * r, r);
+    for (int r = 0; r < GEMV_SLOTS - 1; r++) issue_round(s0 + 4 * r, r);
     // The tensor-core path reads a B row for each of 8 token slots; those past m (whose products
     // are discarded) read token 0's row, so no lane leaves the ring.
     const int xrow = gi < m ? gi : 0;
@@ -222,10 +223,10 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     int cur_group = ga_math, next_change = gnext_math;
     bool have_scales = false;
     for (int s = s0, round = 0; s < s1; s += 4, round++) {
-        cp_async_wait<SLOTS - 2>();
+        cp_async_wait<GEMV_SLOTS - 2>();
         __syncwarp();  // every lane's pieces of this round have landed; last round's reads are done
-        issue_round(s + 4 * (SLOTS - 1), (round + SLOTS - 1) % SLOTS);
-        const uint8_t* slot = ring + (round % SLOTS) * SLOT;
+        issue_round(s + 4 * (GEMV_SLOTS - 1), (round + GEMV_SLOTS - 1) % GEMV_SLOTS);
+        const uint8_t* slot = ring + (round % GEMV_SLOTS) * SLOT;
         const uint32_t* slot_words = reinterpret_cast<const uint32_t*>(slot);
         const __half2* slot_sz = reinterpret_cast<const __half2*>(slot + GEMV_UNITS_BYTES);
         const T* slot_x = reinterpret_cast<const T*>(slot + GEMV_UNITS_BYTES + SZ_BYTES);
@@ -562,7 +563,7 @@ template <typename T> __device__ void poison(T* p, size_t n) {
     extern "C" __global__ void __launch_bounds__(128) w4_gemv_##NAME##_##MT(                                \
         W4Sets ws, const T* x, T* y, int k, int g, int m, int nt, float* part, unsigned int* counters,     \
         L2Prefetch pf) {                                                                                  \
-        w4_gemv<T, MT, false, 3>(ws, x, y, k, g, m, nt, part, counters, pf);                                 \
+        w4_gemv<T, MT, false>(ws, x, y, k, g, m, nt, part, counters, pf);                                 \
     }
 #define INSTANTIATE(NAME, T)                                                                          \
     GEMV_ENTRY(NAME, T, 1)                                                                            \
@@ -579,17 +580,13 @@ INSTANTIATE(f16, __half)
 INSTANTIATE(bf16, __nv_bfloat16)
 INSTANTIATE(f32, float)
 
-#define GEMV_MMA_ENTRY(SUFFIX, SLOTS)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma##SUFFIX(                              \
-        W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters, \
-        L2Prefetch pf) {                                                                                    \
-        w4_gemv<__half, 8, true, SLOTS>(ws, x, y, k, g, m, nt, part, counters, pf);                         \
-    }
-// The default 3-slot ring, and a 4-slot one (more bytes in flight per warp, fewer blocks per SM).
 // No minimum of resident blocks: capping registers for 5 per SM (96, no spills) decoded 4% slower
 // than the uncapped 106 registers (4 per SM) on an H100, in the same run.
-GEMV_MMA_ENTRY(, 3)
-GEMV_MMA_ENTRY(_s4, 4)
+extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma(W4Sets ws, const __half* x, __half* y, int k, int g,
+                                                                  int m, int nt, float* part, unsigned int* counters,
+                                                                  L2Prefetch pf) {
+    w4_gemv<__half, 8, true>(ws, x, y, k, g, m, nt, part, counters, pf);
+}
 
 #define INSTANTIATE_GEMM(WM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) w4_gemm_f16_wm##WM(                               \
