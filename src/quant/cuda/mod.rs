@@ -25,6 +25,8 @@ pub const GEMV_MAX_TOKENS: usize = 8;
 pub const GEMV_MAX_SETS: usize = 3;
 /// Warps (of 32 threads) per GEMV block (GEMV_WARPS in w4a16.cu).
 const GEMV_WARPS: usize = 4;
+/// Most warps per block of the batch-1 GEMV (GEMV1_MAX_WARPS in w4a16.cu).
+const GEMV1_MAX_WARPS: usize = 8;
 /// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
 const GEMV_SLOTS: usize = 3;
 /// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
@@ -169,12 +171,24 @@ pub fn gemv_many(ws: &[&CudaQ4], x: &Tensor, poison: bool) -> Result<Tensor> {
 /// How a GEMV launch is made, for the self-test and benchmarks; the default is what inference uses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GemvOptions {
-    /// k slices (None: one wave of resident blocks, see [`super::tiled::gemv_splits`]).
+    /// k slices (None: see [`super::tiled::gemv1_launch`] and [`super::tiled::gemv_splits`]).
     pub splits: Option<usize>,
-    /// The CUDA-core kernel where the tensor-core one would run (f16).
-    pub cuda_cores: bool,
+    /// Which kernel runs.
+    pub kernel: GemvKernel,
     /// Ranges (the next GEMV's weights) each block pulls into L2 once its own reads are done.
     pub prefetch: crate::quant::L2Prefetch,
+}
+
+/// The GEMV kernels of w4a16.cu.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// The batch-1 kernel where it applies (one token, f16, group size 32, 64 or 128), else the ring.
+    #[default]
+    Auto,
+    /// The cp.async-ring kernel (up to 8 tokens, any group size): tensor cores for f16.
+    Ring,
+    /// The ring kernel on CUDA cores where the tensor-core one would run (f16).
+    CudaCores,
 }
 
 /// As [`gemv_many`] with the launch chosen by the caller.
@@ -293,28 +307,45 @@ impl CustomOp1 for Gemv<'_> {
             sets.block_start[i] = blocks;
         }
         let n_total: usize = self.ws.iter().map(|w| w.n).sum();
-        let mt = match m {
-            0..=1 => 1,
-            2 => 2,
-            3..=4 => 4,
-            _ => 8,
+        let (k, g) = (w0.k, w0.group_size);
+        // The batch-1 kernel addresses a weight's words with 32-bit offsets.
+        let batch1 = m == 1
+            && dt == DType::F16
+            && self.opts.kernel == GemvKernel::Auto
+            && matches!(g, 32 | 64 | 128)
+            && self.ws.iter().all(|w| (w.k as u64 * w.np as u64 / 8) < (1u64 << 32));
+        let (func, cfg) = if batch1 {
+            let name = format!("w4_gemv1_f16_g{g}");
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let resident_warps = resident_blocks(&dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, 0)? * GEMV1_MAX_WARPS;
+            let (warps, auto_splits) = super::tiled::gemv1_launch(blocks as usize, k / g, resident_warps);
+            let splits = self.opts.splits.map_or(auto_splits, |s| s.clamp(1, (k / 16).max(1)));
+            (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 })
+        } else {
+            let mt = match m {
+                0..=1 => 1,
+                2 => 2,
+                3..=4 => 4,
+                _ => 8,
+            };
+            // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
+            let name = if dt == DType::F16 && self.opts.kernel != GemvKernel::CudaCores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{sfx}_{mt}") };
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let elem = dt.size_in_bytes();
+            let smem = gemv_smem(g, m, elem);
+            // The limit covers every launch of the kernel: the most tokens, the smallest groups.
+            let resident = resident_blocks(&dev, &func, &name, 32 * GEMV_WARPS, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
+            let splits = match self.opts.splits {
+                Some(s) => s.clamp(1, (k / 16).max(1)),
+                None => super::tiled::gemv_splits(blocks as usize, k / 16, resident),
+            };
+            (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 })
         };
-        let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
-        // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
-        let name = if dt == DType::F16 && !self.opts.cuda_cores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{sfx}_{mt}") };
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let elem = dt.size_in_bytes();
-        let smem = gemv_smem(w0.group_size, m, elem);
-        // The limit covers every launch of the kernel: the most tokens, the smallest groups.
-        let resident = resident_blocks(&dev, &func, &name, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
-        let splits = match self.opts.splits {
-            Some(s) => s.clamp(1, (w0.k / 16).max(1)),
-            None => super::tiled::gemv_splits(blocks as usize, w0.k / 16, resident),
-        };
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        let splits = cfg.grid_dim.1 as usize;
         // Split k: per-slice sums, and the per-row-range arrival counters (left zeroed by the kernel).
         // SAFETY: the kernel writes every element of the workspace it reads.
         let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks as usize * 64)? }) } else { None };
+        let (k, g, m_, nt) = (k as i32, g as i32, m as i32, n_total as i32);
         let counters = device_ptr(&split_counters(&dev, blocks as usize)?, &stream)?;
         macro_rules! launch {
             ($t:ty) => {{
@@ -329,8 +360,11 @@ impl CustomOp1 for Gemv<'_> {
                 b.arg(&x);
                 b.arg(&y);
                 b.arg(&k);
-                b.arg(&g);
-                b.arg(&m_);
+                if !batch1 {
+                    // The batch-1 kernel has its group size and token count built in.
+                    b.arg(&g);
+                    b.arg(&m_);
+                }
                 b.arg(&nt);
                 // Unsplit launches never touch the workspace: a null pointer.
                 let null = 0u64;
@@ -355,10 +389,10 @@ impl CustomOp1 for Gemv<'_> {
     }
 }
 
-/// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM with `smem` bytes of dynamic
-/// shared memory), cached per kernel name and size: the answer never changes for a process. Also
+/// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM of `threads` threads with
+/// `smem` bytes of dynamic shared memory), cached per kernel name and size: the answer never changes for a process. Also
 /// raises the kernel's dynamic shared-memory limit to `max_smem`, its largest launch (once).
-fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, smem: usize, max_smem: usize) -> Result<usize> {
+fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::driver::CudaFunction, name: &str, threads: usize, smem: usize, max_smem: usize) -> Result<usize> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
@@ -369,7 +403,7 @@ fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::d
     }
     func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_smem.max(smem) as i32).w()?;
     let sms = sm_count(dev)?;
-    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor((32 * GEMV_WARPS) as u32, smem, None).w()? as usize;
+    let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None).w()? as usize;
     let n = (sms * per_sm).max(1);
     cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
     Ok(n)

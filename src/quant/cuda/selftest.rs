@@ -1,7 +1,7 @@
 //! `awq-run selftest --device cuda`: every CUDA kernel against a CPU reference on fresh random
 //! inputs of awkward shapes, outputs poisoned with NaN before each run; and `--bench`: GEMV
 //! bandwidth, GEMM TFLOP/s against cuBLAS and the fused decode kernels, timed with CUDA events.
-use super::{gemv_many, CudaQ4, GemmKernel, GemvOptions};
+use super::{gemv_many, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::quant::cpu::{Kernel, PackedQ4};
 use crate::quant::{L2Prefetch, QuantizedWeight};
 use candle_core::{DType, Device, Result, Tensor};
@@ -118,8 +118,13 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                 if m <= super::GEMV_MAX_TOKENS {
                     t.check(format!("gemv {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemv(&x, true)?, &want)?, tol(dt));
                     if dt == DType::F16 {
-                        let cc = super::gemv_many_with(&[&cw], &x, GemvOptions { cuda_cores: true, ..Default::default() }, true)?;
+                        let cc = super::gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::CudaCores, ..Default::default() }, true)?;
                         t.check(format!("gemv cuda-cores {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cc, &want)?, tol(dt));
+                        if m == 1 {
+                            // The ring kernel where the batch-1 kernel is the default.
+                            let ring = super::gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }, true)?;
+                            t.check(format!("gemv ring {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&ring, &want)?, tol(dt));
+                        }
                         // An L2 hint (another weight's buffers) must not change the result.
                         let o = GemvOptions { prefetch: L2Prefetch::of(&[hint_buf.clone()]), ..Default::default() };
                         let got = super::gemv_many_with(&[&cw], &x, o, true)?;
@@ -412,25 +417,25 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
         let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let t_issue = time_events(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
-        let t_cc = time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, GemvOptions { cuda_cores: true, ..Default::default() }, false).map(|_| ()))?;
+        let with = |kernel: GemvKernel| -> Result<f64> {
+            time_graph(device, 7, 100, |i| super::gemv_many_with(&[&ws[i % copies]], &x, GemvOptions { kernel, ..Default::default() }, false).map(|_| ()))
+        };
+        let (t_ring, t_cc) = (with(GemvKernel::Ring)?, with(GemvKernel::CudaCores)?);
         let x8 = Tensor::from_vec(r.vec(8 * k), (8, k), device)?.to_dtype(DType::F16)?;
         let t8 = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x8, false).map(|_| ()))?;
-        let gbs = bytes as f64 / t / 1e9;
         // Chained as in decode: each GEMV's blocks, as they finish, pull the next call's weights
-        // (the next copy) into L2, up to `mb` MiB.
-        let mut chained = Vec::new();
-        for mb in [8u64, 24, 64] {
-            let hints: Vec<L2Prefetch> = ws.iter().map(|w| L2Prefetch::with_budget(&[w.q.clone(), w.sz.clone()], mb << 20)).collect();
-            let tc = time_graph(device, 7, 100, |i| {
-                let o = GemvOptions { prefetch: hints[(i + 1) % copies], ..Default::default() };
-                super::gemv_many_with(&[&ws[i % copies]], &x, o, false).map(|_| ())
-            })?;
-            chained.push(serde_json::json!({"prefetch_mib": mb, "us": tc * 1e6, "gb_s": bytes as f64 / tc / 1e9, "of_copy": bytes as f64 / tc / 1e9 / copy_gbs}));
-        }
+        // (the next copy) into L2, up to 8 MiB.
+        let hints: Vec<L2Prefetch> = ws.iter().map(|w| L2Prefetch::with_budget(&[w.q.clone(), w.sz.clone()], 8 << 20)).collect();
+        let t_chained = time_graph(device, 7, 100, |i| {
+            let o = GemvOptions { prefetch: hints[(i + 1) % copies], ..Default::default() };
+            super::gemv_many_with(&[&ws[i % copies]], &x, o, false).map(|_| ())
+        })?;
+        let of_copy = |t: f64| bytes as f64 / t / 1e9 / copy_gbs;
         rows.push(serde_json::json!({
-            "what": format!("gemv K={k} N={n} M=1 f16"), "us": t * 1e6, "gb_s": gbs, "of_copy": gbs / copy_gbs,
-            "us_issued_one_by_one": t_issue * 1e6, "cuda_cores_us": t_cc * 1e6, "cuda_cores_of_copy": bytes as f64 / t_cc / 1e9 / copy_gbs,
-            "m8_us": t8 * 1e6, "chained_l2_prefetch": chained,
+            "what": format!("gemv K={k} N={n} M=1 f16"), "us": t * 1e6, "gb_s": bytes as f64 / t / 1e9, "of_copy": of_copy(t),
+            "ring_us": t_ring * 1e6, "ring_of_copy": of_copy(t_ring), "cuda_cores_us": t_cc * 1e6,
+            "us_issued_one_by_one": t_issue * 1e6, "m8_us": t8 * 1e6,
+            "chained_8mib_hint_us": t_chained * 1e6, "chained_of_copy": of_copy(t_chained),
         }));
     }
     // GEMV k-split sweep (the default choice is the row above).

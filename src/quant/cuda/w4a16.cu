@@ -11,6 +11,9 @@
 // nibble pairs (0,4), (1,5), ... into fp16 pairs 1024 + q (or 1024 + 16 q) without conversions.
 // Scales and zeros: sz[group * np + n] = (scale, zero) as a half2; w = (q - zero) * scale.
 //
+// w4_gemv1_f16_g*: one token (decode), f16, group size 32, 64 or 128, up to 3 weights sharing the
+//   input in one launch: each warp loads its words straight into registers 8 k16 steps ahead
+//   of the tensor-core math (see w4_gemv1 below); the fastest at batch 1.
 // w4_gemv_*: up to 8 tokens, up to 3 weights sharing the input (q/k/v, gate/up) in one launch.
 //   A block of 4 warps owns 64 output rows and a slice of k (split-k over gridDim.y, so even a
 //   4096-row layer fills the GPU), divided among its warps, each streaming its weights through a
@@ -37,6 +40,64 @@ struct W4Sets {
     int np[3];                 // padded rows (multiple of 64)
     int block_start[4];        // first block of each set; block_start[3] = grid size
 };
+
+// The weight a GEMV block works on: block b of the launch is row range nb of set `set`.
+struct GemvRows {
+    const uint32_t* q;
+    const __half2* sz;
+    int nb, n, np, out_off;
+};
+__device__ __forceinline__ GemvRows gemv_rows(const W4Sets& ws, int b) {
+    const int set = b < ws.block_start[1] ? 0 : (b < ws.block_start[2] ? 1 : 2);
+    // Selects, not indexing: a run-time index would copy the parameter struct to local memory.
+#define PICK(a) (set == 0 ? (a)[0] : (set == 1 ? (a)[1] : (a)[2]))
+    GemvRows r;
+    r.nb = b - PICK(ws.block_start);
+    r.np = PICK(ws.np);
+    r.n = PICK(ws.n);
+    r.out_off = (set > 0 ? ws.n[0] : 0) + (set > 1 ? ws.n[1] : 0);
+    r.q = reinterpret_cast<const uint32_t*>(PICK(ws.q));
+    r.sz = reinterpret_cast<const __half2*>(PICK(ws.sz));
+#undef PICK
+    return r;
+}
+
+// The end of both GEMVs: `sum(t, r)` is this block's sum for token t, row r of its range (from
+// shared memory, after a __syncthreads). One k slice writes y; with several, each block
+// publishes its sums and the last block of the row range to arrive adds them up (no second
+// launch) and leaves the range's arrival counter at zero for the next launch.
+template <typename T, int MT, typename Sum>
+__device__ __forceinline__ void gemv_store(Sum sum, const GemvRows& rows, int m, int n_total, T* __restrict__ y,
+                                           float* __restrict__ part, unsigned int* __restrict__ counters) {
+    const int b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+    if (nsplit == 1) {
+        for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+            const int t = idx >> 6, r = idx & 63, row = rows.nb * 64 + r;
+            if (t < m && row < rows.n) y[(size_t)t * n_total + rows.out_off + row] = from_f<T>(sum(t, r));
+        }
+        return;
+    }
+    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+        const int t = idx >> 6, r = idx & 63;
+        if (t < m) part[((size_t)split * m + t) * (gridDim.x * 64) + b * 64 + r] = sum(t, r);
+    }
+    __threadfence();
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[b], 1u) == (unsigned)nsplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
+        const int t = idx >> 6, r = idx & 63, row = rows.nb * 64 + r;
+        if (t < m && row < rows.n) {
+            float v = 0.f;
+            for (int sp = 0; sp < nsplit; sp++) v += __ldcg(part + ((size_t)sp * m + t) * (gridDim.x * 64) + b * 64 + r);
+            y[(size_t)t * n_total + rows.out_off + row] = from_f<T>(v);
+        }
+    }
+    if (threadIdx.x == 0) counters[b] = 0;  // ready for the next launch
+}
 
 #define GEMV_WARPS 4
 // Slots of each warp's ring: 2 rounds ahead of the math (a 4-slot ring measured no faster).
@@ -85,15 +146,10 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     static_assert(!MMA || (MT == 8 && sizeof(T) == 2), "the MMA GEMV is instantiated for f16 and 8 tokens");
     const int b = blockIdx.x;
     const int split = blockIdx.y, nsplit = gridDim.y;
-    const int set = b < ws.block_start[1] ? 0 : (b < ws.block_start[2] ? 1 : 2);
-    // Selects, not indexing: a run-time index would copy the parameter struct to local memory.
-#define PICK(a) (set == 0 ? (a)[0] : (set == 1 ? (a)[1] : (a)[2]))
-    const int nb = b - PICK(ws.block_start);
-    const int np = PICK(ws.np), n = PICK(ws.n);
-    const int out_off = (set > 0 ? ws.n[0] : 0) + (set > 1 ? ws.n[1] : 0);
-    const uint32_t* __restrict__ q = reinterpret_cast<const uint32_t*>(PICK(ws.q));
-    const __half2* __restrict__ sz = reinterpret_cast<const __half2*>(PICK(ws.sz));
-#undef PICK
+    const GemvRows rows = gemv_rows(ws, b);
+    const int nb = rows.nb, np = rows.np, n = rows.n, out_off = rows.out_off;
+    const uint32_t* __restrict__ q = rows.q;
+    const __half2* __restrict__ sz = rows.sz;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gi = lane >> 2, ti = lane & 3;
     const int ksteps = k >> 4, nunits = np >> 6;
@@ -331,47 +387,165 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
             }
     }
     __syncthreads();
-    if (nsplit == 1) {
-        for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
-            const int t = idx >> 6, r = idx & 63;
-            const int row = nb * 64 + r;
-            if (t < m && row < n) {
-                float v = 0.f;
-#pragma unroll
-                for (int w = 0; w < GEMV_WARPS; w++) v += RED(w, t, r);
-                y[(size_t)t * n_total + out_off + row] = from_f<T>(v);
-            }
-        }
-        return;
-    }
-    // Split k: publish this slice's sums; the last block of the row range adds them up.
-    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
-        const int t = idx >> 6, r = idx & 63;
-        if (t < m) {
+    gemv_store<T, MT>(
+        [&](int t, int r) {
             float v = 0.f;
 #pragma unroll
             for (int w = 0; w < GEMV_WARPS; w++) v += RED(w, t, r);
-            part[((size_t)split * m + t) * (gridDim.x * 64) + b * 64 + r] = v;
-        }
-    }
-    __threadfence();
-    __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[b], 1u) == (unsigned)nsplit - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < MT * 64; idx += blockDim.x) {
-        const int t = idx >> 6, r = idx & 63;
-        const int row = nb * 64 + r;
-        if (t < m && row < n) {
-            float v = 0.f;
-            for (int sp = 0; sp < nsplit; sp++) v += __ldcg(part + ((size_t)sp * m + t) * (gridDim.x * 64) + b * 64 + r);
-            y[(size_t)t * n_total + out_off + row] = from_f<T>(v);
-        }
-    }
-    if (threadIdx.x == 0) counters[b] = 0;  // ready for the next launch
+            return v;
+        },
+        rows, m, n_total, y, part, counters);
 #undef RED
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch-1 GEMV (f16): the decode step's kernel
+
+// A 4-byte weight word that is read once: not kept in L1.
+__device__ __forceinline__ uint32_t ld_stream(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+// As mma16816 with zero accumulators in (the first step of a group).
+__device__ __forceinline__ void mma16816_first(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};\n"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+#define GEMV1_MAX_WARPS 8
+
+// One token, f16, group size 16 * SPG. Blocks of 4 or 8 warps own 64 rows and a slice of k
+// (split-k over gridDim.y as in w4_gemv); the warps divide the slice in whole groups, so a
+// group's steps are a compile-time loop and its scale and zero constants are set up once.
+// Each warp loads straight from global memory into registers, AHEAD groups (8 k16 steps, 4 KB)
+// ahead of the math: no shared-memory ring, no cp.async bookkeeping, and a group's loads are
+// issued as its slot frees. On an H100 this streams 4096 x 11008 at 76 % of the copy bandwidth
+// where the ring kernel reached 60 % (BENCHMARKS.md). The products run on the tensor cores as
+// in w4_gemv's MMA path (the token is column 0 of the n8 operand; the other columns compute
+// discarded copies).
+template <int SPG, int AHEAD>
+__device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int n_total,
+                         float* __restrict__ part, unsigned int* __restrict__ counters, const L2Prefetch& pf) {
+    constexpr int D = SPG * AHEAD;  // k16 steps in flight
+    const GemvRows rows = gemv_rows(ws, blockIdx.x);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gi = lane >> 2, ti = lane & 3;
+    const int warps = blockDim.x >> 5;
+    const int nunits = rows.np >> 6;
+    // This warp's groups [g0, g0 + ng) of the G in k.
+    const int G = k / (16 * SPG);
+    const int W = gridDim.y * warps, wg = blockIdx.y * warps + warp;
+    const int g0 = G * wg / W, ng = G * (wg + 1) / W - g0;
+    // Word offsets (the wrapper keeps a weight under 2^32 words): this lane's word of step s of
+    // this row range is at (s * nunits + nb) * 128 + lane, words i = 0..3 of a unit 32 apart.
+    const uint32_t step_words = (uint32_t)nunits * 128;
+    uint32_t off = ((uint32_t)g0 * SPG * nunits + rows.nb) * 128 + lane;
+    uint32_t wbuf[D][4];
+#pragma unroll
+    for (int j = 0; j < D; j++) {
+        if (j / SPG < ng) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) wbuf[j][i] = ld_stream(rows.q + off + i * 32);
+            off += step_words;
+        }
+    }
+    // (scale, zero) of rows 8 j + g of the range (j = 2 wi + h: m16 tile wi, half h), per group.
+    const __half2* szp = rows.sz + (size_t)g0 * rows.np + rows.nb * 64 + gi;
+    __half2 szbuf[AHEAD][8];
+#pragma unroll
+    for (int a = 0; a < AHEAD; a++) {
+        if (a < ng) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) szbuf[a][j] = __ldg(szp + j * 8);
+            szp += rows.np;
+        }
+    }
+    // B fragment of step s: x[16 s + 2t, +1] and x[16 s + 2t + 8, +9] (the wrapper aligns x to 16 bytes).
+    const uint32_t* xp = reinterpret_cast<const uint32_t*>(x) + (size_t)g0 * SPG * 8 + ti;
+    uint32_t xbuf[D][2];
+#pragma unroll
+    for (int j = 0; j < D; j++) {
+        if (j / SPG < ng) {
+            xbuf[j][0] = __ldg(xp + j * 8);
+            xbuf[j][1] = __ldg(xp + j * 8 + 4);
+        }
+    }
+    xp += D * 8;
+    // Row 16 wi + g (h = 0) and + 8 (h = 1), token column 0 (lanes t = 0 hold the real sums).
+    float acc[4][2];
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) acc[wi][0] = acc[wi][1] = 0.f;
+    for (int gb = 0; gb < ng; gb += AHEAD) {
+#pragma unroll
+        for (int a = 0; a < AHEAD; a++) {
+            if (gb + a < ng) {
+                const bool refill = gb + a + AHEAD < ng;
+                __half2 zl[8], zh[8];
+                float sc[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    __half2 unused;  // the GEMMs' f16 scale; here the group's sum is scaled in f32
+                    sz_consts(szbuf[a][j], zl[j], zh[j], unused);
+                    sc[j] = __low2float(szbuf[a][j]);
+                }
+                if (refill) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) szbuf[a][j] = __ldg(szp + j * 8);
+                    szp += rows.np;
+                }
+                // The group's exact sums of (q - zero) x, scaled once at its end.
+                float gacc[4][4];
+#pragma unroll
+                for (int i = 0; i < SPG; i++) {
+                    const int j = a * SPG + i;
+                    const uint32_t w[4] = {wbuf[j][0], wbuf[j][1], wbuf[j][2], wbuf[j][3]};
+                    const uint32_t b0 = xbuf[j][0], b1 = xbuf[j][1];
+                    if (refill) {
+#pragma unroll
+                        for (int c = 0; c < 4; c++) wbuf[j][c] = ld_stream(rows.q + off + c * 32);
+                        off += step_words;
+                        xbuf[j][0] = __ldg(xp + j * 8);
+                        xbuf[j][1] = __ldg(xp + j * 8 + 4);
+                    }
+#pragma unroll
+                    for (int wi = 0; wi < 4; wi++) {
+                        const Dq d = dequant_word_unscaled(w[wi], zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
+                        const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                        if (i == 0) mma16816_first(gacc[wi], af, b0, b1);
+                        else mma16816(gacc[wi], af, b0, b1);
+                    }
+                }
+#pragma unroll
+                for (int wi = 0; wi < 4; wi++) {
+                    acc[wi][0] = fmaf(sc[2 * wi], gacc[wi][0], acc[wi][0]);
+                    acc[wi][1] = fmaf(sc[2 * wi + 1], gacc[wi][2], acc[wi][1]);
+                }
+            }
+        }
+        xp += D * 8;
+    }
+    // This block's reads are issued: its share of the next layer's weights goes to L2 now.
+    l2_prefetch(pf, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
+    __shared__ float red[GEMV1_MAX_WARPS][64];
+    if (ti == 0) {
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++) {
+            red[warp][wi * 16 + gi] = acc[wi][0];
+            red[warp][wi * 16 + gi + 8] = acc[wi][1];
+        }
+    }
+    __syncthreads();
+    gemv_store<__half, 1>(
+        [&](int, int r) {
+            float v = 0.f;
+            for (int w = 0; w < warps; w++) v += red[w][r];
+            return v;
+        },
+        gemv_rows(ws, blockIdx.x), 1, n_total, y, part, counters);  // recomputed: fewer live registers
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,6 +761,18 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma(W4Sets ws, con
                                                                   L2Prefetch pf) {
     w4_gemv<__half, 8, true>(ws, x, y, k, g, m, nt, part, counters, pf);
 }
+
+// Batch 1 at group sizes 32, 64 and 128: 8 k16 steps in flight per warp. At most 128 registers,
+// so an SM holds 16 warps.
+#define GEMV1_ENTRY(G, SPG, AHEAD)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV1_MAX_WARPS, 2) w4_gemv1_f16_g##G(                  \
+        W4Sets ws, const __half* x, __half* y, int k, int nt, float* part, unsigned int* counters,        \
+        L2Prefetch pf) {                                                                                  \
+        w4_gemv1<SPG, AHEAD>(ws, x, y, k, nt, part, counters, pf);                                        \
+    }
+GEMV1_ENTRY(32, 2, 4)
+GEMV1_ENTRY(64, 4, 2)
+GEMV1_ENTRY(128, 8, 1)
 
 #define INSTANTIATE_GEMM(WM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) w4_gemm_f16_wm##WM(                               \
