@@ -285,7 +285,7 @@ pub fn block_tensors(i: usize, block: &crate::model::Block) -> Result<Vec<(Strin
         out.push((format!("{p}.self_attn.k_norm.weight"), f16(&kn.weight)?));
     }
     for (name, lin) in block.linears() {
-        let q = lin.quantized().ok_or_else(|| Error::msg(format!("{p}.{name} is not quantized")))?;
+        let q = lin.quantized().map_err(|e| Error::msg(format!("{p}.{name}: {e}")))?.ok_or_else(|| Error::msg(format!("{p}.{name} is not quantized")))?;
         let t = q.to_awq_gemm().map_err(|e| Error::msg(format!("{p}.{name}: {e}")))?;
         let (i_n, o_n, groups) = (q.in_features, q.out_features, q.groups());
         let dev = candle_core::Device::Cpu;

@@ -82,7 +82,7 @@ fn checkpoint_round_trip_matches_in_memory_model() {
             // unquantized tensors: every quantized linear is bit-identical.
             for (bm, bl) in mem.layers.iter().zip(&loaded.layers) {
                 for ((n, lm), (_, ll)) in bm.linears().iter().zip(bl.linears().iter()) {
-                    assert_eq!(lm.quantized(), ll.quantized(), "{n}");
+                    assert_eq!(lm.quantized().unwrap(), ll.quantized().unwrap(), "{n}");
                 }
             }
         }
@@ -126,7 +126,7 @@ fn independent_decoder_recovers_codes_and_weights() {
     for (layer, block) in mem.layers.iter().enumerate() {
         for (name, lin) in block.linears() {
             let p = format!("model.layers.{layer}.{name}");
-            let q = lin.quantized().unwrap();
+            let q = lin.quantized().unwrap().unwrap();
             let (in_f, out_f, g) = (q.in_features, q.out_features, 32);
             let (shape, data) = read_tensor_bytes(&st, &format!("{p}.qweight"));
             assert_eq!(shape, vec![in_f, out_f / 8], "{p}.qweight");

@@ -120,7 +120,7 @@ fn half_precision_activations() {
 fn codes_survive_repacking() {
     let mut rng = Rng::new(1);
     let (l, q, _) = layer(&mut rng, 24, 192, 64, false);
-    assert_eq!(l.quantized().unwrap(), q);
+    assert_eq!(l.quantized().unwrap().unwrap(), q);
     // q·s + (−z·s) against (q − z)·s: equal up to one rounding of f32 scales.
     let dense = l.dense_weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want: Vec<f64> = q.dequantize().iter().map(|&v| v as f64).collect();

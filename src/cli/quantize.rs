@@ -156,7 +156,7 @@ fn run_dummy(a: &Args) -> Result<()> {
     let report = awq_run::awq::quantize_blocks(&vb, &cfg, calib.as_deref(), &o, |_, block| {
         // Like writing a checkpoint: the packed codes of every layer are produced, then dropped.
         for (_, l) in block.linears() {
-            std::hint::black_box(l.quantized());
+            std::hint::black_box(l.quantized()?);
         }
         Ok(())
     })?;

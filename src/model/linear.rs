@@ -14,9 +14,10 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn bias(&self) -> Option<&Tensor>;
     /// A short name of the implementation, for logs and reports.
     fn kind(&self) -> &'static str;
-    /// The integer codes, zeros and scales of a quantized layer.
-    fn quantized(&self) -> Option<crate::quant::QuantizedWeight> {
-        None
+    /// The integer codes, zeros and scales of a quantized layer (`None` for other layers; an
+    /// error where they cannot be read back, e.g. from a failing device).
+    fn quantized(&self) -> Result<Option<crate::quant::QuantizedWeight>> {
+        Ok(None)
     }
     /// The layer as a 4-bit [`crate::quant::QuantLinear`], for kernels that take several at once.
     fn as_quant(&self) -> Option<&crate::quant::QuantLinear> {

@@ -25,8 +25,12 @@ enum DeviceWeights {
 
 #[derive(Debug)]
 enum Repr {
+    /// `host` is the CPU layout; on CUDA it is not kept (the device copy is the only one, a 7B
+    /// model's 3.5 GB stay off the host) and is rebuilt from a download when asked for.
     Packed {
-        w: Arc<PackedQ4>,
+        host: Option<Arc<PackedQ4>>,
+        n: usize,
+        k: usize,
         dev: Option<DeviceWeights>,
     },
     Dequantized {
@@ -78,16 +82,17 @@ impl QuantLinear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_device(device)).transpose()?;
         let repr = if q.bits == 4 && PackedQ4::supports(q.in_features, q.group_size) {
             let w = Arc::new(PackedQ4::from_quantized(&q));
-            let dev = match device {
-                Device::Cpu => None,
+            let (n, k) = (w.n, w.k);
+            let (host, dev) = match device {
+                Device::Cpu => (Some(w), None),
                 #[cfg(feature = "cuda")]
-                Device::Cuda(_) => Some(DeviceWeights::Cuda(super::cuda::CudaQ4::new(&w, device)?)),
+                Device::Cuda(_) => (None, Some(DeviceWeights::Cuda(super::cuda::CudaQ4::new(&w, device)?))),
                 _ => {
                     let (c, s, m) = Self::device_tensors(&w, device)?;
-                    Some(DeviceWeights::TensorOps(c, s, m))
+                    (Some(w), Some(DeviceWeights::TensorOps(c, s, m)))
                 }
             };
-            Repr::Packed { w, dev }
+            Repr::Packed { host, n, k, dev }
         } else {
             let d = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?.to_dtype(dtype)?;
             let b = bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
@@ -125,10 +130,11 @@ impl QuantLinear {
     /// The device path (dequantize with tensor ops, then matmul); public so CPU tests cover it.
     pub fn forward_dequant(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.repr {
-            Repr::Packed { w, dev: Some(DeviceWeights::TensorOps(c, s, m)) } => Self::dequantize_tensors(c, s, m, w.k)?,
-            Repr::Packed { w, .. } => {
-                let (c, s, m) = Self::device_tensors(w, x.device())?;
-                Self::dequantize_tensors(&c, &s, &m, w.k)?
+            Repr::Packed { k, dev: Some(DeviceWeights::TensorOps(c, s, m)), .. } => Self::dequantize_tensors(c, s, m, *k)?,
+            Repr::Packed { k, .. } => {
+                let w = self.host_packed()?;
+                let (c, s, m) = Self::device_tensors(&w, x.device())?;
+                Self::dequantize_tensors(&c, &s, &m, *k)?
             }
             Repr::Dequantized { dense, .. } => return dense.forward(x),
         };
@@ -137,10 +143,10 @@ impl QuantLinear {
 
     /// The CPU kernel with a chosen inner loop (tests run every one the machine has).
     pub fn forward_cpu(&self, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
-        let Repr::Packed { w, .. } = &self.repr else {
+        let Repr::Packed { .. } = &self.repr else {
             return self.forward_dequant(x);
         };
-        let op = Q4MatMul { w: w.clone(), kernel };
+        let op = Q4MatMul { w: self.host_packed()?, kernel };
         let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?;
         self.add_bias(y)?.to_dtype(x.dtype())
     }
@@ -161,10 +167,23 @@ impl QuantLinear {
         }
     }
 
+    /// The host copy of a packed layer, where it is kept (not on CUDA, see [`Repr`]).
     pub fn packed(&self) -> Option<&PackedQ4> {
         match &self.repr {
-            Repr::Packed { w, .. } => Some(w),
+            Repr::Packed { host: Some(w), .. } => Some(w),
             _ => None,
+        }
+    }
+
+    /// The packed weight in the CPU layout: the host copy, or on CUDA the device copy downloaded
+    /// and untiled (checkpoint writing, CPU inputs; never on the inference path).
+    pub fn host_packed(&self) -> Result<Arc<PackedQ4>> {
+        match &self.repr {
+            Repr::Packed { host: Some(w), .. } => Ok(w.clone()),
+            #[cfg(feature = "cuda")]
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => Ok(Arc::new(c.to_tiled()?.to_packed())),
+            Repr::Packed { .. } => candle_core::bail!("a packed 4-bit layer has neither a host nor a device copy"),
+            Repr::Dequantized { .. } => candle_core::bail!("the layer is not packed 4-bit (it keeps a dequantized weight)"),
         }
     }
 }
@@ -181,19 +200,20 @@ impl LinearLayer for QuantLinear {
     }
     fn in_features(&self) -> usize {
         match &self.repr {
-            Repr::Packed { w, .. } => w.k,
+            Repr::Packed { k, .. } => *k,
             Repr::Dequantized { q, .. } => q.in_features,
         }
     }
     fn out_features(&self) -> usize {
         match &self.repr {
-            Repr::Packed { w, .. } => w.n,
+            Repr::Packed { n, .. } => *n,
             Repr::Dequantized { q, .. } => q.out_features,
         }
     }
     fn dense_weight(&self) -> Result<Tensor> {
         match &self.repr {
-            Repr::Packed { w, .. } => {
+            Repr::Packed { .. } => {
+                let w = self.host_packed()?;
                 let mut d = vec![0f32; w.n * w.k];
                 for (o, row) in d.chunks_mut(w.k).enumerate() {
                     w.dequantize_row(o, row);
@@ -212,11 +232,11 @@ impl LinearLayer for QuantLinear {
             Repr::Dequantized { .. } => "fake-quant",
         }
     }
-    fn quantized(&self) -> Option<QuantizedWeight> {
-        Some(match &self.repr {
-            Repr::Packed { w, .. } => w.to_quantized(),
+    fn quantized(&self) -> Result<Option<QuantizedWeight>> {
+        Ok(Some(match &self.repr {
+            Repr::Packed { .. } => self.host_packed()?.to_quantized(),
             Repr::Dequantized { q, .. } => q.clone(),
-        })
+        }))
     }
     fn as_quant(&self) -> Option<&QuantLinear> {
         Some(self)

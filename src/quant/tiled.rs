@@ -78,6 +78,32 @@ impl TiledQ4 {
         Self { n, np, k, group_size: g, units, sz }
     }
 
+    /// The CPU layout back ([`TiledQ4::from_packed`] reversed): a layer whose weights live only
+    /// on the GPU rebuilds its host copy from a download when one is asked for (a checkpoint).
+    pub fn to_packed(&self) -> PackedQ4 {
+        use rayon::prelude::*;
+        let (n, k, g) = (self.n, self.k, self.group_size);
+        let mut codes = vec![0u8; n * k / 2];
+        codes.par_chunks_mut((k / 2).max(1)).enumerate().for_each(|(row, dst)| {
+            for c in 0..k / 32 {
+                for j in 0..16 {
+                    dst[c * 16 + j] = self.code(row, c * 32 + j) | (self.code(row, c * 32 + j + 16) << 4);
+                }
+            }
+        });
+        let groups = k / g;
+        let mut scales = vec![f16::ZERO; n * groups];
+        let mut zeros = vec![0u8; n * groups];
+        for o in 0..n {
+            for gi in 0..groups {
+                scales[o * groups + gi] = self.sz[(gi * self.np + o) * 2];
+                // Zeros are stored as f16 of a u8: exact.
+                zeros[o * groups + gi] = self.sz[(gi * self.np + o) * 2 + 1].to_f32() as u8;
+            }
+        }
+        PackedQ4 { n, k, group_size: g, codes, scales, zeros }
+    }
+
     /// The code of weight `(row, col)`, read back through [`position`] (tests, and the statement
     /// of the layout the kernels rely on).
     pub fn code(&self, row: usize, col: usize) -> u8 {
@@ -179,6 +205,19 @@ mod tests {
         assert_eq!(position(0, 8), (0, 0, 1));
         assert_eq!(position(8, 9), (0, 0, 7));
         assert_eq!(position(17, 2), (5, 1, 0));
+    }
+
+    #[test]
+    fn untiling_restores_the_packed_weight() {
+        // Rows not a multiple of 64 (padding), several groups, odd multiples of 32.
+        for (n, k, g) in [(130, 320, 64), (64, 96, 32), (7, 1536, 1536)] {
+            let w = PackedQ4::from_quantized(&random_q(n, k, g, (n * k) as u64));
+            let back = TiledQ4::from_packed(&w).to_packed();
+            assert_eq!((back.n, back.k, back.group_size), (n, k, g));
+            assert_eq!(back.codes, w.codes, "codes {n}x{k}");
+            assert_eq!(back.scales, w.scales, "scales {n}x{k}");
+            assert_eq!(back.zeros, w.zeros, "zeros {n}x{k}");
+        }
     }
 
     #[test]

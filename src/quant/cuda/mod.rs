@@ -103,6 +103,18 @@ impl CudaQ4 {
         })
     }
 
+    /// The device copy downloaded, in the host-side tiled form (see [`TiledQ4::to_packed`]).
+    pub fn to_tiled(&self) -> Result<TiledQ4> {
+        Ok(TiledQ4 {
+            n: self.n,
+            np: self.np,
+            k: self.k,
+            group_size: self.group_size,
+            units: self.q.to_vec1::<u8>()?,
+            sz: self.sz.flatten_all()?.to_vec1::<f16>()?,
+        })
+    }
+
     /// Whether the tensor-core GEMM takes this weight (one group per 64-wide k step).
     pub fn gemm_supported(&self) -> bool {
         self.k % 64 == 0 && self.group_size % 64 == 0 && self.n % 2 == 0

@@ -105,6 +105,16 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     for &(n, k, g) in SHAPES {
         let packed = random_weight(&mut r, n, k, g);
         let cw = CudaQ4::new(&packed, device)?;
+        // The download that rebuilds a device-only layer's host copy (checkpoints): exact.
+        let back = cw.to_tiled()?.to_packed();
+        let same = back.codes == packed.codes && back.scales == packed.scales && back.zeros == packed.zeros;
+        t.check(format!("download n={n} k={k} g={g}"), if same { 0.0 } else { f32::INFINITY }, 0.0);
+        // A CUDA layer keeps no host copy and reads its codes back from the device.
+        let q = packed.to_quantized();
+        let layer = crate::quant::QuantLinear::new(q.clone(), None, DType::F16, device)?;
+        use crate::model::linear::LinearLayer;
+        let kept = layer.packed().is_none() && layer.quantized()?.as_ref() == Some(&q);
+        t.check(format!("device-only layer n={n} k={k} g={g}"), if kept { 0.0 } else { f32::INFINITY }, 0.0);
         let mut dense = vec![0f32; n * k];
         for (o, row) in dense.chunks_mut(k).enumerate() {
             packed.dequantize_row(o, row);
