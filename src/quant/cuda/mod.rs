@@ -29,6 +29,15 @@ const GEMV_WARPS: usize = 4;
 const GEMV1_MAX_WARPS: usize = 8;
 /// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
 const GEMV_SLOTS: usize = 3;
+/// Dynamic shared memory of a batch-1 GEMV block (w4_gemv1 in w4a16.cu): each of its `warps` warps
+/// stages the activations of its share of the `k / g` groups, at most ceil(groups / (splits x warps)).
+fn gemv1_smem(k: usize, g: usize, warps: usize, splits: usize) -> usize {
+    warps * (k / g).div_ceil(warps * splits) * g * 2
+}
+/// Room for the static shared memory of a batch-1 GEMV block: the cross-warp sums (2 KB) and
+/// the split-k flag.
+const GEMV1_STATIC_SMEM: usize = 4096;
+
 /// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
 /// GEMV_SLOTS slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide
 /// k window touches and `m` tokens' padded activations of `elem` bytes.
@@ -326,13 +335,26 @@ impl CustomOp1 for Gemv<'_> {
             && self.opts.kernel == GemvKernel::Auto
             && matches!(g, 32 | 64 | 128)
             && self.ws.iter().all(|w| (w.k as u64 * w.np as u64 / 8) < (1u64 << 32));
-        let (func, cfg) = if batch1 {
+        let batch1_launch = if batch1 {
             let name = format!("w4_gemv1_f16_g{g}");
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let resident_warps = resident_blocks(&dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, 0)? * GEMV1_MAX_WARPS;
+            // The dynamic shared memory (x) varies with the launch: the limit is what the device
+            // leaves beside the static part.
+            let max_smem = smem_optin(&dev)? - GEMV1_STATIC_SMEM;
+            let resident_warps = resident_blocks(&dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, max_smem)? * GEMV1_MAX_WARPS;
             let (warps, auto_splits) = super::tiled::gemv1_launch(blocks as usize, k / g, resident_warps);
             let splits = self.opts.splits.map_or(auto_splits, |s| s.clamp(1, (k / 16).max(1)));
-            (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: 0 })
+            let smem = gemv1_smem(k, g, warps, splits);
+            // Beyond the device's shared memory (k in the hundreds of thousands) the ring kernel runs.
+            (smem <= max_smem).then(|| {
+                (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 })
+            })
+        } else {
+            None
+        };
+        let batch1 = batch1_launch.is_some();
+        let (func, cfg) = if let Some(launch) = batch1_launch {
+            launch
         } else {
             let mt = match m {
                 0..=1 => 1,
@@ -428,6 +450,13 @@ pub(crate) fn prefetch_blocks(dev: &CudaDevice, hint: &crate::quant::L2Prefetch)
         return Ok(0);
     }
     Ok(sm_count(dev)? as u32)
+}
+
+/// The most shared memory a block of `dev` may use (opted in).
+fn smem_optin(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let a = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    Ok(dev.cuda_stream().context().attribute(a).w()?.max(48 << 10) as usize)
 }
 
 /// The device's streaming multiprocessors (at least 1).

@@ -147,7 +147,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     const int b = blockIdx.x;
     const int split = blockIdx.y, nsplit = gridDim.y;
     const GemvRows rows = gemv_rows(ws, b);
-    const int nb = rows.nb, np = rows.np, n = rows.n, out_off = rows.out_off;
+    const int nb = rows.nb, np = rows.np;
     const uint32_t* __restrict__ q = rows.q;
     const __half2* __restrict__ sz = rows.sz;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -421,10 +421,11 @@ __device__ __forceinline__ void mma16816_first(float* c, const uint32_t* a, uint
 // One token, f16, group size 16 * SPG. Blocks of 4 or 8 warps own 64 rows and a slice of k
 // (split-k over gridDim.y as in w4_gemv); the warps divide the slice in whole groups, so a
 // group's steps are a compile-time loop and its scale and zero constants are set up once.
-// Each warp loads straight from global memory into registers, AHEAD groups (8 k16 steps, 4 KB)
-// ahead of the math: no shared-memory ring, no cp.async bookkeeping, and a group's loads are
-// issued as its slot frees. On an H100 this streams 4096 x 11008 at 76 % of the copy bandwidth
-// where the ring kernel reached 60 % (BENCHMARKS.md). The products run on the tensor cores as
+// Each warp loads its weights straight from global memory into registers, AHEAD groups (8 k16
+// steps, 4 KB) ahead of the math: no shared-memory ring, no cp.async bookkeeping, and a group's
+// loads are issued as its slot frees. Its slice of x is staged once in shared memory (in
+// registers it took the window's room, 5 % slower). On an H100 this streams 4096 x 11008 at
+// ~75 % of the copy bandwidth where the ring kernel reached 60 % (BENCHMARKS.md). The products run on the tensor cores as
 // in w4_gemv's MMA path (the token is column 0 of the n8 operand; the other columns compute
 // discarded copies).
 template <int SPG, int AHEAD>
@@ -464,17 +465,17 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
             szp += rows.np;
         }
     }
-    // B fragment of step s: x[16 s + 2t, +1] and x[16 s + 2t + 8, +9] (the wrapper aligns x to 16 bytes).
-    const uint32_t* xp = reinterpret_cast<const uint32_t*>(x) + (size_t)g0 * SPG * 8 + ti;
-    uint32_t xbuf[D][2];
-#pragma unroll
-    for (int j = 0; j < D; j++) {
-        if (j / SPG < ng) {
-            xbuf[j][0] = __ldg(xp + j * 8);
-            xbuf[j][1] = __ldg(xp + j * 8 + 4);
-        }
+    // This warp's x, ceil(G / W) groups' room per warp (gemv1_smem in mod.rs), in 16-byte pieces
+    // (the wrapper aligns x to 16 bytes; a group is at least 64 bytes).
+    extern __shared__ __align__(16) uint32_t gemv1_xs[];
+    uint32_t* xs = gemv1_xs + warp * ((G + W - 1) / W * SPG * 8);
+    {
+        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)g0 * SPG * 16);
+        for (int p = lane; p < ng * SPG * 2; p += 32) reinterpret_cast<uint4*>(xs)[p] = __ldg(src + p);
+        __syncwarp();
     }
-    xp += D * 8;
+    // B fragment of step s: x[16 s + 2t, +1] and x[16 s + 2t + 8, +9], 8 words per step.
+    const uint32_t* xg = xs + ti;
     // Row 16 wi + g (h = 0) and + 8 (h = 1), token column 0 (lanes t = 0 hold the real sums).
     float acc[4][2];
 #pragma unroll
@@ -503,13 +504,11 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
                 for (int i = 0; i < SPG; i++) {
                     const int j = a * SPG + i;
                     const uint32_t w[4] = {wbuf[j][0], wbuf[j][1], wbuf[j][2], wbuf[j][3]};
-                    const uint32_t b0 = xbuf[j][0], b1 = xbuf[j][1];
+                    const uint32_t b0 = xg[j * 8], b1 = xg[j * 8 + 4];
                     if (refill) {
 #pragma unroll
                         for (int c = 0; c < 4; c++) wbuf[j][c] = ld_stream(rows.q + off + c * 32);
                         off += step_words;
-                        xbuf[j][0] = __ldg(xp + j * 8);
-                        xbuf[j][1] = __ldg(xp + j * 8 + 4);
                     }
 #pragma unroll
                     for (int wi = 0; wi < 4; wi++) {
@@ -526,7 +525,7 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
                 }
             }
         }
-        xp += D * 8;
+        xg += D * 8;
     }
     // This block's reads are issued: its share of the next layer's weights goes to L2 now.
     l2_prefetch(pf, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
