@@ -378,8 +378,38 @@ pub fn time_events(device: &Device, reps: usize, iters: usize, mut f: impl FnMut
 
 /// Median GPU time of one call of `f`, with `iters` calls captured in a CUDA graph and the graph
 /// replayed `reps` times between events: kernel time without the host's cost of issuing each call.
-pub fn time_graph(device: &Device, reps: usize, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+pub fn time_graph(device: &Device, reps: usize, iters: usize, f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    let graph = capture(device, iters, f)?;
+    let mut samples = (0..reps).map(|_| replay_secs(device, &graph, iters)).collect::<Result<Vec<_>>>()?;
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples[samples.len() / 2])
+}
+
+/// As [`time_graph`] for several kernels timed against each other: each round replays every
+/// graph once, in an order that rotates, so the clock and temperature drift of a long run (an
+/// H100 under tensor-core load slows by several percent within seconds) falls on all of them
+/// alike. Medians per kernel, in the order given.
+pub fn time_graphs_interleaved(device: &Device, rounds: usize, iters: usize, fs: Vec<Box<dyn FnMut(usize) -> Result<()> + '_>>) -> Result<Vec<f64>> {
+    let graphs = fs.into_iter().map(|f| capture(device, iters, f)).collect::<Result<Vec<_>>>()?;
+    let mut samples = vec![Vec::with_capacity(rounds); graphs.len()];
+    for r in 0..rounds {
+        for j in 0..graphs.len() {
+            let g = (j + r) % graphs.len();
+            samples[g].push(replay_secs(device, &graphs[g], iters)?);
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(|a, b| a.total_cmp(b));
+            s[s.len() / 2]
+        })
+        .collect())
+}
+
+/// `iters` calls of `f` captured in a CUDA graph, after a warm-up, and replayed once.
+fn capture(device: &Device, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use candle_core::cuda_backend::WrapErr;
     let Device::Cuda(dev) = device else { candle_core::bail!("CUDA timing on a non-CUDA device") };
     let stream = dev.cuda_stream();
@@ -394,15 +424,19 @@ pub fn time_graph(device: &Device, reps: usize, iters: usize, mut f: impl FnMut(
     let Some(graph) = graph? else { candle_core::bail!("empty graph") };
     graph.launch().w()?;
     device.synchronize()?;
-    let mut samples = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-        graph.launch().w()?;
-        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-        samples.push(start.elapsed_ms(&end).w()? as f64 / 1e3 / iters as f64);
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(samples[samples.len() / 2])
+    Ok(graph)
+}
+
+/// Seconds per call of one timed replay of `graph` (`iters` calls).
+fn replay_secs(device: &Device, graph: &candle_core::cuda_backend::cudarc::driver::CudaGraph, iters: usize) -> Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::WrapErr;
+    let Device::Cuda(dev) = device else { candle_core::bail!("CUDA timing on a non-CUDA device") };
+    let stream = dev.cuda_stream();
+    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+    graph.launch().w()?;
+    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+    Ok(start.elapsed_ms(&end).w()? as f64 / 1e3 / iters as f64)
 }
 
 /// Benchmarks on the device (JSON rows): copy bandwidth, GEMV GB/s at Llama-2-7B shapes (weights
@@ -472,10 +506,18 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
             let x = Tensor::from_vec(r.vec(m * k), (m, k), device)?.to_dtype(DType::F16)?;
             let flops = 2.0 * (m * n * k) as f64;
             let iters = (2e12 / flops).clamp(5.0, 200.0) as usize;
-            let t_w4 = time_graph(device, 7, iters, |_| w.gemm_with(&x, GemmKernel::Sm80, false).map(|_| ()))?;
-            let t_sm90 = if super::sm90_available(device) { Some(time_graph(device, 7, iters, |_| w.gemm_with(&x, GemmKernel::Sm90, false).map(|_| ()))?) } else { None };
-            let t_cublas = time_graph(device, 7, iters, |_| x.matmul(&dense.t()?).map(|_| ()))?;
-            let t_deq = time_graph(device, 7, iters, |_| x.matmul(&w.dequantize(DType::F16)?.t()?).map(|_| ()))?;
+            // cuBLAS and the GEMMs in alternation (see time_graphs_interleaved).
+            let mut fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
+                Box::new(|_| x.matmul(&dense.t()?).map(|_| ())),
+                Box::new(|_| w.gemm_with(&x, GemmKernel::Sm80, false).map(|_| ())),
+                Box::new(|_| x.matmul(&w.dequantize(DType::F16)?.t()?).map(|_| ())),
+            ];
+            let sm90 = super::sm90_available(device);
+            if sm90 {
+                fs.push(Box::new(|_| w.gemm_with(&x, GemmKernel::Sm90, false).map(|_| ())));
+            }
+            let t = time_graphs_interleaved(device, 9, iters, fs)?;
+            let (t_cublas, t_w4, t_deq, t_sm90) = (t[0], t[1], t[2], sm90.then(|| t[3]));
             rows.push(serde_json::json!({
                 "what": format!("gemm K={k} N={n} M={m} f16"),
                 "w4_sm80_mma_tflops": flops / t_w4 / 1e12,
