@@ -17,8 +17,11 @@ const MODULE: &str = "awq_w4a16";
 /// The Hopper (sm_90a) GEMM; empty unless built for compute capability 9.0.
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_sm90.ptx"));
 const MODULE_SM90: &str = "awq_w4a16_sm90";
-/// Shared memory of the sm_90 GEMM (SM90_SMEM in w4a16_sm90.cu).
-const SM90_SMEM: usize = 4 * (128 * 64 * 2 + 8 * 512 + 128 * 4) + 1024;
+/// Shared memory of the sm_90 GEMM (SM90_SMEM in w4a16_sm90.cu): 4 stages of activations, weights
+/// and scales, 8 mbarriers, 1024 for alignment.
+const SM90_SMEM: usize = 4 * (SM90_TOKENS * 64 * 2 + 8 * 512 + 128 * 4) + 2 * 4 * 8 + 1024;
+/// Tokens per block of the sm_90 GEMM (SM90_BT in w4a16_sm90.cu).
+const SM90_TOKENS: usize = 256;
 /// Most tokens the GEMV kernel takes.
 pub const GEMV_MAX_TOKENS: usize = 8;
 /// Most weights one GEMV launch takes (`W4Sets` in w4a16.cu).
@@ -155,7 +158,7 @@ impl CudaQ4 {
     }
 
     /// The tensor-core GEMM alone (f16 activations, [`CudaQ4::gemm_supported`] weights): the
-    /// Hopper wgmma kernel where the device has it and `m` fills its 128-token tiles well enough,
+    /// Hopper wgmma kernel where the device has it and `m` is above 64 tokens,
     /// else the mma.sync kernel.
     pub fn gemm(&self, x: &Tensor, poison: bool) -> Result<Tensor> {
         let m = x.elem_count() / self.k.max(1);
@@ -166,7 +169,7 @@ impl CudaQ4 {
     /// The GEMM with a chosen kernel (self-test and benchmarks run both).
     pub fn gemm_with(&self, x: &Tensor, kernel: GemmKernel, poison: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
-        // cp.async reads 16-byte pieces: the start must be 16-byte aligned.
+        // cp.async (sm_80) and the tensor map (sm_90) read 16-byte pieces: the start must be 16-byte aligned.
         let x = if x.layout().start_offset() % 8 != 0 { x.copy()? } else { x };
         x.apply_op1_no_bwd(&Gemm { w: self, kernel, poison })
     }
@@ -233,7 +236,8 @@ struct Gemv<'a> {
     poison: bool,
 }
 
-/// Below this many tokens the sm_80 kernel's 64-token tiles waste less than the 128-token tiles.
+/// At most this many tokens go to the sm_80 kernel (64-token tiles); above, the sm_90 kernel's
+/// 256-token tiles win (on an H100 they are level at 16 tokens and ahead from 64).
 const SM90_MIN_TOKENS: usize = 64;
 
 /// The two tensor-core GEMMs.
@@ -490,6 +494,46 @@ fn split_counters(dev: &CudaDevice, blocks: usize) -> Result<Tensor> {
     Ok(t)
 }
 
+/// A TMA tensor map (the sm_90 GEMM's view of its activations), passed to the kernel by value.
+#[repr(transparent)]
+struct TensorMap(candle_core::cuda_backend::cudarc::driver::sys::CUtensorMap);
+// SAFETY: the driver's opaque, aligned 128-byte descriptor, copied into the kernel's parameters.
+unsafe impl DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// `x` as `m` rows of `k` f16 (k a multiple of 64, x 16-byte aligned), read in 64 x 256 boxes
+    /// with the 128-byte swizzle the kernel's wgmma descriptors expect; rows past `m` read as zeros.
+    fn activations(x: u64, m: usize, k: usize) -> Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let dims: [u64; 2] = [k as u64, m as u64];
+        let strides: [u64; 1] = [(k * 2) as u64];
+        let boxes: [u32; 2] = [64, SM90_TOKENS as u32];
+        let steps: [u32; 2] = [1, 1];
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: every pointer is to a live local array of the rank's length; the driver fills `map`.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                2,
+                x as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .w()?;
+        // SAFETY: initialized by the successful call above.
+        Ok(Self(unsafe { map.assume_init() }))
+    }
+}
+
 /// m16 tiles per warp of the GEMM (block rows = 64 × this) for `m` tokens.
 fn gemm_wm(m: usize) -> usize {
     match m {
@@ -529,7 +573,7 @@ impl CustomOp1 for Gemm<'_> {
                 if PTX_SM90.is_empty() {
                     candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
                 }
-                (dev.get_or_load_custom_func("w4_gemm_f16_sm90", MODULE_SM90, PTX_SM90)?, SM90_SMEM, 128)
+                (dev.get_or_load_custom_func("w4_gemm_f16_sm90", MODULE_SM90, PTX_SM90)?, SM90_SMEM, SM90_TOKENS)
             }
         };
         func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
@@ -548,7 +592,15 @@ impl CustomOp1 for Gemm<'_> {
         let sz = device_ptr(&w.sz, &stream)?;
         let (m_, n_, np_, k_, g_) = (m as i32, w.n as i32, w.np as i32, w.k as i32, w.group_size as i32);
         let mut b = func.builder();
-        b.arg(&x);
+        // The Hopper kernel reads X through a TMA tensor map (its first parameter) instead of a pointer.
+        let xmap = match self.kernel {
+            GemmKernel::Sm90 => Some(TensorMap::activations(x.device_ptr(&stream).0, m, w.k)?),
+            GemmKernel::Sm80 => None,
+        };
+        match &xmap {
+            Some(map) => b.arg(map),
+            None => b.arg(&x),
+        };
         b.arg(&q);
         b.arg(&sz);
         b.arg(&y);
@@ -557,7 +609,8 @@ impl CustomOp1 for Gemm<'_> {
         b.arg(&np_);
         b.arg(&k_);
         b.arg(&g_);
-        // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised above.
+        // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised above;
+        // the tensor map describes x (m rows of k f16, 16-byte aligned: gemm_with copies otherwise).
         unsafe { b.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), out_shape(l, w.n)))
     }

@@ -424,10 +424,10 @@ __device__ __forceinline__ void mma16816_first(float* c, const uint32_t* a, uint
 // Each warp loads its weights straight from global memory into registers, AHEAD groups (8 k16
 // steps, 4 KB) ahead of the math: no shared-memory ring, no cp.async bookkeeping, and a group's
 // loads are issued as its slot frees. Its slice of x is staged once in shared memory (in
-// registers it took the window's room, 5 % slower). On an H100 this streams 4096 x 11008 at
-// ~75 % of the copy bandwidth where the ring kernel reached 60 % (BENCHMARKS.md). The products run on the tensor cores as
-// in w4_gemv's MMA path (the token is column 0 of the n8 operand; the other columns compute
-// discarded copies).
+// registers it took the window's room: 5 % slower). On an H100 this streams 4096 x 11008 at
+// 77 % of the copy bandwidth where the ring kernel reaches 58 % (BENCHMARKS.md). The products
+// run on the tensor cores as in w4_gemv's MMA path (the token is column 0 of the n8 operand; the
+// other columns compute discarded copies).
 template <int SPG, int AHEAD>
 __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int n_total,
                          float* __restrict__ part, unsigned int* __restrict__ counters, const L2Prefetch& pf) {
