@@ -4,6 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
+use crate::quant::cuda::kernel_suffix as suffix;
 use crate::quant::L2Prefetch;
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
@@ -13,15 +14,6 @@ const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
 /// Positions per block of the split-sequence attention (ATT_CHUNK in decode.cu).
 const ATT_CHUNK: usize = 256;
-
-fn suffix(dt: DType) -> Option<&'static str> {
-    match dt {
-        DType::F16 => Some("f16"),
-        DType::BF16 => Some("bf16"),
-        DType::F32 => Some("f32"),
-        _ => None,
-    }
-}
 
 /// Whether [`decode_attention`] takes these: CUDA, one query token, q `[b, heads, 1, d]`, k/v
 /// `[b, kv_heads, len, d]` of q's dtype with unit stride on `d`, `d` / 8 dividing 256.

@@ -1,7 +1,8 @@
-//! Thin wrappers around the CUDA kernels of `w4a16.cu` (compiled to PTX by build.rs): the
-//! few-token GEMV (one to three weights sharing an input per launch), the tensor-core GEMM for
-//! f16 prefill, and the dequantizer that feeds cuBLAS where the GEMM does not apply. Weights live
-//! on the device in the tiled layout of [`crate::quant::tiled`], one copy per layer.
+//! Thin wrappers around the CUDA kernels of `w4a16.cu` and `w4a16_sm90.cu` (compiled to PTX by
+//! build.rs): the GEMVs (batch-1 and few-token; one to three weights sharing an input per launch),
+//! the tensor-core GEMMs for f16 prefill, and the dequantizer that feeds cuBLAS where the GEMM
+//! does not apply. Weights live on the device in the tiled layout of [`crate::quant::tiled`], one
+//! copy per layer.
 use super::tiled::TiledQ4;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
@@ -62,12 +63,20 @@ pub struct CudaQ4 {
     pub group_size: usize,
 }
 
-fn suffix(dt: DType) -> Result<&'static str> {
+/// The name suffix of the crate's kernels instantiated for `dt` (f16, bf16, f32; none else).
+pub(crate) fn kernel_suffix(dt: DType) -> Option<&'static str> {
     match dt {
-        DType::F16 => Ok("f16"),
-        DType::BF16 => Ok("bf16"),
-        DType::F32 => Ok("f32"),
-        other => candle_core::bail!("W4A16 CUDA kernels take f16, bf16 or f32 activations, not {other:?}"),
+        DType::F16 => Some("f16"),
+        DType::BF16 => Some("bf16"),
+        DType::F32 => Some("f32"),
+        _ => None,
+    }
+}
+
+fn suffix(dt: DType) -> Result<&'static str> {
+    match kernel_suffix(dt) {
+        Some(s) => Ok(s),
+        None => candle_core::bail!("W4A16 CUDA kernels take f16, bf16 or f32 activations, not {dt:?}"),
     }
 }
 
@@ -251,14 +260,8 @@ pub enum GemmKernel {
 
 /// Whether the Hopper kernel can run on `device` (built for compute 9.0, and the device is 9.0).
 pub fn sm90_available(device: &candle_core::Device) -> bool {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
     let candle_core::Device::Cuda(d) = device else { return false };
-    if PTX_SM90.is_empty() {
-        return false;
-    }
-    let ctx = d.cuda_stream().context().clone();
-    let cc = (ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR));
-    matches!(cc, (Ok(9), Ok(0)))
+    !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
 }
 
 struct Gemm<'a> {
@@ -332,58 +335,17 @@ impl CustomOp1 for Gemv<'_> {
             sets.block_start[i] = blocks;
         }
         let n_total: usize = self.ws.iter().map(|w| w.n).sum();
-        let (k, g) = (w0.k, w0.group_size);
-        // The batch-1 kernel addresses a weight's words with 32-bit offsets.
-        let batch1 = m == 1
-            && dt == DType::F16
-            && self.opts.kernel == GemvKernel::Auto
-            && matches!(g, 32 | 64 | 128)
-            && self.ws.iter().all(|w| (w.k as u64 * w.np as u64 / 8) < (1u64 << 32));
-        let batch1_launch = if batch1 {
-            let name = format!("w4_gemv1_f16_g{g}");
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            // The dynamic shared memory (x) varies with the launch: the limit is what the device
-            // leaves beside the static part.
-            let max_smem = smem_optin(&dev)? - GEMV1_STATIC_SMEM;
-            let resident_warps = resident_blocks(&dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, max_smem)? * GEMV1_MAX_WARPS;
-            let (warps, auto_splits) = super::tiled::gemv1_launch(blocks as usize, k / g, resident_warps);
-            let splits = self.opts.splits.map_or(auto_splits, |s| s.clamp(1, (k / 16).max(1)));
-            let smem = gemv1_smem(k, g, warps, splits);
-            // Beyond the device's shared memory (k in the hundreds of thousands) the ring kernel runs.
-            (smem <= max_smem).then(|| {
-                (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 })
-            })
-        } else {
-            None
-        };
-        let batch1 = batch1_launch.is_some();
-        let (func, cfg) = if let Some(launch) = batch1_launch {
-            launch
-        } else {
-            let mt = match m {
-                0..=1 => 1,
-                2 => 2,
-                3..=4 => 4,
-                _ => 8,
-            };
-            // f16: the tensor-core kernel (8 token slots); otherwise CUDA cores, sized to the tokens.
-            let name = if dt == DType::F16 && self.opts.kernel != GemvKernel::CudaCores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{sfx}_{mt}") };
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let elem = dt.size_in_bytes();
-            let smem = gemv_smem(g, m, elem);
-            // The limit covers every launch of the kernel: the most tokens, the smallest groups.
-            let resident = resident_blocks(&dev, &func, &name, 32 * GEMV_WARPS, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
-            let splits = match self.opts.splits {
-                Some(s) => s.clamp(1, (k / 16).max(1)),
-                None => super::tiled::gemv_splits(blocks as usize, k / 16, resident),
-            };
-            (func, LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 })
+        let batch1 = self.batch1_launch(&dev, m, dt, blocks as usize)?;
+        let is_batch1 = batch1.is_some();
+        let (func, cfg) = match batch1 {
+            Some(launch) => launch,
+            None => self.ring_launch(&dev, m, dt, blocks as usize)?,
         };
         let splits = cfg.grid_dim.1 as usize;
         // Split k: per-slice sums, and the per-row-range arrival counters (left zeroed by the kernel).
         // SAFETY: the kernel writes every element of the workspace it reads.
         let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks as usize * 64)? }) } else { None };
-        let (k, g, m_, nt) = (k as i32, g as i32, m as i32, n_total as i32);
+        let (k, g, m_, nt) = (w0.k as i32, w0.group_size as i32, m as i32, n_total as i32);
         let counters = device_ptr(&split_counters(&dev, blocks as usize)?, &stream)?;
         macro_rules! launch {
             ($t:ty) => {{
@@ -393,12 +355,12 @@ impl CustomOp1 for Gemv<'_> {
                 if self.poison {
                     poison_buffer(&dev, sfx, &y, m * n_total)?;
                 }
-                let mut b = func.builder();
+                let mut b = stream.launch_builder(&func);
                 b.arg(&sets);
                 b.arg(&x);
                 b.arg(&y);
                 b.arg(&k);
-                if !batch1 {
+                if !is_batch1 {
                     // The batch-1 kernel has its group size and token count built in.
                     b.arg(&g);
                     b.arg(&m_);
@@ -427,6 +389,62 @@ impl CustomOp1 for Gemv<'_> {
     }
 }
 
+/// A kernel and its launch configuration.
+type Launch = (candle_core::cuda_backend::cudarc::driver::CudaFunction, LaunchConfig);
+
+impl Gemv<'_> {
+    /// The batch-1 kernel's launch where it applies: one token, f16, the default kernel, group
+    /// size 32, 64 or 128, every weight under 2^32 words (it uses 32-bit offsets) and the warps'
+    /// activations within the device's shared memory.
+    fn batch1_launch(&self, dev: &CudaDevice, m: usize, dt: DType, blocks: usize) -> Result<Option<Launch>> {
+        let (k, g) = (self.ws[0].k, self.ws[0].group_size);
+        let applies = m == 1
+            && dt == DType::F16
+            && self.opts.kernel == GemvKernel::Auto
+            && matches!(g, 32 | 64 | 128)
+            && self.ws.iter().all(|w| (w.k as u64 * w.np as u64 / 8) < (1u64 << 32));
+        if !applies {
+            return Ok(None);
+        }
+        let name = format!("w4_gemv1_f16_g{g}");
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // The dynamic shared memory (x) varies with the launch: the limit is what the device
+        // leaves beside the static part.
+        let max_smem = device_limits(dev)?.smem_optin - GEMV1_STATIC_SMEM;
+        let resident_warps = resident_blocks(dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, max_smem)? * GEMV1_MAX_WARPS;
+        let (warps, auto_splits) = super::tiled::gemv1_launch(blocks, k / g, resident_warps);
+        let splits = self.opts.splits.map_or(auto_splits, |s| s.clamp(1, (k / 16).max(1)));
+        let smem = gemv1_smem(k, g, warps, splits);
+        // Beyond the device's shared memory (k in the hundreds of thousands) the ring kernel runs.
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        Ok((smem <= max_smem).then(|| (func.into_cuda_function(), cfg)))
+    }
+
+    /// The ring kernel's launch (any launch the GEMV takes): tensor cores for f16 (8 token
+    /// slots) unless CUDA cores are asked for, else CUDA cores sized to the tokens.
+    fn ring_launch(&self, dev: &CudaDevice, m: usize, dt: DType, blocks: usize) -> Result<Launch> {
+        let (k, g) = (self.ws[0].k, self.ws[0].group_size);
+        let mt = match m {
+            0..=1 => 1,
+            2 => 2,
+            3..=4 => 4,
+            _ => 8,
+        };
+        let name = if dt == DType::F16 && self.opts.kernel != GemvKernel::CudaCores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{}_{mt}", suffix(dt)?) };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let elem = dt.size_in_bytes();
+        let smem = gemv_smem(g, m, elem);
+        // The limit covers every launch of the kernel: the most tokens, the smallest groups.
+        let resident = resident_blocks(dev, &func, &name, 32 * GEMV_WARPS, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
+        let splits = match self.opts.splits {
+            Some(s) => s.clamp(1, (k / 16).max(1)),
+            None => super::tiled::gemv_splits(blocks, k / 16, resident),
+        };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * GEMV_WARPS as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        Ok((func.into_cuda_function(), cfg))
+    }
+}
+
 /// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM of `threads` threads with
 /// `smem` bytes of dynamic shared memory), cached per kernel name and size: the answer never changes for a process. Also
 /// raises the kernel's dynamic shared-memory limit to `max_smem`, its largest launch (once).
@@ -440,7 +458,7 @@ fn resident_blocks(dev: &CudaDevice, func: &candle_core::cuda_backend::cudarc::d
         return Ok(n);
     }
     func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_smem.max(smem) as i32).w()?;
-    let sms = sm_count(dev)?;
+    let sms = device_limits(dev)?.sms;
     let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None).w()? as usize;
     let n = (sms * per_sm).max(1);
     cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
@@ -453,21 +471,38 @@ pub(crate) fn prefetch_blocks(dev: &CudaDevice, hint: &crate::quant::L2Prefetch)
     if hint.is_empty() {
         return Ok(0);
     }
-    Ok(sm_count(dev)? as u32)
+    Ok(device_limits(dev)?.sms as u32)
 }
 
-/// The most shared memory a block of `dev` may use (opted in).
-fn smem_optin(dev: &CudaDevice) -> Result<usize> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let a = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-    Ok(dev.cuda_stream().context().attribute(a).w()?.max(48 << 10) as usize)
+/// What the launches need to know of a device, read from the driver once per device: the
+/// GEMVs and the kernels carrying L2 hints launch on every decode step.
+#[derive(Clone, Copy)]
+struct DeviceLimits {
+    /// Streaming multiprocessors (at least 1).
+    sms: usize,
+    /// The most shared memory a block may use (opted in).
+    smem_optin: usize,
+    /// Compute capability (major, minor).
+    compute: (i32, i32),
 }
 
-/// The device's streaming multiprocessors (at least 1).
-fn sm_count(dev: &CudaDevice) -> Result<usize> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
-    Ok(sms.max(1) as usize)
+fn device_limits(dev: &CudaDevice) -> Result<DeviceLimits> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<candle_core::cuda_backend::DeviceId, DeviceLimits>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&l) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&dev.id()) {
+        return Ok(l);
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    let limits = DeviceLimits {
+        sms: ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize,
+        smem_optin: ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()?.max(48 << 10) as usize,
+        compute: (ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?, ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?),
+    };
+    cache.lock().unwrap_or_else(|e| e.into_inner()).insert(dev.id(), limits);
+    Ok(limits)
 }
 
 /// Most row ranges (64 rows each) one GEMV launch may have: 4M output rows.
