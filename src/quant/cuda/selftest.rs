@@ -53,19 +53,19 @@ fn random_weight(r: &mut Rng, n: usize, k: usize, g: usize) -> PackedQ4 {
     PackedQ4::from_quantized(&q)
 }
 
-/// max |got - want| / max |want|; NaN (a poisoned, unwritten element) gives infinity.
+/// [`max_rel_vec`] of a device result.
 fn max_rel(got: &Tensor, want: &[f32]) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(max_rel_vec(&host(got)?, want))
+}
+
+/// max |got - want| / max |want|; NaN (a poisoned, unwritten element) or a length mismatch gives
+/// infinity.
+fn max_rel_vec(got: &[f32], want: &[f32]) -> f32 {
     if got.len() != want.len() {
-        return Ok(f32::INFINITY);
+        return f32::INFINITY;
     }
-    let mut num = 0f32;
-    for (g, w) in got.iter().zip(want) {
-        let d = (g - w).abs();
-        num = if d.is_nan() { f32::INFINITY } else { num.max(d) };
-    }
-    let den = want.iter().fold(0f32, |a, w| a.max(w.abs())).max(1e-30);
-    Ok(num / den)
+    let num = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, |a, d| if d.is_nan() { f32::INFINITY } else { a.max(d) });
+    num / want.iter().fold(0f32, |a, w| a.max(w.abs())).max(1e-30)
 }
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {
@@ -240,11 +240,6 @@ fn graph_decode(device: &Device, t: &mut Tally) -> Result<()> {
     Ok(())
 }
 
-fn max_rel_vec(got: &[f32], want: &[f32]) -> f32 {
-    let num = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, |a, d| if d.is_nan() { f32::INFINITY } else { a.max(d) });
-    num / want.iter().fold(0f32, |a, w| a.max(w.abs())).max(1e-30)
-}
-
 /// Several weights sharing an input in one GEMV launch (q/k/v with grouped-query heads, gate/up).
 fn fused_gemv(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
     for (ns, k, g) in [(vec![4096, 1024, 1024], 4096, 128), (vec![200, 64, 136], 576, 64), (vec![11008, 11008], 4096, 128)] {
@@ -372,17 +367,19 @@ pub fn time_events(device: &Device, reps: usize, iters: usize, mut f: impl FnMut
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
         samples.push(start.elapsed_ms(&end).w()? as f64 / 1e3 / iters as f64);
     }
+    Ok(median(samples))
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(samples[samples.len() / 2])
+    samples[samples.len() / 2]
 }
 
 /// Median GPU time of one call of `f`, with `iters` calls captured in a CUDA graph and the graph
 /// replayed `reps` times between events: kernel time without the host's cost of issuing each call.
 pub fn time_graph(device: &Device, reps: usize, iters: usize, f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
     let graph = capture(device, iters, f)?;
-    let mut samples = (0..reps).map(|_| replay_secs(device, &graph, iters)).collect::<Result<Vec<_>>>()?;
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(samples[samples.len() / 2])
+    Ok(median((0..reps).map(|_| replay_secs(device, &graph, iters)).collect::<Result<Vec<_>>>()?))
 }
 
 /// As [`time_graph`] for several kernels timed against each other: each round replays every
@@ -398,13 +395,7 @@ pub fn time_graphs_interleaved(device: &Device, rounds: usize, iters: usize, fs:
             samples[g].push(replay_secs(device, &graphs[g], iters)?);
         }
     }
-    Ok(samples
-        .into_iter()
-        .map(|mut s| {
-            s.sort_by(|a, b| a.total_cmp(b));
-            s[s.len() / 2]
-        })
-        .collect())
+    Ok(samples.into_iter().map(median).collect())
 }
 
 /// `iters` calls of `f` captured in a CUDA graph, after a warm-up, and replayed once.
@@ -439,6 +430,18 @@ fn replay_secs(device: &Device, graph: &candle_core::cuda_backend::cudarc::drive
     Ok(start.elapsed_ms(&end).w()? as f64 / 1e3 / iters as f64)
 }
 
+/// A GEMV benchmark's inputs at `k` x `n` (g = 128): the bytes one call moves (codes, scales,
+/// activations, output), copies of one random weight, enough that the weights never sit in the
+/// 50 MB L2 between calls, and one f16 token.
+fn gemv_bench_inputs(device: &Device, r: &mut Rng, k: usize, n: usize) -> Result<(usize, Vec<CudaQ4>, Tensor)> {
+    let bytes = n * k / 2 + n * (k / 128) * 4 + 2 * k + 2 * n;
+    let copies = (256 << 20) / bytes + 2;
+    let one = random_weight(r, n, k, 128);
+    let ws = (0..copies).map(|_| CudaQ4::new(&one, device)).collect::<Result<Vec<_>>>()?;
+    let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
+    Ok((bytes, ws, x))
+}
+
 /// Benchmarks on the device (JSON rows): copy bandwidth, GEMV GB/s at Llama-2-7B shapes (weights
 /// rotated through more copies than L2 holds), GEMM TFLOP/s against cuBLAS f16 on the same shapes.
 /// Kernels are timed as CUDA-graph replays (see [`time_graph`]); the GEMV also one call at a time.
@@ -453,12 +456,8 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
     let mut r = Rng(7);
     // (k = in, n = out) as Llama-2-7B's q/k/v/o, gate/up, down, lm_head.
     for (k, n) in [(4096usize, 11008usize), (4096, 4096), (11008, 4096), (4096, 32000)] {
-        let bytes = n * k / 2 + n * (k / 128) * 4 + 2 * k + 2 * n;
-        // Enough copies that the weights never sit in the 50 MB L2 between calls.
-        let copies = (256 << 20) / bytes + 2;
-        let one = random_weight(&mut r, n, k, 128);
-        let ws = (0..copies).map(|_| CudaQ4::new(&one, device)).collect::<Result<Vec<_>>>()?;
-        let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
+        let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
+        let copies = ws.len();
         let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let t_issue = time_events(device, 7, 100, |i| ws[i % copies].gemv(&x, false).map(|_| ()))?;
         let with = |kernel: GemvKernel| -> Result<f64> {
@@ -484,11 +483,8 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
     }
     // GEMV k-split sweep (the default choice is the row above).
     for (k, n) in [(4096usize, 11008usize), (4096, 4096), (4096, 32000), (11008, 4096)] {
-        let bytes = n * k / 2 + n * (k / 128) * 4 + 2 * k + 2 * n;
-        let copies = (256 << 20) / bytes + 2;
-        let one = random_weight(&mut r, n, k, 128);
-        let ws = (0..copies).map(|_| CudaQ4::new(&one, device)).collect::<Result<Vec<_>>>()?;
-        let x = Tensor::from_vec(r.vec(k), (1, k), device)?.to_dtype(DType::F16)?;
+        let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
+        let copies = ws.len();
         let mut sweep = Vec::new();
         for splits in [1usize, 2, 3, 4, 6, 8] {
             let o = GemvOptions { splits: Some(splits), ..Default::default() };
