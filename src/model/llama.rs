@@ -233,25 +233,25 @@ impl Block {
 
     /// Runs the block. With `capture`, the input of every linear layer is recorded there.
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, capture: Option<&mut LinearInputs>) -> Result<Tensor> {
-        let (x, delta) = self.forward_split(x, None, ctx, cache, capture, &L2Prefetch::none())?;
+        let hints = if few_tokens_on_gpu(x) { self.prefetch_hints(self.qkv_hint(), L2Prefetch::none()) } else { BlockHints::default() };
+        let (x, delta) = self.forward_split(x, None, ctx, cache, capture, &hints)?;
         x + delta
     }
 
     /// The block on the input `x + delta` (the previous block's residual and its unadded MLP
     /// output, so the add runs fused with this block's first norm), returning its own residual
-    /// stream and MLP output unadded. For a few tokens on CUDA every kernel before a GEMV pulls
-    /// that GEMV's weights into L2, and the last GEMV pulls in `next` (the next block's q/k/v or
-    /// the lm_head), see [`crate::quant::prefetch`].
-    pub fn forward_split(
+    /// stream and MLP output unadded. `hints` (for a few tokens on CUDA, else empty): every kernel
+    /// before a GEMV pulls that GEMV's weights into L2, and the last GEMV pulls in `next` (the
+    /// next block's q/k/v or the lm_head), see [`crate::quant::prefetch`].
+    fn forward_split(
         &self,
         x: &Tensor,
         delta: Option<&Tensor>,
         ctx: &BlockContext,
         cache: Option<(&mut KvCache, usize)>,
         mut capture: Option<&mut LinearInputs>,
-        next: &L2Prefetch,
+        hints: &BlockHints,
     ) -> Result<(Tensor, Tensor)> {
-        let hints = if few_tokens_on_gpu(x) { self.prefetch_hints(*next) } else { BlockHints::default() };
         let (x, normed) = self.input_layernorm.forward_residual(x, delta, &hints.qkv)?;
         let attn = self.self_attn.attend(&normed, ctx, cache, &hints.o)?;
         let o = self.self_attn.o_proj.forward_prefetch(&attn, &hints.gate_up)?;
@@ -274,10 +274,12 @@ impl Block {
         super::linear::prefetch_hint(&[&a.q_proj, &a.k_proj, &a.v_proj])
     }
 
-    fn prefetch_hints(&self, next: L2Prefetch) -> BlockHints {
+    /// The block's hints, given its own q/k/v hint (built once, as the previous block's `next`)
+    /// and `next`.
+    fn prefetch_hints(&self, qkv: L2Prefetch, next: L2Prefetch) -> BlockHints {
         let (a, m) = (&self.self_attn, &self.mlp);
         BlockHints {
-            qkv: self.qkv_hint(),
+            qkv,
             o: super::linear::prefetch_hint(&[&a.o_proj]),
             gate_up: super::linear::prefetch_hint(&[&m.gate_proj, &m.up_proj]),
             down: super::linear::prefetch_hint(&[&m.down_proj]),
@@ -418,16 +420,23 @@ impl Model {
         let cap = cache.as_ref().map_or(0, |c| c.capacity);
         let mut kv = cache.map(|c| c.layers.iter_mut());
         let mut delta: Option<Tensor> = None;
+        // Each block's q/k/v hint is the previous block's `next`.
+        let mut qkv = match (hints, self.layers.first()) {
+            (true, Some(b)) => b.qkv_hint(),
+            _ => L2Prefetch::none(),
+        };
         for (i, block) in self.layers.iter().enumerate() {
             let next = match (hints, self.layers.get(i + 1)) {
                 (false, _) => L2Prefetch::none(),
                 (true, Some(b)) => b.qkv_hint(),
                 (true, None) => super::linear::prefetch_hint(&[&self.lm_head]),
             };
+            let block_hints = if hints { block.prefetch_hints(qkv, next) } else { BlockHints::default() };
             let layer_cache = kv.as_mut().and_then(|layers| layers.next()).map(|c| (c, cap));
-            let (nx, d) = block.forward_split(&x, delta.as_ref(), ctx, layer_cache, None, &next)?;
+            let (nx, d) = block.forward_split(&x, delta.as_ref(), ctx, layer_cache, None, &block_hints)?;
             x = nx;
             delta = Some(d);
+            qkv = next;
         }
         Ok((x, delta))
     }
