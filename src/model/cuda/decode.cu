@@ -299,17 +299,23 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delt
     for (int i = threadIdx.x; i < h; i += NORM_THREADS) normed[row + i] = from_f<T>(scale * to_f(src[row + i]) * to_f(w[i]));
 }
 
-// Rotate-half (HF) rotary embedding of one head: grid = heads, d / 2 threads per head.
+// Rotate-half (HF) rotary embedding of elements i and i + half of one head `x` at table row p.
+template <typename T>
+__device__ __forceinline__ void rotate_pair(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
+                                            const T* __restrict__ sin, size_t p, int i, int half) {
+    const float c = to_f(cos[p * half + i]), s = to_f(sin[p * half + i]);
+    const float a = to_f(x[i]), b = to_f(x[i + half]);
+    out[i] = from_f<T>(a * c - b * s);
+    out[i + half] = from_f<T>(b * c + a * s);
+}
+
+// The rotary embedding of one token's heads: grid = heads, d / 2 threads per head.
 template <typename T>
 __device__ void rope_pos(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
                          const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d) {
     const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
-    const size_t p = pos[0];
-    const float c = to_f(cos[p * half + i]), s = to_f(sin[p * half + i]);
-    const float a = to_f(x[(size_t)h * d + i]), b = to_f(x[(size_t)h * d + i + half]);
-    out[(size_t)h * d + i] = from_f<T>(a * c - b * s);
-    out[(size_t)h * d + i + half] = from_f<T>(b * c + a * s);
+    rotate_pair(x + (size_t)h * d, out + (size_t)h * d, cos, sin, pos[0], i, half);
 }
 
 // The key (rotated) and value of one token written into the caches at pos[0]: grid = KV heads.
@@ -320,11 +326,8 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
     const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
     const size_t p = pos[0];
-    const float c = to_f(cos[p * half + i]), s = to_f(sin[p * half + i]);
-    const float a = to_f(k[(size_t)h * d + i]), b = to_f(k[(size_t)h * d + i + half]);
     const size_t o = (size_t)h * head_stride + p * pos_stride;
-    kc[o + i] = from_f<T>(a * c - b * s);
-    kc[o + i + half] = from_f<T>(b * c + a * s);
+    rotate_pair(k + (size_t)h * d, kc + o, cos, sin, p, i, half);
     vc[o + i] = v[(size_t)h * d + i];
     vc[o + i + half] = v[(size_t)h * d + i + half];
 }
