@@ -2,8 +2,9 @@
 //! against candle's f32 matmul and candle's own quantized matmul (Q4_0 and Q4K).
 //!
 //!   cargo bench --bench qlinear [-- FILTER]
-use awq_run::model::LinearLayer;
-use awq_run::quant::{quantize_codes, QuantLinear, QuantParams};
+use awq_run::linear::LinearLayer;
+use awq_run::linear::QuantLinear;
+use awq_run::quant::{quantize_codes, QuantScheme};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -25,7 +26,7 @@ fn bench(c: &mut Criterion) {
         let g = if k % 128 == 0 { 128 } else { 64 };
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let q = QuantLinear::new(quantize_codes(&wv, n, k, QuantParams::new(4, g).unwrap()), None, DType::F32, &dev).unwrap();
+        let q = QuantLinear::new(quantize_codes(&wv, n, k, QuantScheme::new(4, g).unwrap()), None, DType::F32, &dev).unwrap();
         let q40 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap()).unwrap();
         // Q4K needs rows divisible by its 256-wide super-blocks (SmolLM2's 576 and 1536 are not).
         let q4k = (k % 256 == 0).then(|| QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap());

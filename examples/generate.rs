@@ -3,8 +3,8 @@
 //!   cargo run --release --example generate -- [MODEL] [PROMPT]
 //!
 //! MODEL defaults to models/smollm2-135m-instruct (scripts/fetch-models.sh fetches it).
-use awq_run::chat_template::{ChatTemplate, Message};
-use awq_run::generation::{Generator, SamplingParams};
+use awq_run::engine::chat_template::{ChatTemplate, Message};
+use awq_run::engine::generation::{Generator, SamplingParams};
 use awq_run::ModelAssets;
 use candle_core::{DType, Device};
 use std::io::Write;
@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let assets = ModelAssets::load(&model)?;
     let model = assets.load_model(&Device::Cpu, DType::F32)?;
     let template = ChatTemplate::new(
-        assets.chat_template.as_deref().unwrap_or(awq_run::chat_template::CHATML),
+        assets.chat_template.as_deref().unwrap_or(awq_run::engine::chat_template::CHATML),
         assets.bos_token.as_deref(),
         assets.eos_token.as_deref(),
     )?;

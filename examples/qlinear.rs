@@ -2,9 +2,10 @@
 //! the dense layer.
 //!
 //!   cargo run --release --example qlinear -- [N] [K] [GROUP]
-use awq_run::model::LinearLayer;
+use awq_run::linear::LinearLayer;
 use awq_run::quant::cpu::Kernel;
-use awq_run::quant::{quantize_codes, QuantLinear, QuantParams};
+use awq_run::linear::QuantLinear;
+use awq_run::quant::{quantize_codes, QuantScheme};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let (n, k, g) = (args.first().copied().unwrap_or(4096), args.get(1).copied().unwrap_or(4096), args.get(2).copied().unwrap_or(128));
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
-    let q = quantize_codes(&w.flatten_all()?.to_vec1::<f32>()?, n, k, QuantParams::new(4, g)?);
+    let q = quantize_codes(&w.flatten_all()?.to_vec1::<f32>()?, n, k, QuantScheme::new(4, g)?);
     let layer = QuantLinear::new(q, None, DType::F32, &dev)?;
     let wq = layer.dense_weight()?;
     println!("weight {n}x{k}, group {g}, kernel {:?}, {} threads", Kernel::detect(), rayon::current_num_threads());

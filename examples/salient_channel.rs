@@ -3,7 +3,7 @@
 //!
 //!   cargo run --release --example salient_channel
 use awq_run::awq::{awq_linear, AwqOptions, Method};
-use awq_run::quant::{fake_quantize, QuantParams};
+use awq_run::quant::{fake_quantize, QuantScheme};
 use candle_core::{Device, Tensor};
 
 fn output_mse(x: &Tensor, w: &Tensor, wq: &Tensor) -> anyhow::Result<f32> {
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     println!("layer {out}x{inp}, {tokens} tokens, salient input channel {salient} (100x)");
     println!("{:<10} {:>6} {:>14} {:>14} {:>8} {:>8}", "quant", "group", "RTN MSE", "AWQ MSE", "AWQ/RTN", "ratio");
     for (bits, group) in [(4, 128), (4, 64), (3, 128), (3, 64)] {
-        let p = QuantParams::new(bits, group)?;
+        let p = QuantScheme::new(bits, group)?;
         let rtn = output_mse(&x, &w, &fake_quantize(&w, p)?)?;
         let (eff, choice) = awq_linear(&w, &x, &AwqOptions::new(Method::Awq, p))?;
         let awq = output_mse(&x, &w, &eff)?;

@@ -1,23 +1,29 @@
 //! awq-run: an end-to-end AWQ runner for LLaMA-family models on candle.
 //!
-//! - [`model`]: our LLaMA-family decoder with interchangeable linear layers;
-//! - [`source`] / [`assets`] / [`gguf`]: where models come from and how they load;
-//! - [`generation`] / [`chat_template`]: sampling, streaming and chat rendering;
-//! - [`quant`] / [`awq`] / [`checkpoint`]: quantization, the AWQ search and AWQ checkpoints.
+//! The crate is a stack of rooms, each importing only the ones below it (docs/ARCHITECTURE.md
+//! draws the graph; `tests/architecture.rs` fails on a back-edge):
+//!
+//! - [`awq`], [`engine`], [`selftest`]: the AWQ/RTN pass and its export; generation, chat
+//!   templates, perplexity and device choice; the CUDA kernels' self-test and timings;
+//! - [`assets`]: where models come from (hub, directory, GGUF) and how they load;
+//! - [`checkpoint`]: the quantization config, reading and writing quantized checkpoints;
+//! - [`model`]: the LLaMA-family decoder;
+//! - [`linear`]: the linear-layer trait and its implementations;
+//! - [`quant`]: quantization schemes, weight formats and their CPU/CUDA kernels;
+//! - [`cuda`]: CUDA plumbing (pointers, limits, dispatch, L2 prefetch hints);
+//! - [`error`], [`rng`]: the error type and a deterministic generator.
 pub mod assets;
 pub mod awq;
-pub mod chat_template;
 pub mod checkpoint;
-pub mod device;
+pub mod cuda;
+pub mod engine;
 pub mod error;
-pub mod eval;
-pub mod generation;
-pub mod gguf;
-pub mod import;
+pub mod linear;
 pub mod model;
 pub mod quant;
-pub mod source;
-pub mod tokenizer;
+pub mod rng;
+#[cfg(feature = "cuda")]
+pub mod selftest;
 
 pub use assets::ModelAssets;
 pub use error::{Error, Result};

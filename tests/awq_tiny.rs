@@ -3,10 +3,10 @@
 mod common;
 use awq_run::awq::{AwqOptions, Method};
 use awq_run::model::Arch;
-use awq_run::quant::QuantParams;
+use awq_run::quant::QuantScheme;
 use awq_run::ModelAssets;
 use candle_core::{DType, Device, Tensor};
-use common::{rel_err, Rng, TinySpec};
+use common::{rel_err, RandomTensor, Rng, TinySpec};
 use std::path::{Path, PathBuf};
 
 const PROMPT: [u32; 8] = [1, 40, 71, 80, 80, 83, 2, 100];
@@ -24,7 +24,7 @@ fn calib_text(dir: &Path) -> PathBuf {
 }
 
 fn options(method: Method, group: usize) -> AwqOptions {
-    AwqOptions::new(method, QuantParams::new(4, group).unwrap())
+    AwqOptions::new(method, QuantScheme::new(4, group).unwrap())
 }
 
 struct Fixture {
@@ -73,7 +73,7 @@ fn checkpoint_round_trip_matches_in_memory_model() {
                 assert!(report.groups.iter().all(|g| g.loss_after <= g.loss_before * (1.0 + 1e-6)));
             }
             let out = f.root.join(format!("q-{method:?}"));
-            awq_run::checkpoint::write_quantized(&a, &out, &o, calib, &Device::Cpu, false).unwrap();
+            awq_run::awq::export::write_quantized(&a, &out, &o, calib, &Device::Cpu, false).unwrap();
             let qa = ModelAssets::load(out.to_str().unwrap()).unwrap();
             let loaded = qa.load_model(&Device::Cpu, DType::F32).unwrap();
             let e = rel_err(&logits(&loaded), &logits(&mem));
@@ -82,14 +82,14 @@ fn checkpoint_round_trip_matches_in_memory_model() {
             // unquantized tensors: every quantized linear is bit-identical.
             for (bm, bl) in mem.layers.iter().zip(&loaded.layers) {
                 for ((n, lm), (_, ll)) in bm.linears().iter().zip(bl.linears().iter()) {
-                    assert_eq!(lm.quantized().unwrap(), ll.quantized().unwrap(), "{n}");
+                    assert_eq!(awq_run::linear::quantized_weight(lm).unwrap(), awq_run::linear::quantized_weight(ll).unwrap(), "{n}");
                 }
             }
         }
     }
 }
 
-/// Unpacks AutoAWQ GEMM tensors straight from the AWQ.md section 6 text, sharing no code with
+/// Unpacks AutoAWQ GEMM tensors straight from docs/AWQ.md ("The AutoAWQ GEMM checkpoint"), sharing no code with
 /// the packer: shift by 0, 4, ..., 28, then reorder with REVERSE.
 fn decode_awq_gemm(words: &[i32], rows: usize, out: usize) -> Vec<Vec<u8>> {
     const REVERSE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
@@ -120,14 +120,14 @@ fn independent_decoder_recovers_codes_and_weights() {
     let o = options(Method::Awq, 32);
     let (mem, _) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, Some(&blocks), &o).unwrap();
     let out = f.root.join("q");
-    awq_run::checkpoint::write_quantized(&a, &out, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    awq_run::awq::export::write_quantized(&a, &out, &o, Some(&blocks), &Device::Cpu, false).unwrap();
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for (layer, block) in mem.layers.iter().enumerate() {
         for (name, lin) in block.linears() {
             let p = format!("model.layers.{layer}.{name}");
-            let q = lin.quantized().unwrap().unwrap();
-            let (in_f, out_f, g) = (q.in_features, q.out_features, 32);
+            let q = awq_run::linear::quantized_weight(lin).unwrap().unwrap();
+            let (in_f, out_f, g) = (q.shape.k, q.shape.n, 32);
             let (shape, data) = read_tensor_bytes(&st, &format!("{p}.qweight"));
             assert_eq!(shape, vec![in_f, out_f / 8], "{p}.qweight");
             let words: Vec<i32> = data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
@@ -172,8 +172,8 @@ fn quantization_is_deterministic() {
     let blocks = calib_blocks(&a, &f);
     let o = options(Method::Awq, 32);
     let (d1, d2) = (f.root.join("a"), f.root.join("b"));
-    awq_run::checkpoint::write_quantized(&a, &d1, &o, Some(&blocks), &Device::Cpu, false).unwrap();
-    awq_run::checkpoint::write_quantized(&a, &d2, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    awq_run::awq::export::write_quantized(&a, &d1, &o, Some(&blocks), &Device::Cpu, false).unwrap();
+    awq_run::awq::export::write_quantized(&a, &d2, &o, Some(&blocks), &Device::Cpu, false).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&d1).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     names.sort();
     for n in names.iter().filter(|n| *n != "awq_report.json") {
@@ -221,7 +221,7 @@ fn reads_legacy_configs_and_refuses_other_formats() {
     let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
     let o = options(Method::Rtn, 32);
     let out = f.root.join("q");
-    awq_run::checkpoint::write_quantized(&a, &out, &o, None, &Device::Cpu, false).unwrap();
+    awq_run::awq::export::write_quantized(&a, &out, &o, None, &Device::Cpu, false).unwrap();
     let reference = logits(&ModelAssets::load(out.to_str().unwrap()).unwrap().load_model(&Device::Cpu, DType::F32).unwrap());
     let load = || ModelAssets::load(out.to_str().unwrap()).and_then(|a| a.load_model(&Device::Cpu, DType::F32));
 
@@ -267,7 +267,7 @@ fn assert_nothing_written(root: &Path, out: &Path) {
 }
 
 fn quantize_err(f: &Fixture, a: &ModelAssets, o: &AwqOptions, calib: Option<&[Vec<u32>]>, out: &Path) -> String {
-    let e = awq_run::checkpoint::write_quantized(a, out, o, calib, &Device::Cpu, false).err().expect("should fail").to_string();
+    let e = awq_run::awq::export::write_quantized(a, out, o, calib, &Device::Cpu, false).err().expect("should fail").to_string();
     assert_nothing_written(&f.root, out);
     e
 }
@@ -276,7 +276,7 @@ fn quantize_err(f: &Fixture, a: &ModelAssets, o: &AwqOptions, calib: Option<&[Ve
 fn group_size_that_does_not_divide_names_the_layer() {
     let f = fixture(&TinySpec::new(Arch::Llama));
     let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
-    let o = AwqOptions::new(Method::Rtn, QuantParams::new(4, 128).unwrap());
+    let o = AwqOptions::new(Method::Rtn, QuantScheme::new(4, 128).unwrap());
     let e = quantize_err(&f, &a, &o, None, &f.root.join("out"));
     assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("64") && e.contains("32, 64"), "{e}");
 }
@@ -310,7 +310,7 @@ fn out_inside_model_is_refused() {
     let f = fixture(&TinySpec::new(Arch::Llama));
     let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
     let out = f.model.join("quantized");
-    let e = awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
+    let e = awq_run::awq::export::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
     assert!(e.contains("inside the model directory"), "{e}");
     assert!(!out.exists());
 }
@@ -321,10 +321,10 @@ fn existing_out_needs_force_and_bits_other_than_4_are_refused() {
     let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
     let out = f.root.join("out");
     std::fs::create_dir(&out).unwrap();
-    let e = awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
+    let e = awq_run::awq::export::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, false).err().unwrap().to_string();
     assert!(e.contains("already exists") && e.contains("--force"), "{e}");
-    awq_run::checkpoint::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, true).unwrap();
-    let o3 = AwqOptions::new(Method::Rtn, QuantParams::new(3, 32).unwrap());
+    awq_run::awq::export::write_quantized(&a, &out, &options(Method::Rtn, 32), None, &Device::Cpu, true).unwrap();
+    let o3 = AwqOptions::new(Method::Rtn, QuantScheme::new(3, 32).unwrap());
     let e = quantize_err(&f, &a, &o3, None, &f.root.join("out3"));
     assert!(e.contains("--bits 3") && e.contains("4-bit"), "{e}");
 }
@@ -374,7 +374,7 @@ fn awq_beats_rtn_on_a_planted_salient_channel() {
         d.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
     };
     for (bits, group) in [(4, 64), (3, 128)] {
-        let p = QuantParams::new(bits, group).unwrap();
+        let p = QuantScheme::new(bits, group).unwrap();
         let rtn = mse(&awq_run::quant::fake_quantize(&w, p).unwrap());
         let (eff, c) = awq_run::awq::awq_linear(&w, &x, &AwqOptions::new(Method::Awq, p)).unwrap();
         let awq = mse(&eff);

@@ -87,7 +87,7 @@ fn gguf_import_round_trip_and_direct_load() {
         let gguf = tmp.path().join("tiny.gguf");
         spec.write_gguf(&gguf);
         let out = tmp.path().join("imported");
-        awq_run::import::import_gguf(&gguf, &out, DType::F32, false).unwrap();
+        awq_run::assets::import::import_gguf(&gguf, &out, DType::F32, false).unwrap();
         for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(out.join(f).exists(), "{f} missing");
         }
@@ -111,16 +111,16 @@ fn gguf_import_round_trip_and_direct_load() {
         assert!(a.chat_template.as_deref().unwrap().contains("<|im_start|>"));
         assert_eq!(a.encode("<|im_start|>hello", false).unwrap()[0], 1);
         // An existing output is refused without --force.
-        let e = awq_run::import::import_gguf(&gguf, &out, DType::F32, false).unwrap_err().to_string();
+        let e = awq_run::assets::import::import_gguf(&gguf, &out, DType::F32, false).unwrap_err().to_string();
         assert!(e.contains("already exists") && e.contains("--force"), "{e}");
-        awq_run::import::import_gguf(&gguf, &out, DType::F16, true).unwrap();
+        awq_run::assets::import::import_gguf(&gguf, &out, DType::F16, true).unwrap();
     }
 }
 
 #[test]
 fn tokenizer_round_trips_text() {
     let spec = TinySpec::new(Arch::Llama);
-    let tok = awq_run::tokenizer::from_value(&spec.tokenizer_json()).unwrap();
+    let tok = awq_run::assets::tokenizer::from_value(&spec.tokenizer_json()).unwrap();
     let text = "hello the world, 123 ünïcode\n\t<|im_end|>";
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
     // Digits are split one by one; special tokens are single ids.
@@ -135,8 +135,8 @@ fn chat_template_from_the_model_renders_history() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
     let a = ModelAssets::load(dir.to_str().unwrap()).unwrap();
-    let t = awq_run::chat_template::ChatTemplate::new(a.chat_template.as_deref().unwrap(), a.bos_token.as_deref(), a.eos_token.as_deref()).unwrap();
-    use awq_run::chat_template::Message;
+    let t = awq_run::engine::chat_template::ChatTemplate::new(a.chat_template.as_deref().unwrap(), a.bos_token.as_deref(), a.eos_token.as_deref()).unwrap();
+    use awq_run::engine::chat_template::Message;
     let s = t.render(&[Message::new("system", "be brief"), Message::new("user", "hi"), Message::new("assistant", "hello"), Message::new("user", "again")], true).unwrap();
     assert_eq!(s, "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n");
 }
@@ -145,13 +145,13 @@ fn chat_template_from_the_model_renders_history() {
 fn generation_is_deterministic_and_stops() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, m) = load(&TinySpec::new(Arch::Llama).write_dir(tmp.path()));
-    let p = awq_run::generation::SamplingParams { temperature: 0.8, top_p: Some(0.9), max_tokens: 12, seed: 3, ..Default::default() };
-    let mut g = awq_run::generation::Generator::new(&m, &a.tokenizer, vec![]);
+    let p = awq_run::engine::generation::SamplingParams { temperature: 0.8, top_p: Some(0.9), max_tokens: 12, seed: 3, ..Default::default() };
+    let mut g = awq_run::engine::generation::Generator::new(&m, &a.tokenizer, vec![]);
     let (t1, s1) = g.generate(&PROMPT, &p, None, |_| Ok(())).unwrap();
     let (t2, s2) = g.generate(&PROMPT, &p, None, |_| Ok(())).unwrap();
     assert_eq!(t1, t2);
     assert_eq!(t1.len(), 12);
-    assert_eq!(s1.stop, awq_run::generation::StopReason::MaxTokens);
+    assert_eq!(s1.stop, awq_run::engine::generation::StopReason::MaxTokens);
     // The second run reused the cached prompt but the last token.
     assert_eq!(s2.prefilled_tokens, 1);
     let e = g.generate(&[], &p, None, |_| Ok(())).unwrap_err().to_string();

@@ -2,15 +2,16 @@
 //! random inputs of awkward shapes, for every CPU inner loop this machine has and for the
 //! tensor-op (Metal / device) path.
 mod common;
-use awq_run::model::LinearLayer;
+use awq_run::linear::LinearLayer;
 use awq_run::quant::cpu::Kernel;
-use awq_run::quant::{quantize_codes, QuantLinear, QuantParams, QuantizedWeight};
+use awq_run::linear::QuantLinear;
+use awq_run::quant::{quantize_codes, QuantScheme, QuantizedWeight};
 use candle_core::{DType, Device, Tensor};
-use common::Rng;
+use common::{RandomTensor, Rng};
 
 fn reference(q: &QuantizedWeight, bias: Option<&[f32]>, x: &[f32], m: usize) -> Vec<f64> {
     let w = q.dequantize();
-    let (n, k) = (q.out_features, q.in_features);
+    let (n, k) = (q.shape.n, q.shape.k);
     let mut y = vec![0f64; m * n];
     for t in 0..m {
         for o in 0..n {
@@ -32,7 +33,7 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 
 fn layer(rng: &mut Rng, n: usize, k: usize, g: usize, bias: bool) -> (QuantLinear, QuantizedWeight, Option<Vec<f32>>) {
     let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.1).collect();
-    let mut q = quantize_codes(&w, n, k, QuantParams::new(4, g).unwrap());
+    let mut q = quantize_codes(&w, n, k, QuantScheme::new(4, g).unwrap());
     // Checkpoints store scales as f16, and so does the packed layer.
     q.scales.iter_mut().for_each(|s| *s = half::f16::from_f32(*s).to_f32());
     let b: Option<Vec<f32>> = bias.then(|| (0..n).map(|_| rng.normal()).collect());
@@ -120,7 +121,7 @@ fn half_precision_activations() {
 fn codes_survive_repacking() {
     let mut rng = Rng::new(1);
     let (l, q, _) = layer(&mut rng, 24, 192, 64, false);
-    assert_eq!(l.quantized().unwrap().unwrap(), q);
+    assert_eq!(l.quantized().unwrap(), q);
     // q·s + (−z·s) against (q − z)·s: equal up to one rounding of f32 scales.
     let dense = l.dense_weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want: Vec<f64> = q.dequantize().iter().map(|&v| v as f64).collect();
@@ -134,7 +135,7 @@ fn f16_weight_linear_matches_f64_reference() {
     for &(n, k) in &[(40, 576), (24, 77), (130, 1024)] {
         let w = rng.tensor(&[n, k], 0.1).to_dtype(DType::F16).unwrap();
         let wv: Vec<f32> = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let l = awq_run::quant::HalfLinear::new(w, None).unwrap();
+        let l = awq_run::linear::HalfLinear::new(w, None).unwrap();
         for m in [1, 3, 17, 128] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let mut want = vec![0f64; m * n];

@@ -1,8 +1,8 @@
-//! Calibration data, cut the way the reference does (../shared/AWQ.md section 1): each record (a
+//! Calibration data, cut the way the reference does (docs/AWQ.md, "Calibration data"): each record (a
 //! non-empty line) is tokenized, records longer than one block are skipped, the rest are
 //! concatenated and cut into blocks of `seqlen` tokens.
 use crate::error::{Error, Result};
-use crate::ModelAssets;
+use crate::assets::ModelAssets;
 use std::path::Path;
 
 /// Reads a UTF-8 text file, naming it in errors.

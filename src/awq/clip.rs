@@ -1,7 +1,7 @@
-//! The clipping search (../shared/AWQ.md section 4): per output row and input group, the shrink
+//! The clipping search (docs/AWQ.md, "The clip search"): per output row and input group, the shrink
 //! of the weight range that minimizes the error of the group's partial dot products.
 use crate::error::Result;
-use crate::quant::{fake_quantize, QuantParams};
+use crate::quant::{fake_quantize, QuantScheme};
 use candle_core::{DType, Tensor};
 
 pub struct ClipOptions {
@@ -21,7 +21,7 @@ impl Default for ClipOptions {
 
 /// Best clipping bound per `[out, groups]` for weight `w` (`[out, in]`) with inputs `x`
 /// (`[tokens, in]`). Math in f32.
-pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantParams, o: &ClipOptions) -> Result<Tensor> {
+pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> Result<Tensor> {
     let w = w.to_dtype(DType::F32)?;
     let (out, inp) = w.dims2()?;
     let g = p.group_for(inp);
@@ -34,7 +34,7 @@ pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantParams, o: &ClipOptions) -> R
     let xs = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
     // [groups, tokens, g]
     let xg = xs.reshape((t, groups, g))?.transpose(0, 1)?.contiguous()?;
-    let gp = QuantParams { bits: p.bits, group_size: g };
+    let gp = p.with_group(g);
     let rows_per_chunk = (o.max_elems / (groups * t).max(1)).clamp(1, out);
     let mut best_all = Vec::new();
     let mut o0 = 0;
@@ -95,7 +95,7 @@ mod tests {
         // A heavy outlier makes clipping worthwhile.
         let w = w.slice_assign(&[0..1, 0..1], &Tensor::new(&[[9.0f32]], &dev).unwrap()).unwrap();
         let x = Tensor::randn(0f32, 1.0, (300, 64), &dev).unwrap();
-        let p = QuantParams::new(3, 32).unwrap();
+        let p = QuantScheme::new(3, 32).unwrap();
         let mv = search_clip(&w, &x, p, &ClipOptions::default()).unwrap();
         assert_eq!(mv.dims(), &[16, 2]);
         let err = |w2: &Tensor| {

@@ -1,18 +1,23 @@
-//! The AWQ calibration pass (../shared/AWQ.md sections 2–5) and the RTN baseline.
+//! The AWQ calibration pass (docs/AWQ.md) and the RTN baseline.
 //!
 //! Blocks are processed one at a time: each is loaded from the (memory-mapped) checkpoint, run
 //! in full precision over the calibration activations with every linear's input captured, its
-//! four scale groups searched, the scales folded, the clipping searched, and its linears
-//! quantized. The full-precision output feeds the next block, as the reference does.
+//! scale groups ([`groups::SCALE_GROUPS`]) searched, the scales folded, the clipping searched,
+//! and its linears quantized. The full-precision output feeds the next block, as the reference
+//! does. [`export`] writes the result as a checkpoint.
 pub mod calib;
 pub mod clip;
+pub mod export;
+pub mod groups;
 pub mod scale;
 
 use crate::error::{Error, Result};
+use crate::linear::{DenseLinear, Linear, QuantLinear};
 use crate::model::layers::{causal_mask, Rope};
-use crate::model::llama::{load_dense, Block, BlockContext, LinearInputs};
-use crate::model::{Config, DenseLinear, Linear};
-use crate::quant::{quantize_codes, QuantLinear, QuantParams};
+use crate::model::llama::load_dense;
+use crate::model::{Block, BlockContext, Config, LinearInputs, Proj};
+use crate::quant::{quantize_codes, QuantScheme};
+use groups::{Fold, Measured, ScaleGroup, SCALE_GROUPS};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
@@ -39,7 +44,7 @@ impl std::str::FromStr for Method {
 #[derive(Debug, Clone)]
 pub struct AwqOptions {
     pub method: Method,
-    pub params: QuantParams,
+    pub params: QuantScheme,
     /// Search per-group clipping after scaling (AWQ only).
     pub clip: bool,
     /// AutoAWQ's duo scaling (x_mean and w_mean) instead of x_mean alone.
@@ -53,7 +58,7 @@ pub struct AwqOptions {
 }
 
 impl AwqOptions {
-    pub fn new(method: Method, params: QuantParams) -> Self {
+    pub fn new(method: Method, params: QuantScheme) -> Self {
         Self { method, params, clip: true, duo_scaling: true, n_grid: 20, batch: 4, progress: false }
     }
 }
@@ -84,20 +89,10 @@ pub struct Report {
     pub total_secs: f64,
 }
 
-/// Names and input sizes of one block's linears, to check the group size before any work.
-pub fn check_group_size(cfg: &Config, p: QuantParams) -> Result<()> {
-    let (h, i, qd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim());
-    let layers = [
-        ("self_attn.q_proj", h),
-        ("self_attn.k_proj", h),
-        ("self_attn.v_proj", h),
-        ("self_attn.o_proj", qd),
-        ("mlp.gate_proj", h),
-        ("mlp.up_proj", h),
-        ("mlp.down_proj", i),
-    ];
-    for (name, inp) in layers {
-        p.check_layer(&format!("model.layers.0.{name}"), inp)?;
+/// Checks the group size against the input width of every linear of a block, before any work.
+pub fn check_group_size(cfg: &Config, p: QuantScheme) -> Result<()> {
+    for proj in Proj::ALL {
+        p.check_layer(&format!("model.layers.0.{}", proj.hf_name()), proj.features(cfg).0)?;
     }
     Ok(())
 }
@@ -108,7 +103,7 @@ fn dense(w: Tensor, bias: Option<&Tensor>) -> Linear {
 
 /// Quantizes `w` (`[out, in]`) to a [`QuantLinear`]. Scales and bias are rounded to f16 here,
 /// as the checkpoint stores them, so the in-memory model is exactly the written one.
-fn quantize_linear(w: &Tensor, bias: Option<&Tensor>, p: QuantParams, dtype: DType) -> Result<Linear> {
+fn quantize_linear(w: &Tensor, bias: Option<&Tensor>, p: QuantScheme, dtype: DType) -> Result<Linear> {
     let (out, inp) = w.dims2()?;
     let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut q = quantize_codes(&data, out, inp, p);
@@ -153,48 +148,54 @@ fn forward_capture(block: &Block, x: &Tensor, ctx: &BlockContext, batch: usize) 
         caps.push(c);
         i += b;
     }
-    let cat = |f: fn(&LinearInputs) -> &Option<Tensor>| -> Result<Option<Tensor>> {
-        let parts: Vec<Tensor> = caps.iter().map(|c| f(c).clone().expect("captured")).collect();
-        Ok(Some(Tensor::cat(&parts, 0)?))
-    };
-    let inputs = LinearInputs {
-        qkv: cat(|c| &c.qkv)?,
-        o_proj: cat(|c| &c.o_proj)?,
-        gate_up: cat(|c| &c.gate_up)?,
-        down_proj: cat(|c| &c.down_proj)?,
-    };
+    let mut inputs = LinearInputs::default();
+    for p in LinearInputs::FIRST_READERS {
+        let parts: Vec<Tensor> = caps.iter().map(|c| c.of(p).cloned()).collect::<Option<_>>().ok_or_else(|| Error::msg(format!("{}: input not captured", p.hf_name())))?;
+        *inputs.of_mut(p) = Some(Tensor::cat(&parts, 0)?);
+    }
     Ok((Tensor::cat(&outs, 0)?, inputs))
 }
 
-/// The mutable weights of one block during the search.
+/// The captured input of `p` (an error naming the layer where the capture lacks it).
+fn input_of(inputs: &LinearInputs, p: Proj) -> Result<Tensor> {
+    inputs.of(p).cloned().ok_or_else(|| Error::msg(format!("{}: input not captured", p.hf_name())))
+}
+
+/// The mutable weights of one block during the search, f32, indexed by [`Proj::index`].
 struct BlockWeights {
     ln1: Tensor,
     ln2: Tensor,
-    w: [Tensor; 7],
-    b: [Option<Tensor>; 7],
+    w: Vec<Tensor>,
+    b: Vec<Option<Tensor>>,
 }
-
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
-const NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 impl BlockWeights {
     fn of(block: &Block) -> Result<Self> {
-        let lin = block.linears();
-        let w = lin.each_ref().map(|(_, l)| l.dense_weight().and_then(|w| w.to_dtype(DType::F32)));
-        let b = lin.each_ref().map(|(_, l)| l.bias().cloned());
-        let [w0, w1, w2, w3, w4, w5, w6] = w;
-        Ok(Self {
-            ln1: block.input_layernorm.weight.clone(),
-            ln2: block.post_attention_layernorm.weight.clone(),
-            w: [w0?, w1?, w2?, w3?, w4?, w5?, w6?],
-            b,
-        })
+        let w = Proj::ALL.iter().map(|&p| block.linear(p).dense_weight().and_then(|w| w.to_dtype(DType::F32))).collect::<candle_core::Result<_>>()?;
+        let b = Proj::ALL.iter().map(|&p| block.linear(p).bias().cloned()).collect();
+        Ok(Self { ln1: block.input_layernorm.weight.clone(), ln2: block.post_attention_layernorm.weight.clone(), w, b })
+    }
+    fn w(&self, p: Proj) -> &Tensor {
+        &self.w[p.index()]
+    }
+    fn bias(&self, p: Proj) -> Option<&Tensor> {
+        self.b[p.index()].as_ref()
+    }
+}
+
+/// The output of `group`'s measured module on `x`, with the group's layers replaced by dense
+/// layers of `ws` (in the order of `group.layers`), or as the block has them (`None`).
+fn measure(block: &Block, group: &ScaleGroup, bw: &BlockWeights, ws: Option<&[Tensor]>, x: &Tensor, ctx: &BlockContext, batch: usize) -> candle_core::Result<Tensor> {
+    let mut b = block.clone();
+    if let Some(ws) = ws {
+        for (&p, w) in group.layers.iter().zip(ws) {
+            *b.linear_mut(p) = dense(w.clone(), bw.bias(p));
+        }
+    }
+    match group.measured {
+        Measured::Attention => chunked(x, batch, |xc| b.self_attn.forward(xc, ctx)),
+        Measured::Mlp => b.mlp.forward(x),
+        Measured::Layer => b.linear(group.layers[0]).forward(x),
     }
 }
 
@@ -204,134 +205,71 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
     let (y, mut caps) = forward_capture(block, x, ctx, o.batch)?;
     check_finite(&y, &format!("block {idx} output"))?;
     let mut bw = BlockWeights::of(block)?;
-    let attn = &block.self_attn;
-    let mlp = &block.mlp;
-    let take = |t: &Option<Tensor>| t.clone().expect("captured");
-    let (x_qkv, x_o, x_gu, x_down) = (take(&caps.qkv), take(&caps.o_proj), take(&caps.gate_up), take(&caps.down_proj));
-    let mut searched: Vec<(&'static str, Vec<usize>, Tensor)> = Vec::new();
-    let mut report = |prev: &str, layers: &[usize], c: &scale::ScaleChoice| {
+
+    // Every group is searched on the original weights and inputs (as AutoAWQ does), then folded.
+    let mut searched: Vec<(&ScaleGroup, Tensor)> = Vec::new();
+    for group in SCALE_GROUPS.iter().filter(|g| g.applies(&|p| bw.w(p).dims().to_vec())) {
+        let xg = input_of(&caps, group.layers[0])?;
+        let fp = measure(block, group, &bw, None, &xg, ctx, o.batch)?;
+        let run = |ws: &[Tensor]| measure(block, group, &bw, Some(ws), &xg, ctx, o.batch);
+        let weights: Vec<Tensor> = group.layers.iter().map(|&l| bw.w(l).clone()).collect();
+        let what = format!("block {idx} {}", group.label());
+        let c = scale::search(&what, &scale::x_mean(&xg)?, &weights, &fp, p, o.duo_scaling, o.n_grid, &run)?;
         reports.push(GroupReport {
             block: idx,
-            prev_op: prev.to_string(),
-            layers: layers.iter().map(|&l| NAMES[l].to_string()).collect(),
+            prev_op: group.fold.name().to_string(),
+            layers: group.layers.iter().map(|l| l.name().to_string()).collect(),
             ratio: c.ratio,
             loss_before: c.loss_rtn,
             loss_after: c.loss_best,
         });
-    };
-
-    // 1. q/k/v after input_layernorm, measured on the whole attention module.
-    {
-        let fp = chunked(&x_qkv, o.batch, |xc| attn.forward(xc, ctx))?;
-        let run = |ws: &[Tensor]| {
-            let mut a = attn.clone();
-            a.q_proj = dense(ws[0].clone(), bw.b[Q].as_ref());
-            a.k_proj = dense(ws[1].clone(), bw.b[K].as_ref());
-            a.v_proj = dense(ws[2].clone(), bw.b[V].as_ref());
-            chunked(&x_qkv, o.batch, |xc| a.forward(xc, ctx))
-        };
-        let what = format!("block {idx} q/k/v");
-        let c = scale::search(&what, &scale::x_mean(&x_qkv)?, &[bw.w[Q].clone(), bw.w[K].clone(), bw.w[V].clone()], &fp, p, o.duo_scaling, o.n_grid, &run)?;
-        report("input_layernorm", &[Q, K, V], &c);
-        searched.push(("input_layernorm", vec![Q, K, V], c.scales));
-    }
-    // 2. o_proj after v_proj, only without GQA (same weight shapes).
-    if bw.w[V].dims() == bw.w[O].dims() {
-        let fp = attn.o_proj.forward(&x_o)?;
-        let run = |ws: &[Tensor]| dense(ws[0].clone(), bw.b[O].as_ref()).forward(&x_o);
-        let what = format!("block {idx} o_proj");
-        let c = scale::search(&what, &scale::x_mean(&x_o)?, &[bw.w[O].clone()], &fp, p, o.duo_scaling, o.n_grid, &run)?;
-        report("v_proj", &[O], &c);
-        searched.push(("v_proj", vec![O], c.scales));
-    }
-    // 3. gate/up after post_attention_layernorm, measured on the whole MLP.
-    {
-        let fp = mlp.forward(&x_gu)?;
-        let run = |ws: &[Tensor]| {
-            let mut m = mlp.clone();
-            m.gate_proj = dense(ws[0].clone(), bw.b[GATE].as_ref());
-            m.up_proj = dense(ws[1].clone(), bw.b[UP].as_ref());
-            m.forward(&x_gu)
-        };
-        let what = format!("block {idx} gate/up");
-        let c = scale::search(&what, &scale::x_mean(&x_gu)?, &[bw.w[GATE].clone(), bw.w[UP].clone()], &fp, p, o.duo_scaling, o.n_grid, &run)?;
-        report("post_attention_layernorm", &[GATE, UP], &c);
-        searched.push(("post_attention_layernorm", vec![GATE, UP], c.scales));
-    }
-    // 4. down_proj after up_proj.
-    {
-        let fp = mlp.down_proj.forward(&x_down)?;
-        let run = |ws: &[Tensor]| dense(ws[0].clone(), bw.b[DOWN].as_ref()).forward(&x_down);
-        let what = format!("block {idx} down_proj");
-        let c = scale::search(&what, &scale::x_mean(&x_down)?, &[bw.w[DOWN].clone()], &fp, p, o.duo_scaling, o.n_grid, &run)?;
-        report("up_proj", &[DOWN], &c);
-        searched.push(("up_proj", vec![DOWN], c.scales));
+        searched.push((group, c.scales));
     }
 
-    // Fold every group's scales (all were searched on the original weights, as AutoAWQ does).
-    for (prev, layers, s) in &searched {
-        match *prev {
-            "input_layernorm" => bw.ln1 = bw.ln1.broadcast_div(&s.to_dtype(bw.ln1.dtype())?)?,
-            "post_attention_layernorm" => bw.ln2 = bw.ln2.broadcast_div(&s.to_dtype(bw.ln2.dtype())?)?,
-            "v_proj" | "up_proj" => {
-                let pi = if *prev == "v_proj" { V } else { UP };
-                bw.w[pi] = scale::unscale_rows(&bw.w[pi], s)?;
-                if let Some(b) = &bw.b[pi] {
-                    bw.b[pi] = Some(scale::unscale_rows(b, s)?);
+    for (group, s) in &searched {
+        match group.fold {
+            Fold::InputNorm => bw.ln1 = bw.ln1.broadcast_div(&s.to_dtype(bw.ln1.dtype())?)?,
+            Fold::PostAttentionNorm => bw.ln2 = bw.ln2.broadcast_div(&s.to_dtype(bw.ln2.dtype())?)?,
+            Fold::Rows(prev) => {
+                let i = prev.index();
+                bw.w[i] = scale::unscale_rows(&bw.w[i], s)?;
+                if let Some(b) = &bw.b[i] {
+                    bw.b[i] = Some(scale::unscale_rows(b, s)?);
                 }
             }
-            _ => unreachable!(),
         }
-        for &l in layers {
-            bw.w[l] = scale::scale_columns(&bw.w[l], s)?;
+        for &l in group.layers {
+            bw.w[l.index()] = scale::scale_columns(&bw.w[l.index()], s)?;
         }
-        let input = match *prev {
-            "input_layernorm" => &mut caps.qkv,
-            "v_proj" => &mut caps.o_proj,
-            "post_attention_layernorm" => &mut caps.gate_up,
-            _ => &mut caps.down_proj,
-        };
-        *input = Some(take(input).broadcast_div(s)?);
+        let input = caps.of_mut(group.layers[0]);
+        *input = input.as_ref().map(|t| t.broadcast_div(s)).transpose()?;
     }
 
     // Clipping (q/k skipped: attention scores are too sensitive).
     if o.clip {
         let copts = clip::ClipOptions::default();
-        for (l, x) in [(V, &caps.qkv), (O, &caps.o_proj), (GATE, &caps.gate_up), (UP, &caps.gate_up), (DOWN, &caps.down_proj)] {
-            let mv = clip::search_clip(&bw.w[l], &take(x), p, &copts)?;
-            bw.w[l] = clip::apply_clip(&bw.w[l], &mv)?;
+        for l in groups::CLIPPED {
+            let mv = clip::search_clip(bw.w(l), &input_of(&caps, l)?, p, &copts)?;
+            bw.w[l.index()] = clip::apply_clip(bw.w(l), &mv)?;
         }
     }
 
     let mut out = block.clone();
     out.input_layernorm.weight = bw.ln1.to_dtype(dtype)?;
     out.post_attention_layernorm.weight = bw.ln2.to_dtype(dtype)?;
-    let ql: Vec<Linear> = (0..7).map(|l| quantize_linear(&bw.w[l], bw.b[l].as_ref(), p, dtype)).collect::<Result<_>>()?;
-    set_linears(&mut out, ql);
+    for l in Proj::ALL {
+        *out.linear_mut(l) = quantize_linear(bw.w(l), bw.bias(l), p, dtype)?;
+    }
     Ok((out, y))
 }
 
-fn set_linears(b: &mut Block, mut l: Vec<Linear>) {
-    let a = &mut b.self_attn;
-    let m = &mut b.mlp;
-    m.down_proj = l.pop().unwrap();
-    m.up_proj = l.pop().unwrap();
-    m.gate_proj = l.pop().unwrap();
-    a.o_proj = l.pop().unwrap();
-    a.v_proj = l.pop().unwrap();
-    a.k_proj = l.pop().unwrap();
-    a.q_proj = l.pop().unwrap();
-}
-
 /// RTN for one block: every linear quantized as it is.
-fn rtn_block(block: &Block, p: QuantParams, dtype: DType) -> Result<Block> {
+fn rtn_block(block: &Block, p: QuantScheme, dtype: DType) -> Result<Block> {
     let mut out = block.clone();
-    let ql: Vec<Linear> = block
-        .linears()
-        .iter()
-        .map(|(_, l)| quantize_linear(&l.dense_weight()?, l.bias(), p, dtype))
-        .collect::<Result<_>>()?;
-    set_linears(&mut out, ql);
+    for l in Proj::ALL {
+        let lin = block.linear(l);
+        *out.linear_mut(l) = quantize_linear(&lin.dense_weight()?, lin.bias(), p, dtype)?;
+    }
     Ok(out)
 }
 
@@ -378,7 +316,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         let q = match state.as_mut() {
             None => rtn_block(&block, o.params, vb.dtype())?,
             Some((x, rope, mask)) => {
-                let ctx = BlockContext { rope, offset: 0, mask: mask.as_ref(), step: None };
+                let ctx = BlockContext::new(rope, 0, mask.as_ref(), None);
                 let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut reports)?;
                 *x = y;
                 q
@@ -392,7 +330,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
     Ok(Report {
         method: o.method,
         bits: o.params.bits,
-        group_size: o.params.group_size,
+        group_size: o.params.group.columns(),
         duo_scaling: o.duo_scaling,
         clip: o.clip,
         calibration_blocks: n_calib,
@@ -405,7 +343,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
 
 /// Quantizes a model in memory (fake quantization: the quantized linears multiply by their
 /// dequantized weights), for evaluation without writing a checkpoint. Any bit width 2–8.
-pub fn fake_quantized_model(assets: &crate::ModelAssets, device: &Device, calib: Option<&[Vec<u32>]>, o: &AwqOptions) -> Result<(crate::model::Model, Report)> {
+pub fn fake_quantized_model(assets: &crate::assets::ModelAssets, device: &Device, calib: Option<&[Vec<u32>]>, o: &AwqOptions) -> Result<(crate::model::Model, Report)> {
     let vb = assets.var_builder(DType::F32, device)?;
     let mut layers = Vec::new();
     let report = quantize_blocks(&vb, &assets.config, calib, o, |_, b| {

@@ -1,7 +1,7 @@
 //! The activation-aware scale search for one group of linear layers sharing an input
-//! (../shared/AWQ.md section 3), and folding the chosen scales into the model.
+//! (docs/AWQ.md, "The scale search"), and folding the chosen scales into the model.
 use crate::error::{Error, Result};
-use crate::quant::{fake_quantize, QuantParams};
+use crate::quant::{fake_quantize, QuantScheme};
 use candle_core::{DType, Tensor, D};
 
 /// Mean |x| per input channel over all tokens; `x` is `[..., in]`, the result `[in]` in f32.
@@ -40,7 +40,7 @@ pub fn scales_for(x_mean: &Tensor, w_mean: Option<&Tensor>, alpha: f64) -> Resul
 }
 
 /// `Q(W · diag(s)) · diag(1/s)`: the weight the quantized, scaled layer effectively applies.
-pub fn scaled_fake_quant(w: &Tensor, s: &Tensor, p: QuantParams) -> Result<Tensor> {
+pub fn scaled_fake_quant(w: &Tensor, s: &Tensor, p: QuantScheme) -> Result<Tensor> {
     let w = w.to_dtype(DType::F32)?;
     let q = fake_quantize(&w.broadcast_mul(s)?, p)?;
     Ok(q.broadcast_div(s)?)
@@ -69,12 +69,12 @@ pub fn search(
     x_mean: &Tensor,
     weights: &[Tensor],
     fp_out: &Tensor,
-    p: QuantParams,
+    p: QuantScheme,
     duo: bool,
     n_grid: usize,
     run: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 ) -> Result<ScaleChoice> {
-    let wm = if duo { Some(w_mean(weights, p.group_size)?) } else { None };
+    let wm = if duo { Some(w_mean(weights, p.group.columns())?) } else { None };
     let loss_of = |s: Option<&Tensor>| -> Result<f64> {
         let ws: Vec<Tensor> = weights
             .iter()
@@ -135,7 +135,7 @@ mod tests {
         let s = scales_for(&xm, None, 0.0).unwrap();
         assert_eq!(s.to_vec1::<f32>().unwrap(), vec![1.0; 64]);
         let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
-        let p = QuantParams::new(4, 32).unwrap();
+        let p = QuantScheme::new(4, 32).unwrap();
         let a = scaled_fake_quant(&w, &s, p).unwrap();
         let b = fake_quantize(&w, p).unwrap();
         assert_eq!(mse(&a, &b).unwrap(), 0.0);

@@ -91,7 +91,7 @@ fn run_once(model: &Model, prompt: &[u32], gen: usize) -> Result<(f64, f64, f64)
 
 pub fn run(a: Args) -> Result<()> {
     let device = a.model.device()?;
-    let dtype = awq_run::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+    let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
     let (mut model, name, weights) = if a.dummy_weights {
         let Some(cfg_name) = a.config.as_deref() else { bail!("--dummy-weights needs --config NAME") };
         let cfg = dummy::preset(cfg_name)?;
@@ -104,13 +104,15 @@ pub fn run(a: Args) -> Result<()> {
         (m, format!("dummy {cfg_name}"), if w4 { format!("w4g{}", a.group_size) } else { format!("{dtype:?}").to_lowercase() })
     } else {
         let (assets, m) = a.model.load()?;
-        let quant = awq_run::checkpoint::QuantSpec::from_assets(&assets)?;
-        let w = quant.map_or(format!("{dtype:?}").to_lowercase(), |q| format!("awq w{}g{}", q.bits, q.group_size));
+        let quant = assets.quant_spec()?;
+        let w = quant.map_or(format!("{dtype:?}").to_lowercase(), |q| format!("awq w{}g{}", q.scheme.bits, q.scheme.group.columns()));
         (m, assets.name.clone(), w)
     };
     let weights = match &a.requant {
         Some(r) => {
-            awq_run::quant::ggml::requantize_model(&mut model, awq_run::quant::ggml::parse_ggml_dtype(r)?)?;
+            use awq_run::linear::ggml::{parse_ggml_dtype, GgmlLinear};
+            let dt = parse_ggml_dtype(r)?;
+            model.map_linears(|l| GgmlLinear::requantize(l, dt).map(GgmlLinear::into_linear))?;
             format!("candle {r}")
         }
         None => weights,
@@ -131,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
     let r = BenchResult {
         model: name,
         weights,
-        device: awq_run::device::device_name(&device),
+        device: awq_run::engine::device::device_name(&device),
         dtype: format!("{dtype:?}").to_lowercase(),
         prompt_len: a.prompt_len,
         gen: a.gen,

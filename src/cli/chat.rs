@@ -1,8 +1,8 @@
 //! `awq-run chat`: an interactive, streaming, multi-turn chat in the terminal.
 use super::common::{chat_template, ModelArgs, SamplingArgs};
 use anyhow::Result;
-use awq_run::chat_template::{ChatTemplate, Message};
-use awq_run::generation::{Generator, StopReason};
+use awq_run::engine::chat_template::{ChatTemplate, Message};
+use awq_run::engine::generation::{Generator, StopReason};
 use awq_run::ModelAssets;
 use rustyline::error::ReadlineError;
 use std::io::Write;

@@ -1,6 +1,6 @@
 //! Arguments shared by several commands.
 use anyhow::{bail, Context, Result};
-use awq_run::generation::SamplingParams;
+use awq_run::engine::generation::SamplingParams;
 use awq_run::ModelAssets;
 use candle_core::{DType, Device};
 use clap::Args;
@@ -39,14 +39,14 @@ impl ModelArgs {
     }
 
     pub fn device(&self) -> Result<Device> {
-        Ok(awq_run::device::parse_device(self.device.as_deref())?)
+        Ok(awq_run::engine::device::parse_device(self.device.as_deref())?)
     }
 
     /// Loads assets and model; prints what was loaded to stderr.
     pub fn load(&self) -> Result<(ModelAssets, awq_run::model::Model)> {
         let spec = self.model_spec()?;
         let device = self.device()?;
-        let dtype: DType = awq_run::device::parse_dtype(self.dtype.as_deref(), &device)?;
+        let dtype: DType = awq_run::engine::device::parse_dtype(self.dtype.as_deref(), &device)?;
         let t = std::time::Instant::now();
         let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
         let model = assets.load_model(&device, dtype)?;
@@ -55,7 +55,7 @@ impl ModelArgs {
             "loaded {spec} ({:?}, {} layers) on {} as {:?} in {:.2}s",
             assets.config.arch()?,
             assets.config.num_hidden_layers,
-            awq_run::device::device_name(&device),
+            awq_run::engine::device::device_name(&device),
             dtype,
             t.elapsed().as_secs_f64()
         );
@@ -102,15 +102,15 @@ impl SamplingArgs {
 }
 
 /// The chat template of a model, or ChatML (with a note) when it ships none.
-pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::chat_template::ChatTemplate> {
+pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::engine::chat_template::ChatTemplate> {
     let tmpl = match &assets.chat_template {
         Some(t) => t.as_str(),
         None => {
             eprintln!("note: {} has no chat template; using ChatML", assets.name);
-            awq_run::chat_template::CHATML
+            awq_run::engine::chat_template::CHATML
         }
     };
-    Ok(awq_run::chat_template::ChatTemplate::new(tmpl, assets.bos_token.as_deref(), assets.eos_token.as_deref())?)
+    Ok(awq_run::engine::chat_template::ChatTemplate::new(tmpl, assets.bos_token.as_deref(), assets.eos_token.as_deref())?)
 }
 
 fn proc_status_mib(key: &str) -> f64 {

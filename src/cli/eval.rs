@@ -50,12 +50,12 @@ fn parse_fake_quant(s: &str) -> Result<(String, u32, usize)> {
 pub fn run(a: Args) -> Result<()> {
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
-    let dtype = awq_run::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+    let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
     let text = awq_run::awq::calib::read_text(&a.text)?;
     let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
     let tokens = assets.encode(&text, true)?;
     for &s in &a.seqlen {
-        awq_run::eval::check_windows(tokens.len(), s, assets.config.max_position_embeddings)?;
+        awq_run::engine::eval::check_windows(tokens.len(), s, assets.config.max_position_embeddings)?;
     }
     let model = match &a.fake_quant {
         None => assets.load_model(&device, dtype)?,
@@ -85,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
     for &seqlen in &a.seqlen {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(indicatif::ProgressStyle::with_template("scoring [{bar:30}] window {pos}/{len} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-        let r = awq_run::eval::perplexity(&model, &tokens, seqlen, a.max_windows, |i, n| {
+        let r = awq_run::engine::eval::perplexity(&model, &tokens, seqlen, a.max_windows, |i, n| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
         })?;

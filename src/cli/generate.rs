@@ -1,8 +1,8 @@
 //! `awq-run generate`: one prompt, one streamed reply.
 use super::common::{chat_template, peak_rss_mib, rss_mib, ModelArgs, SamplingArgs};
 use anyhow::{bail, Result};
-use awq_run::chat_template::Message;
-use awq_run::generation::Generator;
+use awq_run::engine::chat_template::Message;
+use awq_run::engine::generation::Generator;
 use std::io::Write;
 
 #[derive(clap::Args, Debug)]

@@ -18,9 +18,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dtype = awq_run::device::parse_dtype(Some(&a.dtype), &candle_core::Device::Cpu)?;
+    let dtype = awq_run::engine::device::parse_dtype(Some(&a.dtype), &candle_core::Device::Cpu)?;
     let t = std::time::Instant::now();
-    let out = awq_run::import::import_gguf(&a.gguf, &a.out, dtype, a.force)?;
+    let out = awq_run::assets::import::import_gguf(&a.gguf, &a.out, dtype, a.force)?;
     eprintln!("imported {} -> {} in {:.1}s", a.gguf.display(), out.display(), t.elapsed().as_secs_f64());
     Ok(())
 }

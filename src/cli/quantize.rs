@@ -2,7 +2,7 @@
 use super::common::{peak_rss_mib, ModelArgs};
 use anyhow::{Context, Result};
 use awq_run::awq::{calib, AwqOptions, Method};
-use awq_run::quant::QuantParams;
+use awq_run::quant::QuantScheme;
 use awq_run::ModelAssets;
 use std::path::PathBuf;
 
@@ -43,7 +43,7 @@ pub struct QuantArgs {
 impl QuantArgs {
     pub fn options(&self) -> Result<AwqOptions> {
         let method: Method = self.method.parse()?;
-        let mut o = AwqOptions::new(method, QuantParams::new(self.bits, self.group_size)?);
+        let mut o = AwqOptions::new(method, QuantScheme::new(self.bits, self.group_size)?);
         o.clip = !self.no_clip;
         o.duo_scaling = self.duo_scaling;
         o.batch = self.batch.max(1);
@@ -106,15 +106,8 @@ pub fn run(a: Args) -> Result<()> {
     let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
     awq_run::awq::check_group_size(&assets.config, o.params)?;
     let calib = a.quant.calibration(&assets, &o)?;
-    eprintln!(
-        "quantizing {spec} with {:?}: w{}g{}{} on {}",
-        o.method,
-        o.params.bits,
-        o.params.group_size,
-        calib.as_ref().map_or(String::new(), |c| format!(", {} calibration blocks of {} tokens", c.len(), c[0].len())),
-        awq_run::device::device_name(&device)
-    );
-    let report = awq_run::checkpoint::write_quantized(&assets, out, &o, calib.as_deref(), &device, a.force)?;
+    eprintln!("quantizing {spec} with {}", describe(&o, calib.as_deref(), "", &device));
+    let report = awq_run::awq::export::write_quantized(&assets, out, &o, calib.as_deref(), &device, a.force)?;
     eprintln!(
         "wrote {} in {:.1}s (peak RSS {:.0} MiB)",
         out.display(),
@@ -122,6 +115,12 @@ pub fn run(a: Args) -> Result<()> {
         peak_rss_mib()
     );
     Ok(())
+}
+
+/// `awq w4g64, 8 calibration blocks of 256 tokens on cpu` (`kind` qualifies the blocks).
+fn describe(o: &AwqOptions, calib: Option<&[Vec<u32>]>, kind: &str, device: &candle_core::Device) -> String {
+    let blocks = calib.map_or(String::new(), |c| format!(", {} {kind}calibration blocks of {} tokens", c.len(), c.first().map_or(0, Vec::len)));
+    format!("{:?} {}{blocks} on {}", o.method, o.params, awq_run::engine::device::device_name(device))
 }
 
 /// `--dummy-weights`: the AWQ pass over random weights of a preset shape, calibrated on random
@@ -136,27 +135,15 @@ fn run_dummy(a: &Args) -> Result<()> {
     awq_run::awq::check_group_size(&cfg, o.params)?;
     let vb = dummy::dummy_var_builder(&cfg, candle_core::DType::F32, &device);
     let vocab = cfg.vocab_size as u64;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % vocab) as u32
-    };
+    let mut rng = awq_run::rng::Rng::new(0x5EED);
+    let mut next = move || rng.below(vocab) as u32;
     let calib: Option<Vec<Vec<u32>>> = (o.method != Method::Rtn)
         .then(|| (0..a.quant.n_samples.max(1)).map(|_| (0..a.quant.seqlen.max(1)).map(|_| next()).collect()).collect());
-    eprintln!(
-        "timing {:?} w{}g{} on a random {name}{} on {} (nothing is written)",
-        o.method,
-        o.params.bits,
-        o.params.group_size,
-        calib.as_ref().map_or(String::new(), |c| format!(", {} random calibration blocks of {} tokens", c.len(), c[0].len())),
-        awq_run::device::device_name(&device)
-    );
+    eprintln!("timing on a random {name}: {} (nothing is written)", describe(&o, calib.as_deref(), "random ", &device));
     let report = awq_run::awq::quantize_blocks(&vb, &cfg, calib.as_deref(), &o, |_, block| {
         // Like writing a checkpoint: the packed codes of every layer are produced, then dropped.
         for (_, l) in block.linears() {
-            std::hint::black_box(l.quantized()?);
+            std::hint::black_box(awq_run::linear::quantized_weight(l)?);
         }
         Ok(())
     })?;
@@ -164,7 +151,7 @@ fn run_dummy(a: &Args) -> Result<()> {
         "{}",
         serde_json::json!({
             "config": name, "method": format!("{:?}", o.method).to_lowercase(), "bits": o.params.bits,
-            "group_size": o.params.group_size, "device": awq_run::device::device_name(&device),
+            "group_size": o.params.group.columns(), "device": awq_run::engine::device::device_name(&device),
             "calib_blocks": calib.as_ref().map_or(0, |c| c.len()), "seqlen": a.quant.seqlen,
             "total_secs": report.total_secs, "peak_rss_mib": peak_rss_mib(),
         })

@@ -21,8 +21,8 @@ pub struct Args {
 
 #[cfg(feature = "cuda")]
 pub fn run(a: Args) -> Result<()> {
-    use awq_run::quant::cuda::selftest;
-    let device = awq_run::device::parse_device(Some(&a.device))?;
+    use awq_run::selftest;
+    let device = awq_run::engine::device::parse_device(Some(&a.device))?;
     if !device.is_cuda() {
         bail!("--device {}: the self-test checks the CUDA kernels", a.device);
     }
@@ -32,7 +32,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("{pass} passed, {fail} failed (seed {seed})");
     }
     if a.bench {
-        for row in selftest::bench(&device)? {
+        for row in selftest::bench::bench(&device)? {
             println!("{row}");
         }
     }

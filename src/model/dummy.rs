@@ -1,10 +1,11 @@
 //! Random models of real shapes without any checkpoint (like vLLM's dummy load format), for
 //! speed work: full precision, or 4-bit with random codes.
 use super::config::{Config, RopeScaling};
-use super::linear::Linear;
 use super::llama::{load_dense, Model};
 use crate::error::{Error, Result};
-use crate::quant::{QuantLinear, QuantizedWeight};
+use crate::linear::{Linear, QuantLinear};
+use crate::quant::{QuantizedWeight, WeightShape};
+use crate::rng::Rng;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -62,24 +63,20 @@ pub fn dummy_var_builder(cfg: &Config, dtype: DType, device: &Device) -> VarBuil
     VarBuilder::from_backend(Box::new(RandomBackend { tie: cfg.tie_word_embeddings }), dtype, device.clone())
 }
 
-/// A 4-bit linear with random codes (group size `g`).
+/// A 4-bit linear with random codes (group size `g`), zero points 8 and scales 0.002: weights of
+/// the size real checkpoints have, so activations stay finite through any number of layers.
 fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: DType, dev: &Device, seed: u64) -> candle_core::Result<Linear> {
-    let groups = in_f / g;
-    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let shape = WeightShape::new(out_f, in_f, g);
+    let mut rng = Rng::new(seed);
+    // Sixteen codes per draw: a 7B model has 6.5 billion of them.
     let mut codes = vec![0u8; out_f * in_f];
-    for c in codes.chunks_mut(8) {
-        let r = next();
-        for (j, v) in c.iter_mut().enumerate() {
-            *v = ((r >> (4 * j)) & 0xF) as u8;
+    for chunk in codes.chunks_mut(16) {
+        let r = rng.next_u64();
+        for (j, c) in chunk.iter_mut().enumerate() {
+            *c = ((r >> (4 * j)) & 0xF) as u8;
         }
     }
-    let q = QuantizedWeight { bits: 4, out_features: out_f, in_features: in_f, group_size: g, codes, zeros: vec![8; out_f * groups], scales: vec![0.002; out_f * groups] };
+    let q = QuantizedWeight { bits: 4, shape, codes, zeros: vec![8; out_f * shape.groups()], scales: vec![0.002; out_f * shape.groups()] };
     Ok(QuantLinear::new(q, bias, dtype, dev)?.into_linear())
 }
 
@@ -94,7 +91,7 @@ pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Devi
         let bias = if b { Some(vb.get(o, "bias")?) } else { None };
         random_q4(o, i, g, bias, dtype, vb.device(), counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     };
-    // As for real AWQ checkpoints on the CPU: embeddings and lm_head stay f16 (see assets.rs).
+    // As for real AWQ checkpoints on the CPU: embeddings and lm_head stay f16 (see `ModelAssets::load_model`).
     let half_tables = w4 && device.is_cpu() && dtype == DType::F32;
     Ok(Model::load_with(vb, cfg, &loader, half_tables)?)
 }

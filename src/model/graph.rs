@@ -122,7 +122,7 @@ pub fn forward(model: &Model, tokens: &Tensor, cache: &mut Cache) -> Result<Opti
 fn k0_address(cache: &Cache) -> Result<u64> {
     let Some((k, _)) = cache.layers.first().and_then(|l| l.buffers()) else { return Ok(0) };
     let Device::Cuda(dev) = k.device() else { return Ok(0) };
-    crate::quant::cuda::device_ptr(k, &dev.cuda_stream())
+    crate::cuda::device_ptr(k, &dev.cuda_stream())
 }
 
 impl DecodeGraph {
@@ -177,8 +177,8 @@ impl DecodeGraph {
 fn write_step(step: &Tensor, tokens: &Tensor, pos: usize) -> Result<()> {
     let dev = cuda(tokens.device())?;
     let stream = dev.cuda_stream();
-    let step = crate::quant::cuda::device_ptr(step, &stream)?;
-    let token = crate::quant::cuda::device_ptr(&tokens.contiguous()?, &stream)?;
+    let step = crate::cuda::device_ptr(step, &stream)?;
+    let token = crate::cuda::device_ptr(&tokens.contiguous()?, &stream)?;
     let pos = [pos as u32];
     // SAFETY: both copies stay within the 8-byte step buffer and the 4-byte token; the host
     // source is copied out (pageable memory is staged) before the call returns.

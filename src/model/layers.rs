@@ -1,6 +1,6 @@
 //! Building blocks of the LLaMA-family decoder: RMS norm, rotary embedding, KV cache.
 use super::config::Config;
-use crate::quant::L2Prefetch;
+use crate::cuda::L2Prefetch;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// RMS norm with a public weight, so the AWQ pass can fold scales into it.

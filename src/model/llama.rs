@@ -4,8 +4,9 @@
 //! captured: the AWQ pass is built on that.
 use super::config::Config;
 use super::layers::{causal_mask, softmax_f32, Cache, KvCache, RmsNorm, Rope};
-use super::linear::{DenseLinear, Linear};
-use crate::quant::L2Prefetch;
+use super::proj::Proj;
+use crate::cuda::{prefetch, L2Prefetch};
+use crate::linear::{DenseLinear, HalfLinear, Linear};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -15,9 +16,13 @@ pub type LinearLoader<'a> = &'a dyn Fn(VarBuilder, usize, usize, bool) -> Result
 
 /// The loader for full-precision checkpoints (`weight` `[out, in]`, optional `bias`).
 pub fn load_dense(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
-    let w = vb.get((out_f, in_f), "weight")?;
-    let b = if bias { Some(vb.get(out_f, "bias")?) } else { None };
-    Ok(DenseLinear::new(w, b).into_linear())
+    Ok(DenseLinear::load(vb, in_f, out_f, bias)?.into_linear())
+}
+
+/// Builds the linear layer `p` of a block from `vb` (the block's root) with `lin`.
+fn load_proj(vb: &VarBuilder, cfg: &Config, lin: LinearLoader, p: Proj) -> Result<Linear> {
+    let (i, o) = p.features(cfg);
+    lin(vb.pp(p.name()), i, o, p.has_bias(cfg))
 }
 
 /// The inputs of each linear layer of one block, in the order the AWQ scale groups need them.
@@ -31,6 +36,31 @@ pub struct LinearInputs {
     pub gate_up: Option<Tensor>,
     /// Input of down_proj.
     pub down_proj: Option<Tensor>,
+}
+
+impl LinearInputs {
+    /// One layer reading each captured input.
+    pub const FIRST_READERS: [Proj; 4] = [Proj::Q, Proj::O, Proj::Gate, Proj::Down];
+
+    /// The captured input of layer `p`.
+    pub fn of(&self, p: Proj) -> Option<&Tensor> {
+        match p {
+            Proj::Q | Proj::K | Proj::V => self.qkv.as_ref(),
+            Proj::O => self.o_proj.as_ref(),
+            Proj::Gate | Proj::Up => self.gate_up.as_ref(),
+            Proj::Down => self.down_proj.as_ref(),
+        }
+    }
+
+    /// The captured input of layer `p`, to replace it.
+    pub fn of_mut(&mut self, p: Proj) -> &mut Option<Tensor> {
+        match p {
+            Proj::Q | Proj::K | Proj::V => &mut self.qkv,
+            Proj::O => &mut self.o_proj,
+            Proj::Gate | Proj::Up => &mut self.gate_up,
+            Proj::Down => &mut self.down_proj,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +79,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
-        let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
-        let qkv_bias = cfg.qkv_bias();
+        let (hd, kvh) = (cfg.head_dim(), cfg.num_kv_heads());
         let (q_norm, k_norm) = if cfg.qk_norm() {
             (
                 Some(RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?),
@@ -60,10 +89,10 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            q_proj: lin(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, qkv_bias)?,
-            k_proj: lin(vb.pp("k_proj"), h, kvh * hd, qkv_bias)?,
-            v_proj: lin(vb.pp("v_proj"), h, kvh * hd, qkv_bias)?,
-            o_proj: lin(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, cfg.o_bias())?,
+            q_proj: load_proj(&vb, cfg, lin, Proj::Q)?,
+            k_proj: load_proj(&vb, cfg, lin, Proj::K)?,
+            v_proj: load_proj(&vb, cfg, lin, Proj::V)?,
+            o_proj: load_proj(&vb, cfg, lin, Proj::O)?,
             q_norm,
             k_norm,
             n_heads: cfg.num_attention_heads,
@@ -73,17 +102,17 @@ impl Attention {
         })
     }
 
-    /// The attention output before o_proj, `[b, seq, heads * head_dim]`. `o_hint`: o_proj's
-    /// weights, pulled into L2 by the q/k/v GEMV where it can.
-    pub fn attend(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, o_hint: &L2Prefetch) -> Result<Tensor> {
+    /// The attention output before o_proj, `[b, seq, heads * head_dim]`; the q/k/v GEMV pulls
+    /// o_proj's weights (`ctx.hints.o`) into L2 where it can.
+    pub fn attend(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
         let (rope, offset, mask) = (ctx.rope, ctx.offset, ctx.mask);
         #[cfg(feature = "cuda")]
         if let (Some(pos), Some((kv, _))) = (ctx.step, cache.as_ref()) {
-            return self.attend_at(x, rope, pos, kv, o_hint);
+            return self.attend_at(x, ctx, pos, kv);
         }
         let (b, seq, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = super::linear::forward_shared_prefetch(&[&self.q_proj, &self.k_proj, &self.v_proj], x, o_hint)?;
+        let qkv = crate::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, &ctx.hints.o)?;
         let q = qkv[0].reshape((b, seq, h, hd))?;
         let k = qkv[1].reshape((b, seq, kvh, hd))?;
         let v = qkv[2].reshape((b, seq, kvh, hd))?;
@@ -128,9 +157,9 @@ impl Attention {
     /// One token at the position held on the device by `pos` (u32), the cache's buffers allocated
     /// to capacity: what the CUDA-graph decode step captures (see `super::graph`). Nothing here
     /// depends on host-side position state, so the captured graph replays at any position.
-    fn attend_at(&self, x: &Tensor, rope: &Rope, pos: &Tensor, kv: &KvCache, o_hint: &L2Prefetch) -> Result<Tensor> {
-        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = super::linear::forward_shared_prefetch(&[&self.q_proj, &self.k_proj, &self.v_proj], x, o_hint)?;
+    fn attend_at(&self, x: &Tensor, ctx: &BlockContext, pos: &Tensor, kv: &KvCache) -> Result<Tensor> {
+        let (h, kvh, hd, rope) = (self.n_heads, self.n_kv_heads, self.head_dim, ctx.rope);
+        let qkv = crate::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, &ctx.hints.o)?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&qkv[0].reshape((1, 1, h, hd))?)?, kn.forward(&qkv[1].reshape((1, 1, kvh, hd))?)?),
             _ => (qkv[0].clone(), qkv[1].clone()),
@@ -147,7 +176,7 @@ impl Attention {
     /// The attention module alone, without a cache (input_layernorm output in, o_proj output
     /// out), as the AWQ loss for the q/k/v group measures it.
     pub fn forward(&self, normed: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let attn = self.attend(normed, ctx, None, &L2Prefetch::none())?;
+        let attn = self.attend(normed, ctx, None)?;
         self.o_proj.forward(&attn)
     }
 }
@@ -161,11 +190,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn load(vb: VarBuilder, cfg: &Config, lin: LinearLoader) -> Result<Self> {
-        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias.unwrap_or(false));
         Ok(Self {
-            gate_proj: lin(vb.pp("gate_proj"), h, i, bias)?,
-            up_proj: lin(vb.pp("up_proj"), h, i, bias)?,
-            down_proj: lin(vb.pp("down_proj"), i, h, bias)?,
+            gate_proj: load_proj(&vb, cfg, lin, Proj::Gate)?,
+            up_proj: load_proj(&vb, cfg, lin, Proj::Up)?,
+            down_proj: load_proj(&vb, cfg, lin, Proj::Down)?,
         })
     }
     /// The input of down_proj: silu(gate(x)) * up(x).
@@ -174,7 +202,7 @@ impl Mlp {
     }
     /// [`Mlp::hidden`], pulling `down_hint` (down_proj's weights) into L2 on the way.
     fn hidden_prefetch(&self, x: &Tensor, down_hint: &L2Prefetch) -> Result<Tensor> {
-        let gu = super::linear::forward_shared_prefetch(&[&self.gate_proj, &self.up_proj], x, down_hint)?;
+        let gu = crate::linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, down_hint)?;
         super::layers::silu_mul(&gu[0], &gu[1], down_hint)
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -185,7 +213,7 @@ impl Mlp {
 /// The L2 prefetch hints of one block: each names the weights of the GEMV that the kernels
 /// holding the hint precede (all empty outside few-token CUDA forwards).
 #[derive(Debug, Clone, Copy, Default)]
-struct BlockHints {
+pub struct BlockHints {
     qkv: L2Prefetch,
     o: L2Prefetch,
     gate_up: L2Prefetch,
@@ -196,10 +224,12 @@ struct BlockHints {
 /// Whether `x` (`[..., hidden]`) is a decode-sized batch on a GPU, where L2 hints pay.
 fn few_tokens_on_gpu(x: &Tensor) -> bool {
     let h = x.dims().last().copied().unwrap_or(1).max(1);
-    x.device().is_cuda() && x.elem_count() / h <= crate::quant::prefetch::HINT_MAX_TOKENS && crate::quant::prefetch::budget() > 0
+    x.device().is_cuda() && x.elem_count() / h <= prefetch::HINT_MAX_TOKENS && prefetch::budget() > 0
 }
 
-/// What every block of one forward pass shares.
+/// What a block's forward pass takes besides its input: what every block of the pass shares,
+/// and the block's own L2 prefetch hints.
+#[derive(Clone, Copy)]
 pub struct BlockContext<'a> {
     pub rope: &'a Rope,
     pub offset: usize,
@@ -207,6 +237,20 @@ pub struct BlockContext<'a> {
     /// For the CUDA-graph decode step: the token's position as a u32 on the device (then
     /// `offset` is unused and the cache buffers are written at that position).
     pub step: Option<&'a Tensor>,
+    /// The block's L2 prefetch hints (empty unless set for a few-token CUDA step).
+    pub hints: BlockHints,
+}
+
+impl<'a> BlockContext<'a> {
+    /// A context without hints.
+    pub fn new(rope: &'a Rope, offset: usize, mask: Option<&'a Tensor>, step: Option<&'a Tensor>) -> Self {
+        Self { rope, offset, mask, step, hints: BlockHints::default() }
+    }
+
+    /// The same context carrying `hints`.
+    fn with_hints(&self, hints: BlockHints) -> Self {
+        Self { hints, ..*self }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -233,16 +277,16 @@ impl Block {
 
     /// Runs the block. With `capture`, the input of every linear layer is recorded there.
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext, cache: Option<(&mut KvCache, usize)>, capture: Option<&mut LinearInputs>) -> Result<Tensor> {
-        let hints = if few_tokens_on_gpu(x) { self.prefetch_hints(self.qkv_hint(), L2Prefetch::none()) } else { BlockHints::default() };
-        let (x, delta) = self.forward_split(x, None, ctx, cache, capture, &hints)?;
+        let ctx = if few_tokens_on_gpu(x) { ctx.with_hints(self.prefetch_hints(self.qkv_hint(), L2Prefetch::none())) } else { *ctx };
+        let (x, delta) = self.forward_split(x, None, &ctx, cache, capture)?;
         x + delta
     }
 
     /// The block on the input `x + delta` (the previous block's residual and its unadded MLP
     /// output, so the add runs fused with this block's first norm), returning its own residual
-    /// stream and MLP output unadded. `hints` (for a few tokens on CUDA, else empty): every kernel
-    /// before a GEMV pulls that GEMV's weights into L2, and the last GEMV pulls in `next` (the
-    /// next block's q/k/v or the lm_head), see [`crate::quant::prefetch`].
+    /// stream and MLP output unadded. `ctx.hints` (for a few tokens on CUDA, else empty): every
+    /// kernel before a GEMV pulls that GEMV's weights into L2, and the last GEMV pulls in `next`
+    /// (the next block's q/k/v or the lm_head), see [`crate::cuda::prefetch`].
     fn forward_split(
         &self,
         x: &Tensor,
@@ -250,14 +294,14 @@ impl Block {
         ctx: &BlockContext,
         cache: Option<(&mut KvCache, usize)>,
         mut capture: Option<&mut LinearInputs>,
-        hints: &BlockHints,
     ) -> Result<(Tensor, Tensor)> {
+        let hints = &ctx.hints;
         let (x, normed) = self.input_layernorm.forward_residual(x, delta, &hints.qkv)?;
-        let attn = self.self_attn.attend(&normed, ctx, cache, &hints.o)?;
-        let o = self.self_attn.o_proj.forward_prefetch(&attn, &hints.gate_up)?;
+        let attn = self.self_attn.attend(&normed, ctx, cache)?;
+        let o = crate::linear::forward_hinted(&self.self_attn.o_proj, &attn, &hints.gate_up)?;
         let (x, normed2) = self.post_attention_layernorm.forward_residual(&x, Some(&o), &hints.gate_up)?;
         let hidden = self.mlp.hidden_prefetch(&normed2, &hints.down)?;
-        let down = self.mlp.down_proj.forward_prefetch(&hidden, &hints.next)?;
+        let down = crate::linear::forward_hinted(&self.mlp.down_proj, &hidden, &hints.next)?;
         if let Some(c) = capture.as_deref_mut() {
             c.qkv = Some(normed);
             c.o_proj = Some(attn);
@@ -271,7 +315,7 @@ impl Block {
     /// pulls in).
     pub fn qkv_hint(&self) -> L2Prefetch {
         let a = &self.self_attn;
-        super::linear::prefetch_hint(&[&a.q_proj, &a.k_proj, &a.v_proj])
+        crate::linear::prefetch_hint(&[&a.q_proj, &a.k_proj, &a.v_proj])
     }
 
     /// The block's hints, given its own q/k/v hint (built once, as the previous block's `next`)
@@ -280,26 +324,45 @@ impl Block {
         let (a, m) = (&self.self_attn, &self.mlp);
         BlockHints {
             qkv,
-            o: super::linear::prefetch_hint(&[&a.o_proj]),
-            gate_up: super::linear::prefetch_hint(&[&m.gate_proj, &m.up_proj]),
-            down: super::linear::prefetch_hint(&[&m.down_proj]),
+            o: crate::linear::prefetch_hint(&[&a.o_proj]),
+            gate_up: crate::linear::prefetch_hint(&[&m.gate_proj, &m.up_proj]),
+            down: crate::linear::prefetch_hint(&[&m.down_proj]),
             next,
         }
     }
 
-
-    /// Every linear layer of the block with its HF name relative to the block.
+    /// Every linear layer of the block with its HF name relative to the block, in
+    /// [`Proj::ALL`] order.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        Proj::ALL.map(|p| (p.hf_name(), self.linear(p)))
+    }
+
+    /// The linear layer `p`.
+    pub fn linear(&self, p: Proj) -> &Linear {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        match p {
+            Proj::Q => &a.q_proj,
+            Proj::K => &a.k_proj,
+            Proj::V => &a.v_proj,
+            Proj::O => &a.o_proj,
+            Proj::Gate => &m.gate_proj,
+            Proj::Up => &m.up_proj,
+            Proj::Down => &m.down_proj,
+        }
+    }
+
+    /// The linear layer `p`, to replace it.
+    pub fn linear_mut(&mut self, p: Proj) -> &mut Linear {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        match p {
+            Proj::Q => &mut a.q_proj,
+            Proj::K => &mut a.k_proj,
+            Proj::V => &mut a.v_proj,
+            Proj::O => &mut a.o_proj,
+            Proj::Gate => &mut m.gate_proj,
+            Proj::Up => &mut m.up_proj,
+            Proj::Down => &mut m.down_proj,
+        }
     }
 }
 
@@ -322,7 +385,7 @@ impl Model {
     }
 
     /// As [`Model::load`]; with `half_tables` the embedding table and lm_head stay in f16 whatever
-    /// the activation dtype (see [`crate::quant::HalfLinear`]).
+    /// the activation dtype (see [`crate::linear::HalfLinear`]).
     pub fn load_with(vb: VarBuilder, cfg: &Config, lin: LinearLoader, half_tables: bool) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, lin))
@@ -345,7 +408,7 @@ impl Model {
             vb.get_with_hints_dtype(table_shape, "lm_head.weight", Default::default(), table_dtype)?
         };
         let lm_head = if half_tables {
-            crate::quant::HalfLinear::new(head_weight, None)?.into_linear()
+            HalfLinear::new(head_weight, None)?.into_linear()
         } else {
             DenseLinear::new(head_weight, None).into_linear()
         };
@@ -404,7 +467,7 @@ impl Model {
         let seq = tokens.dim(1)?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = self.mask(seq, offset)?;
-        let ctx = BlockContext { rope: &self.rope, offset, mask: mask.as_ref(), step: None };
+        let ctx = BlockContext::new(&self.rope, offset, mask.as_ref(), None);
         let (x, delta) = self.blocks(self.embed(tokens)?, &ctx, cache)?;
         match delta {
             Some(d) => x + d,
@@ -429,11 +492,11 @@ impl Model {
             let next = match (hints, self.layers.get(i + 1)) {
                 (false, _) => L2Prefetch::none(),
                 (true, Some(b)) => b.qkv_hint(),
-                (true, None) => super::linear::prefetch_hint(&[&self.lm_head]),
+                (true, None) => crate::linear::prefetch_hint(&[&self.lm_head]),
             };
-            let block_hints = if hints { block.prefetch_hints(qkv, next) } else { BlockHints::default() };
+            let block_ctx = if hints { ctx.with_hints(block.prefetch_hints(qkv, next)) } else { *ctx };
             let layer_cache = kv.as_mut().and_then(|layers| layers.next()).map(|c| (c, cap));
-            let (nx, d) = block.forward_split(&x, delta.as_ref(), ctx, layer_cache, None, &block_hints)?;
+            let (nx, d) = block.forward_split(&x, delta.as_ref(), &block_ctx, layer_cache, None)?;
             x = nx;
             delta = Some(d);
             qkv = next;
@@ -457,7 +520,7 @@ impl Model {
     /// graph of a decode step. Does not advance the cache's host-side length.
     #[cfg(feature = "cuda")]
     pub(crate) fn logits_at(&self, token: &Tensor, pos: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let ctx = BlockContext { rope: &self.rope, offset: 0, mask: None, step: Some(pos) };
+        let ctx = BlockContext::new(&self.rope, 0, None, Some(pos));
         let (x, delta) = self.blocks(self.embed(token)?, &ctx, Some(cache))?;
         let (_, normed) = self.norm.forward_residual(&x, delta.as_ref(), &L2Prefetch::none())?;
         self.lm_head.forward(&normed)?.to_dtype(DType::F32)
@@ -489,5 +552,16 @@ impl Model {
 
     pub fn vocab_size(&self) -> usize {
         self.embed_tokens.dim(0).unwrap_or(0)
+    }
+
+    /// Replaces every decoder linear with `f(layer)` (e.g. re-quantized to another format).
+    pub fn map_linears<E>(&mut self, mut f: impl FnMut(&Linear) -> std::result::Result<Linear, E>) -> std::result::Result<(), E> {
+        for block in self.layers.iter_mut() {
+            for p in Proj::ALL {
+                let l = block.linear_mut(p);
+                *l = f(l)?;
+            }
+        }
+        Ok(())
     }
 }

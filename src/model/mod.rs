@@ -1,4 +1,5 @@
-//! The LLaMA-family model: configuration, layers and the decoder.
+//! The LLaMA-family model: configuration, layers and the decoder, built from linear layers of
+//! any kind ([`crate::linear`]).
 pub mod attention_cpu;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -7,10 +8,10 @@ pub mod dummy;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod layers;
-pub mod linear;
 pub mod llama;
+pub mod proj;
 
 pub use config::{Arch, Config};
 pub use layers::Cache;
-pub use linear::{DenseLinear, Linear, LinearLayer};
-pub use llama::{Block, LinearInputs, Model};
+pub use llama::{Block, BlockContext, LinearInputs, Model};
+pub use proj::Proj;

@@ -1,17 +1,13 @@
-//! Quantization: the group quantizer, the AWQ GEMM packing and quantized linear layers.
+//! Quantization formats and kernels, below any notion of a layer or a model: what a
+//! quantization is ([`scheme`]), the group quantizer ([`quantizer`]), weight layouts
+//! ([`format`]: plain codes, the AutoAWQ GEMM packing, the CPU and CUDA kernels' layouts) and the
+//! kernels that read them ([`cpu`], [`cuda`]).
 pub mod cpu;
-#[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod ggml;
-pub mod half;
-pub mod linear;
-pub mod pack;
-pub mod prefetch;
+pub mod format;
 pub mod quantizer;
-pub mod tiled;
+pub mod scheme;
 
-pub use half::HalfLinear;
-pub use linear::QuantLinear;
-pub use pack::QuantizedWeight;
-pub use prefetch::L2Prefetch;
-pub use quantizer::{fake_quantize, quantize_codes, QuantParams};
+pub use format::{QuantizedWeight, WeightShape};
+pub use quantizer::{fake_quantize, quantize_codes};
+pub use scheme::{GroupSize, QuantScheme};

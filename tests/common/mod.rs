@@ -42,25 +42,16 @@ pub fn data_file(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so fixtures do not depend on candle's RNG.
-pub struct Rng(u64);
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
-    }
-    pub fn next_f32(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545F4914F6CDD1D);
-        (x >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Roughly normal: the sum of four uniforms, centred and scaled.
-    pub fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.next_f32()).sum();
-        (s - 2.0) * 1.7320508
-    }
-    pub fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
+/// The library's deterministic generator (xorshift64*), so fixtures do not depend on candle's
+/// RNG, with a helper for random tensors.
+pub use awq_run::rng::Rng;
+
+pub trait RandomTensor {
+    fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor;
+}
+
+impl RandomTensor for Rng {
+    fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| self.normal() * std).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
@@ -189,7 +180,7 @@ impl TinySpec {
 
     pub fn tokenizer_json(&self) -> serde_json::Value {
         let (tokens, types, merges) = tiny_vocab();
-        awq_run::tokenizer::from_gguf_vocab("gpt2", "smollm", &tokens, &types, &merges).unwrap()
+        awq_run::assets::tokenizer::from_gguf_vocab("gpt2", "smollm", &tokens, &types, &merges).unwrap()
     }
 
     /// Writes an HF-layout directory; returns its path.
@@ -238,9 +229,9 @@ impl TinySpec {
         for (name, t) in self.tensors() {
             let g = gguf_name(&name);
             let t = if arch == "llama" && g.ends_with("attn_q.weight") {
-                awq_run::gguf::permute_rows(&t, self.heads).unwrap()
+                awq_run::assets::gguf::permute_rows(&t, self.heads).unwrap()
             } else if arch == "llama" && g.ends_with("attn_k.weight") {
-                awq_run::gguf::permute_rows(&t, self.kv_heads).unwrap()
+                awq_run::assets::gguf::permute_rows(&t, self.kv_heads).unwrap()
             } else {
                 t
             };

@@ -4,10 +4,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use crate::quant::cuda::kernel_suffix as suffix;
-use crate::quant::L2Prefetch;
-use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
+use crate::cuda::{cuda_device as cuda_dev, device_ptr, kernel_suffix as suffix, prefetch_blocks, L2Prefetch};
+use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "awq_decode";
@@ -47,15 +45,8 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
 /// (k and v are the whole cache buffers).
 pub fn decode_attention_at(q: &Tensor, k: &Tensor, v: &Tensor, pos: &Tensor, scale: f32) -> Result<Tensor> {
     let dev = cuda_dev(q)?;
-    let pos = crate::quant::cuda::device_ptr(pos, &dev.cuda_stream())?;
+    let pos = device_ptr(pos, &dev.cuda_stream())?;
     q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos })
-}
-
-fn cuda_dev(t: &Tensor) -> Result<candle_core::CudaDevice> {
-    match t.device() {
-        candle_core::Device::Cuda(d) => Ok(d.clone()),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    }
 }
 
 /// The rotary embedding of one token's queries `x` (`heads * d` contiguous values, batch 1) at the
@@ -70,7 +61,7 @@ pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usiz
         candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
     let out = Tensor::zeros((1, heads, 1, d), x.dtype(), x.device())?;
-    let ptr = |t: &Tensor| crate::quant::cuda::device_ptr(t, &stream);
+    let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
     let func = dev.get_or_load_custom_func(&format!("rope_pos_{sfx}"), MODULE, PTX)?;
     let d_ = d as i32;
@@ -100,7 +91,7 @@ pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tenso
     if h != kv_heads || dd != d || vc.dims() != kc.dims() || k.elem_count() != kv_heads * d || v.elem_count() != kv_heads * d || kc.dtype() != k.dtype() {
         candle_core::bail!("kv write: key/value of {kv_heads} x {d} into caches {:?}", kc.dims());
     }
-    let ptr = |t: &Tensor| crate::quant::cuda::device_ptr(t, &stream);
+    let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (kp, vp, kcp, vcp, cp, sp, pp) = (ptr(&k)?, ptr(&v)?, ptr(kc)?, ptr(vc)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
     let func = dev.get_or_load_custom_func(&format!("kv_write_{sfx}"), MODULE, PTX)?;
     let (d_, hs, ps) = (d as i32, (cap * d) as i64, d as i64);
@@ -182,49 +173,42 @@ impl CustomOp1 for AddRmsNorm<'_> {
         let rows = n / h.max(1);
         let outputs = if self.delta.is_some() { 2 } else { 1 };
         let dp = match self.delta {
-            Some(d) => crate::quant::cuda::device_ptr(d, &stream)?,
+            Some(d) => device_ptr(d, &stream)?,
             None => 0u64,
         };
-        let wp = crate::quant::cuda::device_ptr(self.w, &stream)?;
+        let wp = device_ptr(self.w, &stream)?;
         let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{sfx}"), MODULE, PTX)?;
         let (rows_, h_) = (rows as i32, h as i32);
-        let grid = rows as u32 + crate::quant::cuda::prefetch_blocks(&dev, &self.prefetch)?;
+        let grid = rows as u32 + prefetch_blocks(&dev, &self.prefetch)?;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (NORM_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-        macro_rules! launch {
-            ($t:ty) => {{
-                let x = s.as_cuda_slice::<$t>()?.slice(xo..);
-                // SAFETY: the kernel writes every element of both outputs (or of the norm alone).
-                let out = unsafe { dev.alloc::<$t>(outputs * n)? };
-                let base = out.device_ptr(&stream).0;
-                let size = std::mem::size_of::<$t>() as u64;
-                let (sum_p, norm_p) = if outputs == 2 { (base, base + n as u64 * size) } else { (0u64, base) };
-                let xp = x.device_ptr(&stream).0;
-                // The 16-byte path: whole rows of 8-element pieces in registers, every row aligned.
-                let row_bytes = h as u64 * size;
-                let aligned = [xp, dp, sum_p, norm_p, wp].iter().all(|p| p % 16 == 0) && row_bytes % 16 == 0;
-                let vec = i32::from(h % 8 == 0 && h <= NORM_THREADS * NORM_PER_THREAD && aligned);
-                let mut b = func.builder();
-                b.arg(&x);
-                for p in [&dp, &sum_p, &norm_p, &wp] {
-                    b.arg(p);
-                }
-                b.arg(&rows_);
-                b.arg(&h_);
-                b.arg(&self.eps);
-                b.arg(&vec);
-                b.arg(&self.prefetch);
-                if rows > 0 {
-                    // SAFETY: x, delta and each output hold rows * h contiguous elements, w holds h.
-                    unsafe { b.launch(cfg) }.w()?;
-                }
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match dt {
-            DType::F16 => launch!(f16),
-            DType::BF16 => launch!(bf16),
-            _ => launch!(f32),
-        };
+        let out = crate::with_float_type!(dt, T => {
+            let x = s.as_cuda_slice::<T>()?.slice(xo..);
+            // SAFETY: the kernel writes every element of both outputs (or of the norm alone).
+            let out = unsafe { dev.alloc::<T>(outputs * n)? };
+            let base = out.device_ptr(&stream).0;
+            let size = std::mem::size_of::<T>() as u64;
+            let (sum_p, norm_p) = if outputs == 2 { (base, base + n as u64 * size) } else { (0u64, base) };
+            let xp = x.device_ptr(&stream).0;
+            // The 16-byte path: whole rows of 8-element pieces in registers, every row aligned.
+            let row_bytes = h as u64 * size;
+            let aligned = [xp, dp, sum_p, norm_p, wp].iter().all(|p| p % 16 == 0) && row_bytes % 16 == 0;
+            let vec = i32::from(h % 8 == 0 && h <= NORM_THREADS * NORM_PER_THREAD && aligned);
+            let mut b = func.builder();
+            b.arg(&x);
+            for p in [&dp, &sum_p, &norm_p, &wp] {
+                b.arg(p);
+            }
+            b.arg(&rows_);
+            b.arg(&h_);
+            b.arg(&self.eps);
+            b.arg(&vec);
+            b.arg(&self.prefetch);
+            if rows > 0 {
+                // SAFETY: x, delta and each output hold rows * h contiguous elements, w holds h.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
         let mut dims = vec![outputs];
         dims.extend_from_slice(l.dims());
         Ok((out, Shape::from(dims)))
@@ -297,56 +281,49 @@ impl CustomOp3 for DecodeAttention {
         let (len_, d_, h_, rep, chunks_) = (len as i32, d as i32, h as i32, (h / kvh) as i32, chunks as i32);
         let st = |s: &[usize], i: usize| s[i] as i64;
         let (ksb, ksh, ksl, vsb, vsh, vsl) = (st(kst, 0), st(kst, 1), st(kst, 2), st(vst, 0), st(vst, 1), st(vst, 2));
-        macro_rules! launch {
-            ($t:ty) => {{
-                let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
-                let k = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
-                let v = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
-                // SAFETY: the kernels write all b * h * d outputs (and every chunk's statistics).
-                let out = unsafe { dev.alloc::<$t>(b * h * d)? };
-                let part = if split { Some(unsafe { dev.alloc::<f32>(b * h * chunks * (d + 2))? }) } else { None };
-                let mut bld = func.builder();
-                bld.arg(&q);
-                bld.arg(&k);
-                bld.arg(&v);
-                match &part {
-                    Some(p) => bld.arg(p),
-                    None => bld.arg(&out),
-                };
-                bld.arg(&len_);
-                bld.arg(&self.pos);
-                bld.arg(&d_);
-                bld.arg(&h_);
-                bld.arg(&rep);
-                bld.arg(&ksb);
-                bld.arg(&ksh);
-                bld.arg(&ksl);
-                bld.arg(&vsb);
-                bld.arg(&vsh);
-                bld.arg(&vsl);
-                bld.arg(&self.scale);
-                // SAFETY: strides and sizes come from the layouts checked in attention_applies.
-                unsafe { bld.launch(cfg) }.w()?;
-                if let Some(part) = &part {
-                    let combine = dev.get_or_load_custom_func(&format!("attention_combine_{sfx}"), MODULE, PTX)?;
-                    let mut c = combine.builder();
-                    c.arg(part);
-                    c.arg(&out);
-                    c.arg(&chunks_);
-                    c.arg(&d_);
-                    c.arg(&h_);
-                    let ccfg = LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
-                    // SAFETY: part holds b * h * chunks * (d + 2) floats, all written above.
-                    unsafe { c.launch(ccfg) }.w()?;
-                }
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match dt {
-            DType::F16 => launch!(f16),
-            DType::BF16 => launch!(bf16),
-            _ => launch!(f32),
-        };
+        let out = crate::with_float_type!(dt, T => {
+            let q = qs.as_cuda_slice::<T>()?.slice(qo..);
+            let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+            let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+            // SAFETY: the kernels write all b * h * d outputs (and every chunk's statistics).
+            let out = unsafe { dev.alloc::<T>(b * h * d)? };
+            let part = if split { Some(unsafe { dev.alloc::<f32>(b * h * chunks * (d + 2))? }) } else { None };
+            let mut bld = func.builder();
+            bld.arg(&q);
+            bld.arg(&k);
+            bld.arg(&v);
+            match &part {
+                Some(p) => bld.arg(p),
+                None => bld.arg(&out),
+            };
+            bld.arg(&len_);
+            bld.arg(&self.pos);
+            bld.arg(&d_);
+            bld.arg(&h_);
+            bld.arg(&rep);
+            bld.arg(&ksb);
+            bld.arg(&ksh);
+            bld.arg(&ksl);
+            bld.arg(&vsb);
+            bld.arg(&vsh);
+            bld.arg(&vsl);
+            bld.arg(&self.scale);
+            // SAFETY: strides and sizes come from the layouts checked in attention_applies.
+            unsafe { bld.launch(cfg) }.w()?;
+            if let Some(part) = &part {
+                let combine = dev.get_or_load_custom_func(&format!("attention_combine_{sfx}"), MODULE, PTX)?;
+                let mut c = combine.builder();
+                c.arg(part);
+                c.arg(&out);
+                c.arg(&chunks_);
+                c.arg(&d_);
+                c.arg(&h_);
+                let ccfg = LaunchConfig { grid_dim: (h as u32, b as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: part holds b * h * chunks * (d + 2) floats, all written above.
+                unsafe { c.launch(ccfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
         Ok((out, Shape::from((b, h, 1, d))))
     }
 }
@@ -371,33 +348,26 @@ impl CustomOp2 for SiluMul {
         let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
         let func = dev.get_or_load_custom_func(&format!("silu_mul_{sfx}"), MODULE, PTX)?;
         let mut cfg = LaunchConfig::for_num_elems((rows * cols) as u32);
-        cfg.grid_dim.0 += crate::quant::cuda::prefetch_blocks(&dev, &self.prefetch)?;
+        cfg.grid_dim.0 += prefetch_blocks(&dev, &self.prefetch)?;
         let (r_, c_, sa_, sb_) = (rows as i32, cols as i32, sa as i64, sb as i64);
-        macro_rules! launch {
-            ($t:ty) => {{
-                let x = a.as_cuda_slice::<$t>()?.slice(al.start_offset()..);
-                let y = b.as_cuda_slice::<$t>()?.slice(bl.start_offset()..);
-                // SAFETY: the kernel writes all rows * cols outputs.
-                let out = unsafe { dev.alloc::<$t>(rows * cols)? };
-                let mut bld = func.builder();
-                bld.arg(&x);
-                bld.arg(&y);
-                bld.arg(&out);
-                bld.arg(&r_);
-                bld.arg(&c_);
-                bld.arg(&sa_);
-                bld.arg(&sb_);
-                bld.arg(&self.prefetch);
-                // SAFETY: rows, cols and strides come from the layouts.
-                unsafe { bld.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match dt {
-            DType::F16 => launch!(f16),
-            DType::BF16 => launch!(bf16),
-            _ => launch!(f32),
-        };
+        let out = crate::with_float_type!(dt, T => {
+            let x = a.as_cuda_slice::<T>()?.slice(al.start_offset()..);
+            let y = b.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            // SAFETY: the kernel writes all rows * cols outputs.
+            let out = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut bld = func.builder();
+            bld.arg(&x);
+            bld.arg(&y);
+            bld.arg(&out);
+            bld.arg(&r_);
+            bld.arg(&c_);
+            bld.arg(&sa_);
+            bld.arg(&sb_);
+            bld.arg(&self.prefetch);
+            // SAFETY: rows, cols and strides come from the layouts.
+            unsafe { bld.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
         Ok((out, al.shape().clone()))
     }
 }

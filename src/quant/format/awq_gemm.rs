@@ -1,7 +1,8 @@
-//! The AutoAWQ "GEMM" packing of 4-bit codes (../shared/AWQ.md section 6).
+//! The AutoAWQ "GEMM" packing of 4-bit codes (docs/AWQ.md, "The AutoAWQ GEMM checkpoint").
 //!
 //! Codes are transposed to `[in, out]`; packed column `c` of an int32 holds output channels
 //! `8c .. 8c+7`, nibble `i` holding channel `8c + ORDER[i]`. Zero points use the same packing.
+use super::{QuantizedWeight, WeightShape};
 use crate::error::{Error, Result};
 
 pub const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
@@ -44,19 +45,6 @@ pub fn unpack_rows(packed: &[i32], rows: usize, out: usize) -> Vec<u8> {
     codes
 }
 
-/// A 4-bit group-quantized weight in HF orientation: `codes[o * in + i]`, `zeros[o * groups + g]`,
-/// `scales[o * groups + g]`, with `groups = in / group_size`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QuantizedWeight {
-    pub bits: u32,
-    pub out_features: usize,
-    pub in_features: usize,
-    pub group_size: usize,
-    pub codes: Vec<u8>,
-    pub zeros: Vec<u8>,
-    pub scales: Vec<f32>,
-}
-
 /// The three AWQ GEMM tensors' data: qweight `[in, out/8]`, qzeros `[in/g, out/8]`,
 /// scales `[in/g, out]` (f32 here; stored as f16).
 pub struct AwqGemmTensors {
@@ -66,24 +54,6 @@ pub struct AwqGemmTensors {
 }
 
 impl QuantizedWeight {
-    pub fn groups(&self) -> usize {
-        self.in_features / self.group_size
-    }
-
-    /// Dequantized weight `[out, in]`, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let (o_n, i_n, g) = (self.out_features, self.in_features, self.group_size);
-        let groups = self.groups();
-        let mut w = vec![0f32; o_n * i_n];
-        for o in 0..o_n {
-            for i in 0..i_n {
-                let gi = o * groups + i / g;
-                w[o * i_n + i] = (f32::from(self.codes[o * i_n + i]) - f32::from(self.zeros[gi])) * self.scales[gi];
-            }
-        }
-        w
-    }
-
     /// Transposes to `[in, out]` and packs in the AutoAWQ GEMM layout.
     pub fn to_awq_gemm(&self) -> Result<AwqGemmTensors> {
         if self.bits != 4 {
@@ -93,7 +63,7 @@ impl QuantizedWeight {
                 self.bits
             )));
         }
-        let (o_n, i_n) = (self.out_features, self.in_features);
+        let (o_n, i_n) = (self.shape.n, self.shape.k);
         let groups = self.groups();
         let mut t_codes = vec![0u8; o_n * i_n];
         for o in 0..o_n {
@@ -117,13 +87,19 @@ impl QuantizedWeight {
     }
 
     /// Reads the AutoAWQ GEMM tensors back (scales already converted to f32).
-    pub fn from_awq_gemm(t: &AwqGemmTensors, in_features: usize, out_features: usize, group_size: usize) -> Result<Self> {
-        let groups = in_features / group_size;
+    pub fn from_awq_gemm(t: &AwqGemmTensors, shape: WeightShape) -> Result<Self> {
+        let (in_features, out_features) = (shape.k, shape.n);
+        let groups = shape.groups();
         if t.qweight.len() != in_features * out_features / 8
             || t.qzeros.len() != groups * out_features / 8
             || t.scales.len() != groups * out_features
         {
-            return Err(Error::msg("AWQ tensors have inconsistent sizes"));
+            return Err(Error::msg(format!(
+                "AWQ tensors have inconsistent sizes for a {shape} weight: qweight {} words, qzeros {}, scales {}",
+                t.qweight.len(),
+                t.qzeros.len(),
+                t.scales.len()
+            )));
         }
         let t_codes = unpack_rows(&t.qweight, in_features, out_features);
         let t_zeros = unpack_rows(&t.qzeros, groups, out_features);
@@ -141,7 +117,7 @@ impl QuantizedWeight {
                 scales[o * groups + g] = t.scales[g * out_features + o];
             }
         }
-        Ok(Self { bits: 4, out_features, in_features, group_size, codes, zeros, scales })
+        Ok(Self { bits: 4, shape, codes, zeros, scales })
     }
 }
 

@@ -89,7 +89,7 @@ impl L2Prefetch {
             let mut ranges = Vec::with_capacity(tensors.len());
             for t in tensors {
                 let candle_core::Device::Cuda(dev) = t.device() else { return Self::none() };
-                let Ok(p) = crate::quant::cuda::device_ptr(t, &dev.cuda_stream()) else { return Self::none() };
+                let Ok(p) = super::device_ptr(t, &dev.cuda_stream()) else { return Self::none() };
                 ranges.push((p, (t.elem_count() * t.dtype().size_in_bytes()) as u64));
             }
             Self::from_ranges(&ranges, budget)

@@ -201,7 +201,7 @@ pub fn read(path: &Path) -> Result<GgufModel> {
         tensors.insert(hf, t);
     }
 
-    let tokenizer_json = crate::tokenizer::from_gguf_vocab(
+    let tokenizer_json = super::tokenizer::from_gguf_vocab(
         &meta.string("tokenizer.ggml.model").unwrap_or_default(),
         &meta.string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into()),
         &tokens,

@@ -2,13 +2,14 @@
 //!
 //! 4-bit weights whose rows split into 32-wide chunks are kept packed ([`PackedQ4`]) and run
 //! through the fused CPU kernel as a candle custom op; on CUDA through the kernels of
-//! [`super::cuda`] (a device copy in the tiled layout of [`super::tiled`]); on other devices
+//! [`crate::quant::cuda`] (a device copy in the tiled layout of [`crate::quant::format::tiled`]); on other devices
 //! (Metal) they are dequantized with candle tensor ops right before the matmul, one layer at a
 //! time, so no dequantized copy of the model is ever kept. Other widths (2–8 bits, for
 //! evaluation) keep their dequantized weight.
-use super::cpu::{Kernel, PackedQ4};
-use super::pack::QuantizedWeight;
-use crate::model::linear::{DenseLinear, Linear, LinearLayer};
+use super::{Capability, DenseLinear, Linear, LinearLayer};
+use crate::cuda::L2Prefetch;
+use crate::quant::cpu::{Kernel, PackedQ4};
+use crate::quant::format::{QuantizedWeight, WeightShape};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ enum DeviceWeights {
     TensorOps(Tensor, Tensor, Tensor),
     /// For the CUDA kernels.
     #[cfg(feature = "cuda")]
-    Cuda(super::cuda::CudaQ4),
+    Cuda(crate::quant::cuda::CudaQ4),
 }
 
 #[derive(Debug)]
@@ -29,8 +30,7 @@ enum Repr {
     /// model's 3.5 GB stay off the host) and is rebuilt from a download when asked for.
     Packed {
         host: Option<Arc<PackedQ4>>,
-        n: usize,
-        k: usize,
+        shape: WeightShape,
         dev: Option<DeviceWeights>,
     },
     Dequantized {
@@ -66,13 +66,13 @@ impl CustomOp1 for Q4MatMul {
         };
         let dims = l.dims();
         let k = *dims.last().unwrap_or(&0);
-        if k != self.w.k {
-            candle_core::bail!("{}: input has {k} features, the layer {}", self.name(), self.w.k);
+        if k != self.w.shape.k {
+            candle_core::bail!("{}: input has {k} features, the layer {}", self.name(), self.w.shape.k);
         }
         let m = l.shape().elem_count() / k.max(1);
         let y = self.w.matmul(&data[a..b], m, self.kernel);
         let mut out = dims.to_vec();
-        *out.last_mut().unwrap() = self.w.n;
+        *out.last_mut().unwrap() = self.w.shape.n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
@@ -80,21 +80,21 @@ impl CustomOp1 for Q4MatMul {
 impl QuantLinear {
     pub fn new(q: QuantizedWeight, bias: Option<Tensor>, dtype: DType, device: &Device) -> Result<Self> {
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_device(device)).transpose()?;
-        let repr = if q.bits == 4 && PackedQ4::supports(q.in_features, q.group_size) {
+        let repr = if q.bits == 4 && PackedQ4::supports(q.shape.k, q.shape.group_size) {
             let w = Arc::new(PackedQ4::from_quantized(&q));
-            let (n, k) = (w.n, w.k);
+            let shape = w.shape;
             let (host, dev) = match device {
                 Device::Cpu => (Some(w), None),
                 #[cfg(feature = "cuda")]
-                Device::Cuda(_) => (None, Some(DeviceWeights::Cuda(super::cuda::CudaQ4::new(&w, device)?))),
+                Device::Cuda(_) => (None, Some(DeviceWeights::Cuda(crate::quant::cuda::CudaQ4::new(&w, device)?))),
                 _ => {
                     let (c, s, m) = Self::device_tensors(&w, device)?;
                     (Some(w), Some(DeviceWeights::TensorOps(c, s, m)))
                 }
             };
-            Repr::Packed { host, n, k, dev }
+            Repr::Packed { host, shape, dev }
         } else {
-            let d = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?.to_dtype(dtype)?;
+            let d = Tensor::from_vec(q.dequantize(), (q.shape.n, q.shape.k), device)?.to_dtype(dtype)?;
             let b = bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
             Repr::Dequantized { q, dense: DenseLinear::new(d, b) }
         };
@@ -109,10 +109,11 @@ impl QuantLinear {
         let g = w.groups();
         let scales: Vec<f32> = w.scales.iter().map(|s| s.to_f32()).collect();
         let mins: Vec<f32> = scales.iter().zip(&w.zeros).map(|(s, z)| -f32::from(*z) * s).collect();
+        let n = w.shape.n;
         Ok((
-            Tensor::from_slice(&w.codes, (w.n, w.k / 2), device)?,
-            Tensor::from_vec(scales, (w.n, g), device)?,
-            Tensor::from_vec(mins, (w.n, g), device)?,
+            Tensor::from_slice(&w.codes, (n, w.shape.k / 2), device)?,
+            Tensor::from_vec(scales, (n, g), device)?,
+            Tensor::from_vec(mins, (n, g), device)?,
         ))
     }
 
@@ -130,11 +131,11 @@ impl QuantLinear {
     /// The device path (dequantize with tensor ops, then matmul); public so CPU tests cover it.
     pub fn forward_dequant(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.repr {
-            Repr::Packed { k, dev: Some(DeviceWeights::TensorOps(c, s, m)), .. } => Self::dequantize_tensors(c, s, m, *k)?,
-            Repr::Packed { k, .. } => {
+            Repr::Packed { shape, dev: Some(DeviceWeights::TensorOps(c, s, m)), .. } => Self::dequantize_tensors(c, s, m, shape.k)?,
+            Repr::Packed { shape, .. } => {
                 let w = self.host_packed()?;
                 let (c, s, m) = Self::device_tensors(&w, x.device())?;
-                Self::dequantize_tensors(&c, &s, &m, *k)?
+                Self::dequantize_tensors(&c, &s, &m, shape.k)?
             }
             Repr::Dequantized { dense, .. } => return dense.forward(x),
         };
@@ -160,7 +161,7 @@ impl QuantLinear {
 
     /// The CUDA copy of the weight, on a CUDA device.
     #[cfg(feature = "cuda")]
-    pub fn cuda(&self) -> Option<&super::cuda::CudaQ4> {
+    pub fn cuda(&self) -> Option<&crate::quant::cuda::CudaQ4> {
         match &self.repr {
             Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => Some(c),
             _ => None,
@@ -199,26 +200,21 @@ impl LinearLayer for QuantLinear {
         }
     }
     fn in_features(&self) -> usize {
-        match &self.repr {
-            Repr::Packed { k, .. } => *k,
-            Repr::Dequantized { q, .. } => q.in_features,
-        }
+        self.shape().k
     }
     fn out_features(&self) -> usize {
-        match &self.repr {
-            Repr::Packed { n, .. } => *n,
-            Repr::Dequantized { q, .. } => q.out_features,
-        }
+        self.shape().n
     }
     fn dense_weight(&self) -> Result<Tensor> {
         match &self.repr {
             Repr::Packed { .. } => {
                 let w = self.host_packed()?;
-                let mut d = vec![0f32; w.n * w.k];
-                for (o, row) in d.chunks_mut(w.k).enumerate() {
+                let WeightShape { n, k, .. } = w.shape;
+                let mut d = vec![0f32; n * k];
+                for (o, row) in d.chunks_mut(k).enumerate() {
                     w.dequantize_row(o, row);
                 }
-                Tensor::from_vec(d, (w.n, w.k), &self.device)
+                Tensor::from_vec(d, (n, k), &self.device)
             }
             Repr::Dequantized { dense, .. } => dense.dense_weight(),
         }
@@ -232,24 +228,43 @@ impl LinearLayer for QuantLinear {
             Repr::Dequantized { .. } => "fake-quant",
         }
     }
-    fn quantized(&self) -> Result<Option<QuantizedWeight>> {
-        Ok(Some(match &self.repr {
-            Repr::Packed { .. } => self.host_packed()?.to_quantized(),
-            Repr::Dequantized { q, .. } => q.clone(),
-        }))
+    fn capability(&self) -> Capability<'_> {
+        Capability::Quantized(self)
     }
-    fn as_quant(&self) -> Option<&QuantLinear> {
-        Some(self)
+}
+
+impl QuantLinear {
+    /// The weight's shape (the dequantized form's for other widths than 4 bits).
+    pub fn shape(&self) -> WeightShape {
+        match &self.repr {
+            Repr::Packed { shape, .. } => *shape,
+            Repr::Dequantized { q, .. } => q.shape,
+        }
     }
-    fn device_buffers(&self) -> Vec<Tensor> {
+
+    /// The integer codes, zeros and scales (downloaded from the device where the layer lives
+    /// there; an error where they cannot be read back, e.g. from a failing device).
+    pub fn quantized(&self) -> Result<QuantizedWeight> {
+        match &self.repr {
+            Repr::Packed { .. } => Ok(self.host_packed()?.to_quantized()),
+            Repr::Dequantized { q, .. } => Ok(q.clone()),
+        }
+    }
+
+    /// The device buffers a forward pass streams (the weights), for L2 prefetch hints; empty
+    /// where hints do not apply.
+    pub fn device_buffers(&self) -> Vec<Tensor> {
         match &self.repr {
             #[cfg(feature = "cuda")]
             Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => vec![c.q.clone(), c.sz.clone()],
-            Repr::Dequantized { dense, .. } => dense.device_buffers(),
+            Repr::Dequantized { dense, .. } if dense.weight().device().is_cuda() => vec![dense.weight().clone()],
             _ => Vec::new(),
         }
     }
-    fn forward_prefetch(&self, x: &Tensor, next: &super::L2Prefetch) -> Result<Tensor> {
+
+    /// [`LinearLayer::forward`]; the 4-bit GEMV on CUDA also pulls `next` (the next layer's
+    /// weights) into L2 as it finishes.
+    pub fn forward_prefetch(&self, x: &Tensor, next: &L2Prefetch) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. }, true) = (&self.repr, x.device().is_cuda()) {
             return self.add_bias(c.forward_prefetch(x, next)?);
@@ -259,37 +274,37 @@ impl LinearLayer for QuantLinear {
     }
 }
 
-/// Several 4-bit layers sharing the input `x` in one CUDA GEMV launch (up to three, few tokens,
-/// same input width and group size); `None` where that does not apply.
-#[cfg(feature = "cuda")]
-pub fn forward_fused(layers: &[&Linear], x: &Tensor, next: &super::L2Prefetch) -> Result<Option<Vec<Tensor>>> {
-    use super::cuda::{GEMV_MAX_SETS, GEMV_MAX_TOKENS};
-    if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
-        return Ok(None);
+impl QuantLinear {
+    /// Several 4-bit layers sharing the input `x` in one CUDA GEMV launch (up to three, few
+    /// tokens, same input width and group size); `None` where that does not apply.
+    #[cfg(feature = "cuda")]
+    pub fn forward_fused(layers: &[&QuantLinear], x: &Tensor, next: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
+        use crate::quant::cuda::{CudaQ4, GemvOptions, GEMV_MAX_SETS, GEMV_MAX_TOKENS};
+        if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
+            return Ok(None);
+        }
+        let k = x.dim(candle_core::D::Minus1)?;
+        if x.elem_count() / k.max(1) > GEMV_MAX_TOKENS {
+            return Ok(None);
+        }
+        let cuda: Option<Vec<&CudaQ4>> = layers.iter().map(|q| q.cuda()).collect();
+        let Some(cuda) = cuda else { return Ok(None) };
+        if cuda.iter().any(|c| c.shape.k != k || c.shape.group_size != cuda[0].shape.group_size) {
+            return Ok(None);
+        }
+        let y = crate::quant::cuda::gemv_many_with(&cuda, x, GemvOptions { prefetch: *next, ..Default::default() })?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(layers.len());
+        for (q, c) in layers.iter().zip(&cuda) {
+            out.push(q.add_bias(y.narrow(candle_core::D::Minus1, start, c.shape.n)?)?);
+            start += c.shape.n;
+        }
+        Ok(Some(out))
     }
-    let k = x.dim(candle_core::D::Minus1)?;
-    if x.elem_count() / k.max(1) > GEMV_MAX_TOKENS {
-        return Ok(None);
-    }
-    let quant: Option<Vec<&QuantLinear>> = layers.iter().map(|l| l.as_quant()).collect();
-    let Some(quant) = quant else { return Ok(None) };
-    let cuda: Option<Vec<&super::cuda::CudaQ4>> = quant.iter().map(|q| q.cuda()).collect();
-    let Some(cuda) = cuda else { return Ok(None) };
-    if cuda.iter().any(|c| c.k != k || c.group_size != cuda[0].group_size) {
-        return Ok(None);
-    }
-    let opts = super::cuda::GemvOptions { prefetch: *next, ..Default::default() };
-    let y = super::cuda::gemv_many_with(&cuda, x, opts, false)?;
-    let mut start = 0;
-    let mut out = Vec::with_capacity(layers.len());
-    for (q, c) in quant.iter().zip(&cuda) {
-        out.push(q.add_bias(y.narrow(candle_core::D::Minus1, start, c.n)?)?);
-        start += c.n;
-    }
-    Ok(Some(out))
-}
 
-#[cfg(not(feature = "cuda"))]
-pub fn forward_fused(_: &[&Linear], _: &Tensor, _: &super::L2Prefetch) -> Result<Option<Vec<Tensor>>> {
-    Ok(None)
+    /// Without CUDA there is no fused launch.
+    #[cfg(not(feature = "cuda"))]
+    pub fn forward_fused(_: &[&QuantLinear], _: &Tensor, _: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
+        Ok(None)
+    }
 }

@@ -1,14 +1,31 @@
 //! A model's assets, wherever they came from: config, weights, tokenizer, chat template and the
 //! special tokens, and building the [`Model`] from them.
+pub mod gguf;
+pub mod import;
+pub mod source;
+pub mod tokenizer;
+
+use crate::checkpoint::{AtomicDir, QuantSpec};
 use crate::error::{Error, Result};
-use crate::model::{llama, Config, Model};
-use crate::source::{weight_files, ModelFiles, ModelSource};
-use crate::tokenizer::token_string;
+use crate::linear::DenseLinear;
+use crate::model::{Config, Model};
+use serde_json::Value;
+use self::source::{weight_files, ModelFiles, ModelSource};
+use self::tokenizer::token_string;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
+
+/// Files copied next to a checkpoint from the source model directory when present.
+pub const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
 
 pub enum Weights {
     /// Memory-mapped safetensors files.
@@ -70,7 +87,7 @@ impl ModelAssets {
             return Err(Error::Config(format!("{}: config.json is missing", dir.display())));
         }
         let config = Config::from_file(&config_path)?;
-        let tokenizer = crate::tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tokenizer = self::tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tokenizer_config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let generation_config = read_optional_json(&dir.join("generation_config.json"))?;
         let files = weight_files(dir)?;
@@ -97,8 +114,8 @@ impl ModelAssets {
     }
 
     pub fn from_gguf(name: &str, path: &Path) -> Result<Self> {
-        let g = crate::gguf::read(path)?;
-        let tokenizer = crate::tokenizer::from_value(&g.tokenizer_json)
+        let g = self::gguf::read(path)?;
+        let tokenizer = self::tokenizer::from_value(&g.tokenizer_json)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let mut assets = Self {
             name: name.to_string(),
@@ -147,6 +164,47 @@ impl ModelAssets {
         self.eos_ids = ids;
     }
 
+    /// The checkpoint's quantization (config.json's `quantization_config`, or a legacy
+    /// `quant_config.json` / `quantize_config.json` beside it), or `None` for a full-precision
+    /// model.
+    pub fn quant_spec(&self) -> Result<Option<QuantSpec>> {
+        if let Some(q) = &self.config.quantization_config {
+            return QuantSpec::parse(q, &format!("{}: config.json quantization_config", self.name)).map(Some);
+        }
+        let Some(dir) = &self.dir else { return Ok(None) };
+        for f in ["quant_config.json", "quantize_config.json"] {
+            let p = dir.join(f);
+            if p.exists() {
+                let v: Value = crate::error::read_json(&p)?;
+                return QuantSpec::parse(&v, &p.display().to_string()).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes the tokenizer, its config and the generation config into `dir`: copies of the
+    /// source directory's files, or for a GGUF model the ones built from it.
+    pub fn write_tokenizer_files(&self, dir: &AtomicDir) -> Result<()> {
+        match &self.dir {
+            Some(src) => {
+                for f in COPIED_FILES {
+                    let from = src.join(f);
+                    if from.exists() {
+                        let to = dir.path().join(f);
+                        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+                    }
+                }
+            }
+            None => {
+                let p = dir.path().join("tokenizer.json");
+                self.tokenizer.save(&p, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", p.display())))?;
+                dir.write_json("tokenizer_config.json", &self.tokenizer_config)?;
+                dir.write_json("generation_config.json", &self.generation_config)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A VarBuilder over the weights, converting to `dtype` on `device`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'_>> {
         Ok(match &self.weights {
@@ -160,9 +218,9 @@ impl ModelAssets {
     /// Builds the model in `dtype` on `device`; quantized checkpoints get their quantized layers.
     pub fn load_model(&self, device: &Device, dtype: DType) -> Result<Model> {
         let vb = self.var_builder(dtype, device)?;
-        let quant = crate::checkpoint::QuantSpec::from_assets(self)?;
+        let quant = self.quant_spec()?;
         let loader = |vb: VarBuilder, i: usize, o: usize, b: bool| match &quant {
-            None => llama::load_dense(vb, i, o, b),
+            None => Ok(DenseLinear::load(vb, i, o, b)?.into_linear()),
             Some(q) => crate::checkpoint::load_awq_linear(vb, i, o, b, q),
         };
         // Quantized checkpoints store embeddings and lm_head in f16: on the CPU, with f32

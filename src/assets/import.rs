@@ -16,7 +16,7 @@ pub fn dtype_name(d: DType) -> &'static str {
 
 /// Imports `gguf` into `out`, tensors stored as `dtype`. The directory appears only when complete.
 pub fn import_gguf(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<PathBuf> {
-    let g = crate::gguf::read(gguf)?;
+    let g = super::gguf::read(gguf)?;
     let dir = AtomicDir::new(out, force)?;
     let mut config = serde_json::to_value(&g.config).map_err(|e| Error::msg(e.to_string()))?;
     config["torch_dtype"] = dtype_name(dtype).into();

@@ -7,16 +7,15 @@
 //! one row of a unit with one coalesced 4-byte load per lane, and every shared-memory read of it
 //! is conflict-free. Word `i` of lane `l` holds the `mma.m16n8k16` B fragments of n8 tiles `2i`
 //! and `2i + 1`. Rows are padded to a multiple of 64 with zero codes and scales.
-use super::cpu::PackedQ4;
+use super::packed::PackedQ4;
+use super::WeightShape;
 use half::f16;
 
 #[derive(Debug, Clone)]
 pub struct TiledQ4 {
-    pub n: usize,
+    pub shape: WeightShape,
     /// `n` rounded up to a multiple of 64.
     pub np: usize,
-    pub k: usize,
-    pub group_size: usize,
     /// `(k / 16) * (np / 64)` units of 512 bytes.
     pub units: Vec<u8>,
     /// `[groups][np]` pairs (scale, zero) as f16: what the kernels read as one `half2`.
@@ -39,12 +38,12 @@ pub fn position(row: usize, col: usize) -> (usize, usize, usize) {
 
 impl TiledQ4 {
     pub fn groups(&self) -> usize {
-        self.k / self.group_size
+        self.shape.groups()
     }
 
     pub fn from_packed(w: &PackedQ4) -> Self {
         use rayon::prelude::*;
-        let (n, k, g) = (w.n, w.k, w.group_size);
+        let WeightShape { n, k, group_size: g } = w.shape;
         let np = n.div_ceil(64) * 64;
         let nunits = np / 64;
         // The code of (row, col) in the CPU layout: 32-weight chunks of 16 bytes, byte j holding
@@ -75,14 +74,14 @@ impl TiledQ4 {
                 sz[(gi * np + o) * 2 + 1] = f16::from_f32(f32::from(w.zeros[o * groups + gi]));
             }
         }
-        Self { n, np, k, group_size: g, units, sz }
+        Self { shape: w.shape, np, units, sz }
     }
 
     /// The CPU layout back ([`TiledQ4::from_packed`] reversed): a layer whose weights live only
     /// on the GPU rebuilds its host copy from a download when one is asked for (a checkpoint).
     pub fn to_packed(&self) -> PackedQ4 {
         use rayon::prelude::*;
-        let (n, k, g) = (self.n, self.k, self.group_size);
+        let WeightShape { n, k, group_size: g } = self.shape;
         let mut codes = vec![0u8; n * k / 2];
         codes.par_chunks_mut((k / 2).max(1)).enumerate().for_each(|(row, dst)| {
             for c in 0..k / 32 {
@@ -101,7 +100,7 @@ impl TiledQ4 {
                 zeros[o * groups + gi] = self.sz[(gi * self.np + o) * 2 + 1].to_f32() as u8;
             }
         }
-        PackedQ4 { n, k, group_size: g, codes, scales, zeros }
+        PackedQ4 { shape: self.shape, codes, scales, zeros }
     }
 
     /// The code of weight `(row, col)`, read back through [`position`] (tests, and the statement
@@ -114,54 +113,13 @@ impl TiledQ4 {
     }
 }
 
-/// Slices of k per GEMV launch: as many as fit the grid into one wave of resident blocks
-/// (`resident` = SMs x blocks per SM), rounded down. A 4096-row layer has only 64 row ranges of
-/// 64, a few SMs' worth, and an 11008-row one 172: 1.3 blocks per SM unsplit, leaving SMs idle for
-/// a third of the launch (measured with Nsight Compute on an H100); three slices of 4-warp blocks,
-/// four resident per SM, fill one wave. At most 8 slices; each slice keeps at least one k16 step
-/// per warp.
-pub fn gemv_splits(blocks: usize, ksteps: usize, resident: usize) -> usize {
-    (resident / blocks.max(1)).clamp(1, (ksteps / 4).clamp(1, MAX_GEMV_SPLITS))
-}
-
-/// Launch shape of the batch-1 GEMV, `(warps per block, k slices)`, for `blocks` row ranges of
-/// 64, `groups` quantization groups along k and `resident_warps` the GPU holds at once: 8-warp
-/// blocks while they fit one wave, else 4; then as many k slices as keep one wave, at most 8 and
-/// at most one per group of each warp. On an H100 (BENCHMARKS.md) this picks the best of the
-/// split sweep at Llama-2-7B's shapes: one slice of 8-warp blocks at 11008 rows, four at 4096
-/// rows (k 4096 or 11008), one slice of 4-warp blocks at 32000 rows. Each slice adds a fixed
-/// cost (the partial sums' round trip), so slices only fill the GPU.
-pub fn gemv1_launch(blocks: usize, groups: usize, resident_warps: usize) -> (usize, usize) {
-    let warps = if blocks * 8 <= resident_warps { 8 } else { 4 };
-    let splits = (resident_warps / (blocks * warps).max(1)).clamp(1, (groups / warps).clamp(1, MAX_GEMV_SPLITS));
-    (warps, splits)
-}
-
-/// Most k slices of a GEMV launch (see [`gemv_splits`]).
-pub const MAX_GEMV_SPLITS: usize = 8;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QuantizedWeight;
+    use crate::quant::format::QuantizedWeight;
 
     fn random_q(n: usize, k: usize, g: usize, seed: u64) -> QuantizedWeight {
-        let mut s = seed | 1;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        QuantizedWeight {
-            bits: 4,
-            out_features: n,
-            in_features: k,
-            group_size: g,
-            codes: (0..n * k).map(|_| (next() & 0xF) as u8).collect(),
-            zeros: (0..n * (k / g)).map(|_| (next() & 0xF) as u8).collect(),
-            scales: (0..n * (k / g)).map(|i| 0.001 * (1 + i % 17) as f32).collect(),
-        }
+        QuantizedWeight::random_q4(WeightShape::new(n, k, g), &mut crate::rng::Rng::new(seed))
     }
 
     #[test]
@@ -213,35 +171,10 @@ mod tests {
         for (n, k, g) in [(130, 320, 64), (64, 96, 32), (7, 1536, 1536)] {
             let w = PackedQ4::from_quantized(&random_q(n, k, g, (n * k) as u64));
             let back = TiledQ4::from_packed(&w).to_packed();
-            assert_eq!((back.n, back.k, back.group_size), (n, k, g));
+            assert_eq!(back.shape, WeightShape::new(n, k, g));
             assert_eq!(back.codes, w.codes, "codes {n}x{k}");
             assert_eq!(back.scales, w.scales, "scales {n}x{k}");
             assert_eq!(back.zeros, w.zeros, "zeros {n}x{k}");
         }
-    }
-
-    #[test]
-    fn splits_fill_one_wave_on_an_h100() {
-        // 132 SMs, four resident 4-warp blocks each.
-        assert_eq!(gemv_splits(172, 256, 528), 3); // 11008 rows
-        assert_eq!(gemv_splits(64, 256, 528), 8); // 4096 rows
-        assert_eq!(gemv_splits(500, 256, 528), 1); // 32000 rows
-        assert_eq!(gemv_splits(344, 256, 528), 1); // gate + up of 11008 each
-        assert_eq!(gemv_splits(3, 4, 528), 1); // tiny k: one k16 step per warp at least
-        assert_eq!(gemv_splits(8, 1024, 528), MAX_GEMV_SPLITS);
-    }
-
-    #[test]
-    fn batch1_launch_fills_one_wave() {
-        // An H100: 132 SMs x 16 warps. (row ranges, groups) of Llama-2-7B's GEMVs at g = 128.
-        let h100 = 132 * 16;
-        assert_eq!(gemv1_launch(172, 32, h100), (8, 1)); // gate or up
-        assert_eq!(gemv1_launch(64, 32, h100), (8, 4)); // o
-        assert_eq!(gemv1_launch(64, 86, h100), (8, 4)); // down (k = 11008)
-        assert_eq!(gemv1_launch(500, 32, h100), (4, 1)); // lm_head
-        assert_eq!(gemv1_launch(192, 32, h100), (8, 1)); // q, k, v in one launch
-        assert_eq!(gemv1_launch(344, 32, h100), (4, 1)); // gate and up in one launch
-        assert_eq!(gemv1_launch(9, 9, h100), (8, 1)); // SmolLM2 at g = 64: a slice needs a group per warp
-        assert_eq!(gemv1_launch(3, 1, 16), (4, 1)); // a tiny GPU
     }
 }

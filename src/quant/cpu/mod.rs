@@ -1,16 +1,12 @@
-//! The W4A16 CPU kernel: a fused unpack–dequantize–multiply that never materializes the whole
-//! dequantized weight.
-//!
-//! Layout (repacked from the AWQ GEMM layout at load time): for output row `o`, the `k` codes
-//! are stored in chunks of 32 as 16 bytes, byte `j` holding weight `j` in its low nibble and
-//! weight `j + 16` in its high nibble, so one 16-byte load unpacks to 32 consecutive weights
-//! with two masks. Per (row, group): an f16 `scale` (the checkpoint's own precision) and a u8
-//! `zero`, 3 bytes a group; with `min = -zero * scale`, `w = q * scale + min` and
+//! The W4A16 CPU kernel: a fused unpack–dequantize–multiply over the packed layout of
+//! [`crate::quant::format::packed`] that never materializes the whole dequantized weight. With
+//! `min = -zero * scale`, `w = q * scale + min` and
 //! `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`.
 //!
 //! Paths: GEMV (few tokens, rows in parallel, SIMD dot products: AVX2/FMA chosen at run time on
 //! x86_64, NEON on aarch64, scalar elsewhere) and a blocked GEMM for prefill (row blocks
 //! dequantized into a small buffer, then an f32 GEMM, blocks in parallel).
+pub use super::format::packed::PackedQ4;
 use half::f16;
 use rayon::prelude::*;
 
@@ -53,98 +49,10 @@ impl Kernel {
 /// Tokens at or above which the blocked GEMM path is used.
 pub const GEMM_MIN_TOKENS: usize = 8;
 
-/// A 4-bit group-quantized weight in the kernel's layout.
-#[derive(Debug, Clone)]
-pub struct PackedQ4 {
-    pub n: usize,
-    pub k: usize,
-    pub group_size: usize,
-    /// `[n][k / 2]`, see the module docs.
-    pub codes: Vec<u8>,
-    /// `[n][groups]`
-    pub scales: Vec<f16>,
-    /// `[n][groups]`
-    pub zeros: Vec<u8>,
-}
-
 impl PackedQ4 {
-    pub fn groups(&self) -> usize {
-        self.k / self.group_size
-    }
-
-    /// Whether `k` and the group size suit the packed layout (whole 32-weight chunks).
-    pub fn supports(k: usize, group_size: usize) -> bool {
-        k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0
-    }
-
-    /// Repacks a 4-bit [`super::QuantizedWeight`]. Scales are kept as f16, as AWQ checkpoints
-    /// store them (the quantization pass rounds them so too).
-    pub fn from_quantized(q: &super::QuantizedWeight) -> Self {
-        let (n, k, g) = (q.out_features, q.in_features, q.group_size);
-        debug_assert!(q.bits == 4 && Self::supports(k, g));
-        let mut codes = vec![0u8; n * k / 2];
-        for o in 0..n {
-            let row = &q.codes[o * k..(o + 1) * k];
-            let dst = &mut codes[o * k / 2..(o + 1) * k / 2];
-            for c in 0..k / 32 {
-                for j in 0..16 {
-                    dst[c * 16 + j] = (row[c * 32 + j] & 0xF) | ((row[c * 32 + j + 16] & 0xF) << 4);
-                }
-            }
-        }
-        let scales = q.scales.iter().map(|&s| f16::from_f32(s)).collect();
-        Self { n, k, group_size: g, codes, scales, zeros: q.zeros.clone() }
-    }
-
-    /// The integer codes back, as a [`super::QuantizedWeight`].
-    pub fn to_quantized(&self) -> super::QuantizedWeight {
-        let (n, k) = (self.n, self.k);
-        let mut codes = vec![0u8; n * k];
-        for o in 0..n {
-            self.unpack_row(o, &mut codes[o * k..(o + 1) * k]);
-        }
-        super::QuantizedWeight {
-            bits: 4,
-            out_features: n,
-            in_features: k,
-            group_size: self.group_size,
-            codes,
-            zeros: self.zeros.clone(),
-            scales: self.scales.iter().map(|s| s.to_f32()).collect(),
-        }
-    }
-
-    fn unpack_row(&self, o: usize, out: &mut [u8]) {
-        let src = &self.codes[o * self.k / 2..(o + 1) * self.k / 2];
-        for c in 0..self.k / 32 {
-            for j in 0..16 {
-                let b = src[c * 16 + j];
-                out[c * 32 + j] = b & 0xF;
-                out[c * 32 + j + 16] = b >> 4;
-            }
-        }
-    }
-
-    /// Dequantizes row `o` into `out` (`k` values).
-    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
-        let g = self.group_size;
-        let groups = self.groups();
-        let src = &self.codes[o * self.k / 2..(o + 1) * self.k / 2];
-        for c in 0..self.k / 32 {
-            let gi = (c * 32) / g;
-            let s = self.scales[o * groups + gi].to_f32();
-            let m = -f32::from(self.zeros[o * groups + gi]) * s;
-            for j in 0..16 {
-                let b = src[c * 16 + j];
-                out[c * 32 + j] = f32::from(b & 0xF) * s + m;
-                out[c * 32 + j + 16] = f32::from(b >> 4) * s + m;
-            }
-        }
-    }
-
     /// `y[t][o] = Σ_i x[t][i] · W[o][i]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
     pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "input length");
+        assert_eq!(x.len(), m * self.shape.k, "input length");
         if m >= GEMM_MIN_TOKENS {
             self.gemm(x, m)
         } else {
@@ -154,23 +62,23 @@ impl PackedQ4 {
 
     /// Few tokens: rows in parallel, one fused dot product per (row, token).
     fn gemv(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
+        let (n, k) = (self.shape.n, self.shape.k);
         let groups = self.groups();
         // Per token and group: Σ x, for the `min` term.
-        let xsum: Vec<f32> = x.chunks(self.group_size).map(|c| c.iter().sum()).collect();
+        let xsum: Vec<f32> = x.chunks(self.shape.group_size).map(|c| c.iter().sum()).collect();
         rows_parallel(n, m, |o, t| {
             let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
             let scales = &self.scales[o * groups..(o + 1) * groups];
             let zeros = &self.zeros[o * groups..(o + 1) * groups];
             let xt = &x[t * k..(t + 1) * k];
             let xs = &xsum[t * groups..(t + 1) * groups];
-            row_dot(kernel, codes, xt, scales, zeros, xs, self.group_size)
+            row_dot(kernel, codes, xt, scales, zeros, xs, self.shape.group_size)
         })
     }
 
     /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
     fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
-        blocked_gemm(x, m, self.n, self.k, |o, row| self.dequantize_row(o, row))
+        blocked_gemm(x, m, self.shape.n, self.shape.k, |o, row| self.dequantize_row(o, row))
     }
 }
 

@@ -1,4 +1,4 @@
-//! Perplexity, following ../shared/AWQ.md section 8: the text tokenized once, cut into
+//! Perplexity, following docs/AWQ.md ("Perplexity"): the text tokenized once, cut into
 //! non-overlapping windows of `seqlen` tokens (the tail dropped), each window run on its own,
 //! every predicted token scored with f32 cross-entropy, `ppl = exp(total NLL / tokens scored)`.
 use crate::error::{Error, Result};

@@ -5,7 +5,8 @@
 //! CPU forward: a GEMV that converts f16 to f32 in registers (F16C + FMA on x86_64, chosen at run
 //! time; scalar elsewhere) for a few tokens, and row blocks converted to f32 and multiplied with
 //! an f32 GEMM for many. Other devices multiply with candle ops in the activation dtype.
-use crate::model::linear::{Linear, LinearLayer};
+use super::{Capability, Linear, LinearLayer};
+use crate::quant::cpu::{blocked_gemm, rows_parallel, GEMM_MIN_TOKENS};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::f16;
 use std::sync::Arc;
@@ -47,10 +48,10 @@ impl HalfMatMul<'_> {
 
     fn run(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        if m < super::cpu::GEMM_MIN_TOKENS {
-            return super::cpu::rows_parallel(n, m, |o, t| self.gemv_row(o, &x[t * k..(t + 1) * k]));
+        if m < GEMM_MIN_TOKENS {
+            return rows_parallel(n, m, |o, t| self.gemv_row(o, &x[t * k..(t + 1) * k]));
         }
-        super::cpu::blocked_gemm(x, m, n, k, |o, buf| {
+        blocked_gemm(x, m, n, k, |o, buf| {
             for (d, s) in buf.iter_mut().zip(&self.w[o * k..(o + 1) * k]) {
                 *d = s.to_f32();
             }
@@ -137,11 +138,7 @@ impl LinearLayer for HalfLinear {
     fn kind(&self) -> &'static str {
         "f16-weight"
     }
-    fn device_buffers(&self) -> Vec<Tensor> {
-        if self.weight.device().is_cuda() {
-            vec![self.weight.clone()]
-        } else {
-            Vec::new()
-        }
+    fn capability(&self) -> Capability<'_> {
+        Capability::StreamedWeight(&self.weight)
     }
 }

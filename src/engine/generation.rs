@@ -1,7 +1,7 @@
 //! Token generation: sampling settings, the decode loop with streaming output, and statistics.
 use crate::error::{Error, Result};
 use crate::model::{Cache, Model};
-use crate::tokenizer::TokenStream;
+use crate::assets::tokenizer::TokenStream;
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::atomic::{AtomicBool, Ordering};

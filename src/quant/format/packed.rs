@@ -1,0 +1,95 @@
+//! The CPU kernel's layout of a 4-bit weight (repacked from the checkpoint at load time): for
+//! output row `o`, the `k` codes are stored in chunks of 32 as 16 bytes, byte `j` holding weight
+//! `j` in its low nibble and weight `j + 16` in its high nibble, so one 16-byte load unpacks to 32
+//! consecutive weights with two masks. Per (row, group): an f16 `scale` (the checkpoint's own
+//! precision) and a u8 `zero`, 3 bytes a group; `w = (q - zero) * scale`. The kernels that read it
+//! are in `crate::quant::cpu`.
+use super::{QuantizedWeight, WeightShape};
+use half::f16;
+
+/// A 4-bit group-quantized weight in the CPU kernel's layout.
+#[derive(Debug, Clone)]
+pub struct PackedQ4 {
+    pub shape: WeightShape,
+    /// `[n][k / 2]`, see the module docs.
+    pub codes: Vec<u8>,
+    /// `[n][groups]`
+    pub scales: Vec<f16>,
+    /// `[n][groups]`
+    pub zeros: Vec<u8>,
+}
+
+impl PackedQ4 {
+    pub fn groups(&self) -> usize {
+        self.shape.groups()
+    }
+
+    /// Whether `k` and the group size suit the packed layout (whole 32-weight chunks).
+    pub fn supports(k: usize, group_size: usize) -> bool {
+        k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0
+    }
+
+    /// Repacks a 4-bit [`QuantizedWeight`]. Scales are kept as f16, as AWQ checkpoints store
+    /// them (the quantization pass rounds them so too).
+    pub fn from_quantized(q: &QuantizedWeight) -> Self {
+        let WeightShape { n, k, group_size: g } = q.shape;
+        debug_assert!(q.bits == 4 && Self::supports(k, g));
+        let mut codes = vec![0u8; n * k / 2];
+        for o in 0..n {
+            let row = &q.codes[o * k..(o + 1) * k];
+            let dst = &mut codes[o * k / 2..(o + 1) * k / 2];
+            for c in 0..k / 32 {
+                for j in 0..16 {
+                    dst[c * 16 + j] = (row[c * 32 + j] & 0xF) | ((row[c * 32 + j + 16] & 0xF) << 4);
+                }
+            }
+        }
+        let scales = q.scales.iter().map(|&s| f16::from_f32(s)).collect();
+        Self { shape: q.shape, codes, scales, zeros: q.zeros.clone() }
+    }
+
+    /// The integer codes back, as a [`QuantizedWeight`].
+    pub fn to_quantized(&self) -> QuantizedWeight {
+        let WeightShape { n, k, .. } = self.shape;
+        let mut codes = vec![0u8; n * k];
+        for o in 0..n {
+            self.unpack_row(o, &mut codes[o * k..(o + 1) * k]);
+        }
+        QuantizedWeight {
+            bits: 4,
+            shape: self.shape,
+            codes,
+            zeros: self.zeros.clone(),
+            scales: self.scales.iter().map(|s| s.to_f32()).collect(),
+        }
+    }
+
+    fn unpack_row(&self, o: usize, out: &mut [u8]) {
+        let k = self.shape.k;
+        let src = &self.codes[o * k / 2..(o + 1) * k / 2];
+        for c in 0..k / 32 {
+            for j in 0..16 {
+                let b = src[c * 16 + j];
+                out[c * 32 + j] = b & 0xF;
+                out[c * 32 + j + 16] = b >> 4;
+            }
+        }
+    }
+
+    /// Dequantizes row `o` into `out` (`k` values).
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
+        let WeightShape { k, group_size: g, .. } = self.shape;
+        let groups = self.groups();
+        let src = &self.codes[o * k / 2..(o + 1) * k / 2];
+        for c in 0..k / 32 {
+            let gi = (c * 32) / g;
+            let s = self.scales[o * groups + gi].to_f32();
+            let m = -f32::from(self.zeros[o * groups + gi]) * s;
+            for j in 0..16 {
+                let b = src[c * 16 + j];
+                out[c * 32 + j] = f32::from(b & 0xF) * s + m;
+                out[c * 32 + j + 16] = f32::from(b >> 4) * s + m;
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `awq-run selftest --bench`: copy bandwidth, GEMV bandwidth at Llama-2-7B shapes (weights
+//! rotated through more copies than L2 holds), GEMM TFLOP/s against cuBLAS f16 on the same
+//! shapes, as JSON rows.
+use super::timing::{time_events, time_graph, time_graphs_interleaved};
+use super::{random_vec, random_weight};
+use crate::cuda::L2Prefetch;
+use crate::quant::cuda::{gemv_many_with, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::rng::Rng;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A GEMV benchmark's inputs at `k` x `n` (g = 128): the bytes one call moves (codes, scales,
+/// activations, output), copies of one random weight, enough that the weights never sit in the
+/// 50 MB L2 between calls, and one f16 token.
+fn gemv_bench_inputs(device: &Device, r: &mut Rng, k: usize, n: usize) -> Result<(usize, Vec<CudaQ4>, Tensor)> {
+    let bytes = n * k / 2 + n * (k / 128) * 4 + 2 * k + 2 * n;
+    let copies = (256 << 20) / bytes + 2;
+    let one = random_weight(r, n, k, 128);
+    let ws = (0..copies).map(|_| CudaQ4::new(&one, device)).collect::<Result<Vec<_>>>()?;
+    let x = Tensor::from_vec(random_vec(r, k), (1, k), device)?.to_dtype(DType::F16)?;
+    Ok((bytes, ws, x))
+}
+
+/// Benchmarks on the device (JSON rows): copy bandwidth, GEMV GB/s at Llama-2-7B shapes (weights
+/// rotated through more copies than L2 holds), GEMM TFLOP/s against cuBLAS f16 on the same shapes.
+/// Kernels are timed as CUDA-graph replays (see [`time_graph`]); the GEMV also one call at a time.
+pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    // Copy: 1 GiB read + 1 GiB written.
+    let buf = Tensor::ones(1usize << 29, DType::F16, device)?;
+    let t = time_events(device, 5, 10, |_| buf.copy().map(|_| ()))?;
+    let copy_gbs = 2.0 * (1u64 << 30) as f64 / t / 1e9;
+    rows.push(serde_json::json!({"what": "device-to-device copy, 1 GiB", "gb_s": copy_gbs}));
+    drop(buf);
+    let mut r = Rng::new(7);
+    // (k = in, n = out) as Llama-2-7B's q/k/v/o, gate/up, down, lm_head.
+    for (k, n) in [(4096usize, 11008usize), (4096, 4096), (11008, 4096), (4096, 32000)] {
+        let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
+        let copies = ws.len();
+        let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x).map(|_| ()))?;
+        let t_issue = time_events(device, 7, 100, |i| ws[i % copies].gemv(&x).map(|_| ()))?;
+        let with = |kernel: GemvKernel| -> Result<f64> {
+            time_graph(device, 7, 100, |i| gemv_many_with(&[&ws[i % copies]], &x, GemvOptions { kernel, ..Default::default() }).map(|_| ()))
+        };
+        let (t_ring, t_cc) = (with(GemvKernel::Ring)?, with(GemvKernel::CudaCores)?);
+        let x8 = Tensor::from_vec(random_vec(&mut r, 8 * k), (8, k), device)?.to_dtype(DType::F16)?;
+        let t8 = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x8).map(|_| ()))?;
+        // Chained as in decode: each GEMV's blocks, as they finish, pull the next call's weights
+        // (the next copy) into L2, up to 8 MiB.
+        let hints: Vec<L2Prefetch> = ws.iter().map(|w| L2Prefetch::with_budget(&[w.q.clone(), w.sz.clone()], 8 << 20)).collect();
+        let t_chained = time_graph(device, 7, 100, |i| {
+            let o = GemvOptions { prefetch: hints[(i + 1) % copies], ..Default::default() };
+            gemv_many_with(&[&ws[i % copies]], &x, o).map(|_| ())
+        })?;
+        let of_copy = |t: f64| bytes as f64 / t / 1e9 / copy_gbs;
+        rows.push(serde_json::json!({
+            "what": format!("gemv K={k} N={n} M=1 f16"), "us": t * 1e6, "gb_s": bytes as f64 / t / 1e9, "of_copy": of_copy(t),
+            "ring_us": t_ring * 1e6, "ring_of_copy": of_copy(t_ring), "cuda_cores_us": t_cc * 1e6,
+            "us_issued_one_by_one": t_issue * 1e6, "m8_us": t8 * 1e6,
+            "chained_8mib_hint_us": t_chained * 1e6, "chained_of_copy": of_copy(t_chained),
+        }));
+    }
+    // GEMV k-split sweep (the default choice is the row above).
+    for (k, n) in [(4096usize, 11008usize), (4096, 4096), (4096, 32000), (11008, 4096)] {
+        let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
+        let copies = ws.len();
+        let mut sweep = Vec::new();
+        for splits in [1usize, 2, 3, 4, 6, 8] {
+            let o = GemvOptions { splits: Some(splits), ..Default::default() };
+            let t = time_graph(device, 5, 100, |i| gemv_many_with(&[&ws[i % copies]], &x, o).map(|_| ()))?;
+            sweep.push(serde_json::json!({"splits": splits, "us": t * 1e6, "gb_s": bytes as f64 / t / 1e9}));
+        }
+        rows.push(serde_json::json!({"what": format!("gemv split sweep K={k} N={n}"), "sweep": sweep}));
+    }
+    // GEMM against cuBLAS (f16 weights of the same shape), and dequantize + cuBLAS.
+    for (k, n) in [(4096usize, 11008usize), (4096, 4096)] {
+        let one = random_weight(&mut r, n, k, 128);
+        let w = CudaQ4::new(&one, device)?;
+        let dense = w.dequantize(DType::F16)?;
+        for m in [16usize, 64, 256, 1024, 4096] {
+            let x = Tensor::from_vec(random_vec(&mut r, m * k), (m, k), device)?.to_dtype(DType::F16)?;
+            let flops = 2.0 * (m * n * k) as f64;
+            let iters = (2e12 / flops).clamp(5.0, 200.0) as usize;
+            // cuBLAS and the GEMMs in alternation (see time_graphs_interleaved).
+            let mut fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
+                Box::new(|_| x.matmul(&dense.t()?).map(|_| ())),
+                Box::new(|_| w.gemm_with(&x, GemmKernel::Sm80).map(|_| ())),
+                Box::new(|_| x.matmul(&w.dequantize(DType::F16)?.t()?).map(|_| ())),
+            ];
+            let sm90 = sm90_available(device);
+            if sm90 {
+                fs.push(Box::new(|_| w.gemm_with(&x, GemmKernel::Sm90).map(|_| ())));
+            }
+            let t = time_graphs_interleaved(device, 9, iters, fs)?;
+            let (t_cublas, t_w4, t_deq, t_sm90) = (t[0], t[1], t[2], sm90.then(|| t[3]));
+            rows.push(serde_json::json!({
+                "what": format!("gemm K={k} N={n} M={m} f16"),
+                "w4_sm80_mma_tflops": flops / t_w4 / 1e12,
+                "w4_sm90_wgmma_tflops": t_sm90.map(|t| flops / t / 1e12),
+                "sm90_over_cublas": t_sm90.map(|t| t_cublas / t),
+                "cublas_f16_tflops": flops / t_cublas / 1e12,
+                "dequant_cublas_tflops": flops / t_deq / 1e12,
+                "sm80_over_cublas": t_cublas / t_w4,
+            }));
+        }
+    }
+    Ok(rows)
+}
