@@ -66,6 +66,45 @@ fn chat_drops_oldest_turns_when_context_is_full() {
 }
 
 #[test]
+fn chat_shows_and_changes_the_sampling_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let (ok, _, stderr) = run_chat(&dir, "/settings\n/set temperature 0.25\n/set top_k off\n/settings\n/set top_p 3\n/set\n/set colour red\nhi\n/exit\n");
+    assert!(ok, "{stderr}");
+    // run_chat passes --temperature 0; the rest are llama.cpp's defaults.
+    assert!(stderr.contains("temperature     0\n") && stderr.contains("top_k           40"), "{stderr}");
+    assert!(stderr.contains("(temperature set)") && stderr.contains("temperature     0.25"), "{stderr}");
+    assert!(stderr.contains("top_k           off"), "{stderr}");
+    assert!(stderr.contains("--top-p must be in (0, 1]"), "{stderr}");
+    assert!(stderr.contains("usage: /set NAME VALUE") && stderr.contains("unknown setting \"colour\""), "{stderr}");
+    // The conversation still runs after refused settings.
+    assert_eq!(prompts(&stderr).len(), 1, "{stderr}");
+}
+
+#[test]
+fn sampling_settings_come_from_generation_config_then_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let generate = |extra: &[&str]| -> (bool, String) {
+        let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "2"];
+        args.extend_from_slice(extra);
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into())
+    };
+    let (ok, e) = generate(&[]);
+    assert!(ok && e.contains("sampling: temperature 0.8, top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1 (last 64 tokens)"), "{e}");
+    let g = dir.join("generation_config.json");
+    std::fs::write(&g, r#"{"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.3, "top_k": 7, "top_p": 1.0, "repetition_penalty": 1.2}"#).unwrap();
+    let (ok, e) = generate(&[]);
+    assert!(ok && e.contains("sampling: temperature 0.3, top_p off, top_k 7, min_p 0.05, repeat_penalty 1.2"), "{e}");
+    let (ok, e) = generate(&["--top-k", "3", "--min-p", "0", "--temperature", "0"]);
+    assert!(ok && e.contains("sampling: temperature 0, top_p off, top_k 3, min_p off"), "{e}");
+    std::fs::write(&g, r#"{"temperature": "hot"}"#).unwrap();
+    let (ok, e) = generate(&[]);
+    assert!(!ok && e.contains("generation_config.json") && e.contains("temperature"), "{e}");
+}
+
+#[test]
 fn generate_streams_and_reports_speed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Qwen2).write_dir(tmp.path());

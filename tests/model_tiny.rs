@@ -79,6 +79,28 @@ fn qwen2_bias_and_qwen3_norms_change_the_output() {
 }
 
 #[test]
+fn gguf_import_keeps_the_recommended_sampling_settings() {
+    use candle_core::quantized::gguf_file::Value;
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("tiny.gguf");
+    let extra = vec![
+        ("general.sampling.temp".to_string(), Value::F32(0.6)),
+        ("general.sampling.top_k".to_string(), Value::I32(20)),
+        ("general.sampling.min_p".to_string(), Value::F32(0.1)),
+    ];
+    TinySpec::new(Arch::Llama).write_gguf_with(&gguf, extra);
+    let out = tmp.path().join("imported");
+    awq_run::assets::import::import_gguf(&gguf, &out, DType::F32, false).unwrap();
+    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("generation_config.json")).unwrap()).unwrap();
+    assert_eq!((g["temperature"].as_f64(), g["top_k"].as_u64(), g["min_p"].as_f64()), (Some(0.6), Some(20), Some(0.1)), "{g}");
+    assert!(g.get("top_p").is_none(), "{g}");
+    // And they become the model's sampling defaults.
+    let a = awq_run::ModelAssets::load(out.to_str().unwrap()).unwrap();
+    let p = awq_run::engine::sampling::SamplingParams::default().with_generation_config(&a.generation_config, "g").unwrap();
+    assert_eq!((p.temperature, p.top_k, p.min_p, p.top_p), (0.6, Some(20), Some(0.1), Some(0.95)));
+}
+
+#[test]
 fn gguf_import_round_trip_and_direct_load() {
     for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         let tmp = tempfile::tempdir().unwrap();

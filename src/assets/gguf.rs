@@ -17,6 +17,16 @@ pub struct GgufModel {
     pub generation_config: serde_json::Value,
 }
 
+/// GGUF metadata keys of recommended sampling settings and the generation_config.json fields
+/// they become.
+const SAMPLING_KEYS: &[(&str, &str)] = &[
+    ("general.sampling.temp", "temperature"),
+    ("general.sampling.top_k", "top_k"),
+    ("general.sampling.top_p", "top_p"),
+    ("general.sampling.min_p", "min_p"),
+    ("general.sampling.penalty_repeat", "repetition_penalty"),
+];
+
 struct Meta<'a> {
     path: &'a Path,
     md: &'a HashMap<String, Value>,
@@ -42,6 +52,18 @@ impl Meta<'_> {
             .map(f64::from)
             .or_else(|_| v.to_f64())
             .map_err(|e| Error::msg(format!("{}: GGUF key {key}: {e}", self.path.display())))
+    }
+    /// A number of any GGUF width, or `None` where the key is missing or not a number.
+    fn number(&self, key: &str) -> Option<f64> {
+        let v = self.md.get(key)?;
+        v.to_f32()
+            .map(f64::from)
+            .or_else(|_| v.to_f64())
+            .or_else(|_| v.to_u32().map(f64::from))
+            .or_else(|_| v.to_i32().map(f64::from))
+            .or_else(|_| v.to_u64().map(|x| x as f64))
+            .or_else(|_| v.to_i64().map(|x| x as f64))
+            .ok()
     }
     fn string(&self, key: &str) -> Option<String> {
         self.md.get(key).and_then(|v| v.to_string().ok().cloned())
@@ -233,6 +255,13 @@ pub fn read(path: &Path) -> Result<GgufModel> {
     }
     if let Some(p) = meta.opt_u32("tokenizer.ggml.padding_token_id") {
         generation_config["pad_token_id"] = p.into();
+    }
+    // The authors' recommended sampling settings, where the file carries them (llama.cpp's keys).
+    for (key, field) in SAMPLING_KEYS {
+        if let Some(v) = meta.number(key) {
+            // f32 in the file: 0.95 would read back as 0.949999988.
+            generation_config[*field] = if *field == "top_k" { serde_json::json!(v as u64) } else { serde_json::json!((v * 1e6).round() / 1e6) };
+        }
     }
     Ok(GgufModel { config, tensors, tokenizer_json, tokenizer_config, generation_config })
 }

@@ -1,5 +1,5 @@
 //! `awq-run chat`: an interactive, streaming, multi-turn chat in the terminal.
-use super::common::{chat_template, ModelArgs, SamplingArgs};
+use super::common::{chat_template, sampling_summary, ModelArgs, SamplingArgs};
 use anyhow::Result;
 use awq_run::engine::chat_template::{ChatTemplate, Message};
 use awq_run::engine::generation::{Generator, StopReason};
@@ -23,7 +23,8 @@ pub struct Args {
     pub sampling: SamplingArgs,
 }
 
-const HELP: &str = "commands: /help  /clear (forget the conversation)  /system [TEXT] (set or show the system message)  /exit\n\
+const HELP: &str = "commands: /help  /clear (forget the conversation)  /system [TEXT] (set or show the system message)\n\
+                    /settings (show the sampling settings)  /set NAME VALUE (e.g. /set temperature 0.2; off turns top_p, top_k, min_p off)  /exit\n\
                     Ctrl-C stops a reply, Ctrl-D exits.";
 
 struct Conversation {
@@ -60,12 +61,12 @@ fn fit_prompt(conv: &mut Conversation, tmpl: &ChatTemplate, assets: &ModelAssets
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let params = a.sampling.params()?;
+    a.sampling.check()?;
     let (assets, model) = a.model.load()?;
+    let mut params = a.sampling.params(&assets)?;
+    eprintln!("sampling: {}", sampling_summary(&params));
     let tmpl = chat_template(&assets)?;
     let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
-    let reply_budget = params.max_tokens.min(gen.context_len() / 2);
-    let prompt_budget = gen.context_len() - reply_budget;
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -108,11 +109,21 @@ pub fn run(a: Args) -> Result<()> {
                     conv.system = Some(rest.to_string());
                     eprintln!("(system message set)");
                 }
+                "settings" => eprintln!("{}", params.describe()),
+                "set" => match rest.split_once(' ') {
+                    Some((key, value)) => match params.set(key.trim(), value.trim()) {
+                        Ok(()) => eprintln!("({} set)", key.trim()),
+                        Err(e) => eprintln!("error: {e}"),
+                    },
+                    None => eprintln!("usage: /set NAME VALUE, NAME one of {}", awq_run::engine::sampling::SETTINGS.join(", ")),
+                },
                 _ => eprintln!("unknown command /{name}\n{HELP}"),
             }
             continue;
         }
         conv.turns.push(Message::new("user", input));
+        // The reply may take max_tokens (at most half the context); the prompt gets the rest.
+        let prompt_budget = gen.context_len() - params.max_tokens.min(gen.context_len() / 2);
         let (tokens, text, dropped) = match fit_prompt(&mut conv, &tmpl, &assets, prompt_budget) {
             Ok(x) => x,
             Err(e) => {

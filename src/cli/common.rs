@@ -63,42 +63,78 @@ impl ModelArgs {
     }
 }
 
+/// Sampling flags. Each one left out takes the model's generation_config.json value, else
+/// llama.cpp's default (see `awq_run::engine::sampling`).
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f64,
-    /// Nucleus sampling probability mass.
+    /// Sampling temperature; 0 is greedy [default: 0.8].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling probability mass; 1 turns it off [default: 0.95].
     #[arg(long)]
     pub top_p: Option<f64>,
-    /// Sample only among the k most likely tokens.
+    /// Sample only among the k most likely tokens (a k of the vocabulary's size or more keeps
+    /// them all) [default: 40].
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Penalty for tokens among the last 64 (1.0 disables it).
-    #[arg(long, default_value_t = 1.1)]
-    pub repeat_penalty: f32,
+    /// Drop tokens less likely than this fraction of the most likely one; 0 turns it off
+    /// [default: 0.05].
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// Penalty for tokens among the last 64; 1.0 disables it [default: 1.0].
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     /// Random seed.
     #[arg(long, default_value_t = 299792458)]
     pub seed: u64,
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> Result<SamplingParams> {
-        let p = SamplingParams {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: 64,
-            seed: self.seed,
-            max_tokens: self.max_tokens,
-        };
+    /// The flags over `base`.
+    fn over(&self, mut p: SamplingParams) -> Result<SamplingParams> {
+        if let Some(t) = self.temperature {
+            p.temperature = t;
+        }
+        if let Some(v) = self.top_p {
+            p.top_p = (v != 1.0).then_some(v);
+        }
+        if let Some(k) = self.top_k {
+            p.top_k = Some(k);
+        }
+        if let Some(v) = self.min_p {
+            p.min_p = (v != 0.0).then_some(v);
+        }
+        if let Some(r) = self.repeat_penalty {
+            p.repeat_penalty = r;
+        }
+        p.seed = self.seed;
+        p.max_tokens = self.max_tokens;
         p.validate()?;
         Ok(p)
     }
+
+    /// Checks the flags alone (before a model is loaded).
+    pub fn check(&self) -> Result<()> {
+        self.over(SamplingParams::default()).map(|_| ())
+    }
+
+    /// The effective settings for `assets`: llama.cpp's defaults, then the model's
+    /// generation_config.json, then the flags.
+    pub fn params(&self, assets: &ModelAssets) -> Result<SamplingParams> {
+        let origin = match &assets.dir {
+            Some(d) => d.join("generation_config.json").display().to_string(),
+            None => format!("{}: generation settings", assets.name),
+        };
+        self.over(SamplingParams::default().with_generation_config(&assets.generation_config, &origin)?)
+    }
+}
+
+/// The settings on one line, for stderr.
+pub fn sampling_summary(p: &SamplingParams) -> String {
+    p.describe().lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join(", ")
 }
 
 /// The chat template of a model, or ChatML (with a note) when it ships none.

@@ -1,5 +1,5 @@
 //! `awq-run generate`: one prompt, one streamed reply.
-use super::common::{chat_template, peak_rss_mib, rss_mib, ModelArgs, SamplingArgs};
+use super::common::{chat_template, peak_rss_mib, rss_mib, sampling_summary, ModelArgs, SamplingArgs};
 use anyhow::{bail, Result};
 use awq_run::engine::chat_template::Message;
 use awq_run::engine::generation::Generator;
@@ -26,8 +26,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt.trim().is_empty() {
         bail!("--prompt is empty");
     }
-    let params = a.sampling.params()?;
+    a.sampling.check()?;
     let (assets, model) = a.model.load()?;
+    let params = a.sampling.params(&assets)?;
+    eprintln!("sampling: {}", sampling_summary(&params));
     let tokens = if a.raw {
         assets.encode(&a.prompt, true)?
     } else {

@@ -1,69 +1,13 @@
-//! Token generation: sampling settings, the decode loop with streaming output, and statistics.
+//! Token generation: the decode loop with streaming output, and statistics.
+pub use super::sampling::SamplingParams;
+use super::sampling::Sampler;
+use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
 use crate::model::{Cache, Model};
-use crate::assets::tokenizer::TokenStream;
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokenizers::Tokenizer;
-
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    /// 0 means greedy decoding.
-    pub temperature: f64,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    /// 1.0 disables the penalty.
-    pub repeat_penalty: f32,
-    pub repeat_last_n: usize,
-    pub seed: u64,
-    pub max_tokens: usize,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self { temperature: 0.7, top_p: Some(0.9), top_k: None, repeat_penalty: 1.1, repeat_last_n: 64, seed: 299792458, max_tokens: 512 }
-    }
-}
-
-impl SamplingParams {
-    pub fn logits_processor(&self) -> LogitsProcessor {
-        let t = self.temperature;
-        let sampling = if t <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match (self.top_k, self.top_p) {
-                (None, None) => Sampling::All { temperature: t },
-                (Some(k), None) => Sampling::TopK { k, temperature: t },
-                (None, Some(p)) => Sampling::TopP { p, temperature: t },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
-            }
-        };
-        LogitsProcessor::from_sampling(self.seed, sampling)
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) {
-            return Err(Error::msg("--temperature must be >= 0"));
-        }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::msg("--top-p must be in (0, 1]"));
-            }
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::msg("--top-k must be positive"));
-        }
-        if !(self.repeat_penalty > 0.0) {
-            return Err(Error::msg("--repeat-penalty must be positive"));
-        }
-        if self.max_tokens == 0 {
-            return Err(Error::msg("--max-tokens must be positive"));
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct GenerationStats {
@@ -154,7 +98,7 @@ impl<'a> Generator<'a> {
         self.cached_tokens.truncate(reuse);
 
         let mut stats = GenerationStats { prompt_tokens: prompt.len(), prefilled_tokens: prompt.len() - reuse, ..Default::default() };
-        let mut lp = params.logits_processor();
+        let mut sampler = Sampler::new(params);
         let mut stream = TokenStream::new();
         let mut history: Vec<u32> = prompt.to_vec();
         let mut out = Vec::new();
@@ -167,14 +111,7 @@ impl<'a> Generator<'a> {
         let mut t_decode = None;
         stats.stop = StopReason::MaxTokens;
         for i in 0..params.max_tokens {
-            let l = logits.squeeze(0)?;
-            let l = if params.repeat_penalty != 1.0 {
-                let start = history.len().saturating_sub(params.repeat_last_n);
-                candle_transformers::utils::apply_repeat_penalty(&l, params.repeat_penalty, &history[start..])?
-            } else {
-                l
-            };
-            let next = lp.sample(&l)?;
+            let next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &history)?;
             if i == 0 {
                 stats.prefill_secs = t0.elapsed().as_secs_f64();
                 t_decode = Some(Instant::now());

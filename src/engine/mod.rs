@@ -1,6 +1,8 @@
-//! Running a loaded model: token generation and sampling ([`generation`]), chat rendering
-//! ([`chat_template`]), perplexity ([`eval`]) and the choice of device and dtype ([`device`]).
+//! Running a loaded model: token generation ([`generation`]) and sampling ([`sampling`]), chat
+//! rendering ([`chat_template`]), perplexity ([`eval`]) and the choice of device and dtype
+//! ([`device`]).
 pub mod chat_template;
 pub mod device;
 pub mod eval;
 pub mod generation;
+pub mod sampling;

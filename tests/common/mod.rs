@@ -200,6 +200,11 @@ impl TinySpec {
 
     /// Writes the same model as a llama.cpp GGUF (q/k permuted for the llama arch).
     pub fn write_gguf(&self, path: &Path) {
+        self.write_gguf_with(path, Vec::new())
+    }
+
+    /// [`TinySpec::write_gguf`] with `extra` metadata keys.
+    pub fn write_gguf_with(&self, path: &Path, extra: Vec<(String, Value)>) {
         let arch = match self.arch {
             Arch::Llama | Arch::Mistral => "llama",
             Arch::Qwen2 => "qwen2",
@@ -225,6 +230,7 @@ impl TinySpec {
         md.push(("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())));
         md.push(("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect())));
         md.push(("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())));
+        md.extend(extra);
         let mut qt: Vec<(String, QTensor)> = Vec::new();
         for (name, t) in self.tensors() {
             let g = gguf_name(&name);

@@ -1,0 +1,313 @@
+//! Choosing the next token. Settings come from three places, later ones winning: llama.cpp's
+//! well-known defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition
+//! penalty), the model's own generation_config.json, and the user's flags or `/set`. The chain
+//! is llama.cpp's: repetition penalty, top-k, top-p, min-p (all three on the untempered
+//! distribution), then temperature and a seeded draw; temperature 0 is greedy.
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    /// Nucleus sampling: the smallest set of tokens holding this probability mass (None: off).
+    pub top_p: Option<f64>,
+    /// Only the k most likely tokens (None: off).
+    pub top_k: Option<usize>,
+    /// Only tokens at least this fraction as likely as the most likely one (None: off).
+    pub min_p: Option<f64>,
+    /// 1.0 disables the penalty.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    pub seed: u64,
+    pub max_tokens: usize,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults: they keep small models coherent (SmolLM2-135M samples nonsense from
+    /// the whole vocabulary at temperature 0.7) and users of the field know them.
+    fn default() -> Self {
+        Self { temperature: 0.8, top_p: Some(0.95), top_k: Some(40), min_p: Some(0.05), repeat_penalty: 1.0, repeat_last_n: 64, seed: 299792458, max_tokens: 512 }
+    }
+}
+
+/// The settings `/set` and `/settings` know, in the order `/settings` lists them.
+pub const SETTINGS: &[&str] = &["temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"];
+
+impl SamplingParams {
+    /// These settings with the sampling fields of a generation_config.json (`temperature`,
+    /// `top_p`, `top_k`, `min_p`, `repetition_penalty`; `do_sample: false` means greedy) applied.
+    /// A field of the wrong type is an error naming it; `origin` names the file.
+    pub fn with_generation_config(mut self, g: &serde_json::Value, origin: &str) -> Result<Self> {
+        let num = |key: &str| -> Result<Option<f64>> {
+            match g.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::msg(format!("{origin}: {key} is {v}, not a number"))),
+            }
+        };
+        if let Some(t) = num("temperature")? {
+            self.temperature = t;
+        }
+        if let Some(p) = num("top_p")? {
+            self.top_p = (p != 1.0).then_some(p);
+        }
+        if let Some(k) = num("top_k")? {
+            self.top_k = (k >= 1.0).then_some(k as usize);
+        }
+        if let Some(p) = num("min_p")? {
+            self.min_p = (p > 0.0).then_some(p);
+        }
+        if let Some(r) = num("repetition_penalty")? {
+            self.repeat_penalty = r as f32;
+        }
+        if g.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false) {
+            self.temperature = 0.0;
+        }
+        self.validate().map_err(|e| Error::msg(format!("{origin}: {e}")))?;
+        Ok(self)
+    }
+
+    /// Sets one of [`SETTINGS`] from text (`/set top_k 20`); `off` turns top_p, top_k and min_p
+    /// off (as do top_p 1, top_k 0 and min_p 0). The settings stay valid: a bad value changes
+    /// nothing.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let mut next = self.clone();
+        let bad = |what: &str| Error::msg(format!("{key}: {value:?} is not {what}"));
+        let off = value == "off" || value == "none";
+        let float = || value.parse::<f64>().map_err(|_| bad("a number"));
+        let int = || value.parse::<usize>().map_err(|_| bad("a whole number"));
+        match key {
+            "temperature" => next.temperature = float()?,
+            "top_p" => next.top_p = if off { None } else { Some(float()?).filter(|p| *p != 1.0) },
+            "top_k" => next.top_k = if off { None } else { Some(int()?).filter(|k| *k > 0) },
+            "min_p" => next.min_p = if off { None } else { Some(float()?).filter(|p| *p > 0.0) },
+            "repeat_penalty" => next.repeat_penalty = float()? as f32,
+            "max_tokens" => next.max_tokens = int()?,
+            "seed" => next.seed = value.parse::<u64>().map_err(|_| bad("a whole number"))?,
+            _ => return Err(Error::msg(format!("unknown setting {key:?}; settings: {}", SETTINGS.join(", ")))),
+        }
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    /// One line per setting, as `/settings` shows them.
+    pub fn describe(&self) -> String {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
+        [
+            format!("temperature     {}", self.temperature),
+            format!("top_p           {}", opt(self.top_p.map(|p| p.to_string()))),
+            format!("top_k           {}", opt(self.top_k.map(|k| k.to_string()))),
+            format!("min_p           {}", opt(self.min_p.map(|p| p.to_string()))),
+            format!("repeat_penalty  {} (last {} tokens)", self.repeat_penalty, self.repeat_last_n),
+            format!("max_tokens      {}", self.max_tokens),
+            format!("seed            {}", self.seed),
+        ]
+        .join("\n")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::msg("--temperature must be >= 0"));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::msg("--top-p must be in (0, 1]"));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::msg("--top-k must be positive"));
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::msg("--min-p must be in [0, 1]"));
+            }
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return Err(Error::msg("--repeat-penalty must be positive"));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::msg("--max-tokens must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Draws tokens with one [`SamplingParams`] and its own generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Self {
+        Self { params: params.clone(), rng: Rng::new(params.seed) }
+    }
+
+    /// The next token given the logits of the last position and the tokens so far (for the
+    /// repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::msg("sampling: no logits"));
+        }
+        let p = &self.params;
+        let mut logits = logits.to_vec();
+        if p.repeat_penalty != 1.0 {
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut seen = history[start..].to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for &t in &seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    // As llama.cpp and HF do: shrink positive logits, push negative ones down.
+                    *l = if *l >= 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return Ok(argmax(&logits));
+        }
+        // Candidates by falling logit (NaN last), cut to top-k first so that the sort is short.
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l })).collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if let Some(k) = p.top_k.filter(|&k| k < cand.len()) {
+            cand.select_nth_unstable_by(k - 1, by_logit);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(by_logit);
+        // top-p and min-p on the untempered distribution.
+        let max = cand[0].1;
+        let probs: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut keep = cand.len();
+        if let Some(top_p) = p.top_p {
+            let mut mass = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                mass += q / total;
+                if mass >= top_p {
+                    keep = keep.min(i + 1);
+                    break;
+                }
+            }
+        }
+        if let Some(min_p) = p.min_p {
+            // probs[0] is the largest: exp(0) = 1.
+            keep = keep.min(probs.iter().take_while(|&&q| q >= min_p).count().max(1));
+        }
+        cand.truncate(keep);
+        // Temperature last, then one draw.
+        let weights: Vec<f64> = cand.iter().map(|c| (f64::from(c.1 - max) / p.temperature).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        for (c, w) in cand.iter().zip(&weights) {
+            if u < *w {
+                return Ok(c.0);
+            }
+            u -= w;
+        }
+        Ok(cand[cand.len() - 1].0)
+    }
+}
+
+/// The index of the largest value, the last one on a tie (as candle's greedy sampler chose, so
+/// greedy outputs stay what they were); NaN never wins.
+fn argmax(v: &[f32]) -> u32 {
+    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    v.iter().enumerate().max_by(|a, b| key(*a.1).total_cmp(&key(*b.1))).map_or(0, |(i, _)| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f64, top_k: Option<usize>, top_p: Option<f64>, min_p: Option<f64>) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() }
+    }
+
+    /// How often each token is drawn in `n` draws.
+    fn histogram(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(p);
+        let mut h = vec![0; logits.len()];
+        for _ in 0..n {
+            h[s.sample(logits, &[]).unwrap() as usize] += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn greedy_takes_the_last_maximum() {
+        let mut s = Sampler::new(&params(0.0, None, None, None));
+        assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], &[]).unwrap(), 2);
+        assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2], &[]).unwrap(), 1);
+    }
+
+    #[test]
+    fn each_filter_removes_what_it_should() {
+        // probabilities ∝ exp(logit): 0.64, 0.24, 0.09, 0.03 (roughly)
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let n = 4000;
+        // top-k 2: only the two best.
+        let h = histogram(&params(1.0, Some(2), None, None), &logits, n);
+        assert!(h[0] > 0 && h[1] > 0 && h[2] == 0 && h[3] == 0, "{h:?}");
+        // top-p 0.7: 0.64 is not enough, 0.64 + 0.24 is.
+        let h = histogram(&params(1.0, None, Some(0.7), None), &logits, n);
+        assert!(h[1] > 0 && h[2] == 0 && h[3] == 0, "{h:?}");
+        // min-p 0.2: p / p_max = 1, 0.37, 0.14, 0.05.
+        let h = histogram(&params(1.0, None, None, Some(0.2)), &logits, n);
+        assert!(h[1] > 0 && h[2] == 0 && h[3] == 0, "{h:?}");
+        // Nothing off: every token is drawn, in proportion.
+        let h = histogram(&params(1.0, None, None, None), &logits, n);
+        assert!(h.iter().all(|&c| c > 0), "{h:?}");
+        let share = h[0] as f64 / n as f64;
+        assert!((share - 0.644).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn temperature_sharpens_after_the_filters() {
+        let logits = [1.0f32, 0.0];
+        let cold = histogram(&params(0.25, None, None, None), &logits, 4000);
+        let hot = histogram(&params(4.0, None, None, None), &logits, 4000);
+        assert!(cold[0] > 3800, "{cold:?}");
+        assert!(hot[1] > 1400, "{hot:?}");
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 20.0).collect();
+        let p = SamplingParams::default();
+        let (mut a, mut b) = (Sampler::new(&p), Sampler::new(&p));
+        for _ in 0..50 {
+            assert_eq!(a.sample(&logits, &[]).unwrap(), b.sample(&logits, &[]).unwrap());
+        }
+    }
+
+    #[test]
+    fn repeat_penalty_demotes_seen_tokens() {
+        let p = SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() };
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample(&[2.0, 1.5], &[]).unwrap(), 0);
+        assert_eq!(s.sample(&[2.0, 1.5], &[0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn generation_config_and_set() {
+        let g = serde_json::json!({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "do_sample": true});
+        let p = SamplingParams::default().with_generation_config(&g, "generation_config.json").unwrap();
+        assert_eq!((p.temperature, p.top_p, p.top_k, p.min_p, p.repeat_penalty), (0.6, Some(0.9), Some(20), Some(0.05), 1.05));
+        let greedy = SamplingParams::default().with_generation_config(&serde_json::json!({"do_sample": false}), "g").unwrap();
+        assert_eq!(greedy.temperature, 0.0);
+        let e = SamplingParams::default().with_generation_config(&serde_json::json!({"top_k": "many"}), "x/generation_config.json").unwrap_err().to_string();
+        assert!(e.contains("x/generation_config.json") && e.contains("top_k"), "{e}");
+        let mut p = SamplingParams::default();
+        p.set("temperature", "0.2").unwrap();
+        p.set("top_k", "off").unwrap();
+        p.set("min_p", "0").unwrap();
+        assert_eq!((p.temperature, p.top_k, p.min_p), (0.2, None, None));
+        assert!(p.set("top_p", "2").unwrap_err().to_string().contains("--top-p"));
+        assert!(p.set("colour", "1").unwrap_err().to_string().contains("unknown setting"));
+        assert!(p.set("seed", "x").unwrap_err().to_string().contains("seed"));
+        assert_eq!(p.temperature, 0.2, "a refused /set changes nothing");
+        assert!(p.describe().contains("top_k           off"));
+    }
+}
