@@ -105,6 +105,34 @@ fn sampling_settings_come_from_generation_config_then_flags() {
 }
 
 #[test]
+fn without_model_chat_and_generate_prefer_the_4bit_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    TinySpec::new(Arch::Llama).write_dir(&models.join("smollm2-135m-instruct"));
+    let in_tmp = |args: &[&str]| -> (bool, String) {
+        let out = Command::new(bin()).args(args).current_dir(tmp.path()).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into())
+    };
+    let gen = ["generate", "--prompt", "hi", "--max-tokens", "2", "--temperature", "0"];
+    // Only the full-precision model: that one.
+    let (ok, e) = in_tmp(&gen);
+    assert!(ok && e.contains("loaded models/smollm2-135m-instruct (") && e.contains("full precision"), "{e}");
+    // With the 4-bit checkpoint beside it (what scripts/fetch-models.sh makes): the checkpoint.
+    let (ok, e) = in_tmp(&["quantize", "--model", "models/smollm2-135m-instruct", "--out", "models/smollm2-135m-instruct-awq", "--method", "rtn", "--group-size", "32"]);
+    assert!(ok, "{e}");
+    let (ok, e) = in_tmp(&gen);
+    assert!(ok && e.contains("loaded models/smollm2-135m-instruct-awq (") && e.contains("AWQ w4g32"), "{e}");
+    let mut child = Command::new(bin()).args(["chat", "--max-tokens", "2"]).current_dir(tmp.path()).stdin(Stdio::piped()).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && e.contains("loaded models/smollm2-135m-instruct-awq ("), "{e}");
+    // quantize and eval keep taking the full-precision model.
+    let (ok, e) = in_tmp(&["quantize", "--out", "models/again", "--method", "rtn", "--group-size", "32"]);
+    assert!(ok && e.contains("quantizing models/smollm2-135m-instruct with"), "{e}");
+}
+
+#[test]
 fn generate_streams_and_reports_speed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Qwen2).write_dir(tmp.path());

@@ -1,5 +1,5 @@
 //! `awq-run chat`: an interactive, streaming, multi-turn chat in the terminal.
-use super::common::{chat_template, sampling_summary, ModelArgs, SamplingArgs};
+use super::common::{chat_template, Default4Bit, sampling_summary, ModelArgs, SamplingArgs};
 use anyhow::Result;
 use awq_run::engine::chat_template::{ChatTemplate, Message};
 use awq_run::engine::generation::{Generator, StopReason};
@@ -62,7 +62,7 @@ fn fit_prompt(conv: &mut Conversation, tmpl: &ChatTemplate, assets: &ModelAssets
 
 pub fn run(a: Args) -> Result<()> {
     a.sampling.check()?;
-    let (assets, model) = a.model.load()?;
+    let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
     let mut params = a.sampling.params(&assets)?;
     eprintln!("sampling: {}", sampling_summary(&params));
     let tmpl = chat_template(&assets)?;

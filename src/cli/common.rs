@@ -6,8 +6,11 @@ use candle_core::{DType, Device};
 use clap::Args;
 use std::path::Path;
 
-/// The model loaded when `--model` is not given.
+/// The model loaded when `--model` is not given (the f32 import of SmolLM2).
 pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct";
+/// The 4-bit AWQ checkpoint of it that `scripts/fetch-models.sh` makes: `chat` and `generate`
+/// prefer it when no `--model` is given.
+pub const DEFAULT_QUANTIZED_MODEL: &str = "models/smollm2-135m-instruct-awq";
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -22,37 +25,61 @@ pub struct ModelArgs {
     pub dtype: Option<String>,
 }
 
+/// Which default model a command takes when `--model` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Default4Bit {
+    /// The 4-bit checkpoint where it exists (inference: chat, generate).
+    Prefer,
+    /// The full-precision model (quantize, eval, bench).
+    No,
+}
+
 impl ModelArgs {
     pub fn model_spec(&self) -> Result<String> {
-        match &self.model {
-            Some(m) => Ok(m.clone()),
-            None => {
-                if !Path::new(DEFAULT_MODEL).join("config.json").exists() {
-                    bail!(
-                        "no --model given and the default model {DEFAULT_MODEL} is missing; \
-                         fetch it with: scripts/fetch-models.sh"
-                    );
-                }
-                Ok(DEFAULT_MODEL.to_string())
-            }
+        self.model_spec_with(Default4Bit::No)
+    }
+
+    pub fn model_spec_with(&self, quantized: Default4Bit) -> Result<String> {
+        if let Some(m) = &self.model {
+            return Ok(m.clone());
         }
+        let exists = |m: &str| Path::new(m).join("config.json").exists();
+        if quantized == Default4Bit::Prefer && exists(DEFAULT_QUANTIZED_MODEL) {
+            return Ok(DEFAULT_QUANTIZED_MODEL.to_string());
+        }
+        if !exists(DEFAULT_MODEL) {
+            bail!(
+                "no --model given and the default model {DEFAULT_MODEL} is missing; \
+                 fetch it with: scripts/fetch-models.sh"
+            );
+        }
+        Ok(DEFAULT_MODEL.to_string())
     }
 
     pub fn device(&self) -> Result<Device> {
         Ok(awq_run::engine::device::parse_device(self.device.as_deref())?)
     }
 
-    /// Loads assets and model; prints what was loaded to stderr.
+    /// Loads assets and model (the full-precision default); prints what was loaded to stderr.
     pub fn load(&self) -> Result<(ModelAssets, awq_run::model::Model)> {
-        let spec = self.model_spec()?;
+        self.load_with(Default4Bit::No)
+    }
+
+    /// As [`ModelArgs::load`], with the default model chosen by `quantized`.
+    pub fn load_with(&self, quantized: Default4Bit) -> Result<(ModelAssets, awq_run::model::Model)> {
+        let spec = self.model_spec_with(quantized)?;
         let device = self.device()?;
         let dtype: DType = awq_run::engine::device::parse_dtype(self.dtype.as_deref(), &device)?;
         let t = std::time::Instant::now();
         let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
         let model = assets.load_model(&device, dtype)?;
         release_freed_memory();
+        let weights = match assets.quant_spec()? {
+            Some(q) => format!("AWQ {}", q.scheme),
+            None => "full precision".to_string(),
+        };
         eprintln!(
-            "loaded {spec} ({:?}, {} layers) on {} as {:?} in {:.2}s",
+            "loaded {spec} ({:?}, {} layers, {weights}) on {} as {:?} in {:.2}s",
             assets.config.arch()?,
             assets.config.num_hidden_layers,
             awq_run::engine::device::device_name(&device),
