@@ -82,6 +82,29 @@ fn chat_shows_and_changes_the_sampling_settings() {
 }
 
 #[test]
+fn chat_saves_loads_and_reports_stats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(&tmp.path().join("m"));
+    let saved = tmp.path().join("conv.json");
+    let f = saved.to_str().unwrap();
+    let input = format!("/stats\nfirst question\n/stats\n/save {f}\n/clear\n/load {f}\nsecond question\n/load {f}.missing\n/save\n/exit\n");
+    let (ok, _, stderr) = run_chat(&dir, &input);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("(no reply yet)"), "{stderr}");
+    assert!(stderr.contains("last reply: prompt:") && stderr.contains("of 256 tokens used"), "{stderr}");
+    // run_chat caps replies at 4 tokens: the reply is cut, and says so.
+    assert!(stderr.contains("(cut at 4 tokens"), "{stderr}");
+    assert!(stderr.contains("(saved 2 messages to") && stderr.contains("(loaded 2 messages from"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!((v[0]["role"].as_str(), v[0]["content"].as_str(), v[1]["role"].as_str()), (Some("user"), Some("first question"), Some("assistant")), "{v}");
+    // After /clear and /load the next prompt carries the loaded exchange.
+    let p = prompts(&stderr);
+    assert_eq!(p.len(), 2, "{stderr}");
+    assert!(p[1].contains("first question") && p[1].contains("second question"), "{}", p[1]);
+    assert!(stderr.contains("conv.json.missing") && stderr.contains("usage: /save FILE"), "{stderr}");
+}
+
+#[test]
 fn sampling_settings_come_from_generation_config_then_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());

@@ -2,7 +2,8 @@
 use super::common::{chat_template, Default4Bit, sampling_summary, ModelArgs, SamplingArgs};
 use anyhow::Result;
 use awq_run::engine::chat_template::{ChatTemplate, Message};
-use awq_run::engine::generation::{Generator, StopReason};
+use awq_run::engine::conversation::Conversation;
+use awq_run::engine::generation::{GenerationStats, Generator, StopReason};
 use awq_run::ModelAssets;
 use rustyline::error::ReadlineError;
 use std::io::Write;
@@ -24,21 +25,9 @@ pub struct Args {
 }
 
 const HELP: &str = "commands: /help  /clear (forget the conversation)  /system [TEXT] (set or show the system message)\n\
-                    /settings (show the sampling settings)  /set NAME VALUE (e.g. /set temperature 0.2; off turns top_p, top_k, min_p off)  /exit\n\
+                    /settings (show the sampling settings)  /set NAME VALUE (e.g. /set temperature 0.2; off turns top_p, top_k, min_p off)\n\
+                    /save FILE, /load FILE (the conversation as JSON messages)  /stats (speed of the last reply, context used)  /exit\n\
                     Ctrl-C stops a reply, Ctrl-D exits.";
-
-struct Conversation {
-    system: Option<String>,
-    turns: Vec<Message>,
-}
-
-impl Conversation {
-    fn messages(&self) -> Vec<Message> {
-        let mut m: Vec<Message> = self.system.iter().map(|s| Message::new("system", s)).collect();
-        m.extend(self.turns.iter().cloned());
-        m
-    }
-}
 
 /// Renders and tokenizes the conversation; drops the oldest turns until the prompt and the reply
 /// budget fit the context. Returns the tokens, the rendered text and how many turns were dropped.
@@ -76,6 +65,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut rl = rustyline::DefaultEditor::new()?;
     let mut conv = Conversation { system: a.system.clone(), turns: Vec::new() };
+    // The last reply's statistics and the tokens its prompt and reply took, for /stats.
+    let mut last: Option<(GenerationStats, usize)> = None;
     eprintln!("chatting with {} — /help for commands, Ctrl-D to exit", assets.name);
     loop {
         let line = match rl.readline(">>> ") {
@@ -110,6 +101,22 @@ pub fn run(a: Args) -> Result<()> {
                     eprintln!("(system message set)");
                 }
                 "settings" => eprintln!("{}", params.describe()),
+                "save" | "load" if rest.is_empty() => eprintln!("usage: /{name} FILE"),
+                "save" => match conv.save(std::path::Path::new(rest)) {
+                    Ok(()) => eprintln!("(saved {} messages to {rest})", conv.messages().len()),
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                "load" => match Conversation::load(std::path::Path::new(rest)) {
+                    Ok(c) => {
+                        conv = c;
+                        eprintln!("(loaded {} messages from {rest})", conv.messages().len());
+                    }
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                "stats" => match &last {
+                    Some((stats, used)) => eprintln!("last reply: {}\ncontext: {used} of {} tokens used", stats.summary(), gen.context_len()),
+                    None => eprintln!("(no reply yet)"),
+                },
                 "set" => match rest.split_once(' ') {
                     Some((key, value)) => match params.set(key.trim(), value.trim()) {
                         Ok(()) => eprintln!("({} set)", key.trim()),
@@ -148,11 +155,15 @@ pub fn run(a: Args) -> Result<()> {
         writeln!(stdout)?;
         match result {
             Ok((_, stats)) => {
-                if stats.stop == StopReason::Interrupted {
-                    eprintln!("(stopped)");
+                match stats.stop {
+                    StopReason::Interrupted => eprintln!("(stopped)"),
+                    StopReason::MaxTokens => eprintln!("(cut at {} tokens: /set max_tokens N allows longer replies)", params.max_tokens),
+                    StopReason::ContextFull => eprintln!("(cut: the context of {} tokens is full)", gen.context_len()),
+                    StopReason::Eos => {}
                 }
                 eprintln!("[{}]", stats.summary());
                 conv.turns.push(Message::new("assistant", reply.trim()));
+                last = Some((stats.clone(), tokens.len() + stats.generated_tokens));
             }
             Err(e) => {
                 eprintln!("error: {e:#}");

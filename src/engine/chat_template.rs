@@ -2,9 +2,9 @@
 //! templates rely on: Python string/dict methods, `raise_exception`, `strftime_now`, `tojson`.
 use crate::error::{Error, Result};
 use minijinja::{Environment, ErrorKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,

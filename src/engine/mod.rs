@@ -2,6 +2,7 @@
 //! rendering ([`chat_template`]), perplexity ([`eval`]) and the choice of device and dtype
 //! ([`device`]).
 pub mod chat_template;
+pub mod conversation;
 pub mod device;
 pub mod eval;
 pub mod generation;
