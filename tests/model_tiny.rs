@@ -229,6 +229,35 @@ fn missing_safetensors_is_named() {
 }
 
 #[test]
+fn truncated_or_bit_flipped_safetensors_name_the_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tiny_dir(&tmp);
+    let f = d.join("model.safetensors");
+    let whole = std::fs::read(&f).unwrap();
+    // Cut in the data: the first tensor left without its bytes is named.
+    std::fs::write(&f, &whole[..whole.len() - 100]).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors") && e.contains("cut short") && e.contains("tensor model."), "{e}");
+    // Cut in the header.
+    std::fs::write(&f, &whole[..20]).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors") && e.contains("header"), "{e}");
+    // A flipped bit in a tensor's name: that tensor is missing, and named.
+    let mut flipped = whole.clone();
+    let at = 8 + flipped[8..].windows(7).position(|w| w == b"layers.").unwrap() + 2;
+    flipped[at] ^= 0x01;
+    std::fs::write(&f, &flipped).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("tensor") && e.contains("model."), "{e}");
+    // A flipped bit in the header's JSON syntax.
+    let mut flipped = whole;
+    flipped[8] ^= 0x20;
+    std::fs::write(&f, &flipped).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+}
+
+#[test]
 fn corrupt_safetensors_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tiny_dir(&tmp);

@@ -65,10 +65,32 @@ fn check_safetensors(files: &[PathBuf]) -> Result<()> {
         let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
         // SAFETY: the map is read-only and lives only for this check.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
-        safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::msg(format!("{}: not a valid safetensors file: {e:?}", f.display())))?;
+        if let Err(e) = safetensors::SafeTensors::read_metadata(&mmap) {
+            return Err(Error::msg(match truncation(&mmap) {
+                Some(what) => format!("{}: not a valid safetensors file: it is cut short ({what}); copy or write it again", f.display()),
+                None => format!("{}: not a valid safetensors file: {e:?}", f.display()),
+            }));
+        }
     }
     Ok(())
+}
+
+/// What a safetensors file cut short lacks: its header, or the first tensor whose data runs past
+/// the end. `None` when the file is not merely truncated.
+fn truncation(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let Some(header) = bytes.get(8..8usize.checked_add(n)?) else {
+        return Some(format!("its header takes {n} bytes, only {} follow", bytes.len() - 8));
+    };
+    let header: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let data = bytes.len() - 8 - n;
+    header
+        .as_object()?
+        .iter()
+        .filter_map(|(name, t)| Some((name, t.get("data_offsets")?.get(1)?.as_u64()? as usize)))
+        .filter(|&(_, end)| end > data)
+        .min_by_key(|&(_, end)| end)
+        .map(|(name, end)| format!("tensor {name} needs {end} bytes of data, the file holds {data}"))
 }
 
 impl ModelAssets {

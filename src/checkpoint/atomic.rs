@@ -5,14 +5,52 @@ use serde_json::Value;
 
 /// An output directory that appears only when complete: files go to a hidden temporary directory
 /// beside the target, which [`AtomicDir::commit`] renames into place. Dropped uncommitted, the
-/// temporary directory is removed, so a failure never leaves a half-written checkpoint.
+/// temporary directory is removed, so a failure never leaves a half-written checkpoint. A process
+/// killed outright (SIGKILL, power loss) cannot clean up: its temporary directory carries its
+/// process id, and the next `AtomicDir` for the same target removes those of dead processes.
 pub struct AtomicDir {
     target: std::path::PathBuf,
     tmp: Option<tempfile::TempDir>,
 }
 
+/// `.{name}.tmp-` (then the owner's pid, `-` and a random suffix).
+fn tmp_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// Whether process `pid` is alive (on Unix; elsewhere every owner counts as alive).
+fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the temporary directories (and `.old` copies) that dead processes left for `name` in
+/// `parent`; entries of live processes, and any without a pid, stay.
+fn remove_stale(parent: &std::path::Path, name: &str) {
+    let prefix = tmp_prefix(name);
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = file.strip_prefix(&prefix) else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| p != std::process::id() && !alive(p)) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl AtomicDir {
-    /// Refuses an existing `target` unless `force`.
+    /// Refuses an existing `target` unless `force`. Fails at once where the target's directory
+    /// cannot be created or written, before any work is done.
     pub fn new(target: &std::path::Path, force: bool) -> Result<Self> {
         if target.exists() && !force {
             return Err(Error::msg(format!("{} already exists (use --force to replace it)", target.display())));
@@ -21,12 +59,16 @@ impl AtomicDir {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::path::PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        if parent.exists() && !parent.is_dir() {
+            return Err(Error::msg(format!("cannot create the output's directory {}: it is a file, not a directory", parent.display())));
+        }
+        std::fs::create_dir_all(&parent).map_err(|e| Error::msg(format!("cannot create the output's directory {}: {e}", parent.display())))?;
         let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        remove_stale(&parent, &name);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.tmp-"))
+            .prefix(&format!("{}{}-", tmp_prefix(&name), std::process::id()))
             .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
+            .map_err(|e| Error::msg(format!("cannot write into the output's directory {}: {e}", parent.display())))?;
         Ok(Self { target: target.to_path_buf(), tmp: Some(tmp) })
     }
 
@@ -54,7 +96,11 @@ impl AtomicDir {
             }
         }
         if self.target.exists() {
-            let old = tmp.with_extension("old");
+            // Named after the temporary directory, so that a process killed between the two
+            // renames leaves something `remove_stale` recognizes.
+            let mut old = tmp.clone().into_os_string();
+            old.push(".old");
+            let old = std::path::PathBuf::from(old);
             std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
             std::fs::rename(&tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
             let _ = std::fs::remove_dir_all(&old);
