@@ -63,13 +63,23 @@ pub fn run(a: Args) -> Result<()> {
         // Ctrl-C while a reply streams stops it; at the prompt rustyline reports it itself.
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))?;
     }
-    let mut rl = rustyline::DefaultEditor::new()?;
+    let mut history: Vec<String> = Vec::new();
     let mut conv = Conversation { system: a.system.clone(), turns: Vec::new() };
     // The last reply's statistics and the tokens its prompt and reply took, for /stats.
     let mut last: Option<(GenerationStats, usize)> = None;
     eprintln!("chatting with {} — /help for commands, Ctrl-D to exit", assets.name);
     loop {
-        let line = match rl.readline(">>> ") {
+        // An editor only for the prompt: rustyline takes SIGINT over while one exists, and the
+        // Ctrl-C handler above must get it back while a reply streams. (Its signal-hook feature
+        // would leave SIGINT alone but ignores typed-ahead input: a pasted line showed only its
+        // first character until the next key press.)
+        let mut rl = rustyline::DefaultEditor::new()?;
+        for h in &history {
+            let _ = rl.add_history_entry(h.as_str());
+        }
+        let read = rl.readline(">>> ");
+        drop(rl);
+        let line = match read {
             Ok(l) => l,
             Err(ReadlineError::Interrupted) => {
                 eprintln!("(Ctrl-D or /exit to quit)");
@@ -82,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
         if input.is_empty() {
             continue;
         }
-        let _ = rl.add_history_entry(input);
+        history.push(input.to_string());
         if let Some(cmd) = input.strip_prefix('/') {
             let (name, rest) = cmd.split_once(' ').map_or((cmd, ""), |(n, r)| (n, r.trim()));
             match name {
