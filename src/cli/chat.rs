@@ -1,5 +1,5 @@
 //! `awq-run chat`: an interactive, streaming, multi-turn chat in the terminal.
-use super::common::{chat_template, Default4Bit, sampling_summary, ModelArgs, SamplingArgs};
+use super::common::{chat_template, Default4Bit, ModelArgs, SamplingArgs};
 use anyhow::Result;
 use awq_run::engine::chat_template::{ChatTemplate, Message};
 use awq_run::engine::conversation::Conversation;
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     a.sampling.check()?;
     let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
     let mut params = a.sampling.params(&assets)?;
-    eprintln!("sampling: {}", sampling_summary(&params));
+    eprintln!("sampling: {}", params.summary());
     let tmpl = chat_template(&assets)?;
     let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
 

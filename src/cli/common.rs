@@ -159,11 +159,6 @@ impl SamplingArgs {
     }
 }
 
-/// The settings on one line, for stderr.
-pub fn sampling_summary(p: &SamplingParams) -> String {
-    p.describe().lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join(", ")
-}
-
 /// The chat template of a model, or ChatML (with a note) when it ships none.
 pub fn chat_template(assets: &ModelAssets) -> Result<awq_run::engine::chat_template::ChatTemplate> {
     let tmpl = match &assets.chat_template {

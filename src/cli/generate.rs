@@ -1,5 +1,5 @@
 //! `awq-run generate`: one prompt, one streamed reply.
-use super::common::{chat_template, Default4Bit, peak_rss_mib, rss_mib, sampling_summary, ModelArgs, SamplingArgs};
+use super::common::{chat_template, Default4Bit, peak_rss_mib, rss_mib, ModelArgs, SamplingArgs};
 use anyhow::{bail, Result};
 use awq_run::engine::chat_template::Message;
 use awq_run::engine::generation::Generator;
@@ -29,7 +29,7 @@ pub fn run(a: Args) -> Result<()> {
     a.sampling.check()?;
     let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
     let params = a.sampling.params(&assets)?;
-    eprintln!("sampling: {}", sampling_summary(&params));
+    eprintln!("sampling: {}", params.summary());
     let tokens = if a.raw {
         assets.encode(&a.prompt, true)?
     } else {

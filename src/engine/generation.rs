@@ -111,7 +111,7 @@ impl<'a> Generator<'a> {
         let mut t_decode = None;
         stats.stop = StopReason::MaxTokens;
         for i in 0..params.max_tokens {
-            let next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &history)?;
+            let next = sampler.sample(logits.squeeze(0)?.to_vec1::<f32>()?, &history)?;
             if i == 0 {
                 stats.prefill_secs = t0.elapsed().as_secs_f64();
                 t_decode = Some(Instant::now());

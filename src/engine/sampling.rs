@@ -91,19 +91,29 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// One line per setting, as `/settings` shows them.
-    pub fn describe(&self) -> String {
+    /// Each of [`SETTINGS`] with its value as text.
+    fn values(&self) -> [(&'static str, String); 7] {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
         [
-            format!("temperature     {}", self.temperature),
-            format!("top_p           {}", opt(self.top_p.map(|p| p.to_string()))),
-            format!("top_k           {}", opt(self.top_k.map(|k| k.to_string()))),
-            format!("min_p           {}", opt(self.min_p.map(|p| p.to_string()))),
-            format!("repeat_penalty  {} (last {} tokens)", self.repeat_penalty, self.repeat_last_n),
-            format!("max_tokens      {}", self.max_tokens),
-            format!("seed            {}", self.seed),
+            ("temperature", self.temperature.to_string()),
+            ("top_p", opt(self.top_p.map(|p| p.to_string()))),
+            ("top_k", opt(self.top_k.map(|k| k.to_string()))),
+            ("min_p", opt(self.min_p.map(|p| p.to_string()))),
+            ("repeat_penalty", format!("{} (last {} tokens)", self.repeat_penalty, self.repeat_last_n)),
+            ("max_tokens", self.max_tokens.to_string()),
+            ("seed", self.seed.to_string()),
         ]
-        .join("\n")
+    }
+
+    /// One line per setting, as `/settings` shows them.
+    pub fn describe(&self) -> String {
+        self.values().iter().map(|(k, v)| format!("{k:<16}{v}")).collect::<Vec<_>>().join("\n")
+    }
+
+    /// All settings on one line (`temperature 0.8, top_p 0.95, ...`), as chat and generate print
+    /// them at start.
+    pub fn summary(&self) -> String {
+        self.values().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -147,12 +157,12 @@ impl Sampler {
 
     /// The next token given the logits of the last position and the tokens so far (for the
     /// repetition penalty).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+    /// `logits` is taken by value: the penalty rewrites it in place.
+    pub fn sample(&mut self, mut logits: Vec<f32>, history: &[u32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::msg("sampling: no logits"));
         }
         let p = &self.params;
-        let mut logits = logits.to_vec();
         if p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen = history[start..].to_vec();
@@ -230,7 +240,7 @@ mod tests {
         let mut s = Sampler::new(p);
         let mut h = vec![0; logits.len()];
         for _ in 0..n {
-            h[s.sample(logits, &[]).unwrap() as usize] += 1;
+            h[s.sample(logits.to_vec(), &[]).unwrap() as usize] += 1;
         }
         h
     }
@@ -238,8 +248,8 @@ mod tests {
     #[test]
     fn greedy_takes_the_last_maximum() {
         let mut s = Sampler::new(&params(0.0, None, None, None));
-        assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], &[]).unwrap(), 2);
-        assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2], &[]).unwrap(), 1);
+        assert_eq!(s.sample(vec![0.1, 2.0, 2.0, -1.0], &[]).unwrap(), 2);
+        assert_eq!(s.sample(vec![f32::NAN, 0.5, 0.2], &[]).unwrap(), 1);
     }
 
     #[test]
@@ -278,7 +288,7 @@ mod tests {
         let p = SamplingParams::default();
         let (mut a, mut b) = (Sampler::new(&p), Sampler::new(&p));
         for _ in 0..50 {
-            assert_eq!(a.sample(&logits, &[]).unwrap(), b.sample(&logits, &[]).unwrap());
+            assert_eq!(a.sample(logits.clone(), &[]).unwrap(), b.sample(logits.clone(), &[]).unwrap());
         }
     }
 
@@ -286,8 +296,8 @@ mod tests {
     fn repeat_penalty_demotes_seen_tokens() {
         let p = SamplingParams { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() };
         let mut s = Sampler::new(&p);
-        assert_eq!(s.sample(&[2.0, 1.5], &[]).unwrap(), 0);
-        assert_eq!(s.sample(&[2.0, 1.5], &[0]).unwrap(), 1);
+        assert_eq!(s.sample(vec![2.0, 1.5], &[]).unwrap(), 0);
+        assert_eq!(s.sample(vec![2.0, 1.5], &[0]).unwrap(), 1);
     }
 
     #[test]
@@ -309,5 +319,6 @@ mod tests {
         assert!(p.set("seed", "x").unwrap_err().to_string().contains("seed"));
         assert_eq!(p.temperature, 0.2, "a refused /set changes nothing");
         assert!(p.describe().contains("top_k           off"));
+        assert!(p.summary().starts_with("temperature 0.2, top_p 0.95, top_k off, min_p off, repeat_penalty 1 (last 64 tokens)"), "{}", p.summary());
     }
 }

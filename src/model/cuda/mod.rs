@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use crate::cuda::{cuda_device as cuda_dev, device_ptr, kernel_suffix as suffix, prefetch_blocks, L2Prefetch};
+use crate::cuda::{cuda_device as cuda_dev, device_ptr, kernel_suffix as suffix, prefetch_blocks, suffix_for, L2Prefetch};
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -56,7 +56,7 @@ pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usiz
     let x = x.contiguous()?;
     let dev = cuda_dev(&x)?;
     let stream = dev.cuda_stream();
-    let Some(sfx) = suffix(x.dtype()) else { candle_core::bail!("rope: unsupported dtype {:?}", x.dtype()) };
+    let sfx = suffix_for("rope", x.dtype())?;
     if x.elem_count() != heads * d || cos.dtype() != x.dtype() || d % 2 != 0 || d > 2048 {
         candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
@@ -86,7 +86,7 @@ pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tenso
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let dev = cuda_dev(&k)?;
     let stream = dev.cuda_stream();
-    let Some(sfx) = suffix(k.dtype()) else { candle_core::bail!("kv write: unsupported dtype {:?}", k.dtype()) };
+    let sfx = suffix_for("kv write", k.dtype())?;
     let (_, h, cap, dd) = kc.dims4()?;
     if h != kv_heads || dd != d || vc.dims() != kc.dims() || k.elem_count() != kv_heads * d || v.elem_count() != kv_heads * d || kc.dtype() != k.dtype() {
         candle_core::bail!("kv write: key/value of {kv_heads} x {d} into caches {:?}", kc.dims());
@@ -166,7 +166,7 @@ impl CustomOp1 for AddRmsNorm<'_> {
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
         let dt = s.dtype();
-        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let sfx = suffix_for(self.name(), dt)?;
         let Some((xo, _)) = l.contiguous_offsets() else { candle_core::bail!("{}: x must be contiguous", self.name()) };
         let h = self.w.dim(0)?;
         let n = l.shape().elem_count();
@@ -269,7 +269,7 @@ impl CustomOp3 for DecodeAttention {
         let (kst, vst) = (kl.stride(), vl.stride());
         let dev = qs.device().clone();
         let dt = qs.dtype();
-        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let sfx = suffix_for(self.name(), dt)?;
         // Over ATT_CHUNK positions (of the view: the capacity when the length is on the device), the
         // split-sequence kernels; else one block per head.
         let chunks = len.div_ceil(ATT_CHUNK);
@@ -345,7 +345,7 @@ impl CustomOp2 for SiluMul {
         };
         let dev = a.device().clone();
         let dt = a.dtype();
-        let Some(sfx) = suffix(dt) else { candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()) };
+        let sfx = suffix_for(self.name(), dt)?;
         let func = dev.get_or_load_custom_func(&format!("silu_mul_{sfx}"), MODULE, PTX)?;
         let mut cfg = LaunchConfig::for_num_elems((rows * cols) as u32);
         cfg.grid_dim.0 += prefetch_blocks(&dev, &self.prefetch)?;
