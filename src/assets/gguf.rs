@@ -153,8 +153,13 @@ fn arch_of(name: &str, path: &Path) -> Result<Arch> {
 
 /// Reads a GGUF file completely (tensors dequantized to f32).
 pub fn read(path: &Path) -> Result<GgufModel> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = Content::read(&mut f).map_err(|e| Error::msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
+    read_from(&mut f, path)
+}
+
+/// [`read`] from any reader (`path` names it in errors): the fuzz targets feed bytes.
+pub fn read_from<R: std::io::Read + std::io::Seek>(f: &mut R, path: &Path) -> Result<GgufModel> {
+    let content = Content::read(f).map_err(|e| Error::msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
     let meta = Meta { path, md: &content.metadata };
     let arch_name = meta.string("general.architecture").unwrap_or_default();
     let arch = arch_of(&arch_name, path)?;
@@ -208,7 +213,7 @@ pub fn read(path: &Path) -> Result<GgufModel> {
             return Err(Error::msg(format!("{}: unexpected tensor {name}", path.display())));
         };
         let q = content
-            .tensor(&mut f, name, &Device::Cpu)
+            .tensor(f, name, &Device::Cpu)
             .map_err(|e| Error::msg(format!("{}: tensor {name}: {e}", path.display())))?;
         let mut t = q.dequantize(&Device::Cpu)?;
         // llama.cpp's converter permutes q/k only for the llama architecture (mistral GGUFs are

@@ -136,7 +136,11 @@ impl ModelAssets {
     }
 
     pub fn from_gguf(name: &str, path: &Path) -> Result<Self> {
-        let g = self::gguf::read(path)?;
+        Self::from_gguf_model(name, path, self::gguf::read(path)?)
+    }
+
+    /// The assets of a GGUF file already read (`path` names it in errors).
+    pub fn from_gguf_model(name: &str, path: &Path, g: self::gguf::GgufModel) -> Result<Self> {
         let tokenizer = self::tokenizer::from_value(&g.tokenizer_json)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let mut assets = Self {

@@ -77,7 +77,12 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::Tokenizer(format!("{} is missing", path.display())));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    from_bytes(&crate::error::read_file(path)?).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// Parses the bytes of a `tokenizer.json`.
+pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
+    Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
 }
 
 /// A token given as `"<s>"` or as `{"content": "<s>", ...}` in `tokenizer_config.json`.

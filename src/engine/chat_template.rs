@@ -23,12 +23,22 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// Steps (minijinja's fuel: one per instruction) a rendering may take. A real template takes a few
+/// hundred per message; a hostile one (`{% for i in range(100000) %}...` nested) stops here, in
+/// well under a second, with an error instead of hanging the chat or the server.
+pub const FUEL_PER_RENDER: u64 = 20_000_000;
+
+/// Bytes a rendering may produce beyond the messages' own text: a template that repeats a long
+/// string in a loop stops with an error instead of filling the memory.
+pub const MAX_EXTRA_OUTPUT: usize = 4 << 20;
+
 /// The template used for models that ship none: ChatML.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 impl ChatTemplate {
     pub fn new(template: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL_PER_RENDER));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
@@ -53,13 +63,48 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant starts.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::msg(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        // The messages appear once or twice in any real template's output.
+        let text: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        let limit = MAX_EXTRA_OUTPUT + 2 * text;
+        let mut out = BoundedOutput { bytes: Vec::new(), limit, overflowed: false };
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::msg(format!("chat template: {e}")))
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| Error::msg("chat template: output is not UTF-8")),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::msg(format!(
+                "chat template: rendering took more than {FUEL_PER_RENDER} steps (a loop that does not end?)"
+            ))),
+            Err(_) if out.overflowed => Err(Error::msg(format!(
+                "chat template: output exceeds {limit} bytes for {} messages of {text} bytes",
+                messages.len()
+            ))),
+            Err(e) => Err(Error::msg(format!("chat template: {e}"))),
+        }
+    }
+}
+
+/// A `Vec` writer that refuses to grow past `limit` bytes.
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -107,6 +152,19 @@ mod tests {
         .unwrap();
         assert_eq!(t.render(&[Message::new("user", "  x ")], false).unwrap(), "X<s>");
         assert!(t.render(&[Message::new("bad", "x")], false).unwrap_err().to_string().contains("no"));
+    }
+
+    #[test]
+    fn endless_and_huge_templates_stop_with_an_error() {
+        let m = [Message::new("user", "hi")];
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let e = ChatTemplate::new(endless, None, None).unwrap().render(&m, true).unwrap_err().to_string();
+        assert!(e.contains("steps"), "{e}");
+        let huge = "{% for i in range(1000) %}{{ 'x' * 1000000 }}{% endfor %}";
+        let e = ChatTemplate::new(huge, None, None).unwrap().render(&m, true).unwrap_err().to_string();
+        assert!(e.contains("output exceeds"), "{e}");
+        let deep = "{{ ".to_string() + &"(".repeat(5000) + "1" + &")".repeat(5000) + " }}";
+        assert!(ChatTemplate::new(&deep, None, None).is_err());
     }
 
     #[test]

@@ -75,6 +75,12 @@ fn default_max_pos() -> usize {
     4096
 }
 
+/// The largest head dimension accepted (real models use 64–256).
+pub const MAX_HEAD_DIM: usize = 1024;
+/// The longest context accepted: the rotary cos/sin tables hold every position (2M positions of
+/// head_dim 128 take 1 GiB in f32), so a config.json asking for more is refused, not allocated.
+pub const MAX_POSITIONS: usize = 1 << 21;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     #[serde(default)]
@@ -171,12 +177,30 @@ impl Config {
                 self.hidden_size, self.num_attention_heads
             ));
         }
+        if self.num_kv_heads() == 0 {
+            return Err("num_key_value_heads must be positive".into());
+        }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
+        }
+        if self.head_dim() == 0 || self.head_dim() > MAX_HEAD_DIM {
+            return Err(format!("head_dim {} is outside 2..={MAX_HEAD_DIM}", self.head_dim()));
+        }
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
+            return Err(format!(
+                "max_position_embeddings {} is outside 1..={MAX_POSITIONS} (the rotary tables are built for every position)",
+                self.max_position_embeddings
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!("rms_norm_eps {} must be a non-negative number", self.rms_norm_eps));
         }
         if self.head_dim() % 2 != 0 {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
@@ -216,5 +240,38 @@ impl Config {
     }
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id.as_ref().map(|t| t.to_vec()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(extra: serde_json::Value) -> std::result::Result<(), String> {
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<Config>(v).map_err(|e| e.to_string())?.validate()
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_by_name() {
+        assert!(llama(serde_json::json!({})).is_ok());
+        // num_key_value_heads 0 divided by zero before its check (found writing the fuzz targets).
+        let cases = [
+            (serde_json::json!({"num_key_value_heads": 0}), "num_key_value_heads"),
+            (serde_json::json!({"max_position_embeddings": 1u64 << 40}), "max_position_embeddings"),
+            (serde_json::json!({"max_position_embeddings": 0}), "max_position_embeddings"),
+            (serde_json::json!({"head_dim": 0}), "head_dim"),
+            (serde_json::json!({"head_dim": 1 << 20}), "head_dim"),
+            (serde_json::json!({"rope_theta": -1.0}), "rope_theta"),
+            (serde_json::json!({"num_attention_heads": 0}), "num_attention_heads"),
+        ];
+        for (extra, field) in cases {
+            let e = llama(extra.clone()).unwrap_err();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
     }
 }
