@@ -3,8 +3,10 @@
 //! The crate is a stack of rooms, each importing only the ones below it (docs/ARCHITECTURE.md
 //! draws the graph; `tests/architecture.rs` fails on a back-edge):
 //!
+//! - [`server`]: the OpenAI-compatible HTTP server and its chat page, over the engine;
 //! - [`awq`], [`engine`], [`selftest`]: the AWQ/RTN pass and its export; generation, chat
-//!   templates, perplexity and device choice; the CUDA kernels' self-test and timings;
+//!   templates, perplexity, device choice and the continuous-batching scheduler; the CUDA
+//!   kernels' self-test and timings;
 //! - [`assets`]: where models come from (hub, directory, GGUF) and how they load;
 //! - [`checkpoint`]: the quantization config, reading and writing quantized checkpoints;
 //! - [`model`]: the LLaMA-family decoder;
@@ -22,6 +24,7 @@ pub mod linear;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod server;
 #[cfg(feature = "cuda")]
 pub mod selftest;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Each library room and its rank; a room may import rooms of strictly lower rank only.
 const RANKS: &[(&str, u32)] = &[
+    ("server", 8),
     ("awq", 7),
     ("engine", 7),
     ("selftest", 7),

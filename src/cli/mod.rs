@@ -7,6 +7,7 @@ mod generate;
 mod import;
 mod quantize;
 mod selftest;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,8 @@ enum Command {
     Selftest(selftest::Args),
     /// Quantize a model with AWQ (or RTN) and write a 4-bit AutoAWQ GEMM checkpoint.
     Quantize(quantize::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API with continuous batching and a chat page.
+    Serve(serve::Args),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Selftest(a) => selftest::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

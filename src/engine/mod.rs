@@ -6,4 +6,7 @@ pub mod conversation;
 pub mod device;
 pub mod eval;
 pub mod generation;
+pub mod metrics;
 pub mod sampling;
+pub mod scheduler;
+pub mod stop;

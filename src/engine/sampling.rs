@@ -19,6 +19,11 @@ pub struct SamplingParams {
     /// 1.0 disables the penalty.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// Subtracted from a token's logit once per time it occurs in the last `repeat_last_n`
+    /// tokens (OpenAI's `frequency_penalty`; 0 disables it).
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of every token that occurs there (`presence_penalty`).
+    pub presence_penalty: f32,
     pub seed: u64,
     pub max_tokens: usize,
 }
@@ -27,7 +32,7 @@ impl Default for SamplingParams {
     /// llama.cpp's defaults: they keep small models coherent (SmolLM2-135M samples nonsense from
     /// the whole vocabulary at temperature 0.7) and users of the field know them.
     fn default() -> Self {
-        Self { temperature: 0.8, top_p: Some(0.95), top_k: Some(40), min_p: Some(0.05), repeat_penalty: 1.0, repeat_last_n: 64, seed: 299792458, max_tokens: 512 }
+        Self { temperature: 0.8, top_p: Some(0.95), top_k: Some(40), min_p: Some(0.05), repeat_penalty: 1.0, repeat_last_n: 64, frequency_penalty: 0.0, presence_penalty: 0.0, seed: 299792458, max_tokens: 512 }
     }
 }
 
@@ -136,6 +141,11 @@ impl SamplingParams {
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             return Err(Error::msg("--repeat-penalty must be positive"));
         }
+        for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::msg(format!("{name} must be in [-2, 2]")));
+            }
+        }
         if self.max_tokens == 0 {
             return Err(Error::msg("--max-tokens must be positive"));
         }
@@ -163,15 +173,17 @@ impl Sampler {
             return Err(Error::msg("sampling: no logits"));
         }
         let p = &self.params;
-        if p.repeat_penalty != 1.0 {
+        if p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen = history[start..].to_vec();
             seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(l) = logits.get_mut(t as usize) {
+            for run in seen.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
                     // As llama.cpp and HF do: shrink positive logits, push negative ones down.
-                    *l = if *l >= 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    if p.repeat_penalty != 1.0 {
+                        *l = if *l >= 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    }
+                    *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -298,6 +310,13 @@ mod tests {
         let mut s = Sampler::new(&p);
         assert_eq!(s.sample(vec![2.0, 1.5], &[]).unwrap(), 0);
         assert_eq!(s.sample(vec![2.0, 1.5], &[0]).unwrap(), 1);
+        // Frequency counts occurrences, presence counts once.
+        let freq = SamplingParams { temperature: 0.0, frequency_penalty: 0.3, ..Default::default() };
+        assert_eq!(Sampler::new(&freq).sample(vec![2.0, 1.5], &[0]).unwrap(), 0);
+        assert_eq!(Sampler::new(&freq).sample(vec![2.0, 1.5], &[0, 0]).unwrap(), 1);
+        let pres = SamplingParams { temperature: 0.0, presence_penalty: 0.6, ..Default::default() };
+        assert_eq!(Sampler::new(&pres).sample(vec![2.0, 1.5], &[0]).unwrap(), 1);
+        assert!(SamplingParams { presence_penalty: 3.0, ..Default::default() }.validate().is_err());
     }
 
     #[test]

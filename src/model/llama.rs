@@ -127,13 +127,22 @@ impl Attention {
             Some((c, cap)) => c.append(&k, &v, cap)?,
             None => (k, v),
         };
-        if mask.is_none() && super::attention_cpu::applies(&q, &k, &v) {
-            let out = super::attention_cpu::attend_one(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+        self.scaled_dot_product(&q, &k, &v, mask)
+    }
+
+    /// Attention of roped queries `q` `[b, heads, seq, head_dim]` over all cached keys and values
+    /// `k`, `v` `[b, kv_heads, kv_len, head_dim]` (the last `seq` of them are the queries' own),
+    /// with the additive `mask` for several queries; returns `[b, seq, heads * head_dim]`.
+    pub(super) fn scaled_dot_product(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, seq, _) = q.dims4()?;
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if mask.is_none() && super::attention_cpu::applies(q, k, v) {
+            let out = super::attention_cpu::attend_one(q, k, v, 1.0 / (hd as f32).sqrt())?;
             return out.reshape((b, h * hd))?.reshape((b, seq, h * hd));
         }
         #[cfg(feature = "cuda")]
-        if mask.is_none() && super::cuda::attention_applies(&q, &k, &v) {
-            let out = super::cuda::decode_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+        if mask.is_none() && super::cuda::attention_applies(q, k, v) {
+            let out = super::cuda::decode_attention(q, k, v, 1.0 / (hd as f32).sqrt())?;
             return out.reshape((b, seq, h * hd));
         }
         let kv_len = k.dim(2)?;
@@ -147,7 +156,7 @@ impl Attention {
             None => scores,
         };
         let probs = softmax_f32(&scores)?.reshape((b, kvh, n_rep * seq, kv_len))?;
-        let out = probs.matmul(&v)?.reshape((b, h, seq, hd))?;
+        let out = probs.matmul(&v.contiguous()?)?.reshape((b, h, seq, hd))?;
         out.transpose(1, 2)?.reshape((b, seq, h * hd))
     }
 }
@@ -293,16 +302,28 @@ impl Block {
         delta: Option<&Tensor>,
         ctx: &BlockContext,
         cache: Option<(&mut KvCache, usize)>,
-        mut capture: Option<&mut LinearInputs>,
+        capture: Option<&mut LinearInputs>,
     ) -> Result<(Tensor, Tensor)> {
-        let hints = &ctx.hints;
+        self.forward_split_with(x, delta, &ctx.hints, |normed| self.self_attn.attend(normed, ctx, cache), capture)
+    }
+
+    /// [`Block::forward_split`] with the attention (input_layernorm's output in, the attention
+    /// output before o_proj out) given by `attend`: the paged batch step brings its own.
+    pub(super) fn forward_split_with(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        hints: &BlockHints,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+        capture: Option<&mut LinearInputs>,
+    ) -> Result<(Tensor, Tensor)> {
         let (x, normed) = self.input_layernorm.forward_residual(x, delta, &hints.qkv)?;
-        let attn = self.self_attn.attend(&normed, ctx, cache)?;
+        let attn = attend(&normed)?;
         let o = crate::linear::forward_hinted(&self.self_attn.o_proj, &attn, &hints.gate_up)?;
         let (x, normed2) = self.post_attention_layernorm.forward_residual(&x, Some(&o), &hints.gate_up)?;
         let hidden = self.mlp.hidden_prefetch(&normed2, &hints.down)?;
         let down = crate::linear::forward_hinted(&self.mlp.down_proj, &hidden, &hints.next)?;
-        if let Some(c) = capture.as_deref_mut() {
+        if let Some(c) = capture {
             c.qkv = Some(normed);
             c.o_proj = Some(attn);
             c.gate_up = Some(normed2);
@@ -507,7 +528,7 @@ impl Model {
     /// Runs `f` on the CPU thread pool. A forward pass issues hundreds of small parallel ops;
     /// started from a worker thread each one runs at once, while from outside the pool every op
     /// would wait for a sleeping worker to wake up (that doubled decode time on 2 cores).
-    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    pub(super) fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if self.device.is_cpu() && rayon::current_thread_index().is_none() {
             rayon::scope(|_| f())
         } else {

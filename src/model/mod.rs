@@ -1,6 +1,7 @@
 //! The LLaMA-family model: configuration, layers and the decoder, built from linear layers of
 //! any kind ([`crate::linear`]).
 pub mod attention_cpu;
+pub mod batch;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -9,6 +10,7 @@ pub mod dummy;
 pub mod graph;
 pub mod layers;
 pub mod llama;
+pub mod paged;
 pub mod proj;
 
 pub use config::{Arch, Config};

@@ -1,0 +1,95 @@
+//! `awq-run serve`: the OpenAI-compatible server with continuous batching and a chat page.
+use super::common::{Default4Bit, ModelArgs};
+use anyhow::{bail, Context, Result};
+use awq_run::engine::sampling::SamplingParams;
+use awq_run::engine::scheduler::SchedulerConfig;
+use awq_run::model::paged::{KvPool, BLOCK_TOKENS};
+use awq_run::server::{AppState, Server, ServerOptions};
+use std::net::{IpAddr, SocketAddr};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences decoded together in one step at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch at most; more are answered 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Memory of the paged KV cache, in MiB [default: what --max-batch full contexts take, at
+    /// most 2048].
+    #[arg(long, conflicts_with = "kv_blocks")]
+    pub kv_cache_mb: Option<usize>,
+    /// Size of the paged KV cache in blocks of 16 tokens (instead of --kv-cache-mb).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Prompt tokens prefilled per step at most (long prompts go in chunks, so running streams
+    /// keep their pace).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Require `Authorization: Bearer KEY` on every /v1/ request.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// The model name the API reports and accepts (default: the model's directory or file name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.max_batch == 0 {
+        bail!("--max-batch must be positive");
+    }
+    if a.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be positive");
+    }
+    if a.kv_cache_mb == Some(0) || a.kv_blocks == Some(0) {
+        bail!("the KV cache needs at least one block: --kv-cache-mb / --kv-blocks must be positive");
+    }
+    let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
+    let block_bytes = KvPool::block_bytes(&model.cfg, model.dtype);
+    let kv_blocks = match (a.kv_blocks, a.kv_cache_mb) {
+        (Some(b), _) => b,
+        (None, Some(mb)) => (mb << 20) / block_bytes,
+        // Never more than every sequence of a full batch at full context could use.
+        (None, None) => ((2048 << 20) / block_bytes).min(a.max_batch * KvPool::blocks_for(model.context_len())),
+    }
+    .max(1);
+    let origin = match &assets.dir {
+        Some(d) => d.join("generation_config.json").display().to_string(),
+        None => format!("{}: generation settings", assets.name),
+    };
+    let defaults = SamplingParams::default().with_generation_config(&assets.generation_config, &origin)?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        let spec = a.model.model_spec_with(Default4Bit::Prefer).unwrap_or_default();
+        std::path::Path::new(spec.trim_end_matches('/')).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(spec)
+    });
+    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk: a.prefill_chunk };
+    let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
+    let state = AppState::new(model, &assets, sched, opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    let server = Server::bind(&rt, SocketAddr::new(a.host, a.port), state)?;
+    let addr = server.local_addr()?;
+    eprintln!(
+        "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB); batch up to {} sequences",
+        kv_blocks * BLOCK_TOKENS,
+        (kv_blocks * block_bytes) as f64 / (1 << 20) as f64,
+        a.max_batch
+    );
+    if a.api_key.is_some() {
+        eprintln!("API key required on /v1/ (Authorization: Bearer ...)");
+    }
+    // The tests and scripts read this line for the port.
+    println!("serving {name} on http://{addr} (chat page at /, OpenAI API at /v1)");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    server.run(&rt)?;
+    eprintln!("server stopped");
+    Ok(())
+}

@@ -1,0 +1,450 @@
+//! Continuous batching: one thread owns the model and the paged KV cache and runs steps. At
+//! every step it takes new requests from the queue while the batch has room, then runs one
+//! batched forward pass ([`Model::forward_batch`]) that advances every running sequence: one
+//! token for those that decode, a chunk of at most `prefill_chunk` prompt tokens (shared by all
+//! that prefill) for the others, so that a long prompt never stalls the streams already running.
+//! Sequences leave the batch the moment they finish or their client goes away, and their KV
+//! blocks go back to the pool at once.
+//!
+//! When the pool cannot give a running sequence its next block, the most recently admitted
+//! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
+//! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
+use super::metrics::Metrics;
+use super::sampling::{Sampler, SamplingParams};
+use super::stop::StopMatcher;
+use crate::assets::tokenizer::TokenStream;
+use crate::error::{Error, Result};
+use crate::model::batch::StepSeq;
+use crate::model::paged::{KvPool, SeqKv};
+use crate::model::Model;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Limits of the engine.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in one step at most.
+    pub max_batch: usize,
+    /// Requests waiting for admission at most; more are refused ([`SubmitError::QueueFull`]).
+    pub max_queue: usize,
+    /// KV cache blocks (see [`crate::model::paged`]).
+    pub kv_blocks: usize,
+    /// Prompt tokens prefilled in one step at most (over all prefilling sequences).
+    pub prefill_chunk: usize,
+}
+
+/// What the engine tells a request's client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A piece of the reply.
+    Text(String),
+    /// The reply is complete.
+    Done(Finish),
+    /// The engine failed on this request (the message says why).
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Where a request's events go. `send` returns false, and `is_closed` true, once the client
+/// is gone: the sequence is then cancelled at the next step.
+pub trait EventSink: Send {
+    fn send(&mut self, event: Event) -> bool;
+    fn is_closed(&self) -> bool;
+}
+
+impl EventSink for mpsc::Sender<Event> {
+    fn send(&mut self, event: Event) -> bool {
+        mpsc::Sender::send(self, event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// Sampling settings, `max_tokens` and the seed among them.
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    /// Go on past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`, for
+    /// benchmarks with fixed output lengths).
+    pub ignore_eos: bool,
+    pub sink: Box<dyn EventSink>,
+}
+
+/// Why a request was refused before it was queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests are waiting); retry later")]
+    QueueFull(usize),
+    #[error("the prompt has {prompt} tokens; the context holds {context}, and at least one token must be generated")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("the prompt has {prompt} tokens; the KV cache holds {capacity} in all (raise --kv-cache-mb)")]
+    CacheTooSmall { prompt: usize, capacity: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("{0}")]
+    BadParams(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// The handle of a running engine: submit requests, read its metrics.
+pub struct Engine {
+    tx: mpsc::Sender<Request>,
+    pub metrics: Arc<Metrics>,
+    pub context_len: usize,
+    kv_capacity: usize,
+    max_queue: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the scheduler thread with `model` (moved there) and a pool of `cfg.kv_blocks`.
+    pub fn start(model: Model, tokenizer: Tokenizer, eos_ids: Vec<u32>, cfg: SchedulerConfig) -> Result<Self> {
+        if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
+            return Err(Error::msg("--max-batch and the prefill chunk must be positive"));
+        }
+        let pool = KvPool::new(&model.cfg, cfg.kv_blocks, model.dtype, &model.device)?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.kv_blocks_total.store(pool.total_blocks() as u64, Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let (context_len, kv_capacity, max_queue) = (model.context_len(), pool.capacity_tokens(), cfg.max_queue);
+        let mut s = Scheduler { model, tokenizer, eos_ids, cfg, pool, rx, waiting: VecDeque::new(), running: Vec::new(), metrics: metrics.clone() };
+        let thread = std::thread::Builder::new()
+            .name("awq-run-engine".into())
+            .spawn(move || s.run())
+            .map_err(|e| Error::msg(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self { tx, metrics, context_len, kv_capacity, max_queue, thread: Some(thread) })
+    }
+
+    /// Queues a request, or says why it cannot be.
+    pub fn submit(&self, r: Request) -> std::result::Result<(), SubmitError> {
+        let n = r.prompt.len();
+        if n == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if n >= self.context_len {
+            return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
+        }
+        if n + 1 > self.kv_capacity {
+            self.metrics.requests_rejected.fetch_add(1, Relaxed);
+            return Err(SubmitError::CacheTooSmall { prompt: n, capacity: self.kv_capacity });
+        }
+        r.params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
+        // `waiting` counts queued requests until the scheduler admits them.
+        let waiting = self.metrics.waiting.fetch_add(1, Relaxed);
+        if waiting as usize >= self.max_queue {
+            self.metrics.waiting.fetch_sub(1, Relaxed);
+            self.metrics.requests_rejected.fetch_add(1, Relaxed);
+            return Err(SubmitError::QueueFull(waiting as usize));
+        }
+        self.metrics.requests.fetch_add(1, Relaxed);
+        self.tx.send(r).map_err(|_| {
+            self.metrics.waiting.fetch_sub(1, Relaxed);
+            SubmitError::Stopped
+        })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel ends the scheduler once it is idle.
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A request being served.
+struct Seq {
+    req: Request,
+    sampler: Sampler,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens of `tokens` whose keys and values are in the pool.
+    fed: usize,
+    kv: SeqKv,
+    detok: TokenStream,
+    stop: StopMatcher,
+    arrived: Instant,
+    first_token: bool,
+    /// Counted in the `waiting` metric (from submission to its first admission).
+    queued: bool,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+struct Scheduler {
+    model: Model,
+    tokenizer: Tokenizer,
+    eos_ids: Vec<u32>,
+    cfg: SchedulerConfig,
+    pool: KvPool,
+    rx: mpsc::Receiver<Request>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a step decided for one sequence.
+enum Outcome {
+    Continue,
+    Finished,
+    Cancelled,
+}
+
+impl Scheduler {
+    fn run(&mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(r) => self.arrive(r),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(r) = self.rx.try_recv() {
+                self.arrive(r);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failing step fails its batch, not the server.
+                for mut s in self.running.drain(..) {
+                    s.req.sink.send(Event::Failed(e.to_string()));
+                    self.pool.release(&mut s.kv);
+                    self.metrics.requests_failed.fetch_add(1, Relaxed);
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn arrive(&mut self, req: Request) {
+        let prompt_len = req.prompt.len();
+        let seq = Seq {
+            sampler: Sampler::new(&req.params),
+            tokens: req.prompt.clone(),
+            stop: StopMatcher::new(req.stop.clone()),
+            req,
+            prompt_len,
+            fed: 0,
+            kv: SeqKv::default(),
+            detok: TokenStream::new(),
+            arrived: Instant::now(),
+            first_token: true,
+            queued: true,
+        };
+        self.metrics.prompt_tokens.fetch_add(prompt_len as u64, Relaxed);
+        self.waiting.push_back(seq);
+    }
+
+    /// Cancels queued and running sequences whose client has gone.
+    fn drop_cancelled(&mut self) {
+        let mut cancelled = 0;
+        let metrics = &self.metrics;
+        self.waiting.retain(|s| {
+            let gone = s.req.sink.is_closed();
+            if gone {
+                cancelled += 1;
+                if s.queued {
+                    metrics.waiting.fetch_sub(1, Relaxed);
+                }
+            }
+            !gone
+        });
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].req.sink.is_closed() {
+                let mut s = self.running.remove(i);
+                self.pool.release(&mut s.kv);
+                cancelled += 1;
+            } else {
+                i += 1;
+            }
+        }
+        self.metrics.requests_cancelled.fetch_add(cancelled as u64, Relaxed);
+    }
+
+    /// Moves queued sequences into the batch while it has room and the pool has a block free.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch && self.pool.free_blocks() > 0 {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if std::mem::take(&mut s.queued) {
+                self.metrics.waiting.fetch_sub(1, Relaxed);
+            }
+            self.running.push(s);
+        }
+    }
+
+    /// Frees the blocks of the most recently admitted sequence other than `keep` and queues it
+    /// again at the front; false when there is none.
+    fn preempt_other_than(&mut self, keep: usize) -> bool {
+        let Some(victim) = (0..self.running.len()).rev().find(|&i| i != keep) else { return false };
+        let mut s = self.running.remove(victim);
+        self.pool.release(&mut s.kv);
+        s.fed = 0;
+        self.waiting.push_front(s);
+        self.metrics.preemptions.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// How many tokens each running sequence feeds this step, with its blocks reserved. A
+    /// sequence the pool cannot grow makes room by preempting the latest admitted other one
+    /// (then planning starts over: the reservations made stay valid), or, alone, fails.
+    fn plan(&mut self) -> Vec<usize> {
+        'again: loop {
+            let mut budget = self.cfg.prefill_chunk;
+            let mut plan = Vec::with_capacity(self.running.len());
+            for i in 0..self.running.len() {
+                let s = &mut self.running[i];
+                let pending = s.tokens.len() - s.fed;
+                let n = if pending == 1 { 1 } else { pending.min(budget) };
+                let need = s.fed + n;
+                if n == 0 || self.pool.reserve(&mut s.kv, need).is_ok() {
+                    if pending > 1 {
+                        budget -= n;
+                    }
+                    plan.push(n);
+                    continue;
+                }
+                if !self.preempt_other_than(i) {
+                    let mut s = self.running.remove(i);
+                    let e = format!("the KV cache ({} tokens) cannot hold this sequence's {need} tokens", self.pool.capacity_tokens());
+                    s.req.sink.send(Event::Failed(e));
+                    self.pool.release(&mut s.kv);
+                    self.metrics.requests_failed.fetch_add(1, Relaxed);
+                }
+                continue 'again;
+            }
+            return plan;
+        }
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let plan = self.plan();
+        if plan.iter().all(|&n| n == 0) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let logits = {
+            let mut step: Vec<StepSeq> = Vec::new();
+            for (s, &n) in self.running.iter_mut().zip(&plan) {
+                if n > 0 {
+                    step.push(StepSeq { tokens: &s.tokens[s.fed..s.fed + n], kv: &mut s.kv });
+                }
+            }
+            self.metrics.batch_size.store(step.len() as u64, Relaxed);
+            self.metrics.batched_sequences.fetch_add(step.len() as u64, Relaxed);
+            self.model.forward_batch(&self.pool, &mut step)?
+        };
+        self.metrics.steps.fetch_add(1, Relaxed);
+        let mut row = 0;
+        let mut outcomes = Vec::with_capacity(plan.len());
+        for (i, &n) in plan.iter().enumerate() {
+            if n == 0 {
+                outcomes.push(Outcome::Continue);
+                continue;
+            }
+            let s = &mut self.running[i];
+            s.fed += n;
+            let r = row;
+            row += 1;
+            if s.fed < s.tokens.len() {
+                outcomes.push(Outcome::Continue); // a prefill chunk: no prediction yet
+                continue;
+            }
+            let l = logits.get(r)?.to_vec1::<f32>()?;
+            outcomes.push(Self::advance(s, l, &self.tokenizer, &self.eos_ids, self.model.context_len(), &self.metrics)?);
+        }
+        self.metrics.add_busy(t0.elapsed().as_secs_f64());
+        let mut i = 0;
+        for o in outcomes {
+            match o {
+                Outcome::Continue => i += 1,
+                Outcome::Finished | Outcome::Cancelled => {
+                    let mut s = self.running.remove(i);
+                    self.pool.release(&mut s.kv);
+                    let counter = if matches!(o, Outcome::Finished) { &self.metrics.requests_finished } else { &self.metrics.requests_cancelled };
+                    counter.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples `s`'s next token from `logits` and tells its client.
+    fn advance(s: &mut Seq, logits: Vec<f32>, tok: &Tokenizer, eos: &[u32], context: usize, m: &Metrics) -> Result<Outcome> {
+        let next = s.sampler.sample(logits, &s.tokens)?;
+        if s.first_token {
+            s.first_token = false;
+            m.observe_ttft(s.arrived.elapsed().as_secs_f64());
+        }
+        let finish = |s: &mut Seq, reason: FinishReason| {
+            let rest = s.detok.finish(tok).ok().flatten().unwrap_or_default();
+            let mut text = s.stop.push(&rest);
+            if !text.stopped {
+                text.text += &s.stop.finish();
+            }
+            let mut alive = text.text.is_empty() || s.req.sink.send(Event::Text(text.text));
+            let reason = if text.stopped { FinishReason::Stop } else { reason };
+            let done = Finish { reason, prompt_tokens: s.prompt_len, completion_tokens: s.generated() };
+            alive &= s.req.sink.send(Event::Done(done));
+            if alive {
+                Outcome::Finished
+            } else {
+                Outcome::Cancelled
+            }
+        };
+        if eos.contains(&next) && !s.req.ignore_eos {
+            return Ok(finish(s, FinishReason::Stop));
+        }
+        s.tokens.push(next);
+        m.generated_tokens.fetch_add(1, Relaxed);
+        if let Some(piece) = s.detok.push(tok, next)? {
+            let o = s.stop.push(&piece);
+            if !o.text.is_empty() && !s.req.sink.send(Event::Text(o.text)) {
+                return Ok(Outcome::Cancelled);
+            }
+            if o.stopped {
+                let done = Finish { reason: FinishReason::Stop, prompt_tokens: s.prompt_len, completion_tokens: s.generated() };
+                s.req.sink.send(Event::Done(done));
+                return Ok(Outcome::Finished);
+            }
+        }
+        if s.generated() >= s.req.params.max_tokens || s.tokens.len() >= context {
+            return Ok(finish(s, FinishReason::Length));
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn publish(&self) {
+        self.metrics.running.store(self.running.len() as u64, Relaxed);
+        self.metrics.kv_blocks_used.store(self.pool.used_blocks() as u64, Relaxed);
+    }
+}

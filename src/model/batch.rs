@@ -1,0 +1,204 @@
+//! One forward step for many sequences at once, over the paged KV cache ([`super::paged`]): the
+//! continuous-batching step of the server. Every sequence brings its new tokens (one while it
+//! decodes, a chunk of its prompt while it prefills); all of them go through each linear layer
+//! together as rows of one batch, so the weights are read once per step, not once per sequence.
+//! Attention runs per sequence, at its own positions, over its own cached keys and values.
+use super::llama::{Attention, BlockHints, Model};
+use super::paged::{KvPool, SeqKv};
+use crate::cuda::L2Prefetch;
+use candle_core::{DType, Result, Tensor};
+
+/// One sequence's part of a step: the tokens it feeds and its KV blocks (reserved by the caller
+/// for `kv.len() + tokens.len()` positions).
+pub struct StepSeq<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut SeqKv,
+}
+
+/// Where a sequence's rows sit in the step's batch, and what its attention needs.
+struct Slot {
+    /// First row of the sequence's tokens in the batch.
+    start: usize,
+    /// Its new tokens.
+    n: usize,
+    /// Positions cached before this step.
+    offset: usize,
+    /// Pool rows of all its positions after this step.
+    rows: Tensor,
+    /// The causal mask of its new tokens (none for one token).
+    mask: Option<Tensor>,
+}
+
+impl Attention {
+    /// Attention for every sequence of a step (`normed`: `[1, rows, hidden]`, sequences one after
+    /// another): q/k/v for all rows at once, then per sequence rope at its positions, its new keys
+    /// and values written to layer `layer` of `pool`, attention over all its positions.
+    fn attend_paged(&self, normed: &Tensor, rope: &super::layers::Rope, pool: &KvPool, layer: usize, slots: &[Slot], kvs: &[&SeqKv]) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = crate::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], normed, &L2Prefetch::none())?;
+        let mut outs = Vec::with_capacity(slots.len());
+        for (s, kv) in slots.iter().zip(kvs) {
+            let q = qkv[0].narrow(1, s.start, s.n)?.reshape((1, s.n, h, hd))?;
+            let k = qkv[1].narrow(1, s.start, s.n)?.reshape((1, s.n, kvh, hd))?;
+            let v = qkv[2].narrow(1, s.start, s.n)?.reshape((s.n, kvh, hd))?;
+            let (q, k) = match (&self.q_norm, &self.k_norm) {
+                (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+                _ => (q, k),
+            };
+            let q = rope.apply(&q.transpose(1, 2)?, s.offset)?;
+            let k = rope.apply(&k.transpose(1, 2)?, s.offset)?;
+            pool.write(layer, kv, &k.squeeze(0)?.transpose(0, 1)?, &v)?;
+            let (k_all, v_all) = pool.gather(layer, &s.rows)?;
+            outs.push(self.scaled_dot_product(&q, &k_all, &v_all, s.mask.as_ref())?);
+        }
+        Tensor::cat(&outs, 1)
+    }
+}
+
+impl Model {
+    /// Runs one step for `seqs` (see the module docs) and returns the logits `[seqs, vocab]` (f32)
+    /// of each sequence's last new token; every sequence's KV length grows by its tokens. The
+    /// results equal [`Model::forward`]'s for each sequence alone, up to the rounding of
+    /// batched linear layers.
+    pub fn forward_batch(&self, pool: &KvPool, seqs: &mut [StepSeq]) -> Result<Tensor> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("a batch step needs at least one token per sequence");
+        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        self.check_tokens(&ids)?;
+        let mut slots = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs.iter() {
+            let (n, offset) = (s.tokens.len(), s.kv.len());
+            if offset + n > self.context_len() {
+                candle_core::bail!("position {} is beyond the model's context of {} tokens", offset + n, self.context_len());
+            }
+            let rows = pool.rows(s.kv, offset + n, &self.device)?;
+            slots.push(Slot { start, n, offset, rows, mask: self.mask(n, offset)? });
+            start += n;
+        }
+        let logits = self.on_pool(|| -> Result<Tensor> {
+            let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
+            let tokens = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let mut x = self.embed(&tokens)?;
+            let mut delta: Option<Tensor> = None;
+            for (layer, block) in self.layers.iter().enumerate() {
+                let attend = |normed: &Tensor| block.self_attn.attend_paged(normed, &self.rope, pool, layer, &slots, &kvs);
+                let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), attend, None)?;
+                x = nx;
+                delta = Some(d);
+            }
+            let x = match delta {
+                Some(d) => (x + d)?,
+                None => x,
+            };
+            let last: Vec<u32> = slots.iter().map(|s| (s.start + s.n - 1) as u32).collect();
+            let last = Tensor::new(last.as_slice(), &self.device)?;
+            self.head(&x.squeeze(0)?.index_select(&last, 0)?)
+        })?;
+        for s in seqs.iter_mut() {
+            pool.advance(s.kv, s.tokens.len());
+        }
+        logits.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dummy;
+    use candle_core::Device;
+
+    /// Greedy continuation of `prompt` for `steps` tokens with the plain cache.
+    fn alone(m: &Model, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut cache = m.new_cache(m.context_len());
+        let mut logits = m.forward(&Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+        let (mut out, mut all) = (vec![], vec![]);
+        for _ in 0..steps {
+            let l = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let t = argmax(&l);
+            all.push(l);
+            out.push(t);
+            logits = m.forward(&Tensor::new(&[t], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+        }
+        (out, all)
+    }
+
+    fn argmax(l: &[f32]) -> u32 {
+        l.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+    }
+
+    fn tiny(w4: bool) -> Model {
+        let cfg: crate::model::Config = serde_json::from_value(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+            "max_position_embeddings": 128,
+        }))
+        .unwrap();
+        dummy::dummy_model(&cfg, w4, 32, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn batched_steps_match_each_sequence_alone() {
+        for w4 in [false, true] {
+            batched_matches_alone(&tiny(w4));
+        }
+    }
+
+    fn batched_matches_alone(m: &Model) {
+        let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 2], &[3], &[7, 8, 9, 10, 11]];
+        let steps = 12;
+        let mut pool = KvPool::new(&m.cfg, 16, DType::F32, &Device::Cpu).unwrap();
+        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+        let mut fed: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut outs: Vec<Vec<u32>> = vec![vec![]; 3];
+        let mut logits_seen: Vec<Vec<Vec<f32>>> = vec![vec![]; 3];
+        // Step 0: sequence 0 prefills in two chunks (7 then the rest) while the others prefill
+        // whole; from then on everyone decodes one token per step, all in one batch.
+        let mut pending: Vec<Vec<u32>> = fed.clone();
+        let mut chunk0 = pending[0].split_off(7);
+        std::mem::swap(&mut chunk0, &mut pending[0]);
+        let mut first = true;
+        while outs.iter().any(|o| o.len() < steps) {
+            let mut step: Vec<StepSeq> = Vec::new();
+            let mut who = Vec::new();
+            for (i, kv) in kvs.iter_mut().enumerate() {
+                let tokens: &[u32] = if first && i == 0 { &chunk0 } else { &pending[i] };
+                if outs[i].len() >= steps || tokens.is_empty() {
+                    continue;
+                }
+                pool.reserve(kv, kv.len() + tokens.len()).unwrap();
+                step.push(StepSeq { tokens, kv });
+                who.push(i);
+            }
+            let l = m.forward_batch(&pool, &mut step).unwrap();
+            for (row, &i) in who.iter().enumerate() {
+                let done_prompt = kvs[i].len() >= prompts[i].len();
+                if first && i == 0 {
+                    continue; // the chunk's logits are not a prediction yet
+                }
+                if done_prompt {
+                    let lv = l.get(row).unwrap().to_vec1::<f32>().unwrap();
+                    let t = argmax(&lv);
+                    logits_seen[i].push(lv);
+                    outs[i].push(t);
+                    fed[i].push(t);
+                    pending[i] = vec![t];
+                }
+            }
+            first = false;
+        }
+        for i in 0..3 {
+            let (want, want_logits) = alone(m, prompts[i], steps);
+            assert_eq!(outs[i], want, "sequence {i}");
+            for (a, b) in logits_seen[i].iter().zip(&want_logits) {
+                let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4, "sequence {i}: logits differ by {err}");
+            }
+        }
+        for kv in kvs.iter_mut() {
+            pool.release(kv);
+        }
+        assert_eq!(pool.free_blocks(), 16);
+    }
+}

@@ -1,0 +1,207 @@
+//! A paged KV cache shared by many sequences, as vLLM's PagedAttention has it: the keys and
+//! values of every layer live in one pool of fixed-size blocks (`BLOCK_TOKENS` positions each),
+//! and each sequence holds a list of block ids that grows a block at a time. Memory follows the
+//! tokens actually cached, never a sequence's whole context, and a finished sequence gives its
+//! blocks back for the next one at once.
+//!
+//! Storage per layer is one tensor `[blocks * BLOCK_TOKENS, kv_heads, head_dim]`: one position's
+//! keys (all heads) are one contiguous row, so writing a token is one row copy and gathering a
+//! sequence is one `index_select` over its rows.
+use super::config::Config;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Positions per block (vLLM's default block size).
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Why a sequence could not get the blocks it needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the KV cache is full: {needed} more blocks of {BLOCK_TOKENS} tokens are needed, {free} of {total} are free")]
+pub struct PoolFull {
+    pub needed: usize,
+    pub free: usize,
+    pub total: usize,
+}
+
+/// The blocks of one sequence and how many positions of them are filled.
+#[derive(Debug, Default)]
+pub struct SeqKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqKv {
+    /// Positions cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+    /// The pool row of position `p`.
+    fn row(&self, p: usize) -> u32 {
+        self.blocks[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32
+    }
+}
+
+/// The shared pool.
+pub struct KvPool {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    free: Vec<u32>,
+    total: usize,
+}
+
+impl KvPool {
+    /// Bytes one block takes over all layers (keys and values).
+    pub fn block_bytes(cfg: &Config, dtype: DType) -> usize {
+        cfg.num_hidden_layers * 2 * BLOCK_TOKENS * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes()
+    }
+
+    /// A pool of `blocks` blocks for `cfg`'s layers, in `dtype` on `device`.
+    pub fn new(cfg: &Config, blocks: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if blocks == 0 {
+            candle_core::bail!("the KV cache needs at least one block of {BLOCK_TOKENS} tokens");
+        }
+        let rows = blocks * BLOCK_TOKENS;
+        let shape = (rows, cfg.num_kv_heads(), cfg.head_dim());
+        let layer = || Tensor::zeros(shape, dtype, device);
+        let k = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
+        let v = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
+        // Hand out low block ids first (pop from the end).
+        let free = (0..blocks as u32).rev().collect();
+        Ok(Self { k, v, free, total: blocks })
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    pub fn used_blocks(&self) -> usize {
+        self.total - self.free.len()
+    }
+    /// Positions the whole pool holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.total * BLOCK_TOKENS
+    }
+
+    /// Blocks a sequence of `len` positions needs.
+    pub fn blocks_for(len: usize) -> usize {
+        len.div_ceil(BLOCK_TOKENS)
+    }
+
+    /// More blocks `seq` needs to hold `len` positions.
+    pub fn shortfall(&self, seq: &SeqKv, len: usize) -> usize {
+        Self::blocks_for(len).saturating_sub(seq.blocks.len())
+    }
+
+    /// Grows `seq` to hold `len` positions; on [`PoolFull`] nothing changes.
+    pub fn reserve(&mut self, seq: &mut SeqKv, len: usize) -> std::result::Result<(), PoolFull> {
+        let needed = self.shortfall(seq, len);
+        if needed > self.free.len() {
+            return Err(PoolFull { needed, free: self.free.len(), total: self.total });
+        }
+        for _ in 0..needed {
+            seq.blocks.push(self.free.pop().expect("checked above"));
+        }
+        Ok(())
+    }
+
+    /// Gives every block of `seq` back.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.free.extend(seq.blocks.drain(..).rev());
+        seq.len = 0;
+    }
+
+    /// Writes layer `layer`'s keys and values of `seq`'s next `k.dim(0)` positions (`k`, `v`:
+    /// `[tokens, kv_heads, head_dim]`); the blocks must be reserved. Does not advance `seq`
+    /// (see [`KvPool::advance`], once every layer is written).
+    pub fn write(&self, layer: usize, seq: &SeqKv, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = k.dim(0)?;
+        if Self::blocks_for(seq.len + n) > seq.blocks.len() {
+            candle_core::bail!("KV write of {n} positions after {} with {} blocks reserved", seq.len, seq.blocks.len());
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // One copy per run of positions that stays inside one block.
+        let mut p = 0;
+        while p < n {
+            let pos = seq.len + p;
+            let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(n - p);
+            let row = seq.row(pos) as usize;
+            self.k[layer].slice_set(&k.narrow(0, p, run)?, 0, row)?;
+            self.v[layer].slice_set(&v.narrow(0, p, run)?, 0, row)?;
+            p += run;
+        }
+        Ok(())
+    }
+
+    /// Counts `n` positions written to every layer.
+    pub fn advance(&self, seq: &mut SeqKv, n: usize) {
+        seq.len = (seq.len + n).min(seq.blocks.len() * BLOCK_TOKENS);
+    }
+
+    /// The pool rows of `seq`'s first `len` positions, as a u32 index tensor for [`KvPool::gather`].
+    pub fn rows(&self, seq: &SeqKv, len: usize, device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = (0..len).map(|p| seq.row(p)).collect();
+        Tensor::from_vec(rows, len, device)
+    }
+
+    /// Layer `layer`'s keys and values at `rows` (see [`KvPool::rows`]), as
+    /// `[1, kv_heads, len, head_dim]` views.
+    pub fn gather(&self, layer: usize, rows: &Tensor) -> Result<(Tensor, Tensor)> {
+        let view = |t: &Tensor| -> Result<Tensor> { t.index_select(rows, 0)?.transpose(0, 1)?.unsqueeze(0) };
+        Ok((view(&self.k[layer])?, view(&self.v[layer])?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        serde_json::from_value(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 10,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn blocks_are_reserved_written_gathered_and_given_back() {
+        let c = cfg();
+        let mut pool = KvPool::new(&c, 4, DType::F32, &Device::Cpu).unwrap();
+        let (mut a, mut b) = (SeqKv::default(), SeqKv::default());
+        pool.reserve(&mut a, 20).unwrap(); // 2 blocks
+        pool.reserve(&mut b, 16).unwrap(); // 1 block
+        assert_eq!(pool.free_blocks(), 1);
+        let full = pool.reserve(&mut b, 40).unwrap_err();
+        assert_eq!((full.needed, full.free, full.total), (2, 1, 4));
+        assert_eq!(b.blocks(), 1, "a refused reserve changes nothing");
+        // 20 positions of a, written in two calls that cross a block boundary.
+        let kv = |n: usize, base: f32| Tensor::arange(0f32, (n * 2 * 4) as f32, &Device::Cpu).unwrap().affine(1.0, base as f64).unwrap().reshape((n, 2, 4)).unwrap();
+        let (k1, k2) = (kv(13, 0.0), kv(7, 1000.0));
+        for layer in 0..2 {
+            pool.write(layer, &a, &k1, &(&k1 * 2.0).unwrap()).unwrap();
+        }
+        pool.advance(&mut a, 13);
+        for layer in 0..2 {
+            pool.write(layer, &a, &k2, &(&k2 * 2.0).unwrap()).unwrap();
+        }
+        pool.advance(&mut a, 7);
+        let rows = pool.rows(&a, 20, &Device::Cpu).unwrap();
+        let (k, v) = pool.gather(1, &rows).unwrap();
+        let want = Tensor::cat(&[&k1, &k2], 0).unwrap().transpose(0, 1).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), (want * 2.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // Writing past the reserved blocks is refused.
+        assert!(pool.write(0, &a, &kv(13, 0.0), &kv(13, 0.0)).is_err());
+        pool.release(&mut a);
+        pool.release(&mut b);
+        assert_eq!((pool.free_blocks(), a.len(), a.blocks()), (4, 0, 0));
+        assert_eq!(KvPool::block_bytes(&c, DType::F32), 2 * 2 * 16 * 2 * 4 * 4);
+    }
+}

@@ -1,0 +1,276 @@
+//! The OpenAI API's request fields and error objects. Requests are read from raw JSON by hand,
+//! not through serde derive, so that every refusal names the field (`param`) and says what was
+//! wrong with it, as OpenAI's own errors do.
+use crate::engine::chat_template::Message;
+use crate::engine::sampling::SamplingParams;
+use axum::http::StatusCode;
+use serde_json::{json, Map, Value};
+
+/// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (429 / 503).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn bad_request(param: &str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None, retry_after: None }
+    }
+    pub fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code, retry_after: None }
+    }
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
+    }
+}
+
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// What both completion endpoints take besides the prompt.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub model: Option<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub params: SamplingParams,
+    /// `max_tokens` / `max_completion_tokens`, if given.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    /// vLLM's extension: generate `max_tokens` whatever end-of-sequence tokens come.
+    pub ignore_eos: bool,
+}
+
+/// A parsed request body: an object, or a 400 naming what is wrong.
+pub fn parse_body(bytes: &[u8]) -> ApiResult<Map<String, Value>> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        other => Err(ApiError::bad_request("body", format!("the body must be a JSON object, not {}", kind_of(&other)))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Typed access to the fields of a request object; `null` counts as absent, as in OpenAI's API.
+pub struct Fields<'a>(pub &'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+    fn wrong(key: &str, want: &str, v: &Value) -> ApiError {
+        ApiError::bad_request(key, format!("{key} must be {want}, not {}", kind_of(v)))
+    }
+    pub fn bool(&self, key: &str) -> ApiResult<Option<bool>> {
+        self.get(key).map(|v| v.as_bool().ok_or_else(|| Self::wrong(key, "a boolean", v))).transpose()
+    }
+    pub fn string(&self, key: &str) -> ApiResult<Option<String>> {
+        self.get(key).map(|v| v.as_str().map(str::to_string).ok_or_else(|| Self::wrong(key, "a string", v))).transpose()
+    }
+    /// A number in `[lo, hi]`.
+    pub fn number(&self, key: &str, lo: f64, hi: f64) -> ApiResult<Option<f64>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let x = v.as_f64().ok_or_else(|| Self::wrong(key, "a number", v))?;
+        if !(lo..=hi).contains(&x) {
+            return Err(ApiError::bad_request(key, format!("{key} is {x}; it must be between {lo} and {hi}")));
+        }
+        Ok(Some(x))
+    }
+    /// A whole number of at least `lo`.
+    pub fn int(&self, key: &str, lo: i64) -> ApiResult<Option<i64>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let x = v.as_i64().ok_or_else(|| Self::wrong(key, "an integer", v))?;
+        if x < lo {
+            return Err(ApiError::bad_request(key, format!("{key} is {x}; it must be at least {lo}")));
+        }
+        Ok(Some(x))
+    }
+}
+
+/// The fields both endpoints share, over `defaults` (the model's own sampling settings).
+pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Common> {
+    let f = Fields(o);
+    let mut p = defaults.clone();
+    if let Some(t) = f.number("temperature", 0.0, 2.0)? {
+        p.temperature = t;
+    }
+    if let Some(t) = f.number("top_p", 0.0, 1.0)? {
+        if t == 0.0 {
+            return Err(ApiError::bad_request("top_p", "top_p must be greater than 0"));
+        }
+        p.top_p = (t < 1.0).then_some(t);
+    }
+    if let Some(k) = f.int("top_k", -1)? {
+        p.top_k = (k > 0).then_some(k as usize);
+    }
+    if let Some(m) = f.number("min_p", 0.0, 1.0)? {
+        p.min_p = (m > 0.0).then_some(m);
+    }
+    if let Some(x) = f.number("frequency_penalty", -2.0, 2.0)? {
+        p.frequency_penalty = x as f32;
+    }
+    if let Some(x) = f.number("presence_penalty", -2.0, 2.0)? {
+        p.presence_penalty = x as f32;
+    }
+    if let Some(x) = f.number("repetition_penalty", 0.01, 10.0)? {
+        p.repeat_penalty = x as f32;
+    }
+    if let Some(s) = f.int("seed", i64::MIN)? {
+        p.seed = s as u64;
+    }
+    if let Some(n) = f.int("n", 1)? {
+        if n != 1 {
+            return Err(ApiError::bad_request("n", format!("n is {n}; only one choice per request is supported")));
+        }
+    }
+    let max_tokens = match f.int("max_completion_tokens", 1)? {
+        Some(n) => Some(n as usize),
+        None => f.int("max_tokens", 1)?.map(|n| n as usize),
+    };
+    let stop = match f.get("stop") {
+        None => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("stop", format!("stop must hold strings, not {}", kind_of(s)))))
+            .collect::<ApiResult<_>>()?,
+        Some(v) => return Err(Fields::wrong("stop", "a string or an array of strings", v)),
+    };
+    if stop.len() > 16 {
+        return Err(ApiError::bad_request("stop", format!("stop has {} strings; at most 16 are allowed", stop.len())));
+    }
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(so)) => Fields(so).bool("include_usage").map_err(|mut e| {
+            e.param = Some("stream_options.include_usage".into());
+            e
+        })?.unwrap_or(false),
+        Some(v) => return Err(Fields::wrong("stream_options", "an object", v)),
+    };
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
+    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos })
+}
+
+/// `messages` of a chat completion: each `{"role", "content"}` with content a string or an
+/// array of `{"type": "text", "text"}` parts.
+pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
+    let v = o.get("messages").ok_or_else(|| ApiError::bad_request("messages", "messages is required"))?;
+    let list = v.as_array().ok_or_else(|| Fields::wrong("messages", "an array", v))?;
+    if list.is_empty() {
+        return Err(ApiError::bad_request("messages", "messages must hold at least one message"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = |field: &str| format!("messages[{i}].{field}");
+            let m = m.as_object().ok_or_else(|| ApiError::bad_request(&format!("messages[{i}]"), format!("messages[{i}] must be an object, not {}", kind_of(m))))?;
+            let role = match m.get("role") {
+                Some(Value::String(r)) if matches!(r.as_str(), "system" | "developer" | "user" | "assistant" | "tool") => r.clone(),
+                Some(Value::String(r)) => return Err(ApiError::bad_request(&at("role"), format!("{} is {r:?}; roles are system, developer, user, assistant, tool", at("role")))),
+                Some(v) => return Err(ApiError::bad_request(&at("role"), format!("{} must be a string, not {}", at("role"), kind_of(v)))),
+                None => return Err(ApiError::bad_request(&at("role"), format!("{} is required", at("role")))),
+            };
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => Ok(t.to_string()),
+                        _ => Err(ApiError::bad_request(&at("content"), format!("{}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported", at("content")))),
+                    })
+                    .collect::<ApiResult<Vec<_>>>()?
+                    .join(""),
+                Some(v) => return Err(ApiError::bad_request(&at("content"), format!("{} must be a string or an array of text parts, not {}", at("content"), kind_of(v)))),
+            };
+            // Templates know system, user and assistant; developer is OpenAI's new name for system.
+            let role = if role == "developer" { "system".to_string() } else { role };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+/// `prompt` of a (legacy) completion: a string, or an array of one string.
+pub fn prompt(o: &Map<String, Value>) -> ApiResult<String> {
+    match o.get("prompt") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap_or_default().to_string()),
+        Some(Value::Array(a)) => Err(ApiError::bad_request("prompt", format!("prompt holds {} entries; one string per request is supported", a.len()))),
+        Some(v) => Err(Fields::wrong("prompt", "a string", v)),
+        None => Err(ApiError::bad_request("prompt", "prompt is required")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_or_range_are_named() {
+        let d = SamplingParams::default();
+        let cases = [
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"temperature": 3}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_completion_tokens": 1.5}), "max_completion_tokens"),
+            (json!({"stop": [1]}), "stop"),
+            (json!({"stream": "yes"}), "stream"),
+            (json!({"stream_options": {"include_usage": 1}}), "stream_options.include_usage"),
+            (json!({"n": 2}), "n"),
+            (json!({"presence_penalty": -3}), "presence_penalty"),
+        ];
+        for (body, param) in cases {
+            let e = common(&obj(body.clone()), &d).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
+        }
+        let c = common(&obj(json!({"temperature": 0, "stop": "x", "max_tokens": 5, "top_k": -1, "seed": 7, "model": null})), &d).unwrap();
+        assert_eq!((c.params.temperature, c.stop, c.max_tokens, c.params.top_k, c.params.seed, c.model), (0.0, vec!["x".to_string()], Some(5), None, 7, None));
+    }
+
+    #[test]
+    fn messages_are_checked_one_by_one() {
+        assert_eq!(messages(&obj(json!({"messages": []}))).unwrap_err().param.as_deref(), Some("messages"));
+        assert_eq!(messages(&obj(json!({}))).unwrap_err().param.as_deref(), Some("messages"));
+        let e = messages(&obj(json!({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[1].role"));
+        let m = messages(&obj(json!({"messages": [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]}]}))).unwrap();
+        assert_eq!(m, vec![Message::new("system", "be brief")]);
+        assert!(parse_body(b"{nope").unwrap_err().message.contains("not valid JSON"));
+        assert!(parse_body(b"[1]").unwrap_err().message.contains("an array"));
+    }
+}

@@ -1,0 +1,324 @@
+//! `awq-run serve` end to end: the real binary on a random loopback port, on the tiny model,
+//! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
+//! concurrent streams against the same requests alone, a client that goes away, every bad input
+//! with its status and error JSON, the API key and a full queue.
+mod common;
+use common::{bin, TinySpec};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the server on the tiny llama with `extra` flags; returns once it listens.
+fn start(extra: &[&str]) -> Server {
+    start_with(TinySpec::new(awq_run::model::Arch::Llama), extra)
+}
+
+fn start_with(spec: TinySpec, extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let model = spec.write_dir(&dir.path().join("tiny"));
+    let mut child = Command::new(bin())
+        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+    Server { child, base: format!("http://{base}"), _dir: dir }
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+    /// POSTs `body`; returns the status and the parsed JSON (error statuses included).
+    fn post(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value, Option<String>) {
+        let mut r = ureq::post(&self.url(path)).set("Content-Type", "application/json");
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        let resp = match r.send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let (status, retry) = (resp.status(), resp.header("Retry-After").map(str::to_string));
+        (status, resp.into_json().unwrap(), retry)
+    }
+    fn chat(&self, body: Value) -> Value {
+        let (status, v, _) = self.post("/v1/chat/completions", &body.to_string(), None);
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+    /// A streamed chat completion: the content, the chunks, and whether [DONE] came last.
+    fn stream(&self, mut body: Value) -> (String, Vec<Value>) {
+        body["stream"] = json!(true);
+        let resp = ureq::post(&self.url("/v1/chat/completions")).send_string(&body.to_string()).unwrap();
+        assert_eq!(resp.header("Content-Type"), Some("text/event-stream"));
+        let mut chunks = Vec::new();
+        let mut done = false;
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else { continue };
+            assert!(!done, "data after [DONE]");
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            chunks.push(serde_json::from_str::<Value>(data).unwrap());
+        }
+        assert!(done, "the stream did not end with [DONE]");
+        let text = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        (text, chunks)
+    }
+    fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
+        text.lines()
+            .find(|l| l.starts_with(&format!("awq_run_{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+fn greedy(content: &str, max_tokens: usize) -> Value {
+    json!({"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": max_tokens})
+}
+
+#[test]
+fn chat_completions_streamed_and_whole_agree() {
+    let s = start(&[]);
+    let v = s.chat(greedy("hello there", 12));
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap().to_string();
+    let u = &v["usage"];
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 3 && completion <= 12, "{u}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + completion);
+    let finish = choice["finish_reason"].as_str().unwrap();
+    assert!(finish == "stop" || (finish == "length" && completion == 12), "{finish} after {completion}");
+
+    let mut body = greedy("hello there", 12);
+    body["stream_options"] = json!({"include_usage": true});
+    let (streamed, chunks) = s.stream(body);
+    assert_eq!(streamed, text, "greedy: the stream and the whole answer are the same text");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+    }
+    let last_choice = chunks.iter().rev().find(|c| !c["choices"].as_array().unwrap().is_empty()).unwrap();
+    assert_eq!(last_choice["choices"][0]["finish_reason"], finish);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"], *u);
+
+    // The plain completion endpoint, the model list, health and metrics.
+    let (status, c, _) = s.post("/v1/completions", &json!({"prompt": "hello", "max_tokens": 5, "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert!(c["choices"][0]["text"].is_string());
+    let models: Value = ureq::get(&s.url("/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(models["data"][0]["max_model_len"], 256);
+    let health: Value = ureq::get(&s.url("/health")).call().unwrap().into_json().unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(s.metric("requests_total") >= 3.0);
+    assert!(s.metric("generation_tokens_total") >= 1.0);
+    assert_eq!(s.metric("time_to_first_token_seconds_count"), s.metric("requests_finished_total"));
+    let page = ureq::get(&s.url("/")).call().unwrap().into_string().unwrap();
+    assert!(page.contains("<title>awq-run chat</title>"));
+}
+
+#[test]
+fn stop_strings_and_max_tokens() {
+    let s = start(&[]);
+    // Find a prompt whose greedy reply is long enough to cut.
+    let (prompt, full) = ["hello", "the world", "order her", "tell the hero", "lore", "other"]
+        .iter()
+        .map(|p| (p.to_string(), s.chat(greedy(p, 24))["choices"][0]["message"]["content"].as_str().unwrap().to_string()))
+        .find(|(_, t)| t.chars().count() >= 6)
+        .expect("some greedy reply of 6 characters or more");
+    // A stop string from the middle of the reply, spanning whatever tokens it spans.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[2..5].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut body = greedy(&prompt, 24);
+        body["stop"] = json!(["never-appears", stop]);
+        let text = if stream {
+            s.stream(body).0
+        } else {
+            let v = s.chat(body);
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+            v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        };
+        assert_eq!(text, cut, "stop {stop:?} in {full:?} (stream: {stream})");
+    }
+    // max_tokens (and its new name) caps the reply.
+    for key in ["max_tokens", "max_completion_tokens"] {
+        let v = s.chat(json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0, key: 2}));
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 2);
+    }
+}
+
+#[test]
+fn sixteen_concurrent_streams_match_their_answers_alone() {
+    let s = start(&["--max-batch", "16"]);
+    let requests: Vec<Value> = (0..16)
+        .map(|i| {
+            let words = ["hello", "the", "world", "order", "tell", "her", "other", "hero"];
+            let content: Vec<&str> = (0..1 + i % 5).map(|j| words[(i + j) % words.len()]).collect();
+            // Half greedy, half sampled with their own seeds: both must not depend on the batch.
+            if i % 2 == 0 {
+                greedy(&content.join(" "), 32)
+            } else {
+                json!({"messages": [{"role": "user", "content": content.join(" ")}], "temperature": 0.9, "seed": i, "max_tokens": 32})
+            }
+        })
+        .collect();
+    let alone: Vec<String> = requests.iter().map(|r| s.chat(r.clone())["choices"][0]["message"]["content"].as_str().unwrap().to_string()).collect();
+    let batched: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests.iter().map(|r| scope.spawn(|| s.stream(r.clone()).0)).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a, b, "request {i}: alone vs batched with 15 others");
+    }
+    assert_eq!(s.metric("kv_blocks_used"), 0.0, "every finished sequence gave its blocks back");
+    // 32 requests of up to 32 tokens: alone they take one sequence per step; together the
+    // mean batch must be well above one.
+    let mean = s.metric("batched_sequences_total") / s.metric("steps_total");
+    assert!(mean > 1.5, "mean batch {mean}");
+}
+
+#[test]
+fn a_client_that_goes_away_frees_its_kv_blocks() {
+    // A long context, so the reply is still being generated when the client leaves.
+    let mut spec = TinySpec::new(awq_run::model::Arch::Llama);
+    spec.max_pos = 8192;
+    let s = start_with(spec, &[]);
+    let body = json!({"messages": [{"role": "user", "content": "hello"}], "temperature": 1.0, "max_tokens": 8000, "ignore_eos": true, "stream": true, "seed": 1});
+    let resp = ureq::post(&s.url("/v1/chat/completions")).send_string(&body.to_string()).unwrap();
+    let mut lines = BufReader::new(resp.into_reader()).lines();
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines);
+    let t = Instant::now();
+    while s.metric("requests_cancelled_total") < 1.0 || s.metric("kv_blocks_used") > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the cancelled sequence kept its blocks");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.metric("requests_finished_total"), 0.0);
+    // The server keeps serving.
+    s.chat(greedy("hello", 3));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let s = start(&["--served-model-name", "tiny-w4"]);
+    let long = "hello ".repeat(400);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, "body"),
+        ("/v1/chat/completions", "[1, 2]".into(), 400, "body"),
+        ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, "messages"),
+        ("/v1/chat/completions", json!({"messages": "hi"}).to_string(), 400, "messages"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": 5}]}).to_string(), 400, "messages[0].content"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "temperature": "warm"}).to_string(), 400, "temperature"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_p": 7}).to_string(), 400, "top_p"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).to_string(), 400, "max_tokens"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}).to_string(), 400, "max_tokens"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": long}]}).to_string(), 400, "messages"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}).to_string(), 404, "model"),
+        ("/v1/completions", json!({"prompt": 3}).to_string(), 400, "prompt"),
+    ];
+    for (path, body, status, param) in cases {
+        let (got, v, _) = s.post(path, &body, None);
+        assert_eq!(got, status, "{body}: {v}");
+        let e = &v["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(e["type"].is_string() && e.get("code").is_some(), "{v}");
+        assert_eq!(e["param"], param, "{body}: {v}");
+    }
+    // The context error names both lengths.
+    let (_, v, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": long}]}).to_string(), None);
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("256") && m.contains("tokens"), "{m}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Unknown paths and methods.
+    let r = ureq::get(&s.url("/v1/nothing")).call().unwrap_err();
+    assert!(matches!(r, ureq::Error::Status(404, _)));
+    let r = ureq::get(&s.url("/v1/chat/completions")).call().unwrap_err();
+    assert!(matches!(r, ureq::Error::Status(405, _)));
+    // Still serving, under the served name.
+    let v = s.chat(json!({"messages": [{"role": "user", "content": "x"}], "model": "tiny-w4", "max_tokens": 2}));
+    assert_eq!(v["model"], "tiny-w4");
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = start(&["--api-key", "sesame"]);
+    let body = greedy("hello", 2).to_string();
+    for key in [None, Some("wrong")] {
+        let (status, v, _) = s.post("/v1/chat/completions", &body, key);
+        assert_eq!(status, 401, "{v}");
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+    let (status, _, _) = s.post("/v1/chat/completions", &body, Some("sesame"));
+    assert_eq!(status, 200);
+    // Health and the page stay open.
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_and_the_server_goes_on() {
+    let s = start(&["--max-batch", "1", "--max-queue", "1"]);
+    let long = json!({"messages": [{"role": "user", "content": "hello"}], "temperature": 1.0, "seed": 3, "max_tokens": 150}).to_string();
+    let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..6).map(|_| scope.spawn(|| {
+            let (st, _, retry) = s.post("/v1/chat/completions", &long, None);
+            (st, retry)
+        })).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = statuses.iter().filter(|(st, _)| *st == 429).collect();
+    assert!(!refused.is_empty(), "{statuses:?}");
+    assert!(refused.iter().all(|(_, retry)| retry.as_deref() == Some("1")), "{statuses:?}");
+    assert!(statuses.iter().all(|(st, _)| *st == 200 || *st == 429), "{statuses:?}");
+    assert!(s.metric("requests_rejected_total") >= refused.len() as f64);
+    s.chat(greedy("hello", 3));
+}
+
+#[test]
+fn a_prompt_larger_than_the_kv_cache_is_503() {
+    // 2 blocks of 16 tokens: a 40-token prompt can never fit.
+    let s = start(&["--kv-blocks", "2"]);
+    let (status, v, retry) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hello ".repeat(12)}]}).to_string(), None);
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("KV cache"), "{v}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    // Short requests still run, sharing the two blocks one after another.
+    for _ in 0..3 {
+        s.chat(greedy("hi", 4));
+    }
+}
