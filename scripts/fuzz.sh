@@ -43,6 +43,7 @@ run_one() {
   local t=$1
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t" "fuzz/regressions/$t"
   local before; before=$(ls "fuzz/artifacts/$t" | wc -l)
+  local start; start=$(date +%s)
   # Scratch files of the model_dir target go to memory where /dev/shm exists.
   TMPDIR=$([ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}") \
   cargo +nightly fuzz run -s none --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "fuzz/regressions/$t" -- \
@@ -51,11 +52,17 @@ run_one() {
   local execs; execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$LOGS/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   local after; after=$(ls "fuzz/artifacts/$t" | wc -l)
   local corpus; corpus=$(ls "fuzz/corpus/$t" | wc -l)
-  printf '%-14s %6ss %12s executions %6s corpus files %3s new crashes\n' "$t" "$SECS" "${execs:-0}" "$corpus" "$((after - before))"
+  local secs=$(( $(date +%s) - start ))
+  # Every run is added to a history, so the totals per target span runs (libFuzzer stops a
+  # run at its first crash).
+  printf '%s\t%s\t%s\t%s\n' "$t" "$secs" "${execs:-0}" "$((after - before))" >>"$LOGS/history.tsv"
+  printf '%-14s %6ss %12s executions %6s corpus files %3s new crashes\n' "$t" "$secs" "${execs:-0}" "$corpus" "$((after - before))"
 }
 export -f run_one
 export SECS LOGS
 printf '%s\n' "${TARGETS[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {}'
+echo "totals over every run in $LOGS/history.tsv:"
+awk -F'\t' '{s[$1]+=$2; e[$1]+=$3; c[$1]+=$4} END {for (t in s) printf "  %-14s %7d s %12d executions %3d crashes\n", t, s[t], e[t], c[t]}' "$LOGS/history.tsv" | sort
 open=$(find fuzz/artifacts -type f 2>/dev/null | wc -l)
 echo "open crash inputs in fuzz/artifacts: $open (logs in $LOGS)"
 [ "$open" -eq 0 ]

@@ -45,3 +45,40 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = read_file(path)?;
     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
+
+thread_local! {
+    /// Set while [`catch_panic`] runs its closure: the panic hook stays quiet for it.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it into `Err(message)` without the panic hook printing it.
+/// For third-party parsers that panic on some malformed inputs instead of returning an error
+/// (the tokenizers crate does on a few tokenizer.json shapes): the user gets one clear error
+/// naming the file instead of a backtrace. Other threads' panics are reported as before.
+pub fn catch_panic<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::result::Result<R, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.with(|c| c.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CATCHING.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(f);
+    CATCHING.with(|c| c.set(was));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn catch_panic_turns_a_panic_into_its_message() {
+        assert_eq!(super::catch_panic(|| 3), Ok(3));
+        assert_eq!(super::catch_panic(|| -> u8 { panic!("bad {}", 1) }), Err("bad 1".to_string()));
+        assert_eq!(super::catch_panic(|| -> u8 { panic!("static") }), Err("static".to_string()));
+    }
+}

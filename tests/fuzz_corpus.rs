@@ -28,7 +28,7 @@ fn read(dir: &Path, name: &str) -> Option<Vec<u8>> {
 /// A consistent AWQ linear for `harness::awq_linear`: 64 → 64, group 32, i32 codes, f32 scales.
 fn awq_linear_seed(r: &mut Rng, bias: bool) -> Vec<u8> {
     let mut b = vec![3u8, 3, 3, bias as u8];
-    let mut tensor = |b: &mut Vec<u8>, code: u8, dims: &[u8], values: &mut dyn FnMut() -> [u8; 4]| {
+    let tensor = |b: &mut Vec<u8>, code: u8, dims: &[u8], values: &mut dyn FnMut() -> [u8; 4]| {
         b.push(code);
         b.extend_from_slice(dims);
         for _ in 0..dims.iter().map(|&d| d as usize).product::<usize>() {

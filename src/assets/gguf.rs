@@ -212,6 +212,12 @@ pub fn read_from<R: std::io::Read + std::io::Seek>(f: &mut R, path: &Path) -> Re
         let Some(hf) = hf_name(name) else {
             return Err(Error::msg(format!("{}: unexpected tensor {name}", path.display())));
         };
+        // candle multiplies the dims unchecked, and reads an empty tensor through a misaligned
+        // pointer (undefined behaviour): both found by the gguf fuzz target.
+        let dims = content.tensor_infos[name].shape.dims();
+        if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none_or(|n| n == 0 || n > isize::MAX as usize / 4) {
+            return Err(Error::msg(format!("{}: tensor {name} has an impossible shape {dims:?}", path.display())));
+        }
         let q = content
             .tensor(f, name, &Device::Cpu)
             .map_err(|e| Error::msg(format!("{}: tensor {name}: {e}", path.display())))?;

@@ -80,9 +80,14 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
     from_bytes(&crate::error::read_file(path)?).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
-/// Parses the bytes of a `tokenizer.json`.
+/// Parses the bytes of a `tokenizer.json`. The tokenizers crate panics on some malformed files
+/// (text that is not JSON inside a decoder, a bad precompiled normalizer; found by the
+/// tokenizer fuzz target): the JSON is checked first, and a panic left becomes an error.
 pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
-    Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    crate::error::catch_panic(|| Tokenizer::from_bytes(bytes))
+        .map_err(|p| format!("not a tokenizer the tokenizers library can read (it failed with: {p})"))?
+        .map_err(|e| e.to_string())
 }
 
 /// A token given as `"<s>"` or as `{"content": "<s>", ...}` in `tokenizer_config.json`.
@@ -137,5 +142,17 @@ impl TokenStream {
 impl Default for TokenStream {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        // The tokenizers crate panics ("Helper") on a decoder that is not JSON.
+        let e = super::from_bytes(br#"{"version": "1.0", "decoder": {"type": tru}, "model": {}}"#).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = super::from_bytes(br#"{"version": "1.0", "model": {"type": "BPE"}}"#).unwrap_err();
+        assert!(!e.is_empty());
     }
 }

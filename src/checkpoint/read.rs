@@ -11,6 +11,9 @@ use candle_nn::VarBuilder;
 /// [`QuantizedWeight`].
 pub fn read_awq_weight(vb: &VarBuilder, in_f: usize, out_f: usize, q: &QuantSpec) -> candle_core::Result<QuantizedWeight> {
     let g = q.scheme.group_for(in_f);
+    if in_f == 0 || out_f == 0 || g == 0 {
+        candle_core::bail!("{}: a {out_f}x{in_f} layer with group size {g} has no weights", vb.prefix());
+    }
     if in_f % g != 0 || out_f % 8 != 0 {
         candle_core::bail!("{}: {out_f}x{in_f} does not fit group size {g} and 8-wide packing", vb.prefix());
     }
