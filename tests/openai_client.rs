@@ -1,0 +1,81 @@
+//! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
+//! a streamed chat completion, a whole one and the model list, as a user's script would do them
+//! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
+//! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
+//! (scripts/fetch-models.sh) or python3 is missing.
+mod common;
+use common::bin;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The pinned client version (the one this test was written against).
+const OPENAI: &str = "openai==3.57.0";
+
+const SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+model = client.models.list().data[0].id
+question = [{"role": "user", "content": "What is the capital of France?"}]
+stream = client.chat.completions.create(model=model, messages=question, stream=True, max_tokens=24,
+                                        temperature=0, stream_options={"include_usage": True})
+text, finish, usage, chunks = "", None, None, 0
+for chunk in stream:
+    chunks += 1
+    if chunk.usage:
+        usage = chunk.usage.completion_tokens
+    if chunk.choices:
+        text += chunk.choices[0].delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+whole = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
+print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
+                  "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens}))
+"#;
+
+fn venv_python() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(format!(".installed-{OPENAI}"));
+    if ready.exists() {
+        return Some(python);
+    }
+    let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+    if !ok(Command::new("python3").args(["-m", "venv", venv.to_str()?])) {
+        eprintln!("skipped: python3 -m venv failed");
+        return None;
+    }
+    assert!(ok(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", OPENAI])), "pip install {OPENAI} failed");
+    std::fs::write(&ready, "").unwrap();
+    Some(python)
+}
+
+#[test]
+fn the_openai_python_client_streams_from_the_server() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct-awq");
+    if !model.join("model.safetensors").exists() {
+        eprintln!("skipped: {} is missing (run scripts/fetch-models.sh)", model.display());
+        return;
+    }
+    let Some(python) = venv_python() else { return };
+    let mut server = Command::new(bin())
+        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--port", "0", "--max-batch", "4"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let site = format!("http://{}", line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap());
+    let out = Command::new(&python).args(["-c", SCRIPT, &site]).output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "smollm2-135m-instruct-awq");
+    let streamed = v["streamed"].as_str().unwrap();
+    assert!(streamed.contains("Paris"), "{v}");
+    assert_eq!(v["whole"], v["streamed"], "greedy: streamed and whole agree");
+    assert_eq!(v["usage"], v["whole_usage"]);
+    assert!(v["chunks"].as_u64().unwrap() > 3, "{v}");
+    assert!(v["finish"] == "stop" || v["finish"] == "length", "{v}");
+}
