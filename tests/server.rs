@@ -310,15 +310,41 @@ fn a_full_queue_answers_429_and_the_server_goes_on() {
 }
 
 #[test]
-fn a_prompt_larger_than_the_kv_cache_is_503() {
-    // 2 blocks of 16 tokens: a 40-token prompt can never fit.
+fn a_kv_cache_smaller_than_the_context_limits_requests_to_it() {
+    // 2 blocks of 16 tokens: the served context becomes 32 tokens (as vLLM caps max_model_len).
     let s = start(&["--kv-blocks", "2"]);
-    let (status, v, retry) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hello ".repeat(12)}]}).to_string(), None);
-    assert_eq!(status, 503, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("KV cache"), "{v}");
-    assert_eq!(retry.as_deref(), Some("1"));
-    // Short requests still run, sharing the two blocks one after another.
+    let models: Value = ureq::get(&s.url("/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 32);
+    let (status, v, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hello ".repeat(12)}]}).to_string(), None);
+    assert_eq!(status, 400, "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("KV cache") && m.contains("32"), "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Short requests run to the end of that context ("length"), sharing the two blocks.
     for _ in 0..3 {
-        s.chat(greedy("hi", 4));
+        let v = s.chat(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 1.0, "ignore_eos": true}));
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        assert!(v["usage"]["total_tokens"].as_u64().unwrap() <= 32);
     }
+    assert_eq!(s.metric("requests_failed_total"), 0.0);
+}
+
+#[test]
+fn preempted_sequences_are_recomputed_and_answer_as_alone() {
+    // 6 blocks (96 positions) for 4 sequences of about 50 tokens each: some are swapped out
+    // and prefilled again later (vLLM's recompute), and must still give their own answers.
+    let s = start(&["--kv-blocks", "6", "--max-batch", "4"]);
+    let requests: Vec<Value> = ["hello", "the world", "order her", "tell"]
+        .iter()
+        .map(|p| json!({"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 36, "ignore_eos": true}))
+        .collect();
+    let alone: Vec<Value> = requests.iter().map(|r| s.chat(r.clone())["choices"][0]["message"]["content"].clone()).collect();
+    assert_eq!(s.metric("preemptions_total"), 0.0);
+    let together: Vec<Value> = std::thread::scope(|scope| {
+        let hs: Vec<_> = requests.iter().map(|r| scope.spawn(|| s.chat(r.clone())["choices"][0]["message"]["content"].clone())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+    assert!(s.metric("preemptions_total") > 0.0, "the pool was never short");
+    assert_eq!((s.metric("kv_blocks_used"), s.metric("requests_failed_total")), (0.0, 0.0));
 }

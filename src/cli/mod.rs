@@ -1,5 +1,6 @@
 //! The `awq-run` command line: a thin layer over the library.
 mod bench;
+mod bench_serve;
 mod chat;
 mod eval;
 mod common;
@@ -36,6 +37,8 @@ enum Command {
     Quantize(quantize::Args),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching and a chat page.
     Serve(serve::Args),
+    /// Concurrent streaming clients against a running server: tokens/s, TTFT and ITL as a table.
+    BenchServe(bench_serve::Args),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -49,5 +52,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
     }
 }

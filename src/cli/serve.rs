@@ -73,6 +73,9 @@ pub fn run(a: Args) -> Result<()> {
     let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk: a.prefill_chunk };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;
+    if state.engine.context_by_cache {
+        eprintln!("note: the KV cache holds fewer tokens than the model's context; requests are limited to {} tokens", state.engine.context_len);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     let server = Server::bind(&rt, SocketAddr::new(a.host, a.port), state)?;
     let addr = server.local_addr()?;

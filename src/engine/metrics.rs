@@ -106,6 +106,9 @@ impl Metrics {
         metric("kv_blocks_total", "gauge", "KV cache blocks in all.", c(&self.kv_blocks_total));
         metric("generation_tokens_per_second", "gauge", "Tokens generated per second of engine busy time.", format!("{:.3}", self.tokens_per_second()));
         metric("uptime_seconds", "gauge", "Seconds since the engine started.", format!("{:.3}", self.started.elapsed().as_secs_f64()));
+        if let Some(rss) = resident_bytes() {
+            out += &format!("# HELP process_resident_memory_bytes Resident memory of the server process.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n");
+        }
         out += "# HELP awq_run_time_to_first_token_seconds Time from a request's arrival to its first token.\n";
         out += "# TYPE awq_run_time_to_first_token_seconds histogram\n";
         let inner = &label[1..label.len() - 1];
@@ -120,6 +123,14 @@ impl Metrics {
         out += &format!("awq_run_time_to_first_token_seconds_count{label} {cumulative}\n");
         out
     }
+}
+
+/// The process's resident memory (Linux: VmRSS of /proc/self/status), the standard Prometheus
+/// process metric, so a soak run can see memory stay flat.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -97,8 +97,6 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("the prompt has {prompt} tokens; the context holds {context}, and at least one token must be generated")]
     PromptTooLong { prompt: usize, context: usize },
-    #[error("the prompt has {prompt} tokens; the KV cache holds {capacity} in all (raise --kv-cache-mb)")]
-    CacheTooSmall { prompt: usize, capacity: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("{0}")]
@@ -111,8 +109,11 @@ pub enum SubmitError {
 pub struct Engine {
     tx: mpsc::Sender<Request>,
     pub metrics: Arc<Metrics>,
+    /// The longest sequence served: the model's context, or the whole KV cache where that is
+    /// smaller (as vLLM caps max_model_len), so one sequence always fits in the pool.
     pub context_len: usize,
-    kv_capacity: usize,
+    /// Whether the KV cache, not the model, sets `context_len`.
+    pub context_by_cache: bool,
     max_queue: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -127,13 +128,15 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(pool.total_blocks() as u64, Relaxed);
         let (tx, rx) = mpsc::channel();
-        let (context_len, kv_capacity, max_queue) = (model.context_len(), pool.capacity_tokens(), cfg.max_queue);
-        let mut s = Scheduler { model, tokenizer, eos_ids, cfg, pool, rx, waiting: VecDeque::new(), running: Vec::new(), metrics: metrics.clone() };
+        let context_len = model.context_len().min(pool.capacity_tokens());
+        let context_by_cache = context_len < model.context_len();
+        let max_queue = cfg.max_queue;
+        let mut s = Scheduler { model, tokenizer, eos_ids, cfg, pool, rx, context: context_len, waiting: VecDeque::new(), running: Vec::new(), metrics: metrics.clone() };
         let thread = std::thread::Builder::new()
             .name("awq-run-engine".into())
             .spawn(move || s.run())
             .map_err(|e| Error::msg(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { tx, metrics, context_len, kv_capacity, max_queue, thread: Some(thread) })
+        Ok(Self { tx, metrics, context_len, context_by_cache, max_queue, thread: Some(thread) })
     }
 
     /// Queues a request, or says why it cannot be.
@@ -144,10 +147,6 @@ impl Engine {
         }
         if n >= self.context_len {
             return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
-        }
-        if n + 1 > self.kv_capacity {
-            self.metrics.requests_rejected.fetch_add(1, Relaxed);
-            return Err(SubmitError::CacheTooSmall { prompt: n, capacity: self.kv_capacity });
         }
         r.params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
         // `waiting` counts queued requests until the scheduler admits them.
@@ -206,6 +205,8 @@ struct Scheduler {
     eos_ids: Vec<u32>,
     cfg: SchedulerConfig,
     pool: KvPool,
+    /// See [`Engine::context_len`].
+    context: usize,
     rx: mpsc::Receiver<Request>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
@@ -291,10 +292,23 @@ impl Scheduler {
         self.metrics.requests_cancelled.fetch_add(cancelled as u64, Relaxed);
     }
 
-    /// Moves queued sequences into the batch while it has room and the pool has a block free.
+    /// Moves queued sequences into the batch, oldest first, while the batch has room and the
+    /// pool can hold the sequence's whole prompt (and its first generated token) at once: a
+    /// sequence admitted into a pool too full for it would only preempt others.
     fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_batch && self.pool.free_blocks() > 0 {
-            let Some(mut s) = self.waiting.pop_front() else { break };
+        while self.running.len() < self.cfg.max_batch {
+            let Some(s) = self.waiting.front_mut() else { break };
+            let need = s.tokens.len() + 1;
+            if KvPool::blocks_for(need) > self.pool.total_blocks() {
+                // Only a preempted sequence can have grown past the whole pool.
+                let mut s = self.waiting.pop_front().expect("front exists");
+                self.fail(&mut s, format!("the KV cache ({} tokens) cannot hold this sequence's {need} tokens", self.pool.capacity_tokens()));
+                continue;
+            }
+            if self.pool.reserve(&mut s.kv, need).is_err() {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
             if std::mem::take(&mut s.queued) {
                 self.metrics.waiting.fetch_sub(1, Relaxed);
             }
@@ -302,21 +316,29 @@ impl Scheduler {
         }
     }
 
-    /// Frees the blocks of the most recently admitted sequence other than `keep` and queues it
-    /// again at the front; false when there is none.
-    fn preempt_other_than(&mut self, keep: usize) -> bool {
-        let Some(victim) = (0..self.running.len()).rev().find(|&i| i != keep) else { return false };
-        let mut s = self.running.remove(victim);
+    fn fail(&mut self, s: &mut Seq, message: String) {
+        s.req.sink.send(Event::Failed(message));
+        self.pool.release(&mut s.kv);
+        self.metrics.requests_failed.fetch_add(1, Relaxed);
+        if std::mem::take(&mut s.queued) {
+            self.metrics.waiting.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Frees the blocks of running sequence `i` and queues it again at the front, to be
+    /// prefilled again (prompt and generated tokens) when there is room (vLLM's recompute).
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
         self.pool.release(&mut s.kv);
         s.fed = 0;
         self.waiting.push_front(s);
         self.metrics.preemptions.fetch_add(1, Relaxed);
-        true
     }
 
-    /// How many tokens each running sequence feeds this step, with its blocks reserved. A
-    /// sequence the pool cannot grow makes room by preempting the latest admitted other one
-    /// (then planning starts over: the reservations made stay valid), or, alone, fails.
+    /// How many tokens each running sequence feeds this step, with its blocks reserved. When
+    /// the pool cannot grow a sequence, the most recently admitted one gives way (itself, if it
+    /// is the latest): older sequences never lose their work to newer ones. Planning then starts
+    /// over; the reservations already made stay valid.
     fn plan(&mut self) -> Vec<usize> {
         'again: loop {
             let mut budget = self.cfg.prefill_chunk;
@@ -333,12 +355,12 @@ impl Scheduler {
                     plan.push(n);
                     continue;
                 }
-                if !self.preempt_other_than(i) {
+                if self.running.len() > 1 {
+                    self.preempt(self.running.len() - 1);
+                } else {
                     let mut s = self.running.remove(i);
                     let e = format!("the KV cache ({} tokens) cannot hold this sequence's {need} tokens", self.pool.capacity_tokens());
-                    s.req.sink.send(Event::Failed(e));
-                    self.pool.release(&mut s.kv);
-                    self.metrics.requests_failed.fetch_add(1, Relaxed);
+                    self.fail(&mut s, e);
                 }
                 continue 'again;
             }
@@ -380,7 +402,7 @@ impl Scheduler {
                 continue;
             }
             let l = logits.get(r)?.to_vec1::<f32>()?;
-            outcomes.push(Self::advance(s, l, &self.tokenizer, &self.eos_ids, self.model.context_len(), &self.metrics)?);
+            outcomes.push(Self::advance(s, l, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?);
         }
         self.metrics.add_busy(t0.elapsed().as_secs_f64());
         let mut i = 0;

@@ -2,6 +2,7 @@
 //! continuous-batching engine ([`crate::engine::scheduler`]). Handlers render the chat template,
 //! tokenize, submit the request to the engine and turn its events into OpenAI's JSON objects or
 //! Server-Sent Events; the engine thread owns the model.
+pub mod bench;
 pub mod openai;
 mod routes;
 

@@ -120,9 +120,10 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     .await
     .map_err(server_error)??;
     let context = s.engine.context_len;
+    let holder = if s.engine.context_by_cache { "the server's KV cache (--kv-cache-mb)" } else { "the model's context" };
     if prompt.len() >= context {
         let param = if kind == Kind::Chat { "messages" } else { "prompt" };
-        return Err(ApiError::bad_request(param, format!("the prompt has {} tokens; the model's context holds {context}, and at least one token must be generated", prompt.len()))
+        return Err(ApiError::bad_request(param, format!("the prompt has {} tokens; {holder} holds {context}, and at least one token must be generated", prompt.len()))
             .with_code("context_length_exceeded"));
     }
     let room = context - prompt.len();
@@ -130,7 +131,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         Some(n) if n > room => {
             return Err(ApiError::bad_request(
                 if o.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" },
-                format!("the prompt has {} tokens and {n} more were asked for; the model's context holds {context}", prompt.len()),
+                format!("the prompt has {} tokens and {n} more were asked for; {holder} holds {context}", prompt.len()),
             )
             .with_code("context_length_exceeded"))
         }
@@ -151,7 +152,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
 fn submit_error(e: SubmitError) -> ApiError {
     let mut err = match &e {
         SubmitError::QueueFull(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full"), e.to_string()),
-        SubmitError::CacheTooSmall { .. } | SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("kv_cache_full"), e.to_string()),
+        SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("engine_stopped"), e.to_string()),
         SubmitError::PromptTooLong { .. } => ApiError::bad_request("messages", e.to_string()).with_code("context_length_exceeded"),
         SubmitError::EmptyPrompt => ApiError::bad_request("prompt", e.to_string()),
         SubmitError::BadParams(m) => ApiError::bad_request("body", m.clone()),

@@ -1,0 +1,288 @@
+//! `awq-run bench-serve`: a load client for a running server. N clients each send streamed
+//! completions one after another (fixed prompt and output lengths: `ignore_eos`), and the run
+//! reports aggregate output tokens/s, time to first token and inter-token latency (p50 / p99),
+//! and the server's mean batch size over the run (from its /metrics).
+use crate::error::{Error, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+/// One level of a run.
+#[derive(Debug, Clone)]
+pub struct LoadLevel {
+    pub clients: usize,
+    pub requests: usize,
+    pub output_tokens: usize,
+    pub wall_secs: f64,
+    pub ttft: Vec<f64>,
+    pub itl: Vec<f64>,
+    pub mean_batch: f64,
+}
+
+impl LoadLevel {
+    pub fn tokens_per_second(&self) -> f64 {
+        self.output_tokens as f64 / self.wall_secs.max(1e-9)
+    }
+}
+
+/// The `q`-quantile (0..=1) of `v`, by nearest rank.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+/// What one streamed request measured.
+struct Sample {
+    ttft: f64,
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&str>) -> Result<Sample> {
+    let body = json!({"model": model, "prompt": prompt, "max_tokens": gen, "ignore_eos": true, "temperature": 0.8,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let mut req = ureq::post(&format!("{url}/v1/completions")).timeout(Duration::from_secs(600));
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let t0 = Instant::now();
+    let resp = req.send_json(body).map_err(|e| Error::msg(format!("{url}: {e}")))?;
+    let (mut first, mut last, mut gaps, mut tokens) = (None, None, Vec::new(), 0);
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| Error::msg(format!("{url}: {e}")))?;
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| Error::msg(format!("{url}: bad chunk {data}: {e}")))?;
+        if let Some(e) = v.get("error") {
+            return Err(Error::msg(format!("{url}: {e}")));
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+        if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            let now = Instant::now();
+            match last {
+                None => first = Some(now.duration_since(t0).as_secs_f64()),
+                Some(l) => gaps.push(now.duration_since(l).as_secs_f64()),
+            }
+            last = Some(now);
+        }
+    }
+    Ok(Sample { ttft: first.unwrap_or(f64::NAN), gaps, tokens })
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    ureq::get(&format!("{url}/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .and_then(|t| t.lines().find(|l| l.starts_with(&format!("awq_run_{name}{{"))).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs `clients` clients of `per_client` requests each against `url`.
+pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen: usize, key: Option<&str>) -> Result<LoadLevel> {
+    let model: Value = ureq::get(&format!("{url}/v1/models")).call().map_err(|e| Error::msg(format!("{url}: {e}")))?.into_json().map_err(|e| Error::msg(e.to_string()))?;
+    let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
+    let (steps0, seqs0) = (metric(url, "steps_total"), metric(url, "batched_sequences_total"));
+    let t0 = Instant::now();
+    let samples: Vec<Result<Vec<Sample>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients).map(|_| s.spawn(|| (0..per_client).map(|_| one_request(url, &model, prompt, gen, key)).collect::<Result<Vec<_>>>())).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::msg("a client thread panicked")))).collect()
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let (steps, seqs) = (metric(url, "steps_total") - steps0, metric(url, "batched_sequences_total") - seqs0);
+    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps };
+    for s in samples {
+        for r in s? {
+            level.requests += 1;
+            level.output_tokens += r.tokens;
+            level.ttft.push(r.ttft);
+            level.itl.extend(r.gaps);
+        }
+    }
+    Ok(level)
+}
+
+/// What a soak run saw.
+#[derive(Debug, Default, Clone)]
+pub struct SoakReport {
+    pub secs: f64,
+    pub completed: usize,
+    pub disconnected: usize,
+    /// 429 / 503 answers (the intended refusals of a full queue or cache).
+    pub refused: usize,
+    /// Anything else: transport errors, other statuses, error chunks.
+    pub errors: Vec<String>,
+    pub output_tokens: usize,
+    /// The server's resident memory (MiB) sampled every 2 s through the run.
+    pub rss_mib: Vec<f64>,
+    pub kv_blocks_used_after: f64,
+    pub failed_after: f64,
+}
+
+impl SoakReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.kv_blocks_used_after == 0.0 && self.failed_after == 0.0
+    }
+}
+
+/// One soak request: a random prompt and length, streamed or whole, and for about one in five
+/// a client that goes away after a few chunks.
+fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: usize, max_gen: usize, r: &mut SoakReport) {
+    let words = ["river", "stone", "light", "forest", "quiet", "engine", "paper", "window", "cloud", "garden"];
+    let n = 1 + (rng.next_u64() as usize) % max_prompt;
+    let prompt: Vec<&str> = (0..n).map(|_| words[(rng.next_u64() % 10) as usize]).collect();
+    let gen = 1 + (rng.next_u64() as usize) % max_gen;
+    let stream = rng.next_u64() % 4 != 0;
+    let leave_after = (rng.next_u64() % 5 == 0).then(|| 1 + (rng.next_u64() % 8) as usize);
+    let body = json!({"model": model, "prompt": prompt.join(" "), "max_tokens": gen, "temperature": 0.9,
+                      "seed": rng.next_u64() >> 1, "stream": stream, "ignore_eos": rng.next_u64() % 2 == 0});
+    let resp = match ureq::post(&format!("{url}/v1/completions")).timeout(Duration::from_secs(300)).send_json(body) {
+        Ok(resp) => resp,
+        Err(ureq::Error::Status(429 | 503, _)) => {
+            r.refused += 1;
+            // As a polite client does with Retry-After, a little shorter.
+            std::thread::sleep(Duration::from_millis(200));
+            return;
+        }
+        Err(e) => {
+            r.errors.push(e.to_string());
+            return;
+        }
+    };
+    if !stream {
+        match resp.into_json::<Value>() {
+            Ok(v) => {
+                r.output_tokens += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                r.completed += 1;
+            }
+            Err(e) => r.errors.push(format!("bad body: {e}")),
+        }
+        return;
+    }
+    let mut chunks = 0;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let Ok(line) = line else {
+            r.errors.push("the stream broke".into());
+            return;
+        };
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            r.completed += 1;
+            return;
+        }
+        if data.contains("\"error\"") {
+            r.errors.push(data.to_string());
+            return;
+        }
+        chunks += 1;
+        r.output_tokens += 1;
+        if leave_after.is_some_and(|k| chunks >= k) {
+            r.disconnected += 1;
+            return; // dropping the reader closes the connection
+        }
+    }
+    r.errors.push("the stream ended without [DONE]".into());
+}
+
+/// `clients` clients sending random requests (see `soak_request`) for `secs` seconds; then waits
+/// for the server to go idle and reads its KV blocks in use and failed requests.
+pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: usize) -> Result<SoakReport> {
+    let model: Value = ureq::get(&format!("{url}/v1/models")).call().map_err(|e| Error::msg(format!("{url}: {e}")))?.into_json().map_err(|e| Error::msg(e.to_string()))?;
+    let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(secs);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let rss = std::sync::Mutex::new(Vec::new());
+    let reports: Vec<SoakReport> = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                rss.lock().unwrap().push(metric_plain(url, "process_resident_memory_bytes") / (1 << 20) as f64);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        });
+        let hs: Vec<_> = (0..clients)
+            .map(|c| {
+                let model = &model;
+                s.spawn(move || {
+                    let mut rng = crate::rng::Rng::new(1000 + c as u64);
+                    let mut r = SoakReport::default();
+                    while Instant::now() < deadline {
+                        soak_request(url, model, &mut rng, max_prompt, max_gen, &mut r);
+                    }
+                    r
+                })
+            })
+            .collect();
+        let out = hs.into_iter().map(|h| h.join().unwrap_or_default()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    });
+    let mut total = SoakReport { secs: t0.elapsed().as_secs_f64(), ..Default::default() };
+    for r in reports {
+        total.completed += r.completed;
+        total.disconnected += r.disconnected;
+        total.refused += r.refused;
+        total.output_tokens += r.output_tokens;
+        total.errors.extend(r.errors);
+    }
+    // Cancelled sequences leave at the server's next step.
+    let idle = Instant::now();
+    while metric(url, "running_sequences") > 0.0 && idle.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    total.kv_blocks_used_after = metric(url, "kv_blocks_used");
+    total.failed_after = metric(url, "requests_failed_total");
+    total.rss_mib = rss.into_inner().unwrap_or_default();
+    Ok(total)
+}
+
+fn metric_plain(url: &str, name: &str) -> f64 {
+    ureq::get(&format!("{url}/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .and_then(|t| t.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// The table of a run, in Markdown.
+pub fn table(levels: &[LoadLevel]) -> String {
+    let base = levels.first().map(|l| l.tokens_per_second()).unwrap_or(1.0);
+    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n|---|---|---|---|---|---|---|---|---|\n");
+    for l in levels {
+        let ms = |x: f64| format!("{:.1} ms", x * 1e3);
+        t += &format!(
+            "| {} | {} | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} |\n",
+            l.clients,
+            l.requests,
+            l.tokens_per_second(),
+            l.tokens_per_second() / base,
+            l.mean_batch,
+            ms(quantile(&l.ttft, 0.5)),
+            ms(quantile(&l.ttft, 0.99)),
+            ms(quantile(&l.itl, 0.5)),
+            ms(quantile(&l.itl, 0.99)),
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(super::quantile(&v, 0.5), 3.0);
+        assert_eq!(super::quantile(&v, 0.99), 5.0);
+        assert_eq!(super::quantile(&v, 0.0), 1.0);
+        assert!(super::quantile(&[], 0.5).is_nan());
+    }
+}
