@@ -35,17 +35,28 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Every WebDriver call gives up after this: a stuck browser fails the test, never hangs it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Browser {
     base: String,
     session: String,
 }
 
+impl Drop for Browser {
+    /// Ends the session, which closes chromium (killing chromedriver alone leaves it running).
+    fn drop(&mut self) {
+        let _ = ureq::delete(&format!("{}/session/{}", self.base, self.session)).timeout(CALL_TIMEOUT).call();
+    }
+}
+
 impl Browser {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("{}/session/{}{path}", self.base, self.session);
+        let req = ureq::request(method, &url).timeout(CALL_TIMEOUT);
         let r = match body {
-            Some(b) => ureq::request(method, &url).send_json(b),
-            None => ureq::request(method, &url).call(),
+            Some(b) => req.send_json(b),
+            None => req.call(),
         };
         let resp = match r {
             Ok(r) => r,
@@ -109,7 +120,7 @@ fn the_chat_page_streams_a_reply_and_stops_it() {
     let port = free_port();
     let _driver = Kill(Command::new(driver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let base = format!("http://127.0.0.1:{port}");
-    wait_for(20, "chromedriver", || ureq::get(&format!("{base}/status")).call().ok());
+    wait_for(20, "chromedriver", || ureq::get(&format!("{base}/status")).timeout(Duration::from_secs(2)).call().ok());
     let profile = tempfile::tempdir().unwrap();
     let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
         "binary": chromium,
@@ -117,7 +128,7 @@ fn the_chat_page_streams_a_reply_and_stops_it() {
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  format!("--user-data-dir={}", profile.path().display())],
     }}}});
-    let v: Value = ureq::post(&format!("{base}/session")).send_json(caps).unwrap().into_json().unwrap();
+    let v: Value = ureq::post(&format!("{base}/session")).timeout(Duration::from_secs(60)).send_json(caps).unwrap().into_json().unwrap();
     let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}")).to_string();
     let b = Browser { base, session };
 
@@ -140,5 +151,4 @@ fn the_chat_page_streams_a_reply_and_stops_it() {
         let get = |name: &str| m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
         (get("awq_run_requests_cancelled_total")? >= 1.0 && get("awq_run_kv_blocks_used")? == 0.0).then_some(())
     });
-    b.call("DELETE", "", None);
 }
