@@ -4,9 +4,8 @@
 //! into the page, and Stop ends it (the server sees the client go). Skipped, saying why, where
 //! chromium or chromedriver is missing (scripts/test.sh installs them).
 mod common;
-use common::{bin, TinySpec};
+use common::TinySpec;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,15 +106,8 @@ fn the_chat_page_streams_a_reply_and_stops_it() {
     let tc = json!({"chat_template": common::CHATML_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": null});
     std::fs::write(model.join("tokenizer_config.json"), tc.to_string()).unwrap();
 
-    let mut server = Command::new(bin())
-        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--port", "0", "--served-model-name", "tiny-page"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (server, site) = common::spawn_server(&model, &["--served-model-name", "tiny-page"]);
     let _server = Kill(server);
-    let site = format!("http://{}", line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap());
 
     let port = free_port();
     let _driver = Kill(Command::new(driver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());

@@ -4,10 +4,8 @@
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
 mod common;
-use common::bin;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The pinned client version (the one this test was written against).
 const OPENAI: &str = "openai==3.57.0";
@@ -58,14 +56,7 @@ fn the_openai_python_client_streams_from_the_server() {
         return;
     }
     let Some(python) = venv_python() else { return };
-    let mut server = Command::new(bin())
-        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--port", "0", "--max-batch", "4"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let site = format!("http://{}", line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap());
+    let (mut server, site) = common::spawn_server(&model, &["--max-batch", "4"]);
     let out = Command::new(&python).args(["-c", SCRIPT, &site]).output().unwrap();
     let _ = server.kill();
     let _ = server.wait();

@@ -3,10 +3,10 @@
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
 //! with its status and error JSON, the API key and a full queue.
 mod common;
-use common::{bin, TinySpec};
+use common::TinySpec;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 struct Server {
@@ -30,17 +30,8 @@ fn start(extra: &[&str]) -> Server {
 fn start_with(spec: TinySpec, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let model = spec.write_dir(&dir.path().join("tiny"));
-    let mut child = Command::new(bin())
-        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
-    Server { child, base: format!("http://{base}"), _dir: dir }
+    let (child, base) = common::spawn_server(&model, extra);
+    Server { child, base, _dir: dir }
 }
 
 impl Server {

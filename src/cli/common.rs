@@ -151,12 +151,17 @@ impl SamplingArgs {
     /// The effective settings for `assets`: llama.cpp's defaults, then the model's
     /// generation_config.json, then the flags.
     pub fn params(&self, assets: &ModelAssets) -> Result<SamplingParams> {
-        let origin = match &assets.dir {
-            Some(d) => d.join("generation_config.json").display().to_string(),
-            None => format!("{}: generation settings", assets.name),
-        };
-        self.over(SamplingParams::default().with_generation_config(&assets.generation_config, &origin)?)
+        self.over(model_sampling(assets)?)
     }
+}
+
+/// llama.cpp's defaults with the model's generation_config.json applied (errors name the file).
+pub fn model_sampling(assets: &ModelAssets) -> Result<SamplingParams> {
+    let origin = match &assets.dir {
+        Some(d) => d.join("generation_config.json").display().to_string(),
+        None => format!("{}: generation settings", assets.name),
+    };
+    Ok(SamplingParams::default().with_generation_config(&assets.generation_config, &origin)?)
 }
 
 /// The chat template of a model, or ChatML (with a note) when it ships none.

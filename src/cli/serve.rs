@@ -1,7 +1,6 @@
 //! `awq-run serve`: the OpenAI-compatible server with continuous batching and a chat page.
-use super::common::{Default4Bit, ModelArgs};
+use super::common::{model_sampling, Default4Bit, ModelArgs};
 use anyhow::{bail, Context, Result};
-use awq_run::engine::sampling::SamplingParams;
 use awq_run::engine::scheduler::SchedulerConfig;
 use awq_run::model::paged::{KvPool, BLOCK_TOKENS};
 use awq_run::server::{AppState, Server, ServerOptions};
@@ -61,11 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => ((2048 << 20) / block_bytes).min(a.max_batch * KvPool::blocks_for(model.context_len())),
     }
     .max(1);
-    let origin = match &assets.dir {
-        Some(d) => d.join("generation_config.json").display().to_string(),
-        None => format!("{}: generation settings", assets.name),
-    };
-    let defaults = SamplingParams::default().with_generation_config(&assets.generation_config, &origin)?;
+    let defaults = model_sampling(&assets)?;
     let name = a.served_model_name.clone().unwrap_or_else(|| {
         let spec = a.model.model_spec_with(Default4Bit::Prefer).unwrap_or_default();
         std::path::Path::new(spec.trim_end_matches('/')).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(spec)

@@ -77,12 +77,18 @@ fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&st
     Ok(Sample { ttft: first.unwrap_or(f64::NAN), gaps, tokens })
 }
 
+/// An `awq_run_NAME` sample of the server's /metrics (NaN where it cannot be read).
 fn metric(url: &str, name: &str) -> f64 {
+    metric_line(url, &format!("awq_run_{name}{{"))
+}
+
+/// The value of the first /metrics line starting with `prefix`.
+fn metric_line(url: &str, prefix: &str) -> f64 {
     ureq::get(&format!("{url}/metrics"))
         .call()
         .ok()
         .and_then(|r| r.into_string().ok())
-        .and_then(|t| t.lines().find(|l| l.starts_with(&format!("awq_run_{name}{{"))).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
+        .and_then(|t| t.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
         .unwrap_or(f64::NAN)
 }
 
@@ -204,7 +210,7 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
     let reports: Vec<SoakReport> = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                rss.lock().unwrap().push(metric_plain(url, "process_resident_memory_bytes") / (1 << 20) as f64);
+                rss.lock().unwrap().push(metric_line(url, "process_resident_memory_bytes ") / (1 << 20) as f64);
                 std::thread::sleep(Duration::from_secs(2));
             }
         });
@@ -242,15 +248,6 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
     total.failed_after = metric(url, "requests_failed_total");
     total.rss_mib = rss.into_inner().unwrap_or_default();
     Ok(total)
-}
-
-fn metric_plain(url: &str, name: &str) -> f64 {
-    ureq::get(&format!("{url}/metrics"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_string().ok())
-        .and_then(|t| t.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
-        .unwrap_or(f64::NAN)
 }
 
 /// The table of a run, in Markdown.

@@ -292,3 +292,19 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_awq-run"))
 }
+
+/// Starts `awq-run serve --model MODEL --device cpu --host 127.0.0.1 --port 0 EXTRA...` and waits
+/// for the line it prints when it listens; returns the child and the base URL (`http://ip:port`).
+pub fn spawn_server(model: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--model", model.to_str().unwrap(), "--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}"));
+    (child, format!("http://{addr}"))
+}
