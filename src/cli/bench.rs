@@ -55,6 +55,8 @@ struct BenchResult {
     decode_issue_ms_per_token: f64,
     peak_rss_mib: f64,
     threads: usize,
+    /// The CPU 4-bit arithmetic and lm_head format (`--cpu-kernel`, `--cpu-head`).
+    cpu_kernel: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -90,6 +92,7 @@ fn run_once(model: &Model, prompt: &[u32], gen: usize) -> Result<(f64, f64, f64)
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.model.apply_cpu_options()?;
     let device = a.model.device()?;
     let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
     let (mut model, name, weights) = if a.dummy_weights {
@@ -143,13 +146,14 @@ pub fn run(a: Args) -> Result<()> {
         decode_issue_ms_per_token: median(issue),
         peak_rss_mib: peak_rss_mib(),
         threads: rayon::current_num_threads(),
+        cpu_kernel: a.model.cpu_kernel_name(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} [{}] on {} ({}): prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
-            r.model, r.weights, r.device, r.dtype, r.prefill_tok_s, r.prompt_len, r.decode_tok_s, r.decode_ms_per_token, r.decode_issue_ms_per_token, r.gen, r.peak_rss_mib
+            "{} [{}, {}, {} threads] on {} ({}): prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
+            r.model, r.weights, r.cpu_kernel, r.threads, r.device, r.dtype, r.prefill_tok_s, r.prompt_len, r.decode_tok_s, r.decode_ms_per_token, r.decode_issue_ms_per_token, r.gen, r.peak_rss_mib
         );
     }
     Ok(())

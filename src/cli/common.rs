@@ -23,6 +23,29 @@ pub struct ModelArgs {
     /// Activation dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on GPUs).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Arithmetic of 4-bit layers on the CPU: `exact` (f32 activations times the dequantized
+    /// weights) or `w4a8` (activations rounded to int8 per 32 values, integer dot products).
+    #[arg(long, value_enum, default_value_t = CpuKernelArg::Exact)]
+    pub cpu_kernel: CpuKernelArg,
+    /// The lm_head of 4-bit models on the CPU: `f16` (as the checkpoint stores it) or `int8`
+    /// (8 bits per weight with a scale per 32: half the reads).
+    #[arg(long, value_enum, default_value_t = CpuHeadArg::F16)]
+    pub cpu_head: CpuHeadArg,
+    /// CPU threads (default: the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuKernelArg {
+    Exact,
+    W4a8,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuHeadArg {
+    F16,
+    Int8,
 }
 
 /// Which default model a command takes when `--model` is not given.
@@ -56,6 +79,44 @@ impl ModelArgs {
         Ok(DEFAULT_MODEL.to_string())
     }
 
+    /// Applies `--cpu-kernel`, `--cpu-head` and `--threads` to the process; call it before the
+    /// model is loaded and before any parallel work (the thread pool is built once).
+    pub fn apply_cpu_options(&self) -> Result<()> {
+        use awq_run::quant::cpu::{set_default_head, set_default_numerics, HeadFormat, Numerics};
+        set_default_numerics(match self.cpu_kernel {
+            CpuKernelArg::Exact => Numerics::Exact,
+            CpuKernelArg::W4a8 => Numerics::W4A8,
+        });
+        set_default_head(match self.cpu_head {
+            CpuHeadArg::F16 => HeadFormat::F16,
+            CpuHeadArg::Int8 => HeadFormat::Int8,
+        });
+        let threads = match self.threads {
+            Some(0) => bail!("--threads 0: give at least one thread"),
+            Some(n) => n,
+            None => candle_core::utils::get_num_threads(),
+        };
+        // candle's own matmuls read the variable; our kernels use rayon's global pool.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        if rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() && rayon::current_num_threads() != threads {
+            bail!("--threads {threads}: the thread pool was already started with {} threads", rayon::current_num_threads());
+        }
+        Ok(())
+    }
+
+    /// The CPU kernel settings in words, for logs and benchmark records.
+    pub fn cpu_kernel_name(&self) -> String {
+        let k = match self.cpu_kernel {
+            CpuKernelArg::Exact => "exact".to_string(),
+            CpuKernelArg::W4a8 => format!("w4a8 ({:?})", awq_run::quant::cpu::A8Path::detect()),
+        };
+        let h = match self.cpu_head {
+            CpuHeadArg::F16 => "f16",
+            CpuHeadArg::Int8 => "int8",
+        };
+        format!("{k}, head {h}")
+    }
+
     pub fn device(&self) -> Result<Device> {
         Ok(awq_run::engine::device::parse_device(self.device.as_deref())?)
     }
@@ -68,6 +129,7 @@ impl ModelArgs {
     /// As [`ModelArgs::load`], with the default model chosen by `quantized`.
     pub fn load_with(&self, quantized: Default4Bit) -> Result<(ModelAssets, awq_run::model::Model)> {
         let spec = self.model_spec_with(quantized)?;
+        self.apply_cpu_options()?;
         let device = self.device()?;
         let dtype: DType = awq_run::engine::device::parse_dtype(self.dtype.as_deref(), &device)?;
         let t = std::time::Instant::now();

@@ -6,10 +6,12 @@
 pub mod dense;
 pub mod ggml;
 pub mod half;
+pub mod int8;
 pub mod quant;
 
 pub use dense::DenseLinear;
 pub use half::HalfLinear;
+pub use int8::Int8Linear;
 pub use quant::QuantLinear;
 
 use crate::cuda::L2Prefetch;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-pub const PRESETS: &[&str] = &["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m"];
+pub const PRESETS: &[&str] = &["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m", "tinyllama-1.1b"];
 
 /// The configuration of a known model shape.
 pub fn preset(name: &str) -> Result<Config> {
@@ -19,6 +19,8 @@ pub fn preset(name: &str) -> Result<Config> {
         "llama-3-8b" => ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128_256, 500_000.0, 8192, false),
         "qwen2.5-7b" => ("Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152_064, 1_000_000.0, 32768, false),
         "smollm2-135m" => ("LlamaForCausalLM", 576, 1536, 30, 9, 3, 49152, 100_000.0, 8192, true),
+        // TinyLlama-1.1B: a CPU model too big for the caches, the memory-bound comparison point.
+        "tinyllama-1.1b" => ("LlamaForCausalLM", 2048, 5632, 22, 32, 4, 32000, 10_000.0, 2048, false),
         other => return Err(Error::msg(format!("--config {other}: known shapes are {}", PRESETS.join(", ")))),
     };
     let rope_scaling = (name == "llama-3-8b").then(|| RopeScaling {

@@ -405,8 +405,9 @@ impl Model {
         Self::load_with(vb, cfg, lin, false)
     }
 
-    /// As [`Model::load`]; with `half_tables` the embedding table and lm_head stay in f16 whatever
-    /// the activation dtype (see [`crate::linear::HalfLinear`]).
+    /// As [`Model::load`]; with `half_tables` (4-bit models on the CPU) the embedding table stays
+    /// in f16 whatever the activation dtype and the lm_head is f16 too (see
+    /// [`crate::linear::HalfLinear`]) or 8-bit, as [`crate::quant::cpu::default_head`] says.
     pub fn load_with(vb: VarBuilder, cfg: &Config, lin: LinearLoader, half_tables: bool) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, lin))
@@ -428,7 +429,9 @@ impl Model {
         } else {
             vb.get_with_hints_dtype(table_shape, "lm_head.weight", Default::default(), table_dtype)?
         };
-        let lm_head = if half_tables {
+        let lm_head = if half_tables && crate::quant::cpu::default_head() == crate::quant::cpu::HeadFormat::Int8 {
+            crate::linear::Int8Linear::new(&head_weight, None)?.into_linear()
+        } else if half_tables {
             HalfLinear::new(head_weight, None)?.into_linear()
         } else {
             DenseLinear::new(head_weight, None).into_linear()

@@ -1,26 +1,91 @@
-//! The W4A16 CPU kernel: a fused unpack–dequantize–multiply over the packed layout of
-//! [`crate::quant::format::packed`] that never materializes the whole dequantized weight. With
-//! `min = -zero * scale`, `w = q * scale + min` and
-//! `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`.
+//! The 4-bit CPU kernels over the packed layout of [`crate::quant::format::packed`], none of
+//! which materializes the whole dequantized weight.
 //!
-//! Paths: GEMV (few tokens, rows in parallel, SIMD dot products: AVX2/FMA chosen at run time on
-//! x86_64, NEON on aarch64, scalar elsewhere) and a blocked GEMM for prefill (row blocks
-//! dequantized into a small buffer, then an f32 GEMM, blocks in parallel).
+//! * Exact (W4A16, here in f32): a fused unpack–dequantize–multiply. With
+//!   `min = -zero * scale`, `w = q * scale + min` and
+//!   `y[o] = Σ_g scale·(Σ_{k∈g} q·x) + min·(Σ_{k∈g} x)`. GEMV for few tokens (rows in parallel,
+//!   SIMD dot products: AVX2/FMA chosen at run time on x86_64, NEON on aarch64, scalar
+//!   elsewhere) and a blocked GEMM for prefill (row blocks dequantized into a small buffer, then
+//!   an f32 GEMM, blocks in parallel).
+//! * W4A8 ([`w4a8`]): activations quantized to int8 per 32-block ([`acts`]), integer dot
+//!   products, one pass over the weights for up to four tokens.
+//!
+//! Which one a layer uses by default is a process-wide choice ([`set_default_numerics`]): the
+//! CLI's `--cpu-kernel` sets it, tests and benchmarks name a [`Kernel`] directly.
+pub mod acts;
+pub mod q8;
+pub mod w4a8;
+
 pub use super::format::packed::PackedQ4;
+pub use w4a8::A8Path;
 use half::f16;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Which inner loop to use; `Auto` picks the best the CPU supports.
+/// Which inner loop to use; `Auto` picks the process default numerics ([`default_numerics`])
+/// on the best path the CPU supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Auto,
     Scalar,
     Avx2,
     Neon,
+    /// The W4A8 kernel on the given path (the scalar one where the CPU lacks it).
+    A8(A8Path),
+}
+
+/// The arithmetic of the CPU 4-bit kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Numerics {
+    /// f32 activations times the dequantized weights.
+    #[default]
+    Exact,
+    /// int8 activations per 32-block, integer dot products.
+    W4A8,
+}
+
+static DEFAULT_NUMERICS: AtomicU8 = AtomicU8::new(0);
+
+/// Sets what [`Kernel::Auto`] runs, for every 4-bit layer of the process.
+pub fn set_default_numerics(n: Numerics) {
+    DEFAULT_NUMERICS.store(n as u8, Ordering::Relaxed);
+}
+
+/// What [`Kernel::Auto`] runs.
+pub fn default_numerics() -> Numerics {
+    match DEFAULT_NUMERICS.load(Ordering::Relaxed) {
+        1 => Numerics::W4A8,
+        _ => Numerics::Exact,
+    }
+}
+
+/// The lm_head of 4-bit models on the CPU (their embedding table stays f16: a lookup reads one
+/// row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadFormat {
+    /// The checkpoint's f16 weight, f32 arithmetic.
+    #[default]
+    F16,
+    /// 8 bits per weight, per 32-block scales, W8A8 ([`q8`]).
+    Int8,
+}
+
+static DEFAULT_HEAD: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the lm_head format of the 4-bit models the process loads from now on.
+pub fn set_default_head(h: HeadFormat) {
+    DEFAULT_HEAD.store(h as u8, Ordering::Relaxed);
+}
+
+pub fn default_head() -> HeadFormat {
+    match DEFAULT_HEAD.load(Ordering::Relaxed) {
+        1 => HeadFormat::Int8,
+        _ => HeadFormat::F16,
+    }
 }
 
 impl Kernel {
-    /// The kernel `Auto` resolves to on this machine.
+    /// The exact kernel `Auto` resolves to on this machine.
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
@@ -36,11 +101,15 @@ impl Kernel {
         }
         Kernel::Scalar
     }
-    fn resolve(self) -> Kernel {
+    /// The kernel that runs: `Auto` made concrete, a path the CPU lacks replaced by scalar.
+    pub fn resolve(self) -> Kernel {
         match self {
-            Kernel::Auto => Kernel::detect(),
+            Kernel::Auto => match default_numerics() {
+                Numerics::Exact => Kernel::detect(),
+                Numerics::W4A8 => Kernel::A8(A8Path::detect()),
+            },
+            Kernel::A8(p) => Kernel::A8(p.or_scalar()),
             k if k == Kernel::detect() || k == Kernel::Scalar => k,
-            // A kernel this CPU lacks is never run.
             _ => Kernel::Scalar,
         }
     }
@@ -53,10 +122,10 @@ impl PackedQ4 {
     /// `y[t][o] = Σ_i x[t][i] · W[o][i]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
     pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), m * self.shape.k, "input length");
-        if m >= GEMM_MIN_TOKENS {
-            self.gemm(x, m)
-        } else {
-            self.gemv(x, m, kernel.resolve())
+        match kernel.resolve() {
+            Kernel::A8(path) => w4a8::matmul(self, x, m, path),
+            _ if m >= GEMM_MIN_TOKENS => self.gemm(x, m),
+            k => self.gemv(x, m, k),
         }
     }
 
@@ -155,11 +224,42 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
     y
 }
 
+/// An output buffer shared by rayon tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint column ranges of one output buffer to rayon tasks.
+// SAFETY: every user hands each task its own rows or columns of one buffer.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// # Safety
+    /// `i` is inside the buffer and no other task writes it.
+    #[inline(always)]
+    unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// `y` (`[m][n]`, row-major) filled by `fill(o, put)` for every output column `o`, the columns
+/// split into one contiguous range per rayon thread (a row of the weight is read by one task);
+/// `put(t, v)` stores `y[t][o]`; `init` makes each task's scratch space.
+fn par_output_rows<S>(m: usize, n: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, usize, &mut dyn FnMut(usize, f32)) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = n.div_ceil(threads).max(1);
+    let ptr = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let mut scratch = init();
+        for o in task * per_task..((task + 1) * per_task).min(n) {
+            fill(&mut scratch, o, &mut |t, v| {
+                assert!(t < m, "token {t} of {m}");
+                // SAFETY: t < m and o < n index inside y; column o belongs to this task only.
+                unsafe { ptr.write(t * n + o, v) }
+            });
+        }
+    });
+    y
+}
 
 /// One row's dot product with one token.
 #[inline]

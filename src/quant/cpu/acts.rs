@@ -1,0 +1,143 @@
+//! Activations quantized to int8 for the integer kernels (W4A8, and the 8-bit head): per token
+//! and per block of 32, `d = max|x| / 127` and `q = round(x / d)`, so `x ≈ d · q` with an error
+//! of at most `d / 2` per element.
+//!
+//! The int8 values are stored in the order the 4-bit kernels unpack weights: per pair of
+//! 32-blocks (64 inputs `p·64 ..`), `[0..16, 32..48, 16..32, 48..64]`. One 32-byte load of the
+//! packed codes of two chunks gives, after masking, the low nibbles of both chunks (weights
+//! `0..16` and `32..48` of the pair) and, after a shift, the high nibbles (`16..32`, `48..64`);
+//! the matching activations are then two plain 32-byte loads, and a 4-byte dot-product lane
+//! always stays inside one 32-block. With `natural` order (the 8-bit head, whose codes are
+//! plain bytes) no permutation is applied. A `k` that is not a multiple of 64 is padded with
+//! zeros (scale 0) to the next pair.
+#[derive(Debug, Clone)]
+pub struct QuantizedActs {
+    pub m: usize,
+    pub k: usize,
+    /// Pairs of 32-blocks per token (`ceil(k / 64)`).
+    pub pairs: usize,
+    /// `[m][pairs * 64]` int8, in kernel order.
+    pub q: Vec<i8>,
+    /// `[m][pairs][8]`: each pair's two block scales, each repeated four times (one per i32 lane
+    /// of a 256-bit dot product: lanes 0–3 belong to the first block, 4–7 to the second).
+    pub lane_scales: Vec<f32>,
+    /// `[m][pairs * 2]`: per 32-block `d · Σ q`, the block's quantized sum (for zero points).
+    pub block_sums: Vec<f32>,
+    /// `[m][pairs * 2]`: per 32-block `Σ q` as an integer (for the head's offset codes).
+    pub block_qsums: Vec<i32>,
+}
+
+/// Where element `j` (0..64) of a pair is stored in the kernel order.
+#[inline]
+pub fn pair_slot(j: usize) -> usize {
+    match j {
+        0..=15 => j,
+        16..=31 => j + 16,
+        32..=47 => j - 16,
+        _ => j,
+    }
+}
+
+impl QuantizedActs {
+    /// Quantizes `x` (`[m][k]`, `k` a multiple of 32), in the 4-bit kernels' order or in
+    /// `natural` order.
+    pub fn new(x: &[f32], m: usize, k: usize, natural: bool) -> Self {
+        assert!(k.is_multiple_of(32) && x.len() == m * k, "activations: {} values for {m} × {k}", x.len());
+        let pairs = k.div_ceil(64);
+        let kp = pairs * 64;
+        let mut q = vec![0i8; m * kp];
+        let mut lane_scales = vec![0f32; m * pairs * 8];
+        let mut block_sums = vec![0f32; m * pairs * 2];
+        let mut block_qsums = vec![0i32; m * pairs * 2];
+        let mut block = [0i8; 32];
+        for t in 0..m {
+            let xt = &x[t * k..(t + 1) * k];
+            for (b, xb) in xt.chunks_exact(32).enumerate() {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let mut s = 0i32;
+                for (dst, v) in block.iter_mut().zip(xb) {
+                    // |v · inv| ≤ 127 up to rounding; the clamp guards that rounding.
+                    let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    *dst = r;
+                    s += i32::from(r);
+                }
+                let (p, half) = (b / 2, b % 2);
+                let base = t * kp + p * 64;
+                for (j, &v) in block.iter().enumerate() {
+                    let e = half * 32 + j;
+                    q[base + if natural { e } else { pair_slot(e) }] = v;
+                }
+                let ls = &mut lane_scales[(t * pairs + p) * 8 + half * 4..][..4];
+                ls.fill(d);
+                block_sums[t * pairs * 2 + b] = d * s as f32;
+                block_qsums[t * pairs * 2 + b] = s;
+            }
+        }
+        Self { m, k, pairs, q, lane_scales, block_sums, block_qsums }
+    }
+
+    /// Token `t`'s int8 values (`pairs * 64`).
+    pub fn token(&self, t: usize) -> &[i8] {
+        &self.q[t * self.pairs * 64..(t + 1) * self.pairs * 64]
+    }
+    pub fn token_lane_scales(&self, t: usize) -> &[f32] {
+        &self.lane_scales[t * self.pairs * 8..(t + 1) * self.pairs * 8]
+    }
+    pub fn token_block_sums(&self, t: usize) -> &[f32] {
+        &self.block_sums[t * self.pairs * 2..(t + 1) * self.pairs * 2]
+    }
+    pub fn token_block_qsums(&self, t: usize) -> &[i32] {
+        &self.block_qsums[t * self.pairs * 2..(t + 1) * self.pairs * 2]
+    }
+    /// The scale of 32-block `b` of token `t`.
+    pub fn block_scale(&self, t: usize, b: usize) -> f32 {
+        self.lane_scales[(t * self.pairs + b / 2) * 8 + (b % 2) * 4]
+    }
+    /// The dequantized value of element `i` of token `t` (for references and tests).
+    pub fn value(&self, t: usize, i: usize, natural: bool) -> f32 {
+        let (p, j) = (i / 64, i % 64);
+        let slot = if natural { j } else { pair_slot(j) };
+        self.block_scale(t, i / 32) * f32::from(self.q[t * self.pairs * 64 + p * 64 + slot])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn pair_slots_are_a_permutation() {
+        let mut seen = [false; 64];
+        for j in 0..64 {
+            assert!(!std::mem::replace(&mut seen[pair_slot(j)], true));
+        }
+    }
+
+    #[test]
+    fn values_are_within_half_a_step_and_sums_match() {
+        let mut rng = Rng::new(7);
+        for &(m, k) in &[(1usize, 32usize), (3, 96), (2, 576)] {
+            let mut x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 3.0).collect();
+            x[5] = 0.0;
+            if k == 96 {
+                x[32..64].fill(0.0); // an all-zero block: scale 0, values 0
+            }
+            for natural in [false, true] {
+                let a = QuantizedActs::new(&x, m, k, natural);
+                for t in 0..m {
+                    for i in 0..k {
+                        let d = a.block_scale(t, i / 32);
+                        assert!((a.value(t, i, natural) - x[t * k + i]).abs() <= d * 0.5 + 1e-6, "t={t} i={i}");
+                    }
+                    for b in 0..k / 32 {
+                        let s: f32 = (b * 32..(b + 1) * 32).map(|i| a.value(t, i, natural)).sum();
+                        assert!((a.token_block_sums(t)[b] - s).abs() <= 1e-4 * (1.0 + s.abs()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The W4A8 CPU kernel: activations quantized to int8 per 32-block ([`QuantizedActs`]), integer
+//! dot products against the 4-bit codes, float scales applied once per 32-block.
+//!
+//! With `x ≈ d·q` per 32-block `b` and `w = s·(c - z)` per group,
+//! `y = Σ_b s·d·(Σ_{i∈b} c_i q_i) - Σ_g s·z·(Σ_{b∈g} d·Σ_{i∈b} q_i)`:
+//! the inner sums are exact integers (`c` unsigned 0..15, `q` signed −127..127: exactly the
+//! operand types of `vpdpbusd`), the zero point costs one multiply per group, and the result is
+//! exactly the dequantized weight times the quantized activation. Its distance from the exact
+//! W4A16 result is therefore at most `Σ_i |w_i| · d_b(i) / 2` (see [`error_bound`]).
+//!
+//! Paths, chosen at run time: AVX512-VNNI (256-bit `vpdpbusd`), AVX-VNNI (the same instruction
+//! in its VEX form), AVX2 (`vpmaddubsw` + `vpmaddwd`: two products of at most 15·127 fit i16
+//! without saturation, four do too), NEON with the dot-product extension (`sdot`, on unsigned
+//! codes below 128), and scalar. All read the same packed weights and activation order, and all
+//! give the same integer sums; only the float sums differ in order.
+//!
+//! Several tokens share one pass over a row's codes: the codes are unpacked once per pair of
+//! chunks and multiplied with up to [`TILE`] tokens' activations held in registers — this is the
+//! multi-token GEMV of batched decode, and in tiles the prefill GEMM too.
+use super::acts::{pair_slot, QuantizedActs};
+use super::PackedQ4;
+
+/// Tokens that share one pass over a row.
+pub const TILE: usize = 4;
+
+/// The inner loop of the W4A8 kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum A8Path {
+    Scalar,
+    Avx2,
+    AvxVnni,
+    Avx512Vnni,
+    NeonDot,
+}
+
+impl A8Path {
+    /// Every path this CPU can run, best first (the scalar path always).
+    pub fn available() -> Vec<A8Path> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                v.push(A8Path::Avx512Vnni);
+            }
+            if avx2 && is_x86_feature_detected!("avxvnni") {
+                v.push(A8Path::AvxVnni);
+            }
+            if avx2 {
+                v.push(A8Path::Avx2);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                v.push(A8Path::NeonDot);
+            }
+        }
+        v.push(A8Path::Scalar);
+        v
+    }
+    /// The best path on this CPU.
+    pub fn detect() -> A8Path {
+        Self::available()[0]
+    }
+    /// `self` if this CPU runs it, else the scalar path (a path the CPU lacks is never run).
+    pub fn or_scalar(self) -> A8Path {
+        if Self::available().contains(&self) {
+            self
+        } else {
+            A8Path::Scalar
+        }
+    }
+}
+
+/// `y[t][o]` for `m` tokens through the W4A8 kernel; `x` is `[m][k]`, `y` `[m][n]`.
+pub fn matmul(w: &PackedQ4, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
+    let (n, k, g) = (w.shape.n, w.shape.k, w.shape.group_size);
+    let acts = QuantizedActs::new(x, m, k, false);
+    let groups = w.groups();
+    // Per token and group: the quantized activations' sum, for the zero-point term.
+    let mut group_sums = vec![0f32; m * groups];
+    for t in 0..m {
+        for (b, s) in acts.token_block_sums(t)[..k / 32].iter().enumerate() {
+            group_sums[t * groups + b * 32 / g] += s;
+        }
+    }
+    let path = path.or_scalar();
+    super::par_output_rows(
+        m,
+        n,
+        || (vec![0f32; groups], vec![0f32; groups]),
+        |(scales, zs), o, put| {
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w.scales[o * groups..(o + 1) * groups], scales);
+            for ((z, s), zr) in zs.iter_mut().zip(scales.iter()).zip(&w.zeros[o * groups..(o + 1) * groups]) {
+                *z = s * f32::from(*zr);
+            }
+            let row = Row { codes: &w.codes[o * k / 2..(o + 1) * k / 2], scales, k, g };
+            let mut out = [0f32; TILE];
+            let mut t0 = 0;
+            while t0 < m {
+                let tile = TILE.min(m - t0);
+                row_tile(path, &row, &acts, t0, tile, &mut out);
+                for (i, v) in out[..tile].iter().enumerate() {
+                    let t = t0 + i;
+                    let zero_term: f32 = zs.iter().zip(&group_sums[t * groups..(t + 1) * groups]).map(|(a, b)| a * b).sum();
+                    put(t, v - zero_term);
+                }
+                t0 += tile;
+            }
+        },
+    )
+}
+
+/// One row of the weight, with its scales converted to f32.
+pub struct Row<'a> {
+    /// `k / 2` packed bytes.
+    pub codes: &'a [u8],
+    /// Per group.
+    pub scales: &'a [f32],
+    pub k: usize,
+    pub g: usize,
+}
+
+impl Row<'_> {
+    /// The scales of the two 32-blocks of pair `p` (the first again where the pair has one).
+    #[inline(always)]
+    fn pair_scales(&self, p: usize) -> (f32, f32) {
+        let a = self.scales[p * 64 / self.g];
+        let b = if p * 64 + 32 < self.k { self.scales[(p * 64 + 32) / self.g] } else { a };
+        (a, b)
+    }
+}
+
+/// `out[i] = Σ_b s·d·(Σ c·q)` for tokens `t0 .. t0 + tile` (`tile` ≤ [`TILE`]); the zero-point
+/// term is the caller's.
+pub fn row_tile(path: A8Path, row: &Row, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [f32; TILE]) {
+    debug_assert!((1..=TILE).contains(&tile) && t0 + tile <= acts.m && acts.k == row.k);
+    macro_rules! dispatch {
+        ($($f:ident)::+) => {
+            match tile {
+                1 => $($f)::+::<1>(row, acts, t0, out),
+                2 => $($f)::+::<2>(row, acts, t0, out),
+                3 => $($f)::+::<3>(row, acts, t0, out),
+                _ => $($f)::+::<4>(row, acts, t0, out),
+            }
+        };
+    }
+    match path {
+        // SAFETY (all three): the path is only chosen when `A8Path::available` lists it.
+        #[cfg(target_arch = "x86_64")]
+        A8Path::Avx512Vnni => unsafe { dispatch!(x86::tile_avx512vnni) },
+        #[cfg(target_arch = "x86_64")]
+        A8Path::AvxVnni => unsafe { dispatch!(x86::tile_avxvnni) },
+        #[cfg(target_arch = "x86_64")]
+        A8Path::Avx2 => unsafe { dispatch!(x86::tile_avx2) },
+        #[cfg(target_arch = "aarch64")]
+        A8Path::NeonDot => unsafe { dispatch!(arm::tile_neon_dot) },
+        _ => dispatch!(tile_scalar),
+    }
+}
+
+/// The reference inner loop: exact integer sums per 32-block.
+pub fn tile_scalar<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
+    let pairs = acts.pairs;
+    let mut acc = [0f32; T];
+    for p in 0..pairs {
+        let (sa, sb) = row.pair_scales(p);
+        for h in 0..2 {
+            let c = 2 * p + h;
+            if c * 32 >= row.k {
+                break;
+            }
+            let bytes = &row.codes[c * 16..c * 16 + 16];
+            for (t, a) in acc.iter_mut().enumerate() {
+                let q = &acts.token(t0 + t)[p * 64..p * 64 + 64];
+                let mut dot = 0i32;
+                for (j, &byte) in bytes.iter().enumerate() {
+                    dot += i32::from(byte & 0xF) * i32::from(q[pair_slot(h * 32 + j)]);
+                    dot += i32::from(byte >> 4) * i32::from(q[pair_slot(h * 32 + j + 16)]);
+                }
+                *a += if h == 0 { sa } else { sb } * acts.block_scale(t0 + t, c) * dot as f32;
+            }
+        }
+    }
+    out[..T].copy_from_slice(&acc);
+}
+
+/// The bound on `|W4A8 − W4A16|` for one output: `Σ_i |w_i| · d_b(i) / 2`, with `w` the
+/// dequantized row and `d` the activation block scales of token `t`.
+pub fn error_bound(w_row: &[f32], acts: &QuantizedActs, t: usize) -> f32 {
+    w_row.iter().enumerate().map(|(i, w)| w.abs() * acts.block_scale(t, i / 32) * 0.5).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantizedActs, Row, TILE};
+    use std::arch::x86_64::*;
+
+    /// One x86 inner loop: `$dot(lo, xlo, hi, xhi)` is the 8-lane i32 sum of the two
+    /// u8 × i8 products (four bytes per lane).
+    macro_rules! tile_fn {
+        ($name:ident, $features:literal, $dot:ident) => {
+            /// # Safety
+            /// The CPU must have the features named; `row` and `acts` as in `tile_scalar`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); T];
+                let full_pairs = row.k / 64;
+                let cp = row.codes.as_ptr();
+                let mut xq = [std::ptr::null::<i8>(); T];
+                let mut ls = [std::ptr::null::<f32>(); T];
+                for t in 0..T {
+                    xq[t] = acts.token(t0 + t).as_ptr();
+                    ls[t] = acts.token_lane_scales(t0 + t).as_ptr();
+                }
+                for p in 0..acts.pairs {
+                    // The last pair of an odd chunk count has 16 bytes; the activations past k
+                    // are zeros with scale 0.
+                    let v = if p < full_pairs {
+                        _mm256_loadu_si256(cp.add(p * 32) as *const __m256i)
+                    } else {
+                        _mm256_zextsi128_si256(_mm_loadu_si128(cp.add(p * 32) as *const __m128i))
+                    };
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    let (sa, sb) = row.pair_scales(p);
+                    let sv = _mm256_blend_ps(_mm256_set1_ps(sa), _mm256_set1_ps(sb), 0xF0);
+                    for t in 0..T {
+                        let x = xq[t].add(p * 64);
+                        let xlo = _mm256_loadu_si256(x as *const __m256i);
+                        let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                        let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
+                        let f = _mm256_mul_ps(d, _mm256_loadu_ps(ls[t].add(p * 8)));
+                        acc[t] = _mm256_fmadd_ps(f, sv, acc[t]);
+                    }
+                }
+                for t in 0..T {
+                    out[t] = hsum(acc[t]);
+                }
+            }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn dot_vnni512(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
+    }
+    #[inline(always)]
+    unsafe fn dot_avxvnni(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
+    }
+    #[inline(always)]
+    unsafe fn dot_avx2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
+        // Each i16 holds 4 products of at most 15 · 127 in magnitude: no saturation.
+        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
+    tile_fn!(tile_avx2, "avx2,fma", dot_avx2);
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{QuantizedActs, Row, TILE};
+    use std::arch::aarch64::*;
+
+    /// `acc + ` the 4-byte dot products of `a` and `b` per i32 lane. `vdotq_s32` is still an
+    /// unstable intrinsic, the instruction itself is plain inline assembly.
+    #[target_feature(enable = "neon,dotprod")]
+    #[inline]
+    unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) a, in(vreg) b, options(pure, nomem, nostack));
+        acc
+    }
+
+    /// # Safety
+    /// The CPU must have NEON and the dot-product extension; arguments as in `tile_scalar`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn tile_neon_dot<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
+        let mask = vdupq_n_u8(0x0F);
+        let mut acc = [vdupq_n_f32(0.0); T];
+        let cp = row.codes.as_ptr();
+        let chunks = row.k / 32;
+        for p in 0..acts.pairs {
+            let (sa, sb) = row.pair_scales(p);
+            for h in 0..2 {
+                let c = 2 * p + h;
+                if c >= chunks {
+                    break;
+                }
+                // Chunk c: low nibbles are its weights 0..16, high nibbles 16..32; as codes
+                // below 16 they are valid signed bytes for `sdot`.
+                let v = vld1q_u8(cp.add(c * 16));
+                let lo = vreinterpretq_s8_u8(vandq_u8(v, mask));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                let s = if h == 0 { sa } else { sb };
+                for t in 0..T {
+                    let x = acts.token(t0 + t).as_ptr().add(p * 64);
+                    // Kernel order: this chunk's 0..16 at 16·h, its 16..32 at 32 + 16·h.
+                    let xlo = vld1q_s8(x.add(16 * h));
+                    let xhi = vld1q_s8(x.add(32 + 16 * h));
+                    let d = sdot(sdot(vdupq_n_s32(0), lo, xlo), hi, xhi);
+                    let scale = s * acts.block_scale(t0 + t, c);
+                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), scale);
+                }
+            }
+        }
+        for t in 0..T {
+            out[t] = vaddvq_f32(acc[t]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize_codes, QuantScheme};
+    use crate::rng::Rng;
+
+    /// f64 over the same quantized activations: the value every path must give up to the
+    /// order of its float sums.
+    fn reference(w: &PackedQ4, acts: &QuantizedActs) -> Vec<f64> {
+        let (n, k) = (w.shape.n, w.shape.k);
+        let mut y = vec![0f64; acts.m * n];
+        let mut row = vec![0f32; k];
+        for o in 0..n {
+            w.dequantize_row(o, &mut row);
+            for t in 0..acts.m {
+                y[t * n + o] = (0..k).map(|i| f64::from(row[i]) * f64::from(acts.value(t, i, false))).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_path_matches_the_quantized_reference_and_stays_within_the_bound() {
+        let mut rng = Rng::new(11);
+        // (n, k, group): odd chunk counts (k % 64 = 32), group 32 (two groups in a pair),
+        // per-channel, SmolLM2's 576.
+        for &(n, k, g) in &[(8, 32, 32), (24, 96, 32), (40, 192, 64), (16, 160, 32), (72, 384, 128), (136, 576, 64), (8, 1536, 1536), (33, 224, 32)] {
+            let wf: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.1).collect();
+            let w = PackedQ4::from_quantized(&quantize_codes(&wf, n, k, QuantScheme::new(4, g).unwrap()));
+            for m in [1, 2, 3, 4, 5, 9, 17] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let acts = QuantizedActs::new(&x, m, k, false);
+                let want = reference(&w, &acts);
+                let exact = w.matmul(&x, m, super::super::Kernel::Scalar);
+                let mut row = vec![0f32; k];
+                for path in A8Path::available() {
+                    let got = matmul(&w, &x, m, path);
+                    for t in 0..m {
+                        for o in 0..n {
+                            let (gv, wv) = (got[t * n + o], want[t * n + o]);
+                            w.dequantize_row(o, &mut row);
+                            let mag: f64 = (0..k).map(|i| f64::from((row[i] * acts.value(t, i, false)).abs())).sum();
+                            // Float sums in another order: a few f32 roundings of the terms.
+                            assert!((f64::from(gv) - wv).abs() <= 1e-5 * mag + 1e-6, "{path:?} n={n} k={k} g={g} m={m} t={t} o={o}: {gv} vs {wv}");
+                            let bound = error_bound(&row, &acts, t);
+                            let e = (gv - exact[t * n + o]).abs();
+                            assert!(e <= bound * 1.0001 + 1e-4, "{path:?}: |w4a8 - exact| {e} over the bound {bound}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
