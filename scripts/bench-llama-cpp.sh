@@ -41,8 +41,11 @@ PY
     mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEV/src"
     rm -rf "$tmp"
   fi
+  # -march=native, less AMX: on VMs that list amx_int8 without granting the tile state,
+  # llama.cpp's AMX matmul segfaults (seen on this project's Xeon VM).
+  nox="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$DEV/src" -B "$DEV/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+    -DCMAKE_C_FLAGS="$nox" -DCMAKE_CXX_FLAGS="$nox" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
   cmake --build "$DEV/build" --target llama-bench llama-quantize -j "$(nproc)" >/dev/null
 fi
 [ -x "$B" ] || cargo build --release --quiet

@@ -25,6 +25,10 @@ pub struct QuantizedActs {
     pub block_sums: Vec<f32>,
     /// `[m][pairs * 2]`: per 32-block `Σ q` as an integer (for the head's offset codes).
     pub block_qsums: Vec<i32>,
+    /// `[m][pairs][8]` in kernel order only (empty in natural order): per i32 lane of a pair's
+    /// two 256-bit dot products, `d · Σ q` over the eight values that lane multiplies, so a
+    /// kernel subtracts the zero point's share per lane (`scale · zero · lane_sum`).
+    pub lane_sums: Vec<f32>,
 }
 
 /// Where element `j` (0..64) of a pair is stored in the kernel order.
@@ -58,8 +62,11 @@ impl QuantizedActs {
                 let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
                 let mut s = 0i32;
                 for (dst, v) in block.iter_mut().zip(xb) {
-                    // |v · inv| ≤ 127 up to rounding; the clamp guards that rounding.
-                    let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    // Round half away from zero (what `f32::round` does, which without SSE4.1
+                    // is a libm call per value; this form vectorizes). |v · inv| ≤ 127 up to
+                    // rounding; the clamp guards that rounding.
+                    let y = (v * inv).clamp(-127.0, 127.0);
+                    let r = (y + 0.5f32.copysign(y)) as i8;
                     *dst = r;
                     s += i32::from(r);
                 }
@@ -75,7 +82,19 @@ impl QuantizedActs {
                 block_qsums[t * pairs * 2 + b] = s;
             }
         }
-        Self { m, k, pairs, q, lane_scales, block_sums, block_qsums }
+        let lane_sums = if natural {
+            Vec::new()
+        } else {
+            let mut v = vec![0f32; m * pairs * 8];
+            for (pair, (sums, scales)) in q.chunks_exact(64).zip(v.chunks_exact_mut(8).zip(lane_scales.chunks_exact(8))) {
+                for (i, (sum, d)) in sums.iter_mut().zip(scales).enumerate() {
+                    let s: i32 = pair[4 * i..4 * i + 4].iter().chain(&pair[32 + 4 * i..32 + 4 * i + 4]).map(|&v| i32::from(v)).sum();
+                    *sum = d * s as f32;
+                }
+            }
+            v
+        };
+        Self { m, k, pairs, q, lane_scales, block_sums, block_qsums, lane_sums }
     }
 
     /// Token `t`'s int8 values (`pairs * 64`).
@@ -87,6 +106,9 @@ impl QuantizedActs {
     }
     pub fn token_block_sums(&self, t: usize) -> &[f32] {
         &self.block_sums[t * self.pairs * 2..(t + 1) * self.pairs * 2]
+    }
+    pub fn token_lane_sums(&self, t: usize) -> &[f32] {
+        &self.lane_sums[t * self.pairs * 8..(t + 1) * self.pairs * 8]
     }
     pub fn token_block_qsums(&self, t: usize) -> &[i32] {
         &self.block_qsums[t * self.pairs * 2..(t + 1) * self.pairs * 2]

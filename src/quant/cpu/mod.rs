@@ -13,13 +13,13 @@
 //! Which one a layer uses by default is a process-wide choice ([`set_default_numerics`]): the
 //! CLI's `--cpu-kernel` sets it, tests and benchmarks name a [`Kernel`] directly.
 pub mod acts;
+pub mod pool;
 pub mod q8;
 pub mod w4a8;
 
 pub use super::format::packed::PackedQ4;
 pub use w4a8::A8Path;
 use half::f16;
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Which inner loop to use; `Auto` picks the process default numerics ([`default_numerics`])
@@ -151,30 +151,19 @@ impl PackedQ4 {
     }
 }
 
-/// `y[t][o] = dot(o, t)` for `n` rows and `m` tokens, `[m][n]` row-major: one contiguous range of
-/// rows per thread (with few cores, more and smaller tasks cost more in scheduling than they gain
-/// in balance), each row's tokens together so its weights are read once.
+/// `y[t][o] = dot(o, t)` for `n` rows and `m` tokens, `[m][n]` row-major, each row's tokens
+/// together so its weights are read once.
 pub fn rows_parallel(n: usize, m: usize, dot: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
-    let threads = rayon::current_num_threads().max(1);
-    let rows_per_task = n.div_ceil(threads).max(1);
-    let mut yt = vec![0f32; n * m]; // [n][m], transposed at the end
-    yt.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, out)| {
-        for (r, out_row) in out.chunks_mut(m).enumerate() {
-            for (t, v) in out_row.iter_mut().enumerate() {
-                *v = dot(task * rows_per_task + r, t);
+    par_output_rows(
+        m,
+        n,
+        || (),
+        |_, o, put| {
+            for t in 0..m {
+                put(t, dot(o, t));
             }
-        }
-    });
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for o in 0..n {
-        for t in 0..m {
-            y[t * n + o] = yt[o * m + t];
-        }
-    }
-    y
+        },
+    )
 }
 
 /// `y = x · Wᵀ` for `x` `[m, k]` and a weight `[n, k]` that `fill_row(o, buf)` writes out row by
@@ -184,9 +173,9 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
     let block = 64;
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each_init(
-        || vec![0f32; block * k],
-        |buf, b| {
+    pool::for_ranges(n.div_ceil(block), 1, |blocks| {
+        let mut buf = vec![0f32; block * k];
+        for b in blocks {
             let o0 = b * block;
             let nb = block.min(n - o0);
             for r in 0..nb {
@@ -219,12 +208,12 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
                     gemm::Parallelism::None,
                 );
             }
-        },
-    );
+        }
+    });
     y
 }
 
-/// An output buffer shared by rayon tasks that write disjoint parts of it.
+/// An output buffer shared by kernel tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: every user hands each task its own rows or columns of one buffer.
@@ -241,19 +230,33 @@ impl SendPtr {
 }
 
 /// `y` (`[m][n]`, row-major) filled by `fill(o, put)` for every output column `o`, the columns
-/// split into one contiguous range per rayon thread (a row of the weight is read by one task);
+/// split into contiguous ranges over the kernel threads ([`pool`]; a row of the weight is read
+/// by one task);
 /// `put(t, v)` stores `y[t][o]`; `init` makes each task's scratch space.
 fn par_output_rows<S>(m: usize, n: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, usize, &mut dyn FnMut(usize, f32)) + Sync) -> Vec<f32> {
+    par_output_blocks(m, n, 1, init, |scratch, rows, put| {
+        for o in rows {
+            fill(scratch, o, &mut |t, v| put(t, o, v));
+        }
+    })
+}
+
+/// [`par_output_rows`] for kernels that take `block` rows at a time: `fill(rows, put)` gets
+/// `block` consecutive columns (fewer at the end) and stores `y[t][o]` with `put(t, o, v)`.
+fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, std::ops::Range<usize>, &mut dyn FnMut(usize, usize, f32)) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = n.div_ceil(threads).max(1);
     let ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+    let blocks = n.div_ceil(block);
+    // At least 16 rows a task: below that the hand-out costs more than the rows.
+    pool::for_ranges(blocks, 16usize.div_ceil(block), |range| {
         let mut scratch = init();
-        for o in task * per_task..((task + 1) * per_task).min(n) {
-            fill(&mut scratch, o, &mut |t, v| {
-                assert!(t < m, "token {t} of {m}");
-                // SAFETY: t < m and o < n index inside y; column o belongs to this task only.
+        for b in range {
+            let rows = b * block..((b + 1) * block).min(n);
+            let cols = rows.clone();
+            fill(&mut scratch, rows, &mut |t, o, v| {
+                assert!(t < m && cols.contains(&o), "token {t} of {m}, row {o} outside {cols:?}");
+                // SAFETY: t < m and o < n index inside y; the block's columns belong to this
+                // task only.
                 unsafe { ptr.write(t * n + o, v) }
             });
         }

@@ -4,7 +4,8 @@
 //! With `x ≈ d·q` per 32-block `b` and `w = s·(c - z)` per group,
 //! `y = Σ_b s·d·(Σ_{i∈b} c_i q_i) - Σ_g s·z·(Σ_{b∈g} d·Σ_{i∈b} q_i)`:
 //! the inner sums are exact integers (`c` unsigned 0..15, `q` signed −127..127: exactly the
-//! operand types of `vpdpbusd`), the zero point costs one multiply per group, and the result is
+//! operand types of `vpdpbusd`), the zero point's share is one more fused multiply-add per
+//! vector (`s·z` times the per-lane `d·Σq` that [`QuantizedActs`] precomputes), and the result is
 //! exactly the dequantized weight times the quantized activation. Its distance from the exact
 //! W4A16 result is therefore at most `Σ_i |w_i| · d_b(i) / 2` (see [`error_bound`]).
 //!
@@ -15,8 +16,11 @@
 //! give the same integer sums; only the float sums differ in order.
 //!
 //! Several tokens share one pass over a row's codes: the codes are unpacked once per pair of
-//! chunks and multiplied with up to [`TILE`] tokens' activations held in registers — this is the
-//! multi-token GEMV of batched decode, and in tiles the prefill GEMM too.
+//! chunks and multiplied with up to [`TILE`] tokens' activations — this is the multi-token GEMV
+//! of batched decode, and in tiles the prefill GEMM too. On x86, [`ROWS`] rows also share each
+//! activation load ([`block_tile`]). Scales and `scale·zero` are read as f32 from a table the
+//! weight builds on first use ([`PackedQ4::scales_f32`]): converting a row's f16 scales per call
+//! cost more than the row's arithmetic at SmolLM2's sizes.
 use super::acts::{pair_slot, QuantizedActs};
 use super::PackedQ4;
 
@@ -78,33 +82,57 @@ pub fn matmul(w: &PackedQ4, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
     let (n, k, g) = (w.shape.n, w.shape.k, w.shape.group_size);
     let acts = QuantizedActs::new(x, m, k, false);
     let groups = w.groups();
-    // Per token and group: the quantized activations' sum, for the zero-point term.
-    let mut group_sums = vec![0f32; m * groups];
-    for t in 0..m {
-        for (b, s) in acts.token_block_sums(t)[..k / 32].iter().enumerate() {
-            group_sums[t * groups + b * 32 / g] += s;
-        }
-    }
     let path = path.or_scalar();
-    super::par_output_rows(
+    let chunks_per_group = g / 32;
+    let pairs = acts.pairs;
+    let table = w.scales_f32();
+    // Chunk c's scale is `scales[c >> shift]` where a group is a power of two of chunks (32, 64,
+    // 128, ...); other group sizes get per-chunk copies of the row's tables (shift 0).
+    let pow2 = chunks_per_group.is_power_of_two();
+    let shift = if pow2 { chunks_per_group.trailing_zeros() } else { 0 };
+    let stride = if pow2 { groups + 1 } else { pairs * 2 };
+    super::par_output_blocks(
         m,
         n,
-        || (vec![0f32; groups], vec![0f32; groups]),
-        |(scales, zs), o, put| {
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w.scales[o * groups..(o + 1) * groups], scales);
-            for ((z, s), zr) in zs.iter_mut().zip(scales.iter()).zip(&w.zeros[o * groups..(o + 1) * groups]) {
-                *z = s * f32::from(*zr);
+        ROWS,
+        || if pow2 { Vec::new() } else { vec![0f32; 2 * ROWS * stride] },
+        |chunk_tables, rows, put| {
+            let o0 = rows.start;
+            let r_n = rows.len();
+            if !pow2 {
+                for (r, o) in rows.enumerate() {
+                    for (t, src) in [&table.scales, &table.scaled_zeros].into_iter().enumerate() {
+                        let src = &src[o * (groups + 1)..(o + 1) * (groups + 1)];
+                        let dst = &mut chunk_tables[(2 * r + t) * stride..(2 * r + t + 1) * stride];
+                        for (c, s) in dst.chunks_mut(chunks_per_group).zip(src) {
+                            c.fill(*s);
+                        }
+                        // An odd chunk count: the padding chunk (zero activations) takes the
+                        // last group's values.
+                        dst[stride - 1] = src[groups - 1];
+                    }
+                }
             }
-            let row = Row { codes: &w.codes[o * k / 2..(o + 1) * k / 2], scales, k, g };
-            let mut out = [0f32; TILE];
+            let row = |r: usize| {
+                let o = o0 + r;
+                let (scales, zeros) = if pow2 {
+                    let span = o * stride..(o + 1) * stride;
+                    (&table.scales[span.clone()], &table.scaled_zeros[span])
+                } else {
+                    (&chunk_tables[2 * r * stride..(2 * r + 1) * stride], &chunk_tables[(2 * r + 1) * stride..(2 * r + 2) * stride])
+                };
+                Row { codes: &w.codes[o * k / 2..(o + 1) * k / 2], scales, zeros, shift, k }
+            };
+            let block: [Row; ROWS] = std::array::from_fn(|r| row(r.min(r_n - 1)));
+            let mut out = [[0f32; TILE]; ROWS];
             let mut t0 = 0;
             while t0 < m {
                 let tile = TILE.min(m - t0);
-                row_tile(path, &row, &acts, t0, tile, &mut out);
-                for (i, v) in out[..tile].iter().enumerate() {
-                    let t = t0 + i;
-                    let zero_term: f32 = zs.iter().zip(&group_sums[t * groups..(t + 1) * groups]).map(|(a, b)| a * b).sum();
-                    put(t, v - zero_term);
+                block_tile(path, &block[..r_n], &acts, t0, tile, &mut out);
+                for (r, out_r) in out[..r_n].iter().enumerate() {
+                    for (i, v) in out_r[..tile].iter().enumerate() {
+                        put(t0 + i, o0 + r, *v);
+                    }
                 }
                 t0 += tile;
             }
@@ -112,28 +140,78 @@ pub fn matmul(w: &PackedQ4, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
     )
 }
 
-/// One row of the weight, with its scales converted to f32.
-pub struct Row<'a> {
-    /// `k / 2` packed bytes.
-    pub codes: &'a [u8],
-    /// Per group.
-    pub scales: &'a [f32],
-    pub k: usize,
-    pub g: usize,
-}
+/// Rows that share one pass over the activations.
+pub const ROWS: usize = 4;
 
-impl Row<'_> {
-    /// The scales of the two 32-blocks of pair `p` (the first again where the pair has one).
-    #[inline(always)]
-    fn pair_scales(&self, p: usize) -> (f32, f32) {
-        let a = self.scales[p * 64 / self.g];
-        let b = if p * 64 + 32 < self.k { self.scales[(p * 64 + 32) / self.g] } else { a };
-        (a, b)
+/// [`row_tile`] for up to [`ROWS`] rows: on x86 a full block runs in one kernel that loads each
+/// activation vector once for all its rows.
+pub fn block_tile(path: A8Path, rows: &[Row], acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; TILE]; ROWS]) {
+    #[cfg(target_arch = "x86_64")]
+    if rows.len() == ROWS && path != A8Path::Scalar && path != A8Path::NeonDot {
+        macro_rules! run {
+            ($r:literal, $first:expr, $f:ident) => {{
+                let rs: &[Row; $r] = rows[$first..$first + $r].try_into().unwrap();
+                let o: &mut [[f32; TILE]; $r] = (&mut out[$first..$first + $r]).try_into().unwrap();
+                // SAFETY: the path is only chosen when `A8Path::available` lists it.
+                unsafe {
+                    match tile {
+                        1 => x86::$f::<$r, 1>(rs, acts, t0, o),
+                        2 => x86::$f::<$r, 2>(rs, acts, t0, o),
+                        3 => x86::$f::<$r, 3>(rs, acts, t0, o),
+                        _ => x86::$f::<$r, 4>(rs, acts, t0, o),
+                    }
+                }
+            }};
+        }
+        macro_rules! by_path {
+            ($f:ident) => {{
+                // Four rows × one or two tokens fit the registers; more tokens go two rows at a
+                // time (the accumulators would spill).
+                if tile <= 2 {
+                    run!(4, 0, $f)
+                } else {
+                    run!(2, 0, $f);
+                    run!(2, 2, $f);
+                }
+            }};
+        }
+        match path {
+            A8Path::Avx512Vnni => by_path!(rows_avx512vnni),
+            A8Path::AvxVnni => by_path!(rows_avxvnni),
+            _ => by_path!(rows_avx2),
+        }
+        return;
+    }
+    for (row, o) in rows.iter().zip(out.iter_mut()) {
+        row_tile(path, row, acts, t0, tile, o);
     }
 }
 
-/// `out[i] = Σ_b s·d·(Σ c·q)` for tokens `t0 .. t0 + tile` (`tile` ≤ [`TILE`]); the zero-point
-/// term is the caller's.
+/// One row of the weight, with its scales in f32.
+pub struct Row<'a> {
+    /// `k / 2` packed bytes.
+    pub codes: &'a [u8],
+    /// Chunk `c`'s scale is `scales[c >> shift]`; valid for every chunk of every pair (an odd
+    /// chunk count's padding chunk included).
+    pub scales: &'a [f32],
+    /// `scale · zero`, indexed like `scales`.
+    pub zeros: &'a [f32],
+    pub shift: u32,
+    pub k: usize,
+}
+
+impl Row<'_> {
+    #[inline(always)]
+    fn chunk_scale(&self, c: usize) -> f32 {
+        self.scales[c >> self.shift]
+    }
+    #[inline(always)]
+    fn chunk_zero(&self, c: usize) -> f32 {
+        self.zeros[c >> self.shift]
+    }
+}
+
+/// `out[i] = Σ_b s·d·(Σ c·q) − s·z·d·(Σ q)` for tokens `t0 .. t0 + tile` (`tile` ≤ [`TILE`]).
 pub fn row_tile(path: A8Path, row: &Row, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [f32; TILE]) {
     debug_assert!((1..=TILE).contains(&tile) && t0 + tile <= acts.m && acts.k == row.k);
     macro_rules! dispatch {
@@ -165,7 +243,6 @@ pub fn tile_scalar<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, o
     let pairs = acts.pairs;
     let mut acc = [0f32; T];
     for p in 0..pairs {
-        let (sa, sb) = row.pair_scales(p);
         for h in 0..2 {
             let c = 2 * p + h;
             if c * 32 >= row.k {
@@ -179,7 +256,8 @@ pub fn tile_scalar<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, o
                     dot += i32::from(byte & 0xF) * i32::from(q[pair_slot(h * 32 + j)]);
                     dot += i32::from(byte >> 4) * i32::from(q[pair_slot(h * 32 + j + 16)]);
                 }
-                *a += if h == 0 { sa } else { sb } * acts.block_scale(t0 + t, c) * dot as f32;
+                let d = acts.block_scale(t0 + t, c);
+                *a += row.chunk_scale(c) * d * dot as f32 - row.chunk_zero(c) * acts.token_block_sums(t0 + t)[c];
             }
         }
     }
@@ -206,38 +284,118 @@ mod x86 {
             #[target_feature(enable = $features)]
             pub unsafe fn $name<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
                 let mask = _mm256_set1_epi8(0x0F);
-                let mut acc = [_mm256_setzero_ps(); T];
+                let mut acc0 = [_mm256_setzero_ps(); T];
+                let mut acc1 = [_mm256_setzero_ps(); T];
                 let full_pairs = row.k / 64;
                 let cp = row.codes.as_ptr();
                 let mut xq = [std::ptr::null::<i8>(); T];
                 let mut ls = [std::ptr::null::<f32>(); T];
+                let mut lz = [std::ptr::null::<f32>(); T];
                 for t in 0..T {
                     xq[t] = acts.token(t0 + t).as_ptr();
                     ls[t] = acts.token_lane_scales(t0 + t).as_ptr();
+                    lz[t] = acts.token_lane_sums(t0 + t).as_ptr();
                 }
-                for p in 0..acts.pairs {
-                    // The last pair of an odd chunk count has 16 bytes; the activations past k
-                    // are zeros with scale 0.
-                    let v = if p < full_pairs {
-                        _mm256_loadu_si256(cp.add(p * 32) as *const __m256i)
-                    } else {
-                        _mm256_zextsi128_si256(_mm_loadu_si128(cp.add(p * 32) as *const __m128i))
-                    };
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    let (sa, sb) = row.pair_scales(p);
-                    let sv = _mm256_blend_ps(_mm256_set1_ps(sa), _mm256_set1_ps(sb), 0xF0);
-                    for t in 0..T {
-                        let x = xq[t].add(p * 64);
-                        let xlo = _mm256_loadu_si256(x as *const __m256i);
-                        let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
-                        let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
-                        let f = _mm256_mul_ps(d, _mm256_loadu_ps(ls[t].add(p * 8)));
-                        acc[t] = _mm256_fmadd_ps(f, sv, acc[t]);
-                    }
+                let (sp, zp, sh) = (row.scales.as_ptr(), row.zeros.as_ptr(), row.shift);
+                // One pair into accumulator set `$a`.
+                macro_rules! pair {
+                    ($p:expr, $a:expr) => {{
+                        let p = $p;
+                        // The last pair of an odd chunk count has 16 bytes; the activations
+                        // past k are zeros with scale 0.
+                        let v = if p < full_pairs {
+                            _mm256_loadu_si256(cp.add(p * 32) as *const __m256i)
+                        } else {
+                            _mm256_zextsi128_si256(_mm_loadu_si128(cp.add(p * 32) as *const __m128i))
+                        };
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        // Lanes 0–3 take the first chunk's scale, 4–7 the second's.
+                        let sv = _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh)));
+                        let zv = _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh)));
+                        for t in 0..T {
+                            let x = xq[t].add(p * 64);
+                            let xlo = _mm256_loadu_si256(x as *const __m256i);
+                            let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                            let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
+                            let f = _mm256_mul_ps(sv, _mm256_loadu_ps(ls[t].add(p * 8)));
+                            $a[t] = _mm256_fnmadd_ps(zv, _mm256_loadu_ps(lz[t].add(p * 8)), _mm256_fmadd_ps(d, f, $a[t]));
+                        }
+                    }};
+                }
+                // Two accumulator sets, alternate pairs: no pair waits on the previous one's add.
+                let mut p = 0;
+                while p + 2 <= acts.pairs {
+                    pair!(p, acc0);
+                    pair!(p + 1, acc1);
+                    p += 2;
+                }
+                if p < acts.pairs {
+                    pair!(p, acc0);
                 }
                 for t in 0..T {
-                    out[t] = hsum(acc[t]);
+                    out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+                }
+            }
+        };
+    }
+
+    /// The row-blocked inner loop: `R` rows × `T` tokens; each pair's activations are loaded
+    /// once per token and used for all `R` rows, and each row's codes once for all tokens.
+    macro_rules! rows_fn {
+        ($name:ident, $features:literal, $dot:ident) => {
+            /// # Safety
+            /// The CPU must have the features named; every row as in `tile_scalar`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const R: usize, const T: usize>(rows: &[Row; R], acts: &QuantizedActs, t0: usize, out: &mut [[f32; TILE]; R]) {
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let full_pairs = rows[0].k / 64;
+                let sh = rows[0].shift;
+                let mut xq = [std::ptr::null::<i8>(); T];
+                let mut ls = [std::ptr::null::<f32>(); T];
+                let mut lz = [std::ptr::null::<f32>(); T];
+                for t in 0..T {
+                    xq[t] = acts.token(t0 + t).as_ptr();
+                    ls[t] = acts.token_lane_scales(t0 + t).as_ptr();
+                    lz[t] = acts.token_lane_sums(t0 + t).as_ptr();
+                }
+                macro_rules! pair {
+                    ($p:expr, $full:expr) => {{
+                        let p = $p;
+                        for r in 0..R {
+                            let c = rows[r].codes.as_ptr().add(p * 32);
+                            let v = if $full { _mm256_loadu_si256(c as *const __m256i) } else { _mm256_zextsi128_si256(_mm_loadu_si128(c as *const __m128i)) };
+                            let lo = _mm256_and_si256(v, mask);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                            let (sp, zp) = (rows[r].scales.as_ptr(), rows[r].zeros.as_ptr());
+                            // Lanes 0–3 take the first chunk's scale, 4–7 the second's.
+                            let sv = _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh)));
+                            let zv = _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh)));
+                            for t in 0..T {
+                                let x = xq[t].add(p * 64);
+                                let xlo = _mm256_loadu_si256(x as *const __m256i);
+                                let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                                let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
+                                let f = _mm256_mul_ps(sv, _mm256_loadu_ps(ls[t].add(p * 8)));
+                                // The zero point's share: s·z times each lane's d·Σq.
+                                acc[r][t] = _mm256_fnmadd_ps(zv, _mm256_loadu_ps(lz[t].add(p * 8)), _mm256_fmadd_ps(d, f, acc[r][t]));
+                            }
+                        }
+                    }};
+                }
+                for p in 0..full_pairs {
+                    pair!(p, true);
+                }
+                // An odd chunk count's last pair has 16 bytes; the activations past k are zeros
+                // with scale 0.
+                if full_pairs < acts.pairs {
+                    pair!(full_pairs, false);
+                }
+                for r in 0..R {
+                    for t in 0..T {
+                        out[r][t] = hsum(acc[r][t]);
+                    }
                 }
             }
         };
@@ -268,6 +426,9 @@ mod x86 {
     tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
     tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
     tile_fn!(tile_avx2, "avx2,fma", dot_avx2);
+    rows_fn!(rows_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    rows_fn!(rows_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
+    rows_fn!(rows_avx2, "avx2,fma", dot_avx2);
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -290,10 +451,10 @@ mod arm {
     pub unsafe fn tile_neon_dot<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
         let mask = vdupq_n_u8(0x0F);
         let mut acc = [vdupq_n_f32(0.0); T];
+        let mut zero = [0f32; T];
         let cp = row.codes.as_ptr();
         let chunks = row.k / 32;
         for p in 0..acts.pairs {
-            let (sa, sb) = row.pair_scales(p);
             for h in 0..2 {
                 let c = 2 * p + h;
                 if c >= chunks {
@@ -304,7 +465,7 @@ mod arm {
                 let v = vld1q_u8(cp.add(c * 16));
                 let lo = vreinterpretq_s8_u8(vandq_u8(v, mask));
                 let hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-                let s = if h == 0 { sa } else { sb };
+                let s = row.chunk_scale(c);
                 for t in 0..T {
                     let x = acts.token(t0 + t).as_ptr().add(p * 64);
                     // Kernel order: this chunk's 0..16 at 16·h, its 16..32 at 32 + 16·h.
@@ -313,11 +474,12 @@ mod arm {
                     let d = sdot(sdot(vdupq_n_s32(0), lo, xlo), hi, xhi);
                     let scale = s * acts.block_scale(t0 + t, c);
                     acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), scale);
+                    zero[t] += row.chunk_zero(c) * acts.token_block_sums(t0 + t)[c];
                 }
             }
         }
         for t in 0..T {
-            out[t] = vaddvq_f32(acc[t]);
+            out[t] = vaddvq_f32(acc[t]) - zero[t];
         }
     }
 }

@@ -6,6 +6,7 @@
 //! are in `crate::quant::cpu`.
 use super::{QuantizedWeight, WeightShape};
 use half::f16;
+use std::sync::OnceLock;
 
 /// A 4-bit group-quantized weight in the CPU kernel's layout.
 #[derive(Debug, Clone)]
@@ -17,9 +18,42 @@ pub struct PackedQ4 {
     pub scales: Vec<f16>,
     /// `[n][groups]`
     pub zeros: Vec<u8>,
+    /// f32 copies for the integer kernels, built on their first use.
+    pub f32_scales: OnceLock<F32Scales>,
+}
+
+/// A weight's scales and `scale · zero` in f32 (the integer kernels would otherwise convert a
+/// row's scales on every call): each `[n][groups + 1]`, the extra entry a copy of the row's last
+/// one, so a kernel reading whole pairs of 32-chunks never leaves the row.
+#[derive(Debug, Clone)]
+pub struct F32Scales {
+    pub scales: Vec<f32>,
+    pub scaled_zeros: Vec<f32>,
 }
 
 impl PackedQ4 {
+    pub fn new(shape: WeightShape, codes: Vec<u8>, scales: Vec<f16>, zeros: Vec<u8>) -> Self {
+        Self { shape, codes, scales, zeros, f32_scales: OnceLock::new() }
+    }
+
+    /// [`PackedQ4::f32_scales`], built now if it was not yet; the row stride is `groups + 1`.
+    pub fn scales_f32(&self) -> &F32Scales {
+        self.f32_scales.get_or_init(|| {
+            let g = self.groups();
+            let mut scales = vec![0f32; self.shape.n * (g + 1)];
+            let mut scaled_zeros = vec![0f32; self.shape.n * (g + 1)];
+            for (o, (dst, dz)) in scales.chunks_exact_mut(g + 1).zip(scaled_zeros.chunks_exact_mut(g + 1)).enumerate() {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&self.scales[o * g..(o + 1) * g], &mut dst[..g]);
+                dst[g] = dst[g - 1];
+                for ((z, s), q) in dz.iter_mut().zip(dst.iter()).zip(&self.zeros[o * g..(o + 1) * g]) {
+                    *z = s * f32::from(*q);
+                }
+                dz[g] = dz[g - 1];
+            }
+            F32Scales { scales, scaled_zeros }
+        })
+    }
+
     pub fn groups(&self) -> usize {
         self.shape.groups()
     }
@@ -45,7 +79,7 @@ impl PackedQ4 {
             }
         }
         let scales = q.scales.iter().map(|&s| f16::from_f32(s)).collect();
-        Self { shape: q.shape, codes, scales, zeros: q.zeros.clone() }
+        Self::new(q.shape, codes, scales, q.zeros.clone())
     }
 
     /// The integer codes back, as a [`QuantizedWeight`].

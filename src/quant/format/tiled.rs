@@ -100,7 +100,7 @@ impl TiledQ4 {
                 zeros[o * groups + gi] = self.sz[(gi * self.np + o) * 2 + 1].to_f32() as u8;
             }
         }
-        PackedQ4 { shape: self.shape, codes, scales, zeros }
+        PackedQ4::new(self.shape, codes, scales, zeros)
     }
 
     /// The code of weight `(row, col)`, read back through [`position`] (tests, and the statement
