@@ -151,3 +151,73 @@ fn f16_weight_linear_matches_f64_reference() {
         }
     }
 }
+
+/// The W4A8 kernel's promise: the exact result for the weights times the activations rounded
+/// to int8 per 32-block, hence within `Σ_i |w_i| · d_b(i) / 2` of the W4A16 result (`d` =
+/// the block's max |x| / 127), on every path this CPU has.
+#[test]
+fn w4a8_stays_within_its_bound_on_every_path() {
+    use awq_run::quant::cpu::A8Path;
+    let mut rng = Rng::new(17);
+    let shapes = [(8, 32, 32), (24, 96, 32), (40, 192, 64), (13, 160, 32), (136, 576, 64), (8, 1536, 1536), (37, 1280, 128), (9, 288, 96)];
+    for &(n, k, g) in &shapes {
+        for bias in [false, true] {
+            let (l, q, b) = layer(&mut rng, n, k, g, bias);
+            let w = q.dequantize();
+            for m in [1, 2, 3, 5, 8, 17, 70] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.normal() * if rng.unit() < 0.05 { 20.0 } else { 1.0 }).collect();
+                let want = reference(&q, b.as_deref(), &x, m);
+                let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+                for path in A8Path::available() {
+                    let got = l.forward_cpu(&xt, Kernel::A8(path)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    for t in 0..m {
+                        let d: Vec<f64> = x[t * k..(t + 1) * k].chunks(32).map(|c| c.iter().fold(0f64, |a, v| a.max(v.abs() as f64)) / 127.0).collect();
+                        for o in 0..n {
+                            let row = &w[o * k..(o + 1) * k];
+                            let bound: f64 = row.iter().enumerate().map(|(i, wi)| wi.abs() as f64 * d[i / 32] / 2.0).sum();
+                            let mag: f64 = row.iter().zip(&x[t * k..]).map(|(wi, xi)| (wi * xi).abs() as f64).sum();
+                            let e = (got[t * n + o] as f64 - want[t * n + o]).abs();
+                            assert!(e <= bound + 1e-5 * mag + 1e-5, "{path:?} n={n} k={k} g={g} m={m} t={t} o={o}: error {e} over the bound {bound}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 8-bit head: weights and activations both rounded per 32-block, so the error is within
+/// `Σ_i (|x_i|·dw/2 + |w_i|·dx/2 + dw·dx/4)` of the f64 product.
+#[test]
+fn int8_linear_stays_within_its_bound() {
+    use awq_run::linear::Int8Linear;
+    let mut rng = Rng::new(23);
+    for &(n, k) in &[(8, 32), (40, 96), (301, 576), (7, 1024)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
+        let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+        let l = Int8Linear::new(&wt.to_dtype(DType::F16).unwrap(), None).unwrap();
+        let w: Vec<f32> = wt.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for m in [1, 4, 9] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let got = l.forward(&Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for t in 0..m {
+                let xt = &x[t * k..(t + 1) * k];
+                for o in 0..n {
+                    let row = &w[o * k..(o + 1) * k];
+                    let (mut want, mut bound) = (0f64, 0f64);
+                    for b in 0..k / 32 {
+                        let amax = |v: &[f32]| v.iter().fold(0f64, |a, v| a.max(v.abs() as f64)) / 127.0;
+                        let (wb, xb) = (&row[b * 32..b * 32 + 32], &xt[b * 32..b * 32 + 32]);
+                        let (dw, dx) = (amax(wb), amax(xb));
+                        for (wi, xi) in wb.iter().zip(xb) {
+                            want += *wi as f64 * *xi as f64;
+                            bound += xi.abs() as f64 * dw / 2.0 + wi.abs() as f64 * dx / 2.0 + dw * dx / 4.0;
+                        }
+                    }
+                    let e = (got[t * n + o] as f64 - want).abs();
+                    assert!(e <= bound * 1.001 + 1e-5, "n={n} k={k} m={m} t={t} o={o}: error {e} over the bound {bound}");
+                }
+            }
+        }
+    }
+}

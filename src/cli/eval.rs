@@ -48,6 +48,7 @@ fn parse_fake_quant(s: &str) -> Result<(String, u32, usize)> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.model.apply_cpu_options()?;
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
     let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;

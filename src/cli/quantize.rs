@@ -100,6 +100,7 @@ pub fn run(a: Args) -> Result<()> {
         return run_dummy(&a);
     }
     let Some(out) = a.out.as_ref() else { anyhow::bail!("--out DIR is required") };
+    a.model.apply_cpu_options()?;
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
     let o = a.quant.options()?;

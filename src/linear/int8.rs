@@ -1,5 +1,5 @@
 //! A linear layer with an 8-bit weight on the CPU ([`Q8Weight`]: per 32-block symmetric scales),
-//! multiplied as W8A8. It stands in for the f16 lm_head of 4-bit models (`--cpu-head q8`): on
+//! multiplied as W8A8. It stands in for the f16 lm_head of 4-bit models (`--cpu-head int8`): on
 //! SmolLM2 the 49152 × 576 head is half of what a decode step reads, and 8 bits halve it again.
 use super::{Linear, LinearLayer};
 use crate::quant::cpu::q8::Q8Weight;
@@ -20,8 +20,16 @@ impl Int8Linear {
         if k % 32 != 0 {
             candle_core::bail!("8-bit weight: {k} input features, not a multiple of 32");
         }
-        let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let q = Q8Weight::quantize(n, k, |o, buf| buf.copy_from_slice(&w[o * k..(o + 1) * k]));
+        let weight = weight.to_device(&Device::Cpu)?.flatten_all()?;
+        // An f16 weight (the usual head) is converted row by row: a whole f32 copy of
+        // SmolLM2's head would add 113 MB to the peak memory for a moment.
+        let q = if weight.dtype() == DType::F16 {
+            let w = weight.to_vec1::<half::f16>()?;
+            Q8Weight::quantize(n, k, |o, buf| half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[o * k..(o + 1) * k], buf))
+        } else {
+            let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            Q8Weight::quantize(n, k, |o, buf| buf.copy_from_slice(&w[o * k..(o + 1) * k]))
+        };
         Ok(Self { w: Arc::new(q), bias })
     }
     pub fn into_linear(self) -> Linear {

@@ -97,7 +97,7 @@ impl Pool {
             }
             std::hint::spin_loop();
             spins += 1;
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 if start.elapsed() > SPIN {
                     break;
                 }
@@ -153,7 +153,7 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     while pool.active.load(Ordering::Acquire) != 0 {
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins % 1024 == 0 {
+        if spins.is_multiple_of(1024) {
             std::thread::yield_now();
         }
     }

@@ -60,7 +60,7 @@ impl PackedQ4 {
 
     /// Whether `k` and the group size suit the packed layout (whole 32-weight chunks).
     pub fn supports(k: usize, group_size: usize) -> bool {
-        k % 32 == 0 && group_size % 32 == 0 && k % group_size == 0
+        k.is_multiple_of(32) && group_size.is_multiple_of(32) && group_size > 0 && k.is_multiple_of(group_size)
     }
 
     /// Repacks a 4-bit [`QuantizedWeight`]. Scales are kept as f16, as AWQ checkpoints store
