@@ -166,16 +166,9 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
+    use super::super::w4a8::arm::sdot;
     use super::{QuantizedActs, TILE};
     use std::arch::aarch64::*;
-
-    #[target_feature(enable = "neon,dotprod")]
-    #[inline]
-    unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-        // `vdotq_s32` is still unstable; the instruction is plain inline assembly.
-        std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) a, in(vreg) b, options(pure, nomem, nostack));
-        acc
-    }
 
     /// # Safety
     /// The CPU must have NEON and the dot-product extension; arguments as in `tile_scalar`.

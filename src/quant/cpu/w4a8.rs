@@ -432,7 +432,7 @@ mod x86 {
 }
 
 #[cfg(target_arch = "aarch64")]
-mod arm {
+pub(super) mod arm {
     use super::{QuantizedActs, Row, TILE};
     use std::arch::aarch64::*;
 
@@ -440,7 +440,7 @@ mod arm {
     /// unstable intrinsic, the instruction itself is plain inline assembly.
     #[target_feature(enable = "neon,dotprod")]
     #[inline]
-    unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    pub(in crate::quant::cpu) unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
         std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) a, in(vreg) b, options(pure, nomem, nostack));
         acc
     }
