@@ -275,67 +275,13 @@ mod x86 {
     use super::{QuantizedActs, Row, TILE};
     use std::arch::x86_64::*;
 
-    /// One x86 inner loop: `$dot(lo, xlo, hi, xhi)` is the 8-lane i32 sum of the two
-    /// u8 × i8 products (four bytes per lane).
+    /// The one-row entry points of `row_tile`: the row-blocked loop with one row.
     macro_rules! tile_fn {
-        ($name:ident, $features:literal, $dot:ident) => {
+        ($name:ident, $rows:ident) => {
             /// # Safety
-            /// The CPU must have the features named; `row` and `acts` as in `tile_scalar`.
-            #[target_feature(enable = $features)]
+            /// As for the row-blocked function it calls.
             pub unsafe fn $name<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
-                let mask = _mm256_set1_epi8(0x0F);
-                let mut acc0 = [_mm256_setzero_ps(); T];
-                let mut acc1 = [_mm256_setzero_ps(); T];
-                let full_pairs = row.k / 64;
-                let cp = row.codes.as_ptr();
-                let mut xq = [std::ptr::null::<i8>(); T];
-                let mut ls = [std::ptr::null::<f32>(); T];
-                let mut lz = [std::ptr::null::<f32>(); T];
-                for t in 0..T {
-                    xq[t] = acts.token(t0 + t).as_ptr();
-                    ls[t] = acts.token_lane_scales(t0 + t).as_ptr();
-                    lz[t] = acts.token_lane_sums(t0 + t).as_ptr();
-                }
-                let (sp, zp, sh) = (row.scales.as_ptr(), row.zeros.as_ptr(), row.shift);
-                // One pair into accumulator set `$a`.
-                macro_rules! pair {
-                    ($p:expr, $a:expr) => {{
-                        let p = $p;
-                        // The last pair of an odd chunk count has 16 bytes; the activations
-                        // past k are zeros with scale 0.
-                        let v = if p < full_pairs {
-                            _mm256_loadu_si256(cp.add(p * 32) as *const __m256i)
-                        } else {
-                            _mm256_zextsi128_si256(_mm_loadu_si128(cp.add(p * 32) as *const __m128i))
-                        };
-                        let lo = _mm256_and_si256(v, mask);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                        // Lanes 0–3 take the first chunk's scale, 4–7 the second's.
-                        let sv = _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh)));
-                        let zv = _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh)));
-                        for t in 0..T {
-                            let x = xq[t].add(p * 64);
-                            let xlo = _mm256_loadu_si256(x as *const __m256i);
-                            let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
-                            let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
-                            let f = _mm256_mul_ps(sv, _mm256_loadu_ps(ls[t].add(p * 8)));
-                            $a[t] = _mm256_fnmadd_ps(zv, _mm256_loadu_ps(lz[t].add(p * 8)), _mm256_fmadd_ps(d, f, $a[t]));
-                        }
-                    }};
-                }
-                // Two accumulator sets, alternate pairs: no pair waits on the previous one's add.
-                let mut p = 0;
-                while p + 2 <= acts.pairs {
-                    pair!(p, acc0);
-                    pair!(p + 1, acc1);
-                    p += 2;
-                }
-                if p < acts.pairs {
-                    pair!(p, acc0);
-                }
-                for t in 0..T {
-                    out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
-                }
+                $rows::<1, T>(std::array::from_ref(row), acts, t0, std::array::from_mut(out))
             }
         };
     }
@@ -423,9 +369,9 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
-    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
-    tile_fn!(tile_avx2, "avx2,fma", dot_avx2);
+    tile_fn!(tile_avx512vnni, rows_avx512vnni);
+    tile_fn!(tile_avxvnni, rows_avxvnni);
+    tile_fn!(tile_avx2, rows_avx2);
     rows_fn!(rows_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
     rows_fn!(rows_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
     rows_fn!(rows_avx2, "avx2,fma", dot_avx2);
