@@ -71,6 +71,18 @@ fn checkpoint_round_trip_matches_in_memory_model() {
                 let groups_per_block = if spec.kv_heads == spec.heads { 4 } else { 3 };
                 assert_eq!(report.groups.len(), spec.layers * groups_per_block, "{spec:?}");
                 assert!(report.groups.iter().all(|g| g.loss_after <= g.loss_before * (1.0 + 1e-6)));
+                // The per-ratio losses and the per-layer record that `--report` and awq_report.json carry.
+                for g in &report.groups {
+                    assert_eq!(g.losses.len(), o.n_grid);
+                    assert_eq!(g.loss_after, g.losses.iter().copied().fold(f64::INFINITY, f64::min));
+                }
+                assert_eq!(report.layers.len(), spec.layers * 7);
+                for l in &report.layers {
+                    let clipped = !matches!(l.layer.as_str(), "q_proj" | "k_proj");
+                    assert_eq!(l.clip_shrink.is_some(), clipped, "{}", l.layer);
+                    assert!(l.clip_shrink.is_none_or(|r| (0.5..=1.0 + 1e-6).contains(&r)), "{l:?}");
+                    assert!(l.output_mse.is_finite() && l.output_mse_rtn.is_finite(), "{l:?}");
+                }
             }
             let out = f.root.join(format!("q-{method:?}"));
             awq_run::awq::export::write_quantized(&a, &out, &o, calib, &Device::Cpu, false).unwrap();
@@ -389,4 +401,78 @@ fn awq_beats_rtn_on_a_planted_salient_channel() {
         assert_eq!(c0.ratio, 0.0);
         assert_eq!(mse(&eff0), rtn);
     }
+}
+
+/// AutoAWQ's group quantizer in f64 (docs/AWQ.md, "The quantizer"), written here from the formula.
+fn fake_quant_f64(w: &[f64], cols: usize, g: usize, bits: u32) -> Vec<f64> {
+    let mc = f64::from((1u32 << bits) - 1);
+    let mut out = vec![0.0; w.len()];
+    for (row, o) in w.chunks(cols).zip(out.chunks_mut(cols)) {
+        for (grp, og) in row.chunks(g).zip(o.chunks_mut(g)) {
+            let mx = grp.iter().copied().fold(f64::MIN, f64::max);
+            let mn = grp.iter().copied().fold(f64::MAX, f64::min);
+            let scale = (mx - mn).max(1e-5) / mc;
+            let zero = (-(mn / scale).round()).clamp(0.0, mc);
+            for (v, q) in grp.iter().zip(og.iter_mut()) {
+                *q = (((v / scale).round() + zero).clamp(0.0, mc) - zero) * scale;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn three_bit_scale_search_matches_a_straightforward_f64_search() {
+    // Issue 18 compared the 3-bit path with AutoAWQ's semantics layer by layer and found the same
+    // ratio in every group: this pins that, on a layer with outlier input channels, against the
+    // duo-scaling grid written out in f64 here (no clipping, so that only the search is compared).
+    let mut r = Rng::new(18);
+    let (out, inp, tokens, g, bits) = (48, 128, 256, 64, 3);
+    let w = r.tensor(&[out, inp], 0.05);
+    let mut gain = vec![1f32; inp];
+    for (i, c) in [5usize, 40, 77, 100].iter().enumerate() {
+        gain[*c] = 10.0 * (i + 2) as f32;
+    }
+    let x = r.tensor(&[tokens, inp], 1.0).broadcast_mul(&Tensor::new(gain.as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let mut o = AwqOptions::new(Method::Awq, QuantScheme::new(bits, g).unwrap());
+    o.clip = false;
+    let (_, c) = awq_run::awq::awq_linear(&w, &x, &o).unwrap();
+
+    let wv: Vec<f64> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    let x_mean: Vec<f64> = (0..inp).map(|ch| (0..tokens).map(|t| xv[t * inp + ch].abs()).sum::<f64>() / tokens as f64).collect();
+    let w_mean: Vec<f64> = (0..inp)
+        .map(|ch| {
+            let gs = ch / g * g;
+            (0..out).map(|o| wv[o * inp + ch].abs() / (wv[o * inp + gs..o * inp + gs + g].iter().map(|v| v.abs()).fold(0.0, f64::max) + 1e-6)).sum::<f64>() / out as f64
+        })
+        .collect();
+    let output = |wq: &[f64]| -> Vec<f64> {
+        let mut y = Vec::with_capacity(tokens * out);
+        for t in 0..tokens {
+            for o in 0..out {
+                y.push((0..inp).map(|k| xv[t * inp + k] * wq[o * inp + k]).sum::<f64>());
+            }
+        }
+        y
+    };
+    let reference = output(&wv);
+    let losses: Vec<f64> = (0..o.n_grid)
+        .map(|i| {
+            let a = i as f64 / o.n_grid as f64;
+            let s: Vec<f64> = (0..inp).map(|ch| (x_mean[ch].powf(a) / (w_mean[ch].powf(1.0 - a) + 1e-4)).max(1e-4)).collect();
+            let norm = (s.iter().copied().fold(f64::MIN, f64::max) * s.iter().copied().fold(f64::MAX, f64::min)).sqrt();
+            let s: Vec<f64> = s.iter().map(|v| v / norm).collect();
+            let scaled: Vec<f64> = wv.iter().enumerate().map(|(j, v)| v * s[j % inp]).collect();
+            let q: Vec<f64> = fake_quant_f64(&scaled, inp, g, bits).iter().enumerate().map(|(j, v)| v / s[j % inp]).collect();
+            output(&q).iter().zip(&reference).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / reference.len() as f64
+        })
+        .collect();
+    for (i, (ours, exact)) in c.losses.iter().zip(&losses).enumerate() {
+        assert!((ours - exact).abs() <= 1e-3 * exact, "ratio {i}/{}: loss {ours} vs f64 {exact}", o.n_grid);
+    }
+    let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    let chosen = losses[(c.ratio * o.n_grid as f64).round() as usize];
+    assert!(chosen <= best * (1.0 + 1e-3), "chose ratio {} (f64 loss {chosen}), the f64 optimum is {best}", c.ratio);
+    assert!(c.ratio > 0.0, "outlier channels should make scaling worthwhile");
 }

@@ -75,8 +75,20 @@ fn eval_cli_prints_perplexity_and_json() {
     // --fake-quant evaluates a quantization without writing anything.
     let calib = tmp.path().join("c.txt");
     std::fs::write(&calib, "hello the world\n".repeat(100)).unwrap();
-    let (ok, out, err) = eval_cli(&dir, &text, &["--seqlen", "64", "--fake-quant", "awq:3:32", "--calib", calib.to_str().unwrap(), "--n-samples", "4", "--calib-seqlen", "16"]);
+    let report = tmp.path().join("report.json");
+    let fq = ["--seqlen", "64", "--fake-quant", "awq:3:32", "--calib", calib.to_str().unwrap(), "--n-samples", "4", "--calib-seqlen", "16"];
+    let (ok, out, err) = eval_cli(&dir, &text, &[&fq[..], &["--report", report.to_str().unwrap()]].concat());
     assert!(ok && out.contains("perplexity: "), "{err}");
+    // --report: the pass's per-group ratios and losses, per-layer clipping and errors.
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["bits"], 3);
+    assert_eq!(r["groups"][0]["losses"].as_array().unwrap().len(), 20);
+    assert_eq!(r["layers"][0]["layer"], "q_proj");
+    assert!(r["layers"][2]["clip_shrink"].as_f64().is_some(), "{}", r["layers"][2]);
+    // An unwritable --report fails before the pass, naming the flag.
+    let bad = tmp.path().join("no-such-dir").join("r.json");
+    let (ok, _, err) = eval_cli(&dir, &text, &[&fq[..], &["--report", bad.to_str().unwrap()]].concat());
+    assert!(!ok && err.contains("--report") && err.contains("no-such-dir") && !err.contains("fake-quantized with"), "{err}");
     let (ok, _, err) = eval_cli(&dir, &text, &["--seqlen", "64", "--fake-quant", "rtn:4"]);
     assert!(!ok && err.contains("METHOD:BITS:GROUP"), "{err}");
 }

@@ -19,6 +19,17 @@ impl Default for ClipOptions {
     }
 }
 
+/// Every `n / n_tokens`-th row of `x` (`[..., in]` flattened to `[tokens, in]`), in f32: the
+/// reference's stride subsampling, so that between `n_tokens` and `2 n_tokens - 1` rows survive.
+pub fn subsample_tokens(x: &Tensor, n_tokens: usize) -> Result<Tensor> {
+    let inp = x.dim(candle_core::D::Minus1)?;
+    let x = x.to_dtype(DType::F32)?.reshape(((), inp))?;
+    let n = x.dim(0)?;
+    let step = (n / n_tokens.max(1)).max(1);
+    let idx: Vec<u32> = (0..n).step_by(step).map(|i| i as u32).collect();
+    Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?)
+}
+
 /// Best clipping bound per `[out, groups]` for weight `w` (`[out, in]`) with inputs `x`
 /// (`[tokens, in]`). Math in f32.
 pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> Result<Tensor> {
@@ -26,12 +37,8 @@ pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> R
     let (out, inp) = w.dims2()?;
     let g = p.group_for(inp);
     let groups = inp / g;
-    let x = x.to_dtype(DType::F32)?.reshape(((), inp))?;
-    let n = x.dim(0)?;
-    let step = (n / o.n_tokens).max(1);
-    let idx: Vec<u32> = (0..n).step_by(step).map(|i| i as u32).collect();
-    let t = idx.len();
-    let xs = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
+    let xs = subsample_tokens(x, o.n_tokens)?;
+    let t = xs.dim(0)?;
     // [groups, tokens, g]
     let xg = xs.reshape((t, groups, g))?.transpose(0, 1)?.contiguous()?;
     let gp = p.with_group(g);
@@ -72,6 +79,15 @@ pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> R
     }
     // [groups, out] -> [out, groups]
     Ok(Tensor::cat(&best_all, 1)?.t()?.contiguous()?)
+}
+
+/// The mean of the chosen bound over the group's own max |w| (1 = unclipped, 0.55 = the most shrunk).
+pub fn mean_shrink(w: &Tensor, max_val: &Tensor) -> Result<f64> {
+    let (out, inp) = w.dims2()?;
+    let groups = max_val.dim(1)?;
+    let amax = w.to_dtype(DType::F32)?.abs()?.reshape((out, groups, inp / groups))?.max(2)?;
+    let r = (max_val.to_dtype(DType::F32)? / amax.clamp(1e-30, f64::INFINITY)?)?;
+    Ok(f64::from(r.mean_all()?.to_scalar::<f32>()?))
 }
 
 /// Clamps `w` (`[out, in]`) group-wise to `[-max_val, max_val]` (`max_val` `[out, groups]`).

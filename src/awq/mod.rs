@@ -73,6 +73,22 @@ pub struct GroupReport {
     pub loss_before: f64,
     /// Output MSE with the chosen scales.
     pub loss_after: f64,
+    /// Output MSE of every ratio tried (`i / n_grid`, in order).
+    pub losses: Vec<f64>,
+}
+
+/// What happened to one linear layer of a block.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub block: usize,
+    pub layer: String,
+    /// Mean over (row, group) of the chosen clip bound over the group's max |w|; absent where
+    /// the clipping is not searched (q/k) or is off.
+    pub clip_shrink: Option<f64>,
+    /// Mean squared error of the layer's output on (subsampled) calibration inputs: round-to-
+    /// nearest of the original weight, and the weight as AWQ quantized it (scaled, clipped).
+    pub output_mse_rtn: f64,
+    pub output_mse: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +101,7 @@ pub struct Report {
     pub calibration_blocks: usize,
     pub seqlen: usize,
     pub groups: Vec<GroupReport>,
+    pub layers: Vec<LayerReport>,
     pub block_secs: Vec<f64>,
     pub total_secs: f64,
 }
@@ -199,12 +216,51 @@ fn measure(block: &Block, group: &ScaleGroup, bw: &BlockWeights, ws: Option<&[Te
     }
 }
 
+/// Output MSE of `x · Wqᵀ` against `x · w0ᵀ` (`x`: the original input, subsampled), where `Wq` is
+/// `w` quantized and brought back to the original units: its columns divided by the scales
+/// folded into them, its rows multiplied by the scales folded out of them.
+fn layer_output_mse(x: &Tensor, w0: &Tensor, w: &Tensor, cols: Option<&Tensor>, rows: Option<&Tensor>, p: QuantScheme) -> Result<f64> {
+    let mut q = crate::quant::fake_quantize(w, p)?;
+    if let Some(c) = cols {
+        q = q.broadcast_div(c)?;
+    }
+    if let Some(r) = rows {
+        let n = r.dim(0)?;
+        let out = q.dim(0)?;
+        let ones = Tensor::ones(out - n, DType::F32, q.device())?;
+        q = q.broadcast_mul(&Tensor::cat(&[ones, r.clone()], 0)?.unsqueeze(1)?)?;
+    }
+    scale::mse(&x.matmul(&q.t()?)?, &x.matmul(&w0.t()?)?)
+}
+
+/// Tokens of the captured inputs that the per-layer errors are measured on.
+const REPORT_TOKENS: usize = 512;
+
+/// What the pass records while it runs, block by block.
+#[derive(Default)]
+struct Records {
+    groups: Vec<GroupReport>,
+    layers: Vec<LayerReport>,
+}
+
 /// AWQ for one block: scale search and folding, clip search, quantization.
-fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: DType, o: &AwqOptions, reports: &mut Vec<GroupReport>) -> Result<(Block, Tensor)> {
+fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: DType, o: &AwqOptions, rec: &mut Records) -> Result<(Block, Tensor)> {
     let p = o.params;
     let (y, mut caps) = forward_capture(block, x, ctx, o.batch)?;
     check_finite(&y, &format!("block {idx} output"))?;
     let mut bw = BlockWeights::of(block)?;
+    // Per-layer errors of round-to-nearest, on the original inputs and weights.
+    let w0 = bw.w.clone();
+    let mut x0 = Vec::new();
+    let mut rtn_mse = Vec::new();
+    for l in Proj::ALL {
+        let xs = clip::subsample_tokens(&input_of(&caps, l)?, REPORT_TOKENS)?;
+        rtn_mse.push(layer_output_mse(&xs, bw.w(l), bw.w(l), None, None, p)?);
+        x0.push(xs);
+    }
+    // The scales folded into each layer's columns and out of its rows.
+    let mut col_scale: Vec<Option<Tensor>> = vec![None; Proj::ALL.len()];
+    let mut row_scale: Vec<Option<Tensor>> = vec![None; Proj::ALL.len()];
 
     // Every group is searched on the original weights and inputs (as AutoAWQ does), then folded.
     let mut searched: Vec<(&ScaleGroup, Tensor)> = Vec::new();
@@ -215,13 +271,14 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
         let weights: Vec<Tensor> = group.layers.iter().map(|&l| bw.w(l).clone()).collect();
         let what = format!("block {idx} {}", group.label());
         let c = scale::search(&what, &scale::x_mean(&xg)?, &weights, &fp, p, o.duo_scaling, o.n_grid, &run)?;
-        reports.push(GroupReport {
+        rec.groups.push(GroupReport {
             block: idx,
             prev_op: group.fold.name().to_string(),
             layers: group.layers.iter().map(|l| l.name().to_string()).collect(),
             ratio: c.ratio,
             loss_before: c.loss_rtn,
             loss_after: c.loss_best,
+            losses: c.losses.clone(),
         });
         searched.push((group, c.scales));
     }
@@ -232,6 +289,7 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
             Fold::PostAttentionNorm => bw.ln2 = bw.ln2.broadcast_div(&s.to_dtype(bw.ln2.dtype())?)?,
             Fold::Rows(prev) => {
                 let i = prev.index();
+                row_scale[i] = Some(s.clone());
                 bw.w[i] = scale::unscale_rows(&bw.w[i], s)?;
                 if let Some(b) = &bw.b[i] {
                     bw.b[i] = Some(scale::unscale_rows(b, s)?);
@@ -240,18 +298,31 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
         }
         for &l in group.layers {
             bw.w[l.index()] = scale::scale_columns(&bw.w[l.index()], s)?;
+            col_scale[l.index()] = Some(s.clone());
         }
         let input = caps.of_mut(group.layers[0]);
         *input = input.as_ref().map(|t| t.broadcast_div(s)).transpose()?;
     }
 
+    let mut shrink = [None; Proj::ALL.len()];
     // Clipping (q/k skipped: attention scores are too sensitive).
     if o.clip {
         let copts = clip::ClipOptions::default();
         for l in groups::CLIPPED {
             let mv = clip::search_clip(bw.w(l), &input_of(&caps, l)?, p, &copts)?;
+            shrink[l.index()] = Some(clip::mean_shrink(bw.w(l), &mv)?);
             bw.w[l.index()] = clip::apply_clip(bw.w(l), &mv)?;
         }
+    }
+    for l in Proj::ALL {
+        let i = l.index();
+        rec.layers.push(LayerReport {
+            block: idx,
+            layer: l.name().to_string(),
+            clip_shrink: shrink[i],
+            output_mse_rtn: rtn_mse[i],
+            output_mse: layer_output_mse(&x0[i], &w0[i], bw.w(l), col_scale[i].as_ref(), row_scale[i].as_ref(), p)?,
+        });
     }
 
     let mut out = block.clone();
@@ -293,7 +364,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut reports = Vec::new();
+    let mut rec = Records::default();
     let mut block_secs = Vec::new();
     let (n_calib, seqlen) = calib.map_or((0, 0), |c| (c.len(), c.first().map_or(0, Vec::len)));
     let mut state = match (o.method, calib) {
@@ -317,7 +388,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             None => rtn_block(&block, o.params, vb.dtype())?,
             Some((x, rope, mask)) => {
                 let ctx = BlockContext::new(rope, 0, mask.as_ref(), None);
-                let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut reports)?;
+                let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?;
                 *x = y;
                 q
             }
@@ -335,7 +406,8 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         clip: o.clip,
         calibration_blocks: n_calib,
         seqlen,
-        groups: reports,
+        groups: rec.groups,
+        layers: rec.layers,
         block_secs,
         total_secs: t0.elapsed().as_secs_f64(),
     })

@@ -60,6 +60,8 @@ pub struct ScaleChoice {
     /// Loss of plain round-to-nearest (no scaling).
     pub loss_rtn: f64,
     pub loss_best: f64,
+    /// The loss of every ratio tried, in grid order (reports: where the optimum is and how flat).
+    pub losses: Vec<f64>,
 }
 
 /// Grid-searches the ratio for a group. `run(ws)` evaluates the measured module with the group's
@@ -92,16 +94,18 @@ pub fn search(
     };
     let loss_rtn = loss_of(None)?;
     let mut best: Option<(f64, f64, Tensor)> = None;
+    let mut losses = Vec::with_capacity(n_grid);
     for i in 0..n_grid {
         let alpha = i as f64 / n_grid as f64;
         let s = scales_for(x_mean, wm.as_ref(), alpha)?;
         let l = loss_of(Some(&s))?;
+        losses.push(l);
         if best.as_ref().is_none_or(|(bl, _, _)| l < *bl) {
             best = Some((l, alpha, s));
         }
     }
     let (loss_best, ratio, scales) = best.ok_or_else(|| Error::msg("empty ratio grid"))?;
-    Ok(ScaleChoice { scales, ratio, loss_rtn, loss_best })
+    Ok(ScaleChoice { scales, ratio, loss_rtn, loss_best, losses })
 }
 
 /// Multiplies the input columns of `w` (`[out, in]`) by `s`.

@@ -32,6 +32,10 @@ pub struct Args {
     /// Tokens per calibration block for --fake-quant awq.
     #[arg(long, default_value_t = 512)]
     pub calib_seqlen: usize,
+    /// Write the --fake-quant pass's report (per-group ratios and losses, per-layer clipping and
+    /// output errors; the layout of a checkpoint's awq_report.json) to this file.
+    #[arg(long, requires = "fake_quant")]
+    pub report: Option<PathBuf>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +62,11 @@ pub fn run(a: Args) -> Result<()> {
     for &s in &a.seqlen {
         awq_run::engine::eval::check_windows(tokens.len(), s, assets.config.max_position_embeddings)?;
     }
+    // Opened before the pass, so that an unwritable path fails before minutes of calibration.
+    let report_file = match &a.report {
+        Some(p) => Some((p, std::fs::File::create(p).with_context(|| format!("--report {}: cannot create the file", p.display()))?)),
+        None => None,
+    };
     let model = match &a.fake_quant {
         None => assets.load_model(&device, dtype)?,
         Some(fq) => {
@@ -77,6 +86,9 @@ pub fn run(a: Args) -> Result<()> {
             let calib = qa.calibration(&assets, &o)?;
             let (m, r) = awq_run::awq::fake_quantized_model(&assets, &device, calib.as_deref(), &o)?;
             eprintln!("fake-quantized with {fq} in {:.1}s", r.total_secs);
+            if let Some((path, file)) = &report_file {
+                serde_json::to_writer_pretty(file, &r).with_context(|| format!("--report {}: cannot write", path.display()))?;
+            }
             if dtype != DType::F32 {
                 eprintln!("note: fake-quantized models are evaluated in f32");
             }
