@@ -118,7 +118,8 @@ def fake_quant(w, bits, group):
     """Asymmetric group round-to-nearest: scale = (max-min)/(2^b-1), zero = -round(min/scale).
 
     ZERO_TIE (--zero-tie) chooses how the zero point is rounded: `native` in the working dtype,
-    as AutoAWQ does; `even`/`down` from an exact (f64) -min/scale, ties to even or downwards. A
+    as AutoAWQ does; `even`/`down` from an exact (f64) -min/scale, ties to even or downwards;
+    `best`, per group the one of the two neighbouring integers that reconstructs the group better. A
     symmetric clip [-m, m] puts -min/scale exactly on a tie (the code range 2^b-1 is odd)."""
     shape = w.shape
     g = group if group > 0 else shape[-1]
@@ -128,6 +129,15 @@ def fake_quant(w, bits, group):
     scale = (mx - mn).clamp(min=1e-5) / qmax
     if ZERO_TIE == "native":
         zero = (-torch.round(mn / scale)).clamp(0, qmax)
+    elif ZERO_TIE == "best":
+        # Both integer zero points around -min/scale; per group the one that reconstructs better.
+        z = -mn.double() / ((mx.double() - mn.double()).clamp(min=1e-5) / qmax)
+        outs = []
+        for zi in (torch.floor(z), torch.ceil(z)):
+            zi = zi.clamp(0, qmax).to(x.dtype)
+            dq = ((torch.round(x / scale) + zi).clamp(0, qmax) - zi) * scale
+            outs.append((dq, (dq - x).float().pow(2).sum(dim=1, keepdim=True)))
+        return torch.where(outs[0][1] <= outs[1][1], outs[0][0], outs[1][0]).reshape(shape)
     else:
         z = -mn.double() / ((mx.double() - mn.double()).clamp(min=1e-5) / qmax)
         z = torch.round(z) if ZERO_TIE == "even" else torch.ceil(z - 0.5)
@@ -257,7 +267,7 @@ def main():
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--report")
-    ap.add_argument("--zero-tie", default="native", choices=["native", "even", "down"])
+    ap.add_argument("--zero-tie", default="native", choices=["native", "even", "down", "best"])
     ap.add_argument("--layers", type=int, help="use only the first N blocks (a smoke test of this script)")
     ap.add_argument("--calib-blocks", type=int, help="use only the first N calibration blocks")
     args = ap.parse_args()
