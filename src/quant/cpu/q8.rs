@@ -116,6 +116,7 @@ fn tile_scalar<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedAct
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::w4a8::x86::hsum;
     use super::{QuantizedActs, TILE};
     use std::arch::x86_64::*;
 
@@ -137,10 +138,7 @@ mod x86 {
                     }
                 }
                 for t in 0..T {
-                    let v = acc[t];
-                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                    out[t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+                    out[t] = hsum(acc[t]);
                 }
             }
         };

@@ -271,7 +271,7 @@ pub fn error_bound(w_row: &[f32], acts: &QuantizedActs, t: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{QuantizedActs, Row, TILE};
     use std::arch::x86_64::*;
 
@@ -362,8 +362,9 @@ mod x86 {
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 
+    /// The sum of the eight lanes (q8.rs uses it too).
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::quant::cpu) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
