@@ -46,6 +46,25 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
+/// A temporary file in `path`'s directory, for [`persist_file`] to rename onto `path` once its
+/// content is complete. Creating it early tells whether the location can be written before any
+/// long work; dropped unpersisted, it disappears and leaves nothing at `path`.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(path, e))
+}
+
+/// Writes `bytes` into `tmp` (from [`temp_beside`]) and renames it onto `path`: readers see the
+/// old file or the whole new one, never a part.
+pub fn persist_file(mut tmp: tempfile::NamedTempFile, path: &Path, bytes: &[u8]) -> Result<()> {
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
 thread_local! {
     /// Set while [`catch_panic`] runs its closure: the panic hook stays quiet for it.
     static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

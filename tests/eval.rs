@@ -89,6 +89,14 @@ fn eval_cli_prints_perplexity_and_json() {
     let bad = tmp.path().join("no-such-dir").join("r.json");
     let (ok, _, err) = eval_cli(&dir, &text, &[&fq[..], &["--report", bad.to_str().unwrap()]].concat());
     assert!(!ok && err.contains("--report") && err.contains("no-such-dir") && !err.contains("fake-quantized with"), "{err}");
+    // A pass that fails leaves nothing at --report (the report is written beside it and renamed).
+    let unwritten = tmp.path().join("unwritten.json");
+    let missing = tmp.path().join("missing-calib.txt");
+    let fq_bad = ["--seqlen", "64", "--fake-quant", "awq:3:32", "--calib", missing.to_str().unwrap(), "--report", unwritten.to_str().unwrap()];
+    let (ok, _, err) = eval_cli(&dir, &text, &fq_bad);
+    assert!(!ok && err.contains("missing-calib.txt"), "{err}");
+    assert!(!unwritten.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp")).count(), 0);
     let (ok, _, err) = eval_cli(&dir, &text, &["--seqlen", "64", "--fake-quant", "rtn:4"]);
     assert!(!ok && err.contains("METHOD:BITS:GROUP"), "{err}");
 }

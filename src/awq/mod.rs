@@ -225,10 +225,8 @@ fn layer_output_mse(x: &Tensor, w0: &Tensor, w: &Tensor, cols: Option<&Tensor>, 
         q = q.broadcast_div(c)?;
     }
     if let Some(r) = rows {
-        let n = r.dim(0)?;
-        let out = q.dim(0)?;
-        let ones = Tensor::ones(out - n, DType::F32, q.device())?;
-        q = q.broadcast_mul(&Tensor::cat(&[ones, r.clone()], 0)?.unsqueeze(1)?)?;
+        // The fold divided the last rows by `r`: dividing by `1/r` undoes it.
+        q = scale::unscale_rows(&q, &r.recip()?)?;
     }
     scale::mse(&x.matmul(&q.t()?)?, &x.matmul(&w0.t()?)?)
 }
@@ -278,7 +276,7 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
             ratio: c.ratio,
             loss_before: c.loss_rtn,
             loss_after: c.loss_best,
-            losses: c.losses.clone(),
+            losses: c.losses,
         });
         searched.push((group, c.scales));
     }

@@ -62,9 +62,10 @@ pub fn run(a: Args) -> Result<()> {
     for &s in &a.seqlen {
         awq_run::engine::eval::check_windows(tokens.len(), s, assets.config.max_position_embeddings)?;
     }
-    // Opened before the pass, so that an unwritable path fails before minutes of calibration.
+    // A temporary file beside --report, made before the pass so that an unwritable location fails
+    // before minutes of calibration, and renamed onto it only once the report is complete.
     let report_file = match &a.report {
-        Some(p) => Some((p, std::fs::File::create(p).with_context(|| format!("--report {}: cannot create the file", p.display()))?)),
+        Some(p) => Some((p, awq_run::error::temp_beside(p).with_context(|| format!("--report {}: cannot create the file", p.display()))?)),
         None => None,
     };
     let model = match &a.fake_quant {
@@ -86,8 +87,9 @@ pub fn run(a: Args) -> Result<()> {
             let calib = qa.calibration(&assets, &o)?;
             let (m, r) = awq_run::awq::fake_quantized_model(&assets, &device, calib.as_deref(), &o)?;
             eprintln!("fake-quantized with {fq} in {:.1}s", r.total_secs);
-            if let Some((path, file)) = &report_file {
-                serde_json::to_writer_pretty(file, &r).with_context(|| format!("--report {}: cannot write", path.display()))?;
+            if let Some((path, tmp)) = report_file {
+                let json = serde_json::to_vec_pretty(&r)?;
+                awq_run::error::persist_file(tmp, path, &json).with_context(|| format!("--report {}: cannot write", path.display()))?;
             }
             if dtype != DType::F32 {
                 eprintln!("note: fake-quantized models are evaluated in f32");

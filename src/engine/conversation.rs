@@ -24,14 +24,7 @@ impl Conversation {
     /// when complete).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.messages()).map_err(|e| Error::msg(e.to_string()))? + "\n";
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(path, e))?;
-        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| Error::io(path, e))?;
-        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-        Ok(())
+        crate::error::persist_file(crate::error::temp_beside(path)?, path, text.as_bytes())
     }
 
     /// Reads a conversation saved by [`Conversation::save`] (or any JSON array of messages with
