@@ -74,9 +74,13 @@ pub fn gguf_file(data: &[u8]) -> bool {
     assets.load_model(&Device::Cpu, DType::F32).is_ok_and(|m| run_model(&m))
 }
 
-/// A scratch directory of this process, emptied for each input.
+/// A scratch directory of this process and call, emptied for each input. The call number keeps
+/// two threads apart: the corpus tests run targets in parallel, and one thread's cleanup under
+/// another's memory-mapped safetensors file is a SIGBUS or a refused seed.
 fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("awq-run-fuzz-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("awq-run-fuzz-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch directory");
     d
