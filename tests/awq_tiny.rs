@@ -258,7 +258,8 @@ fn reads_legacy_configs_and_refuses_other_formats() {
         (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}), "\"gemv\""),
         (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "exllama"}), "\"exllama\""),
         (serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "marlin"}), "\"marlin\""),
-        (serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 32}), "\"gptq\""),
+        // A GPTQ config over AWQ tensors: read as GPTQ, the layout's shapes do not match.
+        (serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 32}), "q_proj.qweight"),
         (serde_json::json!({"quant_method": "compressed-tensors"}), "\"compressed-tensors\""),
         (serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true}), "\"bitsandbytes\""),
     ] {

@@ -7,7 +7,8 @@
 //! Inputs that hold several files use one framing: each section but the last is a little-endian
 //! `u32` length and that many bytes; the last section is the rest (see [`sections`]).
 use awq_run::assets::{gguf, tokenizer, ModelAssets};
-use awq_run::checkpoint::QuantSpec;
+use awq_run::checkpoint::{GptqFormat, QuantFormat, QuantSpec};
+use awq_run::quant::format::gptq::ZeroStorage;
 use awq_run::engine::chat_template::{ChatTemplate, Message};
 use awq_run::engine::sampling::SamplingParams;
 use awq_run::model::{Config, Model};
@@ -110,9 +111,9 @@ impl Bytes<'_> {
     }
 }
 
-/// One AWQ GEMM linear whose `qweight` / `qzeros` / `scales` (and bias) have shapes and dtypes
-/// the bytes choose, consistent or not with the layer's in/out features and group size: read
-/// into the 4-bit layer and run.
+/// One 4-bit linear whose `qweight` / `qzeros` / `scales` (and bias, and `g_idx`) have shapes and
+/// dtypes the bytes choose, consistent or not with the layer's in/out features and group size,
+/// in the layout the last byte picks (AWQ GEMM, GPTQ, GPTQ v2): read into the 4-bit layer and run.
 pub fn awq_linear(data: &[u8]) -> bool {
     let mut b = Bytes(data);
     let in_f = [8, 16, 24, 64, 72, 128, 7, 0][b.byte() as usize % 8];
@@ -120,7 +121,7 @@ pub fn awq_linear(data: &[u8]) -> bool {
     let group = [0, 8, 16, 32, 64, 128, 7, 24][b.byte() as usize % 8];
     let bias = b.byte() % 2 == 1;
     let mut tensors = std::collections::HashMap::new();
-    for name in ["qweight", "qzeros", "scales", "bias"] {
+    for name in ["qweight", "qzeros", "scales", "bias", "g_idx"] {
         let code = b.byte();
         if code % 5 == 0 {
             continue; // missing
@@ -138,9 +139,15 @@ pub fn awq_linear(data: &[u8]) -> bool {
         }
     }
     let Ok(scheme) = QuantScheme::new(4, group) else { return false };
-    let spec = QuantSpec { scheme, skip: vec![] };
+    let gptq = |zeros| QuantFormat::Gptq(GptqFormat { zeros, sym: false, desc_act: true, static_groups: false, true_sequential: true, damp_percent: 0.01 });
+    let format = match b.byte() % 3 {
+        0 => QuantFormat::AwqGemm,
+        1 => gptq(ZeroStorage::MinusOne),
+        _ => gptq(ZeroStorage::Plain),
+    };
+    let spec = QuantSpec { scheme, format, skip: vec![] };
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let Ok(layer) = awq_run::checkpoint::load_awq_linear(vb.pp("layer"), in_f, out_f, bias, &spec) else { return false };
+    let Ok(layer) = awq_run::checkpoint::load_quant_linear(vb.pp("layer"), in_f, out_f, bias, &spec) else { return false };
     Tensor::ones((1, 3, in_f), DType::F32, &Device::Cpu).and_then(|x| layer.forward(&x)).is_ok()
 }
 

@@ -247,7 +247,7 @@ impl ModelAssets {
         let quant = self.quant_spec()?;
         let loader = |vb: VarBuilder, i: usize, o: usize, b: bool| match &quant {
             None => Ok(DenseLinear::load(vb, i, o, b)?.into_linear()),
-            Some(q) => crate::checkpoint::load_awq_linear(vb, i, o, b, q),
+            Some(q) => crate::checkpoint::load_quant_linear(vb, i, o, b, q),
         };
         // Quantized checkpoints store embeddings and lm_head in f16: on the CPU, with f32
         // activations, they stay f16 (half the memory and half the lm_head's reads).

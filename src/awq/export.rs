@@ -1,15 +1,34 @@
-//! Writing the result of the pass as an AutoAWQ GEMM checkpoint that vLLM and transformers load:
-//! embeddings, quantized blocks, norms and lm_head in shards, config.json with its
-//! `quantization_config`, the tokenizer files and the pass's report.
+//! Writing the result of the pass as a checkpoint that vLLM and transformers load (AutoAWQ GEMM;
+//! the GPTQ layout for `--method gptq`): embeddings, quantized blocks, norms and lm_head in
+//! shards, config.json with its `quantization_config`, the tokenizer files and the pass's report.
 use super::{quantize_blocks, AwqOptions, Report};
 use crate::assets::ModelAssets;
-use crate::checkpoint::{block_tensors, check_out_dir, AtomicDir, QuantSpec, ShardWriter};
+use super::Method;
+use crate::checkpoint::{block_tensors, check_out_dir, AtomicDir, GptqFormat, QuantFormat, QuantSpec, ShardWriter};
+use crate::quant::format::gptq::ZeroStorage;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
 
-/// Quantizes `assets` with `opts` and writes an AutoAWQ GEMM checkpoint to `out` (atomically),
-/// with the pass's report as `awq_report.json`. Math runs in f32 on `device`.
+/// The checkpoint layout of a method: GPTQ's own for gptq, AutoAWQ GEMM for the others (AWQ+GPTQ
+/// has its scales folded into the weights, so it is an ordinary AWQ checkpoint).
+pub fn checkpoint_spec(opts: &AwqOptions) -> QuantSpec {
+    let format = match opts.method {
+        Method::Gptq => QuantFormat::Gptq(GptqFormat {
+            zeros: ZeroStorage::MinusOne,
+            sym: opts.gptq.sym,
+            desc_act: opts.gptq.act_order,
+            static_groups: opts.gptq.static_groups,
+            true_sequential: opts.gptq.true_sequential,
+            damp_percent: opts.gptq.damp,
+        }),
+        _ => QuantFormat::AwqGemm,
+    };
+    QuantSpec { scheme: opts.params, format, skip: vec![] }
+}
+
+/// Quantizes `assets` with `opts` and writes the checkpoint to `out` (atomically), with the
+/// pass's report as `awq_report.json`. Math runs in f32 on `device`.
 pub fn write_quantized(
     assets: &ModelAssets,
     out: &std::path::Path,
@@ -21,11 +40,17 @@ pub fn write_quantized(
     check_out_dir(out, assets.dir.as_deref())?;
     if opts.params.bits != 4 {
         return Err(Error::msg(format!(
-            "--bits {}: the AWQ GEMM checkpoint format packs 4-bit codes only; other widths can be \
+            "--bits {}: the checkpoint formats pack 4-bit codes only; other widths can be \
              evaluated with `awq-run eval --fake-quant METHOD:BITS:GROUP`",
             opts.params.bits
         )));
     }
+    if opts.method == Method::AwqGptq && opts.gptq.act_order && !opts.gptq.static_groups {
+        return Err(Error::msg(
+            "--static-groups false: awq+gptq writes the AWQ GEMM layout, which has no g_idx for act-order groups; keep static groups or use --method gptq",
+        ));
+    }
+    let spec = checkpoint_spec(opts);
     if assets.config.quantization_config.is_some() {
         return Err(Error::msg(format!("{}: the model is already quantized", assets.name)));
     }
@@ -39,7 +64,7 @@ pub fn write_quantized(
     };
     shards.add("model.embed_tokens.weight", get16("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?)?;
     let report = quantize_blocks(&vb, cfg, calib, opts, |i, block| {
-        for (name, t) in block_tensors(i, &block)? {
+        for (name, t) in block_tensors(i, &block, spec.format)? {
             shards.add(name, t)?;
         }
         Ok(())
@@ -53,7 +78,6 @@ pub fn write_quantized(
         Some(d) => crate::error::read_json::<Value>(&d.join("config.json"))?,
         None => serde_json::to_value(cfg).map_err(|e| Error::msg(e.to_string()))?,
     };
-    let spec = QuantSpec { scheme: opts.params, skip: vec![] };
     config["quantization_config"] = spec.to_json();
     config["torch_dtype"] = "float16".into();
     dir.write_json("config.json", &config)?;

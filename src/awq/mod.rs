@@ -6,8 +6,11 @@
 //! and its linears quantized. The full-precision output feeds the next block, as the reference
 //! does. [`export`] writes the result as a checkpoint.
 pub mod calib;
+pub mod cholesky;
 pub mod clip;
 pub mod export;
+pub mod gptq;
+mod gptq_pass;
 pub mod groups;
 pub mod scale;
 
@@ -24,10 +27,38 @@ use serde::Serialize;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Method {
+    #[serde(rename = "awq")]
     Awq,
+    #[serde(rename = "rtn")]
     Rtn,
+    #[serde(rename = "gptq")]
+    Gptq,
+    /// AWQ's scales (and clipping) folded first, then GPTQ's rounding of the scaled weights.
+    #[serde(rename = "awq+gptq")]
+    AwqGptq,
+}
+
+impl Method {
+    /// The name flags and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Awq => "awq",
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::AwqGptq => "awq+gptq",
+        }
+    }
+
+    /// Whether the method rounds with GPTQ (and so reads `AwqOptions::gptq`).
+    pub fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
+
+    /// Whether the method needs calibration data.
+    pub fn calibrated(self) -> bool {
+        self != Method::Rtn
+    }
 }
 
 impl std::str::FromStr for Method {
@@ -36,7 +67,9 @@ impl std::str::FromStr for Method {
         match s {
             "awq" => Ok(Method::Awq),
             "rtn" => Ok(Method::Rtn),
-            _ => Err(Error::msg(format!("method {s:?}: expected awq or rtn"))),
+            "gptq" => Ok(Method::Gptq),
+            "awq+gptq" => Ok(Method::AwqGptq),
+            _ => Err(Error::msg(format!("method {s:?}: expected awq, rtn, gptq or awq+gptq"))),
         }
     }
 }
@@ -55,11 +88,13 @@ pub struct AwqOptions {
     pub batch: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// GPTQ's settings (gptq and awq+gptq).
+    pub gptq: gptq::GptqOptions,
 }
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, duo_scaling: true, n_grid: 20, batch: 4, progress: false }
+        Self { method, params, clip: true, duo_scaling: true, n_grid: 20, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -89,6 +124,16 @@ pub struct LayerReport {
     /// nearest of the original weight, and the weight as AWQ quantized it (scaled, clipped).
     pub output_mse_rtn: f64,
     pub output_mse: f64,
+    /// GPTQ only: `tr H` of the layer's inputs (how much signal it sees), and GPTQ's objective
+    /// `Σ (w - q)² / (2 [H⁻¹]_jj²)` after rounding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hessian_trace: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gptq_loss: Option<f64>,
+    /// GPTQ only: the dampening fraction the Cholesky factorization succeeded with (above
+    /// `--damp` where it had to be raised).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damp: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +143,9 @@ pub struct Report {
     pub group_size: usize,
     pub duo_scaling: bool,
     pub clip: bool,
+    /// GPTQ's settings, for gptq and awq+gptq.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gptq: Option<gptq::GptqOptions>,
     pub calibration_blocks: usize,
     pub seqlen: usize,
     pub groups: Vec<GroupReport>,
@@ -241,8 +289,25 @@ struct Records {
     layers: Vec<LayerReport>,
 }
 
-/// AWQ for one block: scale search and folding, clip search, quantization.
-fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: DType, o: &AwqOptions, rec: &mut Records) -> Result<(Block, Tensor)> {
+/// A block's weights as AWQ's search leaves them before rounding: scales folded, clipped; with
+/// what the per-layer report compares them against.
+struct Folded {
+    bw: BlockWeights,
+    /// The block's full-precision output.
+    y: Tensor,
+    /// Per layer: the original weight, a subsample of its original input, the output error of
+    /// plain round-to-nearest on them, the scales folded into its columns and out of its rows,
+    /// the mean clip shrink.
+    w0: Vec<Tensor>,
+    x0: Vec<Tensor>,
+    rtn_mse: Vec<f64>,
+    col_scale: Vec<Option<Tensor>>,
+    row_scale: Vec<Option<Tensor>>,
+    shrink: Vec<Option<f64>>,
+}
+
+/// AWQ's scale search and folding, then its clip search, for one block.
+fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOptions, rec: &mut Records) -> Result<Folded> {
     let p = o.params;
     let (y, mut caps) = forward_capture(block, x, ctx, o.batch)?;
     check_finite(&y, &format!("block {idx} output"))?;
@@ -302,7 +367,7 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
         *input = input.as_ref().map(|t| t.broadcast_div(s)).transpose()?;
     }
 
-    let mut shrink = [None; Proj::ALL.len()];
+    let mut shrink = vec![None; Proj::ALL.len()];
     // Clipping (q/k skipped: attention scores are too sensitive).
     if o.clip {
         let copts = clip::ClipOptions::default();
@@ -312,24 +377,45 @@ fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: D
             bw.w[l.index()] = clip::apply_clip(bw.w(l), &mv)?;
         }
     }
+    Ok(Folded { bw, y, w0, x0, rtn_mse, col_scale, row_scale, shrink })
+}
+
+impl Folded {
+    /// `block` with the folded norms and the folded, clipped weights as dense layers.
+    fn dense_block(&self, block: &Block, dtype: DType) -> Result<Block> {
+        let mut out = block.clone();
+        out.input_layernorm.weight = self.bw.ln1.to_dtype(dtype)?;
+        out.post_attention_layernorm.weight = self.bw.ln2.to_dtype(dtype)?;
+        for l in Proj::ALL {
+            *out.linear_mut(l) = dense(self.bw.w(l).clone(), self.bw.bias(l));
+        }
+        Ok(out)
+    }
+}
+
+/// AWQ for one block: scale search and folding, clip search, quantization.
+fn awq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: DType, o: &AwqOptions, rec: &mut Records) -> Result<(Block, Tensor)> {
+    let f = awq_fold(block, idx, x, ctx, o, rec)?;
     for l in Proj::ALL {
         let i = l.index();
         rec.layers.push(LayerReport {
             block: idx,
             layer: l.name().to_string(),
-            clip_shrink: shrink[i],
-            output_mse_rtn: rtn_mse[i],
-            output_mse: layer_output_mse(&x0[i], &w0[i], bw.w(l), col_scale[i].as_ref(), row_scale[i].as_ref(), p)?,
+            clip_shrink: f.shrink[i],
+            output_mse_rtn: f.rtn_mse[i],
+            output_mse: layer_output_mse(&f.x0[i], &f.w0[i], f.bw.w(l), f.col_scale[i].as_ref(), f.row_scale[i].as_ref(), o.params)?,
+            hessian_trace: None,
+            gptq_loss: None,
+            damp: None,
         });
     }
-
     let mut out = block.clone();
-    out.input_layernorm.weight = bw.ln1.to_dtype(dtype)?;
-    out.post_attention_layernorm.weight = bw.ln2.to_dtype(dtype)?;
+    out.input_layernorm.weight = f.bw.ln1.to_dtype(dtype)?;
+    out.post_attention_layernorm.weight = f.bw.ln2.to_dtype(dtype)?;
     for l in Proj::ALL {
-        *out.linear_mut(l) = quantize_linear(bw.w(l), bw.bias(l), p, dtype)?;
+        *out.linear_mut(l) = quantize_linear(f.bw.w(l), f.bw.bias(l), o.params, dtype)?;
     }
-    Ok((out, y))
+    Ok((out, f.y))
 }
 
 /// RTN for one block: every linear quantized as it is.
@@ -357,7 +443,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        b.set_message(format!("{:?}", o.method).to_lowercase());
+        b.set_message(o.method.name());
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -366,7 +452,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
     let mut block_secs = Vec::new();
     let (n_calib, seqlen) = calib.map_or((0, 0), |c| (c.len(), c.first().map_or(0, Vec::len)));
     let mut state = match (o.method, calib) {
-        (Method::Awq, Some(c)) if !c.is_empty() => {
+        (m, Some(c)) if m.calibrated() && !c.is_empty() => {
             let flat: Vec<u32> = c.iter().flatten().copied().collect();
             let tokens = Tensor::from_vec(flat, (n_calib, seqlen), &device)?;
             let embed = vb.pp("model").get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
@@ -375,8 +461,8 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             let mask = causal_mask(seqlen, 0, cfg.sliding_window, DType::F32, &device)?;
             Some((x, rope, mask))
         }
-        (Method::Awq, _) => return Err(Error::msg("AWQ needs calibration data")),
         (Method::Rtn, _) => None,
+        (m, _) => return Err(Error::msg(format!("{} needs calibration data", m.name()))),
     };
     for i in 0..n_layers {
         let tb = Instant::now();
@@ -386,7 +472,10 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             None => rtn_block(&block, o.params, vb.dtype())?,
             Some((x, rope, mask)) => {
                 let ctx = BlockContext::new(rope, 0, mask.as_ref(), None);
-                let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?;
+                let (q, y) = match o.method {
+                    Method::Awq => awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?,
+                    _ => gptq_pass::gptq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?,
+                };
                 *x = y;
                 q
             }
@@ -402,6 +491,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         group_size: o.params.group.columns(),
         duo_scaling: o.duo_scaling,
         clip: o.clip,
+        gptq: o.method.uses_gptq().then_some(o.gptq),
         calibration_blocks: n_calib,
         seqlen,
         groups: rec.groups,

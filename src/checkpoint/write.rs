@@ -1,8 +1,10 @@
 //! Writing quantized checkpoints: safetensors shards named as transformers expects, and the
-//! AutoAWQ GEMM tensors of a quantized decoder block.
+//! tensors of a quantized decoder block in the AutoAWQ GEMM or the GPTQ layout.
+use super::spec::QuantFormat;
 use crate::error::{Error, Result};
-use crate::linear::quantized_weight;
+use crate::linear::{Capability, Linear};
 use crate::model::Block;
+use crate::quant::QuantizedWeight;
 use candle_core::{DType, Tensor};
 
 /// Writes safetensors shards of at most `max_bytes`, named as transformers expects
@@ -70,10 +72,19 @@ impl ShardWriter {
     }
 }
 
-/// The checkpoint tensors of one quantized block, under `model.layers.{i}`.
-pub fn block_tensors(i: usize, block: &Block) -> Result<Vec<(String, Tensor)>> {
+/// The codes of a quantized layer and its stored input order (see `QuantLinear::input_perm`).
+fn quantized_parts(lin: &Linear) -> Result<Option<(QuantizedWeight, Option<Vec<u32>>)>> {
+    match lin.capability() {
+        Capability::Quantized(q) => Ok(Some((q.quantized()?, q.input_perm().map(<[u32]>::to_vec)))),
+        _ => Ok(None),
+    }
+}
+
+/// The checkpoint tensors of one quantized block, under `model.layers.{i}`, in `format`.
+pub fn block_tensors(i: usize, block: &Block, format: QuantFormat) -> Result<Vec<(String, Tensor)>> {
     let p = format!("model.layers.{i}");
-    let f16 = |t: &Tensor| t.to_dtype(DType::F16).and_then(|t| t.to_device(&candle_core::Device::Cpu)).map_err(Error::from);
+    let cpu = candle_core::Device::Cpu;
+    let f16 = |t: &Tensor| t.to_dtype(DType::F16).and_then(|t| t.to_device(&cpu)).map_err(Error::from);
     let mut out = vec![
         (format!("{p}.input_layernorm.weight"), f16(&block.input_layernorm.weight)?),
         (format!("{p}.post_attention_layernorm.weight"), f16(&block.post_attention_layernorm.weight)?),
@@ -83,19 +94,31 @@ pub fn block_tensors(i: usize, block: &Block) -> Result<Vec<(String, Tensor)>> {
         out.push((format!("{p}.self_attn.k_norm.weight"), f16(&kn.weight)?));
     }
     for (name, lin) in block.linears() {
-        let q = quantized_weight(lin)
-            .map_err(|e| Error::msg(format!("{p}.{name}: {e}")))?
+        let at = |e: &dyn std::fmt::Display| Error::msg(format!("{p}.{name}: {e}"));
+        let (q, perm) = quantized_parts(lin)
+            .map_err(|e| at(&e))?
             .ok_or_else(|| Error::msg(format!("{p}.{name} is not quantized ({} layer)", lin.kind())))?;
-        let t = q.to_awq_gemm().map_err(|e| Error::msg(format!("{p}.{name}: {e}")))?;
         let (i_n, o_n, groups) = (q.shape.k, q.shape.n, q.groups());
-        let dev = candle_core::Device::Cpu;
-        out.push((format!("{p}.{name}.qweight"), Tensor::from_vec(t.qweight, (i_n, o_n / 8), &dev)?));
-        out.push((format!("{p}.{name}.qzeros"), Tensor::from_vec(t.qzeros, (groups, o_n / 8), &dev)?));
-        out.push((format!("{p}.{name}.scales"), Tensor::from_vec(t.scales, (groups, o_n), &dev)?.to_dtype(DType::F16)?));
+        let (qweight, qzeros, scales) = match format {
+            QuantFormat::AwqGemm => {
+                if perm.is_some() {
+                    return Err(at(&"its inputs are permuted (act-order groups), which the AWQ GEMM layout cannot store"));
+                }
+                let t = q.to_awq_gemm().map_err(|e| at(&e))?;
+                (Tensor::from_vec(t.qweight, (i_n, o_n / 8), &cpu)?, Tensor::from_vec(t.qzeros, (groups, o_n / 8), &cpu)?, Tensor::from_vec(t.scales, (groups, o_n), &cpu)?)
+            }
+            QuantFormat::Gptq(f) => {
+                let t = q.to_gptq(perm.as_deref(), f.zeros).map_err(|e| at(&e))?;
+                out.push((format!("{p}.{name}.g_idx"), Tensor::from_vec(t.g_idx, i_n, &cpu)?));
+                (Tensor::from_vec(t.qweight, (i_n / 8, o_n), &cpu)?, Tensor::from_vec(t.qzeros, (groups, o_n / 8), &cpu)?, Tensor::from_vec(t.scales, (groups, o_n), &cpu)?)
+            }
+        };
+        out.push((format!("{p}.{name}.qweight"), qweight));
+        out.push((format!("{p}.{name}.qzeros"), qzeros));
+        out.push((format!("{p}.{name}.scales"), scales.to_dtype(DType::F16)?));
         if let Some(b) = lin.bias() {
             out.push((format!("{p}.{name}.bias"), f16(b)?));
         }
     }
     Ok(out)
 }
-

@@ -20,7 +20,8 @@ pub struct Args {
     /// Score at most this many windows.
     #[arg(long)]
     pub max_windows: Option<usize>,
-    /// Quantize in memory before scoring: METHOD:BITS:GROUP, e.g. awq:4:64 or rtn:3:128.
+    /// Quantize in memory before scoring: METHOD:BITS:GROUP, e.g. awq:4:64, rtn:3:128,
+    /// gptq:4:64 or awq+gptq:3:64.
     #[arg(long)]
     pub fake_quant: Option<String>,
     /// Calibration text for --fake-quant awq (default models/data/c4.utf8).
@@ -36,6 +37,8 @@ pub struct Args {
     /// output errors; the layout of a checkpoint's awq_report.json) to this file.
     #[arg(long, requires = "fake_quant")]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub gptq: super::quantize::GptqArgs,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +71,9 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some((p, awq_run::error::temp_beside(p).with_context(|| format!("--report {}: cannot create the file", p.display()))?)),
         None => None,
     };
+    if a.fake_quant.is_none() && !a.gptq.given().is_empty() {
+        bail!("{}: GPTQ settings apply to --fake-quant gptq:… or awq+gptq:… only", a.gptq.given().join(", "));
+    }
     let model = match &a.fake_quant {
         None => assets.load_model(&device, dtype)?,
         Some(fq) => {
@@ -82,6 +88,7 @@ pub fn run(a: Args) -> Result<()> {
                 no_clip: false,
                 duo_scaling: true,
                 batch: 4,
+                gptq: a.gptq.clone(),
             };
             let o = qa.options()?;
             let calib = qa.calibration(&assets, &o)?;

@@ -1,6 +1,8 @@
-//! `awq-run quantize`: AWQ (or RTN) to an AutoAWQ GEMM 4-bit checkpoint.
+//! `awq-run quantize`: AWQ, RTN, GPTQ or AWQ+GPTQ to a 4-bit checkpoint (AutoAWQ GEMM, or the
+//! GPTQ layout for `--method gptq`).
 use super::common::{peak_rss_mib, ModelArgs};
 use anyhow::{Context, Result};
+use awq_run::awq::gptq::GptqOptions;
 use awq_run::awq::{calib, AwqOptions, Method};
 use awq_run::quant::QuantScheme;
 use awq_run::ModelAssets;
@@ -11,7 +13,9 @@ pub const DEFAULT_CALIB: &str = "models/data/c4.utf8";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct QuantArgs {
-    /// awq (activation-aware scaling and clipping) or rtn (round-to-nearest baseline).
+    /// awq (activation-aware scaling and clipping), rtn (round-to-nearest baseline), gptq
+    /// (error-compensating rounding against the inputs' Hessian) or awq+gptq (AWQ's scales and
+    /// clipping, then GPTQ's rounding).
     #[arg(long, default_value = "awq")]
     pub method: String,
     /// Bits per weight (2–8 for evaluation; checkpoints are 4-bit).
@@ -38,6 +42,73 @@ pub struct QuantArgs {
     /// Calibration blocks per forward chunk (memory vs. speed).
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    #[command(flatten)]
+    pub gptq: GptqArgs,
+}
+
+/// GPTQ's settings (gptq and awq+gptq only; refused with other methods).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct GptqArgs {
+    /// GPTQ: dampening added to the Hessian's diagonal, as a fraction of its mean [default: 0.01].
+    #[arg(long)]
+    pub damp: Option<f64>,
+    /// GPTQ: quantize columns in decreasing order of activation energy (desc_act).
+    #[arg(long)]
+    pub act_order: bool,
+    /// GPTQ with --act-order: fix each group's scale from the unpermuted weight, so groups stay
+    /// contiguous (true); false lets groups follow the activation order (a g_idx checkpoint).
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub static_groups: Option<bool>,
+    /// GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs through the layers already
+    /// quantized [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub true_sequential: Option<bool>,
+    /// GPTQ: symmetric quantization (zero point fixed at 2^(bits-1)).
+    #[arg(long)]
+    pub sym: bool,
+}
+
+impl GptqArgs {
+    /// The GPTQ flags given on the command line.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            (self.damp.is_some(), "--damp"),
+            (self.act_order, "--act-order"),
+            (self.static_groups.is_some(), "--static-groups"),
+            (self.true_sequential.is_some(), "--true-sequential"),
+            (self.sym, "--sym"),
+        ]
+        .iter()
+        .filter(|(g, _)| *g)
+        .map(|(_, f)| *f)
+        .collect()
+    }
+
+    /// GPTQ's options for `method`; flags given to a method that does not use them are refused.
+    pub fn options(&self, method: Method) -> Result<GptqOptions> {
+        let given = self.given();
+        if !method.uses_gptq() && !given.is_empty() {
+            anyhow::bail!("{}: only --method gptq and awq+gptq use it, not {}", given.join(", "), method.name());
+        }
+        if self.static_groups.is_some() && !self.act_order {
+            anyhow::bail!("--static-groups: applies with --act-order only");
+        }
+        if method == Method::AwqGptq && self.sym {
+            anyhow::bail!("--sym: awq+gptq writes the AWQ layout, which has zero points; use --method gptq --sym");
+        }
+        let mut o = GptqOptions::default();
+        if let Some(d) = self.damp {
+            if !(d > 0.0 && d.is_finite()) {
+                anyhow::bail!("--damp {d}: must be a positive number");
+            }
+            o.damp = d;
+        }
+        o.act_order = self.act_order;
+        o.static_groups = self.static_groups.unwrap_or(true);
+        o.true_sequential = self.true_sequential.unwrap_or(true);
+        o.sym = self.sym;
+        Ok(o)
+    }
 }
 
 impl QuantArgs {
@@ -48,10 +119,11 @@ impl QuantArgs {
         o.duo_scaling = self.duo_scaling;
         o.batch = self.batch.max(1);
         o.progress = true;
+        o.gptq = self.gptq.options(method)?;
         Ok(o)
     }
 
-    /// The calibration blocks for AWQ (None for RTN).
+    /// The calibration blocks (None for RTN).
     pub fn calibration(&self, assets: &ModelAssets, o: &AwqOptions) -> Result<Option<Vec<Vec<u32>>>> {
         if o.method == Method::Rtn {
             return Ok(None);
@@ -121,7 +193,7 @@ pub fn run(a: Args) -> Result<()> {
 /// `awq w4g64, 8 calibration blocks of 256 tokens on cpu` (`kind` qualifies the blocks).
 fn describe(o: &AwqOptions, calib: Option<&[Vec<u32>]>, kind: &str, device: &candle_core::Device) -> String {
     let blocks = calib.map_or(String::new(), |c| format!(", {} {kind}calibration blocks of {} tokens", c.len(), c.first().map_or(0, Vec::len)));
-    format!("{:?} {}{blocks} on {}", o.method, o.params, awq_run::engine::device::device_name(device))
+    format!("{} {}{blocks} on {}", o.method.name(), o.params, awq_run::engine::device::device_name(device))
 }
 
 /// `--dummy-weights`: the AWQ pass over random weights of a preset shape, calibrated on random
@@ -151,7 +223,7 @@ fn run_dummy(a: &Args) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "config": name, "method": format!("{:?}", o.method).to_lowercase(), "bits": o.params.bits,
+            "config": name, "method": o.method.name(), "bits": o.params.bits,
             "group_size": o.params.group.columns(), "device": awq_run::engine::device::device_name(&device),
             "calib_blocks": calib.as_ref().map_or(0, |c| c.len()), "seqlen": a.quant.seqlen,
             "total_secs": report.total_secs, "peak_rss_mib": peak_rss_mib(),

@@ -44,6 +44,11 @@ pub struct QuantLinear {
     repr: Repr,
     bias: Option<Tensor>,
     device: Device,
+    /// Where the weight's columns are stored out of the layer's input order (a GPTQ checkpoint
+    /// with act-order groups, whose `g_idx` is not `i / group_size`): stored column `j` is input
+    /// `perm[j]`, and the input is gathered into that order before the kernel. The tensor is
+    /// the same indices on the layer's device.
+    input_perm: Option<(Vec<u32>, Tensor)>,
 }
 
 /// The candle custom op around the CPU kernel.
@@ -98,7 +103,39 @@ impl QuantLinear {
             let b = bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
             Repr::Dequantized { q, dense: DenseLinear::new(d, b) }
         };
-        Ok(Self { repr, bias, device: device.clone() })
+        Ok(Self { repr, bias, device: device.clone(), input_perm: None })
+    }
+
+    /// The layer with its stored columns in the order `perm` (stored column `j` multiplies input
+    /// `perm[j]`); `perm` must be a permutation of the input width.
+    pub fn with_input_perm(mut self, perm: Vec<u32>) -> Result<Self> {
+        let k = self.shape().k;
+        let mut seen = vec![false; k];
+        for &c in &perm {
+            match seen.get_mut(c as usize) {
+                Some(s) if !*s => *s = true,
+                _ => candle_core::bail!("input permutation of a {k}-input layer: index {c} is out of range or repeated"),
+            }
+        }
+        if perm.len() != k {
+            candle_core::bail!("input permutation of a {k}-input layer has {} entries", perm.len());
+        }
+        let t = Tensor::from_slice(&perm, k, &self.device)?;
+        self.input_perm = Some((perm, t));
+        Ok(self)
+    }
+
+    /// The stored order of the input columns, where it is not the natural one.
+    pub fn input_perm(&self) -> Option<&[u32]> {
+        self.input_perm.as_ref().map(|(p, _)| p.as_slice())
+    }
+
+    /// `x` gathered into the stored column order.
+    fn permute_input(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.input_perm {
+            Some((_, t)) => x.index_select(t, x.rank() - 1)?.contiguous(),
+            None => Ok(x.clone()),
+        }
     }
 
     pub fn into_linear(self) -> Linear {
@@ -129,6 +166,7 @@ impl QuantLinear {
     }
 
     /// The device path (dequantize with tensor ops, then matmul); public so CPU tests cover it.
+    /// Like [`Self::forward_cpu`] it takes the input in the stored column order.
     pub fn forward_dequant(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.repr {
             Repr::Packed { shape, dev: Some(DeviceWeights::TensorOps(c, s, m)), .. } => Self::dequantize_tensors(c, s, m, shape.k)?,
@@ -150,6 +188,17 @@ impl QuantLinear {
         let op = Q4MatMul { w: self.host_packed()?, kernel };
         let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?;
         self.add_bias(y)?.to_dtype(x.dtype())
+    }
+
+    /// The forward pass on an input already in the stored column order (see `input_perm`).
+    fn forward_stored(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.repr {
+            Repr::Packed { .. } if x.device().is_cpu() => self.forward_cpu(x, Kernel::Auto),
+            #[cfg(feature = "cuda")]
+            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => self.add_bias(c.forward(x)?),
+            Repr::Packed { .. } => self.forward_dequant(x),
+            Repr::Dequantized { dense, .. } => dense.forward(x),
+        }
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -191,13 +240,10 @@ impl QuantLinear {
 
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.repr {
-            Repr::Packed { .. } if x.device().is_cpu() => self.forward_cpu(x, Kernel::Auto),
-            #[cfg(feature = "cuda")]
-            Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. } => self.add_bias(c.forward(x)?),
-            Repr::Packed { .. } => self.forward_dequant(x),
-            Repr::Dequantized { dense, .. } => dense.forward(x),
+        if self.input_perm.is_some() {
+            return self.forward_stored(&self.permute_input(x)?);
         }
+        self.forward_stored(x)
     }
     fn in_features(&self) -> usize {
         self.shape().k
@@ -206,17 +252,17 @@ impl LinearLayer for QuantLinear {
         self.shape().n
     }
     fn dense_weight(&self) -> Result<Tensor> {
-        match &self.repr {
-            Repr::Packed { .. } => {
-                let w = self.host_packed()?;
-                let WeightShape { n, k, .. } = w.shape;
-                let mut d = vec![0f32; n * k];
-                for (o, row) in d.chunks_mut(k).enumerate() {
-                    w.dequantize_row(o, row);
+        let stored = self.stored_dense_weight()?;
+        match &self.input_perm {
+            Some((p, _)) => {
+                // Input c sits in stored column pos[c].
+                let mut pos = vec![0u32; p.len()];
+                for (j, &c) in p.iter().enumerate() {
+                    pos[c as usize] = j as u32;
                 }
-                Tensor::from_vec(d, (n, k), &self.device)
+                stored.index_select(&Tensor::from_vec(pos, p.len(), stored.device())?, 1)
             }
-            Repr::Dequantized { dense, .. } => dense.dense_weight(),
+            None => Ok(stored),
         }
     }
     fn bias(&self) -> Option<&Tensor> {
@@ -234,6 +280,22 @@ impl LinearLayer for QuantLinear {
 }
 
 impl QuantLinear {
+    /// The dequantized weight in the stored column order.
+    fn stored_dense_weight(&self) -> Result<Tensor> {
+        match &self.repr {
+            Repr::Packed { .. } => {
+                let w = self.host_packed()?;
+                let WeightShape { n, k, .. } = w.shape;
+                let mut d = vec![0f32; n * k];
+                for (o, row) in d.chunks_mut(k).enumerate() {
+                    w.dequantize_row(o, row);
+                }
+                Tensor::from_vec(d, (n, k), &self.device)
+            }
+            Repr::Dequantized { dense, .. } => dense.dense_weight(),
+        }
+    }
+
     /// The weight's shape (the dequantized form's for other widths than 4 bits).
     pub fn shape(&self) -> WeightShape {
         match &self.repr {
@@ -242,8 +304,9 @@ impl QuantLinear {
         }
     }
 
-    /// The integer codes, zeros and scales (downloaded from the device where the layer lives
-    /// there; an error where they cannot be read back, e.g. from a failing device).
+    /// The integer codes, zeros and scales in the stored column order (see [`Self::input_perm`];
+    /// downloaded from the device where the layer lives there; an error where they cannot be
+    /// read back, e.g. from a failing device).
     pub fn quantized(&self) -> Result<QuantizedWeight> {
         match &self.repr {
             Repr::Packed { .. } => Ok(self.host_packed()?.to_quantized()),
@@ -266,7 +329,7 @@ impl QuantLinear {
     /// weights) into L2 as it finishes.
     pub fn forward_prefetch(&self, x: &Tensor, next: &L2Prefetch) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let (Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. }, true) = (&self.repr, x.device().is_cuda()) {
+        if let (Repr::Packed { dev: Some(DeviceWeights::Cuda(c)), .. }, true, None) = (&self.repr, x.device().is_cuda(), &self.input_perm) {
             return self.add_bias(c.forward_prefetch(x, next)?);
         }
         let _ = next;
@@ -285,6 +348,9 @@ impl QuantLinear {
         }
         let k = x.dim(candle_core::D::Minus1)?;
         if x.elem_count() / k.max(1) > GEMV_MAX_TOKENS {
+            return Ok(None);
+        }
+        if layers.iter().any(|q| q.input_perm.is_some()) {
             return Ok(None);
         }
         let cuda: Option<Vec<&CudaQ4>> = layers.iter().map(|q| q.cuda()).collect();

@@ -9,5 +9,5 @@ pub mod quantizer;
 pub mod scheme;
 
 pub use format::{QuantizedWeight, WeightShape};
-pub use quantizer::{fake_quantize, quantize_codes};
+pub use quantizer::{fake_quantize, group_scale_zero, quantize_codes};
 pub use scheme::{GroupSize, QuantScheme};

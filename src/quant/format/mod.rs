@@ -1,8 +1,10 @@
 //! Weight layouts, apart from the kernels that read them: the quantizer's plain codes
-//! ([`QuantizedWeight`]), the AutoAWQ GEMM checkpoint packing ([`awq_gemm`]), the CPU kernel's
+//! ([`QuantizedWeight`]), the AutoAWQ GEMM checkpoint packing ([`awq_gemm`]), the GPTQ checkpoint
+//! packing ([`gptq`]), the CPU kernel's
 //! packed rows ([`packed::PackedQ4`]) and the CUDA kernels' tiles ([`tiled::TiledQ4`]). Every one
 //! of them describes its matrix with one [`WeightShape`].
 pub mod awq_gemm;
+pub mod gptq;
 pub mod packed;
 pub mod tiled;
 
