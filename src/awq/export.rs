@@ -27,17 +27,9 @@ pub fn checkpoint_spec(opts: &AwqOptions) -> QuantSpec {
     QuantSpec { scheme: opts.params, format, skip: vec![] }
 }
 
-/// Quantizes `assets` with `opts` and writes the checkpoint to `out` (atomically), with the
-/// pass's report as `awq_report.json`. Math runs in f32 on `device`.
-pub fn write_quantized(
-    assets: &ModelAssets,
-    out: &std::path::Path,
-    opts: &AwqOptions,
-    calib: Option<&[Vec<u32>]>,
-    device: &candle_core::Device,
-    force: bool,
-) -> Result<Report> {
-    check_out_dir(out, assets.dir.as_deref())?;
+/// Whether `opts` can be written as a checkpoint at all, checked before any work: 4 bits, and no
+/// act-order permutation where the layout has no `g_idx`.
+pub fn check_writable(opts: &AwqOptions) -> Result<()> {
     if opts.params.bits != 4 {
         return Err(Error::msg(format!(
             "--bits {}: the checkpoint formats pack 4-bit codes only; other widths can be \
@@ -50,6 +42,21 @@ pub fn write_quantized(
             "--static-groups false: awq+gptq writes the AWQ GEMM layout, which has no g_idx for act-order groups; keep static groups or use --method gptq",
         ));
     }
+    Ok(())
+}
+
+/// Quantizes `assets` with `opts` and writes the checkpoint to `out` (atomically), with the
+/// pass's report as `awq_report.json`. Math runs in f32 on `device`.
+pub fn write_quantized(
+    assets: &ModelAssets,
+    out: &std::path::Path,
+    opts: &AwqOptions,
+    calib: Option<&[Vec<u32>]>,
+    device: &candle_core::Device,
+    force: bool,
+) -> Result<Report> {
+    check_out_dir(out, assets.dir.as_deref())?;
+    check_writable(opts)?;
     let spec = checkpoint_spec(opts);
     if assets.config.quantization_config.is_some() {
         return Err(Error::msg(format!("{}: the model is already quantized", assets.name)));

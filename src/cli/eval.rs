@@ -55,6 +55,9 @@ fn parse_fake_quant(s: &str) -> Result<(String, u32, usize)> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.fake_quant.is_none() && !a.gptq.given().is_empty() {
+        bail!("{}: GPTQ settings apply to --fake-quant gptq:… or awq+gptq:… only", a.gptq.given().join(", "));
+    }
     a.model.apply_cpu_options()?;
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
@@ -71,9 +74,6 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some((p, awq_run::error::temp_beside(p).with_context(|| format!("--report {}: cannot create the file", p.display()))?)),
         None => None,
     };
-    if a.fake_quant.is_none() && !a.gptq.given().is_empty() {
-        bail!("{}: GPTQ settings apply to --fake-quant gptq:… or awq+gptq:… only", a.gptq.given().join(", "));
-    }
     let model = match &a.fake_quant {
         None => assets.load_model(&device, dtype)?,
         Some(fq) => {

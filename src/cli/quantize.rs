@@ -178,6 +178,7 @@ pub fn run(a: Args) -> Result<()> {
     let o = a.quant.options()?;
     let assets = ModelAssets::load(&spec).with_context(|| format!("loading {spec}"))?;
     awq_run::awq::check_group_size(&assets.config, o.params)?;
+    awq_run::awq::export::check_writable(&o)?;
     let calib = a.quant.calibration(&assets, &o)?;
     eprintln!("quantizing {spec} with {}", describe(&o, calib.as_deref(), "", &device));
     let report = awq_run::awq::export::write_quantized(&assets, out, &o, calib.as_deref(), &device, a.force)?;
