@@ -477,3 +477,17 @@ fn three_bit_scale_search_matches_a_straightforward_f64_search() {
     assert!(chosen <= best * (1.0 + 1e-3), "chose ratio {} (f64 loss {chosen}), the f64 optimum is {best}", c.ratio);
     assert!(c.ratio > 0.0, "outlier channels should make scaling worthwhile");
 }
+
+#[test]
+fn the_ratio_grid_can_be_scored_on_a_subset_of_the_calibration() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let blocks = calib_blocks(&a, &f);
+    let mut o = options(Method::Awq, 32);
+    o.search_samples = 2;
+    let (m, report) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, Some(&blocks), &o).unwrap();
+    assert_eq!((report.search_samples, report.calibration_blocks), (2, blocks.len()));
+    // Scored on the subset, each group's choice is no worse there than plain RTN.
+    assert!(report.groups.iter().all(|g| g.loss_after <= g.loss_before * (1.0 + 1e-6)));
+    assert!(logits(&m).flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+}

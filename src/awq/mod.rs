@@ -84,6 +84,10 @@ pub struct AwqOptions {
     pub duo_scaling: bool,
     /// Ratios tried: i / n_grid for i in 0..n_grid.
     pub n_grid: usize,
+    /// Calibration blocks the ratio grid is scored on (evenly spaced over all of them; 0 = all).
+    /// The grid's 20 forward passes are most of the pass's time; the activation statistics
+    /// (`x_mean`) and the clip search still see every block.
+    pub search_samples: usize,
     /// Calibration blocks per forward chunk (bounds the attention's memory).
     pub batch: usize,
     /// Show a progress bar on stderr.
@@ -94,7 +98,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, duo_scaling: true, n_grid: 20, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -147,6 +151,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gptq: Option<gptq::GptqOptions>,
     pub calibration_blocks: usize,
+    /// Blocks the ratio grid was scored on (0: all).
+    pub search_samples: usize,
     pub seqlen: usize,
     pub groups: Vec<GroupReport>,
     pub layers: Vec<LayerReport>,
@@ -279,6 +285,17 @@ fn layer_output_mse(x: &Tensor, w0: &Tensor, w: &Tensor, cols: Option<&Tensor>, 
     scale::mse(&x.matmul(&q.t()?)?, &x.matmul(&w0.t()?)?)
 }
 
+/// `k` of the calibration blocks of `x` (`[n, seq, d]`), evenly spaced (all where `k` is 0 or ≥ n):
+/// whole blocks, because the attention needs each token's context.
+fn search_subset(x: &Tensor, k: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if k == 0 || k >= n {
+        return Ok(x.clone());
+    }
+    let idx: Vec<u32> = (0..k).map(|i| (i * n / k) as u32).collect();
+    Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?)
+}
+
 /// Tokens of the captured inputs that the per-layer errors are measured on.
 const REPORT_TOKENS: usize = 512;
 
@@ -329,8 +346,9 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
     let mut searched: Vec<(&ScaleGroup, Tensor)> = Vec::new();
     for group in SCALE_GROUPS.iter().filter(|g| g.applies(&|p| bw.w(p).dims().to_vec())) {
         let xg = input_of(&caps, group.layers[0])?;
-        let fp = measure(block, group, &bw, None, &xg, ctx, o.batch)?;
-        let run = |ws: &[Tensor]| measure(block, group, &bw, Some(ws), &xg, ctx, o.batch);
+        let xs = search_subset(&xg, o.search_samples)?;
+        let fp = measure(block, group, &bw, None, &xs, ctx, o.batch)?;
+        let run = |ws: &[Tensor]| measure(block, group, &bw, Some(ws), &xs, ctx, o.batch);
         let weights: Vec<Tensor> = group.layers.iter().map(|&l| bw.w(l).clone()).collect();
         let what = format!("block {idx} {}", group.label());
         let c = scale::search(&what, &scale::x_mean(&xg)?, &weights, &fp, p, o.duo_scaling, o.n_grid, &run)?;
@@ -493,6 +511,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         clip: o.clip,
         gptq: o.method.uses_gptq().then_some(o.gptq),
         calibration_blocks: n_calib,
+        search_samples: o.search_samples,
         seqlen,
         groups: rec.groups,
         layers: rec.layers,
@@ -531,4 +550,18 @@ pub fn awq_linear(w: &Tensor, x: &Tensor, o: &AwqOptions) -> Result<(Tensor, sca
     }
     let eff = crate::quant::fake_quantize(&ws, o.params)?.broadcast_div(&c.scales)?;
     Ok((eff, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_subset_takes_evenly_spaced_whole_blocks() {
+        let x = Tensor::arange(0f32, 10.0, &Device::Cpu).unwrap().reshape((10, 1, 1)).unwrap();
+        let pick = |k| search_subset(&x, k).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(pick(4), vec![0.0, 2.0, 5.0, 7.0]);
+        assert_eq!(pick(0).len(), 10);
+        assert_eq!(pick(12).len(), 10);
+    }
 }

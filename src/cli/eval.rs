@@ -30,6 +30,9 @@ pub struct Args {
     /// Calibration blocks for --fake-quant awq.
     #[arg(long, default_value_t = 128)]
     pub n_samples: usize,
+    /// Blocks the AWQ ratio grid is scored on (0 = all), as for quantize.
+    #[arg(long, default_value_t = 0)]
+    pub search_samples: usize,
     /// Tokens per calibration block for --fake-quant awq.
     #[arg(long, default_value_t = 512)]
     pub calib_seqlen: usize,
@@ -86,6 +89,7 @@ pub fn run(a: Args) -> Result<()> {
                 n_samples: a.n_samples,
                 seqlen: a.calib_seqlen,
                 no_clip: false,
+                search_samples: a.search_samples,
                 duo_scaling: true,
                 batch: 4,
                 gptq: a.gptq.clone(),

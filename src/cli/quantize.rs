@@ -33,6 +33,10 @@ pub struct QuantArgs {
     /// Tokens per calibration block.
     #[arg(long, default_value_t = 512)]
     pub seqlen: usize,
+    /// AWQ: score the ratio grid on this many of the calibration blocks (evenly spaced; 0 = all).
+    /// The statistics and the clip search use every block.
+    #[arg(long, default_value_t = 0)]
+    pub search_samples: usize,
     /// Skip the clipping search.
     #[arg(long)]
     pub no_clip: bool,
@@ -117,6 +121,7 @@ impl QuantArgs {
         let mut o = AwqOptions::new(method, QuantScheme::new(self.bits, self.group_size)?);
         o.clip = !self.no_clip;
         o.duo_scaling = self.duo_scaling;
+        o.search_samples = self.search_samples;
         o.batch = self.batch.max(1);
         o.progress = true;
         o.gptq = self.gptq.options(method)?;
