@@ -72,7 +72,8 @@ fn gptq_checkpoints_round_trip_to_the_fake_quantized_model() {
                 let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
                 let g_idx = st["model.layers.0.mlp.down_proj.g_idx"].to_vec1::<i32>().unwrap();
                 let natural = g_idx.iter().enumerate().all(|(i, &g)| g as usize == i / 32);
-                assert_eq!(natural, !(o.gptq.act_order && !o.gptq.static_groups), "{label}: g_idx {g_idx:?}");
+                let dynamic_groups = o.gptq.act_order && !o.gptq.static_groups;
+                assert_eq!(natural, !dynamic_groups, "{label}: g_idx {g_idx:?}");
             }
             let back = ModelAssets::load(out.to_str().unwrap()).unwrap().load_model(&Device::Cpu, DType::F32).unwrap();
             let e = rel_err(&logits(&back), &want);

@@ -12,7 +12,7 @@ fn check_shape(vb: &VarBuilder, in_f: usize, out_f: usize, g: usize) -> candle_c
     if in_f == 0 || out_f == 0 || g == 0 {
         candle_core::bail!("{}: a {out_f}x{in_f} layer with group size {g} has no weights", vb.prefix());
     }
-    if in_f % g != 0 || out_f % 8 != 0 {
+    if !in_f.is_multiple_of(g) || !out_f.is_multiple_of(8) {
         candle_core::bail!("{}: {out_f}x{in_f} does not fit group size {g} and 8-wide packing", vb.prefix());
     }
     Ok(())
