@@ -269,6 +269,7 @@ fn bad_device_dtype_and_sampling_flags_are_named() {
     assert!(err(&["--top-p", "1.5"]).contains("--top-p"));
     assert!(err(&["--top-k", "0"]).contains("--top-k"));
     assert!(err(&["--max-tokens", "0"]).contains("--max-tokens"));
+    assert!(err(&["--threads", "0"]).contains("--threads 0"));
 }
 
 #[test]

@@ -91,3 +91,15 @@ impl LinearLayer for Int8Linear {
         "int8-weight"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_width_that_is_not_a_multiple_of_32_is_refused() {
+        let w = Tensor::zeros((4, 40), DType::F32, &Device::Cpu).unwrap();
+        let e = Int8Linear::new(&w, None).unwrap_err().to_string();
+        assert!(e.contains("40 input features") && e.contains("multiple of 32"), "{e}");
+    }
+}
