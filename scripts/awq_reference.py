@@ -201,6 +201,39 @@ def search_clip(w, x, args, n_grid=20, max_shrink=0.5, n_tokens=512):
     return torch.cat(best_all, dim=0).squeeze(1)  # [out, 1, groups, 1] -> [out, groups, 1]
 
 
+def search_clip_asym(w, x, args, n_grid=20, max_shrink=0.5, n_tokens=512):
+    """Per (row, group) the lower and upper bounds, each shrunk toward zero on its own (from the
+    group's min and max, by i/n_grid for i < max_shrink·n_grid), that minimize the group's
+    partial-output error; returns (lo, hi), each [out, groups, 1]."""
+    out_f, in_f = w.shape
+    g = args.group_size if args.group_size > 0 else in_f
+    x = x.reshape(-1, in_f)
+    x = x[:: max(1, x.shape[0] // n_tokens)].reshape(1, -1, in_f // g, g)
+    wg = w.reshape(out_f, 1, in_f // g, g)
+    los, his = [], []
+    steps = int(max_shrink * n_grid)
+    for o0 in range(0, out_f, 64):
+        wc = wg[o0 : o0 + 64]
+        org_hi = wc.amax(dim=-1, keepdim=True)
+        org_lo = wc.amin(dim=-1, keepdim=True)
+        best_lo, best_hi = org_lo.clone(), org_hi.clone()
+        min_err = torch.full_like(org_hi, math.inf)
+        org_out = (x * wc).sum(dim=-1)
+        for i in range(steps):
+            hi = org_hi * (1 - i / n_grid) if args.clip == "asym" else org_hi.abs().maximum(org_lo.abs()) * (1 - i / n_grid)
+            for j in range(steps if args.clip == "asym" else 1):
+                lo = org_lo * (1 - j / n_grid) if args.clip == "asym" else -hi
+                q = fake_quant(torch.clamp(wc, lo, hi), args.bits, g)
+                err = ((x * q).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)
+                better = err < min_err
+                min_err[better] = err[better]
+                best_lo[better] = lo.expand_as(best_lo)[better]
+                best_hi[better] = hi.expand_as(best_hi)[better]
+        los.append(best_lo)
+        his.append(best_hi)
+    return torch.cat(los, dim=0).squeeze(1), torch.cat(his, dim=0).squeeze(1)
+
+
 def awq_block(block, idx, x, args, report):
     cap = {}
     y = chunked(lambda c: block.forward(c, cap), x, args.batch)
@@ -225,7 +258,15 @@ def awq_block(block, idx, x, args, report):
             w[n] = w[n] * s.view(1, -1)
         feats[feat] = feats[feat] / s.view(1, -1)
     feat_of = {"v_proj": "q_proj", "o_proj": "o_proj", "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
-    if not args.no_clip:
+    if not args.no_clip and args.clip == "asym":
+        for n, f in feat_of.items():
+            lo, hi = search_clip_asym(w[n], feats[f], args)
+            shape = w[n].shape
+            wr = w[n].reshape(shape[0], lo.shape[1], -1)
+            org = wr.abs().amax(dim=-1, keepdim=True)
+            report["layers"].append({"block": idx, "layer": n, "clip_shrink": (hi.abs().maximum(lo.abs()) / org).mean().item()})
+            w[n] = torch.clamp(wr, lo, hi).reshape(shape)
+    elif not args.no_clip:
         for n, f in feat_of.items():
             mv = search_clip(w[n], feats[f], args)
             org = w[n].abs().reshape(w[n].shape[0], mv.shape[1], -1).amax(dim=-1, keepdim=True)
@@ -237,9 +278,11 @@ def awq_block(block, idx, x, args, report):
     return y
 
 
-def perplexity(embed, blocks, norm, eps, tokens, seqlen, max_windows, device):
+def perplexity(embed, blocks, norm, eps, tokens, seqlen, max_windows, device, also_at=()):
+    """Perplexity over the first `max_windows` windows; with `also_at`, also a dict of the
+    perplexity over the first N windows for each N listed there."""
     windows = min(tokens.numel() // seqlen, max_windows)
-    nll = 0.0
+    nll, partial = 0.0, {}
     with torch.no_grad():
         for i in range(windows):
             ids = tokens[i * seqlen : (i + 1) * seqlen].to(device)
@@ -248,7 +291,10 @@ def perplexity(embed, blocks, norm, eps, tokens, seqlen, max_windows, device):
                 x = b.forward(x)
             logits = F.linear(rms_norm(x, norm, eps), embed.float())[0]
             nll += F.cross_entropy(logits[:-1].double(), ids[1:], reduction="sum").item()
-    return math.exp(nll / (windows * (seqlen - 1)))
+            if i + 1 in also_at:
+                partial[i + 1] = math.exp(nll / ((i + 1) * (seqlen - 1)))
+    ppl = math.exp(nll / (windows * (seqlen - 1)))
+    return (ppl, partial) if also_at else ppl
 
 
 def main():
@@ -265,10 +311,12 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--method", default="awq", choices=["awq", "rtn", "fp"])
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--clip", default="sym", choices=["sym", "asym"], help="sym: AutoAWQ's [-m, m] bounds; asym: min and max shrunk separately")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--report")
     ap.add_argument("--zero-tie", default="native", choices=["native", "even", "down", "best"])
     ap.add_argument("--layers", type=int, help="use only the first N blocks (a smoke test of this script)")
+    ap.add_argument("--calib-offset", type=int, default=0, help="skip the first N calibration blocks (another cut of the same text)")
     ap.add_argument("--calib-blocks", type=int, help="use only the first N calibration blocks")
     args = ap.parse_args()
     global ZERO_TIE
@@ -290,7 +338,7 @@ def main():
     t0 = time.time()
     with torch.no_grad():
         if args.method == "awq":
-            calib = read_u32(f"{args.tokens}/calib.u32").reshape(-1, args.calib_seqlen)[: args.calib_blocks].to(dev)
+            calib = read_u32(f"{args.tokens}/calib.u32").reshape(-1, args.calib_seqlen)[args.calib_offset :][: args.calib_blocks].to(dev)
             x = embed[calib].to(dt)
             for i, b in enumerate(blocks):
                 b.w = {k: v.to(dt) for k, v in b.w.items()}
@@ -302,9 +350,9 @@ def main():
                 for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                     b.w[n] = fake_quant(b.w[n], args.bits, args.group_size)
     report["seconds"] = time.time() - t0
-    ppl = perplexity(embed, blocks, sd["model.norm.weight"].to(dev), cfg["rms_norm_eps"], read_u32(f"{args.tokens}/eval.u32"), args.seqlen, args.max_windows, dev)
+    ppl, at = perplexity(embed, blocks, sd["model.norm.weight"].to(dev), cfg["rms_norm_eps"], read_u32(f"{args.tokens}/eval.u32"), args.seqlen, args.max_windows, dev, also_at=(16,))
     report["perplexity"] = ppl
-    print(f"{args.method} w{args.bits}g{args.group_size} {args.dtype}: perplexity {ppl:.4f} ({report['seconds']:.1f}s search)")
+    print(f"{args.method} w{args.bits}g{args.group_size} {args.dtype} clip {'none' if args.no_clip else args.clip}: perplexity {ppl:.4f} over {args.max_windows} windows, {at.get(16, float('nan')):.4f} over 16 ({report['seconds']:.1f}s search)")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)

@@ -45,6 +45,30 @@ fn awq_linear_seed(r: &mut Rng, bias: bool) -> Vec<u8> {
     b
 }
 
+/// A consistent GPTQ linear for `harness::awq_linear`: 64 → 64, group 32, `qweight` [in/8, out],
+/// `qzeros` [groups, out/8], f32 scales, and a `g_idx` of 64 i32 (in natural order, or with the
+/// two groups' inputs interleaved as act-order leaves them); the last byte picks the GPTQ layout.
+fn gptq_linear_seed(r: &mut Rng, act_order: bool) -> Vec<u8> {
+    let mut b = vec![3u8, 3, 3, 0];
+    let tensor = |b: &mut Vec<u8>, code: u8, dims: &[u8], values: &mut dyn FnMut(usize) -> [u8; 4]| {
+        b.push(code);
+        b.extend_from_slice(dims);
+        for i in 0..dims.iter().map(|&d| d as usize).product::<usize>() {
+            b.extend_from_slice(&values(i));
+        }
+    };
+    let mut ints = |_| ((r.next_f32() * u32::MAX as f32) as u32).to_le_bytes();
+    tensor(&mut b, 1, &[8, 64], &mut ints); // qweight [in/8, out] i32
+    // Stored as zero − 1: 7 in every nibble is a zero point of 8 (a stored 15 would be 16, out of range).
+    tensor(&mut b, 1, &[2, 8], &mut |_| 0x7777_7777u32.to_le_bytes()); // qzeros [groups, out/8] i32
+    tensor(&mut b, 7, &[2, 64], &mut |_| 0.01f32.to_le_bytes()); // scales [groups, out] f32
+    b.push(5); // no bias
+    let group = |i: usize| if act_order { i % 2 } else { i / 32 };
+    tensor(&mut b, 3, &[64], &mut |i| (group(i) as i32).to_le_bytes()); // g_idx [in] i32
+    b.push(1); // GPTQ, zeros stored minus one
+    b
+}
+
 /// The seeds of every target.
 fn seeds() -> Corpus {
     let mut c = Corpus::new();
@@ -74,12 +98,27 @@ fn seeds() -> Corpus {
             add("configs", "tiny-rtn-config", q[0].clone());
             let qc = serde_json::from_slice::<serde_json::Value>(&q[0]).unwrap()["quantization_config"].clone();
             add("configs", "tiny-rtn-quantization-config", serde_json::to_vec(&qc).unwrap());
+            // GPTQ with act-order groups (a permuting g_idx), on random calibration tokens.
+            let mut r = Rng::new(9);
+            let vocab = TinySpec::new(arch).vocab();
+            let blocks: Vec<Vec<u32>> = (0..4).map(|_| (0..48).map(|_| (r.next_f32() * vocab as f32) as u32 % vocab as u32).collect()).collect();
+            let mut o = AwqOptions::new(Method::Gptq, QuantScheme::new(4, 32).unwrap());
+            (o.gptq.act_order, o.gptq.static_groups) = (true, false);
+            let out = tmp.path().join("tiny-gptq");
+            awq_run::awq::export::write_quantized(&assets, &out, &o, Some(&blocks), &candle_core::Device::Cpu, false).unwrap();
+            let q = ["config.json", "model.safetensors"].map(|f| read(&out, f).unwrap());
+            add("model_dir", "tiny-gptq-act-order-w4g32", harness::frame(&[&q[0], &tiny_tokenizer, &q[1]]));
+            let qc = serde_json::from_slice::<serde_json::Value>(&q[0]).unwrap()["quantization_config"].clone();
+            add("configs", "tiny-gptq-quantization-config", serde_json::to_vec(&qc).unwrap());
         }
     }
     add("tokenizer", "tiny", tiny_tokenizer.clone());
     let mut r = Rng::new(3);
     add("awq_linear", "w64-g32", awq_linear_seed(&mut r, false));
     add("awq_linear", "w64-g32-bias", awq_linear_seed(&mut r, true));
+    add("awq_linear", "gptq-w64-g32", gptq_linear_seed(&mut r, false));
+    add("awq_linear", "gptq-w64-g32-act-order", gptq_linear_seed(&mut r, true));
+    add("configs", "legacy-gptq-quantize-config", br#"{"bits": 4, "group_size": 128, "desc_act": true, "sym": true, "static_groups": false}"#.to_vec());
     add("configs", "legacy-quant-config", br#"{"w_bit": 4, "q_group_size": 128, "zero_point": true, "version": "GEMM"}"#.to_vec());
     add("configs", "generation-config", br#"{"temperature": 0.2, "top_p": 0.9, "top_k": 50, "min_p": 0.1, "repetition_penalty": 1.1, "eos_token_id": [2, 3]}"#.to_vec());
     let messages = b"You are helpful.\0What is the capital of France?\0Paris.\0And of Italy?".to_vec();
