@@ -234,6 +234,40 @@ def search_clip_asym(w, x, args, n_grid=20, max_shrink=0.5, n_tokens=512):
     return torch.cat(los, dim=0).squeeze(1), torch.cat(his, dim=0).squeeze(1)
 
 
+def search_clip_all_tokens(w, x, args, n_grid=20, max_shrink=0.5):
+    """The clip search over every calibration token: per group the error of a candidate d = Q(c) - w
+    is d^T G d with G = X_g^T X_g / T, the group's Gram matrix. Symmetric or asymmetric candidates
+    as --clip says; returns (lo, hi), each [out, groups, 1]."""
+    out_f, in_f = w.shape
+    g = args.group_size if args.group_size > 0 else in_f
+    xg = x.reshape(-1, in_f // g, g).float()
+    gram = torch.einsum("tgi,tgj->gij", xg, xg) / xg.shape[0]
+    steps = int(max_shrink * n_grid)
+    los, his = [], []
+    for o0 in range(0, out_f, 256):
+        wc = w[o0 : o0 + 256].reshape(-1, in_f // g, g)
+        mx, mn = wc.amax(dim=-1, keepdim=True), wc.amin(dim=-1, keepdim=True)
+        amax = mx.abs().maximum(mn.abs())
+        best = torch.full(mx.shape, math.inf, device=w.device)
+        best_lo, best_hi = mn.clone(), mx.clone()
+        for i in range(steps):
+            for j in range(steps if args.clip == "asym" else 1):
+                if args.clip == "asym":
+                    lo, hi = mn * (1 - j / n_grid), mx * (1 - i / n_grid)
+                else:
+                    hi = amax * (1 - i / n_grid)
+                    lo = -hi
+                d = fake_quant(torch.clamp(wc, lo, hi), args.bits, g) - wc
+                err = torch.einsum("rgi,gij,rgj->rg", d, gram, d).unsqueeze(-1)
+                better = err < best
+                best = torch.where(better, err, best)
+                best_lo = torch.where(better, lo.expand_as(best_lo), best_lo)
+                best_hi = torch.where(better, hi.expand_as(best_hi), best_hi)
+        los.append(best_lo)
+        his.append(best_hi)
+    return torch.cat(los, dim=0), torch.cat(his, dim=0)
+
+
 def awq_block(block, idx, x, args, report):
     cap = {}
     y = chunked(lambda c: block.forward(c, cap), x, args.batch)
@@ -258,21 +292,22 @@ def awq_block(block, idx, x, args, report):
             w[n] = w[n] * s.view(1, -1)
         feats[feat] = feats[feat] / s.view(1, -1)
     feat_of = {"v_proj": "q_proj", "o_proj": "o_proj", "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
-    if not args.no_clip and args.clip == "asym":
+    if not args.no_clip:
         for n, f in feat_of.items():
-            lo, hi = search_clip_asym(w[n], feats[f], args)
+            if args.clip_tokens == "all":
+                lo, hi = search_clip_all_tokens(w[n], feats[f], args)
+            elif args.clip == "asym":
+                lo, hi = search_clip_asym(w[n], feats[f], args)
+            else:
+                hi = search_clip(w[n], feats[f], args)
+                lo = -hi
             shape = w[n].shape
             wr = w[n].reshape(shape[0], lo.shape[1], -1)
-            org = wr.abs().amax(dim=-1, keepdim=True)
-            report["layers"].append({"block": idx, "layer": n, "clip_shrink": (hi.abs().maximum(lo.abs()) / org).mean().item()})
+            # As awq-run reports it: the clipped range's width over the group's own range.
+            mx, mn = wr.amax(dim=-1, keepdim=True), wr.amin(dim=-1, keepdim=True)
+            width = (mx - mn).clamp(min=1e-30)
+            report["layers"].append({"block": idx, "layer": n, "clip_shrink": ((mx.minimum(hi) - mn.maximum(lo)) / width).mean().item()})
             w[n] = torch.clamp(wr, lo, hi).reshape(shape)
-    elif not args.no_clip:
-        for n, f in feat_of.items():
-            mv = search_clip(w[n], feats[f], args)
-            org = w[n].abs().reshape(w[n].shape[0], mv.shape[1], -1).amax(dim=-1, keepdim=True)
-            report["layers"].append({"block": idx, "layer": n, "clip_shrink": (mv / org).mean().item()})
-            shape = w[n].shape
-            w[n] = torch.clamp(w[n].reshape(shape[0], mv.shape[1], -1), -mv, mv).reshape(shape)
     for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         w[n] = fake_quant(w[n], args.bits, args.group_size)
     return y
@@ -312,6 +347,7 @@ def main():
     ap.add_argument("--method", default="awq", choices=["awq", "rtn", "fp"])
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--clip", default="sym", choices=["sym", "asym"], help="sym: AutoAWQ's [-m, m] bounds; asym: min and max shrunk separately")
+    ap.add_argument("--clip-tokens", default="subsample", choices=["subsample", "all"], help="the clip error over AutoAWQ's 512-token stride subsample, or over every token (awq-run's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--report")
     ap.add_argument("--zero-tie", default="native", choices=["native", "even", "down", "best"])

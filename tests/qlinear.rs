@@ -221,3 +221,51 @@ fn int8_linear_stays_within_its_bound() {
         }
     }
 }
+
+/// Weights sharing an input (q/k/v, gate/up) in one call give each weight's own result: the
+/// same bits as separate calls on every inner loop, and through the layer (biases included)
+/// what `forward` gives.
+#[test]
+fn fused_weights_match_separate_calls() {
+    use awq_run::quant::cpu::{A8Path, PackedQ4};
+    let mut rng = Rng::new(17);
+    // Group 96 (three chunks) takes the W4A8 kernel's per-chunk tables; 64 the shifted ones.
+    for &(k, g) in &[(192, 64), (192, 96), (576, 64)] {
+        let parts: Vec<(QuantLinear, QuantizedWeight, Option<Vec<f32>>)> = [(40, true), (24, false), (8, true)].iter().map(|&(n, b)| layer(&mut rng, n, k, g, b)).collect();
+        let packed: Vec<&PackedQ4> = parts.iter().map(|p| p.0.packed().unwrap()).collect();
+        let mut ks = kernels();
+        ks.extend(A8Path::available().into_iter().map(Kernel::A8));
+        for m in [1, 3, 9, 70] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            for &kern in &ks {
+                let fused = PackedQ4::matmul_many(&packed, &x, m, kern);
+                let total: usize = packed.iter().map(|w| w.shape.n).sum();
+                let mut start = 0;
+                for w in &packed {
+                    let alone = w.matmul(&x, m, kern);
+                    for t in 0..m {
+                        for o in 0..w.shape.n {
+                            let (a, b) = (fused[t * total + start + o], alone[t * w.shape.n + o]);
+                            // The blocked GEMM (8+ tokens on the exact path) sums per block of
+                            // rows, which now spans two weights: rounding only. Elsewhere each
+                            // row's sum is the same arithmetic.
+                            let gemm = m >= 8 && !matches!(kern, Kernel::A8(_));
+                            let tol = if gemm { 1e-5 * b.abs().max(1.0) } else { 0.0 };
+                            assert!((a - b).abs() <= tol, "{kern:?} k={k} g={g} m={m} t={t} row {o} of {}: {a} vs {b}", w.shape.n);
+                        }
+                    }
+                    start += w.shape.n;
+                }
+            }
+            let xt = Tensor::from_slice(&x, (1, m, k), &Device::Cpu).unwrap();
+            let layers: Vec<&QuantLinear> = parts.iter().map(|p| &p.0).collect();
+            let outs = QuantLinear::forward_fused(&layers, &xt, &awq_run::cuda::L2Prefetch::none()).unwrap().expect("the fused CPU path applies");
+            for (p, got) in parts.iter().zip(outs) {
+                let want = p.0.forward(&xt).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-5, "k={k} g={g} m={m}: fused layer output differs by {d}");
+            }
+        }
+    }
+}

@@ -80,6 +80,8 @@ pub struct AwqOptions {
     pub params: QuantScheme,
     /// Search per-group clipping after scaling (AWQ only).
     pub clip: bool,
+    /// Which clipping bounds the search tries (see [`clip::ClipMode`]).
+    pub clip_mode: clip::ClipMode,
     /// AutoAWQ's duo scaling (x_mean and w_mean) instead of x_mean alone.
     pub duo_scaling: bool,
     /// Ratios tried: i / n_grid for i in 0..n_grid.
@@ -98,7 +100,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -147,6 +149,8 @@ pub struct Report {
     pub group_size: usize,
     pub duo_scaling: bool,
     pub clip: bool,
+    /// The clipping bounds searched (with `clip`).
+    pub clip_mode: clip::ClipMode,
     /// GPTQ's settings, for gptq and awq+gptq.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gptq: Option<gptq::GptqOptions>,
@@ -388,11 +392,11 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
     let mut shrink = vec![None; Proj::ALL.len()];
     // Clipping (q/k skipped: attention scores are too sensitive).
     if o.clip {
-        let copts = clip::ClipOptions::default();
+        let copts = clip::ClipOptions::new(o.clip_mode);
         for l in groups::CLIPPED {
-            let mv = clip::search_clip(bw.w(l), &input_of(&caps, l)?, p, &copts)?;
-            shrink[l.index()] = Some(clip::mean_shrink(bw.w(l), &mv)?);
-            bw.w[l.index()] = clip::apply_clip(bw.w(l), &mv)?;
+            let bounds = clip::search_clip(bw.w(l), &input_of(&caps, l)?, p, &copts)?;
+            shrink[l.index()] = Some(bounds.mean_shrink(bw.w(l))?);
+            bw.w[l.index()] = bounds.apply(bw.w(l))?;
         }
     }
     Ok(Folded { bw, y, w0, x0, rtn_mse, col_scale, row_scale, shrink })
@@ -509,6 +513,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         group_size: o.params.group.columns(),
         duo_scaling: o.duo_scaling,
         clip: o.clip,
+        clip_mode: o.clip_mode,
         gptq: o.method.uses_gptq().then_some(o.gptq),
         calibration_blocks: n_calib,
         search_samples: o.search_samples,
@@ -545,8 +550,7 @@ pub fn awq_linear(w: &Tensor, x: &Tensor, o: &AwqOptions) -> Result<(Tensor, sca
     let mut ws = scale::scale_columns(&w, &c.scales)?;
     if o.clip {
         let xs = x.broadcast_div(&c.scales)?;
-        let mv = clip::search_clip(&ws, &xs, o.params, &clip::ClipOptions::default())?;
-        ws = clip::apply_clip(&ws, &mv)?;
+        ws = clip::search_clip(&ws, &xs, o.params, &clip::ClipOptions::new(o.clip_mode))?.apply(&ws)?;
     }
     let eff = crate::quant::fake_quantize(&ws, o.params)?.broadcast_div(&c.scales)?;
     Ok((eff, c))

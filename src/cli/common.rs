@@ -270,3 +270,19 @@ pub fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// For the calibration passes (quantize, eval --fake-quant): keep freed heap memory for reuse
+/// instead of giving it back to the OS. The passes allocate and free tensors of tens of MB
+/// thousands of times; glibc serves those with fresh mmaps, and the kernel zeroes every page on
+/// first touch — on the 2-core machine that was 9.5 of a 32-block AWQ pass's 42 CPU-minutes in
+/// the kernel (page faults, page clearing). With mmap off and no trimming the pass reuses its
+/// heap: 16 minutes instead of 22.5 wall-clock. The peak resident size is what the pass needs
+/// at its largest either way.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy for later calls.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -33,6 +33,12 @@ pub struct Args {
     /// Blocks the AWQ ratio grid is scored on (0 = all), as for quantize.
     #[arg(long, default_value_t = 0)]
     pub search_samples: usize,
+    /// AWQ's clipping bounds for --fake-quant: asym or sym, as for quantize.
+    #[arg(long, default_value = "asym")]
+    pub clip: String,
+    /// Skip AWQ's clipping search.
+    #[arg(long)]
+    pub no_clip: bool,
     /// Tokens per calibration block for --fake-quant awq.
     #[arg(long, default_value_t = 512)]
     pub calib_seqlen: usize,
@@ -61,6 +67,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.fake_quant.is_none() && !a.gptq.given().is_empty() {
         bail!("{}: GPTQ settings apply to --fake-quant gptq:… or awq+gptq:… only", a.gptq.given().join(", "));
     }
+    if a.fake_quant.is_some() {
+        super::common::keep_freed_memory();
+    }
     a.model.apply_cpu_options()?;
     let spec = a.model.model_spec()?;
     let device = a.model.device()?;
@@ -88,7 +97,8 @@ pub fn run(a: Args) -> Result<()> {
                 calib: a.calib.clone(),
                 n_samples: a.n_samples,
                 seqlen: a.calib_seqlen,
-                no_clip: false,
+                no_clip: a.no_clip,
+                clip: a.clip.clone(),
                 search_samples: a.search_samples,
                 duo_scaling: true,
                 batch: 4,

@@ -40,6 +40,10 @@ pub struct QuantArgs {
     /// Skip the clipping search.
     #[arg(long)]
     pub no_clip: bool,
+    /// The clipping bounds searched: asym (each group's maximum and minimum shrunk separately)
+    /// or sym (AutoAWQ's [-m, m]).
+    #[arg(long, default_value = "asym")]
+    pub clip: String,
     /// AutoAWQ's duo scaling (activation and weight statistics); false uses activations alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub duo_scaling: bool,
@@ -120,6 +124,7 @@ impl QuantArgs {
         let method: Method = self.method.parse()?;
         let mut o = AwqOptions::new(method, QuantScheme::new(self.bits, self.group_size)?);
         o.clip = !self.no_clip;
+        o.clip_mode = self.clip.parse()?;
         o.duo_scaling = self.duo_scaling;
         o.search_samples = self.search_samples;
         o.batch = self.batch.max(1);
@@ -173,6 +178,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::common::keep_freed_memory();
     if a.dummy_weights {
         return run_dummy(&a);
     }

@@ -338,10 +338,52 @@ impl QuantLinear {
 }
 
 impl QuantLinear {
-    /// Several 4-bit layers sharing the input `x` in one CUDA GEMV launch (up to three, few
-    /// tokens, same input width and group size); `None` where that does not apply.
-    #[cfg(feature = "cuda")]
+    /// Several 4-bit layers sharing the input `x` in one call: on the CPU one pass of the kernel
+    /// threads over the rows of all of them (the activations quantized once), on CUDA one GEMV
+    /// launch (up to three, few tokens); same input width and group size. `None` where that
+    /// does not apply.
     pub fn forward_fused(layers: &[&QuantLinear], x: &Tensor, next: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
+        if x.device().is_cpu() {
+            return Self::forward_fused_cpu(layers, x);
+        }
+        Self::forward_fused_cuda(layers, x, next)
+    }
+
+    fn forward_fused_cpu(layers: &[&QuantLinear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        let packed: Option<Vec<&PackedQ4>> = layers.iter().map(|q| q.packed().filter(|_| q.input_perm.is_none())).collect();
+        let Some(packed) = packed else { return Ok(None) };
+        let k = x.dim(candle_core::D::Minus1)?;
+        if layers.len() < 2 || x.dtype() != DType::F32 || packed.iter().any(|w| w.shape.k != k || w.shape.group_size != packed[0].shape.group_size) {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let m = x.elem_count() / k.max(1);
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else { return Ok(None) };
+            let Some((a, b)) = layout.contiguous_offsets() else { return Ok(None) };
+            PackedQ4::matmul_many(&packed, &data[a..b], m, Kernel::Auto)
+        };
+        let total: usize = packed.iter().map(|w| w.shape.n).sum();
+        let mut outs: Vec<Vec<f32>> = packed.iter().map(|w| Vec::with_capacity(m * w.shape.n)).collect();
+        for row in y.chunks_exact(total) {
+            let mut start = 0;
+            for (o, w) in outs.iter_mut().zip(&packed) {
+                o.extend_from_slice(&row[start..start + w.shape.n]);
+                start += w.shape.n;
+            }
+        }
+        let mut dims = x.dims().to_vec();
+        let mut result = Vec::with_capacity(layers.len());
+        for ((q, w), o) in layers.iter().zip(&packed).zip(outs) {
+            *dims.last_mut().unwrap() = w.shape.n;
+            result.push(q.add_bias(Tensor::from_vec(o, dims.as_slice(), &Device::Cpu)?)?);
+        }
+        Ok(Some(result))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn forward_fused_cuda(layers: &[&QuantLinear], x: &Tensor, next: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
         use crate::quant::cuda::{CudaQ4, GemvOptions, GEMV_MAX_SETS, GEMV_MAX_TOKENS};
         if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
             return Ok(None);
@@ -370,7 +412,7 @@ impl QuantLinear {
 
     /// Without CUDA there is no fused launch.
     #[cfg(not(feature = "cuda"))]
-    pub fn forward_fused(_: &[&QuantLinear], _: &Tensor, _: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
+    fn forward_fused_cuda(_: &[&QuantLinear], _: &Tensor, _: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
         Ok(None)
     }
 }

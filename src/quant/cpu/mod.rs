@@ -135,25 +135,77 @@ impl PackedQ4 {
         }
     }
 
+    /// Several weights of the same input width and group size on one input (q/k/v, gate/up):
+    /// one call over the rows of all of them (and for W4A8 one quantization of the
+    /// activations); `y` is `[m][Σ n]`, the weights' outputs side by side in the order given.
+    pub fn matmul_many(ws: &[&PackedQ4], x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let (k, g) = (ws[0].shape.k, ws[0].shape.group_size);
+        assert!(ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g), "fused 4-bit weights of different shapes");
+        assert_eq!(x.len(), m * k, "input length");
+        match kernel.resolve() {
+            Kernel::A8(path) if m < A8_MAX_TOKENS => w4a8::matmul_many(ws, x, m, path),
+            _ if m >= GEMM_MIN_TOKENS => {
+                let rows = RowMap::new(ws);
+                blocked_gemm(x, m, rows.n, k, |o, row| {
+                    let (w, lo) = rows.locate(o);
+                    w.dequantize_row(lo, row)
+                })
+            }
+            k => Self::gemv_many(ws, x, m, k),
+        }
+    }
+
     /// Few tokens: rows in parallel, one fused dot product per (row, token).
     fn gemv(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        let (n, k) = (self.shape.n, self.shape.k);
-        let groups = self.groups();
+        Self::gemv_many(&[self], x, m, kernel)
+    }
+
+    fn gemv_many(ws: &[&PackedQ4], x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let (k, g) = (ws[0].shape.k, ws[0].shape.group_size);
+        let groups = k / g;
         // Per token and group: Σ x, for the `min` term.
-        let xsum: Vec<f32> = x.chunks(self.shape.group_size).map(|c| c.iter().sum()).collect();
-        rows_parallel(n, m, |o, t| {
-            let codes = &self.codes[o * k / 2..(o + 1) * k / 2];
-            let scales = &self.scales[o * groups..(o + 1) * groups];
-            let zeros = &self.zeros[o * groups..(o + 1) * groups];
+        let xsum: Vec<f32> = x.chunks(g).map(|c| c.iter().sum()).collect();
+        let rows = RowMap::new(ws);
+        rows_parallel(rows.n, m, |o, t| {
+            let (w, o) = rows.locate(o);
+            let codes = &w.codes[o * k / 2..(o + 1) * k / 2];
+            let scales = &w.scales[o * groups..(o + 1) * groups];
+            let zeros = &w.zeros[o * groups..(o + 1) * groups];
             let xt = &x[t * k..(t + 1) * k];
             let xs = &xsum[t * groups..(t + 1) * groups];
-            row_dot(kernel, codes, xt, scales, zeros, xs, self.shape.group_size)
+            row_dot(kernel, codes, xt, scales, zeros, xs, g)
         })
     }
 
     /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
     fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
         blocked_gemm(x, m, self.shape.n, self.shape.k, |o, row| self.dequantize_row(o, row))
+    }
+}
+
+/// The rows of several weights numbered one after another.
+struct RowMap<'a> {
+    ws: &'a [&'a PackedQ4],
+    /// First global row of each weight.
+    starts: Vec<usize>,
+    n: usize,
+}
+
+impl<'a> RowMap<'a> {
+    fn new(ws: &'a [&'a PackedQ4]) -> Self {
+        let mut starts = Vec::with_capacity(ws.len());
+        let mut n = 0;
+        for w in ws {
+            starts.push(n);
+            n += w.shape.n;
+        }
+        Self { ws, starts, n }
+    }
+    /// Global row `o` as (its weight, the row within it).
+    #[inline]
+    fn locate(&self, o: usize) -> (&'a PackedQ4, usize) {
+        let i = self.starts.partition_point(|&s| s <= o) - 1;
+        (self.ws[i], o - self.starts[i])
     }
 }
 

@@ -79,56 +79,101 @@ impl A8Path {
 
 /// `y[t][o]` for `m` tokens through the W4A8 kernel; `x` is `[m][k]`, `y` `[m][n]`.
 pub fn matmul(w: &PackedQ4, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
-    let (n, k, g) = (w.shape.n, w.shape.k, w.shape.group_size);
+    matmul_many(&[w], x, m, path)
+}
+
+/// Several weights of the same input width (q/k/v, gate/up) on one input: the activations are
+/// quantized once and the rows of all weights split over the threads in one call; `y` is
+/// `[m][Σ n]`, the weights' outputs side by side in the order given.
+pub fn matmul_many(ws: &[&PackedQ4], x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
+    let k = ws[0].shape.k;
+    assert!(ws.iter().all(|w| w.shape.k == k), "fused 4-bit weights of different input widths");
     let acts = QuantizedActs::new(x, m, k, false);
-    let groups = w.groups();
+    matmul_acts(ws, &acts, path)
+}
+
+/// A weight's row layout for the kernels: where a chunk's scale is found (see [`Row::shift`]).
+struct Tables<'a> {
+    w: &'a PackedQ4,
+    table: &'a super::super::format::packed::F32Scales,
+    groups: usize,
+    chunks_per_group: usize,
+    pow2: bool,
+    shift: u32,
+}
+
+/// [`matmul_many`] on activations already quantized (in kernel order).
+pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<f32> {
+    let m = acts.m;
+    let k = acts.k;
     let path = path.or_scalar();
-    let chunks_per_group = g / 32;
     let pairs = acts.pairs;
-    let table = w.scales_f32();
-    // Chunk c's scale is `scales[c >> shift]` where a group is a power of two of chunks (32, 64,
-    // 128, ...); other group sizes get per-chunk copies of the row's tables (shift 0).
-    let pow2 = chunks_per_group.is_power_of_two();
-    let shift = if pow2 { chunks_per_group.trailing_zeros() } else { 0 };
-    let stride = if pow2 { groups + 1 } else { pairs * 2 };
+    let tables: Vec<Tables> = ws
+        .iter()
+        .map(|w| {
+            let chunks_per_group = w.shape.group_size / 32;
+            // Chunk c's scale is `scales[c >> shift]` where a group is a power of two of chunks
+            // (32, 64, 128, ...); other group sizes get per-chunk copies of the row's tables
+            // (shift 0).
+            let pow2 = chunks_per_group.is_power_of_two();
+            Tables { w, table: w.scales_f32(), groups: w.groups(), chunks_per_group, pow2, shift: if pow2 { chunks_per_group.trailing_zeros() } else { 0 } }
+        })
+        .collect();
+    // First global row of each weight, and the total.
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for w in ws {
+        starts.push(starts.last().unwrap() + w.shape.n);
+    }
+    let n = *starts.last().unwrap();
+    let any_chunked = tables.iter().any(|t| !t.pow2);
+    let stride = pairs * 2;
     super::par_output_blocks(
         m,
         n,
         ROWS,
-        || if pow2 { Vec::new() } else { vec![0f32; 2 * ROWS * stride] },
+        || if any_chunked { vec![0f32; 2 * ROWS * stride] } else { Vec::new() },
         |chunk_tables, rows, put| {
             let o0 = rows.start;
             let r_n = rows.len();
-            if !pow2 {
-                for (r, o) in rows.enumerate() {
-                    for (t, src) in [&table.scales, &table.scaled_zeros].into_iter().enumerate() {
-                        let src = &src[o * (groups + 1)..(o + 1) * (groups + 1)];
-                        let dst = &mut chunk_tables[(2 * r + t) * stride..(2 * r + t + 1) * stride];
-                        for (c, s) in dst.chunks_mut(chunks_per_group).zip(src) {
-                            c.fill(*s);
-                        }
-                        // An odd chunk count: the padding chunk (zero activations) takes the
-                        // last group's values.
-                        dst[stride - 1] = src[groups - 1];
+            // Global row -> (its weight's tables, the row within the weight).
+            let locate = |o: usize| {
+                let i = starts.partition_point(|&s| s <= o) - 1;
+                (&tables[i], o - starts[i])
+            };
+            for (r, o) in rows.clone().enumerate() {
+                let (t, lo) = locate(o);
+                if t.pow2 {
+                    continue;
+                }
+                let span = lo * (t.groups + 1)..(lo + 1) * (t.groups + 1);
+                for (which, src) in [&t.table.scales, &t.table.scaled_zeros].into_iter().enumerate() {
+                    let src = &src[span.clone()];
+                    let dst = &mut chunk_tables[(2 * r + which) * stride..(2 * r + which + 1) * stride];
+                    for (c, s) in dst.chunks_mut(t.chunks_per_group).zip(src) {
+                        c.fill(*s);
                     }
+                    // An odd chunk count: the padding chunk (zero activations) takes the last
+                    // group's values.
+                    dst[stride - 1] = src[t.groups - 1];
                 }
             }
             let row = |r: usize| {
-                let o = o0 + r;
-                let (scales, zeros) = if pow2 {
-                    let span = o * stride..(o + 1) * stride;
-                    (&table.scales[span.clone()], &table.scaled_zeros[span])
+                let (t, lo) = locate(o0 + r);
+                let (scales, zeros) = if t.pow2 {
+                    let span = lo * (t.groups + 1)..(lo + 1) * (t.groups + 1);
+                    (&t.table.scales[span.clone()], &t.table.scaled_zeros[span])
                 } else {
                     (&chunk_tables[2 * r * stride..(2 * r + 1) * stride], &chunk_tables[(2 * r + 1) * stride..(2 * r + 2) * stride])
                 };
-                Row { codes: &w.codes[o * k / 2..(o + 1) * k / 2], scales, zeros, shift, k }
+                Row { codes: &t.w.codes[lo * k / 2..(lo + 1) * k / 2], scales, zeros, shift: t.shift, k }
             };
             let block: [Row; ROWS] = std::array::from_fn(|r| row(r.min(r_n - 1)));
             let mut out = [[0f32; TILE]; ROWS];
             let mut t0 = 0;
             while t0 < m {
                 let tile = TILE.min(m - t0);
-                block_tile(path, &block[..r_n], &acts, t0, tile, &mut out);
+                block_tile(path, &block[..r_n], acts, t0, tile, &mut out);
                 for (r, out_r) in out[..r_n].iter().enumerate() {
                     for (i, v) in out_r[..tile].iter().enumerate() {
                         put(t0 + i, o0 + r, *v);
