@@ -292,3 +292,39 @@ fn nonexistent_model_path_is_explained() {
     let e = ModelAssets::load("./no/such/dir").err().unwrap().to_string();
     assert!(e.contains("no such directory"), "{e}");
 }
+
+/// The CPU host decode step (what `Model::forward` runs for one token on the CPU in f32) against
+/// the op-by-op pass over the whole sequence: every architecture (tied head, q/k/v biases, q/k
+/// norms, a sliding window shorter than the sequence), full precision and 4-bit.
+#[test]
+fn host_decode_step_matches_the_full_pass() {
+    for arch in [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = TinySpec::new(arch);
+        spec.tie = arch == Arch::Llama;
+        let dir = spec.write_dir(&tmp.path().join("fp"));
+        if arch == Arch::Mistral {
+            let p = dir.join("config.json");
+            let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            c["sliding_window"] = serde_json::json!(3);
+            std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+        }
+        let assets = ModelAssets::load(dir.to_str().unwrap()).unwrap();
+        let q4 = tmp.path().join("rtn");
+        let o = awq_run::awq::AwqOptions::new(awq_run::awq::Method::Rtn, awq_run::quant::QuantScheme::new(4, 32).unwrap());
+        awq_run::awq::export::write_quantized(&assets, &q4, &o, None, &Device::Cpu, false).unwrap();
+        for (what, d) in [("fp", dir.clone()), ("w4", q4)] {
+            let (_, m) = load(&d);
+            let tokens = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let full = m.forward_all(&tokens).unwrap().squeeze(0).unwrap();
+            let mut cache = m.new_cache(64);
+            m.forward(&tokens.narrow(1, 0, 3).unwrap(), &mut cache).unwrap();
+            for i in 3..PROMPT.len() {
+                let got = m.forward(&tokens.narrow(1, i, 1).unwrap(), &mut cache).unwrap().squeeze(0).unwrap();
+                let e = rel_err(&got, &full.get(i).unwrap());
+                assert!(e < 1e-5, "{arch:?} {what}: position {i}, host step vs full pass rel err {e}");
+            }
+            assert_eq!(cache.len(), PROMPT.len(), "{arch:?} {what}: the cache counts every token");
+        }
+    }
+}

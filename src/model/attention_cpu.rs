@@ -71,24 +71,28 @@ impl CustomOp3 for DecodeAttention {
             let qv = &q[q0 + bh * d..q0 + (bh + 1) * d];
             let kbase = ko + bi * ks_[0] + j * ks_[1];
             let vbase = vo + bi * vs_[0] + j * vs_[1];
-            let mut scores: Vec<f32> = (0..len)
-                .map(|t| dot(qv, &k[kbase + t * ks_[2]..kbase + t * ks_[2] + d]) * self.scale)
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for (t, p) in scores.iter().enumerate() {
-                let row = &v[vbase + t * vs_[2]..vbase + t * vs_[2] + d];
-                let w = p * inv;
-                for (oe, ve) in o.iter_mut().zip(row) {
-                    *oe += w * ve;
-                }
-            }
+            attend_head(qv, 0..len, |t| &k[kbase + t * ks_[2]..kbase + t * ks_[2] + d], |t| &v[vbase + t * vs_[2]..vbase + t * vs_[2] + d], self.scale, o);
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, 1, d))))
+    }
+}
+
+/// One query head's attention over the positions `span` of its KV head: `out` (zeroed by the
+/// caller) becomes `Σ_p softmax(q·k_p · scale)_p · v_p`, with `key(p)` and `value(p)` the cached
+/// rows. Shared by the custom op above and the host decode step, so both compute alike.
+pub fn attend_head<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+    let mut scores: Vec<f32> = span.clone().map(|t| dot(q, key(t)) * scale).collect();
+    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for (t, p) in span.zip(&scores) {
+        let w = p * inv;
+        for (oe, ve) in out.iter_mut().zip(value(t)) {
+            *oe += w * ve;
+        }
     }
 }

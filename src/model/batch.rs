@@ -66,6 +66,20 @@ impl Model {
         }
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         self.check_tokens(&ids)?;
+        if seqs.iter().all(|s| s.tokens.len() == 1) && super::host_step::applies(self) {
+            // Every sequence decodes: the host step, over the pool in place.
+            for s in seqs.iter() {
+                if s.kv.len() + 1 > self.context_len() {
+                    candle_core::bail!("position {} is beyond the model's context of {} tokens", s.kv.len() + 1, self.context_len());
+                }
+            }
+            let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
+            let logits = self.on_pool(|| self.host_step(&ids, super::host_step::KvTarget::Paged { pool, seqs: &kvs }))?;
+            for s in seqs.iter_mut() {
+                pool.advance(s.kv, 1);
+            }
+            return Ok(logits);
+        }
         let mut slots = Vec::with_capacity(seqs.len());
         let mut start = 0;
         for s in seqs.iter() {

@@ -138,8 +138,18 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
-    fn allocated(&self) -> usize {
+    /// Positions the buffers hold (cached or not).
+    pub fn allocated(&self) -> usize {
         self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+    }
+    /// Makes room for `need` tokens in buffers of `[b, heads, _, head_dim]` (for writers that
+    /// have no tensors to take the shape from: the host decode step), keeping what is cached.
+    pub fn reserve_shape(&mut self, b: usize, heads: usize, head_dim: usize, dtype: DType, dev: &Device, need: usize, capacity: usize) -> Result<()> {
+        if need > capacity {
+            candle_core::bail!("the KV cache holds {capacity} tokens and {need} were asked for");
+        }
+        let like = Tensor::zeros((b, heads, 1, head_dim), dtype, dev)?;
+        self.reserve(&like, &like, need, capacity)
     }
     /// Makes room for `need` tokens, keeping what is cached.
     fn reserve(&mut self, like_k: &Tensor, like_v: &Tensor, need: usize, capacity: usize) -> Result<()> {

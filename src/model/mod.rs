@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod dummy;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod host_step;
 pub mod layers;
 pub mod llama;
 pub mod paged;

@@ -40,6 +40,10 @@ impl SeqKv {
     pub fn blocks(&self) -> usize {
         self.blocks.len()
     }
+    /// The block ids, in position order.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.blocks
+    }
     /// The pool row of position `p`.
     fn row(&self, p: usize) -> u32 {
         self.blocks[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32
@@ -137,6 +141,14 @@ impl KvPool {
             p += run;
         }
         Ok(())
+    }
+
+    /// Layer `layer`'s K and V storage, `[rows, kv_heads, head_dim]` each.
+    pub fn layer(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) => Ok((k.clone(), v.clone())),
+            _ => candle_core::bail!("the KV pool has no layer {layer}"),
+        }
     }
 
     /// Counts `n` positions written to every layer.

@@ -1,0 +1,349 @@
+//! The decode step on the CPU without candle's op-by-op machinery: one new token for each of
+//! several sequences (one for chat and generate, the whole batch for the server), through host
+//! buffers and fused loops. A decode step of SmolLM2 otherwise makes about 20 candle ops per
+//! block — an allocation and a dispatch each, on vectors of 576 values — and that bookkeeping
+//! cost as much as the 4-bit arithmetic itself.
+//!
+//! Per block: the residual add and RMS norm in one loop per token; q/k/v in one call of the
+//! kernel threads (the activations quantized once, [`crate::quant::cpu::PackedQ4::matmul_many`]);
+//! rope at each token's own position; the keys and values written straight into the cache's
+//! storage; attention per (token, head) over that storage in place, split over the kernel
+//! threads; o_proj; add + norm; gate/up in one call; silu·mul; down_proj. The arithmetic of each
+//! piece is that of the candle ops it replaces (the same sums in the same order), so a sequence
+//! decodes to the same tokens whichever path runs it. Linear layers other than packed 4-bit ones
+//! (dense, f16, GPTQ with an input permutation) run their own `forward` on the step's rows.
+use super::attention_cpu;
+use super::llama::{Block, Model};
+use super::paged::{KvPool, SeqKv, BLOCK_TOKENS};
+use crate::linear::{Capability, Linear};
+use crate::quant::cpu::{pool, Kernel, PackedQ4};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
+
+/// Where the step's sequences keep their keys and values.
+pub(crate) enum KvTarget<'a> {
+    /// The per-layer caches of one sequence ([`super::layers::KvCache`], `[1, kv_heads, alloc,
+    /// head_dim]`), its next position `pos`.
+    Contiguous { cache: &'a mut super::layers::Cache, pos: usize },
+    /// Sequences of the paged pool, each at its own next position (`kv.len()`); blocks reserved.
+    Paged { pool: &'a KvPool, seqs: &'a [&'a SeqKv] },
+}
+
+/// Whether the host step runs `model`'s decode steps: CPU, f32 activations, and not turned off
+/// with `AWQ_RUN_HOST_STEP=0` (to compare with the op-by-op path).
+pub(crate) fn applies(model: &Model) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("AWQ_RUN_HOST_STEP").map_or(true, |v| v != "0"));
+    on && model.device.is_cpu() && model.dtype == DType::F32
+}
+
+/// Runs `f` on `t`'s values (contiguous f32 on the CPU).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(v)) = &*s else { candle_core::bail!("host step: expects f32 CPU tensors, got {:?}", t.dtype()) };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("host step: expects contiguous tensors") };
+    Ok(f(&v[a..b]))
+}
+
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    with_f32(t, <[f32]>::to_vec)
+}
+
+/// candle's RMS norm of one row (the same f32 sum and order): `y = x / sqrt(mean(x²) + eps) · w`.
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let sum2: f32 = x.iter().map(|v| v * v).sum();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    for ((d, s), a) in y.iter_mut().zip(x).zip(w) {
+        *d = *s / m * *a;
+    }
+}
+
+/// candle-nn's rotate-half rope of one head at the table row `cos`, `sin` (`head_dim / 2` each).
+fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (x1, x2) = (x[i], x[i + half]);
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+/// The packed 4-bit weights of `layers` where all of them are packed, take their input in order
+/// and share its width and group size (so one kernel call serves them).
+fn packed_set<'a>(layers: &[&'a Linear]) -> Option<Vec<&'a PackedQ4>> {
+    let ws: Option<Vec<&PackedQ4>> = layers
+        .iter()
+        .map(|l| match l.capability() {
+            Capability::Quantized(q) if q.input_perm().is_none() => q.packed(),
+            _ => None,
+        })
+        .collect();
+    ws.filter(|ws| ws.iter().all(|w| w.shape.k == ws[0].shape.k && w.shape.group_size == ws[0].shape.group_size))
+}
+
+/// `x` (`[m][k]`) through `layers` sharing it, each output `[m][n_i]` in its own buffer; biases
+/// added.
+fn project(layers: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+    let k = x.len() / m;
+    let mut outs: Vec<Vec<f32>> = match packed_set(layers) {
+        Some(ws) => {
+            let y = PackedQ4::matmul_many(&ws, x, m, Kernel::Auto);
+            let total: usize = ws.iter().map(|w| w.shape.n).sum();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.shape.n)).collect();
+            for row in y.chunks_exact(total) {
+                let mut start = 0;
+                for (o, w) in outs.iter_mut().zip(&ws) {
+                    o.extend_from_slice(&row[start..start + w.shape.n]);
+                    start += w.shape.n;
+                }
+            }
+            for (o, l) in outs.iter_mut().zip(layers) {
+                if let Some(b) = l.bias() {
+                    let b = host_vec(&b.to_dtype(DType::F32)?)?;
+                    for row in o.chunks_exact_mut(b.len()) {
+                        for (v, bv) in row.iter_mut().zip(&b) {
+                            *v += bv;
+                        }
+                    }
+                }
+            }
+            return Ok(outs);
+        }
+        None => Vec::with_capacity(layers.len()),
+    };
+    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+    for l in layers {
+        outs.push(host_vec(&l.forward(&xt)?.to_dtype(DType::F32)?.contiguous()?)?);
+    }
+    Ok(outs)
+}
+
+/// Copies `rows` (each `len` values, the `i`-th to offset `offsets[i]`) into a tensor's storage.
+struct WriteRows<'a> {
+    data: &'a [f32],
+    offsets: &'a [usize],
+    len: usize,
+}
+
+impl InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "awq-host-kv-write"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let CpuStorage::F32(v) = s else { candle_core::bail!("host step: the KV cache is not f32") };
+        let base = l.start_offset();
+        for (row, &off) in self.data.chunks_exact(self.len).zip(self.offsets) {
+            v[base + off..base + off + self.len].copy_from_slice(row);
+        }
+        Ok(())
+    }
+}
+
+/// Where position `p` of a sequence keeps its key (and value) for KV head `j`: an element offset
+/// into the layer's K (V) storage.
+#[derive(Clone, Copy)]
+enum Addr<'a> {
+    /// `[1, kv_heads, alloc, head_dim]`.
+    HeadMajor { alloc: usize, hd: usize },
+    /// `[rows, kv_heads, head_dim]`, rows from the sequence's blocks.
+    Paged { blocks: &'a [u32], kvh: usize, hd: usize },
+}
+
+impl Addr<'_> {
+    #[inline]
+    fn offset(&self, j: usize, p: usize) -> usize {
+        match *self {
+            Addr::HeadMajor { alloc, hd } => (j * alloc + p) * hd,
+            Addr::Paged { blocks, kvh, hd } => {
+                let row = blocks[p / BLOCK_TOKENS] as usize * BLOCK_TOKENS + p % BLOCK_TOKENS;
+                (row * kvh + j) * hd
+            }
+        }
+    }
+}
+
+/// One sequence of the step: its position and where its keys and values live.
+struct Seq<'a> {
+    pos: usize,
+    addr: Addr<'a>,
+}
+
+impl Model {
+    /// The host decode step: logits `[seqs, vocab]` (f32) of one new token per sequence
+    /// (`tokens[i]` for sequence `i` of `kv`). Advances nothing: the caller counts the written
+    /// position (the contiguous cache's length, the pool's `advance`).
+    pub(crate) fn host_step(&self, tokens: &[u32], kv: KvTarget) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let hidden = cfg.hidden_size;
+        let s_n = tokens.len();
+        self.check_tokens(tokens)?;
+        let eps = cfg.rms_norm_eps as f32;
+        let mut kv = kv;
+        // Each sequence's position and addressing; the contiguous cache's buffers grown to hold it.
+        let seqs: Vec<Seq> = match &mut kv {
+            KvTarget::Contiguous { cache, pos } => {
+                let need = *pos + 1;
+                let cap = cache.capacity;
+                for layer in cache.layers.iter_mut() {
+                    layer.reserve_shape(1, kvh, hd, DType::F32, &Device::Cpu, need, cap)?;
+                }
+                let alloc = cache.layers.first().map_or(0, |l| l.allocated());
+                vec![Seq { pos: *pos, addr: Addr::HeadMajor { alloc, hd } }]
+            }
+            KvTarget::Paged { seqs, .. } => seqs
+                .iter()
+                .map(|s| {
+                    if KvPool::blocks_for(s.len() + 1) > s.blocks() {
+                        candle_core::bail!("host step: position {} has no KV block reserved", s.len());
+                    }
+                    Ok(Seq { pos: s.len(), addr: Addr::Paged { blocks: s.block_ids(), kvh, hd } })
+                })
+                .collect::<Result<_>>()?,
+        };
+        if s_n != seqs.len() {
+            candle_core::bail!("host step: {s_n} tokens for {} sequences", seqs.len());
+        }
+        for s in &seqs {
+            if s.pos >= self.context_len() {
+                candle_core::bail!("position {} is beyond the model's context of {} tokens", s.pos + 1, self.context_len());
+            }
+        }
+        let (cos, sin) = (host_vec(self.rope.cos())?, host_vec(self.rope.sin())?);
+        let half = hd / 2;
+
+        // Embeddings, in f32.
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = host_vec(&self.embed_tokens.index_select(&ids, 0)?.to_dtype(DType::F32)?)?;
+        let mut delta: Option<Vec<f32>> = None;
+        let mut normed = vec![0f32; s_n * hidden];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, block) in self.layers.iter().enumerate() {
+            add_norm(&mut x, delta.as_deref(), &block.input_layernorm.weight, eps, &mut normed, hidden)?;
+            let a = &block.self_attn;
+            let mut qkv = project(&[&a.q_proj, &a.k_proj, &a.v_proj], &normed, s_n)?;
+            let v = qkv.pop().expect("three projections");
+            let mut k = qkv.pop().expect("three projections");
+            let mut q = qkv.pop().expect("three projections");
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                let (qw, kw) = (host_vec(&qn.weight)?, host_vec(&kn.weight)?);
+                head_norms(&mut q, &qw, qn.eps as f32, hd);
+                head_norms(&mut k, &kw, kn.eps as f32, hd);
+            }
+            for (si, s) in seqs.iter().enumerate() {
+                let (c, sn) = (&cos[s.pos * half..(s.pos + 1) * half], &sin[s.pos * half..(s.pos + 1) * half]);
+                for head in q[si * h * hd..(si + 1) * h * hd].chunks_exact_mut(hd) {
+                    rope_head(head, c, sn);
+                }
+                for head in k[si * kvh * hd..(si + 1) * kvh * hd].chunks_exact_mut(hd) {
+                    rope_head(head, c, sn);
+                }
+            }
+            let (kc, vc) = layer_tensors(&kv, li)?;
+            // Each sequence's new key and value rows, head by head, at their place in storage.
+            let offsets: Vec<usize> = seqs.iter().flat_map(|s| (0..kvh).map(move |j| s.addr.offset(j, s.pos))).collect();
+            kc.inplace_op1(&WriteRows { data: &k, offsets: &offsets, len: hd })?;
+            vc.inplace_op1(&WriteRows { data: &v, offsets: &offsets, len: hd })?;
+            let attn = attend(&q, &kc, &vc, &seqs, h, kvh, hd, scale, cfg.sliding_window)?;
+            let o = project(&[&a.o_proj], &attn, s_n)?.pop().expect("one projection");
+            delta = Some(o);
+            add_norm(&mut x, delta.as_deref(), &block.post_attention_layernorm.weight, eps, &mut normed, hidden)?;
+            delta = Some(self.mlp_host(block, &normed, s_n)?);
+        }
+        if let Some(d) = &delta {
+            for (a, b) in x.iter_mut().zip(d) {
+                *a += b;
+            }
+        }
+        let xt = Tensor::from_vec(x, (s_n, hidden), &Device::Cpu)?;
+        self.head(&xt)
+    }
+
+    fn mlp_host(&self, block: &Block, normed: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mlp = &block.mlp;
+        let mut gu = project(&[&mlp.gate_proj, &mlp.up_proj], normed, m)?;
+        let up = gu.pop().expect("two projections");
+        let mut gate = gu.pop().expect("two projections");
+        // candle's silu(g) · u: g / (1 + e^(−g)), then the product.
+        for (g, u) in gate.iter_mut().zip(&up) {
+            let s = *g / (1.0 + (-*g).exp());
+            *g = s * u;
+        }
+        Ok(project(&[&mlp.down_proj], &gate, m)?.pop().expect("one projection"))
+    }
+}
+
+/// `x += delta` (where given), then `normed` = the RMS norm of each row of `x` with weight `w`.
+fn add_norm(x: &mut [f32], delta: Option<&[f32]>, w: &Tensor, eps: f32, normed: &mut [f32], hidden: usize) -> Result<()> {
+    if let Some(d) = delta {
+        for (a, b) in x.iter_mut().zip(d) {
+            *a += b;
+        }
+    }
+    with_f32(w, |w| {
+        for (xr, yr) in x.chunks_exact(hidden).zip(normed.chunks_exact_mut(hidden)) {
+            rms_norm_row(xr, w, eps, yr);
+        }
+    })
+}
+
+/// Qwen3's per-head RMS norms of q or k.
+fn head_norms(x: &mut [f32], w: &[f32], eps: f32, hd: usize) {
+    let mut tmp = vec![0f32; hd];
+    for head in x.chunks_exact_mut(hd) {
+        rms_norm_row(head, w, eps, &mut tmp);
+        head.copy_from_slice(&tmp);
+    }
+}
+
+/// Layer `li`'s K and V storage tensors.
+fn layer_tensors(kv: &KvTarget, li: usize) -> Result<(Tensor, Tensor)> {
+    match kv {
+        KvTarget::Contiguous { cache, .. } => {
+            let Some((k, v)) = cache.layers[li].buffers() else { candle_core::bail!("host step: the KV cache of layer {li} has no buffers") };
+            Ok((k.clone(), v.clone()))
+        }
+        KvTarget::Paged { pool, .. } => pool.layer(li),
+    }
+}
+
+/// Attention of every sequence's query heads over its cached positions (its own new one
+/// included), split over the kernel threads by (sequence, head); `[seqs][h · hd]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usize, hd: usize, scale: f32, window: Option<usize>) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; seqs.len() * h * hd];
+    let n_rep = h / kvh;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    with_f32(kc, |k| {
+        with_f32(vc, |v| {
+            pool::run(seqs.len() * h, &|task| {
+                let (si, head) = (task / h, task % h);
+                let s = &seqs[si];
+                let j = head / n_rep;
+                // candle's mask for a sliding window keeps positions p with p + window ≥ pos.
+                let first = window.map_or(0, |w| s.pos.saturating_sub(w));
+                let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
+                // SAFETY: each task writes its own (sequence, head) row of `out`.
+                let o = unsafe { out_ptr.row(si * h + head, hd) };
+                attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
+            });
+        })
+    })??;
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the attention tasks write disjoint rows.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Row `i` of rows of `len` values.
+    ///
+    /// # Safety
+    /// The row is inside the buffer and no other task touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row<'a>(self, i: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(i * len), len)
+    }
+}
