@@ -185,7 +185,7 @@ impl Model {
                 let need = *pos + 1;
                 let cap = cache.capacity;
                 for layer in cache.layers.iter_mut() {
-                    layer.reserve_shape(1, kvh, hd, DType::F32, &Device::Cpu, need, cap)?;
+                    layer.reserve_shape((1, kvh, hd), DType::F32, &Device::Cpu, need, cap)?;
                 }
                 let alloc = cache.layers.first().map_or(0, |l| l.allocated());
                 vec![Seq { pos: *pos, addr: Addr::HeadMajor { alloc, hd } }]

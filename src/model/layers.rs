@@ -144,7 +144,7 @@ impl KvCache {
     }
     /// Makes room for `need` tokens in buffers of `[b, heads, _, head_dim]` (for writers that
     /// have no tensors to take the shape from: the host decode step), keeping what is cached.
-    pub fn reserve_shape(&mut self, b: usize, heads: usize, head_dim: usize, dtype: DType, dev: &Device, need: usize, capacity: usize) -> Result<()> {
+    pub fn reserve_shape(&mut self, (b, heads, head_dim): (usize, usize, usize), dtype: DType, dev: &Device, need: usize, capacity: usize) -> Result<()> {
         if need > capacity {
             candle_core::bail!("the KV cache holds {capacity} tokens and {need} were asked for");
         }
