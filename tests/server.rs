@@ -339,3 +339,31 @@ fn preempted_sequences_are_recomputed_and_answer_as_alone() {
     assert!(s.metric("preemptions_total") > 0.0, "the pool was never short");
     assert_eq!((s.metric("kv_blocks_used"), s.metric("requests_failed_total")), (0.0, 0.0));
 }
+
+/// `serve --dummy-weights` (the throughput measurements' model): random weights of a preset
+/// shape, a tokenizer of bytes and placeholder words, and replies that stream visible text of the
+/// length asked for.
+#[test]
+fn a_dummy_model_serves_streams_of_the_length_asked_for() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(common::bin())
+        .args(["serve", "--dummy-weights", "--config", "smollm2-135m", "--weights", "w4", "--group-size", "64"])
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--max-batch", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}"));
+    let s = Server { child, base: format!("http://{addr}"), _dir: tempfile::tempdir().unwrap() };
+    let models: Value = ureq::get(&s.url("/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["id"], "dummy-smollm2-135m");
+    let body = json!({"messages": [{"role": "user", "content": "Hello there, wörld."}], "max_tokens": 6, "ignore_eos": true});
+    let (text, chunks) = s.stream(body.clone());
+    assert!(!text.trim().is_empty(), "no visible text in {chunks:?}");
+    let whole = s.chat(body);
+    assert_eq!(whole["usage"]["completion_tokens"], 6);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() > 19, "one token per byte: {}", whole["usage"]);
+}

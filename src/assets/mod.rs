@@ -160,6 +160,29 @@ impl ModelAssets {
         Ok(assets)
     }
 
+    /// Assets for a model of random weights of shape `config` (`--dummy-weights`): no weights to
+    /// read, the tokenizer of [`tokenizer::byte_level_tokenizer`], no chat template
+    /// (users of the assets fall back to ChatML, whose `<|im_end|>` ends a reply).
+    pub fn for_dummy(name: &str, config: Config) -> Result<Self> {
+        if config.vocab_size < 259 {
+            return Err(Error::Config(format!("{name}: a vocabulary of {} is too small for the byte-level tokenizer (259)", config.vocab_size)));
+        }
+        let tokenizer = self::tokenizer::byte_level_tokenizer(config.vocab_size)?;
+        Ok(Self {
+            name: name.to_string(),
+            dir: None,
+            config,
+            weights: Weights::Tensors(HashMap::new()),
+            tokenizer,
+            chat_template: None,
+            bos_token: None,
+            eos_token: Some(self::tokenizer::BYTE_LEVEL_SPECIALS[2].to_string()),
+            eos_ids: vec![2],
+            tokenizer_config: serde_json::json!({}),
+            generation_config: serde_json::json!({}),
+        })
+    }
+
     fn fill_special_tokens(&mut self) {
         let tc = &self.tokenizer_config;
         if self.chat_template.is_none() {

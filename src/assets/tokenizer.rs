@@ -28,6 +28,11 @@ pub fn from_gguf_vocab(model: &str, pre: &str, tokens: &[String], types: &[i64],
     if merges.is_empty() {
         return Err("tokenizer.ggml.merges is missing or empty".into());
     }
+    byte_level_bpe(pre, tokens, types, merges)
+}
+
+/// The `tokenizer.json` of a byte-level BPE vocabulary (see [`from_gguf_vocab`]).
+fn byte_level_bpe(pre: &str, tokens: &[String], types: &[i64], merges: &[String]) -> std::result::Result<Value, String> {
     let pre_tokenizer = match pre {
         // SmolLM: digits split one by one, then GPT-2's byte-level split.
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
@@ -65,6 +70,44 @@ pub fn from_gguf_vocab(model: &str, pre: &str, tokens: &[String], types: &[i64],
             "vocab": vocab, "merges": merges,
         }
     }))
+}
+
+/// GPT-2's byte-to-character table: how byte-level BPE vocabularies spell each byte.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (u32::from(b'!')..=u32::from(b'~')).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+/// The specials of [`byte_level_tokenizer`], as ids 0, 1, 2.
+pub const BYTE_LEVEL_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// A tokenizer for models with random weights (`--dummy-weights`), which have no vocabulary of
+/// their own: ChatML's three specials (ids 0 … 2), single bytes (ids 3 … 258) for encoding any
+/// text, and up to `vocab` the words ` w259`, ` w260`, … so that whatever id a random model
+/// samples decodes to visible text. No merges.
+pub fn byte_level_tokenizer(vocab: usize) -> Result<Tokenizer> {
+    let mut tokens: Vec<String> = BYTE_LEVEL_SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut types = vec![3i64; tokens.len()];
+    for c in byte_chars() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    // 'Ġ' is the byte table's space.
+    for id in tokens.len()..vocab {
+        tokens.push(format!("Ġw{id}"));
+        types.push(1);
+    }
+    from_value(&byte_level_bpe("default", &tokens, &types, &[]).map_err(Error::Tokenizer)?)
 }
 
 /// Parses a `tokenizer.json` value (as built above or read from disk).
@@ -147,6 +190,18 @@ impl Default for TokenStream {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_byte_level_tokenizer_round_trips_any_text() {
+        let t = super::byte_level_tokenizer(1000).unwrap();
+        let text = "Hello, wörld ☃\n<|im_start|>user";
+        let ids = t.encode(text, false).unwrap().get_ids().to_vec();
+        assert!(ids.iter().all(|&i| i < 259), "{ids:?}");
+        assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 1, "the special is one token");
+        assert_eq!(t.decode(&ids, false).unwrap(), text);
+        assert_eq!(t.get_vocab_size(true), 1000);
+        assert_eq!(t.decode(&[259, 998], false).unwrap(), " w259 w998");
+    }
+
     #[test]
     fn malformed_tokenizer_json_is_an_error_not_a_panic() {
         // The tokenizers crate panics ("Helper") on a decoder that is not JSON.

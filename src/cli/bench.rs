@@ -1,7 +1,7 @@
 //! `awq-run bench`: prefill and decode speed and peak memory, on a real or a dummy model.
 use super::common::{peak_rss_mib, ModelArgs};
 use anyhow::{bail, Result};
-use awq_run::model::{dummy, Model};
+use awq_run::model::Model;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -10,18 +10,8 @@ use std::time::Instant;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Build a random model of a known shape instead of loading one.
-    #[arg(long)]
-    pub dummy_weights: bool,
-    /// The shape for --dummy-weights: llama-2-7b, llama-3-8b, qwen2.5-7b, smollm2-135m.
-    #[arg(long)]
-    pub config: Option<String>,
-    /// For --dummy-weights: fp (the activation dtype) or w4 (4-bit AWQ layers).
-    #[arg(long, default_value = "fp")]
-    pub weights: String,
-    /// Group size of --weights w4.
-    #[arg(long, default_value_t = 128)]
-    pub group_size: usize,
+    #[command(flatten)]
+    pub dummy: super::common::DummyArgs,
     /// Re-quantize the decoder linears with candle's own format (q4_0, q4k) for comparison.
     #[arg(long)]
     pub requant: Option<String>,
@@ -95,16 +85,8 @@ pub fn run(a: Args) -> Result<()> {
     a.model.apply_cpu_options()?;
     let device = a.model.device()?;
     let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
-    let (mut model, name, weights) = if a.dummy_weights {
-        let Some(cfg_name) = a.config.as_deref() else { bail!("--dummy-weights needs --config NAME") };
-        let cfg = dummy::preset(cfg_name)?;
-        let w4 = match a.weights.as_str() {
-            "fp" => false,
-            "w4" => true,
-            other => bail!("--weights {other}: expected fp or w4"),
-        };
-        let m = dummy::dummy_model(&cfg, w4, a.group_size, dtype, &device)?;
-        (m, format!("dummy {cfg_name}"), if w4 { format!("w4g{}", a.group_size) } else { format!("{dtype:?}").to_lowercase() })
+    let (mut model, name, weights) = if let Some(d) = a.dummy.build(dtype, &device)? {
+        d
     } else {
         let (assets, m) = a.model.load()?;
         let quant = assets.quant_spec()?;

@@ -286,3 +286,43 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// `--dummy-weights`: a model of random weights of a preset shape instead of a checkpoint
+/// (bench, serve).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DummyArgs {
+    /// Build a random model of a known shape instead of loading one.
+    #[arg(long)]
+    pub dummy_weights: bool,
+    /// The shape for --dummy-weights: llama-2-7b, llama-3-8b, qwen2.5-7b, smollm2-135m,
+    /// tinyllama-1.1b.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// For --dummy-weights: fp (the activation dtype) or w4 (4-bit AWQ layers).
+    #[arg(long, default_value = "fp")]
+    pub weights: String,
+    /// Group size of --weights w4.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+}
+
+impl DummyArgs {
+    /// The random model, its name and a description of its weights; `None` without
+    /// --dummy-weights.
+    pub fn build(&self, dtype: DType, device: &candle_core::Device) -> Result<Option<(awq_run::model::Model, String, String)>> {
+        if !self.dummy_weights {
+            return Ok(None);
+        }
+        use awq_run::model::dummy;
+        let Some(cfg_name) = self.config.as_deref() else { anyhow::bail!("--dummy-weights needs --config NAME") };
+        let cfg = dummy::preset(cfg_name)?;
+        let w4 = match self.weights.as_str() {
+            "fp" => false,
+            "w4" => true,
+            other => anyhow::bail!("--weights {other}: expected fp or w4"),
+        };
+        let m = dummy::dummy_model(&cfg, w4, self.group_size, dtype, device)?;
+        let weights = if w4 { format!("w4g{}", self.group_size) } else { format!("{dtype:?}").to_lowercase() };
+        Ok(Some((m, format!("dummy-{cfg_name}"), weights)))
+    }
+}

@@ -4,12 +4,17 @@ use anyhow::{bail, Context, Result};
 use awq_run::engine::scheduler::SchedulerConfig;
 use awq_run::model::paged::{KvPool, BLOCK_TOKENS};
 use awq_run::server::{AppState, Server, ServerOptions};
+use awq_run::ModelAssets;
 use std::net::{IpAddr, SocketAddr};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Serve a model of random weights (throughput measurements): its tokenizer takes one token
+    /// per byte, its replies are noise.
+    #[command(flatten)]
+    pub dummy: super::common::DummyArgs,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -51,7 +56,21 @@ pub fn run(a: Args) -> Result<()> {
     if a.kv_cache_mb == Some(0) || a.kv_blocks == Some(0) {
         bail!("the KV cache needs at least one block: --kv-cache-mb / --kv-blocks must be positive");
     }
-    let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
+    let (assets, model, dummy_name) = match {
+        a.model.apply_cpu_options()?;
+        let device = a.model.device()?;
+        let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+        a.dummy.build(dtype, &device)?
+    } {
+        Some((model, name, weights)) => {
+            eprintln!("serving random weights: {name} ({weights}); the tokenizer takes one token per byte");
+            (ModelAssets::for_dummy(&name, model.cfg.clone())?, model, Some(name))
+        }
+        None => {
+            let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
+            (assets, model, None)
+        }
+    };
     let block_bytes = KvPool::block_bytes(&model.cfg, model.dtype);
     let kv_blocks = match (a.kv_blocks, a.kv_cache_mb) {
         (Some(b), _) => b,
@@ -61,7 +80,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     .max(1);
     let defaults = model_sampling(&assets)?;
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
+    let name = a.served_model_name.clone().or(dummy_name).unwrap_or_else(|| {
         let spec = a.model.model_spec_with(Default4Bit::Prefer).unwrap_or_default();
         std::path::Path::new(spec.trim_end_matches('/')).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(spec)
     });
