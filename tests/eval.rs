@@ -32,10 +32,13 @@ fn perplexity_matches_an_independent_loop_on_a_tiny_model() {
     let m = a.load_model(&Device::Cpu, DType::F32).unwrap();
     let mut r = common::Rng::new(3);
     let tokens: Vec<u32> = (0..170).map(|_| (r.next_f32() * 260.0) as u32).collect();
-    let got = awq_run::engine::eval::perplexity(&m, &tokens, 40, None, |_, _| {}).unwrap();
-    assert_eq!((got.windows, got.tokens_scored), (4, 4 * 39));
     let want = reference_ppl(&m, &tokens, 40, 4);
-    assert!(((got.perplexity - want) / want).abs() < 1e-4, "{} vs {want}", got.perplexity);
+    // One window per pass, and several (3: the last pass takes the one left).
+    for batch in [1, 3] {
+        let got = awq_run::engine::eval::perplexity(&m, &tokens, 40, None, batch, |_, _| {}).unwrap();
+        assert_eq!((got.windows, got.tokens_scored), (4, 4 * 39));
+        assert!(((got.perplexity - want) / want).abs() < 1e-4, "batch {batch}: {} vs {want}", got.perplexity);
+    }
 }
 
 #[test]
@@ -45,7 +48,7 @@ fn perplexity_matches_an_independent_loop_on_smollm2() {
     let m = a.load_model(&Device::Cpu, DType::F32).unwrap();
     let text = std::fs::read_to_string(wiki).unwrap();
     let tokens = a.encode(&text[..20_000], true).unwrap();
-    let got = awq_run::engine::eval::perplexity(&m, &tokens, 128, Some(3), |_, _| {}).unwrap();
+    let got = awq_run::engine::eval::perplexity(&m, &tokens, 128, Some(3), 1, |_, _| {}).unwrap();
     let want = reference_ppl(&m, &tokens, 128, 3);
     assert!(((got.perplexity - want) / want).abs() < 1e-4, "{} vs {want}", got.perplexity);
     assert!(got.perplexity > 2.0 && got.perplexity < 100.0, "{}", got.perplexity);

@@ -48,6 +48,10 @@ pub struct Args {
     pub report: Option<PathBuf>,
     #[command(flatten)]
     pub gptq: super::quantize::GptqArgs,
+    /// Windows per forward pass [default: 8 on a GPU, 1 on the CPU]. Each window is still its
+    /// own sequence; the result is the same up to rounding.
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -121,7 +125,11 @@ pub fn run(a: Args) -> Result<()> {
     for &seqlen in &a.seqlen {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(indicatif::ProgressStyle::with_template("scoring [{bar:30}] window {pos}/{len} ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-        let r = awq_run::engine::eval::perplexity(&model, &tokens, seqlen, a.max_windows, |i, n| {
+        let batch = a.batch.unwrap_or(if device.is_cpu() { 1 } else { 8 });
+        if batch == 0 {
+            bail!("--batch must be positive");
+        }
+        let r = awq_run::engine::eval::perplexity(&model, &tokens, seqlen, a.max_windows, batch, |i, n| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
         })?;

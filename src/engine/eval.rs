@@ -41,26 +41,34 @@ pub fn check_windows(n_tokens: usize, seqlen: usize, context: usize) -> Result<u
     Ok(n_tokens / seqlen)
 }
 
-/// Perplexity of `model` on `tokens`, at most `max_windows` windows; `on_window(i, n)` reports
-/// progress. Only one window's logits are alive at a time.
-pub fn perplexity(model: &Model, tokens: &[u32], seqlen: usize, max_windows: Option<usize>, mut on_window: impl FnMut(usize, usize)) -> Result<Perplexity> {
+/// Perplexity of `model` on `tokens`, at most `max_windows` windows, `batch` windows per forward
+/// pass (each still its own sequence: a GPU is busier with several; only `batch` windows'
+/// logits are alive at a time); `on_window(i, n)` reports progress.
+pub fn perplexity(model: &Model, tokens: &[u32], seqlen: usize, max_windows: Option<usize>, batch: usize, mut on_window: impl FnMut(usize, usize)) -> Result<Perplexity> {
     let t0 = std::time::Instant::now();
     let mut windows = check_windows(tokens.len(), seqlen, model.context_len())?;
     model.check_tokens(tokens)?;
     if let Some(m) = max_windows {
         windows = windows.min(m.max(1));
     }
+    let batch = batch.max(1);
     let mut nll = 0f64;
-    for w in 0..windows {
-        let chunk = &tokens[w * seqlen..(w + 1) * seqlen];
-        let input = Tensor::new(chunk, &model.device)?.unsqueeze(0)?;
-        let logits = model.forward_all(&input)?.squeeze(0)?;
-        let l = window_nll(&logits, chunk)?;
-        if !l.is_finite() {
-            return Err(Error::msg(format!("window {w}: the loss is {l} (NaN or inf in the logits)")));
+    let mut w0 = 0;
+    while w0 < windows {
+        let b = batch.min(windows - w0);
+        let chunk = &tokens[w0 * seqlen..(w0 + b) * seqlen];
+        let input = Tensor::from_slice(chunk, (b, seqlen), &model.device)?;
+        let logits = model.forward_all(&input)?;
+        for i in 0..b {
+            let w = w0 + i;
+            let l = window_nll(&logits.get(i)?, &chunk[i * seqlen..(i + 1) * seqlen])?;
+            if !l.is_finite() {
+                return Err(Error::msg(format!("window {w}: the loss is {l} (NaN or inf in the logits)")));
+            }
+            nll += l;
         }
-        nll += l;
-        on_window(w + 1, windows);
+        w0 += b;
+        on_window(w0, windows);
     }
     let scored = windows * (seqlen - 1);
     Ok(Perplexity { perplexity: (nll / scored as f64).exp(), windows, tokens_scored: scored, seqlen, seconds: t0.elapsed().as_secs_f64() })
