@@ -374,6 +374,22 @@ fn quantize_cli_writes_a_checkpoint_that_generates() {
 }
 
 #[test]
+fn bad_clip_flags_are_named_before_any_work() {
+    let f = fixture(&TinySpec::new(Arch::Llama));
+    for (flag, value, says) in [("--clip", "wide", "--clip wide"), ("--clip-tokens", "0", "--clip-tokens 0"), ("--clip-tokens", "many", "--clip-tokens many")] {
+        let out = f.root.join("bad-clip");
+        let o = std::process::Command::new(common::bin())
+            .args(["quantize", "--model", f.model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--group-size", "32"])
+            .args(["--calib", f.calib.to_str().unwrap(), "--n-samples", "4", "--seqlen", "32", flag, value])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(says), "{flag} {value}: {e}");
+        assert_nothing_written(&f.root, &out);
+    }
+}
+
+#[test]
 fn awq_beats_rtn_on_a_planted_salient_channel() {
     let dev = Device::Cpu;
     let mut r = Rng::new(5);

@@ -67,14 +67,26 @@ pub struct ClipOptions {
     pub mode: ClipMode,
     pub n_grid: usize,
     pub max_shrink: f64,
-    /// For groups wider than [`GRAM_MAX_GROUP`]: the tokens kept by the stride subsampling
-    /// (512 to 1023 survive).
+    /// The tokens kept by the stride subsampling (512 to 1023 survive) where the error is not
+    /// measured over all of them.
     pub n_tokens: usize,
+    /// Measure the error over every token (groups up to [`GRAM_MAX_GROUP`]); false takes the
+    /// stride subsample as AutoAWQ does.
+    pub all_tokens: bool,
 }
 
 impl ClipOptions {
     pub fn new(mode: ClipMode) -> Self {
-        Self { mode, n_grid: 20, max_shrink: 0.5, n_tokens: 512 }
+        Self { mode, n_grid: 20, max_shrink: 0.5, n_tokens: 512, all_tokens: true }
+    }
+    /// The options for `tokens`: `None` for every token, `Some(n)` for AutoAWQ's stride
+    /// subsample of `n` to `2n − 1` tokens.
+    pub fn with_tokens(mut self, tokens: Option<usize>) -> Self {
+        self.all_tokens = tokens.is_none();
+        if let Some(n) = tokens {
+            self.n_tokens = n;
+        }
+        self
     }
     /// Shrink steps per bound (`i < steps`).
     fn steps(&self) -> usize {
@@ -244,22 +256,18 @@ pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> R
     let (out, inp) = w.dims2()?;
     let g = p.group_for(inp);
     let groups = inp / g;
-    let energy = if g <= GRAM_MAX_GROUP {
-        // Every token: [t, in] -> [groups, t, g] -> [groups, g, g].
-        let xs = x.to_dtype(DType::F32)?.reshape(((), inp))?;
-        let t = xs.dim(0)?;
-        if t == 0 {
-            return Err(Error::msg("clip search: no calibration tokens"));
-        }
+    let all = o.all_tokens && g <= GRAM_MAX_GROUP;
+    let xs = if all { x.to_dtype(DType::F32)?.reshape(((), inp))? } else { subsample_tokens(x, o.n_tokens)? };
+    let t = xs.dim(0)?;
+    if t == 0 {
+        return Err(Error::msg("clip search: no calibration tokens"));
+    }
+    let energy = if all || g <= t {
+        // [t, in] -> [groups, t, g] -> [groups, g, g].
         let xg = xs.reshape((t, groups, g))?.transpose(0, 1)?.contiguous()?;
         let gram = (xg.transpose(1, 2)?.contiguous()?.matmul(&xg)? / t as f64)?;
         Energy::Gram(gram.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
     } else {
-        let xs = subsample_tokens(x, o.n_tokens)?;
-        let t = xs.dim(0)?;
-        if t == 0 {
-            return Err(Error::msg("clip search: no calibration tokens"));
-        }
         Energy::Tokens(xs.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?, t)
     };
     let wh = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;

@@ -82,6 +82,9 @@ pub struct AwqOptions {
     pub clip: bool,
     /// Which clipping bounds the search tries (see [`clip::ClipMode`]).
     pub clip_mode: clip::ClipMode,
+    /// The tokens the clip error is measured over: every one (`None`), or AutoAWQ's stride
+    /// subsample of this many (see [`clip::ClipOptions::with_tokens`]).
+    pub clip_tokens: Option<usize>,
     /// AutoAWQ's duo scaling (x_mean and w_mean) instead of x_mean alone.
     pub duo_scaling: bool,
     /// Ratios tried: i / n_grid for i in 0..n_grid.
@@ -100,7 +103,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -151,6 +154,9 @@ pub struct Report {
     pub clip: bool,
     /// The clipping bounds searched (with `clip`).
     pub clip_mode: clip::ClipMode,
+    /// The tokens the clip error was measured over (absent: every one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_tokens: Option<usize>,
     /// GPTQ's settings, for gptq and awq+gptq.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gptq: Option<gptq::GptqOptions>,
@@ -392,7 +398,7 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
     let mut shrink = vec![None; Proj::ALL.len()];
     // Clipping (q/k skipped: attention scores are too sensitive).
     if o.clip {
-        let copts = clip::ClipOptions::new(o.clip_mode);
+        let copts = clip::ClipOptions::new(o.clip_mode).with_tokens(o.clip_tokens);
         for l in groups::CLIPPED {
             let bounds = clip::search_clip(bw.w(l), &input_of(&caps, l)?, p, &copts)?;
             shrink[l.index()] = Some(bounds.mean_shrink(bw.w(l))?);
@@ -514,6 +520,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         duo_scaling: o.duo_scaling,
         clip: o.clip,
         clip_mode: o.clip_mode,
+        clip_tokens: o.clip_tokens,
         gptq: o.method.uses_gptq().then_some(o.gptq),
         calibration_blocks: n_calib,
         search_samples: o.search_samples,
@@ -550,7 +557,7 @@ pub fn awq_linear(w: &Tensor, x: &Tensor, o: &AwqOptions) -> Result<(Tensor, sca
     let mut ws = scale::scale_columns(&w, &c.scales)?;
     if o.clip {
         let xs = x.broadcast_div(&c.scales)?;
-        ws = clip::search_clip(&ws, &xs, o.params, &clip::ClipOptions::new(o.clip_mode))?.apply(&ws)?;
+        ws = clip::search_clip(&ws, &xs, o.params, &clip::ClipOptions::new(o.clip_mode).with_tokens(o.clip_tokens))?.apply(&ws)?;
     }
     let eff = crate::quant::fake_quantize(&ws, o.params)?.broadcast_div(&c.scales)?;
     Ok((eff, c))

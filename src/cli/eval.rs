@@ -36,6 +36,10 @@ pub struct Args {
     /// AWQ's clipping bounds for --fake-quant: asym or sym, as for quantize.
     #[arg(long, default_value = "asym")]
     pub clip: String,
+    /// The tokens AWQ's clip error is measured over: all, or N (a stride subsample), as for
+    /// quantize.
+    #[arg(long, default_value = "all")]
+    pub clip_tokens: String,
     /// Skip AWQ's clipping search.
     #[arg(long)]
     pub no_clip: bool,
@@ -103,6 +107,7 @@ pub fn run(a: Args) -> Result<()> {
                 seqlen: a.calib_seqlen,
                 no_clip: a.no_clip,
                 clip: a.clip.clone(),
+                clip_tokens: a.clip_tokens.clone(),
                 search_samples: a.search_samples,
                 duo_scaling: true,
                 batch: 4,

@@ -44,6 +44,10 @@ pub struct QuantArgs {
     /// or sym (AutoAWQ's [-m, m]).
     #[arg(long, default_value = "asym")]
     pub clip: String,
+    /// The tokens the clip error is measured over: all, or N for AutoAWQ's stride subsample of
+    /// N to 2N-1 tokens.
+    #[arg(long, default_value = "all")]
+    pub clip_tokens: String,
     /// AutoAWQ's duo scaling (activation and weight statistics); false uses activations alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub duo_scaling: bool,
@@ -125,6 +129,10 @@ impl QuantArgs {
         let mut o = AwqOptions::new(method, QuantScheme::new(self.bits, self.group_size)?);
         o.clip = !self.no_clip;
         o.clip_mode = self.clip.parse()?;
+        o.clip_tokens = match self.clip_tokens.as_str() {
+            "all" => None,
+            n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).with_context(|| format!("--clip-tokens {n}: expected all or a positive number"))?),
+        };
         o.duo_scaling = self.duo_scaling;
         o.search_samples = self.search_samples;
         o.batch = self.batch.max(1);
