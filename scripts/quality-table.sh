@@ -77,11 +77,13 @@ for row in "${ROWS[@]}"; do
   read -r P512 P2048 SECS < <(ppl --fake-quant "$fq" $extra)
   key=${fq#*:}
   if [[ "$fq" == rtn:* ]]; then RTN512[$key]=$P512; RTN2048[$key]=$P2048; fi
-  python3 -c "
+  LABEL=$label FQ=$fq python3 -c "
+import os
 fp512, fp2048, p512, p2048, secs = $FP512, $FP2048, $P512, $P2048, $SECS
 r512, r2048 = ${RTN512[$key]:-None}, ${RTN2048[$key]:-None}
-share = lambda r, p, fp: '' if r is None or '$fq'.startswith('rtn') else f'{(r - p) / (r - fp) * 100:.0f} %'
-print(f'| $label | {p512:.3f} | {p512 - fp512:+.3f} | {share(r512, p512, fp512)} | {p2048:.3f} | {p2048 - fp2048:+.3f} | {share(r2048, p2048, fp2048)} | {secs:.0f} s |')"
+rtn = os.environ['FQ'].startswith('rtn')
+share = lambda r, p, fp: '' if r is None or rtn else f'{(r - p) / (r - fp) * 100:.0f} %'
+print(f\"| {os.environ['LABEL']} | {p512:.3f} | {p512 - fp512:+.3f} | {share(r512, p512, fp512)} | {p2048:.3f} | {p2048 - fp2048:+.3f} | {share(r2048, p2048, fp2048)} | {secs:.0f} s |\")"
 done
 echo
 echo "device: $DEVICE; calibration: $NSAMPLES blocks x $CSEQ tokens of c4.utf8; windows: ${WINDOWS:-all}; $(( $(date +%s) - start ))s"
