@@ -32,7 +32,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
@@ -81,6 +81,27 @@ impl CustomOp3 for DecodeAttention {
 /// caller) becomes `Σ_p softmax(q·k_p · scale)_p · v_p`, with `key(p)` and `value(p)` the cached
 /// rows. Shared by the custom op above and the host decode step, so both compute alike.
 pub fn attend_head<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected.
+        return unsafe { attend_head_avx2(q, span, key, value, scale, out) };
+    }
+    attend_head_any(q, span, key, value, scale, out)
+}
+
+/// [`attend_head`] compiled for AVX2 (the dot products and the weighted sum vectorize 8 wide
+/// instead of SSE2's 4; the same operations in the same order).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+    attend_head_any(q, span, key, value, scale, out)
+}
+
+#[inline(always)]
+fn attend_head_any<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
     let mut scores: Vec<f32> = span.clone().map(|t| dot(q, key(t)) * scale).collect();
     let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
     let mut sum = 0f32;

@@ -208,8 +208,10 @@ impl Model {
                 candle_core::bail!("position {} is beyond the model's context of {} tokens", s.pos + 1, self.context_len());
             }
         }
-        let (cos, sin) = (host_vec(self.rope.cos())?, host_vec(self.rope.sin())?);
         let half = hd / 2;
+        // Each sequence's rows of the rope tables (not the whole tables: they cover the context).
+        let table_rows = |t: &Tensor| -> Result<Vec<f32>> { with_f32(t, |v| seqs.iter().flat_map(|s| v[s.pos * half..(s.pos + 1) * half].iter().copied()).collect()) };
+        let (cos, sin) = (table_rows(self.rope.cos())?, table_rows(self.rope.sin())?);
 
         // Embeddings, in f32.
         let ids = Tensor::new(tokens, &Device::Cpu)?;
@@ -229,8 +231,8 @@ impl Model {
                 head_norms(&mut q, &qw, qn.eps as f32, hd);
                 head_norms(&mut k, &kw, kn.eps as f32, hd);
             }
-            for (si, s) in seqs.iter().enumerate() {
-                let (c, sn) = (&cos[s.pos * half..(s.pos + 1) * half], &sin[s.pos * half..(s.pos + 1) * half]);
+            for si in 0..seqs.len() {
+                let (c, sn) = (&cos[si * half..(si + 1) * half], &sin[si * half..(si + 1) * half]);
                 for head in q[si * h * hd..(si + 1) * h * hd].chunks_exact_mut(hd) {
                     rope_head(head, c, sn);
                 }

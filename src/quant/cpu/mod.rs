@@ -13,6 +13,7 @@
 //! Which one a layer uses by default is a process-wide choice ([`set_default_numerics`]): the
 //! CLI's `--cpu-kernel` sets it, tests and benchmarks name a [`Kernel`] directly.
 pub mod acts;
+pub mod gemm_a8;
 pub mod pool;
 pub mod q8;
 pub mod w4a8;
@@ -118,7 +119,12 @@ impl Kernel {
 /// Tokens at or above which the blocked GEMM path is used.
 pub const GEMM_MIN_TOKENS: usize = 8;
 
-/// Tokens at or above which a W4A8 call goes to the exact blocked GEMM instead: on the 2-core
+/// Tokens at or above which W4A8 calls on AVX512-VNNI take the GEMM of [`gemm_a8`] (rows across
+/// the vector, a panel of weights unpacked once for every token) instead of the GEMV.
+pub const A8_GEMM_MIN_TOKENS: usize = 16;
+
+/// Tokens at or above which a W4A8 call goes to the exact blocked GEMM instead (where the W4A8
+/// GEMM does not run): on the 2-core
 /// Xeon VM (AVX512-VNNI) W4A8 is 2–4× the exact kernel at 1–16 tokens, even at 128 (0.87–1.19×
 /// by shape), and a 512-token SmolLM2 prefill ran at 331 tok/s through W4A8 against 407 through
 /// the GEMM. Decode and batched decode stay W4A8; long prompts get the faster, exact path.
@@ -127,12 +133,7 @@ pub const A8_MAX_TOKENS: usize = 64;
 impl PackedQ4 {
     /// `y[t][o] = Σ_i x[t][i] · W[o][i]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
     pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.shape.k, "input length");
-        match kernel.resolve() {
-            Kernel::A8(path) if m < A8_MAX_TOKENS => w4a8::matmul(self, x, m, path),
-            _ if m >= GEMM_MIN_TOKENS => self.gemm(x, m),
-            k => self.gemv(x, m, k),
-        }
+        Self::matmul_many(&[self], x, m, kernel)
     }
 
     /// Several weights of the same input width and group size on one input (q/k/v, gate/up):
@@ -143,6 +144,7 @@ impl PackedQ4 {
         assert!(ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g), "fused 4-bit weights of different shapes");
         assert_eq!(x.len(), m * k, "input length");
         match kernel.resolve() {
+            Kernel::A8(A8Path::Avx512Vnni) if m >= A8_GEMM_MIN_TOKENS && gemm_a8::available() => gemm_a8::matmul_many(ws, &acts::QuantizedActs::new(x, m, k, true)),
             Kernel::A8(path) if m < A8_MAX_TOKENS => w4a8::matmul_many(ws, x, m, path),
             _ if m >= GEMM_MIN_TOKENS => {
                 let rows = RowMap::new(ws);
@@ -153,11 +155,6 @@ impl PackedQ4 {
             }
             k => Self::gemv_many(ws, x, m, k),
         }
-    }
-
-    /// Few tokens: rows in parallel, one fused dot product per (row, token).
-    fn gemv(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        Self::gemv_many(&[self], x, m, kernel)
     }
 
     fn gemv_many(ws: &[&PackedQ4], x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
@@ -177,10 +174,6 @@ impl PackedQ4 {
         })
     }
 
-    /// Many tokens: blocks of rows dequantized into a buffer, then an f32 GEMM per block.
-    fn gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
-        blocked_gemm(x, m, self.shape.n, self.shape.k, |o, row| self.dequantize_row(o, row))
-    }
 }
 
 /// The rows of several weights numbered one after another.

@@ -1,0 +1,233 @@
+//! The W4A8 GEMM for prompts (AVX512-VNNI): the same numbers as the W4A8 GEMV of [`super::w4a8`]
+//! (activations in int8 per 32-block, exact integer sums per block, scales applied per block),
+//! arranged for many tokens.
+//!
+//! The GEMV puts the 32 weights of a chunk across one vector and sums them horizontally; with many
+//! tokens it is better to put **rows** across the vector. Each thread takes panels of
+//! [`PANEL_ROWS`] output rows, unpacks their 4-bit codes once into `vpdpbusd`'s operand layout (a
+//! 64-byte vector holds 4 consecutive codes of each of 16 rows, as unsigned bytes), and then runs
+//! every token of the call against the panel, [`TOKENS`] at a time: per 4 inputs, one broadcast of
+//! the token's 4 int8 activations and one `vpdpbusd` per 16 rows. Per 32-block the integer sums of
+//! each (row, token) are converted once and scaled by the row's group scale times the block's
+//! activation scale, and the zero point's share subtracted (`s·z` times the block's `d·Σq`) — 4
+//! float operations per 8 `vpdpbusd`. The panel (32 rows × k codes) stays in L1/L2 while the
+//! tokens stream past it.
+use super::acts::QuantizedActs;
+use super::{pool, PackedQ4, RowMap};
+
+/// Output rows of one panel (two 16-lane vectors).
+pub const PANEL_ROWS: usize = 32;
+/// Tokens that share one pass over a panel's codes.
+pub const TOKENS: usize = 6;
+
+/// Whether this CPU runs the GEMM (AVX-512 with VNNI and byte/word instructions).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One panel's weights in the kernel's layout.
+struct Panel {
+    /// Per 32-chunk, per 4-input step (8), per row half (2): 16 rows' 4 codes as a u32 each.
+    codes: Vec<u32>,
+    /// Per group: the 32 rows' scales, then their `scale · zero`.
+    scales: Vec<f32>,
+    zeros: Vec<f32>,
+    /// Rows of the panel that exist (the last panel may be short; the rest are zero).
+    rows: usize,
+}
+
+impl Panel {
+    fn new(k: usize, groups: usize) -> Self {
+        Self { codes: vec![0; k / 32 * 8 * PANEL_ROWS], scales: vec![0.0; groups * PANEL_ROWS], zeros: vec![0.0; groups * PANEL_ROWS], rows: 0 }
+    }
+
+    /// Unpacks global rows `r0 ..` (up to [`PANEL_ROWS`], fewer at the end of `map`).
+    fn fill(&mut self, map: &RowMap, r0: usize, k: usize, groups: usize) {
+        self.rows = PANEL_ROWS.min(map.n - r0);
+        let chunks = k / 32;
+        self.codes.fill(0);
+        self.scales.fill(0.0);
+        self.zeros.fill(0.0);
+        for i in 0..self.rows {
+            let (w, o) = map.locate(r0 + i);
+            let table = w.scales_f32();
+            let g = w.groups();
+            for gi in 0..groups {
+                self.scales[gi * PANEL_ROWS + i] = table.scales[o * (g + 1) + gi];
+                self.zeros[gi * PANEL_ROWS + i] = table.scaled_zeros[o * (g + 1) + gi];
+            }
+            let row = &w.codes[o * k / 2..(o + 1) * k / 2];
+            let (half, lane) = (i / 16, i % 16);
+            for c in 0..chunks {
+                // Chunk c's byte j holds input j (low nibble) and input j + 16 (high nibble).
+                let bytes = &row[c * 16..c * 16 + 16];
+                for s in 0..4 {
+                    let d = u32::from_le_bytes([bytes[4 * s], bytes[4 * s + 1], bytes[4 * s + 2], bytes[4 * s + 3]]);
+                    // Step s holds inputs 4s .. 4s+3: low nibbles for s < 4, high ones for s ≥ 4.
+                    self.codes[((c * 8 + s) * 2 + half) * 16 + lane] = d & 0x0F0F_0F0F;
+                    self.codes[((c * 8 + s + 4) * 2 + half) * 16 + lane] = (d >> 4) & 0x0F0F_0F0F;
+                }
+            }
+        }
+    }
+}
+
+/// `y[t][o]` (`[m][Σ n]`) for the weights `ws` (same `k` and group size) on activations quantized
+/// in natural order (`QuantizedActs::new(.., true)`); [`available`] must hold.
+pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
+    assert!(available(), "the W4A8 GEMM needs AVX512-VNNI");
+    let (m, k) = (acts.m, acts.k);
+    let gsize = ws[0].shape.group_size;
+    assert!(ws.iter().all(|w| w.shape.k == k && w.shape.group_size == gsize), "fused 4-bit weights of different shapes");
+    let map = RowMap::new(ws);
+    let n = map.n;
+    let groups = k / gsize;
+    let mut y = vec![0f32; m * n];
+    let y_ptr = super::SendPtr(y.as_mut_ptr());
+    pool::for_ranges(n.div_ceil(PANEL_ROWS), 1, |panels| {
+        let mut panel = Panel::new(k, groups);
+        for p in panels {
+            panel.fill(&map, p * PANEL_ROWS, k, groups);
+            let mut t0 = 0;
+            while t0 < m {
+                let tile = TOKENS.min(m - t0);
+                // SAFETY: `available()` was checked above; this task owns output columns
+                // p·32 .. p·32 + rows of every token row.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let out = Out { y: y_ptr, n, r0: p * PANEL_ROWS, rows: panel.rows };
+                    match tile {
+                        1 => x86::tile::<1>(&panel, acts, t0, gsize / 32, &out),
+                        2 => x86::tile::<2>(&panel, acts, t0, gsize / 32, &out),
+                        3 => x86::tile::<3>(&panel, acts, t0, gsize / 32, &out),
+                        4 => x86::tile::<4>(&panel, acts, t0, gsize / 32, &out),
+                        5 => x86::tile::<5>(&panel, acts, t0, gsize / 32, &out),
+                        _ => x86::tile::<6>(&panel, acts, t0, gsize / 32, &out),
+                    }
+                }
+                t0 += tile;
+            }
+        }
+    });
+    y
+}
+
+/// Where a tile writes: `y[t][r0 + i]` for `i < rows`, rows of `n`.
+struct Out {
+    y: super::SendPtr,
+    n: usize,
+    r0: usize,
+    rows: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Out, Panel, QuantizedActs, PANEL_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Tokens `t0 .. t0 + T` against one panel; `cpg` chunks per group.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; the output columns of the panel
+    /// belong to the caller.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const T: usize>(p: &Panel, acts: &QuantizedActs, t0: usize, cpg: usize, out: &Out) {
+        let chunks = acts.k / 32;
+        let mut acc = [[_mm512_setzero_ps(); 2]; T];
+        let mut xq = [std::ptr::null::<i8>(); T];
+        for (t, x) in xq.iter_mut().enumerate() {
+            *x = acts.token(t0 + t).as_ptr();
+        }
+        let codes = p.codes.as_ptr();
+        for c in 0..chunks {
+            let mut sums = [[_mm512_setzero_si512(); 2]; T];
+            let wc = codes.add(c * 8 * PANEL_ROWS);
+            for s in 0..8 {
+                let w0 = _mm512_loadu_si512(wc.add(s * PANEL_ROWS) as *const __m512i);
+                let w1 = _mm512_loadu_si512(wc.add(s * PANEL_ROWS + 16) as *const __m512i);
+                for t in 0..T {
+                    let x = _mm512_set1_epi32((xq[t].add(c * 32 + 4 * s) as *const i32).read_unaligned());
+                    sums[t][0] = _mm512_dpbusd_epi32(sums[t][0], w0, x);
+                    sums[t][1] = _mm512_dpbusd_epi32(sums[t][1], w1, x);
+                }
+            }
+            let g = c / cpg;
+            for h in 0..2 {
+                let sc = _mm512_loadu_ps(p.scales.as_ptr().add(g * PANEL_ROWS + 16 * h));
+                let sz = _mm512_loadu_ps(p.zeros.as_ptr().add(g * PANEL_ROWS + 16 * h));
+                for t in 0..T {
+                    let d = _mm512_set1_ps(acts.block_scale(t0 + t, c));
+                    let bs = _mm512_set1_ps(*acts.token_block_sums(t0 + t).get_unchecked(c));
+                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t][h]), _mm512_mul_ps(sc, d), acc[t][h]);
+                    acc[t][h] = _mm512_fnmadd_ps(sz, bs, acc[t][h]);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            for (h, v) in a.iter().enumerate() {
+                let first = 16 * h;
+                if first >= out.rows {
+                    break;
+                }
+                let n_valid = (out.rows - first).min(16);
+                let mask: __mmask16 = if n_valid == 16 { 0xFFFF } else { (1u16 << n_valid) - 1 };
+                _mm512_mask_storeu_ps(out.y.0.add((t0 + t) * out.n + out.r0 + first), mask, *v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize_codes, QuantScheme};
+    use crate::rng::Rng;
+
+    #[test]
+    fn matches_the_reference_on_the_same_quantized_activations() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-VNNI");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        // (n per weight, k, group): rows that fill no panel and part of one, odd chunk counts,
+        // groups of 1, 2, 3 and 4 chunks and per-channel, SmolLM2's widths.
+        for &(ns, k, g) in &[(&[40usize][..], 96usize, 32usize), (&[24, 16][..], 192, 64), (&[72][..], 384, 128), (&[33 * 8 - 8][..], 96, 96), (&[8][..], 576, 576), (&[64, 16, 16][..], 576, 64)] {
+            let ws: Vec<PackedQ4> = ns
+                .iter()
+                .map(|&n| {
+                    let wf: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.1).collect();
+                    PackedQ4::from_quantized(&quantize_codes(&wf, n, k, QuantScheme::new(4, g).unwrap()))
+                })
+                .collect();
+            let refs: Vec<&PackedQ4> = ws.iter().collect();
+            let total: usize = ns.iter().sum();
+            for m in [1, 5, 6, 7, 13, 70] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let acts = QuantizedActs::new(&x, m, k, true);
+                let y = matmul_many(&refs, &acts);
+                let mut row = vec![0f32; k];
+                let mut o0 = 0;
+                for w in &ws {
+                    for o in 0..w.shape.n {
+                        w.dequantize_row(o, &mut row);
+                        for t in 0..m {
+                            let want: f64 = (0..k).map(|i| f64::from(row[i]) * f64::from(acts.value(t, i, true))).sum();
+                            let mag: f64 = (0..k).map(|i| f64::from((row[i] * acts.value(t, i, true)).abs())).sum();
+                            let got = f64::from(y[t * total + o0 + o]);
+                            assert!((got - want).abs() <= 1e-5 * mag + 1e-6, "n={ns:?} k={k} g={g} m={m} t={t} row {}: {got} vs {want}", o0 + o);
+                        }
+                    }
+                    o0 += w.shape.n;
+                }
+            }
+        }
+    }
+}
