@@ -150,6 +150,10 @@ impl Attention {
         // are stacked along the sequence axis (HF's repeat_kv puts them next to each other too).
         let n_rep = h / kvh;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, kvh, n_rep * seq, hd))?;
+        // Keys gathered from the paged cache are a strided view ([len, kv_heads, d] storage seen as
+        // [1, kv_heads, len, d]); the CPU matmul takes any strides, cuBLAS's batched matmul needs
+        // each head's matrix dense, so on other devices they are copied first.
+        let k = if k.device().is_cpu() { k.clone() } else { k.contiguous()? };
         let scores = q.matmul(&k.t()?)?.reshape((b, kvh, n_rep, seq, kv_len))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,

@@ -152,6 +152,7 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     add_rms_norm_kernel(device, &mut r, &mut t, &hint)?;
     position_kernels(device, &mut r, &mut t)?;
     graph_decode(device, &mut t)?;
+    batched_step(device, &mut t)?;
     Ok((t.pass, t.fail))
 }
 
@@ -223,6 +224,80 @@ fn graph_decode(device: &Device, t: &mut Tally) -> Result<()> {
         }
         let worst = eager.iter().zip(&graphed).map(|(e, g)| max_rel_vec(g, e)).fold(0f32, f32::max);
         t.check(name, worst, if dt == DType::BF16 { 5e-2 } else { 1e-2 });
+    }
+    Ok(())
+}
+
+/// The server's continuous-batching step on the device: three sequences stepped together over
+/// the paged KV cache (the first prefilling in two chunks while the others prefill whole, then
+/// all decoding in one batch) against each sequence alone through `Model::forward`, fed the same
+/// tokens (the alone run's greedy ones). Batched linears sum in another order than the batch-1
+/// GEMV and the paged attention reads its keys through a gather, so the logits agree within the
+/// graph check's tolerance, not bit for bit.
+fn batched_step(device: &Device, t: &mut Tally) -> Result<()> {
+    use crate::model::{batch::StepSeq, dummy, paged::{KvPool, SeqKv}};
+    let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 2], &[3], &[7, 8, 9, 10, 11]];
+    let steps = 8;
+    for (w4, dt) in [(true, DType::F16), (false, DType::F16), (true, DType::BF16)] {
+        let cfg = dummy::preset("smollm2-135m").map_err(candle_core::Error::wrap)?;
+        let model = dummy::dummy_model(&cfg, w4, 64, dt, device).map_err(candle_core::Error::wrap)?;
+        // Alone: the greedy continuation and the logits before each of its tokens.
+        let mut alone = Vec::new();
+        for p in prompts {
+            let mut cache = model.new_cache(64);
+            let (mut toks, mut logits) = (vec![], vec![]);
+            let mut l = model.forward(&Tensor::new(p, device)?.unsqueeze(0)?, &mut cache)?;
+            for _ in 0..steps {
+                let lv = host(&l)?;
+                let next = lv.iter().enumerate().fold((0usize, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+                toks.push(next);
+                logits.push(lv);
+                l = model.forward(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache)?;
+            }
+            alone.push((toks, logits));
+        }
+        // Batched, teacher-forced with those tokens.
+        let mut pool = KvPool::new(&model.cfg, 32, dt, device)?;
+        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+        let mut seen: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
+        let mut fed = [0usize; 3]; // tokens of each sequence (prompt, then continuation) fed so far
+        let feed = |i: usize, from: usize, n: usize| -> Vec<u32> { prompts[i].iter().chain(&alone[i].0).skip(from).take(n).copied().collect() };
+        let mut step_no = 0;
+        while seen.iter().any(|s| s.len() < steps) {
+            let mut toks: Vec<Vec<u32>> = Vec::new();
+            let mut who = Vec::new();
+            for i in 0..prompts.len() {
+                if seen[i].len() >= steps {
+                    continue;
+                }
+                let n = if fed[i] < prompts[i].len() { if i == 0 && step_no == 0 { 7 } else { prompts[i].len() - fed[i] } } else { 1 };
+                toks.push(feed(i, fed[i], n));
+                who.push(i);
+            }
+            let mut step: Vec<StepSeq> = Vec::new();
+            let mut next = toks.iter();
+            for (i, kv) in kvs.iter_mut().enumerate() {
+                if !who.contains(&i) {
+                    continue;
+                }
+                let Some(tk) = next.next() else { break };
+                pool.reserve(kv, kv.len() + tk.len()).map_err(|e| candle_core::Error::Msg(format!("batched step: sequence {i}: {e:?}")))?;
+                step.push(StepSeq { tokens: tk, kv });
+            }
+            let l = model.forward_batch(&pool, &mut step)?;
+            for (row, &i) in who.iter().enumerate() {
+                fed[i] += toks[row].len();
+                if fed[i] >= prompts[i].len() {
+                    seen[i].push(host(&l.get(row)?)?);
+                }
+            }
+            step_no += 1;
+        }
+        let worst = (0..prompts.len()).flat_map(|i| seen[i].iter().zip(&alone[i].1).map(|(b, a)| max_rel_vec(b, a)).collect::<Vec<_>>()).fold(0f32, f32::max);
+        t.check(format!("batched step {} {dt:?}", if w4 { "w4" } else { "dense" }), worst, if dt == DType::BF16 { 5e-2 } else { 1e-2 });
+        for kv in kvs.iter_mut() {
+            pool.release(kv);
+        }
     }
     Ok(())
 }
