@@ -280,7 +280,7 @@ fn assert_nothing_written(root: &Path, out: &Path) {
 }
 
 fn quantize_err(f: &Fixture, a: &ModelAssets, o: &AwqOptions, calib: Option<&[Vec<u32>]>, out: &Path) -> String {
-    let e = awq_run::awq::export::write_quantized(a, out, o, calib, &Device::Cpu, false).err().expect("should fail").to_string();
+    let e = awq_run::awq::export::write_quantized(a, out, o, calib, &Device::Cpu, false).expect_err("should fail").to_string();
     assert_nothing_written(&f.root, out);
     e
 }

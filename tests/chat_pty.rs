@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 /// The terminal's two ends: the master (our side) and the slave (the program's).
 fn openpty() -> (std::fs::File, OwnedFd) {
     let (mut master, mut slave) = (-1, -1);
-    let mut size = libc::winsize { ws_row: 40, ws_col: 200, ws_xpixel: 0, ws_ypixel: 0 };
+    let size = libc::winsize { ws_row: 40, ws_col: 200, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: out-pointers to live locals; no name buffer or termios requested.
-    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &mut size) };
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
     assert_eq!(r, 0, "openpty failed: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just opened and are owned here alone.
     unsafe { (std::fs::File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }

@@ -151,7 +151,7 @@ fn seeds() -> Corpus {
     if let Some(cfg) = read(&awq, "config.json") {
         add("configs", "smollm2-awq-config", cfg);
     }
-    if let Some(g) = std::fs::read(repo().join("models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf")).ok() {
+    if let Ok(g) = std::fs::read(repo().join("models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf")) {
         // The metadata and tensor infos of the real file; its tensor data is cut off.
         add("gguf", "smollm2-head", g[..g.len().min(2 << 20)].to_vec());
     }

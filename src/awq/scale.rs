@@ -66,6 +66,7 @@ pub struct ScaleChoice {
 
 /// Grid-searches the ratio for a group. `run(ws)` evaluates the measured module with the group's
 /// weights replaced by `ws` (in the order of `weights`); its output is compared with `fp_out`.
+#[allow(clippy::too_many_arguments)]
 pub fn search(
     what: &str,
     x_mean: &Tensor,
@@ -82,7 +83,7 @@ pub fn search(
             .iter()
             .map(|w| match s {
                 Some(s) => scaled_fake_quant(w, s, p),
-                None => fake_quantize(w, p).map_err(Error::from),
+                None => fake_quantize(w, p),
             })
             .collect::<Result<_>>()?;
         let out = run(&ws)?;

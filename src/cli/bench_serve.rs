@@ -30,7 +30,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.clients.iter().any(|&c| c == 0) || a.requests_per_client == 0 || a.gen == 0 {
+    if a.clients.contains(&0) || a.requests_per_client == 0 || a.gen == 0 {
         bail!("--clients, --requests-per-client and --gen must be positive");
     }
     let url = a.url.trim_end_matches('/').to_string();

@@ -56,12 +56,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.kv_cache_mb == Some(0) || a.kv_blocks == Some(0) {
         bail!("the KV cache needs at least one block: --kv-cache-mb / --kv-blocks must be positive");
     }
-    let (assets, model, dummy_name) = match {
-        a.model.apply_cpu_options()?;
-        let device = a.model.device()?;
-        let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
-        a.dummy.build(dtype, &device)?
-    } {
+    a.model.apply_cpu_options()?;
+    let device = a.model.device()?;
+    let dtype = awq_run::engine::device::parse_dtype(a.model.dtype.as_deref(), &device)?;
+    let (assets, model, dummy_name) = match a.dummy.build(dtype, &device)? {
         Some((model, name, weights)) => {
             eprintln!("serving random weights: {name} ({weights}); the tokenizer takes one token per byte");
             (ModelAssets::for_dummy(&name, model.cfg.clone())?, model, Some(name))

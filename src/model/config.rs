@@ -171,7 +171,7 @@ impl Config {
                 return Err(format!("{k} must be positive"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -180,7 +180,7 @@ impl Config {
         if self.num_kv_heads() == 0 {
             return Err("num_key_value_heads must be positive".into());
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -202,7 +202,7 @@ impl Config {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return Err(format!("rms_norm_eps {} must be a non-negative number", self.rms_norm_eps));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
         if let Some(rs) = &self.rope_scaling {

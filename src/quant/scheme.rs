@@ -69,10 +69,10 @@ impl QuantScheme {
     /// Checks that `in_features` of layer `name` splits into whole groups.
     pub fn check_layer(&self, name: &str, in_features: usize) -> Result<()> {
         let g = self.group_for(in_features);
-        if in_features % g != 0 {
+        if !in_features.is_multiple_of(g) {
             let fits: Vec<String> = [32usize, 64, 128]
                 .iter()
-                .filter(|&&s| in_features % s == 0)
+                .filter(|&&s| in_features.is_multiple_of(s))
                 .map(|s| s.to_string())
                 .collect();
             let hint = if fits.is_empty() {

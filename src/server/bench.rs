@@ -146,10 +146,10 @@ fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: u
     let n = 1 + (rng.next_u64() as usize) % max_prompt;
     let prompt: Vec<&str> = (0..n).map(|_| words[(rng.next_u64() % 10) as usize]).collect();
     let gen = 1 + (rng.next_u64() as usize) % max_gen;
-    let stream = rng.next_u64() % 4 != 0;
-    let leave_after = (rng.next_u64() % 5 == 0).then(|| 1 + (rng.next_u64() % 8) as usize);
+    let stream = !rng.next_u64().is_multiple_of(4);
+    let leave_after = rng.next_u64().is_multiple_of(5).then(|| 1 + (rng.next_u64() % 8) as usize);
     let body = json!({"model": model, "prompt": prompt.join(" "), "max_tokens": gen, "temperature": 0.9,
-                      "seed": rng.next_u64() >> 1, "stream": stream, "ignore_eos": rng.next_u64() % 2 == 0});
+                      "seed": rng.next_u64() >> 1, "stream": stream, "ignore_eos": rng.next_u64().is_multiple_of(2)});
     let resp = match ureq::post(&format!("{url}/v1/completions")).timeout(Duration::from_secs(300)).send_json(body) {
         Ok(resp) => resp,
         Err(ureq::Error::Status(429 | 503, _)) => {

@@ -10,7 +10,7 @@ pub const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 /// Packs codes given as `[rows][out]` (row-major, `rows * out` values, each < 16) into
 /// `[rows][out / 8]` int32 words.
 pub fn pack_rows(codes: &[u8], rows: usize, out: usize) -> Result<Vec<i32>> {
-    if out % 8 != 0 {
+    if !out.is_multiple_of(8) {
         return Err(Error::msg(format!("AWQ packing needs out_features divisible by 8, got {out}")));
     }
     if codes.len() != rows * out {
