@@ -53,6 +53,25 @@ impl Attention {
         }
         Tensor::cat(&outs, 1)
     }
+
+    /// Attention for a step in which every sequence decodes one token, on CUDA: q/k/v for all rows
+    /// at once, then one launch each for rope at every sequence's own position, the keys and
+    /// values written into the pool, and attention over every sequence's rows of the pool.
+    #[cfg(feature = "cuda")]
+    fn attend_paged_decode(&self, normed: &Tensor, rope: &super::layers::Rope, pool: &KvPool, layer: usize, t: &super::paged::DecodeTables) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let b = normed.dim(1)?;
+        let qkv = crate::linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], normed, &L2Prefetch::none())?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&qkv[0].reshape((1, b, h, hd))?)?, kn.forward(&qkv[1].reshape((1, b, kvh, hd))?)?),
+            _ => (qkv[0].clone(), qkv[1].clone()),
+        };
+        let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), &t.pos, h, hd)?;
+        let (kp, vp) = pool.layer(layer)?;
+        super::cuda::kv_write_rows(&k, &qkv[2], &kp, &vp, rope.cos(), rope.sin(), &t.pos, &t.new_rows, kvh, hd)?;
+        let out = super::cuda::paged_attention(&q, &kp, &vp, &t.table, &t.lens, 1.0 / (hd as f32).sqrt())?;
+        out.reshape((1, b, h * hd))
+    }
 }
 
 impl Model {
@@ -79,6 +98,10 @@ impl Model {
                 pool.advance(s.kv, 1);
             }
             return Ok(logits);
+        }
+        #[cfg(feature = "cuda")]
+        if seqs.iter().all(|s| s.tokens.len() == 1) && super::cuda::paged_decode_applies(&self.device, self.dtype, self.cfg.head_dim()) {
+            return self.decode_batch_cuda(pool, seqs, &ids);
         }
         let mut slots = Vec::with_capacity(seqs.len());
         let mut start = 0;
@@ -112,6 +135,40 @@ impl Model {
         })?;
         for s in seqs.iter_mut() {
             pool.advance(s.kv, s.tokens.len());
+        }
+        logits.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Model {
+    /// [`Model::forward_batch`] when every sequence decodes, on CUDA: the linear layers at M =
+    /// batch, and attention, rope and the KV writes in one launch each for the whole batch (the
+    /// general path runs them sequence by sequence).
+    fn decode_batch_cuda(&self, pool: &KvPool, seqs: &mut [StepSeq], ids: &[u32]) -> Result<Tensor> {
+        for s in seqs.iter() {
+            if s.kv.len() + 1 > self.context_len() {
+                candle_core::bail!("position {} is beyond the model's context of {} tokens", s.kv.len() + 1, self.context_len());
+            }
+        }
+        let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
+        let tables = pool.decode_tables(&kvs, &self.device)?;
+        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed(&tokens)?;
+        let mut delta: Option<Tensor> = None;
+        for (layer, block) in self.layers.iter().enumerate() {
+            let attend = |normed: &Tensor| block.self_attn.attend_paged_decode(normed, &self.rope, pool, layer, &tables);
+            let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), attend, None)?;
+            x = nx;
+            delta = Some(d);
+        }
+        let x = match delta {
+            Some(d) => (x + d)?,
+            None => x,
+        };
+        let logits = self.head(&x.squeeze(0)?)?;
+        for s in seqs.iter_mut() {
+            pool.advance(s.kv, 1);
         }
         logits.to_dtype(DType::F32)
     }

@@ -50,6 +50,20 @@ impl SeqKv {
     }
 }
 
+/// A decode step's view of the pool for a batch of sequences that each add one token, as u32
+/// tensors on the model's device (the CUDA batched decode step reads them in its kernels).
+pub struct DecodeTables {
+    /// `[batch, width]`: row `b` holds the pool rows of sequence b's positions, the new one
+    /// included (`width` is the longest sequence's length after the step; the rest is padding).
+    pub table: Tensor,
+    /// `[batch]`: each sequence's length after the step.
+    pub lens: Tensor,
+    /// `[batch]`: the pool row of each sequence's new token.
+    pub new_rows: Tensor,
+    /// `[batch]`: the position of each sequence's new token.
+    pub pos: Tensor,
+}
+
 /// The shared pool.
 pub struct KvPool {
     k: Vec<Tensor>,
@@ -156,6 +170,28 @@ impl KvPool {
         seq.len = (seq.len + n).min(seq.blocks.len() * BLOCK_TOKENS);
     }
 
+    /// The device-side tables of a decode step in which every sequence of `seqs` adds one token
+    /// (its blocks reserved for it): see [`DecodeTables`].
+    pub fn decode_tables(&self, seqs: &[&SeqKv], device: &Device) -> Result<DecodeTables> {
+        let width = seqs.iter().map(|s| s.len + 1).max().unwrap_or(1);
+        let mut table = vec![0u32; seqs.len() * width];
+        for (b, s) in seqs.iter().enumerate() {
+            if Self::blocks_for(s.len + 1) > s.blocks.len() {
+                candle_core::bail!("decode step: sequence {b} at position {} has {} blocks reserved", s.len, s.blocks.len());
+            }
+            for (p, slot) in table[b * width..][..=s.len].iter_mut().enumerate() {
+                *slot = s.row(p);
+            }
+        }
+        let col = |f: &dyn Fn(&SeqKv) -> u32| -> Result<Tensor> { Tensor::from_vec(seqs.iter().map(|s| f(s)).collect::<Vec<u32>>(), seqs.len(), device) };
+        Ok(DecodeTables {
+            table: Tensor::from_vec(table, (seqs.len(), width), device)?,
+            lens: col(&|s| (s.len + 1) as u32)?,
+            new_rows: col(&|s| s.row(s.len))?,
+            pos: col(&|s| s.len as u32)?,
+        })
+    }
+
     /// The pool rows of `seq`'s first `len` positions, as a u32 index tensor for [`KvPool::gather`].
     pub fn rows(&self, seq: &SeqKv, len: usize, device: &Device) -> Result<Tensor> {
         let rows: Vec<u32> = (0..len).map(|p| seq.row(p)).collect();
@@ -180,6 +216,31 @@ mod tests {
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 10,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn decode_tables_list_each_sequences_rows_and_its_new_one() {
+        let mut pool = KvPool::new(&cfg(), 6, DType::F32, &Device::Cpu).unwrap();
+        let (mut a, mut b) = (SeqKv::default(), SeqKv::default());
+        pool.reserve(&mut a, 17).unwrap(); // blocks 5, 4 (the free list pops from its end)
+        pool.reserve(&mut b, 3).unwrap(); // block 3
+        pool.advance(&mut a, 16);
+        pool.advance(&mut b, 2);
+        let t = pool.decode_tables(&[&a, &b], &Device::Cpu).unwrap();
+        let table = t.table.to_vec2::<u32>().unwrap();
+        assert_eq!(table.len(), 2);
+        assert_eq!(table[0].len(), 17);
+        let (ra, rb): (Vec<u32>, Vec<u32>) = ((0..17).map(|p| a.row(p)).collect(), (0..3).map(|p| b.row(p)).collect());
+        assert_eq!(table[0], ra);
+        assert_eq!(&table[1][..3], &rb[..]);
+        assert_eq!(t.lens.to_vec1::<u32>().unwrap(), vec![17, 3]);
+        assert_eq!(t.pos.to_vec1::<u32>().unwrap(), vec![16, 2]);
+        assert_eq!(t.new_rows.to_vec1::<u32>().unwrap(), vec![a.row(16), b.row(2)]);
+        // A sequence whose next position has no block reserved is refused, not read out of bounds.
+        let mut c = SeqKv::default();
+        pool.reserve(&mut c, 16).unwrap();
+        pool.advance(&mut c, 16);
+        assert!(pool.decode_tables(&[&c], &Device::Cpu).is_err());
     }
 
     #[test]

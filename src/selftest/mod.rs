@@ -153,6 +153,7 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     position_kernels(device, &mut r, &mut t)?;
     graph_decode(device, &mut t)?;
     batched_step(device, &mut t)?;
+    paged_kernels(device, &mut r, &mut t)?;
     Ok((t.pass, t.fail))
 }
 
@@ -297,6 +298,98 @@ fn batched_step(device: &Device, t: &mut Tally) -> Result<()> {
         t.check(format!("batched step {} {dt:?}", if w4 { "w4" } else { "dense" }), worst, if dt == DType::BF16 { 5e-2 } else { 1e-2 });
         for kv in kvs.iter_mut() {
             pool.release(kv);
+        }
+    }
+    Ok(())
+}
+
+/// The server's batched decode kernels against f64 loops: rope at each token's own position, the
+/// KV write into pool rows, and attention through a row table over sequences of mixed lengths
+/// (one chunk, several, one position; GQA; rows drawn at random, so sequences share rows).
+fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
+    use crate::model::cuda::{kv_write_rows, paged_attention, rope_tokens};
+    let pool_rows = 1200;
+    for (h, kvh, d, lens) in [(32, 8, 128, vec![1usize, 17, 300]), (9, 3, 64, vec![600, 5]), (4, 4, 256, vec![256, 257, 1000, 2]), (28, 4, 128, vec![33])] {
+        let b = lens.len();
+        let width = *lens.iter().max().unwrap_or(&1);
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let half = d / 2;
+            let positions = 1100;
+            let angles: Vec<f32> = (0..positions * half).map(|i| (i / half) as f32 * 0.37f32.powi((i % half) as i32 % 7 + 1)).collect();
+            let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), (positions, half), device)?.to_dtype(dt)?;
+            let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), (positions, half), device)?.to_dtype(dt)?;
+            let (ch, sh) = (host(&cos)?, host(&sin)?);
+            let pos: Vec<u32> = lens.iter().map(|&l| (l - 1) as u32).collect();
+            let new_rows: Vec<u32> = (0..b).map(|_| r.below(pool_rows as u64) as u32).collect();
+            let pos_t = Tensor::new(pos.as_slice(), device)?;
+            let rows_t = Tensor::new(new_rows.as_slice(), device)?;
+            // rope_tokens.
+            let x = Tensor::from_vec(random_vec(r, b * h * d), (b, h * d), device)?.to_dtype(dt)?;
+            let xh = host(&x)?;
+            let rotate = |src: &[f32], p: usize, out: &mut [f32]| {
+                for i in 0..half {
+                    let (c, s) = (ch[p * half + i] as f64, sh[p * half + i] as f64);
+                    let (a, bb) = (src[i] as f64, src[i + half] as f64);
+                    out[i] = (a * c - bb * s) as f32;
+                    out[i + half] = (bb * c + a * s) as f32;
+                }
+            };
+            let mut want = vec![0f32; b * h * d];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let o = (bi * h + hi) * d;
+                    rotate(&xh[o..o + d], pos[bi] as usize, &mut want[o..o + d]);
+                }
+            }
+            let got = rope_tokens(&x, &cos, &sin, &pos_t, h, d)?;
+            t.check(format!("rope_tokens {dt:?} b={b} h={h} d={d}"), max_rel(&got, &want)?, tol(dt));
+            // kv_write_rows into a random pool.
+            let kp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
+            let vp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
+            let (mut kwant, mut vwant) = (host(&kp)?, host(&vp)?);
+            let k = Tensor::from_vec(random_vec(r, b * kvh * d), (b, kvh * d), device)?.to_dtype(dt)?;
+            let v = Tensor::from_vec(random_vec(r, b * kvh * d), (b, kvh * d), device)?.to_dtype(dt)?;
+            let (kh, vh) = (host(&k)?, host(&v)?);
+            for bi in 0..b {
+                for hi in 0..kvh {
+                    let (src, dst) = ((bi * kvh + hi) * d, (new_rows[bi] as usize * kvh + hi) * d);
+                    rotate(&kh[src..src + d], pos[bi] as usize, &mut kwant[dst..dst + d]);
+                    vwant[dst..dst + d].copy_from_slice(&vh[src..src + d]);
+                }
+            }
+            kv_write_rows(&k, &v, &kp, &vp, &cos, &sin, &pos_t, &rows_t, kvh, d)?;
+            t.check(format!("kv_write_rows K {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&kp, &kwant)?, tol(dt));
+            t.check(format!("kv_write_rows V {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&vp, &vwant)?, 0.0);
+            // paged_attention through a random row table.
+            let table: Vec<u32> = (0..b * width).map(|_| r.below(pool_rows as u64) as u32).collect();
+            let q = Tensor::from_vec(random_vec(r, b * h * d), (b, h, d), device)?.to_dtype(dt)?;
+            let (qh, kph, vph) = (host(&q)?, host(&kp)?, host(&vp)?);
+            let scale = 1.0 / (d as f64).sqrt();
+            let mut want = vec![0f32; b * h * d];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let kv = hi / (h / kvh);
+                    let qv = &qh[(bi * h + hi) * d..][..d];
+                    let row = |src: &[f32], j: usize| -> Vec<f32> { src[(table[bi * width + j] as usize * kvh + kv) * d..][..d].to_vec() };
+                    let s: Vec<f64> = (0..lens[bi]).map(|j| row(&kph, j).iter().zip(qv).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>() * scale).collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = p.iter().sum();
+                    let mut acc = vec![0f64; d];
+                    for (j, pj) in p.iter().enumerate() {
+                        for (a, vv) in acc.iter_mut().zip(row(&vph, j)) {
+                            *a += pj / z * vv as f64;
+                        }
+                    }
+                    for (o, a) in want[(bi * h + hi) * d..][..d].iter_mut().zip(acc) {
+                        *o = a as f32;
+                    }
+                }
+            }
+            let table_t = Tensor::from_vec(table, (b, width), device)?;
+            let lens_t = Tensor::new(lens.iter().map(|&l| l as u32).collect::<Vec<_>>().as_slice(), device)?;
+            let got = paged_attention(&q, &kp, &vp, &table_t, &lens_t, scale as f32)?;
+            t.check(format!("paged attention {dt:?} h={h} kvh={kvh} d={d} lens={lens:?}"), max_rel(&got, &want)?, tol(dt));
         }
     }
     Ok(())

@@ -14,6 +14,9 @@
 // blocks on otherwise idle SMs pull the GEMV's weights into L2 while DRAM would sit idle.
 // rope_pos_*, kv_write_*: the rotary embedding of one token's queries, and of its key written into
 //   the KV cache with its value, at the position read from the device (CUDA-graph decode).
+// paged_attention_chunk_*, rope_tokens_*, kv_write_rows_*: the server's batched decode step over
+//   the paged KV cache: every sequence's token in one launch each, at its own position, its
+//   positions found through a row table (model/paged.rs) instead of one contiguous cache.
 #include "common.cuh"
 
 // 8 consecutive elements (16-byte aligned for 16-bit types, 32-byte for f32) as floats.
@@ -61,13 +64,15 @@ struct __align__(16) AttSmem {
 // One head's attention over n (<= ATT_CHUNK) positions whose keys and values start at kb and vb:
 // the softmax statistics (max, sum of exp) are returned and the unnormalized weighted sum of
 // values is left in sm.partial, as `streams` rows of d summed by att_out. sm.q holds the query.
+// With a row table (paged caches, `rows` non-null) position j is at row rows[j] of kb and vb.
 template <typename T>
 __device__ float2 attend_span(AttSmem& sm, const T* __restrict__ kb, const T* __restrict__ vb, int n, int d,
-                              long long k_sl, long long v_sl, float scale) {
+                              long long k_sl, long long v_sl, float scale,
+                              const unsigned int* __restrict__ rows = nullptr) {
     const int tid = threadIdx.x;
     float lmax = -INFINITY;
     for (int j = tid; j < n; j += ATT_THREADS) {
-        const T* kr = kb + j * k_sl;
+        const T* kr = kb + (rows != nullptr ? (long long)rows[j] : (long long)j) * k_sl;
         float dot = 0.f;
         for (int i = 0; i < d; i += 8) {
             float f[8];
@@ -94,7 +99,7 @@ __device__ float2 attend_span(AttSmem& sm, const T* __restrict__ kb, const T* __
     for (int j = stream; j < n; j += streams) {
         const float p = sm.scores[j];
         float f[8];
-        load8<T>(vb + j * v_sl + d0, f);
+        load8<T>(vb + (rows != nullptr ? (long long)rows[j] : (long long)j) * v_sl + d0, f);
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[e] = fmaf(p, f[e], acc[e]);
     }
@@ -160,6 +165,38 @@ __device__ void attention_chunk(const T* __restrict__ q, const T* __restrict__ k
     load_query(sm, q, d, heads);
     const float2 st = attend_span(sm, k + b * k_sb + kvh * k_sh + j0 * k_sl, v + b * v_sb + kvh * v_sh + j0 * v_sl, n, d,
                                   k_sl, v_sl, scale);
+    for (int i = tid; i < d; i += ATT_THREADS) out[2 + i] = att_out(sm, i, d);
+    if (tid == 0) {
+        out[0] = st.x;
+        out[1] = st.y;
+    }
+}
+
+// attention_chunk over the server's paged KV cache: one query token per sequence b of a batch,
+// each with its own length lens[b] and its positions' rows in the pool, table[b * width + j]
+// (the pool is [rows, kv_heads, d]: row stride kv_heads * d, head stride d). Chunks past a
+// sequence's length write (-inf, 0); attention_combine then reduces the chunks as for one cache.
+template <typename T>
+__device__ void paged_attention_chunk(const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,
+                                      float* __restrict__ part, const unsigned int* __restrict__ table,
+                                      const unsigned int* __restrict__ lens, int width, int d, int heads, int n_rep,
+                                      float scale) {
+    __shared__ AttSmem sm;
+    const int head = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
+    float* out = part + (((size_t)b * heads + head) * nchunks + chunk) * (d + 2);
+    const int j0 = chunk * ATT_CHUNK, n = min(ATT_CHUNK, (int)lens[b] - j0);
+    if (n <= 0) {
+        if (tid == 0) {
+            out[0] = -INFINITY;
+            out[1] = 0.f;
+        }
+        return;
+    }
+    const int kvh = head / n_rep;
+    const long long row = (long long)(heads / n_rep) * d;
+    load_query(sm, q, d, heads);
+    const float2 st = attend_span(sm, kp + (long long)kvh * d, vp + (long long)kvh * d, n, d, row, row, scale,
+                                  table + (size_t)b * width + j0);
     for (int i = tid; i < d; i += ATT_THREADS) out[2 + i] = att_out(sm, i, d);
     if (tid == 0) {
         out[0] = st.x;
@@ -332,6 +369,33 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
     vc[o + i + half] = v[(size_t)h * d + i + half];
 }
 
+// The rotary embedding of one token per sequence of a batch, each at its own position pos[b]:
+// x and out are [batch, heads, d]; grid = (heads, batch), d / 2 threads.
+template <typename T>
+__device__ void rope_tokens(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
+                            const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d, int heads) {
+    const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
+    if (i >= half) return;
+    const size_t o = ((size_t)b * heads + h) * d;
+    rotate_pair(x + o, out + o, cos, sin, pos[b], i, half);
+}
+
+// One token per sequence of a batch written into the paged pool ([rows, kv_heads, d]): its key
+// rotated at pos[b], and its value, at pool row rows[b]. k and v are [batch, kv_heads, d];
+// grid = (kv_heads, batch), d / 2 threads.
+template <typename T>
+__device__ void kv_write_rows(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kp, T* __restrict__ vp,
+                              const T* __restrict__ cos, const T* __restrict__ sin, const unsigned int* __restrict__ pos,
+                              const unsigned int* __restrict__ rows, int d, int kv_heads) {
+    const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
+    if (i >= half) return;
+    const size_t src = ((size_t)b * kv_heads + h) * d;
+    const size_t dst = ((size_t)rows[b] * kv_heads + h) * d;
+    rotate_pair(k + src, kp + dst, cos, sin, pos[b], i, half);
+    vp[dst + i] = v[src + i];
+    vp[dst + i + half] = v[src + i + half];
+}
+
 #define INSTANTIATE(NAME, T)                                                                              \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) decode_attention_##NAME(                    \
         const T* q, const T* k, const T* v, T* out, int len, const unsigned int* pos, int d, int heads, int n_rep, \
@@ -352,6 +416,20 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
         int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb, long long v_sh,         \
         long long v_sl, float scale) {                                                                    \
         attention_chunk<T>(q, k, v, part, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale); \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_chunk_##NAME(               \
+        const T* q, const T* kp, const T* vp, float* part, const unsigned int* table, const unsigned int* lens, \
+        int width, int d, int heads, int n_rep, float scale) {                                            \
+        paged_attention_chunk<T>(q, kp, vp, part, table, lens, width, d, heads, n_rep, scale);            \
+    }                                                                                                     \
+    extern "C" __global__ void rope_tokens_##NAME(const T* x, T* out, const T* cos, const T* sin,        \
+                                                  const unsigned int* pos, int d, int heads) {           \
+        rope_tokens<T>(x, out, cos, sin, pos, d, heads);                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void kv_write_rows_##NAME(const T* k, const T* v, T* kp, T* vp, const T* cos,  \
+                                                    const T* sin, const unsigned int* pos,               \
+                                                    const unsigned int* rows, int d, int kv_heads) {     \
+        kv_write_rows<T>(k, v, kp, vp, cos, sin, pos, rows, d, kv_heads);                                 \
     }                                                                                                     \
     extern "C" __global__ void attention_combine_##NAME(const float* part, T* out, int nchunks, int d,    \
                                                         int heads) {                                      \

@@ -36,6 +36,12 @@ pub fn attention_fits(d: usize) -> bool {
     d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0
 }
 
+/// Whether the server's batched decode step can run its kernels ([`rope_tokens`],
+/// [`kv_write_rows`], [`paged_attention`]) for a model of this device, dtype and head size.
+pub fn paged_decode_applies(device: &candle_core::Device, dtype: candle_core::DType, head_dim: usize) -> bool {
+    device.is_cuda() && suffix(dtype).is_some() && attention_fits(head_dim) && head_dim % 2 == 0
+}
+
 /// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
     q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos: 0 })
@@ -106,6 +112,117 @@ pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tenso
     // SAFETY: the caches are contiguous [1, kv_heads, cap, d]; the caller keeps pos[0] < cap.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// The rotary embedding of one token per sequence of a batch, each at its own position: `x` holds
+/// `batch × heads × d` values (any contiguous view), `pos` `batch` u32 positions on the device,
+/// `cos`/`sin` the `[positions, d / 2]` tables in x's dtype. Returns `[batch, heads, d]`.
+pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let batch = pos.elem_count();
+    let dev = cuda_dev(&x)?;
+    let stream = dev.cuda_stream();
+    let sfx = suffix_for("rope", x.dtype())?;
+    if x.elem_count() != batch * heads * d || cos.dtype() != x.dtype() || pos.dtype() != candle_core::DType::U32 || d % 2 != 0 || d > 2048 {
+        candle_core::bail!("rope: {} values for {batch} tokens of {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
+    }
+    let out = Tensor::zeros((batch, heads, d), x.dtype(), x.device())?;
+    let ptr = |t: &Tensor| device_ptr(t, &stream);
+    let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
+    let func = dev.get_or_load_custom_func(&format!("rope_tokens_{sfx}"), MODULE, PTX)?;
+    let (d_, h_) = (d as i32, heads as i32);
+    let mut b = func.builder();
+    for p in [&xp, &op, &cp, &sp, &pp] {
+        b.arg(p);
+    }
+    b.arg(&d_);
+    b.arg(&h_);
+    let cfg = LaunchConfig { grid_dim: (heads as u32, batch as u32, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: out holds batch * heads * d elements; the tables hold every position (checked by the
+    // caller against the context length before the step).
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// Writes one token per sequence of a batch into the paged KV pool in place: its key rotated at
+/// `pos[b]` and its value, at pool row `rows[b]`. `k`, `v` hold `batch × kv_heads × d` values;
+/// `kp`, `vp` are one layer's pool storage, contiguous `[rows, kv_heads, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_write_rows(k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, rows: &Tensor, kv_heads: usize, d: usize) -> Result<()> {
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let batch = pos.elem_count();
+    let dev = cuda_dev(&k)?;
+    let stream = dev.cuda_stream();
+    let sfx = suffix_for("kv write", k.dtype())?;
+    let (_, h, dd) = kp.dims3()?;
+    let want = batch * kv_heads * d;
+    if h != kv_heads || dd != d || vp.dims() != kp.dims() || k.elem_count() != want || v.elem_count() != want || kp.dtype() != k.dtype() || rows.elem_count() != batch {
+        candle_core::bail!("paged kv write: {batch} tokens of {kv_heads} x {d} into a pool of {:?}", kp.dims());
+    }
+    let ptr = |t: &Tensor| device_ptr(t, &stream);
+    let (kptr, vptr, kpp, vpp, cp, sp, pp, rp) = (ptr(&k)?, ptr(&v)?, ptr(kp)?, ptr(vp)?, ptr(cos)?, ptr(sin)?, ptr(pos)?, ptr(rows)?);
+    let func = dev.get_or_load_custom_func(&format!("kv_write_rows_{sfx}"), MODULE, PTX)?;
+    let (d_, h_) = (d as i32, kv_heads as i32);
+    let mut b = func.builder();
+    for p in [&kptr, &vptr, &kpp, &vpp, &cp, &sp, &pp, &rp] {
+        b.arg(p);
+    }
+    b.arg(&d_);
+    b.arg(&h_);
+    let cfg = LaunchConfig { grid_dim: (kv_heads as u32, batch as u32, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the pool is contiguous [rows, kv_heads, d]; the caller's rows are rows of it (blocks
+    // reserved for these positions) and its positions lie within the tables.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Decode attention for one query token per sequence over the paged KV pool: `q` `[batch, heads,
+/// d]`; `kp`, `vp` one layer's pool, contiguous `[rows, kv_heads, d]`; `table` u32 `[batch, width]`,
+/// row `b` holding the pool rows of sequence b's positions (`lens[b]` of them, ≤ width, the token
+/// of this step included). Returns `[batch, heads, d]`. Split into ATT_CHUNK-position chunks and
+/// combined, as [`decode_attention`] does for long caches.
+pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, lens: &Tensor, scale: f32) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    let (batch, heads, d) = q.dims3()?;
+    let (_, kvh, dd) = kp.dims3()?;
+    let (tb, width) = table.dims2()?;
+    if dd != d || vp.dims() != kp.dims() || kp.dtype() != q.dtype() || vp.dtype() != q.dtype() || kvh == 0 || heads % kvh != 0 || tb != batch || lens.elem_count() != batch || !attention_fits(d) {
+        candle_core::bail!("paged attention: q {:?} over a pool of {:?}, table {:?}, {} lengths", q.dims(), kp.dims(), table.dims(), lens.elem_count());
+    }
+    let dev = cuda_dev(&q)?;
+    let stream = dev.cuda_stream();
+    let sfx = suffix_for("paged attention", q.dtype())?;
+    let chunks = width.div_ceil(ATT_CHUNK).max(1);
+    let out = Tensor::zeros((batch, heads, d), q.dtype(), q.device())?;
+    let part = Tensor::zeros(batch * heads * chunks * (d + 2), candle_core::DType::F32, q.device())?;
+    let ptr = |t: &Tensor| device_ptr(t, &stream);
+    let (qp, kpp, vpp, pp, tp, lp, op) = (ptr(&q)?, ptr(kp)?, ptr(vp)?, ptr(&part)?, ptr(table)?, ptr(lens)?, ptr(&out)?);
+    let func = dev.get_or_load_custom_func(&format!("paged_attention_chunk_{sfx}"), MODULE, PTX)?;
+    let (w_, d_, h_, rep, chunks_) = (width as i32, d as i32, heads as i32, (heads / kvh) as i32, chunks as i32);
+    let mut b = func.builder();
+    for p in [&qp, &kpp, &vpp, &pp, &tp, &lp] {
+        b.arg(p);
+    }
+    b.arg(&w_);
+    b.arg(&d_);
+    b.arg(&h_);
+    b.arg(&rep);
+    b.arg(&scale);
+    let cfg = LaunchConfig { grid_dim: (heads as u32, batch as u32, chunks as u32), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the table holds batch * width rows of the pool, of which each sequence reads lens[b]
+    // (≤ width, the caller's invariant); part holds every chunk's statistics and sums.
+    unsafe { b.launch(cfg) }.w()?;
+    let combine = dev.get_or_load_custom_func(&format!("attention_combine_{sfx}"), MODULE, PTX)?;
+    let mut c = combine.builder();
+    c.arg(&pp);
+    c.arg(&op);
+    c.arg(&chunks_);
+    c.arg(&d_);
+    c.arg(&h_);
+    let ccfg = LaunchConfig { grid_dim: (heads as u32, batch as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: part holds batch * heads * chunks * (d + 2) floats, all written above.
+    unsafe { c.launch(ccfg) }.w()?;
+    Ok(out)
 }
 
 /// silu(a) · b; `a` and `b` `[..., cols]` with unit stride on the last dimension and one row stride
