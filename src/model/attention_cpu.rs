@@ -198,19 +198,17 @@ mod tests {
                 let k: Vec<f32> = (0..len * d).map(|_| r.unit() * 2.0).collect();
                 let v: Vec<f32> = (0..len * d).map(|_| r.unit()).collect();
                 let scale = 1.0 / (d as f32).sqrt();
-                let s: Vec<f64> = (0..len).map(|p| (0..d).map(|i| q[i] as f64 * k[p * d + i] as f64).sum::<f64>() * scale as f64).collect();
-                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-                let z: f64 = e.iter().sum();
-                let want: Vec<f64> = (0..d).map(|i| (0..len).map(|p| e[p] / z * v[p * d + i] as f64).sum()).collect();
-                // A span that starts past position 0, as a sliding window does.
+                // Softmax attention over positions start..len in f64.
+                let reference = |start: usize| -> Vec<f64> {
+                    let s: Vec<f64> = (start..len).map(|p| (0..d).map(|i| q[i] as f64 * k[p * d + i] as f64).sum::<f64>() * scale as f64).collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    (0..d).map(|i| (start..len).map(|p| e[p - start] / z * v[p * d + i] as f64).sum()).collect()
+                };
+                // Spans from 0 and from past 0 (a sliding window).
                 for start in [0usize, len / 3] {
-                    let (s2, e2): (Vec<f64>, f64) = {
-                        let e2: Vec<f64> = s[start..].iter().map(|x| (x - s[start..].iter().cloned().fold(f64::NEG_INFINITY, f64::max)).exp()).collect();
-                        let z2 = e2.iter().sum();
-                        (e2, z2)
-                    };
-                    let want: Vec<f64> = if start == 0 { want.clone() } else { (0..d).map(|i| (start..len).map(|p| s2[p - start] / e2 * v[p * d + i] as f64).sum()).collect() };
+                    let want = reference(start);
                     let key = |p: usize| &k[p * d..(p + 1) * d];
                     let value = |p: usize| &v[p * d..(p + 1) * d];
                     let mut fast = vec![0f32; d];
