@@ -102,7 +102,7 @@ pub fn attend_head<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usi
 unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
-    if d % 8 != 0 || out.len() < d {
+    if !d.is_multiple_of(8) || out.len() < d {
         return attend_head_any(q, span, key, value, scale, out);
     }
     let chunks = d / 8;
