@@ -216,7 +216,9 @@ struct Scheduler {
 /// What a step decided for one sequence.
 enum Outcome {
     Continue,
-    Finished,
+    /// Done: the final event, sent once the sequence's blocks are back in the pool and the
+    /// counters say so (a client that reads /metrics after its reply sees them freed).
+    Finished(Finish),
     Cancelled,
 }
 
@@ -236,10 +238,9 @@ impl Scheduler {
             self.admit();
             if let Err(e) = self.step() {
                 // A failing step fails its batch, not the server.
-                for mut s in self.running.drain(..) {
-                    s.req.sink.send(Event::Failed(e.to_string()));
-                    self.pool.release(&mut s.kv);
-                    self.metrics.requests_failed.fetch_add(1, Relaxed);
+                let failed: Vec<Seq> = self.running.drain(..).collect();
+                for mut s in failed {
+                    self.fail(&mut s, e.to_string());
                 }
             }
             self.publish();
@@ -316,13 +317,16 @@ impl Scheduler {
         }
     }
 
+    /// Ends `s` (no longer in `running` or `waiting`) with an error: its blocks freed and the
+    /// counters updated before its client hears of it.
     fn fail(&mut self, s: &mut Seq, message: String) {
-        s.req.sink.send(Event::Failed(message));
         self.pool.release(&mut s.kv);
         self.metrics.requests_failed.fetch_add(1, Relaxed);
         if std::mem::take(&mut s.queued) {
             self.metrics.waiting.fetch_sub(1, Relaxed);
         }
+        self.publish();
+        s.req.sink.send(Event::Failed(message));
     }
 
     /// Frees the blocks of running sequence `i` and queues it again at the front, to be
@@ -409,11 +413,17 @@ impl Scheduler {
         for o in outcomes {
             match o {
                 Outcome::Continue => i += 1,
-                Outcome::Finished | Outcome::Cancelled => {
+                Outcome::Cancelled => {
                     let mut s = self.running.remove(i);
                     self.pool.release(&mut s.kv);
-                    let counter = if matches!(o, Outcome::Finished) { &self.metrics.requests_finished } else { &self.metrics.requests_cancelled };
-                    counter.fetch_add(1, Relaxed);
+                    self.metrics.requests_cancelled.fetch_add(1, Relaxed);
+                }
+                Outcome::Finished(done) => {
+                    let mut s = self.running.remove(i);
+                    self.pool.release(&mut s.kv);
+                    self.metrics.requests_finished.fetch_add(1, Relaxed);
+                    self.publish();
+                    s.req.sink.send(Event::Done(done));
                 }
             }
         }
@@ -433,12 +443,10 @@ impl Scheduler {
             if !text.stopped {
                 text.text += &s.stop.finish();
             }
-            let mut alive = text.text.is_empty() || s.req.sink.send(Event::Text(text.text));
+            let alive = text.text.is_empty() || s.req.sink.send(Event::Text(text.text));
             let reason = if text.stopped { FinishReason::Stop } else { reason };
-            let done = Finish { reason, prompt_tokens: s.prompt_len, completion_tokens: s.generated() };
-            alive &= s.req.sink.send(Event::Done(done));
             if alive {
-                Outcome::Finished
+                Outcome::Finished(Finish { reason, prompt_tokens: s.prompt_len, completion_tokens: s.generated() })
             } else {
                 Outcome::Cancelled
             }
@@ -454,9 +462,7 @@ impl Scheduler {
                 return Ok(Outcome::Cancelled);
             }
             if o.stopped {
-                let done = Finish { reason: FinishReason::Stop, prompt_tokens: s.prompt_len, completion_tokens: s.generated() };
-                s.req.sink.send(Event::Done(done));
-                return Ok(Outcome::Finished);
+                return Ok(Outcome::Finished(Finish { reason: FinishReason::Stop, prompt_tokens: s.prompt_len, completion_tokens: s.generated() }));
             }
         }
         if s.generated() >= s.req.params.max_tokens || s.tokens.len() >= context {
