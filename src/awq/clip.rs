@@ -22,7 +22,7 @@
 //!   anything are among these (a clamp at `m` below the larger end only). On SmolLM2 it lowers
 //!   the 3-bit perplexity by about 5 % (docs/AWQ.md).
 use crate::error::{Error, Result};
-use crate::quant::cpu::pool;
+use crate::quant::cpu::pool::{self, SendPtr};
 use crate::quant::QuantScheme;
 use candle_core::{DType, Device, Tensor};
 
@@ -285,22 +285,6 @@ pub fn search_clip(w: &Tensor, x: &Tensor, p: QuantScheme, o: &ClipOptions) -> R
         }
     });
     Ok(ClipBounds { out, groups, lo, hi })
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks write disjoint rows of the buffer.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    /// Row `row` of a buffer of rows of `len` values.
-    ///
-    /// # Safety
-    /// The row is inside the buffer and no other task touches it while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row<'a>(self, row: usize, len: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(row * len), len)
-    }
 }
 
 impl ClipBounds {

@@ -358,21 +358,12 @@ impl QuantLinear {
         }
         let x = x.contiguous()?;
         let m = x.elem_count() / k.max(1);
-        let y = {
+        let outs = {
             let (storage, layout) = x.storage_and_layout();
             let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else { return Ok(None) };
             let Some((a, b)) = layout.contiguous_offsets() else { return Ok(None) };
-            PackedQ4::matmul_many(&packed, &data[a..b], m, Kernel::Auto)
+            PackedQ4::matmul_many_split(&packed, &data[a..b], m, Kernel::Auto)
         };
-        let total: usize = packed.iter().map(|w| w.shape.n).sum();
-        let mut outs: Vec<Vec<f32>> = packed.iter().map(|w| Vec::with_capacity(m * w.shape.n)).collect();
-        for row in y.chunks_exact(total) {
-            let mut start = 0;
-            for (o, w) in outs.iter_mut().zip(&packed) {
-                o.extend_from_slice(&row[start..start + w.shape.n]);
-                start += w.shape.n;
-            }
-        }
         let mut dims = x.dims().to_vec();
         let mut result = Vec::with_capacity(layers.len());
         for ((q, w), o) in layers.iter().zip(&packed).zip(outs) {

@@ -85,13 +85,14 @@ impl Model {
         }
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         self.check_tokens(&ids)?;
+        for s in seqs.iter() {
+            let end = s.kv.len() + s.tokens.len();
+            if end > self.context_len() {
+                candle_core::bail!("position {end} is beyond the model's context of {} tokens", self.context_len());
+            }
+        }
         if seqs.iter().all(|s| s.tokens.len() == 1) && super::host_step::applies(self) {
             // Every sequence decodes: the host step, over the pool in place.
-            for s in seqs.iter() {
-                if s.kv.len() + 1 > self.context_len() {
-                    candle_core::bail!("position {} is beyond the model's context of {} tokens", s.kv.len() + 1, self.context_len());
-                }
-            }
             let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
             let logits = self.on_pool(|| self.host_step(&ids, super::host_step::KvTarget::Paged { pool, seqs: &kvs }))?;
             for s in seqs.iter_mut() {
@@ -107,28 +108,13 @@ impl Model {
         let mut start = 0;
         for s in seqs.iter() {
             let (n, offset) = (s.tokens.len(), s.kv.len());
-            if offset + n > self.context_len() {
-                candle_core::bail!("position {} is beyond the model's context of {} tokens", offset + n, self.context_len());
-            }
             let rows = pool.rows(s.kv, offset + n, &self.device)?;
             slots.push(Slot { start, n, offset, rows, mask: self.mask(n, offset)? });
             start += n;
         }
         let logits = self.on_pool(|| -> Result<Tensor> {
             let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
-            let tokens = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            let mut x = self.embed(&tokens)?;
-            let mut delta: Option<Tensor> = None;
-            for (layer, block) in self.layers.iter().enumerate() {
-                let attend = |normed: &Tensor| block.self_attn.attend_paged(normed, &self.rope, pool, layer, &slots, &kvs);
-                let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), attend, None)?;
-                x = nx;
-                delta = Some(d);
-            }
-            let x = match delta {
-                Some(d) => (x + d)?,
-                None => x,
-            };
+            let x = self.blocks_with(&ids, |layer, attn, normed| attn.attend_paged(normed, &self.rope, pool, layer, &slots, &kvs))?;
             let last: Vec<u32> = slots.iter().map(|s| (s.start + s.n - 1) as u32).collect();
             let last = Tensor::new(last.as_slice(), &self.device)?;
             self.head(&x.squeeze(0)?.index_select(&last, 0)?)
@@ -138,6 +124,24 @@ impl Model {
         }
         logits.to_dtype(DType::F32)
     }
+
+    /// The hidden states `[1, rows, hidden]` of the step's tokens `ids` after every block (the
+    /// last block's residual added), with `attend(layer, attention, normed)` as each block's
+    /// attention over the paged cache.
+    fn blocks_with(&self, ids: &[u32], attend: impl Fn(usize, &Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed(&tokens)?;
+        let mut delta: Option<Tensor> = None;
+        for (layer, block) in self.layers.iter().enumerate() {
+            let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), |normed: &Tensor| attend(layer, &block.self_attn, normed), None)?;
+            x = nx;
+            delta = Some(d);
+        }
+        match delta {
+            Some(d) => x + d,
+            None => Ok(x),
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -146,26 +150,9 @@ impl Model {
     /// batch, and attention, rope and the KV writes in one launch each for the whole batch (the
     /// general path runs them sequence by sequence).
     fn decode_batch_cuda(&self, pool: &KvPool, seqs: &mut [StepSeq], ids: &[u32]) -> Result<Tensor> {
-        for s in seqs.iter() {
-            if s.kv.len() + 1 > self.context_len() {
-                candle_core::bail!("position {} is beyond the model's context of {} tokens", s.kv.len() + 1, self.context_len());
-            }
-        }
         let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
         let tables = pool.decode_tables(&kvs, &self.device)?;
-        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed(&tokens)?;
-        let mut delta: Option<Tensor> = None;
-        for (layer, block) in self.layers.iter().enumerate() {
-            let attend = |normed: &Tensor| block.self_attn.attend_paged_decode(normed, &self.rope, pool, layer, &tables);
-            let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), attend, None)?;
-            x = nx;
-            delta = Some(d);
-        }
-        let x = match delta {
-            Some(d) => (x + d)?,
-            None => x,
-        };
+        let x = self.blocks_with(ids, |layer, attn, normed| attn.attend_paged_decode(normed, &self.rope, pool, layer, &tables))?;
         let logits = self.head(&x.squeeze(0)?)?;
         for s in seqs.iter_mut() {
             pool.advance(s.kv, 1);

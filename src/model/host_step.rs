@@ -16,6 +16,7 @@ use super::attention_cpu;
 use super::llama::{Block, Model};
 use super::paged::{KvPool, SeqKv, BLOCK_TOKENS};
 use crate::linear::{Capability, Linear};
+use crate::quant::cpu::pool::SendPtr;
 use crate::quant::cpu::{pool, Kernel, PackedQ4};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 
@@ -86,16 +87,7 @@ fn project(layers: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
     let k = x.len() / m;
     let mut outs: Vec<Vec<f32>> = match packed_set(layers) {
         Some(ws) => {
-            let y = PackedQ4::matmul_many(&ws, x, m, Kernel::Auto);
-            let total: usize = ws.iter().map(|w| w.shape.n).sum();
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.shape.n)).collect();
-            for row in y.chunks_exact(total) {
-                let mut start = 0;
-                for (o, w) in outs.iter_mut().zip(&ws) {
-                    o.extend_from_slice(&row[start..start + w.shape.n]);
-                    start += w.shape.n;
-                }
-            }
+            let mut outs = PackedQ4::matmul_many_split(&ws, x, m, Kernel::Auto);
             for (o, l) in outs.iter_mut().zip(layers) {
                 if let Some(b) = l.bias() {
                     let b = host_vec(&b.to_dtype(DType::F32)?)?;
@@ -331,21 +323,4 @@ fn attend(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usiz
         })
     })??;
     Ok(out)
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the attention tasks write disjoint rows.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Row `i` of rows of `len` values.
-    ///
-    /// # Safety
-    /// The row is inside the buffer and no other task touches it while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row<'a>(self, i: usize, len: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(i * len), len)
-    }
 }

@@ -21,6 +21,7 @@ pub mod w4a8;
 pub use super::format::packed::PackedQ4;
 pub use w4a8::A8Path;
 use half::f16;
+use pool::SendPtr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Which inner loop to use; `Auto` picks the process default numerics ([`default_numerics`])
@@ -134,6 +135,21 @@ impl PackedQ4 {
     /// `y[t][o] = Σ_i x[t][i] · W[o][i]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
     pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         Self::matmul_many(&[self], x, m, kernel)
+    }
+
+    /// [`PackedQ4::matmul_many`] with each weight's output `[m][n_i]` in its own buffer.
+    pub fn matmul_many_split(ws: &[&PackedQ4], x: &[f32], m: usize, kernel: Kernel) -> Vec<Vec<f32>> {
+        let y = Self::matmul_many(ws, x, m, kernel);
+        let total: usize = ws.iter().map(|w| w.shape.n).sum();
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.shape.n)).collect();
+        for row in y.chunks_exact(total) {
+            let mut start = 0;
+            for (o, w) in outs.iter_mut().zip(ws) {
+                o.extend_from_slice(&row[start..start + w.shape.n]);
+                start += w.shape.n;
+            }
+        }
+        outs
     }
 
     /// Several weights of the same input width and group size on one input (q/k/v, gate/up):
@@ -262,22 +278,6 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
         }
     });
     y
-}
-
-/// An output buffer shared by kernel tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every user hands each task its own rows or columns of one buffer.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// # Safety
-    /// `i` is inside the buffer and no other task writes it.
-    #[inline(always)]
-    unsafe fn write(self, i: usize, v: f32) {
-        *self.0.add(i) = v;
-    }
 }
 
 /// `y` (`[m][n]`, row-major) filled by `fill(o, put)` for every output column `o`, the columns

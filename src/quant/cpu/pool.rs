@@ -170,6 +170,34 @@ pub fn for_ranges(n: usize, min_len: usize, f: impl Fn(std::ops::Range<usize>) +
     run(n.div_ceil(len.max(1)), &|c| f(c * len..((c + 1) * len).min(n)));
 }
 
+/// An f32 buffer that tasks of one [`run`] write in disjoint parts (rows, columns, single
+/// elements), handed to every task by copy.
+#[derive(Clone, Copy)]
+pub struct SendPtr(pub *mut f32);
+// SAFETY: every user hands each task its own part of one buffer, alive for the whole run.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Stores `v` at element `i`.
+    ///
+    /// # Safety
+    /// `i` is inside the buffer and no other task writes it.
+    #[inline(always)]
+    pub unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+
+    /// Row `i` of a buffer of rows of `len` values.
+    ///
+    /// # Safety
+    /// The row is inside the buffer and no other task touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn row<'a>(self, i: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(i * len), len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
