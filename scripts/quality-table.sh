@@ -5,8 +5,11 @@
 # against FP, the share of RTN's loss it removes at the same width and group, and the time of its
 # calibration pass. Markdown on stdout, one row as soon as it is measured.
 #
-#   scripts/quality-table.sh [--device cuda] [--max-windows N] [--n-samples 128] [--calib-seqlen 512] [--rows LIST]
+#   scripts/quality-table.sh [--device cuda] [--max-windows N] [--n-samples 128] [--calib-seqlen 512] [--rows LIST] [--jobs N]
 #
+# --jobs N measures N rows at once (each row is its own process; on a GPU a 135M model leaves
+# most of the card idle, so the whole table fits one device call with --jobs 8); rows are still
+# printed in order, each as soon as it and the rows above it are done.
 # Defaults follow the paper: the whole wiki text, 128 calibration blocks of 512 tokens from the
 # c4 text (it holds 34 such blocks; all of them are used). On a 2-core CPU that takes hours;
 # --max-windows and --n-samples shorten it. --rows takes a comma-separated subset of the row
@@ -17,7 +20,7 @@ BIN=${AWQ_RUN:-target/release/awq-run}
 MODEL=models/smollm2-135m-instruct
 WIKI=models/data/wiki.utf8
 CALIB=models/data/c4.utf8
-DEVICE=cpu WINDOWS="" NSAMPLES=128 CSEQ=512 ONLY=""
+DEVICE=cpu WINDOWS="" NSAMPLES=128 CSEQ=512 ONLY="" JOBS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -25,6 +28,7 @@ while [ $# -gt 0 ]; do
     --n-samples) NSAMPLES=$2; shift 2 ;;
     --calib-seqlen) CSEQ=$2; shift 2 ;;
     --rows) ONLY=",$2,"; shift 2 ;;
+    --jobs) JOBS=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -65,16 +69,43 @@ ppl() { # $@ = extra eval args; prints "ppl512 ppl2048 calib_seconds"
   echo " ${secs:-0}"
 }
 start=$(date +%s)
-read -r FP512 FP2048 _ < <(ppl)
+TMPD=$(mktemp -d)
+# On exit (also a failed row): the launcher and the evaluations it started go too.
+trap 'for j in $(jobs -p); do pkill -P "$j" 2>/dev/null; kill "$j" 2>/dev/null; done; rm -rf "$TMPD"' EXIT
+# measure NAME ARGS...: the row's "ppl512 ppl2048 secs" into $TMPD/NAME (FAILED if it failed).
+measure() {
+  local name=$1; shift
+  if ppl "$@" > "$TMPD/$name.part"; then mv "$TMPD/$name.part" "$TMPD/$name"; else echo FAILED > "$TMPD/$name"; fi
+}
+selected() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
+(
+  measure fp &
+  for row in "${ROWS[@]}"; do
+    IFS='|' read -r name label fq extra <<< "$row"
+    selected "$name" || continue
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    # shellcheck disable=SC2086
+    measure "$name" --fake-quant "$fq" $extra &
+  done
+  wait
+) &
+# result NAME: waits for the row's numbers and prints them (fails the script if the row failed).
+result() {
+  while [ ! -f "$TMPD/$1" ]; do sleep 1; done
+  if [ "$(cat "$TMPD/$1")" = FAILED ]; then echo "row $1 failed" >&2; exit 1; fi
+  cat "$TMPD/$1"
+}
+line=$(result fp) || exit 1
+read -r FP512 FP2048 _ <<< "$line"
 echo "| model | ppl @512 | Δ vs FP | RTN loss removed | ppl @2048 | Δ vs FP | RTN loss removed | calibration |"
 echo "|---|---|---|---|---|---|---|---|"
 printf '| FP (imported Q4_1 GGUF, f32) | %.3f | | | %.3f | | | |\n' "$FP512" "$FP2048"
 declare -A RTN512 RTN2048
 for row in "${ROWS[@]}"; do
   IFS='|' read -r name label fq extra <<< "$row"
-  [ -z "$ONLY" ] || [[ "$ONLY" == *",$name,"* ]] || continue
-  # shellcheck disable=SC2086
-  read -r P512 P2048 SECS < <(ppl --fake-quant "$fq" $extra)
+  selected "$name" || continue
+  line=$(result "$name") || exit 1
+  read -r P512 P2048 SECS <<< "$line"
   key=${fq#*:}
   if [[ "$fq" == rtn:* ]]; then RTN512[$key]=$P512; RTN2048[$key]=$P2048; fi
   LABEL=$label FQ=$fq python3 -c "
@@ -86,4 +117,4 @@ share = lambda r, p, fp: '' if r is None or rtn else f'{(r - p) / (r - fp) * 100
 print(f\"| {os.environ['LABEL']} | {p512:.3f} | {p512 - fp512:+.3f} | {share(r512, p512, fp512)} | {p2048:.3f} | {p2048 - fp2048:+.3f} | {share(r2048, p2048, fp2048)} | {secs:.0f} s |\")"
 done
 echo
-echo "device: $DEVICE; calibration: $NSAMPLES blocks x $CSEQ tokens of c4.utf8; windows: ${WINDOWS:-all}; $(( $(date +%s) - start ))s"
+echo "device: $DEVICE; calibration: $NSAMPLES blocks x $CSEQ tokens of c4.utf8; windows: ${WINDOWS:-all}; $JOBS at once; $(( $(date +%s) - start ))s"

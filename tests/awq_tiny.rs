@@ -53,8 +53,8 @@ fn logits(m: &awq_run::model::Model) -> Tensor {
 
 #[test]
 fn checkpoint_round_trip_matches_in_memory_model() {
-    // Llama with GQA (o_proj group skipped), without GQA (o_proj searched), qwen2 with biases,
-    // qwen3 with q/k norms.
+    // Llama with GQA (o_proj's scales shared over the query heads of a value head, or skipped
+    // as AutoAWQ does), without GQA, qwen2 with biases, qwen3 with q/k norms.
     let mut no_gqa = TinySpec::new(Arch::Llama);
     no_gqa.kv_heads = no_gqa.heads;
     let mut tied = TinySpec::new(Arch::Llama);
@@ -63,12 +63,13 @@ fn checkpoint_round_trip_matches_in_memory_model() {
         let f = fixture(&spec);
         let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
         let blocks = calib_blocks(&a, &f);
-        for method in [Method::Awq, Method::Rtn] {
-            let o = options(method, 32);
+        for (method, gqa_o_proj) in [(Method::Awq, true), (Method::Awq, false), (Method::Rtn, true)] {
+            let mut o = options(method, 32);
+            o.gqa_o_proj = gqa_o_proj;
             let calib = (method == Method::Awq).then_some(blocks.as_slice());
             let (mem, report) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, calib, &o).unwrap();
             if method == Method::Awq {
-                let groups_per_block = if spec.kv_heads == spec.heads { 4 } else { 3 };
+                let groups_per_block = if spec.kv_heads == spec.heads || gqa_o_proj { 4 } else { 3 };
                 assert_eq!(report.groups.len(), spec.layers * groups_per_block, "{spec:?}");
                 assert!(report.groups.iter().all(|g| g.loss_after <= g.loss_before * (1.0 + 1e-6)));
                 // The per-ratio losses and the per-layer record that `--report` and awq_report.json carry.
@@ -84,7 +85,7 @@ fn checkpoint_round_trip_matches_in_memory_model() {
                     assert!(l.output_mse.is_finite() && l.output_mse_rtn.is_finite(), "{l:?}");
                 }
             }
-            let out = f.root.join(format!("q-{method:?}"));
+            let out = f.root.join(format!("q-{method:?}-{gqa_o_proj}"));
             awq_run::awq::export::write_quantized(&a, &out, &o, calib, &Device::Cpu, false).unwrap();
             let qa = ModelAssets::load(out.to_str().unwrap()).unwrap();
             let loaded = qa.load_model(&Device::Cpu, DType::F32).unwrap();
@@ -387,6 +388,30 @@ fn bad_clip_flags_are_named_before_any_work() {
         assert!(!o.status.success() && e.contains(says), "{flag} {value}: {e}");
         assert_nothing_written(&f.root, &out);
     }
+}
+
+#[test]
+fn folding_o_proj_scales_into_shared_value_heads_keeps_the_function() {
+    // At 8 bits the quantization error is small, so a scale folded into the wrong v_proj row
+    // (or not repeated over the right query heads) would stand out against it.
+    let spec = TinySpec::new(Arch::Llama);
+    assert!(spec.kv_heads < spec.heads, "the fixture has grouped-query attention");
+    let f = fixture(&spec);
+    let a = ModelAssets::load(f.model.to_str().unwrap()).unwrap();
+    let blocks = calib_blocks(&a, &f);
+    let fp = logits(&a.load_model(&Device::Cpu, DType::F32).unwrap());
+    let mut errs = Vec::new();
+    for gqa_o_proj in [true, false] {
+        let mut o = AwqOptions::new(Method::Awq, QuantScheme::new(8, 32).unwrap());
+        o.gqa_o_proj = gqa_o_proj;
+        let (m, report) = awq_run::awq::fake_quantized_model(&a, &Device::Cpu, Some(&blocks), &o).unwrap();
+        let o_groups: Vec<_> = report.groups.iter().filter(|g| g.layers == ["o_proj"]).collect();
+        assert_eq!(o_groups.len(), if gqa_o_proj { spec.layers } else { 0 });
+        // The searched ratio is not 0 somewhere, or the test shows nothing.
+        assert!(!gqa_o_proj || o_groups.iter().any(|g| g.ratio > 0.0), "{o_groups:?}");
+        errs.push(rel_err(&logits(&m), &fp));
+    }
+    assert!(errs[0] < 0.02 && errs[0] < errs[1] * 2.0 + 1e-3, "8-bit AWQ against full precision: with shared o_proj scales {} without {}", errs[0], errs[1]);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The AWQ scale groups of a LLaMA-family block, as one table: which layers share an input
 //! (and so one scale vector), where the inverse scale is folded, and which module's output the
 //! search measures. The pass in `super` runs one loop over it.
+use super::scale::SharedHeads;
 use crate::model::Proj;
 
 /// Where a group's `1/s` goes once its scales are chosen: the op that produces the group's input.
@@ -40,10 +41,12 @@ pub enum Measured {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
     Always,
-    /// Only when the two layers' weights have the same shape: o_proj's input is v_proj's output
-    /// only without grouped-query attention (with it, the heads repeat and no per-channel scale
-    /// can be folded into v_proj).
-    SameShape(Proj, Proj),
+    /// o_proj reads v_proj's output: channel for channel without grouped-query attention; with
+    /// it each value head is repeated for the query heads that share it, so a scale folded into
+    /// v_proj's rows must be shared by those repeats ([`super::scale::SharedHeads`]). AutoAWQ
+    /// searches the group only in the first case (equal weight shapes); awq-run in both unless
+    /// `--gqa-o-proj false`.
+    ValueIntoOutput,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,12 +59,19 @@ pub struct ScaleGroup {
 }
 
 impl ScaleGroup {
-    /// Whether the group is searched, given each layer's weight shape.
-    pub fn applies(&self, shape: &dyn Fn(Proj) -> Vec<usize>) -> bool {
+    /// Whether the group is searched, given the attention's heads and whether o_proj's scales
+    /// may be shared over the query heads of a value head (`gqa`).
+    pub fn applies(&self, heads: SharedHeads, gqa: bool) -> bool {
         match self.condition {
             Condition::Always => true,
-            Condition::SameShape(a, b) => shape(a) == shape(b),
+            Condition::ValueIntoOutput => heads.rep == 1 || gqa,
         }
+    }
+
+    /// How the group's scales are shared over its layers' input channels (o_proj under
+    /// grouped-query attention), if they are.
+    pub fn sharing(&self, heads: SharedHeads) -> Option<SharedHeads> {
+        (self.condition == Condition::ValueIntoOutput && heads.rep > 1).then_some(heads)
     }
 
     /// A short label for messages (`q/k/v`, `o_proj`).
@@ -76,7 +86,7 @@ impl ScaleGroup {
 /// The groups in the order they are searched (and folded).
 pub const SCALE_GROUPS: [ScaleGroup; 4] = [
     ScaleGroup { fold: Fold::InputNorm, layers: &[Proj::Q, Proj::K, Proj::V], measured: Measured::Attention, condition: Condition::Always },
-    ScaleGroup { fold: Fold::Rows(Proj::V), layers: &[Proj::O], measured: Measured::Layer, condition: Condition::SameShape(Proj::V, Proj::O) },
+    ScaleGroup { fold: Fold::Rows(Proj::V), layers: &[Proj::O], measured: Measured::Layer, condition: Condition::ValueIntoOutput },
     ScaleGroup { fold: Fold::PostAttentionNorm, layers: &[Proj::Gate, Proj::Up], measured: Measured::Mlp, condition: Condition::Always },
     ScaleGroup { fold: Fold::Rows(Proj::Up), layers: &[Proj::Down], measured: Measured::Layer, condition: Condition::Always },
 ];
@@ -105,10 +115,13 @@ mod tests {
     }
 
     #[test]
-    fn o_proj_group_needs_matching_shapes() {
-        let mha = |_: Proj| vec![64, 64];
-        let gqa = |p: Proj| if p == Proj::V { vec![16, 64] } else { vec![64, 64] };
-        assert!(SCALE_GROUPS[1].applies(&mha));
-        assert!(!SCALE_GROUPS[1].applies(&gqa));
+    fn the_o_proj_group_under_grouped_query_attention_shares_its_scales_or_is_skipped() {
+        let mha = SharedHeads { kv_heads: 4, rep: 1, head_dim: 16 };
+        let gqa = SharedHeads { kv_heads: 1, rep: 4, head_dim: 16 };
+        assert!(SCALE_GROUPS[1].applies(mha, false) && SCALE_GROUPS[1].sharing(mha).is_none());
+        assert!(!SCALE_GROUPS[1].applies(gqa, false), "AutoAWQ's rule: skipped");
+        assert!(SCALE_GROUPS[1].applies(gqa, true));
+        assert_eq!(SCALE_GROUPS[1].sharing(gqa), Some(gqa));
+        assert!(SCALE_GROUPS[0].applies(gqa, false) && SCALE_GROUPS[0].sharing(gqa).is_none());
     }
 }

@@ -87,6 +87,9 @@ pub struct AwqOptions {
     pub clip_tokens: Option<usize>,
     /// AutoAWQ's duo scaling (x_mean and w_mean) instead of x_mean alone.
     pub duo_scaling: bool,
+    /// Search o_proj's scales under grouped-query attention too, one per v channel shared by the
+    /// query heads that read it (AutoAWQ skips o_proj there); see [`groups::Condition`].
+    pub gqa_o_proj: bool,
     /// Ratios tried: i / n_grid for i in 0..n_grid.
     pub n_grid: usize,
     /// Calibration blocks the ratio grid is scored on (evenly spaced over all of them; 0 = all).
@@ -103,7 +106,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, gqa_o_proj: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -151,6 +154,8 @@ pub struct Report {
     pub bits: u32,
     pub group_size: usize,
     pub duo_scaling: bool,
+    /// o_proj's scales searched under grouped-query attention (shared over query heads).
+    pub gqa_o_proj: bool,
     pub clip: bool,
     /// The clipping bounds searched (with `clip`).
     pub clip_mode: clip::ClipMode,
@@ -353,15 +358,17 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
     let mut row_scale: Vec<Option<Tensor>> = vec![None; Proj::ALL.len()];
 
     // Every group is searched on the original weights and inputs (as AutoAWQ does), then folded.
+    let att = &block.self_attn;
+    let heads = scale::SharedHeads { kv_heads: att.n_kv_heads, rep: att.n_heads / att.n_kv_heads.max(1), head_dim: att.head_dim };
     let mut searched: Vec<(&ScaleGroup, Tensor)> = Vec::new();
-    for group in SCALE_GROUPS.iter().filter(|g| g.applies(&|p| bw.w(p).dims().to_vec())) {
+    for group in SCALE_GROUPS.iter().filter(|g| g.applies(heads, o.gqa_o_proj)) {
         let xg = input_of(&caps, group.layers[0])?;
         let xs = search_subset(&xg, o.search_samples)?;
         let fp = measure(block, group, &bw, None, &xs, ctx, o.batch)?;
         let run = |ws: &[Tensor]| measure(block, group, &bw, Some(ws), &xs, ctx, o.batch);
         let weights: Vec<Tensor> = group.layers.iter().map(|&l| bw.w(l).clone()).collect();
         let what = format!("block {idx} {}", group.label());
-        let c = scale::search(&what, &scale::x_mean(&xg)?, &weights, &fp, p, o.duo_scaling, o.n_grid, &run)?;
+        let c = scale::search(&what, &scale::x_mean(&xg)?, &weights, &fp, p, o.duo_scaling, o.n_grid, group.sharing(heads), &run)?;
         rec.groups.push(GroupReport {
             block: idx,
             prev_op: group.fold.name().to_string(),
@@ -374,16 +381,22 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
         searched.push((group, c.scales));
     }
 
-    for (group, s) in &searched {
+    for (group, s_fold) in &searched {
+        // The scales of the group's input channels (repeated over query heads for o_proj under
+        // GQA); `s_fold` is what the producing op's rows are divided by.
+        let s = &match group.sharing(heads) {
+            Some(sh) => sh.expand(s_fold)?,
+            None => s_fold.clone(),
+        };
         match group.fold {
             Fold::InputNorm => bw.ln1 = bw.ln1.broadcast_div(&s.to_dtype(bw.ln1.dtype())?)?,
             Fold::PostAttentionNorm => bw.ln2 = bw.ln2.broadcast_div(&s.to_dtype(bw.ln2.dtype())?)?,
             Fold::Rows(prev) => {
                 let i = prev.index();
-                row_scale[i] = Some(s.clone());
-                bw.w[i] = scale::unscale_rows(&bw.w[i], s)?;
+                row_scale[i] = Some(s_fold.clone());
+                bw.w[i] = scale::unscale_rows(&bw.w[i], s_fold)?;
                 if let Some(b) = &bw.b[i] {
-                    bw.b[i] = Some(scale::unscale_rows(b, s)?);
+                    bw.b[i] = Some(scale::unscale_rows(b, s_fold)?);
                 }
             }
         }
@@ -518,6 +531,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         bits: o.params.bits,
         group_size: o.params.group.columns(),
         duo_scaling: o.duo_scaling,
+        gqa_o_proj: o.gqa_o_proj,
         clip: o.clip,
         clip_mode: o.clip_mode,
         clip_tokens: o.clip_tokens,
@@ -553,7 +567,7 @@ pub fn awq_linear(w: &Tensor, x: &Tensor, o: &AwqOptions) -> Result<(Tensor, sca
     let x = x.to_dtype(DType::F32)?;
     let fp = x.matmul(&w.t()?)?;
     let run = |ws: &[Tensor]| x.matmul(&ws[0].t()?);
-    let c = scale::search("linear", &scale::x_mean(&x)?, std::slice::from_ref(&w), &fp, o.params, o.duo_scaling, o.n_grid, &run)?;
+    let c = scale::search("linear", &scale::x_mean(&x)?, std::slice::from_ref(&w), &fp, o.params, o.duo_scaling, o.n_grid, None, &run)?;
     let mut ws = scale::scale_columns(&w, &c.scales)?;
     if o.clip {
         let xs = x.broadcast_div(&c.scales)?;

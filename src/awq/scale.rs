@@ -52,9 +52,36 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(f64::from(d.sqr()?.mean_all()?.to_scalar::<f32>()?))
 }
 
+/// How one scale is shared by several input channels of a layer: under grouped-query attention
+/// every value head is read by `rep` query heads, so o_proj's input channel `h·hd + d` carries v
+/// channel `(h / rep)·hd + d`. A scale folded out of v_proj's output rows must then be the same
+/// on all `rep` o_proj columns that carry that channel: one scale per v channel, `kv · hd` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedHeads {
+    pub kv_heads: usize,
+    pub rep: usize,
+    pub head_dim: usize,
+}
+
+impl SharedHeads {
+    /// The per-channel statistic `t` (`[kv · rep · hd]`, o_proj's inputs) averaged over the
+    /// `rep` channels that share a scale: `[kv · hd]`.
+    pub fn reduce(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.reshape((self.kv_heads, self.rep, self.head_dim))?.mean(1)?.flatten_all()?)
+    }
+
+    /// One scale per v channel (`[kv · hd]`) repeated onto o_proj's input channels.
+    pub fn expand(&self, s: &Tensor) -> Result<Tensor> {
+        let (kv, rep, hd) = (self.kv_heads, self.rep, self.head_dim);
+        Ok(s.reshape((kv, 1, hd))?.broadcast_as((kv, rep, hd))?.contiguous()?.flatten_all()?)
+    }
+}
+
 /// Result of one group's search.
 #[derive(Debug, Clone)]
 pub struct ScaleChoice {
+    /// One per input channel of the group's layers, or with [`SharedHeads`] one per shared
+    /// channel (expand them for the layers' columns).
     pub scales: Tensor,
     pub ratio: f64,
     /// Loss of plain round-to-nearest (no scaling).
@@ -66,6 +93,7 @@ pub struct ScaleChoice {
 
 /// Grid-searches the ratio for a group. `run(ws)` evaluates the measured module with the group's
 /// weights replaced by `ws` (in the order of `weights`); its output is compared with `fp_out`.
+/// `x_mean` is per input channel of the weights, also with `shared` (it is reduced here).
 #[allow(clippy::too_many_arguments)]
 pub fn search(
     what: &str,
@@ -75,13 +103,20 @@ pub fn search(
     p: QuantScheme,
     duo: bool,
     n_grid: usize,
+    shared: Option<SharedHeads>,
     run: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 ) -> Result<ScaleChoice> {
-    let wm = if duo { Some(w_mean(weights, p.group.columns())?) } else { None };
+    let reduce = |t: Tensor| match shared {
+        Some(sh) => sh.reduce(&t),
+        None => Ok(t),
+    };
+    let wm = if duo { Some(reduce(w_mean(weights, p.group.columns())?)?) } else { None };
+    let x_mean = &reduce(x_mean.clone())?;
     let loss_of = |s: Option<&Tensor>| -> Result<f64> {
+        let s = s.map(|s| shared.map_or_else(|| Ok(s.clone()), |sh| sh.expand(s))).transpose()?;
         let ws: Vec<Tensor> = weights
             .iter()
-            .map(|w| match s {
+            .map(|w| match &s {
                 Some(s) => scaled_fake_quant(w, s, p),
                 None => fake_quantize(w, p),
             })
@@ -157,6 +192,17 @@ mod tests {
             assert!(s.iter().all(|x| x.is_finite() && *x > 0.0));
             assert!(((mx * mn).sqrt() - 1.0).abs() < 1e-4, "{s:?}");
         }
+    }
+
+    #[test]
+    fn shared_heads_reduce_and_expand_follow_the_query_heads() {
+        let dev = Device::Cpu;
+        // 2 kv heads of 3 channels, each read by 2 query heads: o_proj has 12 input channels.
+        let sh = SharedHeads { kv_heads: 2, rep: 2, head_dim: 3 };
+        let o = Tensor::new(&[1f32, 2., 3., 3., 4., 5., 10., 20., 30., 30., 40., 50.], &dev).unwrap();
+        assert_eq!(sh.reduce(&o).unwrap().to_vec1::<f32>().unwrap(), vec![2., 3., 4., 20., 30., 40.]);
+        let s = Tensor::new(&[1f32, 2., 3., 4., 5., 6.], &dev).unwrap();
+        assert_eq!(sh.expand(&s).unwrap().to_vec1::<f32>().unwrap(), vec![1., 2., 3., 1., 2., 3., 4., 5., 6., 4., 5., 6.]);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct Args {
     /// Skip AWQ's clipping search.
     #[arg(long)]
     pub no_clip: bool,
+    /// AWQ: search o_proj's scales under grouped-query attention too (shared by the query heads
+    /// of a value head), as for quantize.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub gqa_o_proj: bool,
     /// Tokens per calibration block for --fake-quant awq.
     #[arg(long, default_value_t = 512)]
     pub calib_seqlen: usize,
@@ -110,6 +114,7 @@ pub fn run(a: Args) -> Result<()> {
                 clip_tokens: a.clip_tokens.clone(),
                 search_samples: a.search_samples,
                 duo_scaling: true,
+                gqa_o_proj: a.gqa_o_proj,
                 batch: 4,
                 gptq: a.gptq.clone(),
             };

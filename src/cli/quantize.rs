@@ -53,6 +53,10 @@ pub struct QuantArgs {
     /// AutoAWQ's duo scaling (activation and weight statistics); false uses activations alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub duo_scaling: bool,
+    /// AWQ: search o_proj's scales under grouped-query attention too, one per v_proj channel
+    /// shared by the query heads that read it; false skips o_proj there, as AutoAWQ does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub gqa_o_proj: bool,
     /// Calibration blocks per forward chunk (memory vs. speed).
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -80,6 +84,12 @@ pub struct GptqArgs {
     /// GPTQ: symmetric quantization (zero point fixed at 2^(bits-1)).
     #[arg(long)]
     pub sym: bool,
+    /// GPTQ: each group's range, fixed when the pass reaches it: minmax (the group's extremes,
+    /// as the reference does) or search (each bound shrunk by up to 45 %, the shrinks that
+    /// minimize the group's rounding error weighted by what the later columns cannot take up)
+    /// [default: minmax].
+    #[arg(long)]
+    pub gptq_range: Option<String>,
 }
 
 impl GptqArgs {
@@ -91,6 +101,7 @@ impl GptqArgs {
             (self.static_groups.is_some(), "--static-groups"),
             (self.true_sequential.is_some(), "--true-sequential"),
             (self.sym, "--sym"),
+            (self.gptq_range.is_some(), "--gptq-range"),
         ]
         .iter()
         .filter(|(g, _)| *g)
@@ -121,6 +132,9 @@ impl GptqArgs {
         o.static_groups = self.static_groups.unwrap_or(true);
         o.true_sequential = self.true_sequential.unwrap_or(true);
         o.sym = self.sym;
+        if let Some(r) = &self.gptq_range {
+            o.range = r.parse()?;
+        }
         Ok(o)
     }
 }
@@ -136,6 +150,7 @@ impl QuantArgs {
             n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).with_context(|| format!("--clip-tokens {n}: expected all or a positive number"))?),
         };
         o.duo_scaling = self.duo_scaling;
+        o.gqa_o_proj = self.gqa_o_proj;
         o.search_samples = self.search_samples;
         o.batch = self.batch.max(1);
         o.progress = true;
