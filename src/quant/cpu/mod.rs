@@ -225,9 +225,9 @@ pub fn rows_parallel(n: usize, m: usize, dot: impl Fn(usize, usize) -> f32 + Syn
         m,
         n,
         || (),
-        |_, o, put| {
+        |_, o, out| {
             for t in 0..m {
-                put(t, dot(o, t));
+                out.put(t, dot(o, t));
             }
         },
     )
@@ -280,21 +280,56 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
     y
 }
 
-/// `y` (`[m][n]`, row-major) filled by `fill(o, put)` for every output column `o`, the columns
+/// Where one task of [`par_output_blocks`] stores its results: `y[t][o]` of the `[m][n]`
+/// output, for the columns of the block it was handed only. A plain value the kernels' loops
+/// inline (a `dyn` callback per element cost more than SmolLM2's short rows).
+#[derive(Clone, Copy)]
+pub(crate) struct BlockOut {
+    ptr: SendPtr,
+    m: usize,
+    n: usize,
+    first: usize,
+    end: usize,
+}
+
+impl BlockOut {
+    #[inline(always)]
+    pub(crate) fn put(self, t: usize, o: usize, v: f32) {
+        assert!(t < self.m && o >= self.first && o < self.end, "token {t} of {}, row {o} outside {}..{}", self.m, self.first, self.end);
+        // SAFETY: t < m and o < n index inside y; the block's columns belong to this task only.
+        unsafe { self.ptr.write(t * self.n + o, v) }
+    }
+}
+
+/// [`BlockOut`] for one column `o`.
+#[derive(Clone, Copy)]
+pub(crate) struct RowOut {
+    out: BlockOut,
+    o: usize,
+}
+
+impl RowOut {
+    /// Stores `y[t][o]`.
+    #[inline(always)]
+    pub(crate) fn put(self, t: usize, v: f32) {
+        self.out.put(t, self.o, v)
+    }
+}
+
+/// `y` (`[m][n]`, row-major) filled by `fill(o, out)` for every output column `o`, the columns
 /// split into contiguous ranges over the kernel threads ([`pool`]; a row of the weight is read
-/// by one task);
-/// `put(t, v)` stores `y[t][o]`; `init` makes each task's scratch space.
-fn par_output_rows<S>(m: usize, n: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, usize, &mut dyn FnMut(usize, f32)) + Sync) -> Vec<f32> {
-    par_output_blocks(m, n, 1, init, |scratch, rows, put| {
+/// by one task); `out.put(t, v)` stores `y[t][o]`; `init` makes each task's scratch space.
+fn par_output_rows<S>(m: usize, n: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, usize, RowOut) + Sync) -> Vec<f32> {
+    par_output_blocks(m, n, 1, init, |scratch, rows, out| {
         for o in rows {
-            fill(scratch, o, &mut |t, v| put(t, o, v));
+            fill(scratch, o, RowOut { out, o });
         }
     })
 }
 
-/// [`par_output_rows`] for kernels that take `block` rows at a time: `fill(rows, put)` gets
-/// `block` consecutive columns (fewer at the end) and stores `y[t][o]` with `put(t, o, v)`.
-fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, std::ops::Range<usize>, &mut dyn FnMut(usize, usize, f32)) + Sync) -> Vec<f32> {
+/// [`par_output_rows`] for kernels that take `block` rows at a time: `fill(rows, out)` gets
+/// `block` consecutive columns (fewer at the end) and stores `y[t][o]` with `out.put(t, o, v)`.
+fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, std::ops::Range<usize>, BlockOut) + Sync) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     let ptr = SendPtr(y.as_mut_ptr());
     let blocks = n.div_ceil(block);
@@ -303,13 +338,8 @@ fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S +
         let mut scratch = init();
         for b in range {
             let rows = b * block..((b + 1) * block).min(n);
-            let cols = rows.clone();
-            fill(&mut scratch, rows, &mut |t, o, v| {
-                assert!(t < m && cols.contains(&o), "token {t} of {m}, row {o} outside {cols:?}");
-                // SAFETY: t < m and o < n index inside y; the block's columns belong to this
-                // task only.
-                unsafe { ptr.write(t * n + o, v) }
-            });
+            let out = BlockOut { ptr, m, n, first: rows.start, end: rows.end };
+            fill(&mut scratch, rows, out);
         }
     });
     y

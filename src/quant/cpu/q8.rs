@@ -59,7 +59,7 @@ impl Q8Weight {
             m,
             n,
             || (),
-            |_, o, put| {
+            |_, o, dst| {
                 let codes = &self.codes[o * k..(o + 1) * k];
                 let scales = &self.scales[o * k / 32..(o + 1) * k / 32];
                 let mut out = [0f32; TILE];
@@ -68,7 +68,7 @@ impl Q8Weight {
                     let tile = TILE.min(m - t0);
                     row_tile(path, codes, scales, &acts, t0, tile, &mut out);
                     for (i, v) in out[..tile].iter().enumerate() {
-                        put(t0 + i, *v);
+                        dst.put(t0 + i, *v);
                     }
                     t0 += tile;
                 }

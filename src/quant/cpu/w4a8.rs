@@ -133,7 +133,7 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
         n,
         ROWS,
         || if any_chunked { vec![0f32; 2 * ROWS * stride] } else { Vec::new() },
-        |chunk_tables, rows, put| {
+        |chunk_tables, rows, out| {
             let o0 = rows.start;
             let r_n = rows.len();
             // Global row -> (its weight's tables, the row within the weight).
@@ -141,8 +141,13 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                 let i = starts.partition_point(|&s| s <= o) - 1;
                 (&tables[i], o - starts[i])
             };
-            for (r, o) in rows.clone().enumerate() {
-                let (t, lo) = locate(o);
+            let (t0w, lo0) = locate(o0);
+            // The block's rows: usually all of one weight (shapes are multiples of ROWS), found
+            // by one lookup; a block across two weights looks each row up.
+            let one_weight = lo0 + r_n <= t0w.w.shape.n;
+            let at = |r: usize| if one_weight { (t0w, lo0 + r) } else { locate(o0 + r) };
+            for r in 0..r_n {
+                let (t, lo) = at(r);
                 if t.pow2 {
                     continue;
                 }
@@ -159,7 +164,7 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                 }
             }
             let row = |r: usize| {
-                let (t, lo) = locate(o0 + r);
+                let (t, lo) = at(r);
                 let (scales, zeros) = if t.pow2 {
                     let span = lo * (t.groups + 1)..(lo + 1) * (t.groups + 1);
                     (&t.table.scales[span.clone()], &t.table.scaled_zeros[span])
@@ -169,14 +174,14 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                 Row { codes: &t.w.codes[lo * k / 2..(lo + 1) * k / 2], scales, zeros, shift: t.shift, k }
             };
             let block: [Row; ROWS] = std::array::from_fn(|r| row(r.min(r_n - 1)));
-            let mut out = [[0f32; TILE]; ROWS];
+            let mut acc = [[0f32; TILE]; ROWS];
             let mut t0 = 0;
             while t0 < m {
                 let tile = TILE.min(m - t0);
-                block_tile(path, &block[..r_n], acts, t0, tile, &mut out);
-                for (r, out_r) in out[..r_n].iter().enumerate() {
-                    for (i, v) in out_r[..tile].iter().enumerate() {
-                        put(t0 + i, o0 + r, *v);
+                block_tile(path, &block[..r_n], acts, t0, tile, &mut acc);
+                for (r, acc_r) in acc[..r_n].iter().enumerate() {
+                    for (i, v) in acc_r[..tile].iter().enumerate() {
+                        out.put(t0 + i, o0 + r, *v);
                     }
                 }
                 t0 += tile;
