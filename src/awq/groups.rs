@@ -44,8 +44,8 @@ pub enum Condition {
     /// o_proj reads v_proj's output: channel for channel without grouped-query attention; with
     /// it each value head is repeated for the query heads that share it, so a scale folded into
     /// v_proj's rows must be shared by those repeats ([`super::scale::SharedHeads`]). AutoAWQ
-    /// searches the group only in the first case (equal weight shapes); awq-run in both unless
-    /// `--gqa-o-proj false`.
+    /// searches the group only in the first case (equal weight shapes), as awq-run does by
+    /// default; `--gqa-o-proj true` searches it in both.
     ValueIntoOutput,
 }
 

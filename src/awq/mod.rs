@@ -88,7 +88,8 @@ pub struct AwqOptions {
     /// AutoAWQ's duo scaling (x_mean and w_mean) instead of x_mean alone.
     pub duo_scaling: bool,
     /// Search o_proj's scales under grouped-query attention too, one per v channel shared by the
-    /// query heads that read it (AutoAWQ skips o_proj there); see [`groups::Condition`].
+    /// query heads that read it; off by default (AutoAWQ's behaviour: no measured gain on
+    /// SmolLM2, docs/AWQ.md); see [`groups::Condition`].
     pub gqa_o_proj: bool,
     /// Ratios tried: i / n_grid for i in 0..n_grid.
     pub n_grid: usize,
@@ -106,7 +107,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, gqa_o_proj: true, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, gqa_o_proj: false, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 

@@ -45,7 +45,7 @@ pub struct Args {
     pub no_clip: bool,
     /// AWQ: search o_proj's scales under grouped-query attention too (shared by the query heads
     /// of a value head), as for quantize.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub gqa_o_proj: bool,
     /// Tokens per calibration block for --fake-quant awq.
     #[arg(long, default_value_t = 512)]

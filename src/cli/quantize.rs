@@ -54,8 +54,9 @@ pub struct QuantArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub duo_scaling: bool,
     /// AWQ: search o_proj's scales under grouped-query attention too, one per v_proj channel
-    /// shared by the query heads that read it; false skips o_proj there, as AutoAWQ does.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// shared by the query heads that read it; false (the default) skips o_proj there, as
+    /// AutoAWQ does.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub gqa_o_proj: bool,
     /// Calibration blocks per forward chunk (memory vs. speed).
     #[arg(long, default_value_t = 4)]
