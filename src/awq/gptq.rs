@@ -29,37 +29,11 @@ pub struct GptqOptions {
     pub true_sequential: bool,
     /// Symmetric quantization: zero point fixed at `2^(bits-1)`, scale from max |w|.
     pub sym: bool,
-    /// How each group's range is chosen when its scale and zero are fixed.
-    pub range: GroupRange,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        Self { damp: 0.01, act_order: false, static_groups: true, true_sequential: true, sym: false, range: GroupRange::MinMax }
-    }
-}
-
-/// How GPTQ fixes a group's quantization range (per output row) when it reaches the group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GroupRange {
-    /// The group's minimum and maximum (the reference implementation).
-    MinMax,
-    /// The bounds, each shrunk toward zero by up to 45 % in steps of 5 % (10 × 10 candidates,
-    /// or 10 for symmetric quantization), that minimize the group's rounding error weighted
-    /// per column by `1 / [U]_jj²`, GPTQ's own objective for a column whose error the later
-    /// columns cannot take up (`U` the Cholesky factor of `H⁻¹`).
-    Search,
-}
-
-impl std::str::FromStr for GroupRange {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "minmax" => Ok(GroupRange::MinMax),
-            "search" => Ok(GroupRange::Search),
-            other => Err(Error::msg(format!("--gptq-range {other}: expected minmax or search"))),
-        }
+        Self { damp: 0.01, act_order: false, static_groups: true, true_sequential: true, sym: false }
     }
 }
 
@@ -220,44 +194,12 @@ impl Quantizer {
     }
 }
 
-/// Shrink steps per bound of [`GroupRange::Search`]: `1 - i/20` for `i < 10`.
-const RANGE_STEPS: usize = 10;
-
-/// Per-row params of the group of columns `cols` of `wt` (`[in][out]`, column-major weights; the
-/// columns in quantization order). `weight[j]` weighs column `j`'s rounding error in the range
-/// search ([`GroupRange::Search`]).
-fn group_params(wt: &[f64], out: usize, cols: impl Iterator<Item = usize> + Clone, q: &Quantizer, range: GroupRange, weight: &[f64]) -> Vec<Params> {
+/// Per-row params of the group of columns `cols` of `wt` (`[in][out]`, column-major weights).
+fn group_params(wt: &[f64], out: usize, cols: impl Iterator<Item = usize> + Clone, q: &Quantizer) -> Vec<Params> {
     (0..out)
         .map(|o| {
             let (mn, mx) = cols.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), c| (a.min(wt[c * out + o]), b.max(wt[c * out + o])));
-            if range == GroupRange::MinMax {
-                return q.params(mn, mx);
-            }
-            let error = |p: Params| -> f64 {
-                cols.clone()
-                    .map(|c| {
-                        let w = wt[c * out + o];
-                        let d = w - (q.code(w, p) - p.zero) * p.scale;
-                        weight[c] * d * d
-                    })
-                    .sum()
-            };
-            let lo_steps = if q.sym { 1 } else { RANGE_STEPS };
-            let mut best = (f64::INFINITY, q.params(mn, mx));
-            for i in 0..RANGE_STEPS {
-                for k in 0..lo_steps {
-                    let hi = mx * (1.0 - i as f64 / 20.0);
-                    // Symmetric: the candidate is the shrunk max |w| (params() takes the larger end).
-                    let lo = if q.sym { -(mn.abs().max(mx.abs())) * (1.0 - i as f64 / 20.0) } else { mn * (1.0 - k as f64 / 20.0) };
-                    let hi = if q.sym { -lo } else { hi };
-                    let p = q.params(lo, hi);
-                    let e = error(p);
-                    if e < best.0 {
-                        best = (e, p);
-                    }
-                }
-            }
-            best.1
+            q.params(mn, mx)
         })
         .collect()
 }
@@ -283,14 +225,10 @@ pub fn quantize_layer(w: &Tensor, prep: &Prepared, q: &Quantizer, o: &GptqOption
         }
     }
     let static_groups = prep.perm.is_some() && o.static_groups;
-    let n = prep.dim;
-    let u = &prep.u;
-    // The range search's weight of column j (quantization order): 1 / [U]_jj².
-    let col_weight: Vec<f64> = (0..n).map(|j| 1.0 / (u[j * n + j] * u[j * n + j])).collect();
     // Static groups: every group's params from the weight before any update, in natural order.
     let static_params: Vec<Vec<Params>> = if static_groups {
         let pos = inverse(&order);
-        (0..groups).map(|gi| group_params(&wt, out, (gi * g..(gi + 1) * g).map(|c| pos[c]), q, o.range, &col_weight)).collect()
+        (0..groups).map(|gi| group_params(&wt, out, (gi * g..(gi + 1) * g).map(|c| pos[c]), q)).collect()
     } else {
         Vec::new()
     };
@@ -298,6 +236,8 @@ pub fn quantize_layer(w: &Tensor, prep: &Prepared, q: &Quantizer, o: &GptqOption
     let mut codes = vec![0u8; inp * out];
     let mut current: Vec<Params> = Vec::new();
     let mut loss = 0f64;
+    let n = prep.dim;
+    let u = &prep.u;
     let bs = block_columns(g, inp);
     let mut i1 = 0;
     while i1 < inp {
@@ -308,7 +248,7 @@ pub fn quantize_layer(w: &Tensor, prep: &Prepared, q: &Quantizer, o: &GptqOption
                 &static_params[order[i] / g]
             } else {
                 if i % g == 0 {
-                    current = group_params(&wt, out, i..i + g, q, o.range, &col_weight);
+                    current = group_params(&wt, out, i..i + g, q);
                     stored[i / g] = current.clone();
                 }
                 &current
@@ -390,32 +330,6 @@ mod tests {
         assert_eq!(block_columns(96, 576), 192);
         assert_eq!(block_columns(256, 1024), 256);
         assert_eq!(block_columns(576, 576), 128);
-    }
-
-    #[test]
-    fn the_range_search_never_rounds_a_group_worse_than_its_extremes() {
-        let mut rng = crate::rng::Rng::new(7);
-        let (out, cols) = (5, 24);
-        let wt: Vec<f64> = (0..out * cols).map(|_| f64::from(rng.normal()) * if rng.next_f32() < 0.05 { 6.0 } else { 1.0 }).collect();
-        let weight: Vec<f64> = (0..cols).map(|_| 0.1 + f64::from(rng.next_f32()) * 3.0).collect();
-        for sym in [false, true] {
-            let q = Quantizer { scheme: QuantScheme::new(3, 0).unwrap(), sym, min_zero: 0.0 };
-            let error = |ps: &[Params], o: usize| -> f64 {
-                (0..cols).map(|c| {
-                    let w = wt[c * out + o];
-                    let d = w - (q.code(w, ps[o]) - ps[o].zero) * ps[o].scale;
-                    weight[c] * d * d
-                }).sum()
-            };
-            let plain = group_params(&wt, out, 0..cols, &q, GroupRange::MinMax, &weight);
-            let searched = group_params(&wt, out, 0..cols, &q, GroupRange::Search, &weight);
-            let mut better = 0;
-            for o in 0..out {
-                assert!(error(&searched, o) <= error(&plain, o) + 1e-12, "row {o} sym {sym}");
-                better += usize::from(error(&searched, o) < error(&plain, o) * 0.999);
-            }
-            assert!(better > 0, "heavy-tailed rows gain from a narrower range (sym {sym})");
-        }
     }
 
     #[test]

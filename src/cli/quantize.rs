@@ -85,12 +85,6 @@ pub struct GptqArgs {
     /// GPTQ: symmetric quantization (zero point fixed at 2^(bits-1)).
     #[arg(long)]
     pub sym: bool,
-    /// GPTQ: each group's range, fixed when the pass reaches it: minmax (the group's extremes,
-    /// as the reference does) or search (each bound shrunk by up to 45 %, the shrinks that
-    /// minimize the group's rounding error weighted by what the later columns cannot take up)
-    /// [default: minmax].
-    #[arg(long)]
-    pub gptq_range: Option<String>,
 }
 
 impl GptqArgs {
@@ -102,7 +96,6 @@ impl GptqArgs {
             (self.static_groups.is_some(), "--static-groups"),
             (self.true_sequential.is_some(), "--true-sequential"),
             (self.sym, "--sym"),
-            (self.gptq_range.is_some(), "--gptq-range"),
         ]
         .iter()
         .filter(|(g, _)| *g)
@@ -133,9 +126,6 @@ impl GptqArgs {
         o.static_groups = self.static_groups.unwrap_or(true);
         o.true_sequential = self.true_sequential.unwrap_or(true);
         o.sym = self.sym;
-        if let Some(r) = &self.gptq_range {
-            o.range = r.parse()?;
-        }
         Ok(o)
     }
 }
