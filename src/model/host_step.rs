@@ -307,20 +307,59 @@ fn attend(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usiz
     let mut out = vec![0f32; seqs.len() * h * hd];
     let n_rep = h / kvh;
     let out_ptr = SendPtr(out.as_mut_ptr());
+    // A task takes `per_task` consecutive query heads of one sequence. With enough sequences to
+    // keep every thread busy, that is all the query heads of one KV head: its keys and values
+    // are then read from memory once and from cache for the other heads (in a batched step the
+    // cache is most of what attention reads). One sequence alone keeps a head per task, so
+    // that its few tasks still split evenly over the threads.
+    let per_task = if seqs.len() * kvh >= 4 * pool::threads() { n_rep } else { 1 };
+    let tasks_per_seq = h / per_task;
     with_f32(kc, |k| {
         with_f32(vc, |v| {
-            pool::run(seqs.len() * h, &|task| {
-                let (si, head) = (task / h, task % h);
+            pool::run(seqs.len() * tasks_per_seq, &|task| {
+                let si = task / tasks_per_seq;
                 let s = &seqs[si];
-                let j = head / n_rep;
                 // candle's mask for a sliding window keeps positions p with p + window ≥ pos.
                 let first = window.map_or(0, |w| s.pos.saturating_sub(w));
-                let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
-                // SAFETY: each task writes its own (sequence, head) row of `out`.
-                let o = unsafe { out_ptr.row(si * h + head, hd) };
-                attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
+                for head in (task % tasks_per_seq) * per_task..(task % tasks_per_seq + 1) * per_task {
+                    let j = head / n_rep;
+                    let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
+                    // SAFETY: each task writes its own (sequence, head) rows of `out`.
+                    let o = unsafe { out_ptr.row(si * h + head, hd) };
+                    attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
+                }
             });
         })
     })??;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Enough sequences that each task takes all the query heads of a KV head, and one sequence
+    /// alone (a head per task): every output row equals the one head's attention on its own.
+    #[test]
+    fn attention_tasks_over_grouped_heads_match_one_head_at_a_time() {
+        let mut r = crate::rng::Rng::new(11);
+        let (h, kvh, hd, alloc) = (6, 2, 16, 40);
+        for n_seqs in [1, 2 * pool::threads()] {
+            let seqs: Vec<Seq> = (0..n_seqs).map(|i| Seq { pos: (7 * i + 3) % alloc, addr: Addr::HeadMajor { alloc, hd } }).collect();
+            let q: Vec<f32> = (0..n_seqs * h * hd).map(|_| r.unit()).collect();
+            let kv = |r: &mut crate::rng::Rng| Tensor::from_vec((0..kvh * alloc * hd).map(|_| r.unit()).collect::<Vec<f32>>(), (1, kvh, alloc, hd), &Device::Cpu).unwrap();
+            let (kc, vc) = (kv(&mut r), kv(&mut r));
+            let got = attend(&q, &kc, &vc, &seqs, h, kvh, hd, 0.25, None).unwrap();
+            let (k, v) = (host_vec(&kc).unwrap(), host_vec(&vc).unwrap());
+            for (si, s) in seqs.iter().enumerate() {
+                for head in 0..h {
+                    let j = head / (h / kvh);
+                    let mut want = vec![0f32; hd];
+                    let qv = &q[(si * h + head) * hd..][..hd];
+                    attention_cpu::attend_head(qv, 0..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], 0.25, &mut want);
+                    assert_eq!(&got[(si * h + head) * hd..][..hd], &want[..], "{n_seqs} sequences: sequence {si} head {head}");
+                }
+            }
+        }
+    }
 }
