@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side CPU speed: llama.cpp (llama-bench) against awq-run on SmolLM2-135M-Instruct, measured
-# in the same run on the same machine.
+# in the same run on the same machine; then the same on a TinyLlama-1.1B-shaped model with random
+# weights (too big for the caches: the memory-bound comparison point), written as an F16 GGUF by
+# scripts/tinyllama_gguf.py (Python package `gguf`) and quantized by llama.cpp's llama-quantize,
+# against awq-run's `--dummy-weights --config tinyllama-1.1b --weights w4`.
 #
 #   scripts/bench-llama-cpp.sh [THREADS]      (default 2)
 #
@@ -79,6 +82,33 @@ for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-
 import json, sys
 pp, tg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print("| awq-run | %s (%s) | %.1f | %.1f |" % (pp["weights"], pp["cpu_kernel"], pp["prefill_tok_s"], tg["decode_tok_s"]))' "$pp" "$tg"
+done
+
+TL=$DEV/tinyllama-Q4_0.gguf
+if [ ! -f "$TL" ]; then
+  python3 -c 'import gguf' 2>/dev/null || python3 -m pip install --quiet gguf
+  python3 scripts/tinyllama_gguf.py "$DEV/tinyllama-f16.gguf"
+  "$DEV/build/bin/llama-quantize" "$DEV/tinyllama-f16.gguf" "$TL" Q4_0 >/dev/null 2>&1
+  rm -f "$DEV/tinyllama-f16.gguf"
+fi
+echo
+echo "| engine (TinyLlama-1.1B shape, random weights) | weights | pp512 tok/s | tg128 tok/s |"
+echo "|---|---|---|---|"
+"$DEV/build/bin/llama-bench" -m "$TL" -t "$T" -p 512 -n 128 -r 3 -o json 2>/dev/null \
+  | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)
+pp = [r["avg_ts"] for r in rows if r["n_prompt"] > 0]
+tg = [r["avg_ts"] for r in rows if r["n_gen"] > 0]
+print(f"| llama.cpp | Q4_0 | {pp[0]:.1f} | {tg[0]:.1f} |")'
+for g in 128 64; do
+  args="--dummy-weights --config tinyllama-1.1b --weights w4 --group-size $g"
+  pp=$("$B" bench $args --threads "$T" --prompt-len 512 --gen 1 --repeats 3 --json 2>/dev/null)
+  tg=$("$B" bench $args --threads "$T" --prompt-len 1 --gen 128 --repeats 3 --json 2>/dev/null)
+  python3 -c '
+import json, sys
+pp, tg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print("| awq-run | %s g%s (%s) | %.1f | %.1f |" % (pp["weights"], sys.argv[3], pp["cpu_kernel"], pp["prefill_tok_s"], tg["decode_tok_s"]))' "$pp" "$tg" "$g"
 done
 echo
 echo "threads: $T; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON"
