@@ -61,27 +61,39 @@ for q in Q4_0 Q4_K_M; do
   [ -f "$DEV/smollm2-$q.gguf" ] || "$DEV/build/bin/llama-quantize" --allow-requantize "$GGUF" "$DEV/smollm2-$q.gguf" "$q" >/dev/null 2>&1
 done
 
-echo "| engine | weights | pp512 tok/s | tg128 tok/s |"
-echo "|---|---|---|---|"
-for q in Q4_0 Q4_K_M; do
-  "$DEV/build/bin/llama-bench" -m "$DEV/smollm2-$q.gguf" -t "$T" -p 512 -n 128 -r 5 -o json 2>/dev/null \
+# llama_row GGUF LABEL REPEATS: llama.cpp's row, from llama-bench's pp512 (a 512-token prompt)
+# and tg128 (128 tokens generated from an empty context).
+llama_row() {
+  "$DEV/build/bin/llama-bench" -m "$1" -t "$T" -p 512 -n 128 -r "$3" -o json 2>/dev/null \
     | python3 -c '
 import json, sys
 rows = json.load(sys.stdin)
 pp = [r["avg_ts"] for r in rows if r["n_prompt"] > 0]
 tg = [r["avg_ts"] for r in rows if r["n_gen"] > 0]
-print(f"| llama.cpp | {sys.argv[1]} | {pp[0]:.1f} | {tg[0]:.1f} |")' "$q"
-done
-# llama-bench's pp512 is a 512-token prompt and its tg128 128 tokens generated from an empty
-# context; awq-run's bench is asked the same two things (a 1-token prompt for the second).
-for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-instruct --requant q4_0" \
-  "--model $AWQ --cpu-kernel exact --cpu-head f16" "--model $AWQ --cpu-kernel w4a8 --cpu-head int8"; do
-  pp=$("$B" bench $args --threads "$T" --prompt-len 512 --gen 1 --repeats 5 --json 2>/dev/null)
-  tg=$("$B" bench $args --threads "$T" --prompt-len 1 --gen 128 --repeats 5 --json 2>/dev/null)
+print(f"| llama.cpp | {sys.argv[1]} | {pp[0]:.1f} | {tg[0]:.1f} |")' "$2"
+}
+# awq_row REPEATS BENCH_ARGS...: awq-run's row, its bench asked the same two things (a 1-token
+# prompt for the second).
+awq_row() {
+  local r=$1; shift
+  local pp tg
+  pp=$("$B" bench "$@" --threads "$T" --prompt-len 512 --gen 1 --repeats "$r" --json 2>/dev/null)
+  tg=$("$B" bench "$@" --threads "$T" --prompt-len 1 --gen 128 --repeats "$r" --json 2>/dev/null)
   python3 -c '
 import json, sys
 pp, tg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print("| awq-run | %s (%s) | %.1f | %.1f |" % (pp["weights"], pp["cpu_kernel"], pp["prefill_tok_s"], tg["decode_tok_s"]))' "$pp" "$tg"
+}
+
+echo "| engine | weights | pp512 tok/s | tg128 tok/s |"
+echo "|---|---|---|---|"
+for q in Q4_0 Q4_K_M; do
+  llama_row "$DEV/smollm2-$q.gguf" "$q" 5
+done
+for args in "--model models/smollm2-135m-instruct" "--model models/smollm2-135m-instruct --requant q4_0" \
+  "--model $AWQ --cpu-kernel exact --cpu-head f16" "--model $AWQ --cpu-kernel w4a8 --cpu-head int8"; do
+  # shellcheck disable=SC2086
+  awq_row 5 $args
 done
 
 TL=$DEV/tinyllama-Q4_0.gguf
@@ -94,21 +106,9 @@ fi
 echo
 echo "| engine (TinyLlama-1.1B shape, random weights) | weights | pp512 tok/s | tg128 tok/s |"
 echo "|---|---|---|---|"
-"$DEV/build/bin/llama-bench" -m "$TL" -t "$T" -p 512 -n 128 -r 3 -o json 2>/dev/null \
-  | python3 -c '
-import json, sys
-rows = json.load(sys.stdin)
-pp = [r["avg_ts"] for r in rows if r["n_prompt"] > 0]
-tg = [r["avg_ts"] for r in rows if r["n_gen"] > 0]
-print(f"| llama.cpp | Q4_0 | {pp[0]:.1f} | {tg[0]:.1f} |")'
+llama_row "$TL" Q4_0 3
 for g in 128 64; do
-  args="--dummy-weights --config tinyllama-1.1b --weights w4 --group-size $g"
-  pp=$("$B" bench $args --threads "$T" --prompt-len 512 --gen 1 --repeats 3 --json 2>/dev/null)
-  tg=$("$B" bench $args --threads "$T" --prompt-len 1 --gen 128 --repeats 3 --json 2>/dev/null)
-  python3 -c '
-import json, sys
-pp, tg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print("| awq-run | %s g%s (%s) | %.1f | %.1f |" % (pp["weights"], sys.argv[3], pp["cpu_kernel"], pp["prefill_tok_s"], tg["decode_tok_s"]))' "$pp" "$tg" "$g"
+  awq_row 3 --dummy-weights --config tinyllama-1.1b --weights w4 --group-size "$g"
 done
 echo
 echo "threads: $T; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON"

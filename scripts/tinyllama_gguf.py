@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes an F16 GGUF of TinyLlama-1.1B's shape with random weights, for the CPU speed comparison
-against llama.cpp on a model too big for the caches (scripts/bench-llama-cpp.sh --tinyllama).
+against llama.cpp on a model too big for the caches (the second table of scripts/bench-llama-cpp.sh).
 
 The shape is awq-run's `--dummy-weights --config tinyllama-1.1b` preset: hidden 2048,
 intermediate 5632, 22 layers, 32 query heads and 4 KV heads, vocabulary 32000, untied head.
