@@ -49,6 +49,12 @@ ROWS=(
   "awqgptq4|AWQ+GPTQ w4g64 act-order|awq+gptq:4:64|--act-order"
   "gptq3-act|GPTQ w3g64 act-order|gptq:3:64|--act-order --static-groups false"
   "awqgptq3|AWQ+GPTQ w3g64 act-order|awq+gptq:3:64|--act-order"
+  "gptq4-prop|GPTQ w4g64 act-order, error propagation 0.5|gptq:4:64|--act-order --static-groups false --propagate 0.5"
+  "awqgptq4-prop|AWQ+GPTQ w4g64 act-order, error propagation 0.5|awq+gptq:4:64|--act-order --propagate 0.5"
+  "awqgptq4-propd|AWQ+GPTQ w4g64 act-order, error propagation 0.5 (down_proj too)|awq+gptq:4:64|--act-order --propagate 0.5 --propagate-down-proj true"
+  "gptq3-prop|GPTQ w3g64 act-order, error propagation 0.5|gptq:3:64|--act-order --static-groups false --propagate 0.5"
+  "awqgptq3-prop|AWQ+GPTQ w3g64 act-order, error propagation 0.5|awq+gptq:3:64|--act-order --propagate 0.5"
+  "awqgptq3-propd|AWQ+GPTQ w3g64 act-order, error propagation 0.5 (down_proj too)|awq+gptq:3:64|--act-order --propagate 0.5 --propagate-down-proj true"
   "gptq4|GPTQ w4g64|gptq:4:64|"
   "rtn4g32|RTN w4g32|rtn:4:32|"
   "awq4g32|AWQ w4g32|awq:4:32|"
@@ -80,12 +86,15 @@ measure() {
 selected() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
 (
   measure fp &
-  for row in "${ROWS[@]}"; do
-    IFS='|' read -r name label fq extra <<< "$row"
-    selected "$name" || continue
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-    # shellcheck disable=SC2086
-    measure "$name" --fake-quant "$fq" $extra &
+  # The slowest methods start first, so that with --jobs the last rows to finish are short ones.
+  for method in awq+gptq gptq awq rtn; do
+    for row in "${ROWS[@]}"; do
+      IFS='|' read -r name label fq extra <<< "$row"
+      [ "${fq%%:*}" = "$method" ] && selected "$name" || continue
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+      # shellcheck disable=SC2086
+      measure "$name" --fake-quant "$fq" $extra &
+    done
   done
   wait
 ) &
@@ -113,7 +122,7 @@ import os
 fp512, fp2048, p512, p2048, secs = $FP512, $FP2048, $P512, $P2048, $SECS
 r512, r2048 = ${RTN512[$key]:-None}, ${RTN2048[$key]:-None}
 rtn = os.environ['FQ'].startswith('rtn')
-share = lambda r, p, fp: '' if r is None or rtn else f'{(r - p) / (r - fp) * 100:.0f} %'
+share = lambda r, p, fp: '' if r is None or rtn else f'{(r - p) / (r - fp) * 100:.1f} %'
 print(f\"| {os.environ['LABEL']} | {p512:.3f} | {p512 - fp512:+.3f} | {share(r512, p512, fp512)} | {p2048:.3f} | {p2048 - fp2048:+.3f} | {share(r2048, p2048, fp2048)} | {secs:.0f} s |\")"
 done
 echo

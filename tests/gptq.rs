@@ -151,7 +151,7 @@ fn check(c: Case, seed: u64) {
     let damp = 0.01;
     let (codes, dq, loss) = reference(&w64, &h, &c, damp);
 
-    let o = GptqOptions { damp, act_order: c.act_order, static_groups: c.static_groups, true_sequential: true, sym: c.sym };
+    let o = GptqOptions { damp, act_order: c.act_order, static_groups: c.static_groups, true_sequential: true, sym: c.sym, propagate: 0.0, propagate_down: false };
     let prep = Prepared::new(&Hessian { h, dim: c.inp, tokens }, &o, "test layer").unwrap();
     let q = Quantizer { scheme: QuantScheme::new(c.bits, c.group).unwrap(), sym: c.sym, min_zero: c.min_zero };
     let w = Tensor::from_vec(w32, (c.out, c.inp), &Device::Cpu).unwrap();

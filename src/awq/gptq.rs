@@ -29,11 +29,18 @@ pub struct GptqOptions {
     pub true_sequential: bool,
     /// Symmetric quantization: zero point fixed at `2^(bits-1)`, scale from max |w|.
     pub sym: bool,
+    /// Error propagation (0 = off): before rounding, each weight moves this fraction of the way
+    /// towards the weight that best maps the quantized stream's inputs to the full-precision
+    /// outputs ([`propagation_target`]).
+    pub propagate: f64,
+    /// Error propagation into down_proj as well (QEP's reference leaves it out: its inputs are
+    /// the widest and the most prone to being overfitted).
+    pub propagate_down: bool,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        Self { damp: 0.01, act_order: false, static_groups: true, true_sequential: true, sym: false }
+        Self { damp: 0.01, act_order: false, static_groups: true, true_sequential: true, sym: false, propagate: 0.0, propagate_down: false }
     }
 }
 
@@ -144,6 +151,43 @@ impl Prepared {
     pub fn order(&self) -> Option<&[usize]> {
         self.perm.as_deref()
     }
+}
+
+/// `D = (2/n) (X_fp − X_q)ᵀ X_q` for one input (`[..., in]` each, the same tokens): how the
+/// quantized stream's inputs `X_q` have drifted from the full-precision ones `X_fp`, in the
+/// units of [`Hessian`].
+pub fn input_drift(x_fp: &Tensor, x_q: &Tensor) -> Result<Tensor> {
+    let dim = x_q.dim(candle_core::D::Minus1)?;
+    let q = x_q.to_dtype(DType::F32)?.reshape(((), dim))?;
+    let f = x_fp.to_dtype(DType::F32)?.reshape(((), dim))?;
+    if f.dims() != q.dims() {
+        return Err(Error::msg(format!("GPTQ: full-precision inputs {:?} against quantized-stream inputs {:?}", f.dims(), q.dims())));
+    }
+    let n = q.dim(0)?;
+    Ok((f.sub(&q)?.t()?.matmul(&q)? * (2.0 / n as f64))?)
+}
+
+/// The weight GPTQ rounds under error propagation (docs/GPTQ.md, "Error propagation"):
+/// `w + alpha · w · D · H⁻¹`, with `D` the [`input_drift`] and `H⁻¹` the dampened inverse that
+/// `prep` factors. At `alpha = 1` it minimises `‖X_fp wᵀ − X_q w'ᵀ‖²` (plus the dampening), so
+/// that the layer undoes the error the layers before it left in its inputs instead of
+/// reproducing the full-precision weight on drifted inputs.
+pub fn propagation_target(w: &Tensor, drift: &Tensor, prep: &Prepared, alpha: f64) -> Result<Tensor> {
+    let (_, inp) = w.dims2()?;
+    let n = prep.dim;
+    if inp != n || drift.dims2()? != (n, n) {
+        return Err(Error::msg(format!("GPTQ: a {inp}-input weight with a {n}x{n} Hessian and a {:?} drift", drift.dims())));
+    }
+    let device = w.device();
+    let r = w.to_dtype(DType::F32)?.matmul(&drift.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
+    // H⁻¹ = P Uᵀ U Pᵀ where `prep.u` is the upper factor of the permuted inverse.
+    let order: Vec<u32> = prep.perm.as_ref().map_or_else(|| (0..n as u32).collect(), |p| p.iter().map(|&c| c as u32).collect());
+    let back: Vec<u32> = inverse(&order.iter().map(|&c| c as usize).collect::<Vec<_>>()).into_iter().map(|j| j as u32).collect();
+    let u = Tensor::from_vec(prep.u.clone(), (n, n), device)?;
+    let r = r.index_select(&Tensor::new(order.as_slice(), device)?, 1)?;
+    let r = r.matmul(&u.t()?)?.matmul(&u)?;
+    let r = r.index_select(&Tensor::new(back.as_slice(), device)?, 1)?;
+    Ok((w.to_dtype(DType::F32)? + (r * alpha)?.to_dtype(DType::F32)?)?)
 }
 
 /// A layer as GPTQ quantized it.
@@ -330,6 +374,41 @@ mod tests {
         assert_eq!(block_columns(96, 576), 192);
         assert_eq!(block_columns(256, 1024), 256);
         assert_eq!(block_columns(576, 576), 128);
+    }
+
+    #[test]
+    fn the_propagation_target_solves_the_dampened_least_squares() {
+        // (w' − w) · H_d = alpha · w · D is the normal equation of
+        // min ‖X_fp wᵀ − X_q w'ᵀ‖² + λ‖w' − w‖² (scaled by alpha), with H_d = H + λI.
+        let dev = Device::Cpu;
+        let (n, inp, out) = (300, 12, 5);
+        let x_fp = Tensor::randn(0f32, 1.0, (n, inp), &dev).unwrap();
+        let x_q = (&x_fp + Tensor::randn(0f32, 0.2, (n, inp), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+        let h = Hessian::of_inputs(&x_q).unwrap();
+        let d = input_drift(&x_fp, &x_q).unwrap();
+        for act_order in [false, true] {
+            let o = GptqOptions { act_order, ..GptqOptions::default() };
+            let prep = Prepared::new(&h, &o, "t").unwrap();
+            let alpha = 0.7;
+            let t = propagation_target(&w, &d, &prep, alpha).unwrap();
+            let mean_diag = (0..inp).map(|i| h.h[i * inp + i]).sum::<f64>() / inp as f64;
+            let mut hd = h.h.clone();
+            for i in 0..inp {
+                hd[i * inp + i] += prep.damp * mean_diag;
+            }
+            let hd = Tensor::from_vec(hd, (inp, inp), &dev).unwrap();
+            let w64 = w.to_dtype(DType::F64).unwrap();
+            let lhs = (t.to_dtype(DType::F64).unwrap() - &w64).unwrap().matmul(&hd).unwrap();
+            let rhs = (w64.matmul(&d.to_dtype(DType::F64).unwrap()).unwrap() * alpha).unwrap();
+            let err = (lhs - &rhs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let scale = rhs.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(err <= 1e-4 * scale, "act_order {act_order}: residual {err} of {scale}");
+        }
+        // Without drift the target is the weight itself.
+        let prep = Prepared::new(&h, &GptqOptions::default(), "t").unwrap();
+        let t = propagation_target(&w, &input_drift(&x_q, &x_q).unwrap(), &prep, 1.0).unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! order the inputs of o_proj, gate/up and down_proj are captured again through the layers
 //! already quantized, so each stage compensates the errors of the earlier ones. AWQ+GPTQ first
 //! runs AWQ's search, folding and clipping ([`super::awq_fold`]) and rounds the scaled weights.
-//! As in the GPTQ reference, the quantized block's output is the next block's input.
-use super::gptq::{quantize_layer, Hessian, Prepared, Quantizer};
+//! As in the GPTQ reference, the quantized block's output is the next block's input. With error
+//! propagation the full-precision model runs beside it, one block at a time, and each layer is
+//! rounded towards the weight that maps the quantized stream's inputs to the full-precision
+//! outputs (docs/GPTQ.md, "Error propagation").
+use super::gptq::{input_drift, propagation_target, quantize_layer, Hessian, Prepared, Quantizer};
 use super::{awq_fold, chunked, clip, forward_capture, input_of, layer_output_mse, check_finite, scale, AwqOptions, LayerReport, Method, REPORT_TOKENS};
 use crate::error::{Error, Result};
 use crate::linear::QuantLinear;
@@ -25,12 +28,28 @@ fn reader(p: Proj) -> Proj {
     }
 }
 
-/// GPTQ (or AWQ+GPTQ) for one block: returns the quantized block and its output on `x`.
-pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, dtype: DType, o: &AwqOptions, rec: &mut super::Records) -> Result<(Block, Tensor)> {
-    let mut work = match o.method {
-        Method::AwqGptq => awq_fold(block, idx, x, ctx, o, rec)?.dense_block(block, dtype)?,
-        Method::Gptq => block.clone(),
+/// GPTQ (or AWQ+GPTQ) for one block: returns the quantized block and its output on `x`, and
+/// with error propagation (`x_fp`: the full-precision model's input to this block) the
+/// full-precision block's output on `x_fp`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Tensor>, ctx: &BlockContext, dtype: DType, o: &AwqOptions, rec: &mut super::Records) -> Result<(Block, Tensor, Option<Tensor>)> {
+    // The scales AWQ folded into each layer's columns: the full-precision inputs are divided by them.
+    let (mut work, col_scale) = match o.method {
+        Method::AwqGptq => {
+            let f = awq_fold(block, idx, x, ctx, o, rec)?;
+            (f.dense_block(block, dtype)?, f.col_scale)
+        }
+        Method::Gptq => (block.clone(), vec![None; Proj::ALL.len()]),
         m => return Err(Error::msg(format!("{}: not a GPTQ method", m.name()))),
+    };
+    let fp = x_fp.map(|xf| forward_capture(block, xf, ctx, o.batch)).transpose()?;
+    let fp_input = |l: Proj| -> Result<Option<Tensor>> {
+        let Some((_, caps)) = fp.as_ref() else { return Ok(None) };
+        let xin = input_of(caps, l)?;
+        Ok(Some(match &col_scale[l.index()] {
+            Some(s) => xin.broadcast_div(s)?,
+            None => xin,
+        }))
     };
     let quantizer = Quantizer {
         scheme: o.params,
@@ -48,29 +67,40 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockConte
             caps = Some(forward_capture(&work, x, ctx, o.batch)?.1);
         }
         let caps = caps.as_ref().ok_or_else(|| Error::msg("GPTQ: no captured inputs"))?;
-        let mut prepared: Vec<(Proj, Prepared)> = Vec::new();
+        let mut prepared: Vec<(Proj, Prepared, Option<Tensor>)> = Vec::new();
         for &l in stage.iter() {
             let name = format!("model.layers.{idx}.{}", l.hf_name());
             let xin = input_of(caps, l)?;
             let r = reader(l);
-            if !prepared.iter().any(|(p, _)| *p == r) {
+            let propagates = l != Proj::Down || o.gptq.propagate_down;
+            let xfp = if propagates { fp_input(l)? } else { None };
+            if !prepared.iter().any(|(p, _, _)| *p == r) {
                 let h = Hessian::of_inputs(&xin).map_err(|e| Error::msg(format!("{name}: {e}")))?;
                 let what = stage.iter().filter(|&&p| reader(p) == r).map(|p| format!("model.layers.{idx}.{}", p.hf_name())).collect::<Vec<_>>().join(", ");
-                prepared.push((r, Prepared::new(&h, &o.gptq, &what)?));
+                let drift = xfp.as_ref().map(|xf| input_drift(xf, &xin)).transpose().map_err(|e| Error::msg(format!("{name}: {e}")))?;
+                prepared.push((r, Prepared::new(&h, &o.gptq, &what)?, drift));
             }
-            let prep = &prepared.iter().find(|(p, _)| *p == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?.1;
+            let (_, prep, drift) = prepared.iter().find(|(p, _, _)| *p == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
             let lin = work.linear(l).clone();
             let w = lin.dense_weight()?.to_dtype(DType::F32)?;
-            let q = quantize_layer(&w, prep, &quantizer, &o.gptq, &device).map_err(|e| Error::msg(format!("{name}: {e}")))?;
+            let target = match drift {
+                Some(d) => propagation_target(&w, d, prep, o.gptq.propagate).map_err(|e| Error::msg(format!("{name}: {e}")))?,
+                None => w.clone(),
+            };
+            let q = quantize_layer(&target, prep, &quantizer, &o.gptq, &device).map_err(|e| Error::msg(format!("{name}: {e}")))?;
             let bias = lin.bias().map(|b| b.to_dtype(DType::F16)?.to_dtype(DType::F32)).transpose()?;
             let mut ql = QuantLinear::new(q.weight, bias, dtype, &device)?;
             if let Some(perm) = q.perm {
                 ql = ql.with_input_perm(perm)?;
             }
             let ql = ql.into_linear();
-            // The layer's error on its own (subsampled) inputs: round-to-nearest and GPTQ.
+            // The layer's error on its own (subsampled) inputs: round-to-nearest and GPTQ; under
+            // error propagation against the full-precision layer on the full-precision inputs.
             let xs = clip::subsample_tokens(&xin, REPORT_TOKENS)?;
-            let want = xs.matmul(&w.t()?)?;
+            let want = match &xfp {
+                Some(xf) => clip::subsample_tokens(xf, REPORT_TOKENS)?.matmul(&w.t()?)?,
+                None => xs.matmul(&w.t()?)?,
+            };
             reports.push(LayerReport {
                 block: idx,
                 layer: l.name().to_string(),
@@ -88,5 +118,5 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, ctx: &BlockConte
     rec.layers.extend(reports);
     let y = chunked(x, o.batch, |xc| work.forward(xc, ctx, None, None))?;
     check_finite(&y, &format!("block {idx} output"))?;
-    Ok((work, y))
+    Ok((work, y, fp.map(|(y_fp, _)| y_fp)))
 }

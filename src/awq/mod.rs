@@ -501,7 +501,9 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             let x = embed.index_select(&tokens.flatten_all()?, 0)?.reshape((n_calib, seqlen, cfg.hidden_size))?;
             let rope = Rope::new(cfg, seqlen, DType::F32, &device)?;
             let mask = causal_mask(seqlen, 0, cfg.sliding_window, DType::F32, &device)?;
-            Some((x, rope, mask))
+            // Error propagation runs the full-precision model beside the quantized one.
+            let x_fp = (m.uses_gptq() && o.gptq.propagate > 0.0).then(|| x.clone());
+            Some((x, x_fp, rope, mask))
         }
         (Method::Rtn, _) => None,
         (m, _) => return Err(Error::msg(format!("{} needs calibration data", m.name()))),
@@ -512,13 +514,17 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             .map_err(|e| Error::msg(format!("model.layers.{i}: {e}")))?;
         let q = match state.as_mut() {
             None => rtn_block(&block, o.params, vb.dtype())?,
-            Some((x, rope, mask)) => {
+            Some((x, x_fp, rope, mask)) => {
                 let ctx = BlockContext::new(rope, 0, mask.as_ref(), None);
-                let (q, y) = match o.method {
-                    Method::Awq => awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?,
-                    _ => gptq_pass::gptq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?,
+                let (q, y, y_fp) = match o.method {
+                    Method::Awq => {
+                        let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?;
+                        (q, y, None)
+                    }
+                    _ => gptq_pass::gptq_block(&block, i, x, x_fp.as_ref(), &ctx, vb.dtype(), o, &mut rec)?,
                 };
                 *x = y;
+                *x_fp = y_fp;
                 q
             }
         };

@@ -85,6 +85,13 @@ pub struct GptqArgs {
     /// GPTQ: symmetric quantization (zero point fixed at 2^(bits-1)).
     #[arg(long)]
     pub sym: bool,
+    /// GPTQ: error propagation strength in [0, 1]; each layer is rounded towards the weight that
+    /// maps its drifted (quantized-stream) inputs to the full-precision outputs [default: 0, off].
+    #[arg(long, value_name = "ALPHA")]
+    pub propagate: Option<f64>,
+    /// GPTQ with --propagate: propagate into down_proj too [default: false, as QEP's reference].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub propagate_down_proj: Option<bool>,
 }
 
 impl GptqArgs {
@@ -96,6 +103,8 @@ impl GptqArgs {
             (self.static_groups.is_some(), "--static-groups"),
             (self.true_sequential.is_some(), "--true-sequential"),
             (self.sym, "--sym"),
+            (self.propagate.is_some(), "--propagate"),
+            (self.propagate_down_proj.is_some(), "--propagate-down-proj"),
         ]
         .iter()
         .filter(|(g, _)| *g)
@@ -126,6 +135,16 @@ impl GptqArgs {
         o.static_groups = self.static_groups.unwrap_or(true);
         o.true_sequential = self.true_sequential.unwrap_or(true);
         o.sym = self.sym;
+        if let Some(a) = self.propagate {
+            if !(0.0..=1.0).contains(&a) {
+                anyhow::bail!("--propagate {a}: expected a strength between 0 and 1");
+            }
+            o.propagate = a;
+        }
+        if self.propagate_down_proj.is_some() && o.propagate == 0.0 {
+            anyhow::bail!("--propagate-down-proj: applies with --propagate only");
+        }
+        o.propagate_down = self.propagate_down_proj.unwrap_or(false);
         Ok(o)
     }
 }
