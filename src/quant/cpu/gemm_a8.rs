@@ -41,21 +41,32 @@ struct Panel {
     zeros: Vec<f32>,
     /// Rows of the panel that exist (the last panel may be short; the rest are zero).
     rows: usize,
+    /// Packed codes of a row of zeros, read in place of the rows a short panel lacks.
+    zero_row: Vec<u8>,
 }
 
 impl Panel {
     fn new(k: usize, groups: usize) -> Self {
-        Self { codes: vec![0; k / 32 * 8 * PANEL_ROWS], scales: vec![0.0; groups * PANEL_ROWS], zeros: vec![0.0; groups * PANEL_ROWS], rows: 0 }
+        Self {
+            codes: vec![0; k / 32 * 8 * PANEL_ROWS],
+            scales: vec![0.0; groups * PANEL_ROWS],
+            zeros: vec![0.0; groups * PANEL_ROWS],
+            rows: 0,
+            zero_row: vec![0; k / 2],
+        }
     }
 
     /// Unpacks global rows `r0 ..` (up to [`PANEL_ROWS`], fewer at the end of `map`).
+    ///
+    /// This runs once per panel per call, whatever the token count, so at a few tokens it is a
+    /// large share of the GEMM's time: the codes are transposed with vector shuffles
+    /// ([`x86::unpack_codes`]), not moved one word at a time.
     fn fill(&mut self, map: &RowMap, r0: usize, k: usize, groups: usize) {
         self.rows = PANEL_ROWS.min(map.n - r0);
-        let chunks = k / 32;
-        self.codes.fill(0);
         self.scales.fill(0.0);
         self.zeros.fill(0.0);
-        for i in 0..self.rows {
+        let mut rows: [&[u8]; PANEL_ROWS] = [&self.zero_row; PANEL_ROWS];
+        for (i, row) in rows.iter_mut().enumerate().take(self.rows) {
             let (w, o) = map.locate(r0 + i);
             let table = w.scales_f32();
             let g = w.groups();
@@ -63,19 +74,16 @@ impl Panel {
                 self.scales[gi * PANEL_ROWS + i] = table.scales[o * (g + 1) + gi];
                 self.zeros[gi * PANEL_ROWS + i] = table.scaled_zeros[o * (g + 1) + gi];
             }
-            let row = &w.codes[o * k / 2..(o + 1) * k / 2];
-            let (half, lane) = (i / 16, i % 16);
-            for c in 0..chunks {
-                // Chunk c's byte j holds input j (low nibble) and input j + 16 (high nibble).
-                let bytes = &row[c * 16..c * 16 + 16];
-                for s in 0..4 {
-                    let d = u32::from_le_bytes([bytes[4 * s], bytes[4 * s + 1], bytes[4 * s + 2], bytes[4 * s + 3]]);
-                    // Step s holds inputs 4s .. 4s+3: low nibbles for s < 4, high ones for s ≥ 4.
-                    self.codes[((c * 8 + s) * 2 + half) * 16 + lane] = d & 0x0F0F_0F0F;
-                    self.codes[((c * 8 + s + 4) * 2 + half) * 16 + lane] = (d >> 4) & 0x0F0F_0F0F;
-                }
-            }
+            *row = &w.codes[o * k / 2..(o + 1) * k / 2];
         }
+        // SAFETY: the GEMM runs only where `available()` holds (AVX512F and BW); every row
+        // holds k / 2 bytes and `codes` k / 32 · 8 · PANEL_ROWS words.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::unpack_codes(&rows, k / 32, &mut self.codes)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = rows;
     }
 }
 
@@ -131,6 +139,68 @@ struct Out {
 mod x86 {
     use super::{Out, Panel, QuantizedActs, PANEL_ROWS};
     use std::arch::x86_64::*;
+
+    /// Writes `codes` in [`Panel`]'s layout from 32 rows of packed codes (`k / 2` bytes each,
+    /// chunk `c`'s byte `j` holding input `j` in its low nibble and input `j + 16` in its high
+    /// one). Per chunk and 16 rows: the rows' 16 bytes (4 words each) are a 16 × 4 matrix of
+    /// words, transposed in registers into one vector per word (step), whose low nibbles are
+    /// steps 0–3 and high nibbles steps 4–7.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F; every row must hold `chunks · 16` bytes and `codes` at least
+    /// `chunks · 8 · PANEL_ROWS` words.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn unpack_codes(rows: &[&[u8]; PANEL_ROWS], chunks: usize, codes: &mut [u32]) {
+        debug_assert!(rows.iter().all(|r| r.len() >= chunks * 16) && codes.len() >= chunks * 8 * PANEL_ROWS);
+        // Within 4 rows' 16 words (row-major), word w of row r goes to position 4w + r.
+        let by_word = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let nibbles = _mm512_set1_epi32(0x0F0F_0F0F);
+        let out = codes.as_mut_ptr();
+        for half in 0..2 {
+            let r = &rows[half * 16..half * 16 + 16];
+            for c in 0..chunks {
+                // (No closures here: they would not inherit this function's target features.)
+                let mut p = [std::ptr::null::<__m128i>(); 16];
+                for (p, row) in p.iter_mut().zip(r) {
+                    *p = row.as_ptr().add(c * 16) as *const __m128i;
+                }
+                // Sixteen rows are read side by side, more streams than the hardware prefetcher
+                // follows: ask for each row's line 8 chunks (two lines) ahead, once per line.
+                if c % 4 == 0 && c + 8 < chunks {
+                    for row in r {
+                        _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add((c + 8) * 16) as *const i8);
+                    }
+                }
+                // b[j]'s 128-bit lane w: word w of rows 4j .. 4j + 3.
+                let mut b = [_mm512_setzero_si512(); 4];
+                for (j, b) in b.iter_mut().enumerate() {
+                    let mut a = _mm512_castsi128_si512(_mm_loadu_si128(p[4 * j]));
+                    a = _mm512_inserti32x4::<1>(a, _mm_loadu_si128(p[4 * j + 1]));
+                    a = _mm512_inserti32x4::<2>(a, _mm_loadu_si128(p[4 * j + 2]));
+                    a = _mm512_inserti32x4::<3>(a, _mm_loadu_si128(p[4 * j + 3]));
+                    *b = _mm512_permutexvar_epi32(by_word, a);
+                }
+                let words = [word::<0x00>(&b), word::<0x55>(&b), word::<0xAA>(&b), word::<0xFF>(&b)];
+                for (s, v) in words.into_iter().enumerate() {
+                    let low = _mm512_and_si512(v, nibbles);
+                    let high = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nibbles);
+                    _mm512_storeu_si512(out.add(((c * 8 + s) * 2 + half) * 16) as *mut __m512i, low);
+                    _mm512_storeu_si512(out.add(((c * 8 + s + 4) * 2 + half) * 16) as *mut __m512i, high);
+                }
+            }
+        }
+    }
+
+    /// Word `S & 3` of all 16 rows: lane `S & 3` of each of `b[0..4]`, side by side (`S` repeats
+    /// the lane in all four 2-bit fields of the shuffle's immediate).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn word<const S: i32>(b: &[__m512i; 4]) -> __m512i {
+        let x = _mm512_shuffle_i32x4::<S>(b[0], b[1]);
+        let y = _mm512_shuffle_i32x4::<S>(b[2], b[3]);
+        // Lanes 0 and 2 of x, then of y.
+        _mm512_shuffle_i32x4::<0x88>(x, y)
+    }
 
     /// Tokens `t0 .. t0 + T` against one panel; `cpg` chunks per group.
     ///
