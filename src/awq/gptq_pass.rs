@@ -28,6 +28,21 @@ fn reader(p: Proj) -> Proj {
     }
 }
 
+/// What the layers reading one captured input share within a stage.
+struct ReaderPrep {
+    reader: Proj,
+    prep: Prepared,
+    propagation: Option<Propagation>,
+}
+
+/// Error propagation's view of one captured input.
+struct Propagation {
+    /// How the quantized stream's inputs drifted from the full-precision ones ([`input_drift`]).
+    drift: Tensor,
+    /// A token subsample of the full-precision inputs, for the report's errors.
+    fp_sample: Tensor,
+}
+
 /// GPTQ (or AWQ+GPTQ) for one block: returns the quantized block and its output on `x`, and
 /// with error propagation (`x_fp`: the full-precision model's input to this block) the
 /// full-precision block's output on `x_fp`.
@@ -67,20 +82,27 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
             caps = Some(forward_capture(&work, x, ctx, o.batch)?.1);
         }
         let caps = caps.as_ref().ok_or_else(|| Error::msg("GPTQ: no captured inputs"))?;
-        let mut prepared: Vec<(Proj, Prepared, Option<Tensor>)> = Vec::new();
+        let mut prepared: Vec<ReaderPrep> = Vec::new();
         for &l in stage.iter() {
             let name = format!("model.layers.{idx}.{}", l.hf_name());
             let xin = input_of(caps, l)?;
             let r = reader(l);
-            let propagates = l != Proj::Down || o.gptq.propagate_down;
-            let xfp = if propagates { fp_input(l)? } else { None };
-            if !prepared.iter().any(|(p, _, _)| *p == r) {
+            if !prepared.iter().any(|p| p.reader == r) {
                 let h = Hessian::of_inputs(&xin).map_err(|e| Error::msg(format!("{name}: {e}")))?;
                 let what = stage.iter().filter(|&&p| reader(p) == r).map(|p| format!("model.layers.{idx}.{}", p.hf_name())).collect::<Vec<_>>().join(", ");
-                let drift = xfp.as_ref().map(|xf| input_drift(xf, &xin)).transpose().map_err(|e| Error::msg(format!("{name}: {e}")))?;
-                prepared.push((r, Prepared::new(&h, &o.gptq, &what)?, drift));
+                // Layers that share an input share its propagation setting (only down_proj differs).
+                let propagates = l != Proj::Down || o.gptq.propagate_down;
+                let propagation = match if propagates { fp_input(l)? } else { None } {
+                    Some(xf) => Some(Propagation {
+                        drift: input_drift(&xf, &xin).map_err(|e| Error::msg(format!("{name}: {e}")))?,
+                        fp_sample: clip::subsample_tokens(&xf, REPORT_TOKENS)?,
+                    }),
+                    None => None,
+                };
+                prepared.push(ReaderPrep { reader: r, prep: Prepared::new(&h, &o.gptq, &what)?, propagation });
             }
-            let (_, prep, drift) = prepared.iter().find(|(p, _, _)| *p == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
+            let ReaderPrep { prep, propagation, .. } = prepared.iter().find(|p| p.reader == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
+            let drift = propagation.as_ref().map(|p| &p.drift);
             let lin = work.linear(l).clone();
             let w = lin.dense_weight()?.to_dtype(DType::F32)?;
             let target = match drift {
@@ -97,8 +119,8 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
             // The layer's error on its own (subsampled) inputs: round-to-nearest and GPTQ; under
             // error propagation against the full-precision layer on the full-precision inputs.
             let xs = clip::subsample_tokens(&xin, REPORT_TOKENS)?;
-            let want = match &xfp {
-                Some(xf) => clip::subsample_tokens(xf, REPORT_TOKENS)?.matmul(&w.t()?)?,
+            let want = match propagation {
+                Some(p) => p.fp_sample.matmul(&w.t()?)?,
                 None => xs.matmul(&w.t()?)?,
             };
             reports.push(LayerReport {
