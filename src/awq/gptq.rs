@@ -179,15 +179,19 @@ pub fn propagation_target(w: &Tensor, drift: &Tensor, prep: &Prepared, alpha: f6
         return Err(Error::msg(format!("GPTQ: a {inp}-input weight with a {n}x{n} Hessian and a {:?} drift", drift.dims())));
     }
     let device = w.device();
-    let r = w.to_dtype(DType::F32)?.matmul(&drift.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
-    // H⁻¹ = P Uᵀ U Pᵀ where `prep.u` is the upper factor of the permuted inverse.
-    let order: Vec<u32> = prep.perm.as_ref().map_or_else(|| (0..n as u32).collect(), |p| p.iter().map(|&c| c as u32).collect());
-    let back: Vec<u32> = inverse(&order.iter().map(|&c| c as usize).collect::<Vec<_>>()).into_iter().map(|j| j as u32).collect();
+    let w = w.to_dtype(DType::F32)?;
+    let r = w.matmul(&drift.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
+    // H⁻¹ = P Uᵀ U Pᵀ where `prep.u` is the upper factor of the inverse permuted by act-order.
+    let columns = |idx: &[usize], t: &Tensor| -> Result<Tensor> {
+        let idx: Vec<u32> = idx.iter().map(|&c| c as u32).collect();
+        Ok(t.index_select(&Tensor::new(idx.as_slice(), device)?, 1)?)
+    };
     let u = Tensor::from_vec(prep.u.clone(), (n, n), device)?;
-    let r = r.index_select(&Tensor::new(order.as_slice(), device)?, 1)?;
-    let r = r.matmul(&u.t()?)?.matmul(&u)?;
-    let r = r.index_select(&Tensor::new(back.as_slice(), device)?, 1)?;
-    Ok((w.to_dtype(DType::F32)? + (r * alpha)?.to_dtype(DType::F32)?)?)
+    let r = match &prep.perm {
+        Some(order) => columns(&inverse(order), &columns(order, &r)?.matmul(&u.t()?)?.matmul(&u)?)?,
+        None => r.matmul(&u.t()?)?.matmul(&u)?,
+    };
+    Ok((w + (r * alpha)?.to_dtype(DType::F32)?)?)
 }
 
 /// A layer as GPTQ quantized it.

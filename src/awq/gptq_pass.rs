@@ -92,21 +92,22 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
                 let what = stage.iter().filter(|&&p| reader(p) == r).map(|p| format!("model.layers.{idx}.{}", p.hf_name())).collect::<Vec<_>>().join(", ");
                 // Layers that share an input share its propagation setting (only down_proj differs).
                 let propagates = l != Proj::Down || o.gptq.propagate_down;
-                let propagation = match if propagates { fp_input(l)? } else { None } {
-                    Some(xf) => Some(Propagation {
-                        drift: input_drift(&xf, &xin).map_err(|e| Error::msg(format!("{name}: {e}")))?,
-                        fp_sample: clip::subsample_tokens(&xf, REPORT_TOKENS)?,
-                    }),
-                    None => None,
-                };
+                let fp_in = if propagates { fp_input(l)? } else { None };
+                let propagation = fp_in
+                    .map(|xf| -> Result<Propagation> {
+                        Ok(Propagation {
+                            drift: input_drift(&xf, &xin).map_err(|e| Error::msg(format!("{name}: {e}")))?,
+                            fp_sample: clip::subsample_tokens(&xf, REPORT_TOKENS)?,
+                        })
+                    })
+                    .transpose()?;
                 prepared.push(ReaderPrep { reader: r, prep: Prepared::new(&h, &o.gptq, &what)?, propagation });
             }
             let ReaderPrep { prep, propagation, .. } = prepared.iter().find(|p| p.reader == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
-            let drift = propagation.as_ref().map(|p| &p.drift);
             let lin = work.linear(l).clone();
             let w = lin.dense_weight()?.to_dtype(DType::F32)?;
-            let target = match drift {
-                Some(d) => propagation_target(&w, d, prep, o.gptq.propagate).map_err(|e| Error::msg(format!("{name}: {e}")))?,
+            let target = match propagation {
+                Some(p) => propagation_target(&w, &p.drift, prep, o.gptq.propagate).map_err(|e| Error::msg(format!("{name}: {e}")))?,
                 None => w.clone(),
             };
             let q = quantize_layer(&target, prep, &quantizer, &o.gptq, &device).map_err(|e| Error::msg(format!("{name}: {e}")))?;
