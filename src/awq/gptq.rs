@@ -409,6 +409,12 @@ mod tests {
             let scale = rhs.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(err <= 1e-4 * scale, "act_order {act_order}: residual {err} of {scale}");
         }
+        // Inputs of different shapes, or a weight that does not match the Hessian, are refused.
+        let e = input_drift(&x_fp.narrow(0, 0, 10).unwrap(), &x_q).unwrap_err().to_string();
+        assert!(e.contains("full-precision inputs") && e.contains("[10, 12]") && e.contains("[300, 12]"), "{e}");
+        let prep = Prepared::new(&h, &GptqOptions::default(), "t").unwrap();
+        let e = propagation_target(&w.narrow(1, 0, 8).unwrap(), &d, &prep, 1.0).unwrap_err().to_string();
+        assert!(e.contains("8-input weight") && e.contains("12x12 Hessian"), "{e}");
         // Without drift the target is the weight itself.
         let prep = Prepared::new(&h, &GptqOptions::default(), "t").unwrap();
         let t = propagation_target(&w, &input_drift(&x_q, &x_q).unwrap(), &prep, 1.0).unwrap();
