@@ -25,7 +25,7 @@ struct DecodeAttention {
     scale: f32,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v),
         _ => candle_core::bail!("decode attention: {what} must be f32"),

@@ -140,6 +140,11 @@ impl Attention {
             let out = super::attention_cpu::attend_one(q, k, v, 1.0 / (hd as f32).sqrt())?;
             return out.reshape((b, h * hd))?.reshape((b, seq, h * hd));
         }
+        // Every mask here is `causal_mask`'s for these queries (the last `seq` positions of the
+        // keys) and this model's sliding window; the fused CPU kernel applies it by position.
+        if mask.is_some() && super::causal_attention_cpu::causal_applies(q, k, v) {
+            return super::causal_attention_cpu::attend_causal(q, k, v, 1.0 / (hd as f32).sqrt(), self.sliding_window);
+        }
         #[cfg(feature = "cuda")]
         if mask.is_none() && super::cuda::attention_applies(q, k, v) {
             let out = super::cuda::decode_attention(q, k, v, 1.0 / (hd as f32).sqrt())?;

@@ -1,6 +1,7 @@
 //! The LLaMA-family model: configuration, layers and the decoder, built from linear layers of
 //! any kind ([`crate::linear`]).
 pub mod attention_cpu;
+pub mod causal_attention_cpu;
 pub mod batch;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -1,0 +1,360 @@
+//! Causal attention of many queries on the CPU (prefill, chunked prefill, calibration), fused
+//! per tile of queries: scores of the tile against the keys it may see, the softmax with a
+//! vectorized exponential, and the weighted sum of values, all in one task.
+//!
+//! The generic path (matmul, additive mask, softmax, matmul) spent more of a 512-token prefill
+//! than the 4-bit linears' own tiles: it scores every query against every key, also the half
+//! the mask then throws away, materializes the mask-added scores twice, and takes glibc's
+//! scalar `expf` per score. Here a tile of [`TILE`] queries of one head is scored against the
+//! keys up to its last query only (the triangle's wasted half shrinks to within a tile), with
+//! the `gemm` crate's microkernels for both products (they take the paged cache's strided keys
+//! and values in place).
+use super::attention_cpu::f32_slice;
+use crate::quant::cpu::pool;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Queries per task: the wasted scores per query are under half a tile, and a tile's scores
+/// (`TILE` × the keys) stay in L2 between the two products up to long contexts.
+const TILE: usize = 32;
+
+/// `q` `[b, heads, seq, d]` f32; `k`, `v` `[b, kv_heads, len, d]` f32 with unit stride on `d`
+/// (views of the cache are fine), `len ≥ seq`: the queries are the last `seq` positions. Query
+/// `i` at position `p = len - seq + i` sees keys `0..=p`, or `p - w ..= p` with a sliding window
+/// `w` (the additive mask of `causal_mask`). Returns `[b, seq, heads * d]`.
+pub fn attend_causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: Option<usize>) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(k, v, &CausalAttention { scale, window })
+}
+
+/// Whether [`attend_causal`] applies: CPU, f32, unit stride on the head dimension, at least as
+/// many keys as queries.
+pub fn causal_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let unit = |t: &Tensor| t.layout().stride().last() == Some(&1);
+    let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
+    q.device().is_cpu() && f32(q) && f32(k) && f32(v) && unit(k) && unit(v) && matches!((q.dim(2), k.dim(2)), (Ok(s), Ok(l)) if s <= l)
+}
+
+struct CausalAttention {
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// The last element a `[b, heads, len, d]` view with these strides reaches, plus one.
+fn view_end(l: &Layout) -> Result<usize> {
+    let dims = l.shape().dims4()?;
+    let s = l.stride();
+    Ok(l.start_offset() + (dims.0 - 1) * s[0] + (dims.1 - 1) * s[1] + (dims.2 - 1) * s[2] + dims.3)
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "awq-causal-attention"
+    }
+
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32_slice(qs, "q")?, f32_slice(ks, "k")?, f32_slice(vs, "v")?);
+        let (b, h, seq, d) = ql.shape().dims4()?;
+        let (kb, kvh, len, kd) = kl.shape().dims4()?;
+        if kb != b || kd != d || vl.shape() != kl.shape() || kvh == 0 || h % kvh != 0 || seq > len || seq == 0 || d == 0 {
+            candle_core::bail!("causal attention: shapes q {:?} k {:?} v {:?}", ql.shape(), kl.shape(), vl.shape());
+        }
+        let Some((q0, _)) = ql.contiguous_offsets() else { candle_core::bail!("causal attention: q must be contiguous") };
+        if kl.stride()[3] != 1 || vl.stride()[3] != 1 || view_end(kl)? > k.len() || view_end(vl)? > v.len() {
+            candle_core::bail!("causal attention: k/v views do not fit their storage with unit stride on the head dimension");
+        }
+        let (ks_, vs_) = (kl.stride(), vl.stride());
+        let (n_rep, offset, tiles) = (h / kvh, len - seq, seq.div_ceil(TILE));
+        let mut out = vec![0f32; b * seq * h * d];
+        let out_ptr = pool::SendPtr(out.as_mut_ptr());
+        let (scale, window) = (self.scale, self.window);
+        // Tasks by (tile, batch, head), the last tiles (the most keys) first, so that the pool's
+        // threads, taking tasks in turn, end together.
+        pool::run(tiles * b * h, &|t| {
+            let out_ptr = out_ptr; // the whole SendPtr (a closure would capture its raw field)
+            let tile = tiles - 1 - t / (b * h);
+            let (bi, hi) = ((t % (b * h)) / h, t % h);
+            let j = hi / n_rep;
+            let (r0, r1) = (tile * TILE, ((tile + 1) * TILE).min(seq));
+            let rows = r1 - r0;
+            // Keys lo..=last: from what the tile's first query sees to its last query's own.
+            let lo = window.map_or(0, |w| (offset + r0).saturating_sub(w));
+            let cols = offset + r1 - lo;
+            let mut p = vec![0f32; rows * cols];
+            // SAFETY (both products): every matrix lies inside its buffer: q's rows r0..r1 of head
+            // (bi, hi) in the contiguous q; keys and values lo..lo+cols ≤ len of KV head (bi, j),
+            // checked against the storage above (`view_end`); the scores are `p`, rows × cols; the
+            // output rows (bi, r0..r1, hi) are written by this task alone.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    d,
+                    p.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    q.as_ptr().add(q0 + ((bi * h + hi) * seq + r0) * d),
+                    1,
+                    d as isize,
+                    k.as_ptr().add(kl.start_offset() + bi * ks_[0] + j * ks_[1] + lo * ks_[2]),
+                    ks_[2] as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, row) in p.chunks_mut(cols).enumerate() {
+                let pos = offset + r0 + r;
+                let first = window.map_or(0, |w| pos.saturating_sub(w)) - lo;
+                softmax_in_span(row, first..pos + 1 - lo);
+            }
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    d,
+                    cols,
+                    out_ptr.0.add(((bi * seq + r0) * h + hi) * d),
+                    1,
+                    (h * d) as isize,
+                    false,
+                    p.as_ptr(),
+                    1,
+                    cols as isize,
+                    v.as_ptr().add(vl.start_offset() + bi * vs_[0] + j * vs_[1] + lo * vs_[2]),
+                    1,
+                    vs_[2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, seq, h * d))))
+    }
+}
+
+/// `row[span]` becomes its softmax, the rest of `row` zeros (masked keys weigh nothing).
+fn softmax_in_span(row: &mut [f32], span: std::ops::Range<usize>) {
+    let (head, rest) = row.split_at_mut(span.start);
+    let (live, tail) = rest.split_at_mut(span.len());
+    head.fill(0.0);
+    tail.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected.
+        return unsafe { softmax_avx2(live) };
+    }
+    softmax_any(live)
+}
+
+fn softmax_any(live: &mut [f32]) {
+    let max = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for x in live.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// [`softmax_any`] 8 lanes at a time, with [`exp_nonpositive`]'s steps as AVX2 intrinsics (the
+/// compiler left the portable loop scalar); the tail of fewer than 8 takes the portable steps.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(live: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = live.len() / 8 * 8;
+    let p = live.as_mut_ptr();
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..n8).step_by(8) {
+        mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+    let max = live[n8..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let (vmax, magic, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(EXP_MAGIC), _mm256_set1_ps(-87.0));
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..n8).step_by(8) {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax);
+        let xc = _mm256_max_ps(x, floor);
+        let shifted = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
+        let nf = _mm256_sub_ps(shifted, magic);
+        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_LO), r);
+        let mut poly = _mm256_set1_ps(INV_FACT[7]);
+        for c in INV_FACT[..7].iter().rev() {
+            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
+        }
+        // 2^n: n sits in the low bits of `shifted`; (n + 127) << 23 is its exponent field.
+        let n = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_castps_si256(magic));
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+        let below = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+        let e = _mm256_andnot_ps(below, _mm256_mul_ps(poly, pow2n));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut sum: f32 = lanes.iter().sum();
+    for x in live[n8..].iter_mut() {
+        *x = exp_nonpositive(*x - max);
+        sum += *x;
+    }
+    let inv = _mm256_set1_ps(1.0 / sum);
+    for i in (0..n8).step_by(8) {
+        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+    }
+    for x in live[n8..].iter_mut() {
+        *x *= 1.0 / sum;
+    }
+}
+
+const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+const LN2_HI: f32 = 0.693_359_4; // 355/512
+const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+const INV_FACT: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+
+/// `e^x` for `x ≤ 0` (scores minus their maximum) to within 3e-7 relative, in plain arithmetic
+/// that vectorizes: `x = n·ln 2 + r` with `n = round(x·log2 e)` (rounded with the 1.5·2²³ trick,
+/// which leaves `n` in the low bits) and `|r| ≤ ½ ln 2`, reduced in two steps (Cody and Waite:
+/// the high part of ln 2 has 9 significant bits, so `n·LN2_HI` is exact); then `2ⁿ` from the
+/// exponent bits times `e^r` by its Taylor polynomial of degree 7 (the first dropped term is under
+/// 6e-9). Below −87 the result flushes to 0 (e^−87 ≈ 1.6e-38, at the end of the normal floats).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = EXP_MAGIC;
+    let xc = x.max(-87.0);
+    let shifted = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let nf = shifted - MAGIC;
+    let r = (xc - nf * LN2_HI) - nf * LN2_LO;
+    let c = &INV_FACT;
+    let poly = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * (c[5] + r * (c[6] + r * c[7]))))));
+    let pow2n = f32::from_bits(((n + 127).max(0) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        poly * pow2n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn exp_nonpositive_is_within_3e_7_of_exp() {
+        let mut x = 0f32;
+        while x > -87.0 {
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+            x -= 0.001_37;
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// The dispatched softmax (AVX2 here) and the portable one against f64, on lengths around
+    /// the 8 lanes, with scores spread wide enough that some flush to zero.
+    #[test]
+    fn softmax_in_span_matches_an_f64_reference() {
+        let mut r = crate::rng::Rng::new(5);
+        for len in [1usize, 7, 8, 9, 16, 23, 100] {
+            for spread in [1f32, 60.0] {
+                let x: Vec<f32> = (0..len + 5).map(|_| r.unit() * spread).collect();
+                let span = 2..2 + len;
+                let mx = x[span.clone()].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                let z: f64 = x[span.clone()].iter().map(|&v| (v as f64 - mx).exp()).sum();
+                let mut fast = x.clone();
+                softmax_in_span(&mut fast, span.clone());
+                let mut portable = x.clone();
+                portable[..2].fill(0.0);
+                portable[2 + len..].fill(0.0);
+                softmax_any(&mut portable[span.clone()]);
+                for (i, (f, p)) in fast.iter().zip(&portable).enumerate() {
+                    let want = if span.contains(&i) { (x[i] as f64 - mx).exp() / z } else { 0.0 };
+                    // x − max is rounded to f32 first: half an ulp of it moves e^(x − max) by
+                    // |x − max|·2⁻²⁴ relative, on top of the exponential's own 3e-7.
+                    let tol = want * (1e-6 + (x[i] as f64 - mx).abs() * 6e-8) + 1e-30;
+                    assert!((*f as f64 - want).abs() <= tol, "dispatched len={len} i={i}: {f} vs {want}");
+                    assert!((*p as f64 - want).abs() <= tol, "portable len={len} i={i}: {p} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// Masked softmax attention in f64, straight from the definition.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(q: &[f32], k: &[f32], v: &[f32], (b, h, seq, d): (usize, usize, usize, usize), (kvh, len): (usize, usize), window: Option<usize>, key_at: impl Fn(usize, usize, usize) -> usize) -> Vec<f64> {
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f64; b * seq * h * d];
+        for bi in 0..b {
+            for hi in 0..h {
+                let j = hi / (h / kvh);
+                for i in 0..seq {
+                    let pos = len - seq + i;
+                    let first = window.map_or(0, |w| pos.saturating_sub(w));
+                    let qv = &q[((bi * h + hi) * seq + i) * d..][..d];
+                    let s: Vec<f64> = (first..=pos).map(|p| (0..d).map(|e| qv[e] as f64 * k[key_at(bi, j, p) + e] as f64).sum::<f64>() * scale).collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for e in 0..d {
+                        out[((bi * seq + i) * h + hi) * d + e] = (first..=pos).zip(&s).map(|(p, x)| (x - mx).exp() / z * v[key_at(bi, j, p) + e] as f64).sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Awkward query counts (around the tile), offsets (chunked prefill), grouped heads, head
+    /// sizes, sliding windows, and keys/values as strided views of a `[b, len, kv_heads, d]`
+    /// cache, against the f64 definition.
+    #[test]
+    fn attend_causal_matches_an_f64_reference() -> Result<()> {
+        let mut r = crate::rng::Rng::new(11);
+        for (b, h, kvh, d) in [(1usize, 3usize, 1usize, 64usize), (2, 4, 2, 24), (1, 2, 2, 8)] {
+            for (seq, offset) in [(1usize, 0usize), (1, 9), (5, 0), (31, 2), (33, 0), (70, 40), (97, 0)] {
+                for window in [None, Some(7), Some(40)] {
+                    let len = offset + seq;
+                    let qv: Vec<f32> = (0..b * h * seq * d).map(|_| r.unit() * 2.0).collect();
+                    let kv: Vec<f32> = (0..b * len * kvh * d).map(|_| r.unit() * 2.0).collect();
+                    let vv: Vec<f32> = (0..b * len * kvh * d).map(|_| r.unit()).collect();
+                    let dev = Device::Cpu;
+                    let q = Tensor::from_slice(&qv, (b, h, seq, d), &dev)?;
+                    let k = Tensor::from_slice(&kv, (b, len, kvh, d), &dev)?.transpose(1, 2)?;
+                    let v = Tensor::from_slice(&vv, (b, len, kvh, d), &dev)?.transpose(1, 2)?;
+                    assert!(causal_applies(&q, &k, &v));
+                    let got = attend_causal(&q, &k, &v, 1.0 / (d as f32).sqrt(), window)?;
+                    assert_eq!(got.dims(), &[b, seq, h * d]);
+                    let got = got.flatten_all()?.to_vec1::<f32>()?;
+                    let want = reference(&qv, &kv, &vv, (b, h, seq, d), (kvh, len), window, |bi, j, p| ((bi * len + p) * kvh + j) * d);
+                    let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
+                    assert!(err < 2e-6, "b={b} h={h} kvh={kvh} d={d} seq={seq} offset={offset} window={window:?}: error {err}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn more_queries_than_keys_are_refused() -> Result<()> {
+        let q = Tensor::zeros((1, 2, 4, 8), candle_core::DType::F32, &Device::Cpu)?;
+        let k = Tensor::zeros((1, 1, 3, 8), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(!causal_applies(&q, &k, &k));
+        let err = attend_causal(&q, &k, &k, 1.0, None).unwrap_err().to_string();
+        assert!(err.contains("causal attention: shapes"), "{err}");
+        Ok(())
+    }
+}
