@@ -69,7 +69,7 @@ impl CustomOp3 for CausalAttention {
         // Tasks by (tile, batch, head), the last tiles (the most keys) first, so that the pool's
         // threads, taking tasks in turn, end together.
         pool::run(tiles * b * h, &|t| {
-            let out_ptr = out_ptr; // the whole SendPtr (a closure would capture its raw field)
+            let dst = out_ptr; // the whole SendPtr: a closure would capture only its raw field
             let tile = tiles - 1 - t / (b * h);
             let (bi, hi) = ((t % (b * h)) / h, t % h);
             let j = hi / n_rep;
@@ -116,7 +116,7 @@ impl CustomOp3 for CausalAttention {
                     rows,
                     d,
                     cols,
-                    out_ptr.0.add(((bi * seq + r0) * h + hi) * d),
+                    dst.0.add(((bi * seq + r0) * h + hi) * d),
                     1,
                     (h * d) as isize,
                     false,

@@ -31,6 +31,103 @@ pub struct QuantizedActs {
     pub lane_sums: Vec<f32>,
 }
 
+/// From this many tokens on, [`QuantizedActs::new`] spreads the tokens over the pool.
+const PARALLEL_TOKENS: usize = 32;
+
+/// One token's share of a [`QuantizedActs`]' buffers.
+struct TokenParts<'a> {
+    q: &'a mut [i8],
+    lane_scales: &'a mut [f32],
+    block_sums: &'a mut [f32],
+    block_qsums: &'a mut [i32],
+    /// Empty in natural order.
+    lane_sums: &'a mut [f32],
+}
+
+impl TokenParts<'_> {
+    /// Quantizes one token's `xt` (`k` values) into its parts.
+    fn quantize(self, xt: &[f32], natural: bool) {
+        let mut block = [0i8; 32];
+        for (b, xb) in xt.chunks_exact(32).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (dst, v) in block.iter_mut().zip(xb) {
+                // Round half away from zero (what `f32::round` does, which without SSE4.1
+                // is a libm call per value; this form vectorizes). |v · inv| ≤ 127 up to
+                // rounding; the clamp guards that rounding.
+                let y = (v * inv).clamp(-127.0, 127.0);
+                let r = (y + 0.5f32.copysign(y)) as i8;
+                *dst = r;
+                s += i32::from(r);
+            }
+            let (p, half) = (b / 2, b % 2);
+            for (j, &v) in block.iter().enumerate() {
+                let e = half * 32 + j;
+                self.q[p * 64 + if natural { e } else { pair_slot(e) }] = v;
+            }
+            self.lane_scales[p * 8 + half * 4..][..4].fill(d);
+            self.block_sums[b] = d * s as f32;
+            self.block_qsums[b] = s;
+        }
+        if natural {
+            return;
+        }
+        for (pair, (sums, scales)) in self.q.chunks_exact(64).zip(self.lane_sums.chunks_exact_mut(8).zip(self.lane_scales.chunks_exact(8))) {
+            for (i, (sum, d)) in sums.iter_mut().zip(scales).enumerate() {
+                let s: i32 = pair[4 * i..4 * i + 4].iter().chain(&pair[32 + 4 * i..32 + 4 * i + 4]).map(|&v| i32::from(v)).sum();
+                *sum = d * s as f32;
+            }
+        }
+    }
+}
+
+/// The buffers of a [`QuantizedActs`] as raw pointers, handed to the pool's tasks by copy.
+#[derive(Clone, Copy)]
+struct SendParts {
+    q: *mut i8,
+    lane_scales: *mut f32,
+    block_sums: *mut f32,
+    block_qsums: *mut i32,
+    lane_sums: *mut f32,
+    pairs: usize,
+    natural: bool,
+}
+// SAFETY: tasks write disjoint tokens' parts of buffers that outlive the pool call.
+unsafe impl Send for SendParts {}
+unsafe impl Sync for SendParts {}
+
+impl SendParts {
+    fn of(a: &mut QuantizedActs) -> Self {
+        Self {
+            q: a.q.as_mut_ptr(),
+            lane_scales: a.lane_scales.as_mut_ptr(),
+            block_sums: a.block_sums.as_mut_ptr(),
+            block_qsums: a.block_qsums.as_mut_ptr(),
+            lane_sums: a.lane_sums.as_mut_ptr(),
+            pairs: a.pairs,
+            natural: a.lane_sums.is_empty(),
+        }
+    }
+
+    /// Token `t`'s parts.
+    ///
+    /// # Safety
+    /// `t` is below the token count and no other live `TokenParts` is of token `t`.
+    unsafe fn token<'a>(self, t: usize) -> TokenParts<'a> {
+        use std::slice::from_raw_parts_mut as part;
+        let p = self.pairs;
+        TokenParts {
+            q: part(self.q.add(t * p * 64), p * 64),
+            lane_scales: part(self.lane_scales.add(t * p * 8), p * 8),
+            block_sums: part(self.block_sums.add(t * p * 2), p * 2),
+            block_qsums: part(self.block_qsums.add(t * p * 2), p * 2),
+            lane_sums: if self.natural { &mut [] } else { part(self.lane_sums.add(t * p * 8), p * 8) },
+        }
+    }
+}
+
 /// Where element `j` (0..64) of a pair is stored in the kernel order.
 #[inline]
 pub fn pair_slot(j: usize) -> usize {
@@ -48,53 +145,46 @@ impl QuantizedActs {
     pub fn new(x: &[f32], m: usize, k: usize, natural: bool) -> Self {
         assert!(k.is_multiple_of(32) && x.len() == m * k, "activations: {} values for {m} × {k}", x.len());
         let pairs = k.div_ceil(64);
-        let kp = pairs * 64;
-        let mut q = vec![0i8; m * kp];
-        let mut lane_scales = vec![0f32; m * pairs * 8];
-        let mut block_sums = vec![0f32; m * pairs * 2];
-        let mut block_qsums = vec![0i32; m * pairs * 2];
-        let mut block = [0i8; 32];
-        for t in 0..m {
-            let xt = &x[t * k..(t + 1) * k];
-            for (b, xb) in xt.chunks_exact(32).enumerate() {
-                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut s = 0i32;
-                for (dst, v) in block.iter_mut().zip(xb) {
-                    // Round half away from zero (what `f32::round` does, which without SSE4.1
-                    // is a libm call per value; this form vectorizes). |v · inv| ≤ 127 up to
-                    // rounding; the clamp guards that rounding.
-                    let y = (v * inv).clamp(-127.0, 127.0);
-                    let r = (y + 0.5f32.copysign(y)) as i8;
-                    *dst = r;
-                    s += i32::from(r);
-                }
-                let (p, half) = (b / 2, b % 2);
-                let base = t * kp + p * 64;
-                for (j, &v) in block.iter().enumerate() {
-                    let e = half * 32 + j;
-                    q[base + if natural { e } else { pair_slot(e) }] = v;
-                }
-                let ls = &mut lane_scales[(t * pairs + p) * 8 + half * 4..][..4];
-                ls.fill(d);
-                block_sums[t * pairs * 2 + b] = d * s as f32;
-                block_qsums[t * pairs * 2 + b] = s;
-            }
-        }
-        let lane_sums = if natural {
-            Vec::new()
-        } else {
-            let mut v = vec![0f32; m * pairs * 8];
-            for (pair, (sums, scales)) in q.chunks_exact(64).zip(v.chunks_exact_mut(8).zip(lane_scales.chunks_exact(8))) {
-                for (i, (sum, d)) in sums.iter_mut().zip(scales).enumerate() {
-                    let s: i32 = pair[4 * i..4 * i + 4].iter().chain(&pair[32 + 4 * i..32 + 4 * i + 4]).map(|&v| i32::from(v)).sum();
-                    *sum = d * s as f32;
-                }
-            }
-            v
+        let mut a = Self {
+            m,
+            k,
+            pairs,
+            q: vec![0i8; m * pairs * 64],
+            lane_scales: vec![0f32; m * pairs * 8],
+            block_sums: vec![0f32; m * pairs * 2],
+            block_qsums: vec![0i32; m * pairs * 2],
+            lane_sums: if natural { Vec::new() } else { vec![0f32; m * pairs * 8] },
         };
-        Self { m, k, pairs, q, lane_scales, block_sums, block_qsums, lane_sums }
+        if m < PARALLEL_TOKENS {
+            for (t, xt) in x.chunks_exact(k).enumerate() {
+                a.token_parts(t).quantize(xt, natural);
+            }
+            return a;
+        }
+        // A prompt's worth of tokens: quantized on the pool's threads, one range of tokens per
+        // task (alone on the calling thread this was 5 % of a 512-token prefill, the other
+        // threads idle).
+        let parts = SendParts::of(&mut a);
+        super::pool::for_ranges(m, 8, |ts| {
+            for t in ts {
+                // SAFETY: every task takes its own tokens' parts of the buffers, which outlive
+                // the call.
+                unsafe { parts.token(t) }.quantize(&x[t * k..(t + 1) * k], natural);
+            }
+        });
+        a
+    }
+
+    /// Token `t`'s share of every buffer.
+    fn token_parts(&mut self, t: usize) -> TokenParts<'_> {
+        let p = self.pairs;
+        TokenParts {
+            q: &mut self.q[t * p * 64..][..p * 64],
+            lane_scales: &mut self.lane_scales[t * p * 8..][..p * 8],
+            block_sums: &mut self.block_sums[t * p * 2..][..p * 2],
+            block_qsums: &mut self.block_qsums[t * p * 2..][..p * 2],
+            lane_sums: if self.lane_sums.is_empty() { &mut [] } else { &mut self.lane_sums[t * p * 8..][..p * 8] },
+        }
     }
 
     /// Token `t`'s int8 values (`pairs * 64`).
@@ -141,7 +231,7 @@ mod tests {
     #[test]
     fn values_are_within_half_a_step_and_sums_match() {
         let mut rng = Rng::new(7);
-        for &(m, k) in &[(1usize, 32usize), (3, 96), (2, 576)] {
+        for &(m, k) in &[(1usize, 32usize), (3, 96), (2, 576), (37, 96), (40, 576)] {
             let mut x: Vec<f32> = (0..m * k).map(|_| rng.normal() * 3.0).collect();
             x[5] = 0.0;
             if k == 96 {
@@ -158,6 +248,27 @@ mod tests {
                         let s: f32 = (b * 32..(b + 1) * 32).map(|i| a.value(t, i, natural)).sum();
                         assert!((a.token_block_sums(t)[b] - s).abs() <= 1e-4 * (1.0 + s.abs()));
                     }
+                }
+            }
+        }
+    }
+
+    /// Many tokens (spread over the pool) give exactly what each token gives alone.
+    #[test]
+    fn many_tokens_match_one_at_a_time() {
+        let mut rng = Rng::new(9);
+        for &(m, k) in &[(PARALLEL_TOKENS, 96usize), (71, 576), (33, 32)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            for natural in [false, true] {
+                let all = QuantizedActs::new(&x, m, k, natural);
+                for t in 0..m {
+                    let one = QuantizedActs::new(&x[t * k..(t + 1) * k], 1, k, natural);
+                    assert_eq!(all.token(t), one.token(0), "m={m} k={k} t={t}");
+                    assert_eq!(all.token_lane_scales(t), one.token_lane_scales(0));
+                    assert_eq!(all.token_block_sums(t), one.token_block_sums(0));
+                    let p = all.pairs;
+                    assert_eq!(all.block_qsums[t * p * 2..(t + 1) * p * 2], one.block_qsums[..]);
+                    assert_eq!(all.lane_sums.get(t * p * 8..(t + 1) * p * 8).unwrap_or(&[]), &one.lane_sums[..]);
                 }
             }
         }
