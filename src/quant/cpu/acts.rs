@@ -47,6 +47,32 @@ struct TokenParts<'a> {
 impl TokenParts<'_> {
     /// Quantizes one token's `xt` (`k` values) into its parts.
     fn quantize(self, xt: &[f32], natural: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: both features were just detected.
+            return unsafe { self.quantize_avx2(xt, natural) };
+        }
+        self.quantize_any(xt, natural)
+    }
+
+    /// [`Self::quantize_any`] with each block of 32 rounded by AVX2 intrinsics (the compiler
+    /// left the portable loop's max and saturating casts scalar: 7 % of a 512-token prefill); the
+    /// same operations in the same order, so the same bytes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_avx2(mut self, xt: &[f32], natural: bool) {
+        let mut block = [0i8; 32];
+        for (b, xb) in xt.chunks_exact(32).enumerate() {
+            let (d, s) = x86::round_block(xb.try_into().expect("32 values"), &mut block);
+            self.store_block(b, &block, d, s, natural);
+        }
+        self.finish(natural);
+    }
+
+    fn quantize_any(mut self, xt: &[f32], natural: bool) {
         let mut block = [0i8; 32];
         for (b, xb) in xt.chunks_exact(32).enumerate() {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -54,23 +80,39 @@ impl TokenParts<'_> {
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
             for (dst, v) in block.iter_mut().zip(xb) {
-                // Round half away from zero (what `f32::round` does, which without SSE4.1
-                // is a libm call per value; this form vectorizes). |v · inv| ≤ 127 up to
-                // rounding; the clamp guards that rounding.
+                // Round half away from zero (what `f32::round` does, which without SSE4.1 is a
+                // libm call per value). |v · inv| ≤ 127 up to rounding; the clamp guards that.
                 let y = (v * inv).clamp(-127.0, 127.0);
                 let r = (y + 0.5f32.copysign(y)) as i8;
                 *dst = r;
                 s += i32::from(r);
             }
-            let (p, half) = (b / 2, b % 2);
-            for (j, &v) in block.iter().enumerate() {
-                let e = half * 32 + j;
-                self.q[p * 64 + if natural { e } else { pair_slot(e) }] = v;
-            }
-            self.lane_scales[p * 8 + half * 4..][..4].fill(d);
-            self.block_sums[b] = d * s as f32;
-            self.block_qsums[b] = s;
+            self.store_block(b, &block, d, s, natural);
         }
+        self.finish(natural);
+    }
+
+    /// Block `b`'s rounded values, scale `d` and integer sum `s` into their places.
+    #[inline(always)]
+    fn store_block(&mut self, b: usize, block: &[i8; 32], d: f32, s: i32, natural: bool) {
+        let (p, half) = (b / 2, b % 2);
+        let pair = &mut self.q[p * 64..][..64];
+        if natural {
+            pair[half * 32..][..32].copy_from_slice(block);
+        } else {
+            // `pair_slot` by halves of 16: the first block's 0..16 and 16..32 go to 0..16 and
+            // 32..48, the second's to 16..32 and 48..64.
+            pair[half * 16..][..16].copy_from_slice(&block[..16]);
+            pair[32 + half * 16..][..16].copy_from_slice(&block[16..]);
+        }
+        self.lane_scales[p * 8 + half * 4..][..4].fill(d);
+        self.block_sums[b] = d * s as f32;
+        self.block_qsums[b] = s;
+    }
+
+    /// The lane sums of the kernel order, once every block is stored.
+    #[inline(always)]
+    fn finish(self, natural: bool) {
         if natural {
             return;
         }
@@ -80,6 +122,45 @@ impl TokenParts<'_> {
                 *sum = d * s as f32;
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// One block of 32 as [`super::TokenParts::quantize_any`] rounds it: `out` gets
+    /// `round_half_away(clamp(x / d, ±127))` with `d = max|x| / 127`; returns `d` and the sum of
+    /// `out`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn round_block(x: &[f32; 32], out: &mut [i8; 32]) -> (f32, i32) {
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(i * 8)));
+        let abs = |a: __m256| _mm256_andnot_ps(sign, a);
+        let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (lo, hi, half) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0), _mm256_set1_ps(0.5));
+        let r: [__m256i; 4] = std::array::from_fn(|i| {
+            let y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[i], inv), lo), hi);
+            // y + copysign(0.5, y), truncated toward zero: Rust's `as` after the same add.
+            _mm256_cvttps_epi32(_mm256_add_ps(y, _mm256_or_ps(half, _mm256_and_ps(y, sign))))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+        let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+        // Packing works within 128-bit halves: the dword permutation puts the bytes back in order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes);
+        (d, _mm_cvtsi128_si32(sum))
     }
 }
 
@@ -271,6 +352,39 @@ mod tests {
                     assert_eq!(all.lane_sums.get(t * p * 8..(t + 1) * p * 8).unwrap_or(&[]), &one.lane_sums[..]);
                 }
             }
+        }
+    }
+
+    /// The AVX2 rounding against the portable loop, byte for byte: random blocks, blocks of
+    /// exact half steps (ties round away from zero), an all-zero block, and huge values.
+    #[test]
+    fn the_avx2_path_rounds_like_the_portable_loop() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: this CPU has no AVX2/FMA");
+            return;
+        }
+        let mut rng = Rng::new(3);
+        let mut x: Vec<f32> = (0..32 * 40).map(|_| rng.normal() * 2.0).collect();
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5; // max 7.5: steps of 0.5 / (7.5 / 127), many ties
+        }
+        x[64..96].fill(0.0);
+        x[96] = 3.0e38;
+        x[97] = -3.0e38;
+        for natural in [false, true] {
+            let (m, k) = (5, 32 * 8);
+            let mut a = QuantizedActs::new(&x, m, k, natural);
+            let mut b = a.clone();
+            for t in 0..m {
+                a.token_parts(t).quantize_any(&x[t * k..(t + 1) * k], natural);
+                // SAFETY: AVX2 and FMA were detected above.
+                unsafe { b.token_parts(t).quantize_avx2(&x[t * k..(t + 1) * k], natural) };
+            }
+            assert_eq!(a.q, b.q);
+            assert_eq!(a.lane_scales, b.lane_scales);
+            assert_eq!(a.block_qsums, b.block_qsums);
+            assert_eq!(a.block_sums, b.block_sums);
+            assert_eq!(a.lane_sums, b.lane_sums);
         }
     }
 }
