@@ -10,6 +10,9 @@
 //! the `gemm` crate's microkernels for both products (they take the paged cache's strided keys
 //! and values in place).
 use super::attention_cpu::f32_slice;
+use super::cpu_math::exp_nonpositive;
+#[cfg(target_arch = "x86_64")]
+use super::cpu_math::x86::exp_nonpositive_avx2;
 use crate::quant::cpu::pool;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -164,8 +167,8 @@ fn softmax_any(live: &mut [f32]) {
     live.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// [`softmax_any`] 8 lanes at a time, with [`exp_nonpositive`]'s steps as AVX2 intrinsics (the
-/// compiler left the portable loop scalar); the tail of fewer than 8 takes the portable steps.
+/// [`softmax_any`] 8 lanes at a time with AVX2 intrinsics (the compiler left the portable loop
+/// scalar); the tail of fewer than 8 takes the portable steps.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
@@ -182,24 +185,10 @@ unsafe fn softmax_avx2(live: &mut [f32]) {
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
     let max = live[n8..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let (vmax, magic, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(EXP_MAGIC), _mm256_set1_ps(-87.0));
+    let vmax = _mm256_set1_ps(max);
     let mut acc = _mm256_setzero_ps();
     for i in (0..n8).step_by(8) {
-        let x = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax);
-        let xc = _mm256_max_ps(x, floor);
-        let shifted = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
-        let nf = _mm256_sub_ps(shifted, magic);
-        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_HI), xc);
-        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_LO), r);
-        let mut poly = _mm256_set1_ps(INV_FACT[7]);
-        for c in INV_FACT[..7].iter().rev() {
-            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
-        }
-        // 2^n: n sits in the low bits of `shifted`; (n + 127) << 23 is its exponent field.
-        let n = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_castps_si256(magic));
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-        let below = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
-        let e = _mm256_andnot_ps(below, _mm256_mul_ps(poly, pow2n));
+        let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
         _mm256_storeu_ps(p.add(i), e);
         acc = _mm256_add_ps(acc, e);
     }
@@ -218,52 +207,10 @@ unsafe fn softmax_avx2(live: &mut [f32]) {
     }
 }
 
-const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-const LN2_HI: f32 = 0.693_359_4; // 355/512
-const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-const INV_FACT: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
-
-/// `e^x` for `x ≤ 0` (scores minus their maximum) to within 3e-7 relative, in plain arithmetic
-/// that vectorizes: `x = n·ln 2 + r` with `n = round(x·log2 e)` (rounded with the 1.5·2²³ trick,
-/// which leaves `n` in the low bits) and `|r| ≤ ½ ln 2`, reduced in two steps (Cody and Waite:
-/// the high part of ln 2 has 9 significant bits, so `n·LN2_HI` is exact); then `2ⁿ` from the
-/// exponent bits times `e^r` by its Taylor polynomial of degree 7 (the first dropped term is under
-/// 6e-9). Below −87 the result flushes to 0 (e^−87 ≈ 1.6e-38, at the end of the normal floats).
-#[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    const MAGIC: f32 = EXP_MAGIC;
-    let xc = x.max(-87.0);
-    let shifted = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
-    let nf = shifted - MAGIC;
-    let r = (xc - nf * LN2_HI) - nf * LN2_LO;
-    let c = &INV_FACT;
-    let poly = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * (c[5] + r * (c[6] + r * c[7]))))));
-    let pow2n = f32::from_bits(((n + 127).max(0) as u32) << 23);
-    if x < -87.0 {
-        0.0
-    } else {
-        poly * pow2n
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn exp_nonpositive_is_within_3e_7_of_exp() {
-        let mut x = 0f32;
-        while x > -87.0 {
-            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
-            x -= 0.001_37;
-        }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-100.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-    }
 
     /// The dispatched softmax (AVX2 here) and the portable one against f64, on lengths around
     /// the 8 lanes, with scores spread wide enough that some flush to zero.

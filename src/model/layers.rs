@@ -259,12 +259,15 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
 }
 
 /// silu(gate) * up: one fused kernel on CUDA (which also pulls `prefetch`, down_proj's weights,
-/// into L2), tensor ops elsewhere.
+/// into L2) and on the CPU in f32 ([`super::cpu_math`]), tensor ops elsewhere.
 pub fn silu_mul(gate: &Tensor, up: &Tensor, prefetch: &L2Prefetch) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::cuda::silu_mul_applies(gate, up) {
         return super::cuda::silu_mul(gate, up, prefetch);
     }
     let _ = prefetch;
+    if super::cpu_math::silu_mul_applies(gate, up) {
+        return super::cpu_math::silu_mul(gate, up);
+    }
     gate.silu()? * up
 }

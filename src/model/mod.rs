@@ -4,6 +4,7 @@ pub mod attention_cpu;
 pub mod causal_attention_cpu;
 pub mod batch;
 pub mod config;
+pub mod cpu_math;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dummy;

@@ -188,6 +188,15 @@ impl SendPtr {
         *self.0.add(i) = v;
     }
 
+    /// Elements `r` of the buffer.
+    ///
+    /// # Safety
+    /// The range is inside the buffer and no other task touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range<'a>(self, r: std::ops::Range<usize>) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(r.start), r.len())
+    }
+
     /// Row `i` of a buffer of rows of `len` values.
     ///
     /// # Safety
