@@ -320,7 +320,16 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
             let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), (positions, half), device)?.to_dtype(dt)?;
             let (ch, sh) = (host(&cos)?, host(&sin)?);
             let pos: Vec<u32> = lens.iter().map(|&l| (l - 1) as u32).collect();
-            let new_rows: Vec<u32> = (0..b).map(|_| r.below(pool_rows as u64) as u32).collect();
+            // Distinct rows, as the server gives each new token its own: two tokens writing one
+            // row would leave whichever write lands last (seed 1796509781570450471 drew such a
+            // pair, and the exact V check failed).
+            let mut new_rows: Vec<u32> = Vec::with_capacity(b);
+            while new_rows.len() < b {
+                let row = r.below(pool_rows as u64) as u32;
+                if !new_rows.contains(&row) {
+                    new_rows.push(row);
+                }
+            }
             let pos_t = Tensor::new(pos.as_slice(), device)?;
             let rows_t = Tensor::new(new_rows.as_slice(), device)?;
             // rope_tokens.
