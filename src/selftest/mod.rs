@@ -321,8 +321,8 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
             let (ch, sh) = (host(&cos)?, host(&sin)?);
             let pos: Vec<u32> = lens.iter().map(|&l| (l - 1) as u32).collect();
             // Distinct rows, as the server gives each new token its own: two tokens writing one
-            // row would leave whichever write lands last (seed 1796509781570450471 drew such a
-            // pair, and the exact V check failed).
+            // row leave whichever write lands last, and the exact V check then fails by chance
+            // (as it did with seed 1796509781570450471).
             let mut new_rows: Vec<u32> = Vec::with_capacity(b);
             while new_rows.len() < b {
                 let row = r.below(pool_rows as u64) as u32;
