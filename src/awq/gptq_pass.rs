@@ -32,6 +32,8 @@ fn reader(p: Proj) -> Proj {
 struct ReaderPrep {
     reader: Proj,
     prep: Prepared,
+    /// A token subsample of the input, for the report's errors.
+    sample: Tensor,
     propagation: Option<Propagation>,
 }
 
@@ -101,9 +103,10 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
                         })
                     })
                     .transpose()?;
-                prepared.push(ReaderPrep { reader: r, prep: Prepared::new(&h, &o.gptq, &what)?, propagation });
+                let sample = clip::subsample_tokens(&xin, REPORT_TOKENS)?;
+                prepared.push(ReaderPrep { reader: r, prep: Prepared::new(&h, &o.gptq, &what)?, sample, propagation });
             }
-            let ReaderPrep { prep, propagation, .. } = prepared.iter().find(|p| p.reader == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
+            let ReaderPrep { prep, sample: xs, propagation, .. } = prepared.iter().find(|p| p.reader == r).ok_or_else(|| Error::msg("GPTQ: Hessian not prepared"))?;
             let lin = work.linear(l).clone();
             let w = lin.dense_weight()?.to_dtype(DType::F32)?;
             let target = match propagation {
@@ -119,7 +122,6 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
             let ql = ql.into_linear();
             // The layer's error on its own (subsampled) inputs: round-to-nearest and GPTQ; under
             // error propagation against the full-precision layer on the full-precision inputs.
-            let xs = clip::subsample_tokens(&xin, REPORT_TOKENS)?;
             let want = match propagation {
                 Some(p) => p.fp_sample.matmul(&w.t()?)?,
                 None => xs.matmul(&w.t()?)?,
@@ -128,7 +130,7 @@ pub(super) fn gptq_block(block: &Block, idx: usize, x: &Tensor, x_fp: Option<&Te
                 block: idx,
                 layer: l.name().to_string(),
                 clip_shrink: None,
-                output_mse_rtn: layer_output_mse(&xs, &w, &w, None, None, o.params)?,
+                output_mse_rtn: layer_output_mse(xs, &w, &w, None, None, o.params)?,
                 output_mse: scale::mse(&xs.matmul(&ql.dense_weight()?.t()?)?, &want)?,
                 hessian_trace: Some(prep.trace),
                 gptq_loss: Some(q.loss),

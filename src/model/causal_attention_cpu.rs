@@ -13,7 +13,7 @@ use super::attention_cpu::f32_slice;
 use super::cpu_math::exp_nonpositive;
 #[cfg(target_arch = "x86_64")]
 use super::cpu_math::x86::exp_nonpositive_avx2;
-use crate::quant::cpu::pool;
+use crate::quant::cpu::{gemm_f32, pool};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Queries per task: the wasted scores per query are under half a tile, and a tile's scores
@@ -87,27 +87,9 @@ impl CustomOp3 for CausalAttention {
             // checked against the storage above (`view_end`); the scores are `p`, rows × cols; the
             // output rows (bi, r0..r1, hi) are written by this task alone.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    cols,
-                    d,
-                    p.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
-                    q.as_ptr().add(q0 + ((bi * h + hi) * seq + r0) * d),
-                    1,
-                    d as isize,
-                    k.as_ptr().add(kl.start_offset() + bi * ks_[0] + j * ks_[1] + lo * ks_[2]),
-                    ks_[2] as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                // Scores: scale · Q Kᵀ, the keys' rows read as columns.
+                let kp = k.as_ptr().add(kl.start_offset() + bi * ks_[0] + j * ks_[1] + lo * ks_[2]);
+                gemm_f32(rows, cols, d, p.as_mut_ptr(), cols, q.as_ptr().add(q0 + ((bi * h + hi) * seq + r0) * d), d, kp, 1, ks_[2], scale);
             }
             for (r, row) in p.chunks_mut(cols).enumerate() {
                 let pos = offset + r0 + r;
@@ -115,27 +97,9 @@ impl CustomOp3 for CausalAttention {
                 softmax_in_span(row, first..pos + 1 - lo);
             }
             unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    cols,
-                    dst.0.add(((bi * seq + r0) * h + hi) * d),
-                    1,
-                    (h * d) as isize,
-                    false,
-                    p.as_ptr(),
-                    1,
-                    cols as isize,
-                    v.as_ptr().add(vl.start_offset() + bi * vs_[0] + j * vs_[1] + lo * vs_[2]),
-                    1,
-                    vs_[2] as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                // Output rows (bi, r0.., hi): P V.
+                let vp = v.as_ptr().add(vl.start_offset() + bi * vs_[0] + j * vs_[1] + lo * vs_[2]);
+                gemm_f32(rows, d, cols, dst.0.add(((bi * seq + r0) * h + hi) * d), h * d, p.as_ptr(), cols, vp, vs_[2], 1, 1.0);
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, seq, h * d))))

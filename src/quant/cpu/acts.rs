@@ -31,7 +31,8 @@ pub struct QuantizedActs {
     pub lane_sums: Vec<f32>,
 }
 
-/// From this many tokens on, [`QuantizedActs::new`] spreads the tokens over the pool.
+/// The fewest tokens one range of [`QuantizedActs::new`]'s work takes: calls with more are
+/// spread over the pool.
 const PARALLEL_TOKENS: usize = 32;
 
 /// One token's share of a [`QuantizedActs`]' buffers.
@@ -236,17 +237,11 @@ impl QuantizedActs {
             block_qsums: vec![0i32; m * pairs * 2],
             lane_sums: if natural { Vec::new() } else { vec![0f32; m * pairs * 8] },
         };
-        if m < PARALLEL_TOKENS {
-            for (t, xt) in x.chunks_exact(k).enumerate() {
-                a.token_parts(t).quantize(xt, natural);
-            }
-            return a;
-        }
-        // A prompt's worth of tokens: quantized on the pool's threads, one range of tokens per
+        // A prompt's worth of tokens is quantized on the pool's threads, one range of tokens per
         // task (alone on the calling thread this was 5 % of a 512-token prefill, the other
-        // threads idle).
+        // threads idle); fewer than PARALLEL_TOKENS make one range, run on the calling thread.
         let parts = SendParts::of(&mut a);
-        super::pool::for_ranges(m, 8, |ts| {
+        super::pool::for_ranges(m, PARALLEL_TOKENS, |ts| {
             for t in ts {
                 // SAFETY: every task takes its own tokens' parts of the buffers, which outlive
                 // the call.
@@ -254,18 +249,6 @@ impl QuantizedActs {
             }
         });
         a
-    }
-
-    /// Token `t`'s share of every buffer.
-    fn token_parts(&mut self, t: usize) -> TokenParts<'_> {
-        let p = self.pairs;
-        TokenParts {
-            q: &mut self.q[t * p * 64..][..p * 64],
-            lane_scales: &mut self.lane_scales[t * p * 8..][..p * 8],
-            block_sums: &mut self.block_sums[t * p * 2..][..p * 2],
-            block_qsums: &mut self.block_qsums[t * p * 2..][..p * 2],
-            lane_sums: if self.lane_sums.is_empty() { &mut [] } else { &mut self.lane_sums[t * p * 8..][..p * 8] },
-        }
     }
 
     /// Token `t`'s int8 values (`pairs * 64`).
@@ -338,7 +321,7 @@ mod tests {
     #[test]
     fn many_tokens_match_one_at_a_time() {
         let mut rng = Rng::new(9);
-        for &(m, k) in &[(PARALLEL_TOKENS, 96usize), (71, 576), (33, 32)] {
+        for &(m, k) in &[(PARALLEL_TOKENS + 1, 96usize), (71, 576), (33, 32)] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             for natural in [false, true] {
                 let all = QuantizedActs::new(&x, m, k, natural);
@@ -375,10 +358,13 @@ mod tests {
             let (m, k) = (5, 32 * 8);
             let mut a = QuantizedActs::new(&x, m, k, natural);
             let mut b = a.clone();
+            let (pa, pb) = (SendParts::of(&mut a), SendParts::of(&mut b));
             for t in 0..m {
-                a.token_parts(t).quantize_any(&x[t * k..(t + 1) * k], natural);
-                // SAFETY: AVX2 and FMA were detected above.
-                unsafe { b.token_parts(t).quantize_avx2(&x[t * k..(t + 1) * k], natural) };
+                // SAFETY: t < m, one token's parts at a time; AVX2 and FMA were detected above.
+                unsafe {
+                    pa.token(t).quantize_any(&x[t * k..(t + 1) * k], natural);
+                    pb.token(t).quantize_avx2(&x[t * k..(t + 1) * k], natural);
+                }
             }
             assert_eq!(a.q, b.q);
             assert_eq!(a.lane_scales, b.lane_scales);

@@ -256,31 +256,24 @@ pub fn blocked_gemm(x: &[f32], m: usize, n: usize, k: usize, fill_row: impl Fn(u
             // matrices of the stated shapes; no two tasks touch the same y columns.
             unsafe {
                 let y = y_ptr;
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    y.0.add(o0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                gemm_f32(m, nb, k, y.0.add(o0), n, x.as_ptr(), k, buf.as_ptr(), 1, k, 1.0);
             }
         }
     });
     y
+}
+
+/// `dst = beta · lhs · rhs` in f32 on the calling thread, by the `gemm` crate's microkernels:
+/// `dst` is `m × n` with row stride `dst_rs`, `lhs` `m × k` with row stride `lhs_rs` (both with
+/// unit column stride), and `rhs` `k × n` with element `(i, j)` at `rhs[i · rhs_rs + j · rhs_cs]`
+/// (`rhs_rs = 1, rhs_cs = k` reads a row-major `n × k` matrix as its transpose).
+///
+/// # Safety
+/// Every element those shapes and strides reach lies inside its buffer, and `dst` overlaps
+/// neither input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, beta: f32) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, 1, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, beta, false, false, false, gemm::Parallelism::None);
 }
 
 /// Where one task of [`par_output_blocks`] stores its results: `y[t][o]` of the `[m][n]`
