@@ -12,7 +12,8 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do SERVE+=("$1"); shift; done
 log=$(mktemp)
 "$BIN" serve --host 127.0.0.1 --port 0 "${SERVE[@]}" >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+# On the way out: the server's warnings (a failed graph capture, say), then its log removed.
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; grep -i "warning" "$log" >&2 || true; rm -f "$log"' EXIT
 for _ in $(seq 600); do
   url=$(grep -o 'http://[0-9.:]*' "$log" | head -1 || true)
   [ -n "$url" ] && break

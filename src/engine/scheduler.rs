@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::batch::StepSeq;
 use crate::model::paged::{KvPool, SeqKv};
 use crate::model::Model;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
@@ -390,23 +391,30 @@ impl Scheduler {
             self.model.forward_batch(&self.pool, &mut step)?
         };
         self.metrics.steps.fetch_add(1, Relaxed);
-        let mut row = 0;
-        let mut outcomes = Vec::with_capacity(plan.len());
-        for (i, &n) in plan.iter().enumerate() {
-            if n == 0 {
-                outcomes.push(Outcome::Continue);
-                continue;
-            }
-            let s = &mut self.running[i];
+        // The logits of every sequence that predicts this step, in one copy from the device.
+        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        let mut predicts: Vec<Option<Vec<f32>>> = Vec::with_capacity(plan.len());
+        for (s, &n) in self.running.iter_mut().zip(&plan) {
+            let row = if n > 0 { rows.next() } else { None };
             s.fed += n;
-            let r = row;
-            row += 1;
-            if s.fed < s.tokens.len() {
-                outcomes.push(Outcome::Continue); // a prefill chunk: no prediction yet
-                continue;
-            }
-            let l = logits.get(r)?.to_vec1::<f32>()?;
-            outcomes.push(Self::advance(s, l, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?);
+            // A prefill chunk that leaves prompt to feed makes no prediction yet.
+            predicts.push(row.filter(|_| n > 0 && s.fed == s.tokens.len()));
+        }
+        // Sampling is independent per sequence and costs a pass over the vocabulary each: with
+        // a GPU step, on all cores (64 sequences one after another took milliseconds of the
+        // step); on the CPU, where the step's kernel threads are still spinning, in turn.
+        let sample = |(s, l): (&mut Seq, Option<Vec<f32>>)| l.map(|l| s.sampler.sample(l, &s.tokens));
+        let next: Vec<Option<Result<u32>>> = if self.model.device.is_cpu() {
+            self.running.iter_mut().zip(predicts).map(sample).collect()
+        } else {
+            self.running.par_iter_mut().zip(predicts.into_par_iter()).map(sample).collect()
+        };
+        let mut outcomes = Vec::with_capacity(plan.len());
+        for (s, next) in self.running.iter_mut().zip(next) {
+            outcomes.push(match next {
+                Some(t) => Self::advance(s, t?, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?,
+                None => Outcome::Continue,
+            });
         }
         self.metrics.add_busy(t0.elapsed().as_secs_f64());
         let mut i = 0;
@@ -430,9 +438,8 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Samples `s`'s next token from `logits` and tells its client.
-    fn advance(s: &mut Seq, logits: Vec<f32>, tok: &Tokenizer, eos: &[u32], context: usize, m: &Metrics) -> Result<Outcome> {
-        let next = s.sampler.sample(logits, &s.tokens)?;
+    /// Takes `s`'s sampled next token and tells its client.
+    fn advance(s: &mut Seq, next: u32, tok: &Tokenizer, eos: &[u32], context: usize, m: &Metrics) -> Result<Outcome> {
         if s.first_token {
             s.first_token = false;
             m.observe_ttft(s.arrived.elapsed().as_secs_f64());

@@ -375,12 +375,12 @@ impl QuantLinear {
 
     #[cfg(feature = "cuda")]
     fn forward_fused_cuda(layers: &[&QuantLinear], x: &Tensor, next: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
-        use crate::quant::cuda::{CudaQ4, GemvOptions, GEMV_MAX_SETS, GEMV_MAX_TOKENS};
+        use crate::quant::cuda::{gemv_max_tokens, CudaQ4, GemvOptions, GEMV_MAX_SETS};
         if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
             return Ok(None);
         }
         let k = x.dim(candle_core::D::Minus1)?;
-        if x.elem_count() / k.max(1) > GEMV_MAX_TOKENS {
+        if x.elem_count() / k.max(1) > gemv_max_tokens(x.dtype()) {
             return Ok(None);
         }
         if layers.iter().any(|q| q.input_perm.is_some()) {

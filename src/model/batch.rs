@@ -114,7 +114,8 @@ impl Model {
         }
         let logits = self.on_pool(|| -> Result<Tensor> {
             let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
-            let x = self.blocks_with(&ids, |layer, attn, normed| attn.attend_paged(normed, &self.rope, pool, layer, &slots, &kvs))?;
+            let tokens = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+            let x = self.blocks_with(&tokens, |layer, attn, normed| attn.attend_paged(normed, &self.rope, pool, layer, &slots, &kvs))?;
             let last: Vec<u32> = slots.iter().map(|s| (s.start + s.n - 1) as u32).collect();
             let last = Tensor::new(last.as_slice(), &self.device)?;
             self.head(&x.squeeze(0)?.index_select(&last, 0)?)
@@ -125,12 +126,11 @@ impl Model {
         logits.to_dtype(DType::F32)
     }
 
-    /// The hidden states `[1, rows, hidden]` of the step's tokens `ids` after every block (the
-    /// last block's residual added), with `attend(layer, attention, normed)` as each block's
-    /// attention over the paged cache.
-    fn blocks_with(&self, ids: &[u32], attend: impl Fn(usize, &Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed(&tokens)?;
+    /// The hidden states `[1, rows, hidden]` of the step's tokens (`[1, rows]` u32 ids, checked
+    /// by the caller) after every block (the last block's residual added), with
+    /// `attend(layer, attention, normed)` as each block's attention over the paged cache.
+    fn blocks_with(&self, tokens: &Tensor, attend: impl Fn(usize, &Attention, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?;
         let mut delta: Option<Tensor> = None;
         for (layer, block) in self.layers.iter().enumerate() {
             let (nx, d) = block.forward_split_with(&x, delta.as_ref(), &BlockHints::default(), |normed: &Tensor| attend(layer, &block.self_attn, normed), None)?;
@@ -148,16 +148,29 @@ impl Model {
 impl Model {
     /// [`Model::forward_batch`] when every sequence decodes, on CUDA: the linear layers at M =
     /// batch, and attention, rope and the KV writes in one launch each for the whole batch (the
-    /// general path runs them sequence by sequence).
+    /// general path runs them sequence by sequence); replayed as a CUDA graph where one applies
+    /// ([`super::batch_graph`]).
     fn decode_batch_cuda(&self, pool: &KvPool, seqs: &mut [StepSeq], ids: &[u32]) -> Result<Tensor> {
         let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
-        let tables = pool.decode_tables(&kvs, &self.device)?;
-        let x = self.blocks_with(ids, |layer, attn, normed| attn.attend_paged_decode(normed, &self.rope, pool, layer, &tables))?;
-        let logits = self.head(&x.squeeze(0)?)?;
+        let logits = match super::batch_graph::forward(self, pool, &kvs, ids)? {
+            Some(logits) => logits,
+            None => {
+                let tables = pool.decode_tables(&kvs, &self.device)?;
+                let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+                self.decode_batch_body(pool, &tables, &tokens)?
+            }
+        };
         for s in seqs.iter_mut() {
             pool.advance(s.kv, 1);
         }
-        logits.to_dtype(DType::F32)
+        Ok(logits)
+    }
+
+    /// The batched decode step on the device: `tokens` `[1, batch]`, each sequence's rows and
+    /// positions in `tables`; returns the logits `[batch, vocab]` in f32.
+    pub(super) fn decode_batch_body(&self, pool: &KvPool, tables: &super::paged::DecodeTables, tokens: &Tensor) -> Result<Tensor> {
+        let x = self.blocks_with(tokens, |layer, attn, normed| attn.attend_paged_decode(normed, &self.rope, pool, layer, tables))?;
+        self.head(&x.squeeze(0)?)
     }
 }
 

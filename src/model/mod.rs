@@ -3,6 +3,8 @@
 pub mod attention_cpu;
 pub mod causal_attention_cpu;
 pub mod batch;
+#[cfg(feature = "cuda")]
+pub mod batch_graph;
 pub mod config;
 pub mod cpu_math;
 #[cfg(feature = "cuda")]

@@ -64,12 +64,31 @@ pub struct DecodeTables {
     pub pos: Tensor,
 }
 
+/// The padded batch of `b` sequences in a captured decode step (`batch_graph`): exact up to 4, then multiples of 4 up to 32, then of 8
+/// (a padding row costs a few columns of the GEMVs; a bucket costs a capture and its memory).
+pub fn batch_bucket(b: usize) -> usize {
+    match b {
+        0..=4 => b.max(1),
+        5..=32 => b.div_ceil(4) * 4,
+        _ => b.div_ceil(8) * 8,
+    }
+}
+
+/// The row table's width for a longest length of `len` positions: a power of two from 256 (the
+/// attention's chunk), so a sequence crosses a bucket only when its length doubles.
+pub fn width_bucket(len: usize) -> usize {
+    len.next_power_of_two().max(256)
+}
+
 /// The shared pool.
 pub struct KvPool {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
     free: Vec<u32>,
     total: usize,
+    /// The CUDA graphs of batched decode steps over this pool's buffers.
+    #[cfg(feature = "cuda")]
+    pub(crate) graphs: super::batch_graph::BatchGraphs,
 }
 
 impl KvPool {
@@ -78,19 +97,33 @@ impl KvPool {
         cfg.num_hidden_layers * 2 * BLOCK_TOKENS * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes()
     }
 
-    /// A pool of `blocks` blocks for `cfg`'s layers, in `dtype` on `device`.
+    /// A pool of `blocks` blocks for `cfg`'s layers, in `dtype` on `device`; one more block
+    /// past them is scratch (see [`KvPool::scratch_row`]).
     pub fn new(cfg: &Config, blocks: usize, dtype: DType, device: &Device) -> Result<Self> {
         if blocks == 0 {
             candle_core::bail!("the KV cache needs at least one block of {BLOCK_TOKENS} tokens");
         }
-        let rows = blocks * BLOCK_TOKENS;
+        let rows = (blocks + 1) * BLOCK_TOKENS;
         let shape = (rows, cfg.num_kv_heads(), cfg.head_dim());
         let layer = || Tensor::zeros(shape, dtype, device);
         let k = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
         let v = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
         // Hand out low block ids first (pop from the end).
         let free = (0..blocks as u32).rev().collect();
-        Ok(Self { k, v, free, total: blocks })
+        Ok(Self {
+            k,
+            v,
+            free,
+            total: blocks,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
+        })
+    }
+
+    /// A row no sequence ever owns: the padding sequences of a captured decode step (a batch
+    /// rounded up to the graph's size) write their keys there.
+    pub fn scratch_row(&self) -> u32 {
+        (self.total * BLOCK_TOKENS) as u32
     }
 
     pub fn total_blocks(&self) -> usize {
@@ -192,6 +225,42 @@ impl KvPool {
         })
     }
 
+    /// The inputs of a decode step for a batch padded to `batch` sequences, as one host buffer:
+    /// token ids, positions, new rows and lengths (`batch` each), then the `[batch, width]` row
+    /// table (see [`DecodeTables`]; `width` at least the longest length after the step). Padding
+    /// sequences feed token 0 at position 0 into the scratch row.
+    pub fn decode_inputs(&self, seqs: &[&SeqKv], ids: &[u32], batch: usize, width: usize) -> Result<Vec<u32>> {
+        if ids.len() != seqs.len() || seqs.len() > batch || seqs.iter().any(|s| s.len + 1 > width) {
+            candle_core::bail!("decode step: {} sequences, {} tokens, padded to {batch} x {width}", seqs.len(), ids.len());
+        }
+        let mut buf = vec![0u32; batch * (4 + width)];
+        let (head, table) = buf.split_at_mut(4 * batch);
+        let scratch = self.scratch_row();
+        for b in 0..batch {
+            let row = &mut table[b * width..(b + 1) * width];
+            match seqs.get(b) {
+                Some(s) => {
+                    if Self::blocks_for(s.len + 1) > s.blocks.len() {
+                        candle_core::bail!("decode step: sequence {b} at position {} has {} blocks reserved", s.len, s.blocks.len());
+                    }
+                    for (p, slot) in row[..=s.len].iter_mut().enumerate() {
+                        *slot = s.row(p);
+                    }
+                    head[b] = ids[b];
+                    head[batch + b] = s.len as u32;
+                    head[2 * batch + b] = s.row(s.len);
+                    head[3 * batch + b] = (s.len + 1) as u32;
+                }
+                None => {
+                    row[0] = scratch;
+                    head[2 * batch + b] = scratch;
+                    head[3 * batch + b] = 1;
+                }
+            }
+        }
+        Ok(buf)
+    }
+
     /// The pool rows of `seq`'s first `len` positions, as a u32 index tensor for [`KvPool::gather`].
     pub fn rows(&self, seq: &SeqKv, len: usize, device: &Device) -> Result<Tensor> {
         let rows: Vec<u32> = (0..len).map(|p| seq.row(p)).collect();
@@ -241,6 +310,39 @@ mod tests {
         pool.reserve(&mut c, 16).unwrap();
         pool.advance(&mut c, 16);
         assert!(pool.decode_tables(&[&c], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn buckets_round_up_and_stay_few() {
+        let b: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65].iter().map(|&b| batch_bucket(b)).collect();
+        assert_eq!(b, vec![1, 2, 3, 4, 8, 8, 12, 16, 20, 32, 40, 64, 72]);
+        assert_eq!((1..=64).map(batch_bucket).collect::<std::collections::BTreeSet<_>>().len(), 15);
+        assert_eq!([1, 256, 257, 600, 4096].map(width_bucket), [256, 256, 512, 1024, 4096]);
+    }
+
+    #[test]
+    fn padded_decode_inputs_send_the_padding_to_the_scratch_row() {
+        let mut pool = KvPool::new(&cfg(), 6, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(pool.scratch_row(), 96);
+        let (mut a, mut b) = (SeqKv::default(), SeqKv::default());
+        pool.reserve(&mut a, 17).unwrap();
+        pool.reserve(&mut b, 3).unwrap();
+        pool.advance(&mut a, 16);
+        pool.advance(&mut b, 2);
+        let buf = pool.decode_inputs(&[&a, &b], &[7, 8], 3, 32).unwrap();
+        assert_eq!(buf.len(), 3 * (4 + 32));
+        assert_eq!(&buf[..12], &[7, 8, 0, 16, 2, 0, a.row(16), b.row(2), 96, 17, 3, 1]);
+        let table = &buf[12..];
+        assert_eq!(&table[..17], &(0..17).map(|p| a.row(p)).collect::<Vec<_>>()[..]);
+        assert_eq!(&table[32..35], &(0..3).map(|p| b.row(p)).collect::<Vec<_>>()[..]);
+        assert_eq!(table[64], 96);
+        // The table must hold every length; a sequence without its next block is refused.
+        assert!(pool.decode_inputs(&[&a], &[7], 1, 16).is_err());
+        assert!(pool.decode_inputs(&[&a, &b], &[7, 8], 1, 32).is_err());
+        let mut c = SeqKv::default();
+        pool.reserve(&mut c, 16).unwrap();
+        pool.advance(&mut c, 16);
+        assert!(pool.decode_inputs(&[&c], &[1], 1, 32).is_err());
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         }
         rows.push(serde_json::json!({"what": format!("gemv split sweep K={k} N={n}"), "sweep": sweep}));
     }
+    rows.extend(small_m(device, &mut r)?);
     // GEMM against cuBLAS (f16 weights of the same shape), and dequantize + cuBLAS.
     for (k, n) in [(4096usize, 11008usize), (4096, 4096)] {
         let one = random_weight(&mut r, n, k, 128);
@@ -100,6 +101,37 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
                 "cublas_f16_tflops": flops / t_cublas / 1e12,
                 "dequant_cublas_tflops": flops / t_deq / 1e12,
                 "sm80_over_cublas": t_cublas / t_w4,
+            }));
+        }
+    }
+    Ok(rows)
+}
+
+/// Few tokens (batched decode, speculative verification): the W4 path `forward` takes (the
+/// few-token GEMV up to 64 tokens), the sm_80 GEMM, the ring GEMV and cuBLAS on the f16 weight, in
+/// alternation, at the GPU issue's shapes. Both weights rotate through more copies than L2
+/// holds, as a model's layers do, so neither is timed out of L2.
+fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    for (k, n) in [(4096usize, 11008usize), (11008, 4096), (4096, 4096)] {
+        let (_, ws, _) = gemv_bench_inputs(device, r, k, n)?;
+        let dense_one = ws[0].dequantize(DType::F16)?;
+        let dense_copies = (256usize << 20) / (2 * n * k) + 2;
+        let dense = (0..dense_copies).map(|_| dense_one.copy()).collect::<Result<Vec<_>>>()?;
+        let (wc, dc) = (ws.len(), dense.len());
+        for m in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64] {
+            let x = Tensor::from_vec(random_vec(r, m * k), (m, k), device)?.to_dtype(DType::F16)?;
+            let fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
+                Box::new(|i| x.matmul(&dense[i % dc].t()?).map(|_| ())),
+                Box::new(|i| ws[i % wc].forward(&x).map(|_| ())),
+                Box::new(|i| ws[i % wc].gemm_with(&x, GemmKernel::Sm80).map(|_| ())),
+                Box::new(|i| gemv_many_with(&[&ws[i % wc]], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }).map(|_| ())),
+            ];
+            let t = time_graphs_interleaved(device, 9, 100, fs)?;
+            rows.push(serde_json::json!({
+                "what": format!("small-m K={k} N={n} M={m} f16"),
+                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6,
+                "w4_over_cublas": t[0] / t[1],
             }));
         }
     }

@@ -8,7 +8,7 @@ pub mod timing;
 use crate::cuda::{poison, L2Prefetch};
 use crate::linear::QuantLinear;
 use crate::quant::cpu::{Kernel, PackedQ4};
-use crate::quant::cuda::{gemv_many, gemv_many_with, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
+use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
 use crate::quant::{QuantizedWeight, WeightShape};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
@@ -28,7 +28,7 @@ pub const SHAPES: &[(usize, usize, usize)] = &[
     (24, 1536, 1536),
     (130, 320, 64),
 ];
-pub const TOKENS: &[usize] = &[1, 2, 3, 7, 8, 9, 16, 33, 128, 1000];
+pub const TOKENS: &[usize] = &[1, 2, 3, 7, 8, 9, 16, 21, 33, 64, 65, 128, 1000];
 
 /// `n` uniform values in [-1, 1).
 fn random_vec(r: &mut Rng, n: usize) -> Vec<f32> {
@@ -112,18 +112,18 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                 let x = Tensor::from_vec(random_vec(&mut r, m * k), (m, k), device)?.to_dtype(dt)?;
                 // The reference sees the same rounded activations.
                 let want = packed.matmul(&host(&x)?, m, Kernel::Auto);
-                if m <= GEMV_MAX_TOKENS {
+                if m <= gemv_max_tokens(dt) {
                     t.check(format!("gemv {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemv(&x)?, &want)?, tol(dt));
                     if dt == DType::F16 {
-                        let cc = gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::CudaCores, ..Default::default() })?;
-                        t.check(format!("gemv cuda-cores {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cc, &want)?, tol(dt));
-                        if m == 1 {
-                            // The ring kernel where the batch-1 kernel is the default.
-                            let ring = gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() })?;
-                            t.check(format!("gemv ring {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&ring, &want)?, tol(dt));
+                        if m <= GEMV_MAX_TOKENS {
+                            let cc = gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::CudaCores, ..Default::default() })?;
+                            t.check(format!("gemv cuda-cores {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cc, &want)?, tol(dt));
                         }
+                        // The ring kernel where the few-token kernel is the default.
+                        let ring = gemv_many_with(&[&cw], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() })?;
+                        t.check(format!("gemv ring {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&ring, &want)?, tol(dt));
                         // An L2 hint (another weight's buffers) must not change the result.
-                        let o = GemvOptions { prefetch: L2Prefetch::of(&[hint_buf.clone()]), ..Default::default() };
+                        let o = GemvOptions { prefetch: L2Prefetch::of(std::slice::from_ref(&hint_buf)), ..Default::default() };
                         let got = gemv_many_with(&[&cw], &x, o)?;
                         t.check(format!("gemv l2-hint {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                         // Split-k counts other than the default choice, where k has the steps.
@@ -140,7 +140,7 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                         t.check(format!("gemm sm90 {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemm_with(&x, GemmKernel::Sm90)?, &want)?, tol(dt));
                     }
                 }
-                if m > GEMV_MAX_TOKENS {
+                if m > gemv_max_tokens(dt) {
                     t.check(format!("forward {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.forward(&x)?, &want)?, tol(dt));
                 }
             }
@@ -344,10 +344,10 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                 }
             };
             let mut want = vec![0f32; b * h * d];
-            for bi in 0..b {
+            for (bi, &p) in pos.iter().enumerate().take(b) {
                 for hi in 0..h {
                     let o = (bi * h + hi) * d;
-                    rotate(&xh[o..o + d], pos[bi] as usize, &mut want[o..o + d]);
+                    rotate(&xh[o..o + d], p as usize, &mut want[o..o + d]);
                 }
             }
             let got = rope_tokens(&x, &cos, &sin, &pos_t, h, d)?;
@@ -411,7 +411,7 @@ fn fused_gemv(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
         let cws = packed.iter().map(|p| CudaQ4::new(p, device)).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&CudaQ4> = cws.iter().collect();
         for dt in [DType::F16, DType::BF16] {
-            for m in [1, 3, 8] {
+            for m in [1, 3, 8, 12, 40].into_iter().filter(|&m| m <= gemv_max_tokens(dt)) {
                 let x = Tensor::from_vec(random_vec(r, m * k), (m, k), device)?.to_dtype(dt)?;
                 let xh = host(&x)?;
                 let parts: Vec<Vec<f32>> = packed.iter().map(|p| p.matmul(&xh, m, Kernel::Auto)).collect();

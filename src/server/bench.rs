@@ -23,6 +23,17 @@ impl LoadLevel {
     pub fn tokens_per_second(&self) -> f64 {
         self.output_tokens as f64 / self.wall_secs.max(1e-9)
     }
+
+    /// Aggregate decode throughput: the clients' streams each advance one token per mean
+    /// inter-token gap, so together `clients / mean ITL` tokens a second while they decode (the
+    /// prompts' prefill, which `tokens_per_second` counts in its wall time, left out).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        if self.itl.is_empty() {
+            return f64::NAN;
+        }
+        let mean = self.itl.iter().sum::<f64>() / self.itl.len() as f64;
+        self.clients as f64 / mean.max(1e-12)
+    }
 }
 
 /// The `q`-quantile (0..=1) of `v`, by nearest rank.
@@ -253,15 +264,18 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
 /// The table of a run, in Markdown.
 pub fn table(levels: &[LoadLevel]) -> String {
     let base = levels.first().map(|l| l.tokens_per_second()).unwrap_or(1.0);
-    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n|---|---|---|---|---|---|---|---|---|\n");
+    let base_decode = levels.first().map(|l| l.decode_tokens_per_second()).unwrap_or(1.0);
+    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in levels {
         let ms = |x: f64| format!("{:.1} ms", x * 1e3);
         t += &format!(
-            "| {} | {} | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} |\n",
             l.clients,
             l.requests,
             l.tokens_per_second(),
             l.tokens_per_second() / base,
+            l.decode_tokens_per_second(),
+            l.decode_tokens_per_second() / base_decode,
             l.mean_batch,
             ms(quantile(&l.ttft, 0.5)),
             ms(quantile(&l.ttft, 0.99)),
@@ -274,6 +288,15 @@ pub fn table(levels: &[LoadLevel]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decode_throughput_is_clients_over_the_mean_gap() {
+        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0 };
+        assert!((l.decode_tokens_per_second() - 200.0).abs() < 1e-9);
+        assert!((l.tokens_per_second() - 20.0).abs() < 1e-9);
+        let t = super::table(&[l]);
+        assert!(t.contains("| 4 | 4 | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
+    }
+
     #[test]
     fn quantiles_by_nearest_rank() {
         let v = [5.0, 1.0, 3.0, 2.0, 4.0];

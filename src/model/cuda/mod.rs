@@ -33,13 +33,13 @@ pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// Whether the attention kernels take heads of `d` (any number of cached positions: beyond
 /// ATT_CHUNK the split-sequence kernels run).
 pub fn attention_fits(d: usize) -> bool {
-    d % 8 == 0 && d > 0 && d <= 256 && ATT_THREADS % (d / 8) == 0
+    d.is_multiple_of(8) && d > 0 && d <= 256 && ATT_THREADS.is_multiple_of(d / 8)
 }
 
 /// Whether the server's batched decode step can run its kernels ([`rope_tokens`],
 /// [`kv_write_rows`], [`paged_attention`]) for a model of this device, dtype and head size.
 pub fn paged_decode_applies(device: &candle_core::Device, dtype: candle_core::DType, head_dim: usize) -> bool {
-    device.is_cuda() && suffix(dtype).is_some() && attention_fits(head_dim) && head_dim % 2 == 0
+    device.is_cuda() && suffix(dtype).is_some() && attention_fits(head_dim) && head_dim.is_multiple_of(2)
 }
 
 /// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
@@ -63,7 +63,7 @@ pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usiz
     let dev = cuda_dev(&x)?;
     let stream = dev.cuda_stream();
     let sfx = suffix_for("rope", x.dtype())?;
-    if x.elem_count() != heads * d || cos.dtype() != x.dtype() || d % 2 != 0 || d > 2048 {
+    if x.elem_count() != heads * d || cos.dtype() != x.dtype() || !d.is_multiple_of(2) || d > 2048 {
         candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
     let out = Tensor::zeros((1, heads, 1, d), x.dtype(), x.device())?;
@@ -123,7 +123,7 @@ pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: 
     let dev = cuda_dev(&x)?;
     let stream = dev.cuda_stream();
     let sfx = suffix_for("rope", x.dtype())?;
-    if x.elem_count() != batch * heads * d || cos.dtype() != x.dtype() || pos.dtype() != candle_core::DType::U32 || d % 2 != 0 || d > 2048 {
+    if x.elem_count() != batch * heads * d || cos.dtype() != x.dtype() || pos.dtype() != candle_core::DType::U32 || !d.is_multiple_of(2) || d > 2048 {
         candle_core::bail!("rope: {} values for {batch} tokens of {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
     let out = Tensor::zeros((batch, heads, d), x.dtype(), x.device())?;
@@ -308,7 +308,7 @@ impl CustomOp1 for AddRmsNorm<'_> {
             let xp = x.device_ptr(&stream).0;
             // The 16-byte path: whole rows of 8-element pieces in registers, every row aligned.
             let row_bytes = h as u64 * size;
-            let aligned = [xp, dp, sum_p, norm_p, wp].iter().all(|p| p % 16 == 0) && row_bytes % 16 == 0;
+            let aligned = [xp, dp, sum_p, norm_p, wp].iter().all(|p| p % 16 == 0) && row_bytes.is_multiple_of(16);
             let vec = i32::from(h % 8 == 0 && h <= NORM_THREADS * NORM_PER_THREAD && aligned);
             let mut b = func.builder();
             b.arg(&x);

@@ -25,8 +25,19 @@ const MODULE_SM90: &str = "awq_w4a16_sm90";
 const SM90_SMEM: usize = 4 * (SM90_TOKENS * 64 * 2 + 8 * 512 + 128 * 4) + 2 * 4 * 8 + 1024;
 /// Tokens per block of the sm_90 GEMM (SM90_BT in w4a16_sm90.cu).
 const SM90_TOKENS: usize = 256;
-/// Most tokens the GEMV kernel takes.
+/// Most tokens the GEMV kernel takes on CUDA cores (bf16, f32, or f16 when asked).
 pub const GEMV_MAX_TOKENS: usize = 8;
+/// Most tokens the tensor-core GEMV takes (f16: 8, 16, 32 or 64 token slots).
+pub const MMA_GEMV_MAX_TOKENS: usize = 64;
+
+/// Most tokens [`gemv_many`] takes for activations of `dt`.
+pub fn gemv_max_tokens(dt: DType) -> usize {
+    if dt == DType::F16 {
+        MMA_GEMV_MAX_TOKENS
+    } else {
+        GEMV_MAX_TOKENS
+    }
+}
 /// Most weights one GEMV launch takes (`W4Sets` in w4a16.cu).
 pub const GEMV_MAX_SETS: usize = 3;
 /// Warps (of 32 threads) per GEMV block (GEMV_WARPS in w4a16.cu).
@@ -35,21 +46,40 @@ const GEMV_WARPS: usize = 4;
 const GEMV1_MAX_WARPS: usize = 8;
 /// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
 const GEMV_SLOTS: usize = 3;
-/// Dynamic shared memory of a batch-1 GEMV block (w4_gemv1 in w4a16.cu): each of its `warps` warps
-/// stages the activations of its share of the `k / g` groups, at most ceil(groups / (splits x warps)).
-fn gemv1_smem(k: usize, g: usize, warps: usize, splits: usize) -> usize {
-    warps * (k / g).div_ceil(warps * splits) * g * 2
+/// Dynamic shared memory of a few-token GEMV block (w4_gemv1 in w4a16.cu): each of its `warps`
+/// warps stages `m` tokens' activations of its share of the `k / g` groups, at most
+/// ceil(groups / (splits x warps)), each token's row padded by 16 bytes (GEMV1_X_PAD); the
+/// cross-warp sums reuse that memory at the end (`m` rows of 68 floats per warp).
+fn gemv1_smem(k: usize, g: usize, m: usize, warps: usize, splits: usize) -> usize {
+    let x = warps * m * ((k / g).div_ceil(warps * splits) * g * 2 + 16);
+    x.max(warps * m * 68 * 4)
 }
-/// Room for the static shared memory of a batch-1 GEMV block: the cross-warp sums (2 KB) and
-/// the split-k flag.
-const GEMV1_STATIC_SMEM: usize = 4096;
+/// Room for the static shared memory of a few-token GEMV block: the split-k flag.
+const GEMV1_STATIC_SMEM: usize = 1024;
 
 /// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
 /// GEMV_SLOTS slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide
-/// k window touches and `m` tokens' padded activations of `elem` bytes.
-fn gemv_smem(g: usize, m: usize, elem: usize) -> usize {
+/// k window touches and `m` tokens' padded activations of `elem` bytes. The cross-warp sums
+/// reuse the rings' memory at the end (`mt` token slots of 64 rows per warp, rows padded to 68):
+/// at least that much.
+fn gemv_smem(g: usize, m: usize, mt: usize, elem: usize) -> usize {
     let sz_groups = 48usize.div_ceil(g) + 1;
-    GEMV_WARPS * GEMV_SLOTS * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem)
+    let rings = GEMV_WARPS * GEMV_SLOTS * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem);
+    rings.max(GEMV_WARPS * mt * 68 * 4)
+}
+
+/// Token slots of the ring kernel for `m` tokens: the CUDA-core kernels' 1, 2, 4 or 8, the
+/// tensor-core kernels' 8, 16, 32 or 64.
+fn gemv_slots(m: usize, mma: bool) -> usize {
+    match (mma, m) {
+        (false, 0..=1) => 1,
+        (false, 2) => 2,
+        (false, 3..=4) => 4,
+        (_, 0..=8) => 8,
+        (true, 9..=16) => 16,
+        (true, 17..=32) => 32,
+        _ => 64,
+    }
 }
 
 /// The device copy of a packed 4-bit weight.
@@ -100,11 +130,12 @@ impl CudaQ4 {
 
     /// Whether the tensor-core GEMM takes this weight (one group per 64-wide k step).
     pub fn gemm_supported(&self) -> bool {
-        self.shape.k % 64 == 0 && self.shape.group_size % 64 == 0 && self.shape.n % 2 == 0
+        self.shape.k.is_multiple_of(64) && self.shape.group_size.is_multiple_of(64) && self.shape.n.is_multiple_of(2)
     }
 
-    /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 8 tokens; beyond, the
-    /// tensor-core GEMM for f16, else dequantization to `x`'s dtype and a cuBLAS matmul.
+    /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 64 tokens in f16 (8
+    /// otherwise); beyond, the tensor-core GEMM for f16, else dequantization to `x`'s dtype and a
+    /// cuBLAS matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_prefetch(x, &L2Prefetch::none())
     }
@@ -113,7 +144,7 @@ impl CudaQ4 {
     /// blocks finish (the GEMMs are compute-bound and take no hint).
     pub fn forward_prefetch(&self, x: &Tensor, next: &L2Prefetch) -> Result<Tensor> {
         let m = x.elem_count() / self.shape.k;
-        if m <= GEMV_MAX_TOKENS {
+        if m <= gemv_max_tokens(x.dtype()) {
             gemv_many_with(&[self], x, GemvOptions { prefetch: *next, ..Default::default() })
         } else if x.dtype() == DType::F16 && self.gemm_supported() {
             self.gemm(x)
@@ -172,10 +203,12 @@ pub struct GemvOptions {
 /// The GEMV kernels of w4a16.cu.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum GemvKernel {
-    /// The batch-1 kernel where it applies (one token, f16, group size 32, 64 or 128), else the ring.
+    /// The few-token kernel where it applies (up to 64 tokens, f16, group size 32, 64 or 128, the
+    /// activations within shared memory), else the ring.
     #[default]
     Auto,
-    /// The cp.async-ring kernel (up to 8 tokens, any group size): tensor cores for f16.
+    /// The cp.async-ring kernel (any group size; up to 64 tokens on tensor cores for f16, 8 on CUDA
+    /// cores).
     Ring,
     /// The ring kernel on CUDA cores where the tensor-core one would run (f16).
     CudaCores,
@@ -271,8 +304,9 @@ impl CustomOp1 for Gemv<'_> {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let w0 = self.ws[0];
         let (m, xo) = input_check(self.name(), l, w0.shape.k)?;
-        if m > GEMV_MAX_TOKENS {
-            candle_core::bail!("{}: {m} tokens, at most {GEMV_MAX_TOKENS}", self.name());
+        let most = if self.opts.kernel == GemvKernel::CudaCores { GEMV_MAX_TOKENS } else { gemv_max_tokens(s.dtype()) };
+        if m > most {
+            candle_core::bail!("{}: {m} tokens of {:?}, at most {most}", self.name(), s.dtype());
         }
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
@@ -315,10 +349,10 @@ impl CustomOp1 for Gemv<'_> {
             b.arg(&y);
             b.arg(&k);
             if !is_batch1 {
-                // The batch-1 kernel has its group size and token count built in.
+                // The few-token kernel has its group size built in.
                 b.arg(&g);
-                b.arg(&m_);
             }
+            b.arg(&m_);
             b.arg(&nt);
             // Unsplit launches never touch the workspace: a null pointer.
             let null = 0u64;
@@ -341,29 +375,45 @@ impl CustomOp1 for Gemv<'_> {
 type Launch = (candle_core::cuda_backend::cudarc::driver::CudaFunction, LaunchConfig);
 
 impl Gemv<'_> {
-    /// The batch-1 kernel's launch where it applies: one token, f16, the default kernel, group
-    /// size 32, 64 or 128, every weight under 2^32 words (it uses 32-bit offsets) and the warps'
-    /// activations within the device's shared memory.
+    /// The few-token kernel's launch where it applies: f16, the default kernel, up to 8 tokens at
+    /// group size 32, 64 or 128 or up to 16 at 64 or 128, every weight under 2^32 words (it uses
+    /// 32-bit offsets) and the warps' activations within half an SM's shared memory (two blocks
+    /// per SM). It stages every token's share of x at once, so more tokens take more k slices (or
+    /// 4-warp blocks) to fit. Above 16 tokens the ring kernel was faster on the 11008-row shapes
+    /// (BENCHMARKS.md).
     fn batch1_launch(&self, dev: &CudaDevice, m: usize, dt: DType, blocks: usize) -> Result<Option<Launch>> {
         let (k, g) = (self.ws[0].shape.k, self.ws[0].shape.group_size);
-        let applies = m == 1
-            && dt == DType::F16
+        let applies = dt == DType::F16
             && self.opts.kernel == GemvKernel::Auto
-            && matches!(g, 32 | 64 | 128)
+            && (m <= 8 && matches!(g, 32 | 64 | 128) || m <= 16 && matches!(g, 64 | 128))
             && self.ws.iter().all(|w| (w.shape.k as u64 * w.np as u64 / 8) < (1u64 << 32));
         if !applies {
             return Ok(None);
         }
-        let name = format!("w4_gemv1_f16_g{g}");
+        let slots = if m <= 8 { "" } else { "_t16" };
+        let name = format!("w4_gemv1_f16_g{g}{slots}");
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         // The dynamic shared memory (x) varies with the launch: the limit is what the device
         // leaves beside the static part.
         let max_smem = device_limits(dev)?.smem_optin - GEMV1_STATIC_SMEM;
         let resident_warps = resident_blocks(dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, max_smem)? * GEMV1_MAX_WARPS;
-        let (warps, auto_splits) = launch::gemv1_launch(blocks, k / g, resident_warps);
-        let splits = self.opts.splits.map_or(auto_splits, |s| s.clamp(1, (k / 16).max(1)));
-        let smem = gemv1_smem(k, g, warps, splits);
-        // Beyond the device's shared memory (k in the hundreds of thousands) the ring kernel runs.
+        let groups = k / g;
+        let budget = max_smem / 2;
+        let (warps, splits) = match self.opts.splits {
+            Some(s) => (launch::gemv1_launch(blocks, groups, resident_warps).0, s.clamp(1, (k / 16).max(1))),
+            None => {
+                let fits = |(w, s): (usize, usize)| gemv1_smem(k, g, m, w, s) <= budget;
+                let (w, s) = launch::gemv1_launch(blocks, groups, resident_warps);
+                // More slices (each warp keeps a group at least), then 4-warp blocks.
+                let more = |w: usize, s: usize| (s..=(groups / w).max(s)).map(move |s| (w, s)).find(|&ws| fits(ws));
+                match more(w, s).or_else(|| more(4, s)) {
+                    Some(ws) => ws,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let smem = gemv1_smem(k, g, m, warps, splits);
+        // Beyond the device's shared memory the ring kernel runs.
         let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
         Ok((smem <= max_smem).then(|| (func.into_cuda_function(), cfg)))
     }
@@ -372,18 +422,18 @@ impl Gemv<'_> {
     /// slots) unless CUDA cores are asked for, else CUDA cores sized to the tokens.
     fn ring_launch(&self, dev: &CudaDevice, m: usize, dt: DType, blocks: usize) -> Result<Launch> {
         let (k, g) = (self.ws[0].shape.k, self.ws[0].shape.group_size);
-        let mt = match m {
-            0..=1 => 1,
-            2 => 2,
-            3..=4 => 4,
-            _ => 8,
+        let mma = dt == DType::F16 && self.opts.kernel != GemvKernel::CudaCores;
+        let mt = gemv_slots(m, mma);
+        let name = match (mma, mt) {
+            (true, 8) => "w4_gemv_f16_mma".to_string(),
+            (true, _) => format!("w4_gemv_f16_mma{mt}"),
+            (false, _) => format!("w4_gemv_{}_{mt}", suffix_for("W4A16 GEMV", dt)?),
         };
-        let name = if dt == DType::F16 && self.opts.kernel != GemvKernel::CudaCores { "w4_gemv_f16_mma".to_string() } else { format!("w4_gemv_{}_{mt}", suffix_for("W4A16 GEMV", dt)?) };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let elem = dt.size_in_bytes();
-        let smem = gemv_smem(g, m, elem);
+        let smem = gemv_smem(g, m, mt, elem);
         // The limit covers every launch of the kernel: the most tokens, the smallest groups.
-        let resident = resident_blocks(dev, &func, &name, 32 * GEMV_WARPS, smem, gemv_smem(32, GEMV_MAX_TOKENS, elem))?;
+        let resident = resident_blocks(dev, &func, &name, 32 * GEMV_WARPS, smem, gemv_smem(32, mt, mt, elem))?;
         let splits = match self.opts.splits {
             Some(s) => s.clamp(1, (k / 16).max(1)),
             None => launch::gemv_splits(blocks, k / 16, resident),

@@ -143,7 +143,13 @@ template <typename T, int MT, bool MMA>
 __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict__ y, int k, int g, int m,
                         int n_total, float* __restrict__ part, unsigned int* __restrict__ counters,
                         const L2Prefetch& pf) {
-    static_assert(!MMA || (MT == 8 && sizeof(T) == 2), "the MMA GEMV is instantiated for f16 and 8 tokens");
+    static_assert(!MMA || (MT % 8 == 0 && sizeof(T) == 2), "the MMA GEMV takes f16 and 8, 16, 32 or 64 token slots");
+    // n8 token tiles of the MMA path. With one, the MMA sums the exact integers (q - zero) per
+    // group and scales once per group (instruction-bound: the fewest instructions per word); with
+    // more, each dequantized word feeds NT MMAs, so the weights are scaled in f16 first (as the
+    // GEMMs do) and accumulate straight into the totals: a third of the accumulator registers.
+    constexpr int NT = MT / 8;
+    constexpr bool EXACT_GROUPS = !MMA || NT == 1;
     const int b = blockIdx.x;
     const int split = blockIdx.y, nsplit = gridDim.y;
     const GemvRows rows = gemv_rows(ws, b);
@@ -164,31 +170,39 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     for (int t = 0; t < MT; t++)
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[t][j] = 0.f;
-    // MMA: m16 tile wi (rows 16 wi .. 16 wi + 15): c0, c1 row g tokens 2t, 2t+1; c2, c3 row g + 8.
-    // gacc sums the exact (q - zero) x products of the current group, macc the scaled groups.
-    float macc[4][4], gacc[4][4];
+    // MMA: m16 tile wi (rows 16 wi .. 16 wi + 15) of token tile j: c0, c1 row g tokens
+    // 8 j + 2t, 2t+1; c2, c3 row g + 8. With one token tile gacc sums the exact (q - zero) x
+    // products of the current group and macc the scaled groups; with more, macc takes the
+    // products of the scaled weights directly.
+    float macc[MMA ? NT : 1][4][4], gacc[4][4];
 #pragma unroll
     for (int wi = 0; wi < 4; wi++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) macc[wi][e] = gacc[wi][e] = 0.f;
+        for (int e = 0; e < 4; e++) {
+            gacc[wi][e] = 0.f;
+#pragma unroll
+            for (int j = 0; j < (MMA ? NT : 1); j++) macc[j][wi][e] = 0.f;
+        }
     // Per group: exact integers (q - zero) times x summed in `gsum`, then scaled once into acc.
     float gsum[MT][8];
 #pragma unroll
     for (int t = 0; t < MT; t++)
 #pragma unroll
         for (int j = 0; j < 8; j++) gsum[t][j] = 0.f;
-    __half2 zl[8], zh[8];
+    __half2 zl[8], zh[8], sh[8];
     float sc[8];
     // A group's sums, scaled once into the totals (row 16 wi + g takes scale j = 2 wi, row + 8 2 wi + 1).
     auto flush = [&]() {
         if constexpr (MMA) {
+            if constexpr (NT == 1) {
 #pragma unroll
-            for (int wi = 0; wi < 4; wi++)
+                for (int wi = 0; wi < 4; wi++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    macc[wi][e] = fmaf(sc[2 * wi + (e >> 1)], gacc[wi][e], macc[wi][e]);
-                    gacc[wi][e] = 0.f;
-                }
+                    for (int e = 0; e < 4; e++) {
+                        macc[0][wi][e] = fmaf(sc[2 * wi + (e >> 1)], gacc[wi][e], macc[0][wi][e]);
+                        gacc[wi][e] = 0.f;
+                    }
+            }
         } else {
 #pragma unroll
             for (int t = 0; t < MT; t++)
@@ -226,11 +240,18 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     // round's 64 values; addresses set up once and advanced by a round each time.
     constexpr int XP = 64 * (int)sizeof(T) / 16;
     constexpr int XR = (MT * XP + 31) / 32;
-    const uint8_t* x_src[XR];
-    int x_dst[XR], x_piece[XR];
-    bool x_on[XR];
+    // Up to 8 tokens each lane keeps a table of its pieces' addresses; with more (f16, XP = 8)
+    // lane l copies piece l % 8 of tokens l / 8 + 4 r, addresses computed as the rounds go (a
+    // table of 16 would take 64 registers).
+    constexpr bool X_TABLE = MT <= 8;
+    constexpr int XT = X_TABLE ? XR : 1;
+    const uint8_t* x_src[XT];
+    int x_dst[XT], x_piece[XT];
+    bool x_on[XT];
+    const int x_tok0 = lane / XP, x_pc = lane % XP;
+    const T* x_lane = x + (size_t)x_tok0 * k + s0 * 16 + x_pc * (16 / (int)sizeof(T));
 #pragma unroll
-    for (int r = 0; r < XR; r++) {
+    for (int r = 0; r < XT; r++) {
         const int pc = lane + 32 * r, t = pc / XP;
         x_piece[r] = pc % XP;
         x_on[r] = pc < MT * XP && t < m;
@@ -260,10 +281,21 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
             }
             // Activations: 64 per token (n_steps * 16 of them valid), this lane's 16-byte pieces.
             const int valid = n_steps * 16 * (int)sizeof(T) / 16;
+            if constexpr (X_TABLE) {
 #pragma unroll
-            for (int r = 0; r < XR; r++) {
-                if (x_on[r] && x_piece[r] < valid) cp_async16(base + GEMV_UNITS_BYTES + SZ_BYTES + x_dst[r], x_src[r]);
-                x_src[r] += 64 * sizeof(T);
+                for (int r = 0; r < XR; r++) {
+                    if (x_on[r] && x_piece[r] < valid) cp_async16(base + GEMV_UNITS_BYTES + SZ_BYTES + x_dst[r], x_src[r]);
+                    x_src[r] += 64 * sizeof(T);
+                }
+            } else {
+#pragma unroll
+                for (int r = 0; r < XR; r++) {
+                    const int t = x_tok0 + r * (32 / XP);
+                    if (t < m && x_pc < valid)
+                        cp_async16(base + GEMV_UNITS_BYTES + SZ_BYTES + t * GEMV_XS * (int)sizeof(T) + x_pc * 16,
+                                   x_lane + (size_t)(r * (32 / XP)) * k);
+                }
+                x_lane += 64;
             }
         }
         cp_async_commit();
@@ -306,10 +338,11 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                         const __half2 p = slot_sz[(cur_group - ga_math) * 64 + j * 8 + gi];
                         __half2 scale_h2;  // the GEMMs' f16 scale; the GEMV scales in f32 below
                         sz_consts(p, zl[j], zh[j], scale_h2);
+                        sh[j] = scale_h2;
                         sc[j] = __low2float(p);
                     }
                 }
-                if constexpr (MMA) {
+                if constexpr (MMA && NT == 1) {
                     // B fragment: token g, k 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of this step.
                     const uint32_t* xs = reinterpret_cast<const uint32_t*>(slot_x + xrow * GEMV_XS + i * 16 + 2 * ti);
                     const uint32_t b0 = xs[0], b1 = xs[4];
@@ -319,6 +352,26 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                         const Dq d = dequant_word_unscaled(w, zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
                         const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
                         mma16816(gacc[wi], a, b0, b1);
+                    }
+                } else if constexpr (MMA) {
+                    // Token tile j's B fragment: token 8 j + g (token 0's row past m: those
+                    // products are discarded, and the row stays inside the ring).
+                    uint32_t bf[NT][2];
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        const int row = 8 * j + gi < m ? 8 * j + gi : 0;
+                        const uint32_t* xs = reinterpret_cast<const uint32_t*>(slot_x + row * GEMV_XS + i * 16 + 2 * ti);
+                        bf[j][0] = xs[0];
+                        bf[j][1] = xs[4];
+                    }
+#pragma unroll
+                    for (int wi = 0; wi < 4; wi++) {
+                        const uint32_t w = slot_words[i * 128 + wi * 32 + lane];
+                        const Dq d = dequant_word(w, zl[2 * wi], zh[2 * wi], sh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1], sh[2 * wi + 1]);
+                        const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+#pragma unroll
+                        for (int j = 0; j < NT; j++)
+                            if (8 * j < m) mma16816(macc[j][wi], a, bf[j][0], bf[j][1]);
                     }
                 } else {
                 uint32_t words[4];
@@ -364,7 +417,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     // This block's reads are done: its share of the next layer's weights goes to L2 now, so DRAM
     // stays busy through the grid's tail and the launches until the next GEMV.
     l2_prefetch(pf, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
-    if (any_steps) flush();
+    if (any_steps && EXACT_GROUPS) flush();
     // The four lanes of a row group hold partial sums over different k; then the warps meet, in
     // the rings' memory once every warp is done with its ring.
     __syncthreads();
@@ -372,9 +425,14 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
 #define RED(w, t, r) red[((w) * MT + (t)) * GEMV_RED_STRIDE + (r)]
     if constexpr (MMA) {
 #pragma unroll
-        for (int wi = 0; wi < 4; wi++)
+        for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) RED(warp, 2 * ti + (e & 1), wi * 16 + gi + (e >> 1) * 8) = macc[wi][e];
+            for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int tok = 8 * j + 2 * ti + (e & 1);
+                    if (tok < m) RED(warp, tok, wi * 16 + gi + (e >> 1) * 8) = macc[j][wi][e];
+                }
     } else {
 #pragma unroll
         for (int t = 0; t < MT; t++)
@@ -417,21 +475,32 @@ __device__ __forceinline__ void mma16816_first(float* c, const uint32_t* a, uint
 }
 
 #define GEMV1_MAX_WARPS 8
+// Padding (in 4-byte words) of each token's row of staged x: lanes of row group g read token g's
+// row, and the pad puts the eight rows in distinct banks.
+#define GEMV1_X_PAD 4
+// Row stride (floats) of the cross-warp sums: 64 rows padded so lanes storing tokens 2t, 2t + 1
+// of one row group fall in distinct banks.
+#define GEMV1_RED_STRIDE 68
 
-// One token, f16, group size 16 * SPG. Blocks of 4 or 8 warps own 64 rows and a slice of k
-// (split-k over gridDim.y as in w4_gemv); the warps divide the slice in whole groups, so a
-// group's steps are a compile-time loop and its scale and zero constants are set up once.
-// Each warp loads its weights straight from global memory into registers, AHEAD groups (8 k16
-// steps, 4 KB) ahead of the math: no shared-memory ring, no cp.async bookkeeping, and a group's
-// loads are issued as its slot frees. Its slice of x is staged once in shared memory (in
-// registers it took the window's room: 5 % slower). On an H100 this streams 4096 x 11008 at
-// 77 % of the copy bandwidth where the ring kernel reaches 58 % (BENCHMARKS.md). The products
-// run on the tensor cores as in w4_gemv's MMA path (the token is column 0 of the n8 operand; the
-// other columns compute discarded copies).
-template <int SPG, int AHEAD>
-__device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int n_total,
-                         float* __restrict__ part, unsigned int* __restrict__ counters, const L2Prefetch& pf) {
+// Few tokens (decode: one; batched decode and speculative verification: up to 64), f16, group
+// size 16 * SPG. Blocks of 4 or 8 warps own 64 rows and a slice of k (split-k over gridDim.y as
+// in w4_gemv); the warps divide the slice in whole groups, so a group's steps are a compile-time
+// loop and its scale and zero constants are set up once. Each warp loads its weights straight
+// from global memory into registers, AHEAD groups (8 k16 steps, 4 KB) ahead of the math: no
+// shared-memory ring, no cp.async bookkeeping, and a group's loads are issued as its slot frees.
+// Its slice of x (m tokens' rows) is staged once in shared memory (in registers it took the
+// window's room: 5 % slower at one token). On an H100 this streams 4096 x 11008 at 77 % of the
+// copy bandwidth where the ring kernel reaches 58 % (BENCHMARKS.md). The products run on the
+// tensor cores as in w4_gemv's MMA path: the weights are the m16 A operand and the tokens the n8
+// B operand, NT tiles of 8 token slots (slots past m compute discarded copies of token 0). With
+// one tile the MMA sums the exact integers (q - zero) per group and scales once per group; with
+// more, each dequantized word feeds NT MMAs, so the words are scaled in f16 first (as the GEMMs
+// do) and accumulate straight into the totals.
+template <int SPG, int AHEAD, int NT>
+__device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int m,
+                         int n_total, float* __restrict__ part, unsigned int* __restrict__ counters, const L2Prefetch& pf) {
     constexpr int D = SPG * AHEAD;  // k16 steps in flight
+    constexpr bool EXACT = NT == 1;
     const GemvRows rows = gemv_rows(ws, blockIdx.x);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gi = lane >> 2, ti = lane & 3;
@@ -465,32 +534,43 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
             szp += rows.np;
         }
     }
-    // This warp's x, ceil(G / W) groups' room per warp (gemv1_smem in mod.rs), in 16-byte pieces
-    // (the wrapper aligns x to 16 bytes; a group is at least 64 bytes).
+    // This warp's x: m rows of ceil(G / W) groups' room (gemv1_smem in kernels.rs), padded, in
+    // 16-byte pieces (the wrapper aligns x to 16 bytes; a group is at least 64 bytes).
     extern __shared__ __align__(16) uint32_t gemv1_xs[];
-    uint32_t* xs = gemv1_xs + warp * ((G + W - 1) / W * SPG * 8);
+    const int row_words = (G + W - 1) / W * SPG * 8 + GEMV1_X_PAD;
+    uint32_t* xs = gemv1_xs + warp * m * row_words;
     {
-        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)g0 * SPG * 16);
-        for (int p = lane; p < ng * SPG * 2; p += 32) reinterpret_cast<uint4*>(xs)[p] = __ldg(src + p);
+        const int pieces = ng * SPG * 2;  // per token
+        for (int p = lane; p < m * pieces; p += 32) {
+            const int t = p / pieces, c = p - t * pieces;
+            reinterpret_cast<uint4*>(xs + t * row_words)[c] =
+                __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * k + (size_t)g0 * SPG * 16) + c);
+        }
         __syncwarp();
     }
-    // B fragment of step s: x[16 s + 2t, +1] and x[16 s + 2t + 8, +9], 8 words per step.
-    const uint32_t* xg = xs + ti;
-    // Row 16 wi + g (h = 0) and + 8 (h = 1), token column 0 (lanes t = 0 hold the real sums).
-    float acc[4][2];
+    // B fragment of step s for token tile j: token 8 j + g's x[16 s + 2t, +1] and
+    // x[16 s + 2t + 8, +9], 8 words per step (token 0's row for slots past m).
+    const uint32_t* xg[NT];
 #pragma unroll
-    for (int wi = 0; wi < 4; wi++) acc[wi][0] = acc[wi][1] = 0.f;
+    for (int j = 0; j < NT; j++) xg[j] = xs + (8 * j + gi < m ? 8 * j + gi : 0) * row_words + ti;
+    // One tile: rows 16 wi + g (e = 0, 1) and + 8 (e = 2, 3), tokens 2t, 2t + 1.
+    float acc[NT][4][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[j][wi][e] = 0.f;
     for (int gb = 0; gb < ng; gb += AHEAD) {
 #pragma unroll
         for (int a = 0; a < AHEAD; a++) {
             if (gb + a < ng) {
                 const bool refill = gb + a + AHEAD < ng;
-                __half2 zl[8], zh[8];
+                __half2 zl[8], zh[8], sh[8];
                 float sc[8];
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
-                    __half2 unused;  // the GEMMs' f16 scale; here the group's sum is scaled in f32
-                    sz_consts(szbuf[a][j], zl[j], zh[j], unused);
+                    sz_consts(szbuf[a][j], zl[j], zh[j], sh[j]);
                     sc[j] = __low2float(szbuf[a][j]);
                 }
                 if (refill) {
@@ -498,13 +578,18 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
                     for (int j = 0; j < 8; j++) szbuf[a][j] = __ldg(szp + j * 8);
                     szp += rows.np;
                 }
-                // The group's exact sums of (q - zero) x, scaled once at its end.
+                // One tile: the group's exact sums of (q - zero) x, scaled once at its end.
                 float gacc[4][4];
 #pragma unroll
                 for (int i = 0; i < SPG; i++) {
                     const int j = a * SPG + i;
                     const uint32_t w[4] = {wbuf[j][0], wbuf[j][1], wbuf[j][2], wbuf[j][3]};
-                    const uint32_t b0 = xg[j * 8], b1 = xg[j * 8 + 4];
+                    uint32_t b[NT][2];
+#pragma unroll
+                    for (int tt = 0; tt < NT; tt++) {
+                        b[tt][0] = xg[tt][j * 8];
+                        b[tt][1] = xg[tt][j * 8 + 4];
+                    }
                     if (refill) {
 #pragma unroll
                         for (int c = 0; c < 4; c++) wbuf[j][c] = ld_stream(rows.q + off + c * 32);
@@ -512,39 +597,53 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
                     }
 #pragma unroll
                     for (int wi = 0; wi < 4; wi++) {
-                        const Dq d = dequant_word_unscaled(w[wi], zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
-                        const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
-                        if (i == 0) mma16816_first(gacc[wi], af, b0, b1);
-                        else mma16816(gacc[wi], af, b0, b1);
+                        if constexpr (EXACT) {
+                            const Dq d = dequant_word_unscaled(w[wi], zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
+                            const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                            if (i == 0) mma16816_first(gacc[wi], af, b[0][0], b[0][1]);
+                            else mma16816(gacc[wi], af, b[0][0], b[0][1]);
+                        } else {
+                            const Dq d = dequant_word(w[wi], zl[2 * wi], zh[2 * wi], sh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1], sh[2 * wi + 1]);
+                            const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+#pragma unroll
+                            for (int tt = 0; tt < NT; tt++)
+                                if (8 * tt < m) mma16816(acc[tt][wi], af, b[tt][0], b[tt][1]);
+                        }
                     }
                 }
+                if constexpr (EXACT) {
 #pragma unroll
-                for (int wi = 0; wi < 4; wi++) {
-                    acc[wi][0] = fmaf(sc[2 * wi], gacc[wi][0], acc[wi][0]);
-                    acc[wi][1] = fmaf(sc[2 * wi + 1], gacc[wi][2], acc[wi][1]);
+                    for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) acc[0][wi][e] = fmaf(sc[2 * wi + (e >> 1)], gacc[wi][e], acc[0][wi][e]);
                 }
             }
         }
-        xg += D * 8;
+#pragma unroll
+        for (int j = 0; j < NT; j++) xg[j] += D * 8;
     }
     // This block's reads are issued: its share of the next layer's weights goes to L2 now.
     l2_prefetch(pf, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
-    __shared__ float red[GEMV1_MAX_WARPS][64];
-    if (ti == 0) {
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++) {
-            red[warp][wi * 16 + gi] = acc[wi][0];
-            red[warp][wi * 16 + gi + 8] = acc[wi][1];
-        }
-    }
+    // The warps' sums meet in the x staging memory, once every warp is done with its x.
     __syncthreads();
-    gemv_store<__half, 1>(
-        [&](int, int r) {
+    float* red = reinterpret_cast<float*>(gemv1_xs);
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int tok = 8 * j + 2 * ti + (e & 1);
+                if (tok < m) red[(warp * m + tok) * GEMV1_RED_STRIDE + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
+            }
+    __syncthreads();
+    gemv_store<__half, 8 * NT>(
+        [&](int t, int r) {
             float v = 0.f;
-            for (int w = 0; w < warps; w++) v += red[w][r];
+            for (int w = 0; w < warps; w++) v += red[(w * m + t) * GEMV1_RED_STRIDE + r];
             return v;
         },
-        gemv_rows(ws, blockIdx.x), 1, n_total, y, part, counters);  // recomputed: fewer live registers
+        gemv_rows(ws, blockIdx.x), m, n_total, y, part, counters);  // recomputed: fewer live registers
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,18 +859,34 @@ extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma(W4Sets ws, con
                                                                   L2Prefetch pf) {
     w4_gemv<__half, 8, true>(ws, x, y, k, g, m, nt, part, counters, pf);
 }
-
-// Batch 1 at group sizes 32, 64 and 128: 8 k16 steps in flight per warp. At most 128 registers,
-// so an SM holds 16 warps.
-#define GEMV1_ENTRY(G, SPG, AHEAD)                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV1_MAX_WARPS, 2) w4_gemv1_f16_g##G(                  \
-        W4Sets ws, const __half* x, __half* y, int k, int nt, float* part, unsigned int* counters,        \
-        L2Prefetch pf) {                                                                                  \
-        w4_gemv1<SPG, AHEAD>(ws, x, y, k, nt, part, counters, pf);                                        \
+// 9 to 64 tokens (batched decode, speculative verification, short prompts): one pass over the
+// weights for every token, the tokens as 2, 4 or 8 n8 tiles of the MMA.
+#define GEMV_MMA_ENTRY(MT)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128) w4_gemv_f16_mma##MT(                                \
+        W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part,                  \
+        unsigned int* counters, L2Prefetch pf) {                                                          \
+        w4_gemv<__half, MT, true>(ws, x, y, k, g, m, nt, part, counters, pf);                             \
     }
-GEMV1_ENTRY(32, 2, 4)
-GEMV1_ENTRY(64, 4, 2)
-GEMV1_ENTRY(128, 8, 1)
+GEMV_MMA_ENTRY(16)
+GEMV_MMA_ENTRY(32)
+GEMV_MMA_ENTRY(64)
+
+// Up to 8 (or 16) tokens at group sizes 32, 64 and 128: 8 k16 steps in flight per warp. At most
+// 128 registers, so an SM holds 16 warps. With 16 slots and no register cap (253 registers, one
+// block per SM) 4096 x 11008 took 38 us at 16 tokens on an H100, the ring kernel 25; 32 and 64
+// slots lost to the ring kernel on the 11008-row shapes too, and are not built.
+#define GEMV1_ENTRY(G, SPG, AHEAD, NT, SFX, MINB)                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV1_MAX_WARPS, MINB) w4_gemv1_f16_g##G##SFX(           \
+        W4Sets ws, const __half* x, __half* y, int k, int m, int nt, float* part, unsigned int* counters, \
+        L2Prefetch pf) {                                                                                  \
+        w4_gemv1<SPG, AHEAD, NT>(ws, x, y, k, m, nt, part, counters, pf);                                 \
+    }
+GEMV1_ENTRY(32, 2, 4, 1, , 2)
+GEMV1_ENTRY(64, 4, 2, 1, , 2)
+GEMV1_ENTRY(128, 8, 1, 1, , 2)
+// (Group size 32 keeps 4 groups' scales in flight: with 16 slots it spills.)
+GEMV1_ENTRY(64, 4, 2, 2, _t16, 2)
+GEMV1_ENTRY(128, 8, 1, 2, _t16, 2)
 
 #define INSTANTIATE_GEMM(WM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) w4_gemm_f16_wm##WM(                               \
