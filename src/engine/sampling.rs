@@ -193,8 +193,8 @@ impl Sampler {
         }
         // Candidates (NaN as -inf), cut to top-k first. Only top-p needs them in falling order,
         // and only those within reach of the maximum: sorting a whole vocabulary for every token
-        // of every sequence (32000 pairs, about half a millisecond) was most of a batched GPU
-        // server step.
+        // of every sequence (32000 pairs, about 0.3 ms judged by the time its removal saved) was
+        // most of a batched GPU server step.
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l })).collect();
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if let Some(k) = p.top_k.filter(|&k| k < cand.len()) {
