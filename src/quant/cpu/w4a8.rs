@@ -356,8 +356,10 @@ pub(super) mod x86 {
                     ls[t] = acts.token_lane_scales(t0 + t).as_ptr();
                     lz[t] = acts.token_lane_sums(t0 + t).as_ptr();
                 }
+                // `$shared`: both chunks of the pair fall in one group (groups of 64 or more),
+                // so each scale is one broadcast instead of two halves put together.
                 macro_rules! pair {
-                    ($p:expr, $full:expr) => {{
+                    ($p:expr, $full:expr, $shared:expr) => {{
                         let p = $p;
                         for r in 0..R {
                             let c = rows[r].codes.as_ptr().add(p * 32);
@@ -366,8 +368,14 @@ pub(super) mod x86 {
                             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                             let (sp, zp) = (rows[r].scales.as_ptr(), rows[r].zeros.as_ptr());
                             // Lanes 0–3 take the first chunk's scale, 4–7 the second's.
-                            let sv = _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh)));
-                            let zv = _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh)));
+                            let (sv, zv) = if $shared {
+                                (_mm256_set1_ps(*sp.add(p >> (sh - 1))), _mm256_set1_ps(*zp.add(p >> (sh - 1))))
+                            } else {
+                                (
+                                    _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh))),
+                                    _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh))),
+                                )
+                            };
                             for t in 0..T {
                                 let x = xq[t].add(p * 64);
                                 let xlo = _mm256_loadu_si256(x as *const __m256i);
@@ -380,13 +388,19 @@ pub(super) mod x86 {
                         }
                     }};
                 }
-                for p in 0..full_pairs {
-                    pair!(p, true);
+                if sh >= 1 {
+                    for p in 0..full_pairs {
+                        pair!(p, true, true);
+                    }
+                } else {
+                    for p in 0..full_pairs {
+                        pair!(p, true, false);
+                    }
                 }
                 // An odd chunk count's last pair has 16 bytes; the activations past k are zeros
                 // with scale 0.
                 if full_pairs < acts.pairs {
-                    pair!(full_pairs, false);
+                    pair!(full_pairs, false, false);
                 }
                 for r in 0..R {
                     for t in 0..T {
