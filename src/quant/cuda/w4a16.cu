@@ -11,10 +11,12 @@
 // nibble pairs (0,4), (1,5), ... into fp16 pairs 1024 + q (or 1024 + 16 q) without conversions.
 // Scales and zeros: sz[group * np + n] = (scale, zero) as a half2; w = (q - zero) * scale.
 //
-// w4_gemv1_f16_g*: one token (decode), f16, group size 32, 64 or 128, up to 3 weights sharing the
-//   input in one launch: each warp loads its words straight into registers 8 k16 steps ahead
-//   of the tensor-core math (see w4_gemv1 below); the fastest at batch 1.
-// w4_gemv_*: up to 8 tokens, up to 3 weights sharing the input (q/k/v, gate/up) in one launch.
+// w4_gemv1_f16_g*: up to 8 tokens (decode, small batches; _t16: up to 16 at g 64/128), f16, group
+//   size 32, 64 or 128, up to 3 weights sharing the input in one launch: each warp loads its
+//   words straight into registers 8 k16 steps ahead of the tensor-core math (see w4_gemv1
+//   below); the fastest up to 16 tokens.
+// w4_gemv_*: up to 8 tokens on CUDA cores (any dtype), or 8, 16, 32 or 64 token slots on tensor
+//   cores (f16: w4_gemv_f16_mma*), up to 3 weights sharing the input (q/k/v, gate/up) in one launch.
 //   A block of 4 warps owns 64 output rows and a slice of k (split-k over gridDim.y, so even a
 //   4096-row layer fills the GPU), divided among its warps, each streaming its weights through a
 //   cp.async ring in shared memory several rounds ahead; partial sums meet in shared memory,
