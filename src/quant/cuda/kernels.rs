@@ -46,14 +46,6 @@ const GEMV_WARPS: usize = 4;
 const GEMV1_MAX_WARPS: usize = 8;
 /// Slots of each warp's cp.async ring (GEMV_SLOTS in w4a16.cu).
 const GEMV_SLOTS: usize = 3;
-/// Dynamic shared memory of a few-token GEMV block (w4_gemv1 in w4a16.cu): each of its `warps`
-/// warps stages `m` tokens' activations of its share of the `k / g` groups, at most
-/// ceil(groups / (splits x warps)), each token's row padded by 16 bytes (GEMV1_X_PAD); the
-/// cross-warp sums reuse that memory at the end (`m` rows of 68 floats per warp).
-fn gemv1_smem(k: usize, g: usize, m: usize, warps: usize, splits: usize) -> usize {
-    let x = warps * m * ((k / g).div_ceil(warps * splits) * g * 2 + 16);
-    x.max(warps * m * 68 * 4)
-}
 /// Room for the static shared memory of a few-token GEMV block: the split-k flag.
 const GEMV1_STATIC_SMEM: usize = 1024;
 
@@ -402,17 +394,13 @@ impl Gemv<'_> {
         let (warps, splits) = match self.opts.splits {
             Some(s) => (launch::gemv1_launch(blocks, groups, resident_warps).0, s.clamp(1, (k / 16).max(1))),
             None => {
-                let fits = |(w, s): (usize, usize)| gemv1_smem(k, g, m, w, s) <= budget;
-                let (w, s) = launch::gemv1_launch(blocks, groups, resident_warps);
-                // More slices (each warp keeps a group at least), then 4-warp blocks.
-                let more = |w: usize, s: usize| (s..=(groups / w).max(s)).map(move |s| (w, s)).find(|&ws| fits(ws));
-                match more(w, s).or_else(|| more(4, s)) {
+                match launch::gemv1_fit(k, g, m, blocks, resident_warps, budget) {
                     Some(ws) => ws,
                     None => return Ok(None),
                 }
             }
         };
-        let smem = gemv1_smem(k, g, m, warps, splits);
+        let smem = launch::gemv1_smem(k, g, m, warps, splits);
         // Beyond the device's shared memory the ring kernel runs.
         let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (32 * warps as u32, 1, 1), shared_mem_bytes: smem as u32 };
         Ok((smem <= max_smem).then(|| (func.into_cuda_function(), cfg)))

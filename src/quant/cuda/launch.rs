@@ -24,6 +24,26 @@ pub fn gemv1_launch(blocks: usize, groups: usize, resident_warps: usize) -> (usi
     (warps, splits)
 }
 
+/// Dynamic shared memory of a few-token GEMV block (w4_gemv1 in w4a16.cu): each of its `warps`
+/// warps stages `m` tokens' activations of its share of the `k / g` groups, at most
+/// ceil(groups / (splits x warps)), each token's row padded by 16 bytes (GEMV1_X_PAD); the
+/// cross-warp sums reuse that memory at the end (`m` rows of 68 floats per warp).
+pub fn gemv1_smem(k: usize, g: usize, m: usize, warps: usize, splits: usize) -> usize {
+    let x = warps * m * ((k / g).div_ceil(warps * splits) * g * 2 + 16);
+    x.max(warps * m * 68 * 4)
+}
+
+/// Launch shape of the few-token GEMV for `m` tokens, `(warps, k slices)`: [`gemv1_launch`]'s,
+/// then more slices (each warp keeping a group at least), then 4-warp blocks, until the staged
+/// activations fit `budget` bytes of shared memory; `None` where nothing fits (the ring kernel
+/// runs instead).
+pub fn gemv1_fit(k: usize, g: usize, m: usize, blocks: usize, resident_warps: usize, budget: usize) -> Option<(usize, usize)> {
+    let groups = k / g;
+    let (w, s) = gemv1_launch(blocks, groups, resident_warps);
+    let more = |w: usize| (s..=(groups / w).max(s)).map(move |s| (w, s)).find(|&(w, s)| gemv1_smem(k, g, m, w, s) <= budget);
+    more(w).or_else(|| more(4))
+}
+
 /// Most k slices of a GEMV launch (see [`gemv_splits`]).
 pub const MAX_GEMV_SPLITS: usize = 8;
 
@@ -40,6 +60,26 @@ mod tests {
         assert_eq!(gemv_splits(344, 256, 528), 1); // gate + up of 11008 each
         assert_eq!(gemv_splits(3, 4, 528), 1); // tiny k: one k16 step per warp at least
         assert_eq!(gemv_splits(8, 1024, 528), MAX_GEMV_SPLITS);
+    }
+
+    #[test]
+    fn few_token_launches_fit_half_an_sm() {
+        // An H100: 132 SMs x 16 warps, 227 KB of shared memory a block; two blocks per SM.
+        let (h100, budget) = (132 * 16, 226 * 1024 / 2);
+        // One token is staged whole: the batch-1 shapes of `batch1_launch_fills_one_wave`.
+        assert_eq!(gemv1_fit(4096, 128, 1, 172, h100, budget), Some((8, 1)));
+        assert_eq!(gemv1_smem(4096, 128, 1, 8, 1), 8 * (4 * 256 + 16));
+        // 8 tokens of k = 11008: 11 groups a warp would take 181 KB, so two slices.
+        assert_eq!(gemv1_fit(11008, 128, 8, 64, h100, budget).map(|(w, _)| w), Some(8));
+        let (w, s) = gemv1_fit(11008, 128, 8, 172, h100, budget).unwrap();
+        assert!(gemv1_smem(11008, 128, 8, w, s) <= budget && s >= 2, "{w} warps, {s} slices");
+        // 16 tokens at 4096 x 11008 (the `_t16` kernel).
+        let (w, s) = gemv1_fit(4096, 128, 16, 172, h100, budget).unwrap();
+        assert!(gemv1_smem(4096, 128, 16, w, s) <= budget, "{w} warps, {s} slices");
+        // The cross-warp sums need their room even when x is small.
+        assert_eq!(gemv1_smem(64, 32, 16, 4, 1), 4 * 16 * 68 * 4);
+        // Nothing fits a tiny budget: the ring kernel's turn.
+        assert_eq!(gemv1_fit(4096, 128, 16, 172, h100, 1024), None);
     }
 
     #[test]
