@@ -52,12 +52,12 @@ const GEMV1_STATIC_SMEM: usize = 1024;
 /// Dynamic shared memory of a GEMV block (gemv_slot_bytes in w4a16.cu): each warp's ring of
 /// GEMV_SLOTS slots, each holding 4 weight units, the (scale, zero) pairs of the groups a 64-wide
 /// k window touches and `m` tokens' padded activations of `elem` bytes. The cross-warp sums
-/// reuse the rings' memory at the end (`mt` token slots of 64 rows per warp, rows padded to 68):
-/// at least that much.
+/// reuse the rings' memory at the end (`mt` token slots of 64 rows per warp, rows padded to
+/// `launch::GEMV_RED_STRIDE`): at least that much.
 fn gemv_smem(g: usize, m: usize, mt: usize, elem: usize) -> usize {
     let sz_groups = 48usize.div_ceil(g) + 1;
     let rings = GEMV_WARPS * GEMV_SLOTS * (4 * 512 + sz_groups * 64 * 4 + m * 72 * elem);
-    rings.max(GEMV_WARPS * mt * 68 * 4)
+    rings.max(GEMV_WARPS * mt * launch::GEMV_RED_STRIDE * 4)
 }
 
 /// Token slots of the ring kernel for `m` tokens: the CUDA-core kernels' 1, 2, 4 or 8, the
@@ -389,16 +389,13 @@ impl Gemv<'_> {
         // leaves beside the static part.
         let max_smem = device_limits(dev)?.smem_optin - GEMV1_STATIC_SMEM;
         let resident_warps = resident_blocks(dev, &func, &name, 32 * GEMV1_MAX_WARPS, 0, max_smem)? * GEMV1_MAX_WARPS;
-        let groups = k / g;
-        let budget = max_smem / 2;
+        // Two blocks per SM: the staged activations within half of it.
         let (warps, splits) = match self.opts.splits {
-            Some(s) => (launch::gemv1_launch(blocks, groups, resident_warps).0, s.clamp(1, (k / 16).max(1))),
-            None => {
-                match launch::gemv1_fit(k, g, m, blocks, resident_warps, budget) {
-                    Some(ws) => ws,
-                    None => return Ok(None),
-                }
-            }
+            Some(s) => (launch::gemv1_launch(blocks, k / g, resident_warps).0, s.clamp(1, (k / 16).max(1))),
+            None => match launch::gemv1_fit(k, g, m, blocks, resident_warps, max_smem / 2) {
+                Some(ws) => ws,
+                None => return Ok(None),
+            },
         };
         let smem = launch::gemv1_smem(k, g, m, warps, splits);
         // Beyond the device's shared memory the ring kernel runs.

@@ -24,13 +24,17 @@ pub fn gemv1_launch(blocks: usize, groups: usize, resident_warps: usize) -> (usi
     (warps, splits)
 }
 
+/// Floats per token row of the GEMVs' cross-warp sums: 64 rows padded (GEMV_RED_STRIDE in
+/// w4a16.cu).
+pub const GEMV_RED_STRIDE: usize = 68;
+
 /// Dynamic shared memory of a few-token GEMV block (w4_gemv1 in w4a16.cu): each of its `warps`
 /// warps stages `m` tokens' activations of its share of the `k / g` groups, at most
 /// ceil(groups / (splits x warps)), each token's row padded by 16 bytes (GEMV1_X_PAD); the
-/// cross-warp sums reuse that memory at the end (`m` rows of 68 floats per warp).
+/// cross-warp sums reuse that memory at the end (`m` rows of GEMV_RED_STRIDE floats per warp).
 pub fn gemv1_smem(k: usize, g: usize, m: usize, warps: usize, splits: usize) -> usize {
     let x = warps * m * ((k / g).div_ceil(warps * splits) * g * 2 + 16);
-    x.max(warps * m * 68 * 4)
+    x.max(warps * m * GEMV_RED_STRIDE * 4)
 }
 
 /// Launch shape of the few-token GEMV for `m` tokens, `(warps, k slices)`: [`gemv1_launch`]'s,

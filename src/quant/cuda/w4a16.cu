@@ -110,9 +110,25 @@ __device__ __forceinline__ void gemv_store(Sum sum, const GemvRows& rows, int m,
 #define GEMV_UNITS_BYTES (4 * 512)
 // (scale, zero) pairs of 64 rows for one group.
 #define GEMV_SZ_GROUP_BYTES (64 * 4)
-// Row stride of the cross-warp reduction buffer: 64 sums padded so the tensor-core path's
-// stores (token 2t + e in lanes 4g + t) fall in distinct banks.
+// Row stride of the cross-warp reduction buffers (both GEMVs): 64 sums padded so the tensor-core
+// paths' stores (token 2t + e in lanes 4g + t) fall in distinct banks.
 #define GEMV_RED_STRIDE 68
+
+// A warp's MMA totals (NT token tiles of 8 x 4 m16 row tiles, c0..c3 as in mma16816) stored
+// to its rows of a cross-warp reduction buffer, `warp_red[token * GEMV_RED_STRIDE + row]`, for
+// the m real tokens (the tiles' other columns are discarded copies).
+template <int NT>
+__device__ __forceinline__ void store_mma_sums(const float (&acc)[NT][4][4], float* warp_red, int m, int gi, int ti) {
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int tok = 8 * j + 2 * ti + (e & 1);
+                if (tok < m) warp_red[tok * GEMV_RED_STRIDE + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
+            }
+}
 
 // Bytes of one ring slot, shared by the kernel and its wrapper (gemv_smem in mod.rs): four weight
 // units, the (scale, zero) pairs of the groups a 64-wide k window can touch (a window starting at
@@ -426,15 +442,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     float* red = reinterpret_cast<float*>(gemv_smem);
 #define RED(w, t, r) red[((w) * MT + (t)) * GEMV_RED_STRIDE + (r)]
     if constexpr (MMA) {
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int wi = 0; wi < 4; wi++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int tok = 8 * j + 2 * ti + (e & 1);
-                    if (tok < m) RED(warp, tok, wi * 16 + gi + (e >> 1) * 8) = macc[j][wi][e];
-                }
+        store_mma_sums<NT>(macc, &RED(warp, 0, 0), m, gi, ti);
     } else {
 #pragma unroll
         for (int t = 0; t < MT; t++)
@@ -480,9 +488,6 @@ __device__ __forceinline__ void mma16816_first(float* c, const uint32_t* a, uint
 // Padding (in 4-byte words) of each token's row of staged x: lanes of row group g read token g's
 // row, and the pad puts the eight rows in distinct banks.
 #define GEMV1_X_PAD 4
-// Row stride (floats) of the cross-warp sums: 64 rows padded so lanes storing tokens 2t, 2t + 1
-// of one row group fall in distinct banks.
-#define GEMV1_RED_STRIDE 68
 
 // Few tokens (decode: one; batched decode and speculative verification: up to 64), f16, group
 // size 16 * SPG. Blocks of 4 or 8 warps own 64 rows and a slice of k (split-k over gridDim.y as
@@ -629,20 +634,12 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
     // The warps' sums meet in the x staging memory, once every warp is done with its x.
     __syncthreads();
     float* red = reinterpret_cast<float*>(gemv1_xs);
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int tok = 8 * j + 2 * ti + (e & 1);
-                if (tok < m) red[(warp * m + tok) * GEMV1_RED_STRIDE + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
-            }
+    store_mma_sums<NT>(acc, red + warp * m * GEMV_RED_STRIDE, m, gi, ti);
     __syncthreads();
     gemv_store<__half, 8 * NT>(
         [&](int t, int r) {
             float v = 0.f;
-            for (int w = 0; w < warps; w++) v += red[(w * m + t) * GEMV1_RED_STRIDE + r];
+            for (int w = 0; w < warps; w++) v += red[(w * m + t) * GEMV_RED_STRIDE + r];
             return v;
         },
         gemv_rows(ws, blockIdx.x), m, n_total, y, part, counters);  // recomputed: fewer live registers
