@@ -398,7 +398,7 @@ impl Scheduler {
             let row = if n > 0 { rows.next() } else { None };
             s.fed += n;
             // A prefill chunk that leaves prompt to feed makes no prediction yet.
-            predicts.push(row.filter(|_| n > 0 && s.fed == s.tokens.len()));
+            predicts.push(row.filter(|_| s.fed == s.tokens.len()));
         }
         // Sampling is independent per sequence and costs a pass over the vocabulary each: with
         // a GPU step, on all cores (64 sequences one after another took milliseconds of the

@@ -155,8 +155,7 @@ impl Model {
         let logits = match super::batch_graph::forward(self, pool, &kvs, ids)? {
             Some(logits) => logits,
             None => {
-                let tables = pool.decode_tables(&kvs, &self.device)?;
-                let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+                let (tokens, tables) = pool.decode_tables(&kvs, ids, &self.device)?;
                 self.decode_batch_body(pool, &tables, &tokens)?
             }
         };

@@ -14,11 +14,10 @@
 //! A bucket's first step runs eagerly with candle's upload cache on, then its body is captured
 //! with the cache on (see [`super::graph`] for why). `AWQ_RUN_CUDA_GRAPH=0` runs every step
 //! eagerly; a failed capture turns the graphs off for the pool, with a warning.
+use super::graph::{capture, enabled, SendGraph};
 use super::paged::{batch_bucket, width_bucket, DecodeTables, KvPool, SeqKv};
 use super::Model;
 use candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async;
-use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
@@ -31,21 +30,12 @@ pub struct BatchGraphs {
     off: std::sync::atomic::AtomicBool,
 }
 
-/// A graph exec handle may be launched from any thread; the mutex keeps launches one at a time.
-struct SendGraph(CudaGraph);
-// SAFETY: the handle is only used under BatchGraph's mutex.
-unsafe impl Send for SendGraph {}
-
 struct BatchGraph {
     graph: Mutex<SendGraph>,
     /// u32, laid out as [`KvPool::decode_inputs`] writes it.
     inputs: Tensor,
     /// `[batch, vocab]` f32, written by the graph.
     logits: Tensor,
-}
-
-fn enabled() -> bool {
-    std::env::var("AWQ_RUN_CUDA_GRAPH").map_or(true, |v| v != "0")
 }
 
 /// Runs the decode step of `seqs` (one new token each, `ids`) through its bucket's graph,
@@ -58,9 +48,6 @@ pub fn forward(model: &Model, pool: &KvPool, seqs: &[&SeqKv], ids: &[u32]) -> Re
     }
     let longest = seqs.iter().map(|s| s.len() + 1).max().unwrap_or(1);
     let key = (batch_bucket(seqs.len()), width_bucket(longest));
-    if key.1 > model.context_len().next_power_of_two().max(256) {
-        return Ok(None);
-    }
     let inputs = pool.decode_inputs(seqs, ids, key.0, key.1)?;
     let ready = g.graphs.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
     let logits = match ready {
@@ -80,24 +67,15 @@ pub fn forward(model: &Model, pool: &KvPool, seqs: &[&SeqKv], ids: &[u32]) -> Re
     logits.narrow(0, 0, seqs.len()).map(Some)
 }
 
-/// Views of the inputs buffer for a step of `batch` sequences and a table `width` wide.
-fn views(inputs: &Tensor, batch: usize, width: usize) -> Result<(Tensor, DecodeTables)> {
-    let part = |i: usize| inputs.narrow(0, i * batch, batch);
-    let tokens = part(0)?.unsqueeze(0)?;
-    let tables = DecodeTables { pos: part(1)?, new_rows: part(2)?, lens: part(3)?, table: inputs.narrow(0, 4 * batch, batch * width)?.reshape((batch, width))? };
-    Ok((tokens, tables))
-}
-
 impl BatchGraph {
     /// Runs the bucket's first step eagerly from the graph's own buffers, then captures the same
     /// body. Returns the graph and this step's logits (padded batch).
     fn prepare(model: &Model, pool: &KvPool, (batch, width): (usize, usize), host: &[u32]) -> Result<(Self, Tensor)> {
         let Device::Cuda(dev) = &model.device else { candle_core::bail!("batched graph decode needs a CUDA device") };
-        let stream = dev.cuda_stream();
         let inputs = Tensor::new(host, &model.device)?;
         let logits = Tensor::zeros((batch, model.vocab_size()), DType::F32, &model.device)?;
         let body = || -> Result<()> {
-            let (tokens, tables) = views(&inputs, batch, width)?;
+            let (tokens, tables) = DecodeTables::views(&inputs, batch, width)?;
             let l = model.decode_batch_body(pool, &tables, &tokens)?;
             logits.slice_set(&l, 0, 0)
         };
@@ -105,13 +83,7 @@ impl BatchGraph {
         body()?;
         let out = logits.copy()?;
         model.device.synchronize()?;
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).w()?;
-        let captured = body();
-        // Always end the capture, so the stream leaves capture mode whatever happened.
-        let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).w();
-        captured?;
-        let Some(graph) = graph? else { candle_core::bail!("the captured batched decode graph is empty") };
-        graph.upload().w()?;
+        let graph = capture(dev, "batched decode", body)?;
         Ok((Self { graph: Mutex::new(SendGraph(graph)), inputs, logits }, out))
     }
 

@@ -48,9 +48,9 @@ impl std::fmt::Debug for GraphState {
 }
 
 /// A graph exec handle may be launched from any thread (cudarc binds the context on launch); the
-/// mutex around it in [`DecodeGraph`] keeps launches one at a time.
-struct SendGraph(CudaGraph);
-// SAFETY: see above; the handle is only used under DecodeGraph's mutex.
+/// mutex around it in [`DecodeGraph`] (and `batch_graph`'s graphs) keeps launches one at a time.
+pub(super) struct SendGraph(pub(super) CudaGraph);
+// SAFETY: see above; the handle is only used under its owner's mutex.
 unsafe impl Send for SendGraph {}
 
 pub struct DecodeGraph {
@@ -63,8 +63,23 @@ pub struct DecodeGraph {
     k0: u64,
 }
 
-fn enabled() -> bool {
+/// Whether decode steps may replay as graphs (`AWQ_RUN_CUDA_GRAPH=0` turns them off).
+pub(super) fn enabled() -> bool {
     std::env::var("AWQ_RUN_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+/// `body` captured on `dev`'s stream as a graph, instantiated to free its own allocations on the
+/// next launch, and uploaded; `what` names it in errors. The capture always ends, so the stream
+/// leaves capture mode whatever `body` did.
+pub(super) fn capture(dev: &candle_core::CudaDevice, what: &str, body: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    let stream = dev.cuda_stream();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).w()?;
+    let captured = body();
+    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).w();
+    captured?;
+    let Some(graph) = graph? else { candle_core::bail!("the captured {what} graph is empty") };
+    graph.upload().w()?;
+    Ok(graph)
 }
 
 fn cuda(dev: &Device) -> Result<&candle_core::CudaDevice> {
@@ -130,7 +145,6 @@ impl DecodeGraph {
     /// Returns the graph and this step's logits. The cache counts the token.
     fn prepare(model: &Model, tokens: &Tensor, cache: &mut Cache) -> Result<(Self, Tensor)> {
         let dev = cuda(&model.device)?;
-        let stream = dev.cuda_stream();
         // Buffers that never move: the KV caches at full capacity, the step and logits buffers.
         let cap = cache.capacity;
         for l in cache.layers.iter_mut() {
@@ -150,14 +164,7 @@ impl DecodeGraph {
         body(cache)?;
         let out = logits.copy()?;
         model.device.synchronize()?;
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).w()?;
-        let captured = body(cache);
-        // Always end the capture, so the stream leaves capture mode whatever happened.
-        let flags = CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
-        let graph = stream.end_capture(flags).w();
-        captured?;
-        let Some(graph) = graph? else { candle_core::bail!("the captured decode graph is empty") };
-        graph.upload().w()?;
+        let graph = capture(dev, "decode", || body(cache))?;
         cache.layers.iter_mut().for_each(|l| l.advance(1));
         let g = Self { graph: std::sync::Mutex::new(SendGraph(graph)), step, logits, k0: k0_address(cache)? };
         Ok((g, out))

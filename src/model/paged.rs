@@ -80,6 +80,17 @@ pub fn width_bucket(len: usize) -> usize {
     len.next_power_of_two().max(256)
 }
 
+impl DecodeTables {
+    /// The token ids `[1, batch]` and tables of a step as views of one u32 buffer laid out as
+    /// [`KvPool::decode_inputs`] writes it.
+    pub fn views(inputs: &Tensor, batch: usize, width: usize) -> Result<(Tensor, DecodeTables)> {
+        let part = |i: usize| inputs.narrow(0, i * batch, batch);
+        let tokens = part(0)?.unsqueeze(0)?;
+        let tables = DecodeTables { pos: part(1)?, new_rows: part(2)?, lens: part(3)?, table: inputs.narrow(0, 4 * batch, batch * width)?.reshape((batch, width))? };
+        Ok((tokens, tables))
+    }
+}
+
 /// The shared pool.
 pub struct KvPool {
     k: Vec<Tensor>,
@@ -203,26 +214,13 @@ impl KvPool {
         seq.len = (seq.len + n).min(seq.blocks.len() * BLOCK_TOKENS);
     }
 
-    /// The device-side tables of a decode step in which every sequence of `seqs` adds one token
-    /// (its blocks reserved for it): see [`DecodeTables`].
-    pub fn decode_tables(&self, seqs: &[&SeqKv], device: &Device) -> Result<DecodeTables> {
+    /// The device-side token ids `[1, seqs]` and tables of a decode step in which every
+    /// sequence of `seqs` adds one token, `ids` (its blocks reserved for it): see
+    /// [`DecodeTables`]; the table is as wide as the longest sequence after the step.
+    pub fn decode_tables(&self, seqs: &[&SeqKv], ids: &[u32], device: &Device) -> Result<(Tensor, DecodeTables)> {
         let width = seqs.iter().map(|s| s.len + 1).max().unwrap_or(1);
-        let mut table = vec![0u32; seqs.len() * width];
-        for (b, s) in seqs.iter().enumerate() {
-            if Self::blocks_for(s.len + 1) > s.blocks.len() {
-                candle_core::bail!("decode step: sequence {b} at position {} has {} blocks reserved", s.len, s.blocks.len());
-            }
-            for (p, slot) in table[b * width..][..=s.len].iter_mut().enumerate() {
-                *slot = s.row(p);
-            }
-        }
-        let col = |f: &dyn Fn(&SeqKv) -> u32| -> Result<Tensor> { Tensor::from_vec(seqs.iter().map(|s| f(s)).collect::<Vec<u32>>(), seqs.len(), device) };
-        Ok(DecodeTables {
-            table: Tensor::from_vec(table, (seqs.len(), width), device)?,
-            lens: col(&|s| (s.len + 1) as u32)?,
-            new_rows: col(&|s| s.row(s.len))?,
-            pos: col(&|s| s.len as u32)?,
-        })
+        let inputs = Tensor::new(self.decode_inputs(seqs, ids, seqs.len(), width)?, device)?;
+        DecodeTables::views(&inputs, seqs.len(), width)
     }
 
     /// The inputs of a decode step for a batch padded to `batch` sequences, as one host buffer:
@@ -295,7 +293,8 @@ mod tests {
         pool.reserve(&mut b, 3).unwrap(); // block 3
         pool.advance(&mut a, 16);
         pool.advance(&mut b, 2);
-        let t = pool.decode_tables(&[&a, &b], &Device::Cpu).unwrap();
+        let (tokens, t) = pool.decode_tables(&[&a, &b], &[7, 8], &Device::Cpu).unwrap();
+        assert_eq!(tokens.to_vec2::<u32>().unwrap(), vec![vec![7, 8]]);
         let table = t.table.to_vec2::<u32>().unwrap();
         assert_eq!(table.len(), 2);
         assert_eq!(table[0].len(), 17);
@@ -309,7 +308,7 @@ mod tests {
         let mut c = SeqKv::default();
         pool.reserve(&mut c, 16).unwrap();
         pool.advance(&mut c, 16);
-        assert!(pool.decode_tables(&[&c], &Device::Cpu).is_err());
+        assert!(pool.decode_tables(&[&c], &[1], &Device::Cpu).is_err());
     }
 
     #[test]
