@@ -128,7 +128,11 @@ mod x86 {
             pub unsafe fn $name<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
                 let mut acc = [_mm256_setzero_ps(); T];
                 let cp = codes.as_ptr();
+                // The rows after this one are fetched while it is multiplied (see the W4A8
+                // kernel: the hardware prefetcher stops at page boundaries).
+                let ahead = cp.add(2 * codes.len());
                 for (b, s) in scales.iter().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(b * 32));
                     let c = _mm256_loadu_si256(cp.add(b * 32) as *const __m256i);
                     let ac = _mm256_sign_epi8(c, c);
                     for t in 0..T {
