@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, skinny_many, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -121,16 +121,24 @@ fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
         let (wc, dc) = (ws.len(), dense.len());
         for m in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64] {
             let x = Tensor::from_vec(random_vec(r, m * k), (m, k), device)?.to_dtype(DType::F16)?;
-            let fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
+            let sweep: &[usize] = if m == 16 || m == 64 { &[2, 4, 8, 16] } else { &[] };
+            let mut fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
                 Box::new(|i| x.matmul(&dense[i % dc].t()?).map(|_| ())),
                 Box::new(|i| ws[i % wc].forward(&x).map(|_| ())),
                 Box::new(|i| ws[i % wc].gemm_with(&x, GemmKernel::Sm80).map(|_| ())),
                 Box::new(|i| gemv_many_with(&[&ws[i % wc]], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }).map(|_| ())),
+                Box::new(|i| skinny_many(&[&ws[i % wc]], &x, None).map(|_| ())),
             ];
+            // The skinny GEMM's k slices swept where the default choice is least obvious.
+            for &sp in sweep {
+                let (ws, x) = (&ws, &x);
+                fs.push(Box::new(move |i| skinny_many(&[&ws[i % wc]], x, Some(sp)).map(|_| ())));
+            }
             let t = time_graphs_interleaved(device, 9, 100, fs)?;
+            let swept: serde_json::Map<String, serde_json::Value> = sweep.iter().zip(&t[5..]).map(|(sp, v)| (sp.to_string(), serde_json::json!(v * 1e6))).collect();
             rows.push(serde_json::json!({
                 "what": format!("small-m K={k} N={n} M={m} f16"),
-                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6,
+                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6, "w4_skinny_us": t[4] * 1e6, "skinny_over_cublas": t[0] / t[4], "skinny_splits_us": swept,
                 "w4_over_cublas": t[0] / t[1],
             }));
         }

@@ -8,7 +8,7 @@ pub mod timing;
 use crate::cuda::{poison, L2Prefetch};
 use crate::linear::QuantLinear;
 use crate::quant::cpu::{Kernel, PackedQ4};
-use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
+use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, skinny_many, skinny_supported, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
 use crate::quant::{QuantizedWeight, WeightShape};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
@@ -132,6 +132,13 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                             let got = gemv_many_with(&[&cw], &x, o)?;
                             t.check(format!("gemv split {splits} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                         }
+                    }
+                }
+                if skinny_supported(&[&cw], m, dt) {
+                    // The default k slices, one, and an odd count (uneven slices, some maybe empty).
+                    for splits in [None, Some(1), Some(3)] {
+                        let got = skinny_many(&[&cw], &x, splits)?;
+                        t.check(format!("skinny {splits:?} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                     }
                 }
                 if dt == DType::F16 && cw.gemm_supported() {
@@ -418,6 +425,10 @@ fn fused_gemv(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                 let want: Vec<f32> = (0..m).flat_map(|ti| parts.iter().zip(&ns).flat_map(move |(p, &n)| p[ti * n..(ti + 1) * n].to_vec())).collect();
                 let got = gemv_many(&refs, &x)?;
                 t.check(format!("fused gemv {dt:?} n={ns:?} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                if skinny_supported(&refs, m, dt) {
+                    let got = skinny_many(&refs, &x, None)?;
+                    t.check(format!("fused skinny {dt:?} n={ns:?} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                }
             }
         }
     }

@@ -13,6 +13,7 @@
 //! float operations per 8 `vpdpbusd`. The panel (32 rows × k codes) stays in L1/L2 while the
 //! tokens stream past it.
 use super::acts::QuantizedActs;
+use super::super::format::packed::ScaleTable;
 use super::{pool, PackedQ4, RowMap};
 
 /// Output rows of one panel (two 16-lane vectors).
@@ -68,11 +69,12 @@ impl Panel {
         let mut rows: [&[u8]; PANEL_ROWS] = [&self.zero_row; PANEL_ROWS];
         for (i, row) in rows.iter_mut().enumerate().take(self.rows) {
             let (w, o) = map.locate(r0 + i);
-            let table = w.scales_f32();
+            let table = w.scale_table();
             let g = w.groups();
             for gi in 0..groups {
-                self.scales[gi * PANEL_ROWS + i] = table.scales[o * (g + 1) + gi];
-                self.zeros[gi * PANEL_ROWS + i] = table.scaled_zeros[o * (g + 1) + gi];
+                let (sc, z) = ScaleTable::unpack(table.sz[o * (g + 1) + gi]);
+                self.scales[gi * PANEL_ROWS + i] = sc;
+                self.zeros[gi * PANEL_ROWS + i] = sc * z;
             }
             *row = &w.codes[o * k / 2..(o + 1) * k / 2];
         }

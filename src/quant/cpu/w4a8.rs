@@ -5,7 +5,7 @@
 //! `y = Σ_b s·d·(Σ_{i∈b} c_i q_i) - Σ_g s·z·(Σ_{b∈g} d·Σ_{i∈b} q_i)`:
 //! the inner sums are exact integers (`c` unsigned 0..15, `q` signed −127..127: exactly the
 //! operand types of `vpdpbusd`), the zero point's share is one more fused multiply-add per
-//! vector (`s·z` times the per-lane `d·Σq` that [`QuantizedActs`] precomputes), and the result is
+//! vector (`z` times the per-lane `d·Σq` that [`QuantizedActs`] precomputes), and the result is
 //! exactly the dequantized weight times the quantized activation. Its distance from the exact
 //! W4A16 result is therefore at most `Σ_i |w_i| · d_b(i) / 2` (see [`error_bound`]).
 //!
@@ -18,9 +18,11 @@
 //! Several tokens share one pass over a row's codes: the codes are unpacked once per pair of
 //! chunks and multiplied with up to [`TILE`] tokens' activations — this is the multi-token GEMV
 //! of batched decode, and in tiles the prefill GEMM too. On x86, [`ROWS`] rows also share each
-//! activation load ([`block_tile`]). Scales and `scale·zero` are read as f32 from a table the
-//! weight builds on first use ([`PackedQ4::scales_f32`]): converting a row's f16 scales per call
-//! cost more than the row's arithmetic at SmolLM2's sizes.
+//! activation load ([`block_tile`]). Each group's scale and zero are one 4-byte word of a table
+//! the weight builds on first use ([`PackedQ4::scale_table`]), turned into f32 by one conversion
+//! per pair of chunks: converting a row's f16 scales into a buffer per call cost more than the
+//! row's arithmetic at SmolLM2's sizes, and a table of f32 scale and f32 `scale·zero` read twice
+//! the bytes.
 use super::acts::{pair_slot, QuantizedActs};
 use super::PackedQ4;
 
@@ -95,7 +97,7 @@ pub fn matmul_many(ws: &[&PackedQ4], x: &[f32], m: usize, path: A8Path) -> Vec<f
 /// A weight's row layout for the kernels: where a chunk's scale is found (see [`Row::shift`]).
 struct Tables<'a> {
     w: &'a PackedQ4,
-    table: &'a super::super::format::packed::F32Scales,
+    table: &'a super::super::format::packed::ScaleTable,
     groups: usize,
     chunks_per_group: usize,
     pow2: bool,
@@ -116,7 +118,7 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
             // (32, 64, 128, ...); other group sizes get per-chunk copies of the row's tables
             // (shift 0).
             let pow2 = chunks_per_group.is_power_of_two();
-            Tables { w, table: w.scales_f32(), groups: w.groups(), chunks_per_group, pow2, shift: if pow2 { chunks_per_group.trailing_zeros() } else { 0 } }
+            Tables { w, table: w.scale_table(), groups: w.groups(), chunks_per_group, pow2, shift: if pow2 { chunks_per_group.trailing_zeros() } else { 0 } }
         })
         .collect();
     // First global row of each weight, and the total.
@@ -132,7 +134,7 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
         m,
         n,
         ROWS,
-        || if any_chunked { vec![0f32; 2 * ROWS * stride] } else { Vec::new() },
+        || if any_chunked { vec![0u32; ROWS * stride] } else { Vec::new() },
         |chunk_tables, rows, out| {
             let o0 = rows.start;
             let r_n = rows.len();
@@ -151,27 +153,19 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                 if t.pow2 {
                     continue;
                 }
-                let span = lo * (t.groups + 1)..(lo + 1) * (t.groups + 1);
-                for (which, src) in [&t.table.scales, &t.table.scaled_zeros].into_iter().enumerate() {
-                    let src = &src[span.clone()];
-                    let dst = &mut chunk_tables[(2 * r + which) * stride..(2 * r + which + 1) * stride];
-                    for (c, s) in dst.chunks_mut(t.chunks_per_group).zip(src) {
-                        c.fill(*s);
-                    }
-                    // An odd chunk count: the padding chunk (zero activations) takes the last
-                    // group's values.
-                    dst[stride - 1] = src[t.groups - 1];
+                let src = &t.table.sz[lo * (t.groups + 1)..(lo + 1) * (t.groups + 1)];
+                let dst = &mut chunk_tables[r * stride..(r + 1) * stride];
+                for (c, s) in dst.chunks_mut(t.chunks_per_group).zip(src) {
+                    c.fill(*s);
                 }
+                // An odd chunk count: the padding chunk (zero activations) takes the last
+                // group's values.
+                dst[stride - 1] = src[t.groups - 1];
             }
             let row = |r: usize| {
                 let (t, lo) = at(r);
-                let (scales, zeros) = if t.pow2 {
-                    let span = lo * (t.groups + 1)..(lo + 1) * (t.groups + 1);
-                    (&t.table.scales[span.clone()], &t.table.scaled_zeros[span])
-                } else {
-                    (&chunk_tables[2 * r * stride..(2 * r + 1) * stride], &chunk_tables[(2 * r + 1) * stride..(2 * r + 2) * stride])
-                };
-                Row { codes: &t.w.codes[lo * k / 2..(lo + 1) * k / 2], scales, zeros, shift: t.shift, k }
+                let sz = if t.pow2 { &t.table.sz[lo * (t.groups + 1)..(lo + 1) * (t.groups + 1)] } else { &chunk_tables[r * stride..(r + 1) * stride] };
+                Row { codes: &t.w.codes[lo * k / 2..(lo + 1) * k / 2], sz, shift: t.shift, k }
             };
             // Written out, not `array::from_fn`: its drop-guarded loop was 6 % of a decode step.
             const _: () = assert!(ROWS == 4);
@@ -244,23 +238,20 @@ pub fn block_tile(path: A8Path, rows: &[Row], acts: &QuantizedActs, t0: usize, t
 pub struct Row<'a> {
     /// `k / 2` packed bytes.
     pub codes: &'a [u8],
-    /// Chunk `c`'s scale is `scales[c >> shift]`; valid for every chunk of every pair (an odd
-    /// chunk count's padding chunk included).
-    pub scales: &'a [f32],
-    /// `scale · zero`, indexed like `scales`.
-    pub zeros: &'a [f32],
+    /// Chunk `c`'s (scale, zero) word ([`ScaleTable`]) is `sz[c >> shift]`; valid for every
+    /// chunk of every pair (an odd chunk count's padding chunk included).
+    ///
+    /// [`ScaleTable`]: super::super::format::packed::ScaleTable
+    pub sz: &'a [u32],
     pub shift: u32,
     pub k: usize,
 }
 
 impl Row<'_> {
+    /// Chunk `c`'s (scale, zero).
     #[inline(always)]
-    fn chunk_scale(&self, c: usize) -> f32 {
-        self.scales[c >> self.shift]
-    }
-    #[inline(always)]
-    fn chunk_zero(&self, c: usize) -> f32 {
-        self.zeros[c >> self.shift]
+    fn chunk_sz(&self, c: usize) -> (f32, f32) {
+        super::super::format::packed::ScaleTable::unpack(self.sz[c >> self.shift])
     }
 }
 
@@ -310,7 +301,8 @@ pub fn tile_scalar<const T: usize>(row: &Row, acts: &QuantizedActs, t0: usize, o
                     dot += i32::from(byte >> 4) * i32::from(q[pair_slot(h * 32 + j + 16)]);
                 }
                 let d = acts.block_scale(t0 + t, c);
-                *a += row.chunk_scale(c) * d * dot as f32 - row.chunk_zero(c) * acts.token_block_sums(t0 + t)[c];
+                let (sc, z) = row.chunk_sz(c);
+                *a += sc * d * dot as f32 - sc * z * acts.token_block_sums(t0 + t)[c];
             }
         }
     }
@@ -360,7 +352,7 @@ pub(super) mod x86 {
                     lz[t] = acts.token_lane_sums(t0 + t).as_ptr();
                 }
                 // `$shared`: both chunks of the pair fall in one group (groups of 64 or more),
-                // so each scale is one broadcast instead of two halves put together.
+                // so the (scale, zero) word is one broadcast instead of two halves put together.
                 // The rows after this call's (the next call's, in memory order) are fetched
                 // while these are multiplied: a block of rows spans a page or less, and the
                 // hardware prefetcher stops at page boundaries, so without this every block
@@ -379,24 +371,25 @@ pub(super) mod x86 {
                             let v = if $full { _mm256_loadu_si256(c as *const __m256i) } else { _mm256_zextsi128_si256(_mm_loadu_si128(c as *const __m128i)) };
                             let lo = _mm256_and_si256(v, mask);
                             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                            let (sp, zp) = (rows[r].scales.as_ptr(), rows[r].zeros.as_ptr());
-                            // Lanes 0–3 take the first chunk's scale, 4–7 the second's.
-                            let (sv, zv) = if $shared {
-                                (_mm256_set1_ps(*sp.add(p >> (sh - 1))), _mm256_set1_ps(*zp.add(p >> (sh - 1))))
+                            let szp = rows[r].sz.as_ptr();
+                            // Lanes 0–3 take the first chunk's (scale, zero), 4–7 the second's:
+                            // the f16 pairs become (s, z, s, z, ..) in f32, then split.
+                            let w = if $shared {
+                                _mm256_cvtph_ps(_mm_set1_epi32(*szp.add(p >> (sh - 1)) as i32))
                             } else {
-                                (
-                                    _mm256_set_m128(_mm_set1_ps(*sp.add((2 * p + 1) >> sh)), _mm_set1_ps(*sp.add((2 * p) >> sh))),
-                                    _mm256_set_m128(_mm_set1_ps(*zp.add((2 * p + 1) >> sh)), _mm_set1_ps(*zp.add((2 * p) >> sh))),
-                                )
+                                let (a, b) = (*szp.add((2 * p) >> sh) as i32, *szp.add((2 * p + 1) >> sh) as i32);
+                                _mm256_cvtph_ps(_mm_set_epi32(b, b, a, a))
                             };
+                            let (sv, zv) = (_mm256_moveldup_ps(w), _mm256_movehdup_ps(w));
                             for t in 0..T {
                                 let x = xq[t].add(p * 64);
                                 let xlo = _mm256_loadu_si256(x as *const __m256i);
                                 let xhi = _mm256_loadu_si256(x.add(32) as *const __m256i);
                                 let d = _mm256_cvtepi32_ps($dot(lo, xlo, hi, xhi));
-                                let f = _mm256_mul_ps(sv, _mm256_loadu_ps(ls[t].add(p * 8)));
-                                // The zero point's share: s·z times each lane's d·Σq.
-                                acc[r][t] = _mm256_fnmadd_ps(zv, _mm256_loadu_ps(lz[t].add(p * 8)), _mm256_fmadd_ps(d, f, acc[r][t]));
+                                // s · (d·Σcq − z·d·Σq) per lane: the zero point's share is z
+                                // times each lane's d·Σq.
+                                let dq = _mm256_fnmadd_ps(zv, _mm256_loadu_ps(lz[t].add(p * 8)), _mm256_mul_ps(d, _mm256_loadu_ps(ls[t].add(p * 8))));
+                                acc[r][t] = _mm256_fmadd_ps(sv, dq, acc[r][t]);
                             }
                         }
                     }};
@@ -489,7 +482,7 @@ pub(super) mod arm {
                 let v = vld1q_u8(cp.add(c * 16));
                 let lo = vreinterpretq_s8_u8(vandq_u8(v, mask));
                 let hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-                let s = row.chunk_scale(c);
+                let (s, z) = row.chunk_sz(c);
                 for t in 0..T {
                     let x = acts.token(t0 + t).as_ptr().add(p * 64);
                     // Kernel order: this chunk's 0..16 at 16·h, its 16..32 at 32 + 16·h.
@@ -498,7 +491,7 @@ pub(super) mod arm {
                     let d = sdot(sdot(vdupq_n_s32(0), lo, xlo), hi, xhi);
                     let scale = s * acts.block_scale(t0 + t, c);
                     acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), scale);
-                    zero[t] += row.chunk_zero(c) * acts.token_block_sums(t0 + t)[c];
+                    zero[t] += s * z * acts.token_block_sums(t0 + t)[c];
                 }
             }
         }

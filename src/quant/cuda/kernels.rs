@@ -215,6 +215,10 @@ pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, opts: GemvOptions) -> Result<T
     if let Some(w) = ws.iter().find(|w| w.shape.k != k || w.shape.group_size != g) {
         candle_core::bail!("W4A16 GEMV: weights of one launch must share k and group size ({k}/{g} vs {}/{})", w.shape.k, w.shape.group_size);
     }
+    let m = x.elem_count() / k.max(1);
+    if opts.kernel == GemvKernel::Auto && m >= super::skinny::skinny_from() && super::skinny_supported(ws, m, x.dtype()) {
+        return super::skinny_many(ws, x, opts.splits);
+    }
     // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
     let x = x.contiguous()?;
     let x = if (x.layout().start_offset() * x.dtype().size_in_bytes()) % 16 != 0 { x.copy()? } else { x };
@@ -256,7 +260,7 @@ struct Dequant<'a> {
 }
 
 /// Fills `len` elements of `buf` with NaN while the self-test's [`poison`] hook is on.
-fn poison_buffer<T: DeviceRepr>(dev: &CudaDevice, sfx: &str, buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, len: usize) -> Result<()> {
+pub(super) fn poison_buffer<T: DeviceRepr>(dev: &CudaDevice, sfx: &str, buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, len: usize) -> Result<()> {
     if !poison::enabled() {
         return Ok(());
     }
@@ -270,7 +274,7 @@ fn poison_buffer<T: DeviceRepr>(dev: &CudaDevice, sfx: &str, buf: &candle_core::
     Ok(())
 }
 
-fn input_check(name: &str, l: &Layout, k: usize) -> Result<(usize, usize)> {
+pub(super) fn input_check(name: &str, l: &Layout, k: usize) -> Result<(usize, usize)> {
     let dims = l.dims();
     let kk = *dims.last().unwrap_or(&0);
     if kk != k {
@@ -280,7 +284,7 @@ fn input_check(name: &str, l: &Layout, k: usize) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / k.max(1), xo))
 }
 
-fn out_shape(l: &Layout, n: usize) -> Shape {
+pub(super) fn out_shape(l: &Layout, n: usize) -> Shape {
     let mut shape = l.dims().to_vec();
     *shape.last_mut().unwrap() = n;
     Shape::from(shape)
@@ -433,7 +437,7 @@ const MAX_GEMV_BLOCKS: usize = 1 << 16;
 
 /// The device's zeroed arrival counters for split-k GEMVs. Launches on the device's one stream
 /// never overlap, and each leaves the counters it used at zero, so one buffer serves them all.
-fn split_counters(dev: &CudaDevice, blocks: usize) -> Result<Tensor> {
+pub(super) fn split_counters(dev: &CudaDevice, blocks: usize) -> Result<Tensor> {
     use std::sync::{Mutex, OnceLock};
     static COUNTERS: OnceLock<Mutex<Vec<Tensor>>> = OnceLock::new();
     if blocks > MAX_GEMV_BLOCKS {

@@ -51,9 +51,69 @@ pub fn gemv1_fit(k: usize, g: usize, m: usize, blocks: usize, resident_warps: us
 /// Most k slices of a GEMV launch (see [`gemv_splits`]).
 pub const MAX_GEMV_SPLITS: usize = 8;
 
+/// Most tokens the skinny GEMM takes (w4a16_skinny.cu: 16, 32 or 64 token slots).
+pub const SKINNY_MAX_TOKENS: usize = 64;
+/// Rows per block of the skinny GEMM (SK_ROWS: 4 warps of 64).
+pub const SKINNY_ROWS: usize = 256;
+
+/// Whether the skinny GEMM takes weights of input width `k` and group size `g`: k in 64-wide
+/// tiles, and one group per tile or two (g = 32).
+pub fn skinny_shape_ok(k: usize, g: usize) -> bool {
+    k > 0 && k.is_multiple_of(64) && (g == 32 || (g > 0 && g.is_multiple_of(64)))
+}
+
+/// Token slots of the skinny GEMM for `m` tokens.
+pub fn skinny_slots(m: usize) -> usize {
+    match m {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    }
+}
+
+/// Dynamic shared memory of a skinny GEMM block (sk_smem_bytes in w4a16_skinny.cu): 4 stages of
+/// `mt` tokens' 64-wide x tile, 16 weight units and two groups' (scale, zero) pairs of 256 rows;
+/// the block's sums (`mt` rows of 260 floats) reuse it at the end.
+pub fn skinny_smem(mt: usize) -> usize {
+    let stage = mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4;
+    (4 * stage).max(mt * 260 * 4)
+}
+
+/// k slices of a skinny GEMM launch: enough for two blocks per SM (`sms`), within one wave of
+/// `resident` blocks, each slice at least 4 of the `ktiles` 64-wide tiles (the pipeline's
+/// depth), at most [`SKINNY_MAX_SPLITS`]. Every slice adds its sums to the reduction that ends
+/// the launch, so no more than needed to keep the weights streaming.
+pub fn skinny_splits(blocks: usize, ktiles: usize, sms: usize, resident: usize) -> usize {
+    let blocks = blocks.max(1);
+    (2 * sms).div_ceil(blocks).min(resident / blocks).clamp(1, (ktiles / 4).clamp(1, SKINNY_MAX_SPLITS))
+}
+
+/// Most k slices of a skinny GEMM launch (SK_MAX_SPLITS in w4a16_skinny.cu).
+pub const SKINNY_MAX_SPLITS: usize = 16;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skinny_launches() {
+        assert!(skinny_shape_ok(4096, 128) && skinny_shape_ok(576, 64) && skinny_shape_ok(11008, 32));
+        assert!(!skinny_shape_ok(4096, 96) && !skinny_shape_ok(4000, 32) && !skinny_shape_ok(0, 64));
+        assert_eq!((skinny_slots(9), skinny_slots(16), skinny_slots(17), skinny_slots(64)), (16, 16, 32, 64));
+        // Four stages of 64 tokens: 73.7 KB, three blocks per SM at most.
+        assert_eq!(skinny_smem(64), 4 * (8192 + 8192 + 2048));
+        assert!(skinny_smem(16) >= 16 * 260 * 4);
+        // An H100 (132 SMs) holding two or four blocks per SM: 4096 rows (16 blocks) take 16
+        // slices of k = 4096, 11008 rows (43 blocks) seven; a tiny k keeps one slice; a grid
+        // already two blocks per SM keeps one.
+        assert_eq!(skinny_splits(16, 64, 132, 264), 16);
+        assert_eq!(skinny_splits(43, 64, 132, 528), 7);
+        assert_eq!(skinny_splits(43, 64, 132, 264), 6);
+        assert_eq!(skinny_splits(16, 172, 132, 528), 16);
+        assert_eq!(skinny_splits(3, 9, 132, 264), 2);
+        assert_eq!(skinny_splits(3, 2, 132, 264), 1);
+        assert_eq!(skinny_splits(300, 64, 132, 264), 1);
+    }
 
     #[test]
     fn splits_fill_one_wave_on_an_h100() {

@@ -7,3 +7,7 @@ pub mod launch;
 mod kernels;
 #[cfg(feature = "cuda")]
 pub use kernels::*;
+#[cfg(feature = "cuda")]
+mod skinny;
+#[cfg(feature = "cuda")]
+pub use skinny::{skinny_many, skinny_supported};

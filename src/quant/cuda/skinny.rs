@@ -1,0 +1,139 @@
+//! The thin wrapper of the skinny GEMM (`w4a16_skinny.cu`): 9 to 64 f16 tokens through up to
+//! three 4-bit weights that share an input, in one launch, blocks of 256 rows split over k.
+use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, GEMV_MAX_SETS};
+use super::launch;
+use crate::cuda::{device_limits, device_ptr, resident_blocks};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use half::f16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny.ptx"));
+const MODULE: &str = "awq_w4a16_skinny";
+
+/// Mirrors `SkSets` in w4a16_skinny.cu (passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SkSets {
+    q: [u64; 3],
+    sz: [u64; 3],
+    n: [i32; 3],
+    np: [i32; 3],
+    block_start: [i32; 4],
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for SkSets {}
+
+/// The token count from which the default GEMV path hands over to the skinny GEMM (up to
+/// [`launch::SKINNY_MAX_TOKENS`]); `AWQ_RUN_SKINNY_FROM` overrides it for A/B benchmarks (65 turns
+/// the skinny GEMM off).
+pub fn skinny_from() -> usize {
+    static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(65))
+}
+
+/// Whether the skinny GEMM takes these weights and `m` tokens of `dt`.
+pub fn skinny_supported(ws: &[&CudaQ4], m: usize, dt: DType) -> bool {
+    let (k, g) = (ws[0].shape.k, ws[0].shape.group_size);
+    dt == DType::F16 && (1..=launch::SKINNY_MAX_TOKENS).contains(&m) && launch::skinny_shape_ok(k, g) && ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g)
+}
+
+/// `x · Wᵢᵀ` for up to three weights (same k and group size) through the skinny GEMM; outputs
+/// concatenated along the last dimension. `splits`: k slices (None: [`launch::skinny_splits`]).
+pub fn skinny_many(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>) -> Result<Tensor> {
+    if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
+        candle_core::bail!("W4A16 skinny GEMM takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());
+    }
+    let x = x.contiguous()?;
+    let m = x.elem_count() / ws[0].shape.k.max(1);
+    if !skinny_supported(ws, m, x.dtype()) {
+        candle_core::bail!(
+            "W4A16 skinny GEMM: f16, 1 to {} tokens, k a multiple of 64, group size 32 or a multiple of 64, one k and group size (got {:?}, {m} tokens, k {}, g {})",
+            launch::SKINNY_MAX_TOKENS,
+            x.dtype(),
+            ws[0].shape.k,
+            ws[0].shape.group_size
+        );
+    }
+    // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
+    let x = if x.layout().start_offset() % 8 != 0 { x.copy()? } else { x };
+    x.apply_op1_no_bwd(&Skinny { ws, splits })
+}
+
+struct Skinny<'a> {
+    ws: &'a [&'a CudaQ4],
+    splits: Option<usize>,
+}
+
+impl CustomOp1 for Skinny<'_> {
+    fn name(&self) -> &'static str {
+        "awq-w4a16-skinny-cuda"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let w0 = self.ws[0];
+        let (k, g) = (w0.shape.k, w0.shape.group_size);
+        let (m, xo) = input_check(self.name(), l, k)?;
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let mut sets = SkSets::default();
+        let mut blocks = 0usize;
+        for (i, w) in self.ws.iter().enumerate() {
+            sets.q[i] = device_ptr(&w.q, &stream)?;
+            sets.sz[i] = device_ptr(&w.sz, &stream)?;
+            sets.n[i] = w.shape.n as i32;
+            sets.np[i] = w.np as i32;
+            sets.block_start[i] = blocks as i32;
+            blocks += w.np.div_ceil(launch::SKINNY_ROWS);
+        }
+        for i in self.ws.len()..4 {
+            sets.block_start[i] = blocks as i32;
+        }
+        let n_total: usize = self.ws.iter().map(|w| w.shape.n).sum();
+        let mt = launch::skinny_slots(m);
+        let name = format!("w4_skinny_f16_t{mt}");
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let smem = launch::skinny_smem(mt);
+        let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
+        if smem > max_smem {
+            candle_core::bail!("{}: {smem} bytes of shared memory, the device allows {max_smem}", self.name());
+        }
+        let resident = resident_blocks(&dev, &func, &name, 128, smem, smem)?;
+        let ktiles = k / 64;
+        let splits = match self.splits {
+            Some(sp) => sp.clamp(1, ktiles.clamp(1, launch::SKINNY_MAX_SPLITS)),
+            None => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
+        };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        // SAFETY: the kernel writes every element of the workspace it reads.
+        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks * launch::SKINNY_ROWS)? }) } else { None };
+        let counters = device_ptr(&split_counters(&dev, blocks)?, &stream)?;
+        let x = s.as_cuda_slice::<f16>()?.slice(xo..);
+        // SAFETY: every element is written by the kernel (or poisoned first).
+        let y = unsafe { dev.alloc::<f16>(m * n_total)? };
+        poison_buffer(&dev, "f16", &y, m * n_total)?;
+        let (k_, g_, m_, nt_) = (k as i32, g as i32, m as i32, n_total as i32);
+        let null = 0u64;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&sets);
+        b.arg(&x);
+        b.arg(&y);
+        b.arg(&k_);
+        b.arg(&g_);
+        b.arg(&m_);
+        b.arg(&nt_);
+        match &part {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        b.arg(&counters);
+        // SAFETY: the weights' buffers match n, np, k and g; x holds m * k elements; the
+        // workspace and counters are sized for the grid; the shared memory limit was raised by
+        // resident_blocks.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), out_shape(l, n_total)))
+    }
+}
