@@ -26,11 +26,13 @@ struct SkSets {
 unsafe impl DeviceRepr for SkSets {}
 
 /// The token count from which the default GEMV path hands over to the skinny GEMM (up to
-/// [`launch::SKINNY_MAX_TOKENS`]); `AWQ_RUN_SKINNY_FROM` overrides it for A/B benchmarks (65 turns
-/// the skinny GEMM off).
+/// [`launch::SKINNY_MAX_TOKENS`]): 17. Below, the few-token GEMV is as fast or faster (H100, 16
+/// tokens: 11.8 against 16.7 µs at 4096 × 4096); from 17 the skinny GEMM beats the ring GEMV on
+/// every Llama-2-7B shape (BENCHMARKS.md, session 14). `AWQ_RUN_SKINNY_FROM` overrides it for
+/// A/B benchmarks (65 turns the skinny GEMM off).
 pub fn skinny_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(65))
+    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
 }
 
 /// Whether the skinny GEMM takes these weights and `m` tokens of `dt`.
@@ -101,13 +103,14 @@ impl CustomOp1 for Skinny<'_> {
         if smem > max_smem {
             candle_core::bail!("{}: {smem} bytes of shared memory, the device allows {max_smem}", self.name());
         }
-        let resident = resident_blocks(&dev, &func, &name, 128, smem, smem)?;
+        let threads = 128 * (mt / 16);
+        let resident = resident_blocks(&dev, &func, &name, threads, smem, smem)?;
         let ktiles = k / 64;
         let splits = match self.splits {
             Some(sp) => sp.clamp(1, ktiles.clamp(1, launch::SKINNY_MAX_SPLITS)),
             None => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
         };
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
         // SAFETY: the kernel writes every element of the workspace it reads.
         let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks * launch::SKINNY_ROWS)? }) } else { None };
         let counters = device_ptr(&split_counters(&dev, blocks)?, &stream)?;

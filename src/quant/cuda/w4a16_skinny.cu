@@ -9,8 +9,12 @@
 // tile is 4 warps of mostly padding at 16 tokens, each dequantizing the same words) and has no
 // split-k, so an 11008-row layer is 86 blocks on 132 SMs.
 //
-// Here a block of 4 warps owns 256 rows (64 a warp) and a slice of k (split-k over gridDim.y so
-// that even 4096 rows fill the GPU); its warps share one staged copy of x. The weights are the
+// Here a block owns 256 rows and a slice of k (split-k over gridDim.y so that even 4096 rows
+// fill the GPU); its warps share one staged copy of x. Each warp takes 64 rows and two token
+// tiles (16 tokens), so 16 tokens take 4 warps and 64 tokens 16: with all of a warp's token tiles
+// (8 at 64 tokens, 217 registers) an SM held 8 warps, each issuing its MMAs back to back with
+// nothing to hide their latency (H100: 55 us at 64 tokens of 4096 x 11008 with the fewest
+// slices, 1.7 us a k tile per block; BENCHMARKS.md). The weights are the
 // m16 A operand (one 4-byte word per lane dequantizes to a 16 x 16 fragment), the tokens the n8
 // B operand, read from shared memory by ldmatrix (two token tiles per instruction). Each 64-wide
 // k tile (x, the four warps' units and the tile's (scale, zero) pairs) streams through a 4-stage
@@ -30,6 +34,7 @@ struct SkSets {
     int block_start[4];
 };
 
+// Warps along the rows (64 rows each); a block has SK_WARPS x (MT / 16) warps.
 #define SK_WARPS 4
 #define SK_ROWS (64 * SK_WARPS)
 #define SK_BK 64
@@ -57,13 +62,16 @@ __device__ __forceinline__ void sk_ldmatrix_x4(uint32_t addr, uint32_t& r0, uint
 // MT token slots (16, 32 or 64; tokens past m are zero rows whose MMAs are skipped a whole tile
 // at a time). Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
 template <int MT>
-__device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
+__device__ __forceinline__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                           int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
-    constexpr int NT = MT / 8;
+    // Token tiles of n8 per warp, and the warps' token groups.
+    constexpr int NT = 2, TG = MT / 16, THREADS = 128 * TG;
     constexpr int STAGE = sk_stage_bytes(MT);
     constexpr int X_BYTES = MT * 128, W_BYTES = 16 * 512;
     extern __shared__ __align__(128) uint8_t sk_smem[];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int tid = threadIdx.x, lane = tid & 31;
+    // Row quarter and token group of this warp: tokens 16 tg .. 16 tg + 15.
+    const int warp = (tid >> 5) & (SK_WARPS - 1), tg = tid >> 7;
     const int gi = lane >> 2, ti = lane & 3;
     const int b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
 
@@ -85,32 +93,37 @@ __device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half
     const bool two_groups = g == 32;
     const uint32_t smem_base = (uint32_t)__cvta_generic_to_shared(sk_smem);
 
-    // The thread's copy duties, fixed over the tiles: unit (kk = i, warp column tid / 32) piece
-    // tid % 32 of the weights; (scale, zero) piece tid % 64 of group tid / 64; x pieces.
-    const int my_unit = rb * SK_WARPS + (tid >> 5);
+    // The copy duties of the block's first 128 threads, fixed over the tiles: unit (kk = i,
+    // warp column tid / 32) piece tid % 32 of the weights; (scale, zero) piece tid % 64 of group
+    // tid / 64. Every thread copies x pieces.
+    const int ct = tid & 127;
+    const bool copies_w = tid < 128;
+    const int my_unit = rb * SK_WARPS + (ct >> 5);
     const bool unit_ok = my_unit < nunits;
     const size_t unit_stride = (size_t)nunits * 512;
     const uint8_t* unit_src = q + (size_t)(unit_ok ? my_unit : 0) * 512 + lane * 16;
-    const int sz_col = rb * SK_ROWS + (tid & 63) * 4;
-    const bool sz_ok = sz_col < np && (tid < 64 || two_groups);
+    const int sz_col = rb * SK_ROWS + (ct & 63) * 4;
+    const bool sz_ok = sz_col < np && (ct < 64 || two_groups);
 
     auto load_stage = [&](int kt, int stage) {
         const uint32_t base = smem_base + stage * STAGE;
 #pragma unroll
-        for (int i = 0; i < MT * 8 / 128; i++) {
-            const int p = tid + 128 * i, r = p >> 3, c = p & 7;
+        for (int i = 0; i < MT * 8 / THREADS; i++) {
+            const int p = tid + THREADS * i, r = p >> 3, c = p & 7;
             const bool ok = r < m;
             const __half* src = x + (size_t)(ok ? r : 0) * k + kt * SK_BK + c * 8;
             cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
         }
+        if (copies_w) {
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-            cp_async16(base + X_BYTES + (i * SK_WARPS + (tid >> 5)) * 512 + lane * 16,
-                       unit_src + (size_t)(kt * 4 + i) * unit_stride, unit_ok);
-        const int grp = (kt * SK_BK) / g + (tid >> 6);
-        if (tid < 64 || two_groups)
-            cp_async16(base + X_BYTES + W_BYTES + tid * 16, sz + (size_t)(sz_ok ? grp : 0) * np + (sz_ok ? sz_col : 0),
-                       sz_ok);
+            for (int i = 0; i < 4; i++)
+                cp_async16(base + X_BYTES + (i * SK_WARPS + (ct >> 5)) * 512 + lane * 16,
+                           unit_src + (size_t)(kt * 4 + i) * unit_stride, unit_ok);
+            const int grp = (kt * SK_BK) / g + (ct >> 6);
+            if (ct < 64 || two_groups)
+                cp_async16(base + X_BYTES + W_BYTES + ct * 16, sz + (size_t)(sz_ok ? grp : 0) * np + (sz_ok ? sz_col : 0),
+                           sz_ok);
+        }
     };
 
     float acc[NT][4][4];
@@ -126,8 +139,8 @@ __device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half
         if (t0 + s < t1) load_stage(t0 + s, s);
         cp_async_commit();
     }
-    // Token tiles holding real tokens (warp-uniform).
-    const int live_tiles = (m + 7) >> 3;
+    // This warp's token tiles holding real tokens (warp-uniform; a group past m skips its MMAs).
+    const int live_tiles = min(NT, max(0, (m - 16 * tg + 7) >> 3));
     for (int kt = t0; kt < t1; kt++) {
         const int idx = kt - t0;
         cp_async_wait<SK_STAGES - 2>();
@@ -154,7 +167,7 @@ __device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half
 #pragma unroll
             for (int jp = 0; jp < NT / 2; jp++) {
                 const int mi = lane >> 3, r = lane & 7;
-                const int tok = 8 * (2 * jp + (mi >> 1)) + r;
+                const int tok = 16 * tg + 8 * (2 * jp + (mi >> 1)) + r;
                 const int c = kk * 2 + (mi & 1);
                 sk_ldmatrix_x4(xs + tok * 128 + ((c ^ r) << 4), bf[2 * jp][0], bf[2 * jp][1], bf[2 * jp + 1][0],
                                bf[2 * jp + 1][1]);
@@ -184,7 +197,7 @@ __device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half
         for (int wi = 0; wi < 4; wi++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int tok = 8 * j + 2 * ti + (e & 1);
+                const int tok = 16 * tg + 8 * j + 2 * ti + (e & 1);
                 if (tok < m) red[tok * SK_RED_STRIDE + warp * 64 + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
             }
     __syncthreads();
@@ -243,7 +256,7 @@ __device__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half
 }
 
 #define SKINNY_ENTRY(MT)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) w4_skinny_f16_t##MT(                                \
+    extern "C" __global__ void __launch_bounds__(128 * (MT / 16)) w4_skinny_f16_t##MT(                                \
         SkSets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
         w4_skinny<MT>(ws, x, y, k, g, m, nt, part, counters);                                             \
     }
