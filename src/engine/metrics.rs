@@ -32,6 +32,17 @@ pub struct Metrics {
     ttft_sum_us: AtomicU64,
     /// Generated tokens and busy time (microseconds) of the steps, for the decode rate.
     busy_us: AtomicU64,
+    /// The steps' time split by [`StepPhase`] (microseconds).
+    phase_us: [AtomicU64; 3],
+}
+
+/// Where a step's time goes: the batched forward pass (to the logits on the host), sampling the
+/// next tokens, and emitting them (detokenizing, stop strings, sending to the clients).
+#[derive(Debug, Clone, Copy)]
+pub enum StepPhase {
+    Forward = 0,
+    Sampling = 1,
+    Emit = 2,
 }
 
 impl Default for Metrics {
@@ -56,6 +67,7 @@ impl Default for Metrics {
             ttft_counts: Default::default(),
             ttft_sum_us: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
+            phase_us: Default::default(),
         }
     }
 }
@@ -69,6 +81,10 @@ impl Metrics {
 
     pub fn add_busy(&self, secs: f64) {
         self.busy_us.fetch_add((secs * 1e6) as u64, Relaxed);
+    }
+
+    pub fn add_phase(&self, phase: StepPhase, secs: f64) {
+        self.phase_us[phase as usize].fetch_add((secs * 1e6) as u64, Relaxed);
     }
 
     /// Generated tokens per second of time spent in steps.
@@ -105,6 +121,11 @@ impl Metrics {
         metric("kv_blocks_used", "gauge", "KV cache blocks in use.", c(&self.kv_blocks_used));
         metric("kv_blocks_total", "gauge", "KV cache blocks in all.", c(&self.kv_blocks_total));
         metric("generation_tokens_per_second", "gauge", "Tokens generated per second of engine busy time.", format!("{:.3}", self.tokens_per_second()));
+        let secs = |a: &AtomicU64| format!("{:.6}", a.load(Relaxed) as f64 / 1e6);
+        metric("step_seconds_total", "counter", "Time spent in steps.", secs(&self.busy_us));
+        metric("step_forward_seconds_total", "counter", "Time of the steps' batched forward passes, to the logits on the host.", secs(&self.phase_us[0]));
+        metric("step_sampling_seconds_total", "counter", "Time of the steps' sampling.", secs(&self.phase_us[1]));
+        metric("step_emit_seconds_total", "counter", "Time of the steps' detokenizing, stop strings and sending to clients.", secs(&self.phase_us[2]));
         metric("uptime_seconds", "gauge", "Seconds since the engine started.", format!("{:.3}", self.started.elapsed().as_secs_f64()));
         if let Some(rss) = resident_bytes() {
             out += &format!("# HELP process_resident_memory_bytes Resident memory of the server process.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n");

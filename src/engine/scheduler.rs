@@ -9,7 +9,7 @@
 //! When the pool cannot give a running sequence its next block, the most recently admitted
 //! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
 //! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
-use super::metrics::Metrics;
+use super::metrics::{Metrics, StepPhase};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::StopMatcher;
 use crate::assets::tokenizer::TokenStream;
@@ -393,6 +393,8 @@ impl Scheduler {
         self.metrics.steps.fetch_add(1, Relaxed);
         // The logits of every sequence that predicts this step, in one copy from the device.
         let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        let t_forward = Instant::now();
+        self.metrics.add_phase(StepPhase::Forward, (t_forward - t0).as_secs_f64());
         let mut predicts: Vec<Option<Vec<f32>>> = Vec::with_capacity(plan.len());
         for (s, &n) in self.running.iter_mut().zip(&plan) {
             let row = if n > 0 { rows.next() } else { None };
@@ -409,6 +411,8 @@ impl Scheduler {
         } else {
             self.running.par_iter_mut().zip(predicts.into_par_iter()).map(sample).collect()
         };
+        let t_sampled = Instant::now();
+        self.metrics.add_phase(StepPhase::Sampling, (t_sampled - t_forward).as_secs_f64());
         let mut outcomes = Vec::with_capacity(plan.len());
         for (s, next) in self.running.iter_mut().zip(next) {
             outcomes.push(match next {
@@ -416,6 +420,7 @@ impl Scheduler {
                 None => Outcome::Continue,
             });
         }
+        self.metrics.add_phase(StepPhase::Emit, t_sampled.elapsed().as_secs_f64());
         self.metrics.add_busy(t0.elapsed().as_secs_f64());
         let mut i = 0;
         for o in outcomes {

@@ -17,6 +17,9 @@ pub struct LoadLevel {
     pub ttft: Vec<f64>,
     pub itl: Vec<f64>,
     pub mean_batch: f64,
+    /// The server's mean step over the run in seconds: all of it, then its forward pass,
+    /// sampling and emitting (NaN where /metrics does not say).
+    pub step_secs: [f64; 4],
 }
 
 impl LoadLevel {
@@ -108,6 +111,8 @@ pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen
     let model: Value = ureq::get(&format!("{url}/v1/models")).call().map_err(|e| Error::msg(format!("{url}: {e}")))?.into_json().map_err(|e| Error::msg(e.to_string()))?;
     let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
     let (steps0, seqs0) = (metric(url, "steps_total"), metric(url, "batched_sequences_total"));
+    const PHASES: [&str; 4] = ["step_seconds_total", "step_forward_seconds_total", "step_sampling_seconds_total", "step_emit_seconds_total"];
+    let phases0 = PHASES.map(|p| metric(url, p));
     let t0 = Instant::now();
     let samples: Vec<Result<Vec<Sample>>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients).map(|_| s.spawn(|| (0..per_client).map(|_| one_request(url, &model, prompt, gen, key)).collect::<Result<Vec<_>>>())).collect();
@@ -115,7 +120,11 @@ pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen
     });
     let wall = t0.elapsed().as_secs_f64();
     let (steps, seqs) = (metric(url, "steps_total") - steps0, metric(url, "batched_sequences_total") - seqs0);
-    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps };
+    let mut step_secs = PHASES.map(|p| metric(url, p));
+    for (v, v0) in step_secs.iter_mut().zip(phases0) {
+        *v = (*v - v0) / steps;
+    }
+    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps, step_secs };
     for s in samples {
         for r in s? {
             level.requests += 1;
@@ -265,11 +274,11 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
 pub fn table(levels: &[LoadLevel]) -> String {
     let base = levels.first().map(|l| l.tokens_per_second()).unwrap_or(1.0);
     let base_decode = levels.first().map(|l| l.decode_tokens_per_second()).unwrap_or(1.0);
-    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | step ms (forward / sampling / emit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in levels {
         let ms = |x: f64| format!("{:.1} ms", x * 1e3);
         t += &format!(
-            "| {} | {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} | {:.2} ({:.2} / {:.2} / {:.2}) |\n",
             l.clients,
             l.requests,
             l.tokens_per_second(),
@@ -281,6 +290,10 @@ pub fn table(levels: &[LoadLevel]) -> String {
             ms(quantile(&l.ttft, 0.99)),
             ms(quantile(&l.itl, 0.5)),
             ms(quantile(&l.itl, 0.99)),
+            l.step_secs[0] * 1e3,
+            l.step_secs[1] * 1e3,
+            l.step_secs[2] * 1e3,
+            l.step_secs[3] * 1e3,
         );
     }
     t
@@ -290,11 +303,12 @@ pub fn table(levels: &[LoadLevel]) -> String {
 mod tests {
     #[test]
     fn decode_throughput_is_clients_over_the_mean_gap() {
-        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0 };
+        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
         assert!((l.decode_tokens_per_second() - 200.0).abs() < 1e-9);
         assert!((l.tokens_per_second() - 20.0).abs() < 1e-9);
         let t = super::table(&[l]);
         assert!(t.contains("| 4 | 4 | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
+        assert!(t.contains("| 10.00 (8.00 / 1.00 / 1.00) |"), "{t}");
     }
 
     #[test]
