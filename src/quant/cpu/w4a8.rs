@@ -179,16 +179,10 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                     Row { codes: &t.w.codes[lo * k / 2..(lo + 1) * k / 2], sz: &chunk_tables[r * stride..(r + 1) * stride], shift: t.shift, k }
                 }
             };
-            // Written out, not `array::from_fn`: its drop-guarded loop was 6 % of a decode step.
-            const _: () = assert!(ROWS == 4);
             let last = r_n - 1;
             // The usual block (one weight, power-of-two groups) without the general lookup: the
             // closure's calls were 9 % of a SmolLM2 decode step.
-            let block: [Row; ROWS] = if one_weight && t0w.pow2 {
-                [t0w.pow2_row(lo0, k), t0w.pow2_row(lo0 + last.min(1), k), t0w.pow2_row(lo0 + last.min(2), k), t0w.pow2_row(lo0 + last.min(3), k)]
-            } else {
-                [row(0), row(last.min(1)), row(last.min(2)), row(last.min(3))]
-            };
+            let block: [Row; ROWS] = if one_weight && t0w.pow2 { block_rows(|r| t0w.pow2_row(lo0 + r, k), last) } else { block_rows(row, last) };
             let mut acc = [[0f32; TILE]; ROWS];
             let mut t0 = 0;
             while t0 < m {
@@ -205,8 +199,18 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
     )
 }
 
-/// Rows that share one pass over the activations.
-pub const ROWS: usize = 4;
+/// Rows that share one pass over the activations: a task's unit of work. Eight halve the
+/// per-block set-up of four (a fifth of a SmolLM2 decode step was set-up and stores).
+pub const ROWS: usize = 8;
+
+/// `f(0) ..= f(last)` and copies of `f(last)` up to [`ROWS`] (a short block's rows past its end
+/// are never read). Written out, not `array::from_fn`: its drop-guarded loop was 6 % of a decode
+/// step.
+#[inline(always)]
+fn block_rows<'a>(f: impl Fn(usize) -> Row<'a>, last: usize) -> [Row<'a>; ROWS] {
+    const _: () = assert!(ROWS == 8);
+    [f(0), f(last.min(1)), f(last.min(2)), f(last.min(3)), f(last.min(4)), f(last.min(5)), f(last.min(6)), f(last.min(7))]
+}
 
 /// [`row_tile`] for up to [`ROWS`] rows: on x86 a full block runs in one kernel that loads each
 /// activation vector once for all its rows.
@@ -229,21 +233,29 @@ pub fn block_tile(path: A8Path, rows: &[Row], acts: &QuantizedActs, t0: usize, t
             }};
         }
         macro_rules! by_path {
-            ($f:ident) => {{
-                // Four rows × one or two tokens fit the registers; more tokens go two rows at a
-                // time (the accumulators would spill).
-                if tile <= 2 {
-                    run!(4, 0, $f)
+            ($f:ident, $wide:expr) => {{
+                // Eight rows × one token fit AVX-512's 32 vector registers, four rows × one or
+                // two tokens AVX2's 16; more tokens go two rows at a time (the accumulators
+                // would spill). Eight rows only for short rows, where a block's set-up weighs
+                // most: on long ones (TinyLlama's 2048 and more) eight streams of codes decoded
+                // slower than two blocks of four.
+                if tile == 1 && $wide && rows[0].k < 2048 {
+                    run!(8, 0, $f)
+                } else if tile <= 2 {
+                    run!(4, 0, $f);
+                    run!(4, 4, $f);
                 } else {
                     run!(2, 0, $f);
                     run!(2, 2, $f);
+                    run!(2, 4, $f);
+                    run!(2, 6, $f);
                 }
             }};
         }
         match path {
-            A8Path::Avx512Vnni => by_path!(rows_avx512vnni),
-            A8Path::AvxVnni => by_path!(rows_avxvnni),
-            _ => by_path!(rows_avx2),
+            A8Path::Avx512Vnni => by_path!(rows_avx512vnni, true),
+            A8Path::AvxVnni => by_path!(rows_avxvnni, false),
+            _ => by_path!(rows_avx2, false),
         }
         return;
     }
@@ -380,9 +392,8 @@ pub(super) mod x86 {
                 macro_rules! pair {
                     ($p:expr, $full:expr, $shared:expr) => {{
                         let p = $p;
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R) as *const i8);
-                        if R >= 4 {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64) as *const i8);
+                        for l in 0..(32 * R).div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64 * l) as *const i8);
                         }
                         for r in 0..R {
                             let c = rows[r].codes.as_ptr().add(p * 32);

@@ -71,7 +71,7 @@ pub fn skinny_slots(m: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of a skinny GEMM block (sk_smem_bytes in w4a16_skinny.cu): 4 stages of
+/// Dynamic shared memory of a skinny GEMM block (w4a16_skinny.cu: SK_STAGES x sk_stage_bytes): 4 stages of
 /// `mt` tokens' 64-wide x tile, 16 weight units and two groups' (scale, zero) pairs of 256 rows;
 /// the block's sums (`mt` rows of 260 floats) reuse it at the end.
 pub fn skinny_smem(mt: usize) -> usize {

@@ -1,5 +1,5 @@
-//! The CUDA kernels of the 4-bit linear (`w4a16.cu`, `w4a16_sm90.cu`) and their thin wrappers
-//! ([`kernels`], built with the `cuda` feature), and their launch shapes ([`launch`], always
+//! The CUDA kernels of the 4-bit linear (`w4a16.cu`, `w4a16_sm90.cu`, `w4a16_skinny.cu`) and
+//! their thin wrappers ([`kernels`], `skinny`, built with the `cuda` feature), and their launch shapes ([`launch`], always
 //! built so that they are unit-tested on any machine).
 pub mod launch;
 

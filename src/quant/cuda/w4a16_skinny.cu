@@ -1,5 +1,5 @@
-// The skinny W4A16 GEMM: 9 to 64 tokens (batched decode, speculative verification, short
-// prompts), f16, on the tiled layout of w4a16.cu (units of 16 k x 64 rows).
+// The skinny W4A16 GEMM: up to 64 tokens (the default path from 17: batched decode, speculative
+// verification, short prompts), f16, on the tiled layout of w4a16.cu (units of 16 k x 64 rows).
 //
 // Why another kernel. At these token counts the weights are still the bulk of the bytes (4096 x
 // 11008 at 4 bits is 22.5 MB; 64 tokens of x are 0.5 MB), so the goal is the batch-1 GEMV's time
@@ -46,12 +46,10 @@ struct SkSets {
 #define SK_RED_STRIDE 260
 
 // Bytes of one stage: MT tokens x 64 k of x (rows of 128 bytes), 4 k16 steps x 4 warps of weight
-// units, and the (scale, zero) pairs of up to two groups (group size 32) of 256 rows.
+// units, and the (scale, zero) pairs of up to two groups (group size 32) of 256 rows. A block's
+// dynamic shared memory is SK_STAGES of these or the block's sums, whichever is more
+// (`launch::skinny_smem` on the Rust side).
 __host__ __device__ constexpr int sk_stage_bytes(int mt) { return mt * 128 + 16 * 512 + 2 * SK_ROWS * 4; }
-__host__ __device__ constexpr int sk_smem_bytes(int mt) {
-    return SK_STAGES * sk_stage_bytes(mt) > mt * SK_RED_STRIDE * 4 ? SK_STAGES * sk_stage_bytes(mt)
-                                                                    : mt * SK_RED_STRIDE * 4;
-}
 
 __device__ __forceinline__ void sk_ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
