@@ -123,9 +123,10 @@ pub const GEMM_MIN_TOKENS: usize = 8;
 /// Tokens at or above which W4A8 calls on AVX512-VNNI take the GEMM of [`gemm_a8`] (rows across
 /// the vector, a panel of weights unpacked once for every token) instead of the GEMV. Measured on
 /// the 2-core EPYC VM at SmolLM2's shapes with the weights read from memory, as in a model
-/// (`cargo run --release --example a8_crossover`): the GEMM is 0.8–0.9× the GEMV at 2–4 tokens,
-/// 1.04–1.12× at 8, 1.1–1.2× at 12 and 1.2–1.36× at 16.
-pub const A8_GEMM_MIN_TOKENS: usize = 8;
+/// (`cargo run --release --example a8_crossover`), since the GEMV prefetches its next rows
+/// (session 14): the GEMM is 0.68–0.87× the GEMV at 8 tokens, 0.78–1.08× at 12 and 0.88–1.29× at
+/// 16 (before the prefetch it was already ahead at 8: 1.04–1.12×).
+pub const A8_GEMM_MIN_TOKENS: usize = 16;
 
 /// Tokens at or above which a W4A8 call goes to the exact blocked GEMM instead (where the W4A8
 /// GEMM does not run): on the 2-core
