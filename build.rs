@@ -7,7 +7,7 @@ use std::process::Command;
 /// (source, PTX file name in OUT_DIR)
 const KERNELS: [(&str, &str); 3] = [("src/quant/cuda/w4a16.cu", "w4a16.ptx"), ("src/quant/cuda/w4a16_skinny.cu", "w4a16_skinny.ptx"), ("src/model/cuda/decode.cu", "decode.ptx")];
 /// Headers the kernels include (src/cuda is on nvcc's include path).
-const HEADERS: [&str; 2] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh"];
+const HEADERS: [&str; 3] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh", "src/quant/cuda/w4_sets.cuh"];
 /// Hopper-only kernels (wgmma): PTX for compute_90a when building for compute capability 9.0,
 /// else an empty file (the wrapper then never loads it).
 const SM90_KERNEL: (&str, &str) = ("src/quant/cuda/w4a16_sm90.cu", "w4a16_sm90.ptx");

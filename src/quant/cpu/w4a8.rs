@@ -237,8 +237,9 @@ pub fn block_tile(path: A8Path, rows: &[Row], acts: &QuantizedActs, t0: usize, t
                 // Eight rows × one token fit AVX-512's 32 vector registers, four rows × one or
                 // two tokens AVX2's 16; more tokens go two rows at a time (the accumulators
                 // would spill). Eight rows only for short rows, where a block's set-up weighs
-                // most: on long ones (TinyLlama's 2048 and more) eight streams of codes decoded
-                // slower than two blocks of four.
+                // most: on long ones (TinyLlama's 2048 and more) the first runs of eight streams
+                // of codes decoded slower; later runs could not tell the two apart within this
+                // VM's noise, so long rows keep two passes of four.
                 if tile == 1 && $wide && rows[0].k < 2048 {
                     run!(8, 0, $f)
                 } else if tile <= 2 {

@@ -86,10 +86,10 @@ pub struct CudaQ4 {
     pub np: usize,
 }
 
-/// Mirrors `W4Sets` in w4a16.cu (passed by value).
+/// Mirrors `W4Sets` in w4_sets.cuh (passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct W4Sets {
+pub(super) struct W4Sets {
     q: [u64; 3],
     sz: [u64; 3],
     n: [i32; 3],
@@ -98,6 +98,28 @@ struct W4Sets {
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for W4Sets {}
+
+impl W4Sets {
+    /// The launch's weights (at most [`GEMV_MAX_SETS`], checked by the callers) for a kernel whose
+    /// blocks each take `rows` output rows; returns the sets, the grid's blocks and the launch's
+    /// output rows (Σ n).
+    pub(super) fn new(ws: &[&CudaQ4], rows: usize, stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>) -> Result<(Self, usize, usize)> {
+        let mut sets = W4Sets::default();
+        let mut blocks = 0usize;
+        for (i, w) in ws.iter().enumerate() {
+            sets.q[i] = device_ptr(&w.q, stream)?;
+            sets.sz[i] = device_ptr(&w.sz, stream)?;
+            sets.n[i] = w.shape.n as i32;
+            sets.np[i] = w.np as i32;
+            sets.block_start[i] = blocks as i32;
+            blocks += w.np.div_ceil(rows);
+        }
+        for i in ws.len()..4 {
+            sets.block_start[i] = blocks as i32;
+        }
+        Ok((sets, blocks, ws.iter().map(|w| w.shape.n).sum()))
+    }
+}
 
 impl CudaQ4 {
     pub fn new(w: &PackedQ4, device: &candle_core::Device) -> Result<Self> {
@@ -309,32 +331,19 @@ impl CustomOp1 for Gemv<'_> {
         let stream = dev.cuda_stream();
         let dt = s.dtype();
         let sfx = suffix_for(self.name(), dt)?;
-        let mut sets = W4Sets::default();
-        let mut blocks = 0i32;
-        for (i, w) in self.ws.iter().enumerate() {
-            sets.q[i] = device_ptr(&w.q, &stream)?;
-            sets.sz[i] = device_ptr(&w.sz, &stream)?;
-            sets.n[i] = w.shape.n as i32;
-            sets.np[i] = w.np as i32;
-            sets.block_start[i] = blocks;
-            blocks += (w.np / 64) as i32;
-        }
-        for i in self.ws.len()..4 {
-            sets.block_start[i] = blocks;
-        }
-        let n_total: usize = self.ws.iter().map(|w| w.shape.n).sum();
-        let batch1 = self.batch1_launch(&dev, m, dt, blocks as usize)?;
+        let (sets, blocks, n_total) = W4Sets::new(self.ws, 64, &stream)?;
+        let batch1 = self.batch1_launch(&dev, m, dt, blocks)?;
         let is_batch1 = batch1.is_some();
         let (func, cfg) = match batch1 {
             Some(launch) => launch,
-            None => self.ring_launch(&dev, m, dt, blocks as usize)?,
+            None => self.ring_launch(&dev, m, dt, blocks)?,
         };
         let splits = cfg.grid_dim.1 as usize;
         // Split k: per-slice sums, and the per-row-range arrival counters (left zeroed by the kernel).
         // SAFETY: the kernel writes every element of the workspace it reads.
-        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks as usize * 64)? }) } else { None };
+        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks * 64)? }) } else { None };
         let (k, g, m_, nt) = (w0.shape.k as i32, w0.shape.group_size as i32, m as i32, n_total as i32);
-        let counters = device_ptr(&split_counters(&dev, blocks as usize)?, &stream)?;
+        let counters = device_ptr(&split_counters(&dev, blocks)?, &stream)?;
         let out = crate::with_float_type!(dt, T => {
             let x = s.as_cuda_slice::<T>()?.slice(xo..);
             // SAFETY: every element is written by the kernel (or poisoned first).

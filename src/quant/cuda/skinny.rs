@@ -1,9 +1,9 @@
 //! The thin wrapper of the skinny GEMM (`w4a16_skinny.cu`): 9 to 64 f16 tokens through up to
 //! three 4-bit weights that share an input, in one launch, blocks of 256 rows split over k.
-use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, GEMV_MAX_SETS};
+use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, W4Sets, GEMV_MAX_SETS};
 use super::launch;
 use crate::cuda::{device_limits, device_ptr, resident_blocks};
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -11,19 +11,6 @@ use half::f16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny.ptx"));
 const MODULE: &str = "awq_w4a16_skinny";
-
-/// Mirrors `SkSets` in w4a16_skinny.cu (passed by value).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct SkSets {
-    q: [u64; 3],
-    sz: [u64; 3],
-    n: [i32; 3],
-    np: [i32; 3],
-    block_start: [i32; 4],
-}
-// SAFETY: plain old data with the C layout of the kernel's struct.
-unsafe impl DeviceRepr for SkSets {}
 
 /// The token count from which the default GEMV path hands over to the skinny GEMM (up to
 /// [`launch::SKINNY_MAX_TOKENS`]): 17. Below, the few-token GEMV is as fast or faster (H100, 16
@@ -81,20 +68,7 @@ impl CustomOp1 for Skinny<'_> {
         let (m, xo) = input_check(self.name(), l, k)?;
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let mut sets = SkSets::default();
-        let mut blocks = 0usize;
-        for (i, w) in self.ws.iter().enumerate() {
-            sets.q[i] = device_ptr(&w.q, &stream)?;
-            sets.sz[i] = device_ptr(&w.sz, &stream)?;
-            sets.n[i] = w.shape.n as i32;
-            sets.np[i] = w.np as i32;
-            sets.block_start[i] = blocks as i32;
-            blocks += w.np.div_ceil(launch::SKINNY_ROWS);
-        }
-        for i in self.ws.len()..4 {
-            sets.block_start[i] = blocks as i32;
-        }
-        let n_total: usize = self.ws.iter().map(|w| w.shape.n).sum();
+        let (sets, blocks, n_total) = W4Sets::new(self.ws, launch::SKINNY_ROWS, &stream)?;
         let mt = launch::skinny_slots(m);
         let name = format!("w4_skinny_f16_t{mt}");
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;

@@ -30,39 +30,10 @@
 // poison_*: fills a buffer with NaN (the self-test's guard against unwritten outputs).
 #include "common.cuh"
 #include "w4_dequant.cuh"
+#include "w4_sets.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // GEMV
-
-// Up to three weights that share an input; their outputs are concatenated along n.
-struct W4Sets {
-    unsigned long long q[3];   // tiled codes (uint4 units)
-    unsigned long long sz[3];  // half2 (scale, zero) [groups][np]
-    int n[3];                  // true output rows
-    int np[3];                 // padded rows (multiple of 64)
-    int block_start[4];        // first block of each set; block_start[3] = grid size
-};
-
-// The weight a GEMV block works on: block b of the launch is row range nb of set `set`.
-struct GemvRows {
-    const uint32_t* q;
-    const __half2* sz;
-    int nb, n, np, out_off;
-};
-__device__ __forceinline__ GemvRows gemv_rows(const W4Sets& ws, int b) {
-    const int set = b < ws.block_start[1] ? 0 : (b < ws.block_start[2] ? 1 : 2);
-    // Selects, not indexing: a run-time index would copy the parameter struct to local memory.
-#define PICK(a) (set == 0 ? (a)[0] : (set == 1 ? (a)[1] : (a)[2]))
-    GemvRows r;
-    r.nb = b - PICK(ws.block_start);
-    r.np = PICK(ws.np);
-    r.n = PICK(ws.n);
-    r.out_off = (set > 0 ? ws.n[0] : 0) + (set > 1 ? ws.n[1] : 0);
-    r.q = reinterpret_cast<const uint32_t*>(PICK(ws.q));
-    r.sz = reinterpret_cast<const __half2*>(PICK(ws.sz));
-#undef PICK
-    return r;
-}
 
 // The end of both GEMVs: `sum(t, r)` is this block's sum for token t, row r of its range (from
 // shared memory, after a __syncthreads). One k slice writes y; with several, each block
@@ -113,22 +84,6 @@ __device__ __forceinline__ void gemv_store(Sum sum, const GemvRows& rows, int m,
 // Row stride of the cross-warp reduction buffers (both GEMVs): 64 sums padded so the tensor-core
 // paths' stores (token 2t + e in lanes 4g + t) fall in distinct banks.
 #define GEMV_RED_STRIDE 68
-
-// A warp's MMA totals (NT token tiles of 8 x 4 m16 row tiles, c0..c3 as in mma16816) stored
-// to its rows of a cross-warp reduction buffer, `warp_red[token * GEMV_RED_STRIDE + row]`, for
-// the m real tokens (the tiles' other columns are discarded copies).
-template <int NT>
-__device__ __forceinline__ void store_mma_sums(const float (&acc)[NT][4][4], float* warp_red, int m, int gi, int ti) {
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int tok = 8 * j + 2 * ti + (e & 1);
-                if (tok < m) warp_red[tok * GEMV_RED_STRIDE + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
-            }
-}
 
 // Bytes of one ring slot, shared by the kernel and its wrapper (gemv_smem in mod.rs): four weight
 // units, the (scale, zero) pairs of the groups a 64-wide k window can touch (a window starting at
@@ -442,7 +397,7 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
     float* red = reinterpret_cast<float*>(gemv_smem);
 #define RED(w, t, r) red[((w) * MT + (t)) * GEMV_RED_STRIDE + (r)]
     if constexpr (MMA) {
-        store_mma_sums<NT>(macc, &RED(warp, 0, 0), m, gi, ti);
+        store_mma_sums<NT>(macc, &RED(warp, 0, 0), m, gi, ti, GEMV_RED_STRIDE);
     } else {
 #pragma unroll
         for (int t = 0; t < MT; t++)
@@ -634,7 +589,7 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
     // The warps' sums meet in the x staging memory, once every warp is done with its x.
     __syncthreads();
     float* red = reinterpret_cast<float*>(gemv1_xs);
-    store_mma_sums<NT>(acc, red + warp * m * GEMV_RED_STRIDE, m, gi, ti);
+    store_mma_sums<NT>(acc, red + warp * m * GEMV_RED_STRIDE, m, gi, ti, GEMV_RED_STRIDE);
     __syncthreads();
     gemv_store<__half, 8 * NT>(
         [&](int t, int r) {

@@ -23,16 +23,7 @@
 // them in slice order (deterministic), as the GEMVs do.
 #include "common.cuh"
 #include "w4_dequant.cuh"
-
-// Up to three weights sharing an input, outputs concatenated along n (W4Sets in w4a16.cu, here
-// with blocks of 256 rows).
-struct SkSets {
-    unsigned long long q[3];
-    unsigned long long sz[3];
-    int n[3];
-    int np[3];
-    int block_start[4];
-};
+#include "w4_sets.cuh"
 
 // Warps along the rows (64 rows each); a block has SK_WARPS x (MT / 16) warps.
 #define SK_WARPS 4
@@ -60,7 +51,7 @@ __device__ __forceinline__ void sk_ldmatrix_x4(uint32_t addr, uint32_t& r0, uint
 // MT token slots (16, 32 or 64; tokens past m are zero rows whose MMAs are skipped a whole tile
 // at a time). Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
 template <int MT>
-__device__ __forceinline__ void w4_skinny(const SkSets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
+__device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                           int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
     // Token tiles of n8 per warp, and the warps' token groups.
     constexpr int NT = 2, TG = MT / 16, THREADS = 128 * TG;
@@ -73,15 +64,11 @@ __device__ __forceinline__ void w4_skinny(const SkSets& ws, const __half* __rest
     const int gi = lane >> 2, ti = lane & 3;
     const int b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
 
-    // This block's weight (selects, not indexing: a run-time index copies the struct to local memory).
-    const int set = b < ws.block_start[1] ? 0 : (b < ws.block_start[2] ? 1 : 2);
-#define PICK(a) (set == 0 ? (a)[0] : (set == 1 ? (a)[1] : (a)[2]))
-    const int rb = b - PICK(ws.block_start);
-    const int np = PICK(ws.np), n = PICK(ws.n);
-    const int out_off = (set > 0 ? ws.n[0] : 0) + (set > 1 ? ws.n[1] : 0);
-    const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(PICK(ws.q));
-    const __half2* __restrict__ sz = reinterpret_cast<const __half2*>(PICK(ws.sz));
-#undef PICK
+    // This block's weight and its range of 256 rows in it.
+    const GemvRows rows = gemv_rows(ws, b);
+    const int rb = rows.nb, np = rows.np, n = rows.n, out_off = rows.out_off;
+    const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(rows.q);
+    const __half2* __restrict__ sz = rows.sz;
     const int nunits = np >> 6;
 
     const int ktiles = k / SK_BK;
@@ -187,17 +174,10 @@ __device__ __forceinline__ void w4_skinny(const SkSets& ws, const __half* __rest
     cp_async_wait<0>();
     __syncthreads();
 
-    // The block's sums, [token][row of 256], through shared memory for coalesced stores.
+    // The block's sums, [token][row of 256], through shared memory for coalesced stores; this
+    // warp's are tokens 16 tg .. of rows 64 warp ...
     float* red = reinterpret_cast<float*>(sk_smem);
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int tok = 16 * tg + 8 * j + 2 * ti + (e & 1);
-                if (tok < m) red[tok * SK_RED_STRIDE + warp * 64 + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
-            }
+    store_mma_sums<NT>(acc, red + 16 * tg * SK_RED_STRIDE + warp * 64, m - 16 * tg, gi, ti, SK_RED_STRIDE);
     __syncthreads();
     const int row0 = rb * SK_ROWS;
     if (nsplit == 1) {
@@ -255,7 +235,7 @@ __device__ __forceinline__ void w4_skinny(const SkSets& ws, const __half* __rest
 
 #define SKINNY_ENTRY(MT)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128 * (MT / 16)) w4_skinny_f16_t##MT(                                \
-        SkSets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
+        W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
         w4_skinny<MT>(ws, x, y, k, g, m, nt, part, counters);                                             \
     }
 SKINNY_ENTRY(16)
