@@ -8,6 +8,7 @@
 pub mod calib;
 pub mod cholesky;
 pub mod clip;
+mod clip_device;
 pub mod export;
 pub mod gptq;
 mod gptq_pass;
@@ -99,6 +100,10 @@ pub struct AwqOptions {
     pub search_samples: usize,
     /// Calibration blocks per forward chunk (bounds the attention's memory).
     pub batch: usize,
+    /// On CUDA, the ratio grid's forward passes multiply in TF32 (tensor cores, f32 accumulation
+    /// and f32 everywhere else); false keeps them in full f32. The block outputs that feed the
+    /// next block, the statistics and the clip search stay in f32 either way.
+    pub search_tf32: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
     /// GPTQ's settings (gptq and awq+gptq).
@@ -107,7 +112,7 @@ pub struct AwqOptions {
 
 impl AwqOptions {
     pub fn new(method: Method, params: QuantScheme) -> Self {
-        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, gqa_o_proj: false, n_grid: 20, search_samples: 0, batch: 4, progress: false, gptq: gptq::GptqOptions::default() }
+        Self { method, params, clip: true, clip_mode: clip::ClipMode::Asymmetric, clip_tokens: None, duo_scaling: true, gqa_o_proj: false, n_grid: 20, search_samples: 0, batch: 4, search_tf32: true, progress: false, gptq: gptq::GptqOptions::default() }
     }
 }
 
@@ -173,7 +178,62 @@ pub struct Report {
     pub groups: Vec<GroupReport>,
     pub layers: Vec<LayerReport>,
     pub block_secs: Vec<f64>,
+    /// Seconds per phase of the pass, summed over the blocks (see [`Phase`]).
+    pub phase_secs: Vec<(Phase, f64)>,
     pub total_secs: f64,
+}
+
+/// The parts of the pass timed for the report: loading a block's weights (`load`), its
+/// full-precision forward with the inputs captured and the per-layer RTN errors (`capture`),
+/// AWQ's ratio grid (`scale_search`), the clip search (`clip`), GPTQ's rounding (`gptq`), and
+/// rounding and packing the weights with the per-layer reports (`round`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Load,
+    Capture,
+    ScaleSearch,
+    Clip,
+    Gptq,
+    Round,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Load => "load",
+            Phase::Capture => "capture",
+            Phase::ScaleSearch => "scale search",
+            Phase::Clip => "clip",
+            Phase::Gptq => "gptq",
+            Phase::Round => "round",
+        }
+    }
+}
+
+impl Report {
+    /// `load 1.2 s, capture 3.4 s, ...` for the phases that ran.
+    pub fn phases_line(&self) -> String {
+        self.phase_secs.iter().map(|(p, s)| format!("{} {s:.1} s", p.name())).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// While alive, f32 matmuls on CUDA may run in TF32 (candle's process-wide switch, which
+/// cuBLAS reads per call); the previous setting is restored on drop. No effect on other devices.
+struct Tf32Scope(bool);
+
+impl Tf32Scope {
+    fn new(on: bool) -> Self {
+        let previous = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(on);
+        Self(previous)
+    }
+}
+
+impl Drop for Tf32Scope {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.0);
+    }
 }
 
 /// Checks the group size against the input width of every linear of a block, before any work.
@@ -316,10 +376,33 @@ fn search_subset(x: &Tensor, k: usize) -> Result<Tensor> {
 const REPORT_TOKENS: usize = 512;
 
 /// What the pass records while it runs, block by block.
-#[derive(Default)]
 struct Records {
     groups: Vec<GroupReport>,
     layers: Vec<LayerReport>,
+    phases: Vec<(Phase, f64)>,
+    /// For [`Records::lap`]: the device to wait for and the end of the last lap.
+    device: Device,
+    last: Instant,
+}
+
+impl Records {
+    fn new(device: &Device) -> Self {
+        Self { groups: Vec::new(), layers: Vec::new(), phases: Vec::new(), device: device.clone(), last: Instant::now() }
+    }
+
+    /// Charges the time since the last lap to `phase`, after waiting for the device (a GPU runs
+    /// kernels asynchronously: without the wait, their time would land in a later phase).
+    fn lap(&mut self, phase: Phase) -> Result<()> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let secs = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.phases.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, total)) => *total += secs,
+            None => self.phases.push((phase, secs)),
+        }
+        Ok(())
+    }
 }
 
 /// A block's weights as AWQ's search leaves them before rounding: scales folded, clipped; with
@@ -354,6 +437,7 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
         rtn_mse.push(layer_output_mse(&xs, bw.w(l), bw.w(l), None, None, p)?);
         x0.push(xs);
     }
+    rec.lap(Phase::Capture)?;
     // The scales folded into each layer's columns and out of its rows.
     let mut col_scale: Vec<Option<Tensor>> = vec![None; Proj::ALL.len()];
     let mut row_scale: Vec<Option<Tensor>> = vec![None; Proj::ALL.len()];
@@ -362,6 +446,7 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
     let att = &block.self_attn;
     let heads = scale::SharedHeads { kv_heads: att.n_kv_heads, rep: att.n_heads / att.n_kv_heads.max(1), head_dim: att.head_dim };
     let mut searched: Vec<(&ScaleGroup, Tensor)> = Vec::new();
+    let tf32 = Tf32Scope::new(o.search_tf32);
     for group in SCALE_GROUPS.iter().filter(|g| g.applies(heads, o.gqa_o_proj)) {
         let xg = input_of(&caps, group.layers[0])?;
         let xs = search_subset(&xg, o.search_samples)?;
@@ -381,6 +466,8 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
         });
         searched.push((group, c.scales));
     }
+    drop(tf32);
+    rec.lap(Phase::ScaleSearch)?;
 
     for (group, s_fold) in &searched {
         // The scales of the group's input channels (repeated over query heads for o_proj under
@@ -419,6 +506,7 @@ fn awq_fold(block: &Block, idx: usize, x: &Tensor, ctx: &BlockContext, o: &AwqOp
             bw.w[l.index()] = bounds.apply(bw.w(l))?;
         }
     }
+    rec.lap(Phase::Clip)?;
     Ok(Folded { bw, y, w0, x0, rtn_mse, col_scale, row_scale, shrink })
 }
 
@@ -490,7 +578,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut rec = Records::default();
+    let mut rec = Records::new(&device);
     let mut block_secs = Vec::new();
     let (n_calib, seqlen) = calib.map_or((0, 0), |c| (c.len(), c.first().map_or(0, Vec::len)));
     let mut state = match (o.method, calib) {
@@ -512,6 +600,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         let tb = Instant::now();
         let block = Block::load(vb.pp(format!("model.layers.{i}")), cfg, &load_dense)
             .map_err(|e| Error::msg(format!("model.layers.{i}: {e}")))?;
+        rec.lap(Phase::Load)?;
         let q = match state.as_mut() {
             None => rtn_block(&block, o.params, vb.dtype())?,
             Some((x, x_fp, rope, mask)) => {
@@ -521,7 +610,11 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
                         let (q, y) = awq_block(&block, i, x, &ctx, vb.dtype(), o, &mut rec)?;
                         (q, y, None)
                     }
-                    _ => gptq_pass::gptq_block(&block, i, x, x_fp.as_ref(), &ctx, vb.dtype(), o, &mut rec)?,
+                    _ => {
+                        let r = gptq_pass::gptq_block(&block, i, x, x_fp.as_ref(), &ctx, vb.dtype(), o, &mut rec)?;
+                        rec.lap(Phase::Gptq)?;
+                        r
+                    }
                 };
                 *x = y;
                 *x_fp = y_fp;
@@ -529,6 +622,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
             }
         };
         on_block(i, q)?;
+        rec.lap(Phase::Round)?;
         block_secs.push(tb.elapsed().as_secs_f64());
         bar.inc(1);
     }
@@ -549,6 +643,7 @@ pub fn quantize_blocks(vb: &VarBuilder, cfg: &Config, calib: Option<&[Vec<u32>]>
         groups: rec.groups,
         layers: rec.layers,
         block_secs,
+        phase_secs: rec.phases,
         total_secs: t0.elapsed().as_secs_f64(),
     })
 }

@@ -33,6 +33,9 @@ pub struct Args {
     /// Blocks the AWQ ratio grid is scored on (0 = all), as for quantize.
     #[arg(long, default_value_t = 0)]
     pub search_samples: usize,
+    /// AWQ on CUDA: the ratio grid's forward passes in TF32 (see `quantize --search-tf32`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub search_tf32: bool,
     /// AWQ's clipping bounds for --fake-quant: asym or sym, as for quantize.
     #[arg(long, default_value = "asym")]
     pub clip: String,
@@ -116,12 +119,13 @@ pub fn run(a: Args) -> Result<()> {
                 duo_scaling: true,
                 gqa_o_proj: a.gqa_o_proj,
                 batch: 4,
+                search_tf32: a.search_tf32,
                 gptq: a.gptq.clone(),
             };
             let o = qa.options()?;
             let calib = qa.calibration(&assets, &o)?;
             let (m, r) = awq_run::awq::fake_quantized_model(&assets, &device, calib.as_deref(), &o)?;
-            eprintln!("fake-quantized with {fq} in {:.1}s", r.total_secs);
+            eprintln!("fake-quantized with {fq} in {:.1}s ({})", r.total_secs, r.phases_line());
             if let Some((path, tmp)) = report_file {
                 let json = serde_json::to_vec_pretty(&r)?;
                 awq_run::error::persist_file(tmp, path, &json).with_context(|| format!("--report {}: cannot write", path.display()))?;

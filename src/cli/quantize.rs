@@ -61,6 +61,11 @@ pub struct QuantArgs {
     /// Calibration blocks per forward chunk (memory vs. speed).
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// AWQ on CUDA: the ratio grid's forward passes multiply in TF32 (tensor cores; f32
+    /// accumulation and f32 everywhere else); false: full f32. The rest of the pass is f32 either
+    /// way. No effect on the CPU.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub search_tf32: bool,
     #[command(flatten)]
     pub gptq: GptqArgs,
 }
@@ -163,6 +168,7 @@ impl QuantArgs {
         o.gqa_o_proj = self.gqa_o_proj;
         o.search_samples = self.search_samples;
         o.batch = self.batch.max(1);
+        o.search_tf32 = self.search_tf32;
         o.progress = true;
         o.gptq = self.gptq.options(method)?;
         Ok(o)
@@ -229,9 +235,10 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("quantizing {spec} with {}", describe(&o, calib.as_deref(), "", &device));
     let report = awq_run::awq::export::write_quantized(&assets, out, &o, calib.as_deref(), &device, a.force)?;
     eprintln!(
-        "wrote {} in {:.1}s (peak RSS {:.0} MiB)",
+        "wrote {} in {:.1}s ({}; peak RSS {:.0} MiB)",
         out.display(),
         report.total_secs,
+        report.phases_line(),
         peak_rss_mib()
     );
     Ok(())
@@ -273,7 +280,8 @@ fn run_dummy(a: &Args) -> Result<()> {
             "config": name, "method": o.method.name(), "bits": o.params.bits,
             "group_size": o.params.group.columns(), "device": awq_run::engine::device::device_name(&device),
             "calib_blocks": calib.as_ref().map_or(0, |c| c.len()), "seqlen": a.quant.seqlen,
-            "total_secs": report.total_secs, "peak_rss_mib": peak_rss_mib(),
+            "total_secs": report.total_secs, "phase_secs": report.phase_secs.iter().map(|(p, s)| (p.name(), *s)).collect::<std::collections::BTreeMap<_, _>>(),
+            "search_tf32": o.search_tf32, "peak_rss_mib": peak_rss_mib(),
         })
     );
     Ok(())

@@ -149,19 +149,39 @@ unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: imp
     let inv = 1.0 / sum;
     // Output elements in groups of up to 8 vectors, each group summed over every position.
     for c0 in (0..chunks).step_by(8) {
-        let nc = (chunks - c0).min(8);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (p, &sc) in span.clone().zip(&scores) {
-            let w = _mm256_set1_ps(sc * inv);
-            let vp = value(p)[c0 * 8..][..nc * 8].as_ptr();
-            for (i, a) in acc[..nc].iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(i * 8)), *a);
-            }
+        let (span, scores, value) = (span.clone(), &scores[..], &value);
+        match chunks - c0 {
+            1 => add_weighted_values::<1>(span, scores, inv, value, c0, out),
+            2 => add_weighted_values::<2>(span, scores, inv, value, c0, out),
+            3 => add_weighted_values::<3>(span, scores, inv, value, c0, out),
+            4 => add_weighted_values::<4>(span, scores, inv, value, c0, out),
+            5 => add_weighted_values::<5>(span, scores, inv, value, c0, out),
+            6 => add_weighted_values::<6>(span, scores, inv, value, c0, out),
+            7 => add_weighted_values::<7>(span, scores, inv, value, c0, out),
+            _ => add_weighted_values::<8>(span, scores, inv, value, c0, out),
         }
-        let op = out[c0 * 8..][..nc * 8].as_mut_ptr();
-        for (i, a) in acc[..nc].iter().enumerate() {
-            _mm256_storeu_ps(op.add(i * 8), _mm256_add_ps(_mm256_loadu_ps(op.add(i * 8)), *a));
+    }
+}
+
+/// `out[8·c0 ..][.. 8·NC] += Σ_p scores[p] · inv · value(p)[8·c0 ..][.. 8·NC]`, the `NC` sums in
+/// registers. `NC` is a constant so that they stay there: with a count known only at run time
+/// the compiler kept them on the stack, and every position paid a load and a store per vector
+/// (perf: 45 % of a batched CPU decode step's attention samples on that loop).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_weighted_values<'a, const NC: usize>(span: std::ops::Range<usize>, scores: &[f32], inv: f32, value: &impl Fn(usize) -> &'a [f32], c0: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); NC];
+    for (p, &sc) in span.zip(scores) {
+        let w = _mm256_set1_ps(sc * inv);
+        let vp = value(p)[c0 * 8..][..NC * 8].as_ptr();
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(i * 8)), *a);
         }
+    }
+    let op = out[c0 * 8..][..NC * 8].as_mut_ptr();
+    for (i, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(op.add(i * 8), _mm256_add_ps(_mm256_loadu_ps(op.add(i * 8)), *a));
     }
 }
 

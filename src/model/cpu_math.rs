@@ -133,19 +133,23 @@ impl CustomOp2 for SiluMul {
         if gl.shape() != ul.shape() {
             candle_core::bail!("silu·mul: gate {:?} and up {:?} differ", gl.shape(), ul.shape());
         }
-        let (g, u) = (&g[g0..g1], &u[u0..u1]);
-        let mut out = vec![0f32; g.len()];
-        // Chunks of 4096 values (16 KiB) per task: a decode step's single row stays on one thread.
-        const CHUNK: usize = 4096;
-        let dst = pool::SendPtr(out.as_mut_ptr());
-        pool::for_ranges(g.len().div_ceil(CHUNK), 1, |chunks| {
-            let (a, b) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(g.len()));
-            // SAFETY: tasks take disjoint ranges of `out`, which outlives the call.
-            let o = unsafe { dst.range(a..b) };
-            silu_mul_slices(&g[a..b], &u[a..b], o);
-        });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        Ok((CpuStorage::F32(silu_mul_host(&g[g0..g1], &u[u0..u1])), gl.shape().clone()))
     }
+}
+
+/// `silu(g) · u` elementwise over the pool's threads (AVX2 where the CPU has it).
+pub fn silu_mul_host(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; g.len()];
+    // Chunks of 4096 values (16 KiB) per task: a decode step's single row stays on one thread.
+    const CHUNK: usize = 4096;
+    let dst = pool::SendPtr(out.as_mut_ptr());
+    pool::for_ranges(g.len().div_ceil(CHUNK), 1, |chunks| {
+        let (a, b) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(g.len()));
+        // SAFETY: tasks take disjoint ranges of `out`, which outlives the call.
+        let o = unsafe { dst.range(a..b) };
+        silu_mul_slices(&g[a..b], &u[a..b], o);
+    });
+    out
 }
 
 #[cfg(test)]
