@@ -94,7 +94,7 @@ impl ClipOptions {
         ((self.max_shrink * self.n_grid as f64) as usize).max(1)
     }
     /// The grid for the device search.
-    pub(super) fn grid(&self, p: QuantScheme) -> super::clip_device::Grid {
+    pub fn grid(&self, p: QuantScheme) -> super::clip_device::Grid {
         super::clip_device::Grid { mode: self.mode, steps: self.steps(), n_grid: self.n_grid as f32, max_code: p.max_code() }
     }
 }

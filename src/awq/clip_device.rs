@@ -1,21 +1,24 @@
-//! The clip search as tensor operations on the weight's device, for GPUs: the candidates, the
-//! group quantizer and the Gram-matrix error of the host search in `clip.rs`, but each candidate
-//! evaluated for every row and group of the layer at once, its error `dᵀ G d` as one batched
-//! matmul over the groups. On Llama-2-7B the host loop spent about 2 · 10¹² multiply-adds a block
-//! (100 candidates × `g` per weight), minutes of a calibration pass on the CPU and seconds on an
-//! H100's f32 units.
+//! The clip search on the weight's device, for GPUs: the candidates, the group quantizer and the
+//! Gram-matrix error of the host search in `clip.rs`, each candidate evaluated for every row and
+//! group of the layer at once. On Llama-2-7B the host loop spent about 2 · 10¹² multiply-adds a
+//! block (100 candidates × `g` per weight), most of a GPU calibration pass. On CUDA one kernel
+//! (`clip.cu`) does the whole layer for groups of 32, 64 and 128; elsewhere (and for other group
+//! sizes) tensor operations do it, the error `dᵀ G d` as one batched matmul over the groups.
 //!
-//! The arithmetic is the host loop's, operation for operation and in f32 (each step is its own
-//! kernel, so nothing is contracted into a fused multiply-add); only the error's sums run in
-//! another order, so the two searches agree except between candidates whose errors tie to f32
-//! rounding (tested on the CPU). Keep TF32 off while this runs: the error differences that pick a
-//! candidate are far below TF32's rounding.
-use super::clip::{ClipBounds, ClipMode};
+//! The arithmetic is the host loop's, operation for operation and in f32 (each tensor step is its
+//! own kernel and the CUDA kernel uses non-fusing intrinsics, so nothing is contracted into a fused
+//! multiply-add); only the error's sums run in another order, so the searches agree except between
+//! candidates whose errors tie to f32 rounding (a unit test for the tensor path, the self-test for
+//! the kernel). Keep TF32 off while this runs: the error differences that pick a candidate are far
+//! below TF32's rounding.
+use super::clip::{search_clip, ClipBounds, ClipMode, ClipOptions};
 use crate::error::Result;
-use candle_core::{DType, Tensor};
+use crate::quant::QuantScheme;
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor};
 
 /// The grid of one layer's search.
-pub(super) struct Grid {
+pub struct Grid {
     pub mode: ClipMode,
     /// Shrink steps per bound.
     pub steps: usize,
@@ -25,8 +28,19 @@ pub(super) struct Grid {
 }
 
 /// Best bounds per (row, group) of `w` (`[out, in]`, groups of `g`) with `gram` (`[groups, g, g]`,
-/// f32, on `w`'s device) the groups' input Gram matrices divided by the token count.
-pub(super) fn search_gram(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> Result<ClipBounds> {
+/// f32, on `w`'s device) the groups' input Gram matrices divided by the token count: on CUDA one
+/// kernel (`clip.cu`) for groups of 32, 64 and 128, otherwise tensor operations.
+pub fn search_gram(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> Result<ClipBounds> {
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() && [32, 64, 128].contains(&g) {
+        return cuda::search_gram(w, gram, g, grid);
+    }
+    search_gram_tensors(w, gram, g, grid)
+}
+
+/// [`search_gram`] as candle tensor operations: each candidate a dozen passes over the layer.
+/// 115 s of a Llama-2-7B pass on an H100 (the kernel takes the usual group sizes).
+pub fn search_gram_tensors(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> Result<ClipBounds> {
     let (out, inp) = w.dims2()?;
     let groups = inp / g;
     let dev = w.device();
@@ -68,4 +82,111 @@ pub(super) fn search_gram(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> R
         }
     }
     Ok(ClipBounds { out, groups, lo: best_lo.flatten_all()?.to_vec1()?, hi: best_hi.flatten_all()?.to_vec1()? })
+}
+
+/// The self-test of the device search: on random layers (awkward row counts, groups of 32 to 256,
+/// 3 and 4 bits, both candidate families) the bounds `device` chooses against the host loop's.
+/// Each differing choice must be a near-tie: its error, measured in f64 over the tokens, within
+/// 1e-5 of the host choice's; at least 90 % must be equal. Returns (passed, failed), printing
+/// each failure.
+pub fn self_test(device: &Device, seed: u64) -> Result<(usize, usize)> {
+    let mut r = Rng::new(seed);
+    let (mut pass, mut fail) = (0, 0);
+    for (out, inp, g, bits, tokens) in [(300usize, 512usize, 128usize, 4u32, 700usize), (77, 384, 64, 3, 500), (130, 160, 32, 4, 333), (45, 512, 256, 4, 300)] {
+        let wv: Vec<f32> = (0..out * inp).map(|_| r.normal() * 0.05 + 0.01).collect();
+        let xv: Vec<f32> = (0..tokens * inp).map(|_| r.normal()).collect();
+        let p = QuantScheme::new(bits, g)?;
+        for mode in [ClipMode::Symmetric, ClipMode::Asymmetric] {
+            let o = ClipOptions::new(mode);
+            let on = |d: &Device| -> Result<ClipBounds> { search_clip(&Tensor::from_slice(&wv, (out, inp), d)?, &Tensor::from_slice(&xv, (tokens, inp), d)?, p, &o) };
+            let (host, dev) = (on(&Device::Cpu)?, on(device)?);
+            let groups = inp / g;
+            // mean_t (x_t · d)² in f64 for (row, group) k clamped to [lo, hi].
+            let err = |k: usize, lo: f32, hi: f32| -> Result<f64> {
+                let (row, gi) = (k / groups, k % groups);
+                let wg = &wv[row * inp + gi * g..][..g];
+                let c: Vec<f32> = wg.iter().map(|v| v.max(lo).min(hi)).collect();
+                let q = crate::quant::fake_quantize(&Tensor::from_vec(c, (1, g), &Device::Cpu)?, p)?.flatten_all()?.to_vec1::<f32>()?;
+                let e: f64 = (0..tokens)
+                    .map(|t| {
+                        let y: f64 = (0..g).map(|i| f64::from(xv[t * inp + gi * g + i]) * (f64::from(q[i]) - f64::from(wg[i]))).sum();
+                        y * y
+                    })
+                    .sum();
+                Ok(e / tokens as f64)
+            };
+            let (mut same, mut worst) = (0, 0f64);
+            for k in 0..out * groups {
+                if (host.lo[k], host.hi[k]) == (dev.lo[k], dev.hi[k]) {
+                    same += 1;
+                    continue;
+                }
+                let (eh, ed) = (err(k, host.lo[k], host.hi[k])?, err(k, dev.lo[k], dev.hi[k])?);
+                worst = worst.max((ed - eh).abs() / eh.max(ed).max(f64::MIN_POSITIVE));
+            }
+            let what = format!("clip search {mode:?} out={out} in={inp} g={g} w{bits}");
+            if worst <= 1e-5 && same * 10 >= out * groups * 9 {
+                pass += 1;
+            } else {
+                fail += 1;
+                println!("FAIL {what}: {same} of {} choices equal, worst error difference {worst:e}", out * groups);
+            }
+        }
+    }
+    Ok((pass, fail))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{ClipBounds, ClipMode, Grid};
+    use crate::cuda::{cuda_device, device_ptr};
+    use crate::error::Result;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/clip.ptx"));
+    const MODULE: &str = "awq_clip";
+    /// CLIP_WARPS, CLIP_WR and CLIP_ITERS in clip.cu.
+    const WARPS: usize = 8;
+    const WR: usize = 4;
+    const ROWS_PER_BLOCK: usize = WARPS * WR * 4;
+
+    pub fn search_gram(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> Result<ClipBounds> {
+        let (out, inp) = w.dims2()?;
+        let groups = inp / g;
+        if gram.dims() != [groups, g, g] {
+            return Err(crate::error::Error::msg(format!("clip search: Gram matrices {:?} for {groups} groups of {g}", gram.dims())));
+        }
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let gram = gram.to_dtype(DType::F32)?.contiguous()?;
+        let dev = cuda_device(&w)?;
+        let stream = dev.cuda_stream();
+        let lo = Tensor::zeros(out * groups, DType::F32, w.device())?;
+        let hi = Tensor::zeros(out * groups, DType::F32, w.device())?;
+        let (wp, gp, lp, hp) = (device_ptr(&w, &stream)?, device_ptr(&gram, &stream)?, device_ptr(&lo, &stream)?, device_ptr(&hi, &stream)?);
+        let func = dev.get_or_load_custom_func(&format!("clip_search_g{g}"), MODULE, PTX)?;
+        // The group's Gram matrix and each warp's candidate d's; 80 KiB at g = 128, over the
+        // 48 KiB a launch gets without asking.
+        let smem = (g * g + WARPS * WR * g) * 4;
+        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        let (out_, inp_, steps, asym) = (out as i32, inp as i32, grid.steps as i32, i32::from(grid.mode == ClipMode::Asymmetric));
+        let mut b = func.builder();
+        b.arg(&wp);
+        b.arg(&gp);
+        b.arg(&out_);
+        b.arg(&inp_);
+        b.arg(&steps);
+        b.arg(&asym);
+        b.arg(&grid.n_grid);
+        b.arg(&grid.max_code);
+        b.arg(&lp);
+        b.arg(&hp);
+        let cfg = LaunchConfig { grid_dim: (out.div_ceil(ROWS_PER_BLOCK) as u32, groups as u32, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        // SAFETY: w holds out × inp f32 values, gram groups × g × g, lo and hi out × groups; the
+        // kernel reads rows below `out` only and writes each (row, group) once.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(ClipBounds { out, groups, lo: lo.to_vec1()?, hi: hi.to_vec1()? })
+    }
 }

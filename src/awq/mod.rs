@@ -8,7 +8,7 @@
 pub mod calib;
 pub mod cholesky;
 pub mod clip;
-mod clip_device;
+pub mod clip_device;
 pub mod export;
 pub mod gptq;
 mod gptq_pass;

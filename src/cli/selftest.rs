@@ -27,7 +27,14 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--device {}: the self-test checks the CUDA kernels", a.device);
     }
     let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
-    let (pass, fail) = if a.bench_only { (0, 0) } else { selftest::run(&device, seed)? };
+    let (pass, fail) = if a.bench_only {
+        (0, 0)
+    } else {
+        // The kernels under the model, then the AWQ pass's own (a room selftest does not import).
+        let (p1, f1) = selftest::run(&device, seed)?;
+        let (p2, f2) = awq_run::awq::clip_device::self_test(&device, seed)?;
+        (p1 + p2, f1 + f2)
+    };
     if !a.bench_only {
         println!("{pass} passed, {fail} failed (seed {seed})");
     }
