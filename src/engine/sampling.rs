@@ -193,24 +193,16 @@ impl Sampler {
         }
         // Only candidates within reach of the maximum matter (NaN counts as -inf): a logit more
         // than NEGLIGIBLE·max(1, T) below it has relative weight under e^-40 before and after the
-        // temperature, so dropping it changes no filter and no draw. They are picked in one pass
-        // over the vocabulary, before anything is allocated or sorted: sorting a whole vocabulary
-        // for every token of every sequence was most of a batched GPU server step, and building
-        // (id, logit) pairs of all of it still 5 % of an 8-sequence CPU step.
+        // temperature, so dropping it changes no filter and no draw. Sorting a whole vocabulary
+        // for every token of every sequence was most of a batched GPU server step, and selecting
+        // top-k among (id, logit) pairs of all of it still 5 % of an 8-sequence CPU step.
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
         if max == f32::NEG_INFINITY {
             return Ok(argmax(&logits));
         }
         const NEGLIGIBLE: f64 = 40.0;
         let floor = (f64::from(max) - NEGLIGIBLE * p.temperature.max(1.0)) as f32;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect();
-        // top-k of these is top-k of the vocabulary cut at the floor: with k or more above the
-        // floor the k largest are all above it, with fewer every one of them is among the k.
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if let Some(k) = p.top_k.filter(|&k| k < cand.len()) {
-            cand.select_nth_unstable_by(k - 1, by_logit);
-            cand.truncate(k);
-        }
+        let mut cand = candidates(&logits, floor, p.top_k);
         if p.top_p.is_some() {
             cand.sort_unstable_by(by_logit);
         }
@@ -251,6 +243,42 @@ impl Sampler {
         }
         Ok(cand[cand.len() - 1].0)
     }
+}
+
+/// Falling logit, then rising id: the order top-k and top-p rank candidates in.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The (id, logit) pairs at or above `floor` (NaN never), cut to the best `top_k` of them in
+/// [`by_logit`]'s order (in no particular order). With `top_k`, one pass keeps a buffer of
+/// a few k pairs, pruning it to its best k whenever it fills and raising the bar to the k-th of
+/// those (nothing below it can be among the k best), so that most of a vocabulary costs one
+/// comparison each; the k kept are exactly the k best of the whole vocabulary at or above the
+/// floor (with k or more above the floor the k best are all above it, with fewer all of them are
+/// among the k).
+fn candidates(logits: &[f32], floor: f32, top_k: Option<usize>) -> Vec<(u32, f32)> {
+    let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) else {
+        return logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect();
+    };
+    let cap = 4 * k.max(16);
+    let mut buf: Vec<(u32, f32)> = Vec::with_capacity(cap);
+    let mut bar = floor;
+    for (i, &l) in logits.iter().enumerate() {
+        if l >= bar {
+            buf.push((i as u32, l));
+            if buf.len() == cap {
+                buf.select_nth_unstable_by(k - 1, by_logit);
+                buf.truncate(k);
+                bar = bar.max(buf[k - 1].1);
+            }
+        }
+    }
+    if buf.len() > k {
+        buf.select_nth_unstable_by(k - 1, by_logit);
+        buf.truncate(k);
+    }
+    buf
 }
 
 /// The index of the largest value, the last one on a tie (as candle's greedy sampler chose, so
@@ -313,6 +341,31 @@ mod tests {
         let hot = histogram(&params(4.0, None, None, None), &logits, 4000);
         assert!(cold[0] > 3800, "{cold:?}");
         assert!(hot[1] > 1400, "{hot:?}");
+    }
+
+    /// The pruning pass against a plain top-k over the whole vocabulary cut at the floor, on
+    /// vocabularies with ties, NaN and values below the floor.
+    #[test]
+    fn candidates_are_the_plain_top_k() {
+        let mut r = crate::rng::Rng::new(3);
+        for n in [1usize, 7, 100, 5000] {
+            let mut logits: Vec<f32> = (0..n).map(|_| (r.normal() * 4.0).round() / 2.0).collect();
+            if n > 3 {
+                logits[2] = f32::NAN;
+            }
+            for k in [None, Some(1), Some(5), Some(40), Some(n + 3)] {
+                for floor in [f32::NEG_INFINITY, -1.0, 3.0] {
+                    let mut got = candidates(&logits, floor, k);
+                    got.sort_unstable_by(by_logit);
+                    let mut want: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect();
+                    want.sort_unstable_by(by_logit);
+                    if let Some(k) = k {
+                        want.truncate(k);
+                    }
+                    assert_eq!(got, want, "n={n} k={k:?} floor={floor}");
+                }
+            }
+        }
     }
 
     #[test]
