@@ -44,12 +44,14 @@ fn main() -> anyhow::Result<()> {
     let (n, k) = (49152, 576);
     let wf: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
     let head = Q8Weight::quantize(n, k, |o, row| row.copy_from_slice(&wf[o * k..(o + 1) * k]));
-    let x: Vec<f32> = (0..k).map(|_| rng.normal()).collect();
-    let mut line = format!("{:>8} {n}x{k} m=1   int8", "head");
-    for p in A8Path::available() {
-        let t = median_us(reps.min(21), || drop(head.matmul(&x, 1, p)));
-        line += &format!("  {p:?} {t:>9.1} µs ({:.1} GB/s)", (n * k) as f64 / t / 1e3);
+    for m in [1, 4, 8] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let mut line = format!("{:>8} {n}x{k} m={m:<3} int8", "head");
+        for p in A8Path::available() {
+            let t = median_us(reps.min(21), || drop(head.matmul(&x, m, p)));
+            line += &format!("  {p:?} {t:>9.1} µs ({:.1} GB/s)", (n * k) as f64 / t / 1e3);
+        }
+        println!("{line}");
     }
-    println!("{line}");
     Ok(())
 }
