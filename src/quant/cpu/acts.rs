@@ -29,6 +29,13 @@ pub struct QuantizedActs {
     /// two 256-bit dot products, `d · Σ q` over the eight values that lane multiplies, so a
     /// kernel subtracts the zero point's share per lane (`scale · zero · lane_sum`).
     pub lane_sums: Vec<f32>,
+    /// Kernel order with two tokens or more (else empty): `[m][pairs / 4][8]`, per four pairs
+    /// `p … p+3` the block scales of their first blocks then of their second ones
+    /// (`d(2p), d(2p+2), d(2p+4), d(2p+6), d(2p+1), d(2p+3), …`): the lane order in which the
+    /// several-token W4A8 kernel reduces four pairs' integer sums into one vector.
+    pub quad_scales: Vec<f32>,
+    /// The same for the blocks' `d · Σ q` (the zero points' share).
+    pub quad_sums: Vec<f32>,
 }
 
 /// The fewest tokens one range of [`QuantizedActs::new`]'s work takes: calls with more are
@@ -236,6 +243,8 @@ impl QuantizedActs {
             block_sums: vec![0f32; m * pairs * 2],
             block_qsums: vec![0i32; m * pairs * 2],
             lane_sums: if natural { Vec::new() } else { vec![0f32; m * pairs * 8] },
+            quad_scales: Vec::new(),
+            quad_sums: Vec::new(),
         };
         // A prompt's worth of tokens is quantized on the pool's threads, one range of tokens per
         // task (alone on the calling thread this was 5 % of a 512-token prefill, the other
@@ -248,7 +257,30 @@ impl QuantizedActs {
                 unsafe { parts.token(t) }.quantize(&x[t * k..(t + 1) * k], natural);
             }
         });
+        if !natural && m >= 2 {
+            let quads = pairs / 4;
+            for t in 0..m {
+                for q in 0..quads {
+                    for half in 0..2 {
+                        for i in 0..4 {
+                            let b = 2 * (4 * q + i) + half;
+                            a.quad_scales.push(a.block_scale(t, b));
+                            a.quad_sums.push(a.block_sums[t * pairs * 2 + b]);
+                        }
+                    }
+                }
+            }
+        }
         a
+    }
+
+    /// Four pairs per entry, see [`Self::quad_scales`].
+    pub fn quads(&self) -> usize {
+        if self.quad_scales.is_empty() {
+            0
+        } else {
+            self.pairs / 4
+        }
     }
 
     /// Token `t`'s int8 values (`pairs * 64`).

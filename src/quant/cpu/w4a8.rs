@@ -365,7 +365,7 @@ pub(super) mod x86 {
     /// The row-blocked inner loop: `R` rows × `T` tokens; each pair's activations are loaded
     /// once per token and used for all `R` rows, and each row's codes once for all tokens.
     macro_rules! rows_fn {
-        ($name:ident, $features:literal, $dot:ident) => {
+        ($name:ident, $features:literal, $dot:ident, $quads:expr) => {
             /// # Safety
             /// The CPU must have the features named; every row as in `tile_scalar`.
             #[target_feature(enable = $features)]
@@ -424,8 +424,52 @@ pub(super) mod x86 {
                         }
                     }};
                 }
+                // Several tokens, groups of 64 or more: four pairs at a time, their eight blocks'
+                // exact integer sums reduced into one vector (lane order: the four first
+                // blocks, then the four second ones) before one conversion and the scaling by
+                // vectors, instead of a conversion and three float operations per pair and token
+                // (the head's kernel does the same over eight blocks). `$quads`: only where 32
+                // vector registers hold a row's four pairs of codes beside the accumulators.
+                // Whole pairs only (an odd block count's last pair has half its codes); the
+                // activations' quad arrays have `acts.quads()` entries per token.
+                let qstride = acts.quads();
+                let quads = if $quads && T >= 2 && sh >= 1 { (full_pairs / 4).min(qstride) } else { 0 };
+                for q in 0..quads {
+                    let p0 = 4 * q;
+                    for p in p0..p0 + 4 {
+                        for l in 0..(32 * R).div_ceil(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64 * l) as *const i8);
+                        }
+                    }
+                    for r in 0..R {
+                        let c = rows[r].codes.as_ptr().add(p0 * 32);
+                        let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(c.add(32 * i) as *const __m256i));
+                        let lo: [__m256i; 4] = std::array::from_fn(|i| _mm256_and_si256(v[i], mask));
+                        let hi: [__m256i; 4] = std::array::from_fn(|i| _mm256_and_si256(_mm256_srli_epi16(v[i], 4), mask));
+                        // (s, z) of the four pairs as f32 pairs, then [s0..s3, s0..s3] and the same of s·z.
+                        let szp = rows[r].sz.as_ptr();
+                        let word = |i: usize| *szp.add((p0 + i) >> (sh - 1)) as i32;
+                        let w = _mm256_cvtph_ps(_mm_set_epi32(word(3), word(2), word(1), word(0)));
+                        let sv = _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+                        let zv = _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7));
+                        let szv = _mm256_mul_ps(sv, zv);
+                        for t in 0..T {
+                            let x = xq[t].add(p0 * 64);
+                            let d: [__m256i; 4] = std::array::from_fn(|i| {
+                                let xlo = _mm256_loadu_si256(x.add(64 * i) as *const __m256i);
+                                let xhi = _mm256_loadu_si256(x.add(64 * i + 32) as *const __m256i);
+                                $dot(lo[i], xlo, hi[i], xhi)
+                            });
+                            let sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+                            let qd = acts.quad_scales.as_ptr().add(((t0 + t) * qstride + q) * 8);
+                            let qs = acts.quad_sums.as_ptr().add(((t0 + t) * qstride + q) * 8);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, _mm256_loadu_ps(qd)), acc[r][t]);
+                            acc[r][t] = _mm256_fnmadd_ps(szv, _mm256_loadu_ps(qs), acc[r][t]);
+                        }
+                    }
+                }
                 if sh >= 1 {
-                    for p in 0..full_pairs {
+                    for p in 4 * quads..full_pairs {
                         pair!(p, true, true);
                     }
                 } else {
@@ -473,9 +517,9 @@ pub(super) mod x86 {
     tile_fn!(tile_avx512vnni, rows_avx512vnni);
     tile_fn!(tile_avxvnni, rows_avxvnni);
     tile_fn!(tile_avx2, rows_avx2);
-    rows_fn!(rows_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
-    rows_fn!(rows_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
-    rows_fn!(rows_avx2, "avx2,fma", dot_avx2);
+    rows_fn!(rows_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512, true);
+    rows_fn!(rows_avxvnni, "avx2,fma,avxvnni", dot_avxvnni, false);
+    rows_fn!(rows_avx2, "avx2,fma", dot_avx2, false);
 }
 
 #[cfg(target_arch = "aarch64")]
