@@ -178,7 +178,9 @@ pub struct Report {
     pub groups: Vec<GroupReport>,
     pub layers: Vec<LayerReport>,
     pub block_secs: Vec<f64>,
-    /// Seconds per phase of the pass, summed over the blocks (see [`Phase`]).
+    /// Seconds per phase of the pass, summed over the blocks, in the order the phases first ran
+    /// (see [`Phase`]); a JSON object keyed by [`Phase::key`].
+    #[serde(serialize_with = "phases_as_map")]
     pub phase_secs: Vec<(Phase, f64)>,
     pub total_secs: f64,
 }
@@ -187,8 +189,7 @@ pub struct Report {
 /// full-precision forward with the inputs captured and the per-layer RTN errors (`capture`),
 /// AWQ's ratio grid (`scale_search`), the clip search (`clip`), GPTQ's rounding (`gptq`), and
 /// rounding and packing the weights with the per-layer reports (`round`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Load,
     Capture,
@@ -198,7 +199,24 @@ pub enum Phase {
     Round,
 }
 
+fn phases_as_map<S: serde::Serializer>(phases: &[(Phase, f64)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(phases.len()))?;
+    for (p, secs) in phases {
+        m.serialize_entry(p.key(), secs)?;
+    }
+    m.end()
+}
+
 impl Phase {
+    /// The JSON key: `load`, `capture`, `scale_search`, `clip`, `gptq`, `round`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Phase::ScaleSearch => "scale_search",
+            p => p.name(),
+        }
+    }
+    /// The name on stderr.
     pub fn name(self) -> &'static str {
         match self {
             Phase::Load => "load",

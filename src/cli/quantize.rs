@@ -280,7 +280,7 @@ fn run_dummy(a: &Args) -> Result<()> {
             "config": name, "method": o.method.name(), "bits": o.params.bits,
             "group_size": o.params.group.columns(), "device": awq_run::engine::device::device_name(&device),
             "calib_blocks": calib.as_ref().map_or(0, |c| c.len()), "seqlen": a.quant.seqlen,
-            "total_secs": report.total_secs, "phase_secs": report.phase_secs.iter().map(|(p, s)| (p.name(), *s)).collect::<std::collections::BTreeMap<_, _>>(),
+            "total_secs": report.total_secs, "phase_secs": report.phase_secs.iter().map(|(p, s)| (p.key(), *s)).collect::<std::collections::BTreeMap<_, _>>(),
             "search_tf32": o.search_tf32, "peak_rss_mib": peak_rss_mib(),
         })
     );
