@@ -44,18 +44,21 @@ pub fn quantize_codes(w: &[f32], out: usize, inp: usize, p: QuantScheme) -> Quan
     let mut codes = vec![0u8; out * inp];
     let mut zeros = vec![0u8; out * groups];
     let mut scales = vec![0f32; out * groups];
-    for o in 0..out {
+    // Rows in parallel (each independent, so the result is the same): one thread took about a
+    // second per Llama-2-7B block, most of a GPU calibration pass's rounding phase.
+    use rayon::prelude::*;
+    codes.par_chunks_mut(inp.max(1)).zip(zeros.par_chunks_mut(groups.max(1))).zip(scales.par_chunks_mut(groups.max(1))).enumerate().for_each(|(o, ((cr, zr), sr))| {
         for gi in 0..groups {
             let row = &w[o * inp + gi * g..o * inp + (gi + 1) * g];
             let (mn, mx) = row.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
             let (scale, zero) = group_scale_zero(mn, mx, mc);
-            zeros[o * groups + gi] = zero as u8;
-            scales[o * groups + gi] = scale;
-            for (k, &x) in row.iter().enumerate() {
-                codes[o * inp + gi * g + k] = quantize_value(x, scale, zero, mc) as u8;
+            zr[gi] = zero as u8;
+            sr[gi] = scale;
+            for (c, &x) in cr[gi * g..(gi + 1) * g].iter_mut().zip(row) {
+                *c = quantize_value(x, scale, zero, mc) as u8;
             }
         }
-    }
+    });
     QuantizedWeight { bits: p.bits, shape: WeightShape::new(out, inp, g), codes, zeros, scales }
 }
 
