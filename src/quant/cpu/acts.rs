@@ -21,6 +21,9 @@ pub struct QuantizedActs {
     /// `[m][pairs][8]`: each pair's two block scales, each repeated four times (one per i32 lane
     /// of a 256-bit dot product: lanes 0–3 belong to the first block, 4–7 to the second).
     pub lane_scales: Vec<f32>,
+    /// `[m][pairs * 2]`: per 32-block its scale `d`, side by side (for kernels that load the
+    /// scales of several blocks as one vector).
+    pub block_scales: Vec<f32>,
     /// `[m][pairs * 2]`: per 32-block `d · Σ q`, the block's quantized sum (for zero points).
     pub block_sums: Vec<f32>,
     /// `[m][pairs * 2]`: per 32-block `Σ q` as an integer (for the head's offset codes).
@@ -29,13 +32,6 @@ pub struct QuantizedActs {
     /// two 256-bit dot products, `d · Σ q` over the eight values that lane multiplies, so a
     /// kernel subtracts the zero point's share per lane (`scale · zero · lane_sum`).
     pub lane_sums: Vec<f32>,
-    /// Kernel order with two tokens or more (else empty): `[m][pairs / 4][8]`, per four pairs
-    /// `p … p+3` the block scales of their first blocks then of their second ones
-    /// (`d(2p), d(2p+2), d(2p+4), d(2p+6), d(2p+1), d(2p+3), …`): the lane order in which the
-    /// several-token W4A8 kernel reduces four pairs' integer sums into one vector.
-    pub quad_scales: Vec<f32>,
-    /// The same for the blocks' `d · Σ q` (the zero points' share).
-    pub quad_sums: Vec<f32>,
 }
 
 /// The fewest tokens one range of [`QuantizedActs::new`]'s work takes: calls with more are
@@ -46,6 +42,7 @@ const PARALLEL_TOKENS: usize = 32;
 struct TokenParts<'a> {
     q: &'a mut [i8],
     lane_scales: &'a mut [f32],
+    block_scales: &'a mut [f32],
     block_sums: &'a mut [f32],
     block_qsums: &'a mut [i32],
     /// Empty in natural order.
@@ -114,6 +111,7 @@ impl TokenParts<'_> {
             pair[32 + half * 16..][..16].copy_from_slice(&block[16..]);
         }
         self.lane_scales[p * 8 + half * 4..][..4].fill(d);
+        self.block_scales[b] = d;
         self.block_sums[b] = d * s as f32;
         self.block_qsums[b] = s;
     }
@@ -177,6 +175,7 @@ mod x86 {
 struct SendParts {
     q: *mut i8,
     lane_scales: *mut f32,
+    block_scales: *mut f32,
     block_sums: *mut f32,
     block_qsums: *mut i32,
     lane_sums: *mut f32,
@@ -192,6 +191,7 @@ impl SendParts {
         Self {
             q: a.q.as_mut_ptr(),
             lane_scales: a.lane_scales.as_mut_ptr(),
+            block_scales: a.block_scales.as_mut_ptr(),
             block_sums: a.block_sums.as_mut_ptr(),
             block_qsums: a.block_qsums.as_mut_ptr(),
             lane_sums: a.lane_sums.as_mut_ptr(),
@@ -210,6 +210,7 @@ impl SendParts {
         TokenParts {
             q: part(self.q.add(t * p * 64), p * 64),
             lane_scales: part(self.lane_scales.add(t * p * 8), p * 8),
+            block_scales: part(self.block_scales.add(t * p * 2), p * 2),
             block_sums: part(self.block_sums.add(t * p * 2), p * 2),
             block_qsums: part(self.block_qsums.add(t * p * 2), p * 2),
             lane_sums: if self.natural { &mut [] } else { part(self.lane_sums.add(t * p * 8), p * 8) },
@@ -240,11 +241,10 @@ impl QuantizedActs {
             pairs,
             q: vec![0i8; m * pairs * 64],
             lane_scales: vec![0f32; m * pairs * 8],
+            block_scales: vec![0f32; m * pairs * 2],
             block_sums: vec![0f32; m * pairs * 2],
             block_qsums: vec![0i32; m * pairs * 2],
             lane_sums: if natural { Vec::new() } else { vec![0f32; m * pairs * 8] },
-            quad_scales: Vec::new(),
-            quad_sums: Vec::new(),
         };
         // A prompt's worth of tokens is quantized on the pool's threads, one range of tokens per
         // task (alone on the calling thread this was 5 % of a 512-token prefill, the other
@@ -257,30 +257,7 @@ impl QuantizedActs {
                 unsafe { parts.token(t) }.quantize(&x[t * k..(t + 1) * k], natural);
             }
         });
-        if !natural && m >= 2 {
-            let quads = pairs / 4;
-            for t in 0..m {
-                for q in 0..quads {
-                    for half in 0..2 {
-                        for i in 0..4 {
-                            let b = 2 * (4 * q + i) + half;
-                            a.quad_scales.push(a.block_scale(t, b));
-                            a.quad_sums.push(a.block_sums[t * pairs * 2 + b]);
-                        }
-                    }
-                }
-            }
-        }
         a
-    }
-
-    /// Four pairs per entry, see [`Self::quad_scales`].
-    pub fn quads(&self) -> usize {
-        if self.quad_scales.is_empty() {
-            0
-        } else {
-            self.pairs / 4
-        }
     }
 
     /// Token `t`'s int8 values (`pairs * 64`).
@@ -289,6 +266,9 @@ impl QuantizedActs {
     }
     pub fn token_lane_scales(&self, t: usize) -> &[f32] {
         &self.lane_scales[t * self.pairs * 8..(t + 1) * self.pairs * 8]
+    }
+    pub fn token_block_scales(&self, t: usize) -> &[f32] {
+        &self.block_scales[t * self.pairs * 2..(t + 1) * self.pairs * 2]
     }
     pub fn token_block_sums(&self, t: usize) -> &[f32] {
         &self.block_sums[t * self.pairs * 2..(t + 1) * self.pairs * 2]
@@ -301,7 +281,7 @@ impl QuantizedActs {
     }
     /// The scale of 32-block `b` of token `t`.
     pub fn block_scale(&self, t: usize, b: usize) -> f32 {
-        self.lane_scales[(t * self.pairs + b / 2) * 8 + (b % 2) * 4]
+        self.block_scales[t * self.pairs * 2 + b]
     }
     /// The dequantized value of element `i` of token `t` (for references and tests).
     pub fn value(&self, t: usize, i: usize, natural: bool) -> f32 {
@@ -401,6 +381,7 @@ mod tests {
             assert_eq!(a.q, b.q);
             assert_eq!(a.lane_scales, b.lane_scales);
             assert_eq!(a.block_qsums, b.block_qsums);
+            assert_eq!(a.block_scales, b.block_scales);
             assert_eq!(a.block_sums, b.block_sums);
             assert_eq!(a.lane_sums, b.lane_sums);
         }

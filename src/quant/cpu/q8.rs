@@ -54,9 +54,6 @@ impl Q8Weight {
     pub fn matmul(&self, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let acts = QuantizedActs::new(x, m, k, true);
-        // Each token's block scales side by side, for the x86 kernels' vector loads.
-        let blocks = k / 32;
-        let dblk: Vec<f32> = (0..m).flat_map(|t| (0..blocks).map(move |b| (t, b))).map(|(t, b)| acts.block_scale(t, b)).collect();
         let path = path.or_scalar();
         super::par_output_rows(
             m,
@@ -69,7 +66,7 @@ impl Q8Weight {
                 let mut t0 = 0;
                 while t0 < m {
                     let tile = TILE.min(m - t0);
-                    row_tile(path, codes, scales, &acts, &dblk, t0, tile, &mut out);
+                    row_tile(path, codes, scales, &acts, t0, tile, &mut out);
                     for (i, v) in out[..tile].iter().enumerate() {
                         dst.put(t0 + i, *v);
                     }
@@ -80,28 +77,25 @@ impl Q8Weight {
     }
 }
 
-/// `dblk`: every token's block scales, `[m][k / 32]` (the x86 kernels load them as vectors).
-#[allow(clippy::too_many_arguments)]
-fn row_tile(path: A8Path, codes: &[i8], scales: &[f32], acts: &QuantizedActs, dblk: &[f32], t0: usize, tile: usize, out: &mut [f32; TILE]) {
+fn row_tile(path: A8Path, codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [f32; TILE]) {
     macro_rules! dispatch {
-        ($($f:ident)::+ $(, $extra:expr)?) => {
+        ($($f:ident)::+) => {
             match tile {
-                1 => $($f)::+::<1>(codes, scales, acts, $($extra,)? t0, out),
-                2 => $($f)::+::<2>(codes, scales, acts, $($extra,)? t0, out),
-                3 => $($f)::+::<3>(codes, scales, acts, $($extra,)? t0, out),
-                _ => $($f)::+::<4>(codes, scales, acts, $($extra,)? t0, out),
+                1 => $($f)::+::<1>(codes, scales, acts, t0, out),
+                2 => $($f)::+::<2>(codes, scales, acts, t0, out),
+                3 => $($f)::+::<3>(codes, scales, acts, t0, out),
+                _ => $($f)::+::<4>(codes, scales, acts, t0, out),
             }
         };
     }
-    let _ = dblk;
     match path {
         // SAFETY (all): the path is only chosen when `A8Path::available` lists it.
         #[cfg(target_arch = "x86_64")]
-        A8Path::Avx512Vnni => unsafe { dispatch!(x86::tile_avx512vnni, dblk) },
+        A8Path::Avx512Vnni => unsafe { dispatch!(x86::tile_avx512vnni) },
         #[cfg(target_arch = "x86_64")]
-        A8Path::AvxVnni => unsafe { dispatch!(x86::tile_avxvnni, dblk) },
+        A8Path::AvxVnni => unsafe { dispatch!(x86::tile_avxvnni) },
         #[cfg(target_arch = "x86_64")]
-        A8Path::Avx2 => unsafe { dispatch!(x86::tile_avx2, dblk) },
+        A8Path::Avx2 => unsafe { dispatch!(x86::tile_avx2) },
         #[cfg(target_arch = "aarch64")]
         A8Path::NeonDot => unsafe { dispatch!(arm::tile_neon_dot) },
         _ => dispatch!(tile_scalar),
@@ -145,10 +139,9 @@ mod x86 {
             /// and token) was a third of the head's time at eight tokens.
             ///
             /// # Safety
-            /// The CPU must have the features named; arguments as in `tile_scalar`, `dblk` as in
-            /// `row_tile`.
+            /// The CPU must have the features named; arguments as in `tile_scalar`.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, dblk: &[f32], t0: usize, out: &mut [f32; TILE]) {
+            pub unsafe fn $name<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
                 let mut acc = [_mm256_setzero_ps(); T];
                 let cp = codes.as_ptr();
                 let nb = scales.len();
@@ -156,7 +149,7 @@ mod x86 {
                 let mut dp = [std::ptr::null::<f32>(); T];
                 for t in 0..T {
                     xp[t] = acts.token(t0 + t).as_ptr();
-                    dp[t] = dblk[(t0 + t) * nb..(t0 + t + 1) * nb].as_ptr();
+                    dp[t] = acts.token_block_scales(t0 + t)[..nb].as_ptr();
                 }
                 // The rows after this one are fetched while it is multiplied (see the W4A8
                 // kernel: the hardware prefetcher stops at page boundaries).

@@ -390,12 +390,16 @@ pub(super) mod x86 {
                 // started with a wait on memory (perf: 70 % of the kernel's samples on the
                 // instruction after the code load, TinyLlama's shape).
                 let ahead = rows[R - 1].codes.as_ptr().add(rows[R - 1].codes.len());
+                // Pair `p`'s share of those rows: as many bytes as this call's rows have in a pair.
+                let prefetch = |p: usize| {
+                    for l in 0..(32 * R).div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64 * l) as *const i8);
+                    }
+                };
                 macro_rules! pair {
                     ($p:expr, $full:expr, $shared:expr) => {{
                         let p = $p;
-                        for l in 0..(32 * R).div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64 * l) as *const i8);
-                        }
+                        prefetch(p);
                         for r in 0..R {
                             let c = rows[r].codes.as_ptr().add(p * 32);
                             let v = if $full { _mm256_loadu_si256(c as *const __m256i) } else { _mm256_zextsi128_si256(_mm_loadu_si128(c as *const __m128i)) };
@@ -430,17 +434,25 @@ pub(super) mod x86 {
                 // vectors, instead of a conversion and three float operations per pair and token
                 // (the head's kernel does the same over eight blocks). `$quads`: only where 32
                 // vector registers hold a row's four pairs of codes beside the accumulators.
-                // Whole pairs only (an odd block count's last pair has half its codes); the
-                // activations' quad arrays have `acts.quads()` entries per token.
-                let qstride = acts.quads();
-                let quads = if $quads && T >= 2 && sh >= 1 { (full_pairs / 4).min(qstride) } else { 0 };
+                // Whole pairs only (an odd block count's last pair has half its codes).
+                let quads = if $quads && T >= 2 && sh >= 1 { full_pairs / 4 } else { 0 };
+                // The eight blocks' scales and `d·Σq` of each token in that lane order.
+                let first_then_second = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+                let mut bd = [std::ptr::null::<f32>(); T];
+                let mut bs = [std::ptr::null::<f32>(); T];
+                for t in 0..T {
+                    bd[t] = acts.token_block_scales(t0 + t).as_ptr();
+                    bs[t] = acts.token_block_sums(t0 + t).as_ptr();
+                }
                 for q in 0..quads {
                     let p0 = 4 * q;
                     for p in p0..p0 + 4 {
-                        for l in 0..(32 * R).div_ceil(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(p * 32 * R + 64 * l) as *const i8);
-                        }
+                        prefetch(p);
                     }
+                    let per_token: [(__m256, __m256); T] = std::array::from_fn(|t| {
+                        let lanes = |a: *const f32| _mm256_permutevar8x32_ps(_mm256_loadu_ps(a.add(2 * p0)), first_then_second);
+                        (lanes(bd[t]), lanes(bs[t]))
+                    });
                     for r in 0..R {
                         let c = rows[r].codes.as_ptr().add(p0 * 32);
                         let v: [__m256i; 4] = std::array::from_fn(|i| _mm256_loadu_si256(c.add(32 * i) as *const __m256i));
@@ -461,10 +473,9 @@ pub(super) mod x86 {
                                 $dot(lo[i], xlo, hi[i], xhi)
                             });
                             let sums = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-                            let qd = acts.quad_scales.as_ptr().add(((t0 + t) * qstride + q) * 8);
-                            let qs = acts.quad_sums.as_ptr().add(((t0 + t) * qstride + q) * 8);
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, _mm256_loadu_ps(qd)), acc[r][t]);
-                            acc[r][t] = _mm256_fnmadd_ps(szv, _mm256_loadu_ps(qs), acc[r][t]);
+                            let (qd, qs) = per_token[t];
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, qd), acc[r][t]);
+                            acc[r][t] = _mm256_fnmadd_ps(szv, qs, acc[r][t]);
                         }
                     }
                 }
