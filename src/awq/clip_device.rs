@@ -84,12 +84,18 @@ pub fn search_gram_tensors(w: &Tensor, gram: &Tensor, g: usize, grid: &Grid) -> 
     Ok(ClipBounds { out, groups, lo: best_lo.flatten_all()?.to_vec1()?, hi: best_hi.flatten_all()?.to_vec1()? })
 }
 
-/// The self-test of the device search: on random layers (awkward row counts, groups of 32 to 256,
-/// 3 and 4 bits, both candidate families) the bounds `device` chooses against the host loop's.
-/// Each differing choice must be a near-tie: its error, measured in f64 over the tokens, within
-/// 1e-5 of the host choice's; at least 90 % must be equal. Returns (passed, failed), printing
-/// each failure.
+/// The self-test of the device search: the bounds `device` chooses against the host loop's (see
+/// [`check_against_host`]).
 pub fn self_test(device: &Device, seed: u64) -> Result<(usize, usize)> {
+    check_against_host(seed, &|w, x, p, o| search_clip(&w.to_device(device)?, &x.to_device(device)?, p, o))
+}
+
+/// A clip search (`search(w, x, p, o)`, `w` and `x` given on the CPU) against the host loop on
+/// random layers: awkward row counts, groups of 32 to 256, 3 and 4 bits, both candidate
+/// families. Each differing choice must be a near-tie: its error, measured in f64 over the
+/// tokens, within 1e-5 of the host choice's; at least 90 % must be equal. Returns (passed,
+/// failed), printing each failure.
+pub fn check_against_host(seed: u64, search: &dyn Fn(&Tensor, &Tensor, QuantScheme, &ClipOptions) -> Result<ClipBounds>) -> Result<(usize, usize)> {
     let mut r = Rng::new(seed);
     let (mut pass, mut fail) = (0, 0);
     for (out, inp, g, bits, tokens) in [(300usize, 512usize, 128usize, 4u32, 700usize), (77, 384, 64, 3, 500), (130, 160, 32, 4, 333), (45, 512, 256, 4, 300)] {
@@ -98,8 +104,8 @@ pub fn self_test(device: &Device, seed: u64) -> Result<(usize, usize)> {
         let p = QuantScheme::new(bits, g)?;
         for mode in [ClipMode::Symmetric, ClipMode::Asymmetric] {
             let o = ClipOptions::new(mode);
-            let on = |d: &Device| -> Result<ClipBounds> { search_clip(&Tensor::from_slice(&wv, (out, inp), d)?, &Tensor::from_slice(&xv, (tokens, inp), d)?, p, &o) };
-            let (host, dev) = (on(&Device::Cpu)?, on(device)?);
+            let (w, x) = (Tensor::from_slice(&wv, (out, inp), &Device::Cpu)?, Tensor::from_slice(&xv, (tokens, inp), &Device::Cpu)?);
+            let (host, dev) = (search_clip(&w, &x, p, &o)?, search(&w, &x, p, &o)?);
             let groups = inp / g;
             // mean_t (x_t · d)² in f64 for (row, group) k clamped to [lo, hi].
             let err = |k: usize, lo: f32, hi: f32| -> Result<f64> {
@@ -188,5 +194,20 @@ mod cuda {
         // kernel reads rows below `out` only and writes each (row, group) once.
         unsafe { b.launch(cfg) }.w()?;
         Ok(ClipBounds { out, groups, lo: lo.to_vec1()?, hi: hi.to_vec1()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tensor search (a GPU's for groups the kernel does not take) run on the CPU against the
+    /// host loop.
+    #[test]
+    fn the_tensor_search_chooses_what_the_host_search_chooses() {
+        let tensors = |w: &candle_core::Tensor, x: &candle_core::Tensor, p: crate::quant::QuantScheme, o: &super::ClipOptions| {
+            let g = p.group_for(x.dim(1)?);
+            super::search_gram_tensors(w, &super::super::clip::gram_matrices(x, g)?, g, &o.grid(p))
+        };
+        let (_, failed) = super::check_against_host(31, &tensors).unwrap();
+        assert_eq!(failed, 0);
     }
 }
