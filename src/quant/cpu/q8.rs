@@ -3,20 +3,38 @@
 //! `c = round(w / s)` in −127..127, `s = max|w| / 127`. Multiplied as W8A8: activations quantized
 //! per 32-block as for the 4-bit kernel (in natural order), integer dot products per block.
 //!
-//! The signed × signed products use the sign trick on x86 (`|c| · sign(q, c)` as u8 × i8, for
-//! `vpdpbusd` or `vpmaddubsw`: two products of at most 127·127 fit i16), `sdot` on NEON.
+//! **Layout: panels of eight rows.** For each panel and 32-block the codes are stored as eight
+//! 32-byte words, word `j` holding bytes `4j .. 4j+4` of the block of each of the eight rows
+//! (row `r` at bytes `4r ..`). One 4-byte piece of a token's activations, broadcast to the eight
+//! lanes, meets word `j` in one `vpdpbusd` (`sdot` on NEON): lane `r` collects row `r`'s products,
+//! and after the eight words lane `r` holds the block's exact dot product of row `r`. So a block
+//! needs no horizontal reduction: with a row-major layout each row's eight lanes had to be summed
+//! per block (by `hadd` chains), which held the head at eight tokens to about a third of the
+//! integer units' rate; the block scales of a panel are eight consecutive floats, one vector.
+//!
+//! The codes are kept as `c + 128` (unsigned, the first operand of `vpdpbusd`); the sum of a
+//! block then carries `128 · Σ q` of the token's block, which is subtracted once per block and
+//! token (`QuantizedActs::token_block_qsums`). AVX2 (`vpmaddubsw` saturates i16 at u8 × i8) and
+//! NEON (`sdot` is signed × signed) flip the codes back to `c` and use the sign trick
+//! (`|c| · sign(q, c)`: two products of at most 127·127 fit i16) and `sdot` as they are.
 use super::acts::QuantizedActs;
-use super::w4a8::{A8Path, TILE};
+use super::w4a8::A8Path;
 use rayon::prelude::*;
+
+/// Rows of a panel.
+pub const PANEL: usize = 8;
+
+/// Tokens that share one pass over a panel's codes.
+const TOKENS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Q8Weight {
     pub n: usize,
     pub k: usize,
-    /// `[n][k]`
-    pub codes: Vec<i8>,
-    /// `[n][k / 32]`
-    pub scales: Vec<f32>,
+    /// `[n/8 rounded up][k/32][8 words][8 rows][4]`, each code as `c + 128` (rows past `n` zero).
+    codes: Vec<u8>,
+    /// `[n/8 rounded up][k/32][8 rows]`.
+    scales: Vec<f32>,
 }
 
 impl Q8Weight {
@@ -24,18 +42,23 @@ impl Q8Weight {
     /// multiple of 32.
     pub fn quantize(n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
         assert!(k.is_multiple_of(32), "8-bit weight: {k} columns, not a multiple of 32");
-        let mut codes = vec![0i8; n * k];
-        let mut scales = vec![0f32; n * k / 32];
-        codes.par_chunks_mut(k).zip(scales.par_chunks_mut(k / 32)).enumerate().for_each_init(
+        let (panels, nb) = (n.div_ceil(PANEL), k / 32);
+        // A padding row's codes are those of c = 0 and its scales 0.
+        let mut codes = vec![128u8; panels * nb * 32 * PANEL];
+        let mut scales = vec![0f32; panels * nb * PANEL];
+        codes.par_chunks_mut(nb * 32 * PANEL).zip(scales.par_chunks_mut(nb * PANEL)).enumerate().for_each_init(
             || vec![0f32; k],
-            |buf, (o, (c, s))| {
-                row(o, buf);
-                for ((cb, sb), wb) in c.chunks_exact_mut(32).zip(s.iter_mut()).zip(buf.chunks_exact(32)) {
-                    let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    *sb = amax / 127.0;
-                    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                    for (d, v) in cb.iter_mut().zip(wb) {
-                        *d = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            |buf, (p, (c, s))| {
+                for r in 0..PANEL.min(n - p * PANEL) {
+                    row(p * PANEL + r, buf);
+                    for (b, wb) in buf.chunks_exact(32).enumerate() {
+                        let amax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        s[b * PANEL + r] = amax / 127.0;
+                        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                        for (i, v) in wb.iter().enumerate() {
+                            let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                            c[code_offset(b, r, i)] = (q as u8) ^ 0x80;
+                        }
                     }
                 }
             },
@@ -43,32 +66,45 @@ impl Q8Weight {
         Self { n, k, codes, scales }
     }
 
+    /// The code of row `o`, column `i`.
+    pub fn code(&self, o: usize, i: usize) -> i8 {
+        let panel = &self.codes[(o / PANEL) * (self.k / 32) * 32 * PANEL..];
+        (panel[code_offset(i / 32, o % PANEL, i % 32)] ^ 0x80) as i8
+    }
+
+    /// The scale of row `o`, 32-block `b`.
+    pub fn scale(&self, o: usize, b: usize) -> f32 {
+        self.scales[((o / PANEL) * (self.k / 32) + b) * PANEL + o % PANEL]
+    }
+
     pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
-        let k = self.k;
-        for (i, v) in out.iter_mut().enumerate().take(k) {
-            *v = self.scales[o * k / 32 + i / 32] * f32::from(self.codes[o * k + i]);
+        for (i, v) in out.iter_mut().enumerate().take(self.k) {
+            *v = self.scale(o, i / 32) * f32::from(self.code(o, i));
         }
     }
 
     /// `y[t][o]` for `m` tokens; `x` is `[m][k]`, `y` `[m][n]`.
     pub fn matmul(&self, x: &[f32], m: usize, path: A8Path) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let acts = QuantizedActs::new(x, m, k, true);
+        let (n, nb) = (self.n, self.k / 32);
+        let acts = QuantizedActs::new(x, m, self.k, true);
         let path = path.or_scalar();
-        super::par_output_rows(
+        super::par_output_blocks(
             m,
             n,
+            PANEL,
             || (),
-            |_, o, dst| {
-                let codes = &self.codes[o * k..(o + 1) * k];
-                let scales = &self.scales[o * k / 32..(o + 1) * k / 32];
-                let mut out = [0f32; TILE];
+            |_, rows, dst| {
+                let p = rows.start / PANEL;
+                let panel = Panel { codes: &self.codes[p * nb * 32 * PANEL..][..nb * 32 * PANEL], scales: &self.scales[p * nb * PANEL..][..nb * PANEL] };
+                let mut out = [[0f32; PANEL]; TOKENS];
                 let mut t0 = 0;
                 while t0 < m {
-                    let tile = TILE.min(m - t0);
-                    row_tile(path, codes, scales, &acts, t0, tile, &mut out);
-                    for (i, v) in out[..tile].iter().enumerate() {
-                        dst.put(t0 + i, *v);
+                    let tile = TOKENS.min(m - t0);
+                    panel_tile(path, &panel, &acts, t0, tile, &mut out);
+                    for (t, o) in out[..tile].iter().enumerate() {
+                        for (r, v) in rows.clone().zip(o) {
+                            dst.put(t0 + t, r, *v);
+                        }
                     }
                     t0 += tile;
                 }
@@ -77,38 +113,66 @@ impl Q8Weight {
     }
 }
 
-fn row_tile(path: A8Path, codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [f32; TILE]) {
+/// Where code `i` (0..32) of row `r` of 32-block `b` sits in a panel's codes.
+#[inline]
+fn code_offset(b: usize, r: usize, i: usize) -> usize {
+    ((b * 8 + i / 4) * PANEL + r) * 4 + i % 4
+}
+
+/// One panel's codes and scales.
+struct Panel<'a> {
+    codes: &'a [u8],
+    scales: &'a [f32],
+}
+
+/// `out[t][r]` = row `r`'s output for token `t0 + t`, `t < tile` (≤ [`TOKENS`]).
+fn panel_tile(path: A8Path, panel: &Panel, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; PANEL]; TOKENS]) {
     macro_rules! dispatch {
         ($($f:ident)::+) => {
             match tile {
-                1 => $($f)::+::<1>(codes, scales, acts, t0, out),
-                2 => $($f)::+::<2>(codes, scales, acts, t0, out),
-                3 => $($f)::+::<3>(codes, scales, acts, t0, out),
-                _ => $($f)::+::<4>(codes, scales, acts, t0, out),
+                1 => $($f)::+::<1>(panel, acts, t0, out),
+                2 => $($f)::+::<2>(panel, acts, t0, out),
+                3 => $($f)::+::<3>(panel, acts, t0, out),
+                4 => $($f)::+::<4>(panel, acts, t0, out),
+                5 => $($f)::+::<5>(panel, acts, t0, out),
+                6 => $($f)::+::<6>(panel, acts, t0, out),
+                7 => $($f)::+::<7>(panel, acts, t0, out),
+                _ => $($f)::+::<8>(panel, acts, t0, out),
             }
         };
     }
     match path {
         // SAFETY (all): the path is only chosen when `A8Path::available` lists it.
         #[cfg(target_arch = "x86_64")]
-        A8Path::Avx512Vnni => unsafe { dispatch!(x86::tile_avx512vnni) },
+        A8Path::Avx512Vnni => unsafe { dispatch!(x86::panel_avx512vnni) },
         #[cfg(target_arch = "x86_64")]
-        A8Path::AvxVnni => unsafe { dispatch!(x86::tile_avxvnni) },
+        A8Path::AvxVnni => unsafe { dispatch!(x86::panel_avxvnni) },
         #[cfg(target_arch = "x86_64")]
-        A8Path::Avx2 => unsafe { dispatch!(x86::tile_avx2) },
+        A8Path::Avx2 => unsafe { dispatch!(x86::panel_avx2) },
         #[cfg(target_arch = "aarch64")]
-        A8Path::NeonDot => unsafe { dispatch!(arm::tile_neon_dot) },
-        _ => dispatch!(tile_scalar),
+        A8Path::NeonDot => unsafe { dispatch!(arm::panel_neon_dot) },
+        _ => dispatch!(panel_scalar),
     }
 }
 
-fn tile_scalar<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
+/// The reference: exact integer dot products per row and block (the codes read in memory
+/// order).
+fn panel_scalar<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
     for (t, o) in out[..T].iter_mut().enumerate() {
         let q = acts.token(t0 + t);
-        let mut acc = 0f32;
-        for (b, (cb, s)) in codes.chunks_exact(32).zip(scales).enumerate() {
-            let dot: i32 = cb.iter().zip(&q[b * 32..b * 32 + 32]).map(|(c, x)| i32::from(*c) * i32::from(*x)).sum();
-            acc += s * acts.block_scale(t0 + t, b) * dot as f32;
+        let mut acc = [0f32; PANEL];
+        for (b, (s, words)) in panel.scales.chunks_exact(PANEL).zip(panel.codes.chunks_exact(32 * PANEL)).enumerate() {
+            let mut dot = [0i32; PANEL];
+            for (j, word) in words.chunks_exact(4 * PANEL).enumerate() {
+                let x = &q[b * 32 + 4 * j..][..4];
+                for (d, c) in dot.iter_mut().zip(word.chunks_exact(4)) {
+                    *d += c.iter().zip(x).map(|(c, x)| i32::from((c ^ 0x80) as i8) * i32::from(*x)).sum::<i32>();
+                }
+            }
+            let db = acts.block_scale(t0 + t, b);
+            for ((a, d), s) in acc.iter_mut().zip(dot).zip(s) {
+                *a += s * db * d as f32;
+            }
         }
         *o = acc;
     }
@@ -116,118 +180,129 @@ fn tile_scalar<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedAct
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::w4a8::x86::hsum;
-    use super::{QuantizedActs, TILE};
+    use super::{Panel, QuantizedActs, PANEL, TOKENS};
     use std::arch::x86_64::*;
 
-    /// The eight lanes of each of `v[0..8]` summed: lane `i` of the result is `Σ v[i]`.
-    #[inline(always)]
-    unsafe fn lane_sums8(v: &[__m256i; 8]) -> __m256i {
-        let (a, b) = (_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        let (c, d) = (_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        // Per 128-bit half: the quarter sums of v0..v3 (ab) and v4..v7 (cd).
-        let (ab, cd) = (_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-        _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31))
-    }
-
-    macro_rules! tile_fn {
-        ($name:ident, $features:literal, $dot:ident) => {
-            /// Eight blocks at a time: their exact integer dot products reduced into one vector
-            /// (lane `i` = block `i`), converted once and scaled by the blocks' weight and
-            /// activation scales as vectors. Scaling each block's eight lanes by a broadcast
-            /// product (a scalar multiply, a broadcast, a conversion and a multiply-add per block
-            /// and token) was a third of the head's time at eight tokens.
+    macro_rules! panel_fn {
+        ($name:ident, $features:literal, $block:ident) => {
+            /// Per block: the panel's eight code words loaded once for all `T` tokens, each
+            /// token's eight broadcast pieces against them, the block's integer sums (one lane
+            /// per row) converted once and scaled by the rows' scales times the token's.
             ///
             /// # Safety
-            /// The CPU must have the features named; arguments as in `tile_scalar`.
+            /// The CPU must have the features named; arguments as in `panel_scalar`.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
+            pub unsafe fn $name<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
                 let mut acc = [_mm256_setzero_ps(); T];
-                let cp = codes.as_ptr();
-                let nb = scales.len();
+                let nb = panel.scales.len() / PANEL;
+                let cp = panel.codes.as_ptr();
                 let mut xp = [std::ptr::null::<i8>(); T];
                 let mut dp = [std::ptr::null::<f32>(); T];
+                let mut qs = [std::ptr::null::<i32>(); T];
                 for t in 0..T {
                     xp[t] = acts.token(t0 + t).as_ptr();
                     dp[t] = acts.token_block_scales(t0 + t)[..nb].as_ptr();
+                    qs[t] = acts.token_block_qsums(t0 + t)[..nb].as_ptr();
                 }
-                // The rows after this one are fetched while it is multiplied (see the W4A8
-                // kernel: the hardware prefetcher stops at page boundaries).
-                let ahead = cp.add(2 * codes.len());
-                let full = nb / 8 * 8;
-                for b in (0..full).step_by(8) {
+                // The next panel is fetched while this one is multiplied (the hardware
+                // prefetcher stops at page boundaries; see the W4A8 kernel).
+                let ahead = cp.add(panel.codes.len());
+                for b in 0..nb {
                     for l in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(b * 32 + 64 * l));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(b * 256 + 64 * l) as *const i8);
                     }
-                    let sv = _mm256_loadu_ps(scales.as_ptr().add(b));
+                    let words: [__m256i; 8] = std::array::from_fn(|j| _mm256_loadu_si256(cp.add(b * 256 + 32 * j) as *const __m256i));
+                    let sv = _mm256_loadu_ps(panel.scales.as_ptr().add(b * PANEL));
                     for t in 0..T {
-                        let v: [__m256i; 8] = std::array::from_fn(|i| {
-                            let c = _mm256_loadu_si256(cp.add((b + i) * 32) as *const __m256i);
-                            let x = _mm256_loadu_si256(xp[t].add((b + i) * 32) as *const __m256i);
-                            $dot(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c))
-                        });
-                        let w = _mm256_mul_ps(sv, _mm256_loadu_ps(dp[t].add(b)));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums8(&v)), w, acc[t]);
-                    }
-                }
-                for b in full..nb {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(b * 32));
-                    let c = _mm256_loadu_si256(cp.add(b * 32) as *const __m256i);
-                    let ac = _mm256_sign_epi8(c, c);
-                    for t in 0..T {
-                        let x = _mm256_loadu_si256(xp[t].add(b * 32) as *const __m256i);
-                        let d = _mm256_cvtepi32_ps($dot(ac, _mm256_sign_epi8(x, c)));
-                        acc[t] = _mm256_fmadd_ps(d, _mm256_set1_ps(scales[b] * *dp[t].add(b)), acc[t]);
+                        let x = xp[t].add(b * 32) as *const i32;
+                        let sums = $block(&words, x, *qs[t].add(b));
+                        let w = _mm256_mul_ps(sv, _mm256_set1_ps(*dp[t].add(b)));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), w, acc[t]);
                     }
                 }
                 for t in 0..T {
-                    out[t] = hsum(acc[t]);
+                    _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
                 }
             }
         };
     }
 
+    /// One block's eight row sums: `vpdpbusd` of the codes (`c + 128`) with each broadcast
+    /// 4-byte piece of the activations, less `128 · Σ q`.
     #[inline(always)]
-    unsafe fn dot_vnni512(a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    unsafe fn block_vnni512(words: &[__m256i; 8], x: *const i32, qsum: i32) -> __m256i {
+        let mut s = _mm256_setzero_si256();
+        for (j, w) in words.iter().enumerate() {
+            s = _mm256_dpbusd_epi32(s, *w, _mm256_set1_epi32(x.add(j).read_unaligned()));
+        }
+        _mm256_sub_epi32(s, _mm256_set1_epi32(qsum << 7))
     }
     #[inline(always)]
-    unsafe fn dot_avxvnni(a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    unsafe fn block_avxvnni(words: &[__m256i; 8], x: *const i32, qsum: i32) -> __m256i {
+        let mut s = _mm256_setzero_si256();
+        for (j, w) in words.iter().enumerate() {
+            s = _mm256_dpbusd_avx_epi32(s, *w, _mm256_set1_epi32(x.add(j).read_unaligned()));
+        }
+        _mm256_sub_epi32(s, _mm256_set1_epi32(qsum << 7))
     }
+    /// AVX2: the codes flipped back to `c`, then `|c| · sign(q, c)` pairs in i16 (at most
+    /// 2 · 127 · 127, no saturation), summed to i32 per lane.
     #[inline(always)]
-    unsafe fn dot_avx2(a: __m256i, b: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    unsafe fn block_avx2(words: &[__m256i; 8], x: *const i32, _qsum: i32) -> __m256i {
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let mut s = _mm256_setzero_si256();
+        for (j, w) in words.iter().enumerate() {
+            let c = _mm256_xor_si256(*w, flip);
+            let xb = _mm256_set1_epi32(x.add(j).read_unaligned());
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xb, c));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        s
     }
 
-    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot_vnni512);
-    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", dot_avxvnni);
-    tile_fn!(tile_avx2, "avx2,fma", dot_avx2);
+    panel_fn!(panel_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", block_vnni512);
+    panel_fn!(panel_avxvnni, "avx2,fma,avxvnni", block_avxvnni);
+    panel_fn!(panel_avx2, "avx2,fma", block_avx2);
 }
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::super::w4a8::arm::sdot;
-    use super::{QuantizedActs, TILE};
+    use super::{Panel, QuantizedActs, PANEL, TOKENS};
     use std::arch::aarch64::*;
 
+    /// Rows 0–3 and 4–7 of each code word in two registers, flipped back to `c`; `sdot` with the
+    /// broadcast 4-byte piece of the activations gives each row's block sum in its lane.
+    ///
     /// # Safety
-    /// The CPU must have NEON and the dot-product extension; arguments as in `tile_scalar`.
+    /// The CPU must have NEON and the dot-product extension; arguments as in `panel_scalar`.
     #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn tile_neon_dot<const T: usize>(codes: &[i8], scales: &[f32], acts: &QuantizedActs, t0: usize, out: &mut [f32; TILE]) {
-        let mut acc = [vdupq_n_f32(0.0); T];
-        let cp = codes.as_ptr();
-        for (b, s) in scales.iter().enumerate() {
-            let c0 = vld1q_s8(cp.add(b * 32));
-            let c1 = vld1q_s8(cp.add(b * 32 + 16));
+    pub unsafe fn panel_neon_dot<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
+        let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+        let cp = panel.codes.as_ptr();
+        let flip = vdupq_n_u8(0x80);
+        for (b, s) in panel.scales.chunks_exact(PANEL).enumerate() {
+            let words: [[int8x16_t; 2]; 8] = std::array::from_fn(|j| std::array::from_fn(|h| vreinterpretq_s8_u8(veorq_u8(vld1q_u8(cp.add(b * 256 + 32 * j + 16 * h)), flip))));
+            let sv = [vld1q_f32(s.as_ptr()), vld1q_f32(s.as_ptr().add(4))];
             for t in 0..T {
-                let x = acts.token(t0 + t).as_ptr().add(b * 32);
-                let d = sdot(sdot(vdupq_n_s32(0), c0, vld1q_s8(x)), c1, vld1q_s8(x.add(16)));
-                acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(d), s * acts.block_scale(t0 + t, b));
+                let x = acts.token(t0 + t).as_ptr().add(b * 32) as *const i32;
+                let mut sums = [vdupq_n_s32(0); 2];
+                for (j, w) in words.iter().enumerate() {
+                    let xb = vreinterpretq_s8_s32(vdupq_n_s32(x.add(j).read_unaligned()));
+                    for h in 0..2 {
+                        sums[h] = sdot(sums[h], w[h], xb);
+                    }
+                }
+                let d = acts.block_scale(t0 + t, b);
+                for h in 0..2 {
+                    acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(sums[h]), vmulq_n_f32(sv[h], d));
+                }
             }
         }
         for t in 0..T {
-            out[t] = vaddvq_f32(acc[t]);
+            vst1q_f32(out[t].as_mut_ptr(), acc[t][0]);
+            vst1q_f32(out[t].as_mut_ptr().add(4), acc[t][1]);
         }
     }
 }
@@ -237,6 +312,8 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// Every path against the exact integer reference on awkward shapes (rows that leave a
+    /// panel part empty, one block, long rows) and token counts (below, at and past a tile).
     #[test]
     fn every_path_matches_the_quantized_reference() {
         let mut rng = Rng::new(5);
@@ -247,11 +324,11 @@ mod tests {
             for o in 0..n {
                 q.dequantize_row(o, &mut row);
                 for i in 0..k {
-                    let s = q.scales[o * k / 32 + i / 32];
+                    let s = q.scale(o, i / 32);
                     assert!((row[i] - w[o * k + i]).abs() <= s * 0.5 + 1e-7);
                 }
             }
-            for m in [1, 3, 4, 6] {
+            for m in [1, 3, 4, 6, 8, 11] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
                 let acts = QuantizedActs::new(&x, m, k, true);
                 for path in A8Path::available() {
