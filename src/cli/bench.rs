@@ -24,6 +24,10 @@ pub struct Args {
     /// Timed repetitions (the median is reported), after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Batch sizes (e.g. 1,16,64): measure the server's batched decode step instead, that many
+    /// sequences of --prompt-len positions decoding --gen tokens together (aggregate tokens/s).
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +111,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let vocab = model.vocab_size() as u32;
     let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    if !a.batch.is_empty() {
+        return report_batched(&a, &model, &name, &weights, &device, &prompt, &a.batch);
+    }
     run_once(&model, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
     let (mut pre, mut dec, mut issue) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.repeats.max(1) {
@@ -137,6 +144,46 @@ pub fn run(a: Args) -> Result<()> {
             "{} [{}, {}, {} threads] on {} ({}): prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
             r.model, r.weights, r.cpu_kernel, r.threads, r.device, r.dtype, r.prefill_tok_s, r.prompt_len, r.decode_tok_s, r.decode_ms_per_token, r.decode_issue_ms_per_token, r.gen, r.peak_rss_mib
         );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct BatchedResult {
+    model: String,
+    weights: String,
+    device: String,
+    dtype: String,
+    prompt_len: usize,
+    gen: usize,
+    threads: usize,
+    cpu_kernel: String,
+    batched: Vec<super::bench_batch::BatchRow>,
+}
+
+/// `--batch`: one row per batch size (see [`super::bench_batch`]).
+fn report_batched(a: &Args, model: &Model, name: &str, weights: &str, device: &Device, prompt: &[u32], batches: &[usize]) -> Result<()> {
+    let rows = super::bench_batch::run(model, prompt, a.gen, batches, a.repeats)?;
+    let r = BatchedResult {
+        model: name.to_string(),
+        weights: weights.to_string(),
+        device: awq_run::engine::device::device_name(device),
+        dtype: format!("{:?}", model.dtype).to_lowercase(),
+        prompt_len: a.prompt_len,
+        gen: a.gen,
+        threads: rayon::current_num_threads(),
+        cpu_kernel: a.model.cpu_kernel_name(),
+        batched: rows,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("{} [{}, {}, {} threads] on {} ({}), batched decode of {} tokens after {}-token prompts:", r.model, r.weights, r.cpu_kernel, r.threads, r.device, r.dtype, r.gen, r.prompt_len);
+    println!("| batch | decode tok/s (all sequences) | ms per step | vs batch {} |", batches[0]);
+    println!("|---|---|---|---|");
+    for row in &r.batched {
+        println!("| {} | {:.1} | {:.2} | {:.2}x |", row.batch, row.decode_tok_s, row.step_ms, row.vs_first);
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `awq-run` command line: a thin layer over the library.
 mod bench;
+mod bench_batch;
 mod bench_serve;
 mod chat;
 mod eval;

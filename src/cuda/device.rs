@@ -89,3 +89,11 @@ pub fn prefetch_blocks(dev: &CudaDevice, hint: &super::L2Prefetch) -> Result<u32
     }
     Ok(device_limits(dev)?.sms as u32)
 }
+
+/// A CUDA profiler range for `ncu --profile-from-start off` (or `nsys -c cudaProfilerApi`):
+/// collection is on from this call until the value is dropped. `None` unless the environment
+/// variable `AWQ_RUN_PROFILE_RANGE` is set, so that a run without a profiler pays nothing.
+pub fn profiler_range() -> Option<candle_core::cuda_backend::cudarc::driver::Profiler> {
+    std::env::var_os("AWQ_RUN_PROFILE_RANGE")?;
+    candle_core::cuda_backend::cudarc::driver::Profiler::new().ok()
+}
