@@ -16,6 +16,7 @@ pub mod acts;
 pub mod gemm_a8;
 pub mod pool;
 pub mod q8;
+pub mod w4_panel;
 pub mod w4a8;
 
 pub use super::format::packed::PackedQ4;

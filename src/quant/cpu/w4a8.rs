@@ -118,6 +118,9 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
     let m = acts.m;
     let k = acts.k;
     let path = path.or_scalar();
+    if super::w4_panel::applies(ws, path) {
+        return super::w4_panel::matmul_acts(ws, acts, path);
+    }
     let pairs = acts.pairs;
     let tables: Vec<Tables> = ws
         .iter()

@@ -6,6 +6,7 @@
 pub mod awq_gemm;
 pub mod gptq;
 pub mod packed;
+pub mod panel;
 pub mod tiled;
 
 /// The shape of a group-quantized weight in HF orientation: `n` output rows (out_features) of

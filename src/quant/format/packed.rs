@@ -20,6 +20,8 @@ pub struct PackedQ4 {
     pub zeros: Vec<u8>,
     /// The integer kernels' table of scales and zeros, built on their first use.
     pub table_cache: OnceLock<ScaleTable>,
+    /// The decode kernels' copy in panels of eight rows, built on their first use.
+    pub panel_cache: OnceLock<super::panel::PanelQ4>,
 }
 
 /// A weight's (scale, zero) per group as one 4-byte word, the f16 scale in the low half and the
@@ -47,7 +49,24 @@ impl ScaleTable {
 
 impl PackedQ4 {
     pub fn new(shape: WeightShape, codes: Vec<u8>, scales: Vec<f16>, zeros: Vec<u8>) -> Self {
-        Self { shape, codes, scales, zeros, table_cache: OnceLock::new() }
+        Self { shape, codes, scales, zeros, table_cache: OnceLock::new(), panel_cache: OnceLock::new() }
+    }
+
+    /// The code (0..15) of row `o`, input `i`.
+    #[inline]
+    pub fn code(&self, o: usize, i: usize) -> u8 {
+        let b = self.codes[o * self.shape.k / 2 + i / 32 * 16 + i % 16];
+        if i % 32 < 16 {
+            b & 0xF
+        } else {
+            b >> 4
+        }
+    }
+
+    /// [`PackedQ4::panel_cache`], built now if it was not yet; the weight must
+    /// [`fit`](super::panel::PanelQ4::fits).
+    pub fn panels(&self) -> &super::panel::PanelQ4 {
+        self.panel_cache.get_or_init(|| super::panel::PanelQ4::from_packed(self))
     }
 
     /// [`PackedQ4::table_cache`], built now if it was not yet; the row stride is `groups + 1`.

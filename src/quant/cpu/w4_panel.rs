@@ -1,0 +1,256 @@
+//! The W4A8 kernel over weights in panels of eight rows ([`PanelQ4`], see its layout): the
+//! decode path (a few tokens) on x86. Per 32-chunk the panel's four code words are unpacked once
+//! for all tokens; each token's eight broadcast 4-byte pieces meet them in eight `vpdpbusd`, and
+//! lane `r` then holds row `r`'s exact integer sum of the chunk. The float work per chunk and
+//! token is a conversion and two fused multiply-adds for all eight rows:
+//! `y_r += s_r·d·(Σ c·q)_r − s_r·z_r·(d·Σ q)`, with the token's block scale `d` and `d·Σq` from
+//! [`QuantizedActs`]. The row-major kernel ([`super::w4a8`]) spends per row and chunk pair a
+//! conversion, three float operations and (at several tokens) horizontal sums, and ran at about a
+//! third of the integer units' rate; this one reads the same bytes.
+//!
+//! Same arithmetic as [`super::w4a8`]: identical integer sums, float sums in another order.
+//! Activations in the 4-bit kernels' order (see [`super::acts::pair_slot`]): a chunk's 4-byte
+//! pieces are contiguous in it too.
+use super::acts::QuantizedActs;
+use super::w4a8::A8Path;
+use super::PackedQ4;
+use crate::quant::format::panel::{PanelQ4, PANEL_ROWS};
+
+/// Tokens that share one pass over a panel's codes.
+const TOKENS: usize = 8;
+
+/// Whether the panel kernel runs `ws` on `path`: an x86 SIMD path, whole panels of rows, and
+/// not turned off with `AWQ_RUN_W4_PANELS=0` (to compare with the row-major kernel).
+pub fn applies(ws: &[&PackedQ4], path: A8Path) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("AWQ_RUN_W4_PANELS").map_or(true, |v| v != "0"));
+    on && cfg!(target_arch = "x86_64") && matches!(path, A8Path::Avx512Vnni | A8Path::AvxVnni | A8Path::Avx2) && ws.iter().all(|w| PanelQ4::fits(w))
+}
+
+/// `y` `[m][Σ n]` of the weights `ws` (each [`PanelQ4::fits`]) on activations in kernel order;
+/// `path` one that [`applies`].
+pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<f32> {
+    let m = acts.m;
+    let panels: Vec<&PanelQ4> = ws.iter().map(|w| w.panels()).collect();
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for w in ws {
+        starts.push(starts.last().unwrap() + w.shape.n);
+    }
+    let n = *starts.last().unwrap();
+    super::par_output_blocks(
+        m,
+        n,
+        PANEL_ROWS,
+        || (),
+        |_, rows, out| {
+            // Every weight is whole panels, so a block of eight rows is one panel of one weight.
+            let wi = starts.partition_point(|&s| s <= rows.start) - 1;
+            let pq = panels[wi];
+            let p = (rows.start - starts[wi]) / PANEL_ROWS;
+            let (codes, sz) = (pq.panel_codes(p), pq.panel_sz(p));
+            let mut y = [[0f32; PANEL_ROWS]; TOKENS];
+            let mut t0 = 0;
+            while t0 < m {
+                let tile = TOKENS.min(m - t0);
+                panel_tile(path, codes, sz, pq.group_size / 32, acts, t0, tile, &mut y);
+                for (t, yt) in y[..tile].iter().enumerate() {
+                    for (o, v) in rows.clone().zip(yt) {
+                        out.put(t0 + t, o, *v);
+                    }
+                }
+                t0 += tile;
+            }
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn panel_tile(path: A8Path, codes: &[u8], sz: &[half::f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, tile: usize, y: &mut [[f32; PANEL_ROWS]; TOKENS]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! dispatch {
+            ($f:ident) => {
+                // SAFETY: `applies` admits only paths `A8Path::available` lists on this CPU.
+                unsafe {
+                    match tile {
+                        1 => x86::$f::<1>(codes, sz, group_chunks, acts, t0, y),
+                        2 => x86::$f::<2>(codes, sz, group_chunks, acts, t0, y),
+                        3 => x86::$f::<3>(codes, sz, group_chunks, acts, t0, y),
+                        4 => x86::$f::<4>(codes, sz, group_chunks, acts, t0, y),
+                        5 => x86::$f::<5>(codes, sz, group_chunks, acts, t0, y),
+                        6 => x86::$f::<6>(codes, sz, group_chunks, acts, t0, y),
+                        7 => x86::$f::<7>(codes, sz, group_chunks, acts, t0, y),
+                        _ => x86::$f::<8>(codes, sz, group_chunks, acts, t0, y),
+                    }
+                }
+            };
+        }
+        match path {
+            A8Path::Avx512Vnni => dispatch!(panel_avx512vnni),
+            A8Path::AvxVnni => dispatch!(panel_avxvnni),
+            A8Path::Avx2 => dispatch!(panel_avx2),
+            _ => unreachable!("the panel kernel runs only the paths `applies` admits"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (path, codes, sz, group_chunks, acts, t0, tile, y);
+        unreachable!("the panel kernel runs only on x86");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantizedActs, PANEL_ROWS, TOKENS};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    macro_rules! panel_fn {
+        ($name:ident, $features:literal, $unpack:ident, $dot:ident) => {
+            /// # Safety
+            /// The CPU must have the features named; `codes` and `sz` one panel's, `acts` in
+            /// kernel order with tokens `t0 .. t0 + T`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const T: usize>(codes: &[u8], sz: &[f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, y: &mut [[f32; PANEL_ROWS]; TOKENS]) {
+                let chunks = codes.len() / 128;
+                debug_assert!(sz.len() * group_chunks >= chunks * 2 * PANEL_ROWS);
+                let cp = codes.as_ptr();
+                let mut acc = [_mm256_setzero_ps(); T];
+                let mut xp = [std::ptr::null::<i8>(); T];
+                let mut bd = [std::ptr::null::<f32>(); T];
+                let mut bs = [std::ptr::null::<f32>(); T];
+                for t in 0..T {
+                    xp[t] = acts.token(t0 + t).as_ptr();
+                    bd[t] = acts.token_block_scales(t0 + t)[..chunks].as_ptr();
+                    bs[t] = acts.token_block_sums(t0 + t)[..chunks].as_ptr();
+                }
+                // The next panel is fetched while this one is multiplied (the hardware
+                // prefetcher stops at page boundaries; see the row-major kernel).
+                let ahead = cp.add(codes.len());
+                let (mut sv, mut szv) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in 0..chunks {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(c * 128) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(c * 128 + 64) as *const i8);
+                    if c % group_chunks == 0 {
+                        let at = sz.as_ptr().add(c / group_chunks * 2 * PANEL_ROWS) as *const __m128i;
+                        sv = _mm256_cvtph_ps(_mm_loadu_si128(at));
+                        szv = _mm256_mul_ps(sv, _mm256_cvtph_ps(_mm_loadu_si128(at.add(1))));
+                    }
+                    let words: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(cp.add(c * 128 + 32 * j) as *const __m256i));
+                    let (lo, hi) = $unpack(&words);
+                    // The chunk's pieces in kernel order: inputs 0..16 of an even chunk at 0 of
+                    // its pair, of an odd one at 16; inputs 16..32 32 bytes further.
+                    let off = (c / 2) * 64 + (c % 2) * 16;
+                    for t in 0..T {
+                        let x = xp[t].add(off);
+                        let sums = $dot(&lo, &hi, x);
+                        let d = _mm256_set1_ps(*bd[t].add(c));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, d), acc[t]);
+                        acc[t] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(*bs[t].add(c)), acc[t]);
+                    }
+                }
+                for t in 0..T {
+                    _mm256_storeu_ps(y[t].as_mut_ptr(), acc[t]);
+                }
+            }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn piece(x: *const i8, at: usize) -> __m256i {
+        _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+    }
+
+    /// For `vpdpbusd`: the low nibbles, and the high ones left in place (16 times the code, at
+    /// most 240: the instruction's unsigned operand takes it, and the sum is divided back exactly).
+    #[inline(always)]
+    unsafe fn unpack_shifted(words: &[__m256i; 4]) -> ([__m256i; 4], [__m256i; 4]) {
+        let (lo_mask, hi_mask) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0xF0u8 as i8));
+        (std::array::from_fn(|j| _mm256_and_si256(words[j], lo_mask)), std::array::from_fn(|j| _mm256_and_si256(words[j], hi_mask)))
+    }
+
+    /// For `vpmaddubsw` (which saturates i16): both nibbles as codes 0..15.
+    #[inline(always)]
+    unsafe fn unpack_codes(words: &[__m256i; 4]) -> ([__m256i; 4], [__m256i; 4]) {
+        let mask = _mm256_set1_epi8(0x0F);
+        (std::array::from_fn(|j| _mm256_and_si256(words[j], mask)), std::array::from_fn(|j| _mm256_and_si256(_mm256_srli_epi16(words[j], 4), mask)))
+    }
+
+    macro_rules! vnni_dot {
+        ($name:ident, $dp:ident) => {
+            /// The chunk's eight row sums: two chains of four (low and high nibbles), the high
+            /// one divided by 16 (exact: every term is a multiple of 16).
+            #[inline(always)]
+            unsafe fn $name(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const i8) -> __m256i {
+                let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for j in 0..4 {
+                    a = $dp(a, lo[j], piece(x, 4 * j));
+                    b = $dp(b, hi[j], piece(x, 32 + 4 * j));
+                }
+                _mm256_add_epi32(a, _mm256_srai_epi32(b, 4))
+            }
+        };
+    }
+    vnni_dot!(dot_vnni512, _mm256_dpbusd_epi32);
+    vnni_dot!(dot_avxvnni, _mm256_dpbusd_avx_epi32);
+
+    /// AVX2: `vpmaddubsw` pairs (at most 2 · 15 · 127, no saturation) summed to i32 by `vpmaddwd`.
+    #[inline(always)]
+    unsafe fn dot_avx2(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const i8) -> __m256i {
+        let mut p = _mm256_setzero_si256();
+        for j in 0..4 {
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[j], piece(x, 4 * j)));
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[j], piece(x, 32 + 4 * j)));
+        }
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    panel_fn!(panel_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", unpack_shifted, dot_vnni512);
+    panel_fn!(panel_avxvnni, "avx2,fma,f16c,avxvnni", unpack_shifted, dot_avxvnni);
+    panel_fn!(panel_avx2, "avx2,fma,f16c", unpack_codes, dot_avx2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize_codes, QuantScheme};
+    use crate::rng::Rng;
+
+    /// Every x86 path against the exact sum of the dequantized weight times the quantized
+    /// activations, on awkward shapes (one chunk, odd chunk counts, groups of 32 to 128 and not a
+    /// power of two) and token counts below, at and past a tile; several weights in one call.
+    #[test]
+    fn every_path_matches_the_quantized_reference() {
+        let mut rng = Rng::new(17);
+        for &(n, k, g) in &[(8usize, 32usize, 32usize), (24, 96, 32), (16, 576, 64), (40, 384, 128), (8, 288, 96), (16, 2048, 128)] {
+            let make = |rng: &mut Rng, n: usize| {
+                let wf: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
+                PackedQ4::from_quantized(&quantize_codes(&wf, n, k, QuantScheme::new(4, g).unwrap()))
+            };
+            let (a, b) = (make(&mut rng, n), make(&mut rng, 2 * n));
+            let ws = [&a, &b];
+            let paths: Vec<A8Path> = A8Path::available().into_iter().filter(|&p| applies(&ws, p)).collect();
+            for m in [1, 3, 8, 11] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let acts = QuantizedActs::new(&x, m, k, false);
+                for &path in &paths {
+                    let y = matmul_acts(&ws, &acts, path);
+                    let total = 3 * n;
+                    let mut row = vec![0f32; k];
+                    for t in 0..m {
+                        for o in 0..total {
+                            let (w, lo) = if o < n { (&a, o) } else { (&b, o - n) };
+                            w.dequantize_row(lo, &mut row);
+                            let terms: Vec<f64> = (0..k).map(|i| f64::from(row[i]) * f64::from(acts.value(t, i, false))).collect();
+                            let want: f64 = terms.iter().sum();
+                            let mag: f64 = terms.iter().map(|v| v.abs()).sum();
+                            let got = f64::from(y[t * total + o]);
+                            assert!((got - want).abs() <= 1e-5 * mag + 1e-6, "{path:?} n={n} k={k} g={g} m={m} row {o}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
