@@ -27,6 +27,10 @@ struct Slot {
     rows: Tensor,
     /// The causal mask of its new tokens (none for one token).
     mask: Option<Tensor>,
+    /// On CUDA, the positions of its new tokens and their pool rows (u32 on the device): rope
+    /// and the KV write then take one launch each per layer ([`Attention::attend_paged`]).
+    #[cfg(feature = "cuda")]
+    new_at: Option<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -44,6 +48,22 @@ impl Attention {
             let (q, k) = match (&self.q_norm, &self.k_norm) {
                 (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
                 _ => (q, k),
+            };
+            #[cfg(feature = "cuda")]
+            let q = if let Some((pos, new_rows)) = &s.new_at {
+                // The server's decode kernels for all of the chunk's tokens: candle's rope of q
+                // and k and a copy per 16-position run into the pool were some 25 launches per
+                // layer, which made a 150-token prompt's prefill step host-bound (45 ms on an
+                // H100 against a fraction of that of GPU work).
+                let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), pos, h, hd)?;
+                let (kp, vp) = pool.layer(layer)?;
+                super::cuda::kv_write_rows(&k, &v, &kp, &vp, rope.cos(), rope.sin(), pos, new_rows, kvh, hd)?;
+                let (k_all, v_all) = pool.gather(layer, &s.rows)?;
+                let q = q.reshape((1, s.n, h, hd))?.transpose(1, 2)?;
+                outs.push(self.scaled_dot_product(&q, &k_all, &v_all, s.mask.as_ref())?);
+                continue;
+            } else {
+                q
             };
             let q = rope.apply(&q.transpose(1, 2)?, s.offset)?;
             let k = rope.apply(&k.transpose(1, 2)?, s.offset)?;
@@ -115,7 +135,21 @@ impl Model {
         for s in seqs.iter() {
             let (n, offset) = (s.tokens.len(), s.kv.len());
             let rows = pool.rows(s.kv, offset + n, &self.device)?;
-            slots.push(Slot { start, n, offset, rows, mask: self.mask(n, offset)? });
+            #[cfg(feature = "cuda")]
+            let new_at = if super::cuda::paged_decode_applies(&self.device, self.dtype, self.cfg.head_dim()) {
+                Some((Tensor::arange(offset as u32, (offset + n) as u32, &self.device)?, rows.narrow(0, offset, n)?))
+            } else {
+                None
+            };
+            slots.push(Slot {
+                start,
+                n,
+                offset,
+                rows,
+                mask: self.mask(n, offset)?,
+                #[cfg(feature = "cuda")]
+                new_at,
+            });
             start += n;
         }
         let logits = self.on_pool(|| -> Result<Tensor> {
