@@ -272,6 +272,19 @@ fn bad_device_dtype_and_sampling_flags_are_named() {
     assert!(err(&["--threads", "0"]).contains("--threads 0"));
 }
 
+/// The server's limits are checked before anything is loaded: zero is refused by name.
+#[test]
+fn serve_refuses_zero_limits_by_flag_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    for flag in ["--max-batch", "--prefill-chunk", "--kv-blocks", "--kv-cache-mb"] {
+        let o = Command::new(bin()).args(["serve", "--model", dir.to_str().unwrap(), "--device", "cpu", "--port", "0", flag, "0"]).output().unwrap();
+        assert!(!o.status.success(), "{flag} 0 started a server");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(flag), "{flag} 0: {stderr}");
+    }
+}
+
 #[test]
 fn quantize_dummy_weights_times_the_pass_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

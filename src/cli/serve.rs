@@ -34,10 +34,10 @@ pub struct Args {
     /// Size of the paged KV cache in blocks of 16 tokens (instead of --kv-cache-mb).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
-    /// Prompt tokens prefilled per step at most (long prompts go in chunks, so running streams
-    /// keep their pace).
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
+    /// Prompt tokens prefilled per step at most, over all prefilling sequences (long prompts go
+    /// in chunks, so running streams keep their pace) [default: 512 on the CPU, 4096 on CUDA].
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
     /// Require `Authorization: Bearer KEY` on every /v1/ request.
     #[arg(long)]
     pub api_key: Option<String>,
@@ -50,7 +50,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be positive");
     }
-    if a.prefill_chunk == 0 {
+    if a.prefill_chunk == Some(0) {
         bail!("--prefill-chunk must be positive");
     }
     if a.kv_cache_mb == Some(0) || a.kv_blocks == Some(0) {
@@ -82,7 +82,14 @@ pub fn run(a: Args) -> Result<()> {
         let spec = a.model.model_spec_with(Default4Bit::Prefer).unwrap_or_default();
         std::path::Path::new(spec.trim_end_matches('/')).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(spec)
     });
-    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk: a.prefill_chunk };
+    // On a GPU a step of 4096 prompt tokens costs a few hundred milliseconds, and a burst of
+    // arrivals is then admitted in one or two steps instead of one every 512 tokens, each of
+    // which the streams already decoding sat through (H100, 16 clients of ~700-token prompts:
+    // decode 5.1x -> 5.9x one stream, TTFT p50 440 -> 285 ms; BENCHMARKS.md, session 17). vLLM's
+    // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
+    // already take most of a second.
+    let prefill_chunk = a.prefill_chunk.unwrap_or(if device.is_cpu() { 512 } else { 4096 });
+    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {
