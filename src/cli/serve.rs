@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<()> {
     });
     // On a GPU a step of 4096 prompt tokens costs a few hundred milliseconds, and a burst of
     // arrivals is then admitted in one or two steps instead of one every 512 tokens, each of
-    // which the streams already decoding sat through (H100, 16 clients of ~700-token prompts:
+    // which the streams already decoding sat through (H100, 16 clients of ~520-token prompts:
     // decode 5.1x -> 5.9x one stream, TTFT p50 440 -> 285 ms; BENCHMARKS.md, session 17). vLLM's
     // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
     // already take most of a second.

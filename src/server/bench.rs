@@ -13,6 +13,9 @@ pub struct LoadLevel {
     pub clients: usize,
     pub requests: usize,
     pub output_tokens: usize,
+    /// The mean prompt length in the server's tokens (its `usage`): a prompt of N words is about
+    /// 1.3 N tokens for a real tokenizer, about 5.5 N for the dummy model's one token per byte.
+    pub prompt_tokens: f64,
     pub wall_secs: f64,
     pub ttft: Vec<f64>,
     pub itl: Vec<f64>,
@@ -54,6 +57,7 @@ struct Sample {
     ttft: f64,
     gaps: Vec<f64>,
     tokens: usize,
+    prompt_tokens: usize,
 }
 
 fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&str>) -> Result<Sample> {
@@ -65,7 +69,7 @@ fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&st
     }
     let t0 = Instant::now();
     let resp = req.send_json(body).map_err(|e| Error::msg(format!("{url}: {e}")))?;
-    let (mut first, mut last, mut gaps, mut tokens) = (None, None, Vec::new(), 0);
+    let (mut first, mut last, mut gaps, mut tokens, mut prompt_tokens) = (None, None, Vec::new(), 0, 0);
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line.map_err(|e| Error::msg(format!("{url}: {e}")))?;
         let Some(data) = line.strip_prefix("data: ") else { continue };
@@ -79,6 +83,9 @@ fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&st
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n as usize;
         }
+        if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+            prompt_tokens = n as usize;
+        }
         if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
             let now = Instant::now();
             match last {
@@ -88,7 +95,7 @@ fn one_request(url: &str, model: &str, prompt: &str, gen: usize, key: Option<&st
             last = Some(now);
         }
     }
-    Ok(Sample { ttft: first.unwrap_or(f64::NAN), gaps, tokens })
+    Ok(Sample { ttft: first.unwrap_or(f64::NAN), gaps, tokens, prompt_tokens })
 }
 
 /// An `awq_run_NAME` sample of the server's /metrics (NaN where it cannot be read).
@@ -124,15 +131,17 @@ pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen
     for (v, v0) in step_secs.iter_mut().zip(phases0) {
         *v = (*v - v0) / steps;
     }
-    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps, step_secs };
+    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, prompt_tokens: 0.0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps, step_secs };
     for s in samples {
         for r in s? {
             level.requests += 1;
             level.output_tokens += r.tokens;
+            level.prompt_tokens += r.prompt_tokens as f64;
             level.ttft.push(r.ttft);
             level.itl.extend(r.gaps);
         }
     }
+    level.prompt_tokens /= level.requests.max(1) as f64;
     Ok(level)
 }
 
@@ -274,13 +283,14 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
 pub fn table(levels: &[LoadLevel]) -> String {
     let base = levels.first().map(|l| l.tokens_per_second()).unwrap_or(1.0);
     let base_decode = levels.first().map(|l| l.decode_tokens_per_second()).unwrap_or(1.0);
-    let mut t = String::from("| clients | requests | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | step ms (forward / sampling / emit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| clients | requests | prompt tokens | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | step ms (forward / sampling / emit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in levels {
         let ms = |x: f64| format!("{:.1} ms", x * 1e3);
         t += &format!(
-            "| {} | {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} | {:.2} ({:.2} / {:.2} / {:.2}) |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} | {:.2} ({:.2} / {:.2} / {:.2}) |\n",
             l.clients,
             l.requests,
+            l.prompt_tokens,
             l.tokens_per_second(),
             l.tokens_per_second() / base,
             l.decode_tokens_per_second(),
@@ -303,11 +313,11 @@ pub fn table(levels: &[LoadLevel]) -> String {
 mod tests {
     #[test]
     fn decode_throughput_is_clients_over_the_mean_gap() {
-        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
+        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, prompt_tokens: 12.0, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
         assert!((l.decode_tokens_per_second() - 200.0).abs() < 1e-9);
         assert!((l.tokens_per_second() - 20.0).abs() < 1e-9);
         let t = super::table(&[l]);
-        assert!(t.contains("| 4 | 4 | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
+        assert!(t.contains("| 4 | 4 | 12 | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
         assert!(t.contains("| 10.00 (8.00 / 1.00 / 1.00) |"), "{t}");
     }
 
