@@ -13,8 +13,8 @@ pub struct LoadLevel {
     pub clients: usize,
     pub requests: usize,
     pub output_tokens: usize,
-    /// The mean prompt length in the server's tokens (its `usage`): a prompt of N words is about
-    /// 1.3 N tokens for a real tokenizer, about 5.5 N for the dummy model's one token per byte.
+    /// The mean prompt length in the server's tokens (its `usage`): the load client's N short
+    /// words are N tokens for SmolLM2's tokenizer, about 4 N for the dummy model's one per byte.
     pub prompt_tokens: f64,
     pub wall_secs: f64,
     pub ttft: Vec<f64>,
