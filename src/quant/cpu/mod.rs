@@ -331,8 +331,12 @@ fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S +
     let mut y = vec![0f32; m * n];
     let ptr = SendPtr(y.as_mut_ptr());
     let blocks = n.div_ceil(block);
-    // At least 16 rows a task: below that the hand-out costs more than the rows.
-    pool::for_ranges(blocks, 16usize.div_ceil(block), |range| {
+    // At least 16 rows a task: below that the hand-out costs more than the rows. Two ranges a
+    // thread, not four: a range's first rows wait for memory with nothing prefetched, and a
+    // decode call is short (SmolLM2's 576 x 576 is 7 us), so each start shows; two still let a
+    // thread that is running behind hand a range over (BENCHMARKS.md, session 17: SmolLM2
+    // tg128 at two threads, two ranges against four faster in 11 of 14 alternated pairs).
+    pool::for_ranges_per_thread(blocks, 16usize.div_ceil(block), 2, |range| {
         let mut scratch = init();
         for b in range {
             let rows = b * block..((b + 1) * block).min(n);

@@ -165,7 +165,12 @@ pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
 /// `0 .. n` cut into about four ranges per thread (so a thread the OS has taken away costs a
 /// quarter of its share, not all of it), `f(range)` run for each over the pool.
 pub fn for_ranges(n: usize, min_len: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    let chunks = (threads() * 4).min(n.div_ceil(min_len.max(1))).max(1);
+    for_ranges_per_thread(n, min_len, 4, f)
+}
+
+/// [`for_ranges`] with about `per_thread` ranges per thread.
+pub fn for_ranges_per_thread(n: usize, min_len: usize, per_thread: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let chunks = (threads() * per_thread.max(1)).min(n.div_ceil(min_len.max(1))).max(1);
     let len = n.div_ceil(chunks);
     run(n.div_ceil(len.max(1)), &|c| f(c * len..((c + 1) * len).min(n)));
 }
