@@ -52,7 +52,8 @@ impl PackedQ4 {
         Self { shape, codes, scales, zeros, table_cache: OnceLock::new(), panel_cache: OnceLock::new() }
     }
 
-    /// The code (0..15) of row `o`, input `i`.
+    /// The code (0..15) of row `o`, input `i`: 32-weight chunks of 16 bytes, byte j holding
+    /// weight j in its low nibble and weight j + 16 in its high one.
     #[inline]
     pub fn code(&self, o: usize, i: usize) -> u8 {
         let b = self.codes[o * self.shape.k / 2 + i / 32 * 16 + i % 16];

@@ -46,15 +46,8 @@ impl TiledQ4 {
         let WeightShape { n, k, group_size: g } = w.shape;
         let np = n.div_ceil(64) * 64;
         let nunits = np / 64;
-        // The code of (row, col) in the CPU layout: 32-weight chunks of 16 bytes, byte j holding
-        // weight j in its low nibble and weight j + 16 in its high one.
-        let code = |row: usize, col: usize| -> u8 {
-            if row >= n {
-                return 0;
-            }
-            let b = w.codes[row * k / 2 + (col / 32) * 16 + col % 16];
-            if col % 32 < 16 { b & 0xF } else { b >> 4 }
-        };
+        // Rows past `n` pad the last unit with code 0.
+        let code = |row: usize, col: usize| -> u8 { if row < n { w.code(row, col) } else { 0 } };
         let mut units = vec![0u8; (k / 16) * nunits * 512];
         // Units are independent: fill them in parallel (a 7B model has 6.5 billion weights).
         units.par_chunks_mut(512).enumerate().for_each(|(u, unit)| {
