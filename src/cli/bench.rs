@@ -33,14 +33,31 @@ pub struct Args {
     pub json: bool,
 }
 
+/// What was measured, and how: shared by the batch-1 and the batched report.
 #[derive(Serialize)]
-struct BenchResult {
+struct RunInfo {
     model: String,
     weights: String,
     device: String,
     dtype: String,
     prompt_len: usize,
     gen: usize,
+    threads: usize,
+    /// The CPU 4-bit arithmetic and lm_head format (`--cpu-kernel`, `--cpu-head`).
+    cpu_kernel: String,
+}
+
+impl RunInfo {
+    /// The head of the text report: `model [weights, kernel, N threads] on device (dtype)`.
+    fn describe(&self) -> String {
+        format!("{} [{}, {}, {} threads] on {} ({})", self.model, self.weights, self.cpu_kernel, self.threads, self.device, self.dtype)
+    }
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    #[serde(flatten)]
+    run: RunInfo,
     prefill_tok_s: f64,
     decode_tok_s: f64,
     decode_ms_per_token: f64,
@@ -48,12 +65,9 @@ struct BenchResult {
     /// close to decode_ms_per_token when the host, not the device, sets the pace.
     decode_issue_ms_per_token: f64,
     peak_rss_mib: f64,
-    threads: usize,
-    /// The CPU 4-bit arithmetic and lm_head format (`--cpu-kernel`, `--cpu-head`).
-    cpu_kernel: String,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -111,8 +125,18 @@ pub fn run(a: Args) -> Result<()> {
     }
     let vocab = model.vocab_size() as u32;
     let prompt: Vec<u32> = (0..a.prompt_len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let run = RunInfo {
+        model: name,
+        weights,
+        device: awq_run::engine::device::device_name(&device),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        prompt_len: a.prompt_len,
+        gen: a.gen,
+        threads: rayon::current_num_threads(),
+        cpu_kernel: a.model.cpu_kernel_name(),
+    };
     if !a.batch.is_empty() {
-        return report_batched(&a, &model, &name, &weights, &device, &prompt, &a.batch);
+        return report_batched(&a, &model, run, &prompt);
     }
     run_once(&model, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
     let (mut pre, mut dec, mut issue) = (Vec::new(), Vec::new(), Vec::new());
@@ -123,26 +147,26 @@ pub fn run(a: Args) -> Result<()> {
         issue.push(1000.0 * i / a.gen.max(1) as f64);
     }
     let r = BenchResult {
-        model: name,
-        weights,
-        device: awq_run::engine::device::device_name(&device),
-        dtype: format!("{dtype:?}").to_lowercase(),
-        prompt_len: a.prompt_len,
-        gen: a.gen,
+        run,
         prefill_tok_s: median(pre),
         decode_tok_s: median(dec.clone()),
         decode_ms_per_token: 1000.0 / median(dec),
         decode_issue_ms_per_token: median(issue),
         peak_rss_mib: peak_rss_mib(),
-        threads: rayon::current_num_threads(),
-        cpu_kernel: a.model.cpu_kernel_name(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} [{}, {}, {} threads] on {} ({}): prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
-            r.model, r.weights, r.cpu_kernel, r.threads, r.device, r.dtype, r.prefill_tok_s, r.prompt_len, r.decode_tok_s, r.decode_ms_per_token, r.decode_issue_ms_per_token, r.gen, r.peak_rss_mib
+            "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
+            r.run.describe(),
+            r.prefill_tok_s,
+            r.run.prompt_len,
+            r.decode_tok_s,
+            r.decode_ms_per_token,
+            r.decode_issue_ms_per_token,
+            r.run.gen,
+            r.peak_rss_mib
         );
     }
     Ok(())
@@ -150,37 +174,21 @@ pub fn run(a: Args) -> Result<()> {
 
 #[derive(Serialize)]
 struct BatchedResult {
-    model: String,
-    weights: String,
-    device: String,
-    dtype: String,
-    prompt_len: usize,
-    gen: usize,
-    threads: usize,
-    cpu_kernel: String,
+    #[serde(flatten)]
+    run: RunInfo,
     batched: Vec<super::bench_batch::BatchRow>,
 }
 
 /// `--batch`: one row per batch size (see [`super::bench_batch`]).
-fn report_batched(a: &Args, model: &Model, name: &str, weights: &str, device: &Device, prompt: &[u32], batches: &[usize]) -> Result<()> {
-    let rows = super::bench_batch::run(model, prompt, a.gen, batches, a.repeats)?;
-    let r = BatchedResult {
-        model: name.to_string(),
-        weights: weights.to_string(),
-        device: awq_run::engine::device::device_name(device),
-        dtype: format!("{:?}", model.dtype).to_lowercase(),
-        prompt_len: a.prompt_len,
-        gen: a.gen,
-        threads: rayon::current_num_threads(),
-        cpu_kernel: a.model.cpu_kernel_name(),
-        batched: rows,
-    };
+fn report_batched(a: &Args, model: &Model, run: RunInfo, prompt: &[u32]) -> Result<()> {
+    let rows = super::bench_batch::run(model, prompt, a.gen, &a.batch, a.repeats)?;
+    let r = BatchedResult { run, batched: rows };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("{} [{}, {}, {} threads] on {} ({}), batched decode of {} tokens after {}-token prompts:", r.model, r.weights, r.cpu_kernel, r.threads, r.device, r.dtype, r.gen, r.prompt_len);
-    println!("| batch | decode tok/s (all sequences) | ms per step | vs batch {} |", batches[0]);
+    println!("{}, batched decode of {} tokens after {}-token prompts:", r.run.describe(), r.run.gen, r.run.prompt_len);
+    println!("| batch | decode tok/s (all sequences) | ms per step | vs batch {} |", a.batch[0]);
     println!("|---|---|---|---|");
     for row in &r.batched {
         println!("| {} | {:.1} | {:.2} | {:.2}x |", row.batch, row.decode_tok_s, row.step_ms, row.vs_first);

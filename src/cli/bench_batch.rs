@@ -67,9 +67,8 @@ pub fn run(model: &Model, prompt: &[u32], gen: usize, batches: &[usize], repeats
         let mut pool = KvPool::new(&model.cfg, blocks, model.dtype, &model.device)
             .with_context(|| format!("a KV pool for {batch} sequences of {} positions", prompt.len() + gen))?;
         decode_seconds(model, &mut pool, prompt, gen.min(8), batch)?;
-        let mut secs: Vec<f64> = (0..repeats.max(1)).map(|_| decode_seconds(model, &mut pool, prompt, gen, batch)).collect::<Result<_>>()?;
-        secs.sort_by(f64::total_cmp);
-        let s = secs[secs.len() / 2];
+        let secs: Vec<f64> = (0..repeats.max(1)).map(|_| decode_seconds(model, &mut pool, prompt, gen, batch)).collect::<Result<_>>()?;
+        let s = super::bench::median(secs);
         let decode_tok_s = (batch * gen) as f64 / s.max(1e-9);
         let vs_first = rows.first().map_or(1.0, |f| decode_tok_s / f.decode_tok_s);
         rows.push(BatchRow { batch, decode_tok_s, step_ms: 1000.0 * s / gen.max(1) as f64, vs_first });
