@@ -49,25 +49,32 @@ impl Attention {
                 (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
                 _ => (q, k),
             };
+            // q with rope applied, `[1, h, n, hd]`; the chunk's keys and values in the pool.
             #[cfg(feature = "cuda")]
-            let q = if let Some((pos, new_rows)) = &s.new_at {
+            let fused = match &s.new_at {
                 // The server's decode kernels for all of the chunk's tokens: candle's rope of q
                 // and k and a copy per 16-position run into the pool were some 25 launches per
                 // layer, which made a 150-token prompt's prefill step host-bound (45 ms on an
                 // H100 against a fraction of that of GPU work).
-                let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), pos, h, hd)?;
-                let (kp, vp) = pool.layer(layer)?;
-                super::cuda::kv_write_rows(&k, &v, &kp, &vp, rope.cos(), rope.sin(), pos, new_rows, kvh, hd)?;
-                let (k_all, v_all) = pool.gather(layer, &s.rows)?;
-                let q = q.reshape((1, s.n, h, hd))?.transpose(1, 2)?;
-                outs.push(self.scaled_dot_product(&q, &k_all, &v_all, s.mask.as_ref())?);
-                continue;
-            } else {
-                q
+                Some((pos, new_rows)) => {
+                    let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), pos, h, hd)?;
+                    let (kp, vp) = pool.layer(layer)?;
+                    super::cuda::kv_write_rows(&k, &v, &kp, &vp, rope.cos(), rope.sin(), pos, new_rows, kvh, hd)?;
+                    Some(q.reshape((1, s.n, h, hd))?.transpose(1, 2)?)
+                }
+                None => None,
             };
-            let q = rope.apply(&q.transpose(1, 2)?, s.offset)?;
-            let k = rope.apply(&k.transpose(1, 2)?, s.offset)?;
-            pool.write(layer, kv, &k.squeeze(0)?.transpose(0, 1)?, &v)?;
+            #[cfg(not(feature = "cuda"))]
+            let fused: Option<Tensor> = None;
+            let q = match fused {
+                Some(q) => q,
+                None => {
+                    let q = rope.apply(&q.transpose(1, 2)?, s.offset)?;
+                    let k = rope.apply(&k.transpose(1, 2)?, s.offset)?;
+                    pool.write(layer, kv, &k.squeeze(0)?.transpose(0, 1)?, &v)?;
+                    q
+                }
+            };
             let (k_all, v_all) = pool.gather(layer, &s.rows)?;
             outs.push(self.scaled_dot_product(&q, &k_all, &v_all, s.mask.as_ref())?);
         }
