@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, skinny_many, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, launch, skinny_many, skinny_many_with, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -129,16 +129,27 @@ fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
                 Box::new(|i| gemv_many_with(&[&ws[i % wc]], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }).map(|_| ())),
                 Box::new(|i| skinny_many(&[&ws[i % wc]], &x, None).map(|_| ())),
             ];
-            // The skinny GEMM's k slices swept where the default choice is least obvious.
-            for &sp in sweep {
+            // Every k-step grouping built for these token slots at its default k slices, then
+            // the slices swept for each where the choice is least obvious.
+            let kws = launch::skinny_k_warps_built(launch::skinny_slots(m));
+            let mut keys = Vec::new();
+            for &kw in kws {
+                keys.push(format!("k{kw}"));
                 let (ws, x) = (&ws, &x);
-                fs.push(Box::new(move |i| skinny_many(&[&ws[i % wc]], x, Some(sp)).map(|_| ())));
+                fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kw)).map(|_| ())));
+            }
+            for &kw in kws {
+                for &sp in sweep {
+                    keys.push(format!("k{kw} s{sp}"));
+                    let (ws, x) = (&ws, &x);
+                    fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kw)).map(|_| ())));
+                }
             }
             let t = time_graphs_interleaved(device, 9, 100, fs)?;
-            let swept: serde_json::Map<String, serde_json::Value> = sweep.iter().zip(&t[5..]).map(|(sp, v)| (sp.to_string(), serde_json::json!(v * 1e6))).collect();
+            let swept: serde_json::Map<String, serde_json::Value> = keys.into_iter().zip(&t[5..]).map(|(key, v)| (key, serde_json::json!(v * 1e6))).collect();
             rows.push(serde_json::json!({
                 "what": format!("small-m K={k} N={n} M={m} f16"),
-                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6, "w4_skinny_us": t[4] * 1e6, "skinny_over_cublas": t[0] / t[4], "skinny_splits_us": swept,
+                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6, "w4_skinny_us": t[4] * 1e6, "skinny_over_cublas": t[0] / t[4], "skinny_variants_us": swept,
                 "w4_over_cublas": t[0] / t[1],
             }));
         }

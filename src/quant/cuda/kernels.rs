@@ -148,7 +148,7 @@ impl CudaQ4 {
     }
 
     /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 64 tokens in f16 (8
-    /// otherwise; in f16 the skinny GEMM from 17 tokens, see [`gemv_many_with`]); beyond, the
+    /// otherwise; in f16 the skinny GEMM from 9 tokens, see [`gemv_many_with`]); beyond, the
     /// tensor-core GEMM for f16, else dequantization to `x`'s dtype and a cuBLAS matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_prefetch(x, &L2Prefetch::none())
@@ -229,7 +229,7 @@ pub enum GemvKernel {
 }
 
 /// As [`gemv_many`] with the launch chosen by the caller. The default kernel hands f16 launches
-/// of 17–64 tokens to the skinny GEMM ([`super::skinny_many`]) where it takes the weights.
+/// of 9–64 tokens to the skinny GEMM ([`super::skinny_many`]) where it takes the weights.
 pub fn gemv_many_with(ws: &[&CudaQ4], x: &Tensor, opts: GemvOptions) -> Result<Tensor> {
     if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
         candle_core::bail!("W4A16 GEMV takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());

@@ -62,6 +62,17 @@ pub fn skinny_shape_ok(k: usize, g: usize) -> bool {
     k > 0 && k.is_multiple_of(64) && (g == 32 || (g > 0 && g.is_multiple_of(64)))
 }
 
+/// The k-step groups (warps sharing 64 rows' k steps inside a block) the skinny GEMM is compiled
+/// for at `mt` token slots (`SKINNY_ENTRY` in w4a16_skinny.cu: blocks of 128 · mt / 16 · kw
+/// threads that fit the register file).
+pub fn skinny_k_warps_built(mt: usize) -> &'static [usize] {
+    match mt {
+        16 => &[1, 2, 4],
+        32 => &[1, 2],
+        _ => &[1],
+    }
+}
+
 /// Token slots of the skinny GEMM for `m` tokens.
 pub fn skinny_slots(m: usize) -> usize {
     match m {
@@ -100,6 +111,11 @@ mod tests {
         assert!(skinny_shape_ok(4096, 128) && skinny_shape_ok(576, 64) && skinny_shape_ok(11008, 32));
         assert!(!skinny_shape_ok(4096, 96) && !skinny_shape_ok(4000, 32) && !skinny_shape_ok(0, 64));
         assert_eq!((skinny_slots(9), skinny_slots(16), skinny_slots(17), skinny_slots(64)), (16, 16, 32, 64));
+        // Every slot count has the one-group kernel; no block passes 1024 threads.
+        for mt in [16, 32, 64] {
+            assert_eq!(skinny_k_warps_built(mt)[0], 1);
+            assert!(skinny_k_warps_built(mt).iter().all(|kw| 128 * mt / 16 * kw <= 1024));
+        }
         // Four stages of 64 tokens: 73.7 KB, three blocks per SM at most.
         assert_eq!(skinny_smem(64), 4 * (8192 + 8192 + 2048));
         assert!(skinny_smem(16) >= 16 * 260 * 4);

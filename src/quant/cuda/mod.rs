@@ -10,4 +10,4 @@ pub use kernels::*;
 #[cfg(feature = "cuda")]
 mod skinny;
 #[cfg(feature = "cuda")]
-pub use skinny::{skinny_many, skinny_supported};
+pub use skinny::{skinny_many, skinny_many_with, skinny_supported};

@@ -13,13 +13,27 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny.ptx"));
 const MODULE: &str = "awq_w4a16_skinny";
 
 /// The token count from which the default GEMV path hands over to the skinny GEMM (up to
-/// [`launch::SKINNY_MAX_TOKENS`]): 17. Below, the few-token GEMV is as fast or faster (H100, 16
-/// tokens: 11.8 against 16.7 µs at 4096 × 4096); from 17 the skinny GEMM beats the ring GEMV on
-/// every Llama-2-7B shape (BENCHMARKS.md, session 14). `AWQ_RUN_SKINNY_FROM` overrides it for
-/// A/B benchmarks (65 turns the skinny GEMM off).
+/// [`launch::SKINNY_MAX_TOKENS`]): 9. With two warps sharing each 64 rows' k steps at 9–16
+/// tokens ([`skinny_k_warps`]) the skinny GEMM beats the few-token GEMV at 16 tokens on
+/// 4096 × 11008 (H100: 18.0 against 22.6 µs), ties it on 11008 × 4096 and at 12 tokens, and the
+/// batched decode step of 16 sequences of dummy Llama-2-7B took 4.31 ms against 4.70
+/// (BENCHMARKS.md, session 18). `AWQ_RUN_SKINNY_FROM` overrides it for A/B benchmarks (65 turns
+/// the skinny GEMM off).
 pub fn skinny_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
+    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(9))
+}
+
+/// How many warps share each 64 rows' k steps at `mt` token slots (one of
+/// [`launch::skinny_k_warps_built`]): two at 16 slots, one at 32 and 64. Measured (H100,
+/// session 18): at 16 tokens two groups run the blocks' k slices twice as long with twice the
+/// warps (4096 × 11008: 18.0 against 21.8 µs; four groups 20.4); at 32 tokens two were faster
+/// alone on two of three shapes but made the batched step of 32 sequences slower (7.20 against
+/// 6.76 ms). `AWQ_RUN_SKINNY_KW` overrides it for A/B benchmarks where that count is built.
+pub fn skinny_k_warps(mt: usize) -> usize {
+    static KW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *KW.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_KW").ok().and_then(|v| v.parse().ok()));
+    forced.filter(|kw| launch::skinny_k_warps_built(mt).contains(kw)).unwrap_or(if mt == 16 { 2 } else { 1 })
 }
 
 /// Whether the skinny GEMM takes these weights and `m` tokens of `dt`.
@@ -31,6 +45,12 @@ pub fn skinny_supported(ws: &[&CudaQ4], m: usize, dt: DType) -> bool {
 /// `x · Wᵢᵀ` for up to three weights (same k and group size) through the skinny GEMM; outputs
 /// concatenated along the last dimension. `splits`: k slices (None: [`launch::skinny_splits`]).
 pub fn skinny_many(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>) -> Result<Tensor> {
+    skinny_many_with(ws, x, splits, None)
+}
+
+/// As [`skinny_many`] with the warps per 64 rows' k steps chosen (None: [`skinny_k_warps`]); one
+/// of [`launch::skinny_k_warps_built`] for the launch's token slots.
+pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, k_warps: Option<usize>) -> Result<Tensor> {
     if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
         candle_core::bail!("W4A16 skinny GEMM takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());
     }
@@ -45,14 +65,20 @@ pub fn skinny_many(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>) -> Result<
             ws[0].shape.group_size
         );
     }
+    let mt = launch::skinny_slots(m);
+    let k_warps = k_warps.unwrap_or_else(|| skinny_k_warps(mt));
+    if !launch::skinny_k_warps_built(mt).contains(&k_warps) {
+        candle_core::bail!("W4A16 skinny GEMM: {k_warps} warps per k step group at {mt} token slots; built for {:?}", launch::skinny_k_warps_built(mt));
+    }
     // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
     let x = if x.layout().start_offset() % 8 != 0 { x.copy()? } else { x };
-    x.apply_op1_no_bwd(&Skinny { ws, splits })
+    x.apply_op1_no_bwd(&Skinny { ws, splits, k_warps })
 }
 
 struct Skinny<'a> {
     ws: &'a [&'a CudaQ4],
     splits: Option<usize>,
+    k_warps: usize,
 }
 
 impl CustomOp1 for Skinny<'_> {
@@ -70,14 +96,14 @@ impl CustomOp1 for Skinny<'_> {
         let stream = dev.cuda_stream();
         let (sets, blocks, n_total) = W4Sets::new(self.ws, launch::SKINNY_ROWS, &stream)?;
         let mt = launch::skinny_slots(m);
-        let name = format!("w4_skinny_f16_t{mt}");
+        let name = format!("w4_skinny_f16_t{mt}_k{}", self.k_warps);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let smem = launch::skinny_smem(mt);
         let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
         if smem > max_smem {
             candle_core::bail!("{}: {smem} bytes of shared memory, the device allows {max_smem}", self.name());
         }
-        let threads = 128 * (mt / 16);
+        let threads = 128 * (mt / 16) * self.k_warps;
         let resident = resident_blocks(&dev, &func, &name, threads, smem, smem)?;
         let ktiles = k / 64;
         let splits = match self.splits {

@@ -37,8 +37,9 @@ __device__ __forceinline__ GemvRows gemv_rows(const W4Sets& ws, int b) {
 
 // A warp's MMA totals (NT token tiles of 8 x 4 m16 row tiles, c0..c3 as in mma16816, weights as
 // the A operand) stored to its rows of a reduction buffer, `warp_red[token * stride + row]`, for
-// the m real tokens (the tiles' other columns are discarded copies or zero rows).
-template <int NT>
+// the m real tokens (the tiles' other columns are discarded copies or zero rows); ADD adds them
+// to what is there (the k-step groups of the skinny GEMM).
+template <int NT, bool ADD = false>
 __device__ __forceinline__ void store_mma_sums(const float (&acc)[NT][4][4], float* warp_red, int m, int gi, int ti,
                                                int stride) {
 #pragma unroll
@@ -48,6 +49,8 @@ __device__ __forceinline__ void store_mma_sums(const float (&acc)[NT][4][4], flo
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int tok = 8 * j + 2 * ti + (e & 1);
-                if (tok < m) warp_red[tok * stride + wi * 16 + gi + (e >> 1) * 8] = acc[j][wi][e];
+                float& dst = warp_red[tok * stride + wi * 16 + gi + (e >> 1) * 8];
+                if (tok < m) dst = ADD ? dst + acc[j][wi][e] : acc[j][wi][e];
             }
 }
+

@@ -1,4 +1,4 @@
-// The skinny W4A16 GEMM: up to 64 tokens (the default path from 17: batched decode, speculative
+// The skinny W4A16 GEMM: up to 64 tokens (the default path from 9: batched decode, speculative
 // verification, short prompts), f16, on the tiled layout of w4a16.cu (units of 16 k x 64 rows).
 //
 // Why another kernel. At these token counts the weights are still the bulk of the bytes (4096 x
@@ -10,8 +10,12 @@
 // split-k, so an 11008-row layer is 86 blocks on 132 SMs.
 //
 // Here a block owns 256 rows and a slice of k (split-k over gridDim.y so that even 4096 rows
-// fill the GPU); its warps share one staged copy of x. Each warp takes 64 rows and two token
-// tiles (16 tokens), so 16 tokens take 4 warps and 64 tokens 16: with all of a warp's token tiles
+// fill the GPU); its warps share one staged copy of x. Each warp takes 64 rows, two token
+// tiles (16 tokens) and 4 / KW of each tile's four k16 steps, so 16 tokens take 4 KW warps and
+// 64 tokens 16. KW > 1 splits k inside the block, whose warps add their sums in shared memory at
+// the end: short k slices (many blocks, each a few tiles) spent most of their life waiting for
+// their first tiles and on the reduction (H100, ncu: SMs active 42-60 % of a 16-token launch,
+// 2 warps a scheduler), so KW puts more warps on fewer, longer slices. With all of a warp's token tiles
 // (8 at 64 tokens, 217 registers) an SM held 8 warps, each issuing its MMAs back to back with
 // nothing to hide their latency (H100: 55 us at 64 tokens of 4096 x 11008 with the fewest
 // slices, 1.7 us a k tile per block; BENCHMARKS.md). The weights are the
@@ -49,18 +53,20 @@ __device__ __forceinline__ void sk_ldmatrix_x4(uint32_t addr, uint32_t& r0, uint
 }
 
 // MT token slots (16, 32 or 64; tokens past m are zero rows whose MMAs are skipped a whole tile
-// at a time). Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
-template <int MT>
+// at a time); KW warps share each 64 rows' k steps (1, 2 or 4). Requires k % 64 == 0 and a group
+// size of 32 or a multiple of 64.
+template <int MT, int KW>
 __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                           int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
     // Token tiles of n8 per warp, and the warps' token groups.
-    constexpr int NT = 2, TG = MT / 16, THREADS = 128 * TG;
+    constexpr int NT = 2, TG = MT / 16, THREADS = 128 * TG * KW, KSTEPS = 4 / KW;
     constexpr int STAGE = sk_stage_bytes(MT);
     constexpr int X_BYTES = MT * 128, W_BYTES = 16 * 512;
     extern __shared__ __align__(128) uint8_t sk_smem[];
     const int tid = threadIdx.x, lane = tid & 31;
-    // Row quarter and token group of this warp: tokens 16 tg .. 16 tg + 15.
-    const int warp = (tid >> 5) & (SK_WARPS - 1), tg = tid >> 7;
+    // Row quarter, k-step group and token group of this warp: rows 64 warp .., k16 steps
+    // KSTEPS kg .. of every tile, tokens 16 tg .. 16 tg + 15.
+    const int warp = (tid >> 5) & (SK_WARPS - 1), kg = (tid >> 7) % KW, tg = tid / (128 * KW);
     const int gi = lane >> 2, ti = lane & 3;
     const int b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
 
@@ -92,9 +98,8 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
 
     auto load_stage = [&](int kt, int stage) {
         const uint32_t base = smem_base + stage * STAGE;
-#pragma unroll
-        for (int i = 0; i < MT * 8 / THREADS; i++) {
-            const int p = tid + THREADS * i, r = p >> 3, c = p & 7;
+        for (int p = tid; p < MT * 8; p += THREADS) {
+            const int r = p >> 3, c = p & 7;
             const bool ok = r < m;
             const __half* src = x + (size_t)(ok ? r : 0) * k + kt * SK_BK + c * 8;
             cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
@@ -140,9 +145,10 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
         const __half2* szs = reinterpret_cast<const __half2*>(st + X_BYTES + W_BYTES) + warp * 64 + gi;
         __half2 zl[8], zh[8], sc[8];
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            if (kk == 0 || (kk == 2 && two_groups)) {
-                const int off = kk == 2 ? SK_ROWS : 0;
+        for (int kq = 0; kq < KSTEPS; kq++) {
+            const int kk = kg * KSTEPS + kq;
+            if (kq == 0 || (kk == 2 && two_groups)) {
+                const int off = two_groups && kk >= 2 ? SK_ROWS : 0;
 #pragma unroll
                 for (int j = 0; j < 8; j++) sz_consts(szs[off + j * 8], zl[j], zh[j], sc[j]);
             }
@@ -175,10 +181,16 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
     __syncthreads();
 
     // The block's sums, [token][row of 256], through shared memory for coalesced stores; this
-    // warp's are tokens 16 tg .. of rows 64 warp ...
+    // warp's are tokens 16 tg .. of rows 64 warp ...; the k-step groups add theirs in order.
     float* red = reinterpret_cast<float*>(sk_smem);
-    store_mma_sums<NT>(acc, red + 16 * tg * SK_RED_STRIDE + warp * 64, m - 16 * tg, gi, ti, SK_RED_STRIDE);
+    float* warp_red = red + 16 * tg * SK_RED_STRIDE + warp * 64;
+    if (kg == 0) store_mma_sums<NT>(acc, warp_red, m - 16 * tg, gi, ti, SK_RED_STRIDE);
     __syncthreads();
+#pragma unroll
+    for (int g = 1; g < KW; g++) {
+        if (kg == g) store_mma_sums<NT, true>(acc, warp_red, m - 16 * tg, gi, ti, SK_RED_STRIDE);
+        __syncthreads();
+    }
     const int row0 = rb * SK_ROWS;
     if (nsplit == 1) {
         for (int i = tid; i < m * SK_ROWS; i += blockDim.x) {
@@ -233,11 +245,15 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
     if (tid == 0) counters[b] = 0;  // ready for the next launch
 }
 
-#define SKINNY_ENTRY(MT)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128 * (MT / 16)) w4_skinny_f16_t##MT(                                \
+// (MT, KW) pairs whose blocks fit the register file at the kernel's ~104 registers a thread.
+#define SKINNY_ENTRY(MT, KW)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * (MT / 16) * KW) w4_skinny_f16_t##MT##_k##KW(                   \
         W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
-        w4_skinny<MT>(ws, x, y, k, g, m, nt, part, counters);                                             \
+        w4_skinny<MT, KW>(ws, x, y, k, g, m, nt, part, counters);                                         \
     }
-SKINNY_ENTRY(16)
-SKINNY_ENTRY(32)
-SKINNY_ENTRY(64)
+SKINNY_ENTRY(16, 1)
+SKINNY_ENTRY(16, 2)
+SKINNY_ENTRY(16, 4)
+SKINNY_ENTRY(32, 1)
+SKINNY_ENTRY(32, 2)
+SKINNY_ENTRY(64, 1)
