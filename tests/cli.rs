@@ -286,6 +286,20 @@ fn serve_refuses_zero_limits_by_flag_name() {
 }
 
 #[test]
+fn serve_refuses_a_kv_cache_dtype_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    // An unknown name, and an f32 cache under f16 activations (the cache takes the activation
+    // dtype, or f16 under f32 on the CPU).
+    for extra in [&["--kv-cache-dtype", "bf16"][..], &["--kv-cache-dtype", "f32", "--dtype", "f16"]] {
+        let o = Command::new(bin()).args(["serve", "--model", dir.to_str().unwrap(), "--device", "cpu", "--port", "0"]).args(extra).output().unwrap();
+        assert!(!o.status.success(), "{extra:?} started a server");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains("--kv-cache-dtype"), "{extra:?}: {stderr}");
+    }
+}
+
+#[test]
 fn quantize_dummy_weights_times_the_pass_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     // RTN keeps this quick on the CI's CPU; the pass and its report are the same code as AWQ's.

@@ -78,6 +78,18 @@ impl Server {
         let text = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
         (text, chunks)
     }
+    /// Sends each request alone, then all of them at once as streams: every reply must be the
+    /// same both ways (`how`: what the batch was, for the message).
+    fn assert_batched_as_alone(&self, requests: &[Value], how: &str) {
+        let alone: Vec<String> = requests.iter().map(|r| self.chat(r.clone())["choices"][0]["message"]["content"].as_str().unwrap().to_string()).collect();
+        let batched: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = requests.iter().map(|r| scope.spawn(|| self.stream(r.clone()).0)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert_eq!(a, b, "request {i}: alone vs {how}");
+        }
+    }
     fn metric(&self, name: &str) -> f64 {
         let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
         text.lines()
@@ -187,19 +199,22 @@ fn sixteen_concurrent_streams_match_their_answers_alone() {
             }
         })
         .collect();
-    let alone: Vec<String> = requests.iter().map(|r| s.chat(r.clone())["choices"][0]["message"]["content"].as_str().unwrap().to_string()).collect();
-    let batched: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = requests.iter().map(|r| scope.spawn(|| s.stream(r.clone()).0)).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(a, b, "request {i}: alone vs batched with 15 others");
-    }
+    s.assert_batched_as_alone(&requests, "batched with 15 others");
     assert_eq!(s.metric("kv_blocks_used"), 0.0, "every finished sequence gave its blocks back");
     // 32 requests of up to 32 tokens: alone they take one sequence per step; together the
     // mean batch must be well above one.
     let mean = s.metric("batched_sequences_total") / s.metric("steps_total");
     assert!(mean > 1.5, "mean batch {mean}");
+}
+
+/// With the CPU's half-size cache (`--kv-cache-dtype f16`): concurrent greedy streams give the
+/// answers they give alone on the same server, and every block comes back.
+#[test]
+fn an_f16_kv_cache_serves_batched_streams_as_alone() {
+    let s = start(&["--max-batch", "8", "--kv-cache-dtype", "f16"]);
+    let requests: Vec<Value> = (0..8).map(|i| greedy(["hello world", "tell her", "the order", "other hero"][i % 4], 24 + i)).collect();
+    s.assert_batched_as_alone(&requests, "batched over an f16 cache");
+    assert_eq!(s.metric("kv_blocks_used"), 0.0);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `awq-run bench`: prefill and decode speed and peak memory, on a real or a dummy model.
 use super::common::{peak_rss_mib, ModelArgs};
 use anyhow::{bail, Result};
+use awq_run::model::paged::KvPool;
 use awq_run::model::Model;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -28,6 +29,10 @@ pub struct Args {
     /// sequences of --prompt-len positions decoding --gen tokens together (aggregate tokens/s).
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
+    /// With --batch: the paged KV cache's dtype, as `serve --kv-cache-dtype` (auto: the
+    /// activation dtype; f16 under f32 activations on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -176,18 +181,21 @@ pub fn run(a: Args) -> Result<()> {
 struct BatchedResult {
     #[serde(flatten)]
     run: RunInfo,
+    kv_cache_dtype: String,
     batched: Vec<super::bench_batch::BatchRow>,
 }
 
 /// `--batch`: one row per batch size (see [`super::bench_batch`]).
 fn report_batched(a: &Args, model: &Model, run: RunInfo, prompt: &[u32]) -> Result<()> {
-    let rows = super::bench_batch::run(model, prompt, a.gen, &a.batch, a.repeats)?;
-    let r = BatchedResult { run, batched: rows };
+    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?.unwrap_or(model.dtype);
+    KvPool::check_dtype(kv_dtype, model.dtype, &model.device)?;
+    let rows = super::bench_batch::run(model, kv_dtype, prompt, a.gen, &a.batch, a.repeats)?;
+    let r = BatchedResult { run, kv_cache_dtype: kv_dtype.as_str().to_string(), batched: rows };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("{}, batched decode of {} tokens after {}-token prompts:", r.run.describe(), r.run.gen, r.run.prompt_len);
+    println!("{}, batched decode of {} tokens after {}-token prompts, KV cache {}:", r.run.describe(), r.run.gen, r.run.prompt_len, r.kv_cache_dtype);
     println!("| batch | decode tok/s (all sequences) | ms per step | vs batch {} |", a.batch[0]);
     println!("|---|---|---|---|");
     for row in &r.batched {

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use awq_run::model::batch::StepSeq;
 use awq_run::model::paged::{KvPool, SeqKv};
 use awq_run::model::Model;
+use candle_core::DType;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -57,14 +58,14 @@ fn decode_seconds(model: &Model, pool: &mut KvPool, prompt: &[u32], gen: usize, 
 
 /// One row per batch size: a warm-up run (which also captures the CUDA graphs of its step),
 /// then the median of `repeats` timed runs.
-pub fn run(model: &Model, prompt: &[u32], gen: usize, batches: &[usize], repeats: usize) -> Result<Vec<BatchRow>> {
+pub fn run(model: &Model, kv_dtype: DType, prompt: &[u32], gen: usize, batches: &[usize], repeats: usize) -> Result<Vec<BatchRow>> {
     if batches.contains(&0) {
         bail!("--batch {batches:?}: every batch size must be at least 1");
     }
     let mut rows: Vec<BatchRow> = Vec::new();
     for &batch in batches {
         let blocks = batch * KvPool::blocks_for(prompt.len() + gen);
-        let mut pool = KvPool::new(&model.cfg, blocks, model.dtype, &model.device)
+        let mut pool = KvPool::new(&model.cfg, blocks, kv_dtype, &model.device)
             .with_context(|| format!("a KV pool for {batch} sequences of {} positions", prompt.len() + gen))?;
         decode_seconds(model, &mut pool, prompt, gen.min(8), batch)?;
         let secs: Vec<f64> = (0..repeats.max(1)).map(|_| decode_seconds(model, &mut pool, prompt, gen, batch)).collect::<Result<_>>()?;

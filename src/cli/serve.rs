@@ -34,6 +34,11 @@ pub struct Args {
     /// Size of the paged KV cache in blocks of 16 tokens (instead of --kv-cache-mb).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// The KV cache's dtype: `auto` (the activation dtype) or, on the CPU, `f16`: half the
+    /// memory per token and half the bytes a decode step's attention reads, keys and values
+    /// rounded to f16 (as llama.cpp's default cache).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Prompt tokens prefilled per step at most, over all prefilling sequences (long prompts go
     /// in chunks, so running streams keep their pace) [default: 512 on the CPU, 4096 on CUDA].
     #[arg(long)]
@@ -69,7 +74,9 @@ pub fn run(a: Args) -> Result<()> {
             (assets, model, None)
         }
     };
-    let block_bytes = KvPool::block_bytes(&model.cfg, model.dtype);
+    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?;
+    KvPool::check_dtype(kv_dtype.unwrap_or(model.dtype), model.dtype, &model.device)?;
+    let block_bytes = KvPool::block_bytes(&model.cfg, kv_dtype.unwrap_or(model.dtype));
     let kv_blocks = match (a.kv_blocks, a.kv_cache_mb) {
         (Some(b), _) => b,
         (None, Some(mb)) => (mb << 20) / block_bytes,
@@ -89,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
     // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
     // already take most of a second.
     let prefill_chunk = a.prefill_chunk.unwrap_or(if device.is_cpu() { 512 } else { 4096 });
-    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk };
+    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {
@@ -99,9 +106,10 @@ pub fn run(a: Args) -> Result<()> {
     let server = Server::bind(&rt, SocketAddr::new(a.host, a.port), state)?;
     let addr = server.local_addr()?;
     eprintln!(
-        "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB); batch up to {} sequences",
+        "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB, {}); batch up to {} sequences",
         kv_blocks * BLOCK_TOKENS,
         (kv_blocks * block_bytes) as f64 / (1 << 20) as f64,
+        kv_dtype.unwrap_or(dtype).as_str(),
         a.max_batch
     );
     if a.api_key.is_some() {

@@ -63,6 +63,17 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
     }
 }
 
+/// The KV cache's dtype from `--kv-cache-dtype`: `auto` (None: the activation dtype), `f16`
+/// or `f32` (whether it fits the model is [`crate::model::paged::KvPool::check_dtype`]'s call).
+pub fn parse_kv_dtype(spec: &str) -> Result<Option<DType>> {
+    match spec {
+        "auto" => Ok(None),
+        "f16" | "float16" => Ok(Some(DType::F16)),
+        "f32" | "float32" => Ok(Some(DType::F32)),
+        other => Err(Error::msg(format!("--kv-cache-dtype {other}: expected auto, f16 or f32"))),
+    }
+}
+
 pub fn device_name(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),

@@ -36,6 +36,8 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Prompt tokens prefilled in one step at most (over all prefilling sequences).
     pub prefill_chunk: usize,
+    /// The KV cache's dtype (None: the model's activation dtype; see [`KvPool::check_dtype`]).
+    pub kv_dtype: Option<candle_core::DType>,
 }
 
 /// What the engine tells a request's client.
@@ -125,7 +127,9 @@ impl Engine {
         if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
             return Err(Error::msg("--max-batch and the prefill chunk must be positive"));
         }
-        let pool = KvPool::new(&model.cfg, cfg.kv_blocks, model.dtype, &model.device)?;
+        let kv_dtype = cfg.kv_dtype.unwrap_or(model.dtype);
+        KvPool::check_dtype(kv_dtype, model.dtype, &model.device)?;
+        let pool = KvPool::new(&model.cfg, cfg.kv_blocks, kv_dtype, &model.device)?;
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(pool.total_blocks() as u64, Relaxed);
         let (tx, rx) = mpsc::channel();

@@ -32,18 +32,57 @@ pub(super) fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> 
     }
 }
 
+/// An element of a cached key or value row: f32, or f16 (the CPU's half-size paged cache,
+/// `serve --kv-cache-dtype f16`). Attention reads each as f32; the arithmetic is the same.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at eight readable values; the CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += a[c * 8 + l] * b[c * 8 + l].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+        s += a[i] * b[i].to_f32();
     }
     s
 }
@@ -80,10 +119,10 @@ impl CustomOp3 for DecodeAttention {
 /// One query head's attention over the positions `span` of its KV head: `out` (zeroed by the
 /// caller) becomes `Σ_p softmax(q·k_p · scale)_p · v_p`, with `key(p)` and `value(p)` the cached
 /// rows. Shared by the custom op above and the host decode step, so both compute alike.
-pub fn attend_head<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+pub fn attend_head<'a, T: KvElem>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [T], value: impl Fn(usize) -> &'a [T], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: both features were just detected.
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        // SAFETY: the three features were just detected.
         return unsafe { attend_head_avx2(q, span, key, value, scale, out) };
     }
     attend_head_any(q, span, key, value, scale, out)
@@ -96,10 +135,10 @@ pub fn attend_head<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usi
 /// storing `out` for each. Head sizes that are not a multiple of 8 take the portable loop.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_head_avx2<'a, T: KvElem>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [T], value: impl Fn(usize) -> &'a [T], scale: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let d = q.len();
     if !d.is_multiple_of(8) || out.len() < d {
@@ -111,12 +150,12 @@ unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: imp
     let mut t = span.start;
     while t + 8 <= span.end {
         // Slicing checks each key's length once; the loads below stay inside these slices.
-        let ks: [*const f32; 8] = std::array::from_fn(|i| key(t + i)[..d].as_ptr());
+        let ks: [*const T; 8] = std::array::from_fn(|i| key(t + i)[..d].as_ptr());
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in 0..chunks {
             let qv = _mm256_loadu_ps(qp.add(c * 8));
             for (a, k) in acc.iter_mut().zip(&ks) {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(c * 8)), *a);
+                *a = _mm256_fmadd_ps(qv, T::load8(k.add(c * 8)), *a);
             }
         }
         // [s0 … s7] from the 8 sums: pairwise horizontal adds, then the two 128-bit halves.
@@ -133,7 +172,7 @@ unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: imp
         let kp = key(p)[..d].as_ptr();
         let mut acc = _mm256_setzero_ps();
         for c in 0..chunks {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c * 8)), _mm256_loadu_ps(kp.add(c * 8)), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c * 8)), T::load8(kp.add(c * 8)), acc);
         }
         let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -151,14 +190,14 @@ unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: imp
     for c0 in (0..chunks).step_by(8) {
         let (span, scores, value) = (span.clone(), &scores[..], &value);
         match chunks - c0 {
-            1 => add_weighted_values::<1>(span, scores, inv, value, c0, out),
-            2 => add_weighted_values::<2>(span, scores, inv, value, c0, out),
-            3 => add_weighted_values::<3>(span, scores, inv, value, c0, out),
-            4 => add_weighted_values::<4>(span, scores, inv, value, c0, out),
-            5 => add_weighted_values::<5>(span, scores, inv, value, c0, out),
-            6 => add_weighted_values::<6>(span, scores, inv, value, c0, out),
-            7 => add_weighted_values::<7>(span, scores, inv, value, c0, out),
-            _ => add_weighted_values::<8>(span, scores, inv, value, c0, out),
+            1 => add_weighted_values::<T, 1>(span, scores, inv, value, c0, out),
+            2 => add_weighted_values::<T, 2>(span, scores, inv, value, c0, out),
+            3 => add_weighted_values::<T, 3>(span, scores, inv, value, c0, out),
+            4 => add_weighted_values::<T, 4>(span, scores, inv, value, c0, out),
+            5 => add_weighted_values::<T, 5>(span, scores, inv, value, c0, out),
+            6 => add_weighted_values::<T, 6>(span, scores, inv, value, c0, out),
+            7 => add_weighted_values::<T, 7>(span, scores, inv, value, c0, out),
+            _ => add_weighted_values::<T, 8>(span, scores, inv, value, c0, out),
         }
     }
 }
@@ -168,15 +207,15 @@ unsafe fn attend_head_avx2<'a>(q: &[f32], span: std::ops::Range<usize>, key: imp
 /// the compiler kept them on the stack, and every position paid a load and a store per vector
 /// (perf: 45 % of a batched CPU decode step's attention samples on that loop).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn add_weighted_values<'a, const NC: usize>(span: std::ops::Range<usize>, scores: &[f32], inv: f32, value: &impl Fn(usize) -> &'a [f32], c0: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_weighted_values<'a, T: KvElem, const NC: usize>(span: std::ops::Range<usize>, scores: &[f32], inv: f32, value: &impl Fn(usize) -> &'a [T], c0: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); NC];
     for (p, &sc) in span.zip(scores) {
         let w = _mm256_set1_ps(sc * inv);
         let vp = value(p)[c0 * 8..][..NC * 8].as_ptr();
         for (i, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(i * 8)), *a);
+            *a = _mm256_fmadd_ps(w, T::load8(vp.add(i * 8)), *a);
         }
     }
     let op = out[c0 * 8..][..NC * 8].as_mut_ptr();
@@ -186,7 +225,7 @@ unsafe fn add_weighted_values<'a, const NC: usize>(span: std::ops::Range<usize>,
 }
 
 #[inline(always)]
-fn attend_head_any<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [f32], value: impl Fn(usize) -> &'a [f32], scale: f32, out: &mut [f32]) {
+fn attend_head_any<'a, T: KvElem>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usize) -> &'a [T], value: impl Fn(usize) -> &'a [T], scale: f32, out: &mut [f32]) {
     let mut scores: Vec<f32> = span.clone().map(|t| dot(q, key(t)) * scale).collect();
     let max = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
     let mut sum = 0f32;
@@ -198,7 +237,7 @@ fn attend_head_any<'a>(q: &[f32], span: std::ops::Range<usize>, key: impl Fn(usi
     for (t, p) in span.zip(&scores) {
         let w = p * inv;
         for (oe, ve) in out.iter_mut().zip(value(t)) {
-            *oe += w * ve;
+            *oe += w * ve.to_f32();
         }
     }
 }
@@ -239,6 +278,37 @@ mod tests {
                         let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
                         assert!(err < 2e-6, "{name} d={d} len={len} start={start}: error {err}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The same kernels over f16 keys and values (the CPU's half-size paged cache): the
+    /// reference takes the f16 values exactly, so only the f32 arithmetic's rounding is left.
+    #[test]
+    fn attend_head_over_f16_rows_matches_an_f64_reference() {
+        use half::f16;
+        let mut r = crate::rng::Rng::new(8);
+        for d in [8usize, 64, 72, 128, 12] {
+            for len in [1usize, 7, 9, 100, 257] {
+                let q: Vec<f32> = (0..d).map(|_| r.unit()).collect();
+                let k: Vec<f16> = (0..len * d).map(|_| f16::from_f32(r.unit() * 2.0)).collect();
+                let v: Vec<f16> = (0..len * d).map(|_| f16::from_f32(r.unit())).collect();
+                let scale = 1.0 / (d as f32).sqrt();
+                let s: Vec<f64> = (0..len).map(|p| (0..d).map(|i| q[i] as f64 * k[p * d + i].to_f64()).sum::<f64>() * scale as f64).collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                let want: Vec<f64> = (0..d).map(|i| (0..len).map(|p| e[p] / z * v[p * d + i].to_f64()).sum()).collect();
+                let key = |p: usize| &k[p * d..(p + 1) * d];
+                let value = |p: usize| &v[p * d..(p + 1) * d];
+                let mut fast = vec![0f32; d];
+                attend_head(&q, 0..len, key, value, scale, &mut fast);
+                let mut portable = vec![0f32; d];
+                attend_head_any(&q, 0..len, key, value, scale, &mut portable);
+                for (name, got) in [("dispatched", &fast), ("portable", &portable)] {
+                    let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
+                    assert!(err < 2e-6, "{name} d={d} len={len}: error {err}");
                 }
             }
         }

@@ -39,10 +39,10 @@ pub(crate) fn applies(model: &Model) -> bool {
 
 /// Runs `f` on `t`'s values (contiguous f32 on the CPU).
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*s else { candle_core::bail!("host step: expects f32 CPU tensors, got {:?}", t.dtype()) };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("host step: expects contiguous tensors") };
-    Ok(f(&v[a..b]))
+    if t.dtype() != DType::F32 {
+        candle_core::bail!("host step: expects f32 CPU tensors, got {:?}", t.dtype());
+    }
+    with_slice(t, f)
 }
 
 fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -121,10 +121,18 @@ impl InplaceOp1 for WriteRows<'_> {
         "awq-host-kv-write"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let CpuStorage::F32(v) = s else { candle_core::bail!("host step: the KV cache is not f32") };
         let base = l.start_offset();
-        for (row, &off) in self.data.chunks_exact(self.len).zip(self.offsets) {
-            v[base + off..base + off + self.len].copy_from_slice(row);
+        let rows = self.data.chunks_exact(self.len).zip(self.offsets);
+        match s {
+            CpuStorage::F32(v) => rows.for_each(|(row, &off)| v[base + off..base + off + self.len].copy_from_slice(row)),
+            // The f16 cache rounds as candle's `to_dtype` does (to nearest), so the general
+            // path's writes of the same keys store the same bits.
+            CpuStorage::F16(v) => rows.for_each(|(row, &off)| {
+                for (d, x) in v[base + off..base + off + self.len].iter_mut().zip(row) {
+                    *d = half::f16::from_f32(*x);
+                }
+            }),
+            _ => candle_core::bail!("host step: the KV cache is neither f32 nor f16"),
         }
         Ok(())
     }
@@ -237,7 +245,11 @@ impl Model {
             let offsets: Vec<usize> = seqs.iter().flat_map(|s| (0..kvh).map(move |j| s.addr.offset(j, s.pos))).collect();
             kc.inplace_op1(&WriteRows { data: &k, offsets: &offsets, len: hd })?;
             vc.inplace_op1(&WriteRows { data: &v, offsets: &offsets, len: hd })?;
-            let attn = attend(&q, &kc, &vc, &seqs, h, kvh, hd, scale, cfg.sliding_window)?;
+            // Keys and values in the cache's dtype: f32, or f16 in a half-size paged cache.
+            let attn = match kc.dtype() {
+                DType::F16 => attend::<half::f16>(&q, &kc, &vc, &seqs, h, kvh, hd, scale, cfg.sliding_window)?,
+                _ => attend::<f32>(&q, &kc, &vc, &seqs, h, kvh, hd, scale, cfg.sliding_window)?,
+            };
             let o = project(&[&a.o_proj], &attn, s_n)?.pop().expect("one projection");
             delta = Some(o);
             add_norm(&mut x, delta.as_deref(), &block.post_attention_layernorm.weight, eps, &mut normed, hidden)?;
@@ -301,7 +313,7 @@ fn layer_tensors(kv: &KvTarget, li: usize) -> Result<(Tensor, Tensor)> {
 /// Attention of every sequence's query heads over its cached positions (its own new one
 /// included), split over the kernel threads by (sequence, head); `[seqs][h · hd]`.
 #[allow(clippy::too_many_arguments)]
-fn attend(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usize, hd: usize, scale: f32, window: Option<usize>) -> Result<Vec<f32>> {
+fn attend<T: attention_cpu::KvElem + candle_core::WithDType>(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usize, hd: usize, scale: f32, window: Option<usize>) -> Result<Vec<f32>> {
     let mut out = vec![0f32; seqs.len() * h * hd];
     let n_rep = h / kvh;
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -312,24 +324,31 @@ fn attend(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usiz
     // that its few tasks still split evenly over the threads.
     let per_task = if seqs.len() * kvh >= 4 * pool::threads() { n_rep } else { 1 };
     let tasks_per_seq = h / per_task;
-    with_f32(kc, |k| {
-        with_f32(vc, |v| {
-            pool::run(seqs.len() * tasks_per_seq, &|task| {
-                let si = task / tasks_per_seq;
-                let s = &seqs[si];
-                // candle's mask for a sliding window keeps positions p with p + window ≥ pos.
-                let first = window.map_or(0, |w| s.pos.saturating_sub(w));
-                for head in (task % tasks_per_seq) * per_task..(task % tasks_per_seq + 1) * per_task {
-                    let j = head / n_rep;
-                    let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
-                    // SAFETY: each task writes its own (sequence, head) rows of `out`.
-                    let o = unsafe { out_ptr.row(si * h + head, hd) };
-                    attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
-                }
-            });
-        })
-    })??;
+    let attend_all = |k: &[T], v: &[T]| {
+        pool::run(seqs.len() * tasks_per_seq, &|task| {
+            let si = task / tasks_per_seq;
+            let s = &seqs[si];
+            // candle's mask for a sliding window keeps positions p with p + window ≥ pos.
+            let first = window.map_or(0, |w| s.pos.saturating_sub(w));
+            for head in (task % tasks_per_seq) * per_task..(task % tasks_per_seq + 1) * per_task {
+                let j = head / n_rep;
+                let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
+                // SAFETY: each task writes its own (sequence, head) rows of `out`.
+                let o = unsafe { out_ptr.row(si * h + head, hd) };
+                attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
+            }
+        });
+    };
+    with_slice::<T, _>(kc, |k| with_slice::<T, _>(vc, |v| attend_all(k, v)))??;
     Ok(out)
+}
+
+/// Runs `f` on `t`'s values (contiguous, of element type `T`, on the CPU).
+fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*s else { candle_core::bail!("host step: expects CPU tensors") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("host step: expects contiguous tensors") };
+    Ok(f(&cs.as_slice::<T>()?[a..b]))
 }
 
 #[cfg(test)]
@@ -347,7 +366,7 @@ mod tests {
             let q: Vec<f32> = (0..n_seqs * h * hd).map(|_| r.unit()).collect();
             let kv = |r: &mut crate::rng::Rng| Tensor::from_vec((0..kvh * alloc * hd).map(|_| r.unit()).collect::<Vec<f32>>(), (1, kvh, alloc, hd), &Device::Cpu).unwrap();
             let (kc, vc) = (kv(&mut r), kv(&mut r));
-            let got = attend(&q, &kc, &vc, &seqs, h, kvh, hd, 0.25, None).unwrap();
+            let got = attend::<f32>(&q, &kc, &vc, &seqs, h, kvh, hd, 0.25, None).unwrap();
             let (k, v) = (host_vec(&kc).unwrap(), host_vec(&vc).unwrap());
             for (si, s) in seqs.iter().enumerate() {
                 for head in 0..h {

@@ -131,6 +131,23 @@ impl KvPool {
         })
     }
 
+    /// The dtype the keys and values are kept in.
+    pub fn dtype(&self) -> DType {
+        self.k.first().map_or(DType::F32, Tensor::dtype)
+    }
+
+    /// Whether a cache in `kv` serves a model computing in `act` on `device`: the activation
+    /// dtype itself, or f16 under f32 activations on the CPU (half the bytes a decode step's
+    /// attention reads and half the memory a token holds; the host decode step and the general
+    /// path convert to f32 as they read). The CUDA kernels read the cache in the activation dtype.
+    pub fn check_dtype(kv: DType, act: DType, device: &Device) -> Result<()> {
+        if kv == act || (device.is_cpu() && act == DType::F32 && kv == DType::F16) {
+            return Ok(());
+        }
+        let on = if device.is_cpu() { "the CPU" } else { "this device" };
+        candle_core::bail!("--kv-cache-dtype {} with {} activations on {on}: the KV cache takes the activation dtype, or f16 under f32 activations on the CPU", kv.as_str(), act.as_str())
+    }
+
     /// A row no sequence ever owns: the padding sequences of a captured decode step (a batch
     /// rounded up to the graph's size) write their keys there.
     pub fn scratch_row(&self) -> u32 {
@@ -187,7 +204,8 @@ impl KvPool {
         if Self::blocks_for(seq.len + n) > seq.blocks.len() {
             candle_core::bail!("KV write of {n} positions after {} with {} blocks reserved", seq.len, seq.blocks.len());
         }
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let dt = self.dtype();
+        let (k, v) = (k.to_dtype(dt)?.contiguous()?, v.to_dtype(dt)?.contiguous()?);
         // One copy per run of positions that stays inside one block.
         let mut p = 0;
         while p < n {

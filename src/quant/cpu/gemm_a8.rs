@@ -35,7 +35,9 @@ pub fn available() -> bool {
 
 /// One panel's weights in the kernel's layout.
 struct Panel {
-    /// Per 32-chunk, per 4-input step (8), per row half (2): 16 rows' 4 codes as a u32 each.
+    /// Per 32-chunk, per 4-input step (8), per row half (2): 16 rows' 4 codes as a u32 each
+    /// (read by the x86 tile only; elsewhere the GEMM is never chosen, see `available`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     codes: Vec<u32>,
     /// Per group: the 32 rows' scales, then their `scale · zero`.
     scales: Vec<f32>,
@@ -99,7 +101,9 @@ pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
     let map = RowMap::new(ws);
     let n = map.n;
     let groups = k / gsize;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut y = vec![0f32; m * n];
+    #[cfg(target_arch = "x86_64")]
     let y_ptr = super::SendPtr(y.as_mut_ptr());
     pool::for_ranges(n.div_ceil(PANEL_ROWS), 1, |panels| {
         let mut panel = Panel::new(k, groups);
@@ -130,6 +134,7 @@ pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
 }
 
 /// Where a tile writes: `y[t][r0 + i]` for `i < rows`, rows of `n`.
+#[cfg(target_arch = "x86_64")]
 struct Out {
     y: super::SendPtr,
     n: usize,
