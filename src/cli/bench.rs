@@ -187,8 +187,7 @@ struct BatchedResult {
 
 /// `--batch`: one row per batch size (see [`super::bench_batch`]).
 fn report_batched(a: &Args, model: &Model, run: RunInfo, prompt: &[u32]) -> Result<()> {
-    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?.unwrap_or(model.dtype);
-    KvPool::check_dtype(kv_dtype, model.dtype, &model.device)?;
+    let kv_dtype = KvPool::resolve_dtype(awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?, model.dtype, &model.device)?;
     let rows = super::bench_batch::run(model, kv_dtype, prompt, a.gen, &a.batch, a.repeats)?;
     let r = BatchedResult { run, kv_cache_dtype: kv_dtype.as_str().to_string(), batched: rows };
     if a.json {

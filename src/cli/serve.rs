@@ -74,9 +74,8 @@ pub fn run(a: Args) -> Result<()> {
             (assets, model, None)
         }
     };
-    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?;
-    KvPool::check_dtype(kv_dtype.unwrap_or(model.dtype), model.dtype, &model.device)?;
-    let block_bytes = KvPool::block_bytes(&model.cfg, kv_dtype.unwrap_or(model.dtype));
+    let kv_dtype = KvPool::resolve_dtype(awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?, model.dtype, &model.device)?;
+    let block_bytes = KvPool::block_bytes(&model.cfg, kv_dtype);
     let kv_blocks = match (a.kv_blocks, a.kv_cache_mb) {
         (Some(b), _) => b,
         (None, Some(mb)) => (mb << 20) / block_bytes,
@@ -96,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
     // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
     // already take most of a second.
     let prefill_chunk = a.prefill_chunk.unwrap_or(if device.is_cpu() { 512 } else { 4096 });
-    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype };
+    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype) };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {
@@ -109,7 +108,7 @@ pub fn run(a: Args) -> Result<()> {
         "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB, {}); batch up to {} sequences",
         kv_blocks * BLOCK_TOKENS,
         (kv_blocks * block_bytes) as f64 / (1 << 20) as f64,
-        kv_dtype.unwrap_or(dtype).as_str(),
+        kv_dtype.as_str(),
         a.max_batch
     );
     if a.api_key.is_some() {

@@ -64,7 +64,7 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
 }
 
 /// The KV cache's dtype from `--kv-cache-dtype`: `auto` (None: the activation dtype), `f16`
-/// or `f32` (whether it fits the model is [`crate::model::paged::KvPool::check_dtype`]'s call).
+/// or `f32` (whether it fits the model is [`crate::model::paged::KvPool::resolve_dtype`]'s call).
 pub fn parse_kv_dtype(spec: &str) -> Result<Option<DType>> {
     match spec {
         "auto" => Ok(None),

@@ -36,7 +36,7 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Prompt tokens prefilled in one step at most (over all prefilling sequences).
     pub prefill_chunk: usize,
-    /// The KV cache's dtype (None: the model's activation dtype; see [`KvPool::check_dtype`]).
+    /// The KV cache's dtype (None: the model's activation dtype; see [`KvPool::resolve_dtype`]).
     pub kv_dtype: Option<candle_core::DType>,
 }
 
@@ -127,8 +127,7 @@ impl Engine {
         if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {
             return Err(Error::msg("--max-batch and the prefill chunk must be positive"));
         }
-        let kv_dtype = cfg.kv_dtype.unwrap_or(model.dtype);
-        KvPool::check_dtype(kv_dtype, model.dtype, &model.device)?;
+        let kv_dtype = KvPool::resolve_dtype(cfg.kv_dtype, model.dtype, &model.device)?;
         let pool = KvPool::new(&model.cfg, cfg.kv_blocks, kv_dtype, &model.device)?;
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(pool.total_blocks() as u64, Relaxed);

@@ -127,11 +127,7 @@ impl InplaceOp1 for WriteRows<'_> {
             CpuStorage::F32(v) => rows.for_each(|(row, &off)| v[base + off..base + off + self.len].copy_from_slice(row)),
             // The f16 cache rounds as candle's `to_dtype` does (to nearest), so the general
             // path's writes of the same keys store the same bits.
-            CpuStorage::F16(v) => rows.for_each(|(row, &off)| {
-                for (d, x) in v[base + off..base + off + self.len].iter_mut().zip(row) {
-                    *d = half::f16::from_f32(*x);
-                }
-            }),
+            CpuStorage::F16(v) => rows.for_each(|(row, &off)| half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut v[base + off..base + off + self.len], row)),
             _ => candle_core::bail!("host step: the KV cache is neither f32 nor f16"),
         }
         Ok(())

@@ -136,13 +136,15 @@ impl KvPool {
         self.k.first().map_or(DType::F32, Tensor::dtype)
     }
 
-    /// Whether a cache in `kv` serves a model computing in `act` on `device`: the activation
-    /// dtype itself, or f16 under f32 activations on the CPU (half the bytes a decode step's
-    /// attention reads and half the memory a token holds; the host decode step and the general
-    /// path convert to f32 as they read). The CUDA kernels read the cache in the activation dtype.
-    pub fn check_dtype(kv: DType, act: DType, device: &Device) -> Result<()> {
+    /// The cache dtype for a model computing in `act` on `device`, asked for as `kv` (None:
+    /// `act`): the activation dtype itself, or f16 under f32 activations on the CPU (half the
+    /// bytes a decode step's attention reads and half the memory a token holds; the host decode
+    /// step and the general path convert to f32 as they read). The CUDA kernels read the cache
+    /// in the activation dtype, so anything else is refused.
+    pub fn resolve_dtype(kv: Option<DType>, act: DType, device: &Device) -> Result<DType> {
+        let kv = kv.unwrap_or(act);
         if kv == act || (device.is_cpu() && act == DType::F32 && kv == DType::F16) {
-            return Ok(());
+            return Ok(kv);
         }
         let on = if device.is_cpu() { "the CPU" } else { "this device" };
         candle_core::bail!("--kv-cache-dtype {} with {} activations on {on}: the KV cache takes the activation dtype, or f16 under f32 activations on the CPU", kv.as_str(), act.as_str())
