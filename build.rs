@@ -7,14 +7,14 @@ use std::process::Command;
 /// (source, PTX file name in OUT_DIR)
 const KERNELS: [(&str, &str); 4] = [("src/quant/cuda/w4a16.cu", "w4a16.ptx"), ("src/quant/cuda/w4a16_skinny.cu", "w4a16_skinny.ptx"), ("src/model/cuda/decode.cu", "decode.ptx"), ("src/awq/clip.cu", "clip.ptx")];
 /// Headers the kernels include (src/cuda is on nvcc's include path).
-const HEADERS: [&str; 3] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh", "src/quant/cuda/w4_sets.cuh"];
+const HEADERS: [&str; 5] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh", "src/quant/cuda/w4_sets.cuh", "src/quant/cuda/w4_skinny.cuh", "src/quant/cuda/wgmma.cuh"];
 /// Hopper-only kernels (wgmma): PTX for compute_90a when building for compute capability 9.0,
-/// else an empty file (the wrapper then never loads it).
-const SM90_KERNEL: (&str, &str) = ("src/quant/cuda/w4a16_sm90.cu", "w4a16_sm90.ptx");
+/// else empty files (the wrappers then never load them).
+const SM90_KERNELS: [(&str, &str); 2] = [("src/quant/cuda/w4a16_sm90.cu", "w4a16_sm90.ptx"), ("src/quant/cuda/w4a16_skinny_sm90.cu", "w4a16_skinny_sm90.ptx")];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for (src, _) in KERNELS.iter().chain([&SM90_KERNEL]) {
+    for (src, _) in KERNELS.iter().chain(SM90_KERNELS.iter()) {
         println!("cargo:rerun-if-changed={src}");
     }
     for header in HEADERS {
@@ -42,10 +42,11 @@ fn main() {
     for (src, ptx) in KERNELS {
         compile(src, ptx, &format!("compute_{cap}"));
     }
-    let (src, ptx) = SM90_KERNEL;
-    if cap == "90" {
-        compile(src, ptx, "compute_90a");
-    } else {
-        std::fs::write(out_dir.join(ptx), "").expect("write empty PTX");
+    for (src, ptx) in SM90_KERNELS {
+        if cap == "90" {
+            compile(src, ptx, "compute_90a");
+        } else {
+            std::fs::write(out_dir.join(ptx), "").expect("write empty PTX");
+        }
     }
 }

@@ -17,6 +17,9 @@ pub struct Args {
     /// Benchmark without running the checks first (for profilers).
     #[arg(long, requires = "bench")]
     pub bench_only: bool,
+    /// Run only these benchmark sections (repeatable): gemv, gemv-splits, small-m, gemm.
+    #[arg(long = "bench-section", requires = "bench", value_name = "SECTION")]
+    pub bench_sections: Vec<String>,
 }
 
 #[cfg(feature = "cuda")]
@@ -39,7 +42,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("{pass} passed, {fail} failed (seed {seed})");
     }
     if a.bench {
-        for row in selftest::bench::bench(&device)? {
+        for row in selftest::bench::bench(&device, &a.bench_sections)? {
             println!("{row}");
         }
     }

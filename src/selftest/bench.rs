@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, launch, skinny_many, skinny_many_with, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, skinny_kernels_built, skinny_many, skinny_many_with, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -23,7 +23,15 @@ fn gemv_bench_inputs(device: &Device, r: &mut Rng, k: usize, n: usize) -> Result
 /// Benchmarks on the device (JSON rows): copy bandwidth, GEMV GB/s at Llama-2-7B shapes (weights
 /// rotated through more copies than L2 holds), GEMM TFLOP/s against cuBLAS f16 on the same shapes.
 /// Kernels are timed as CUDA-graph replays (see [`time_graph`]); the GEMV also one call at a time.
-pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
+/// `only`: the sections to run (`gemv`, `gemv-splits`, `small-m`, `gemm`; empty: all); the copy
+/// bandwidth is always measured.
+pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>> {
+    for s in only {
+        if !BENCH_SECTIONS.contains(&s.as_str()) {
+            candle_core::bail!("--bench-section {s}: not a section (one of {})", BENCH_SECTIONS.join(", "));
+        }
+    }
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut rows = Vec::new();
     // Copy: 1 GiB read + 1 GiB written.
     let buf = Tensor::ones(1usize << 29, DType::F16, device)?;
@@ -33,7 +41,8 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
     drop(buf);
     let mut r = Rng::new(7);
     // (k = in, n = out) as Llama-2-7B's q/k/v/o, gate/up, down, lm_head.
-    for (k, n) in [(4096usize, 11008usize), (4096, 4096), (11008, 4096), (4096, 32000)] {
+    let gemv_shapes: &[(usize, usize)] = if want("gemv") { &[(4096, 11008), (4096, 4096), (11008, 4096), (4096, 32000)] } else { &[] };
+    for &(k, n) in gemv_shapes {
         let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
         let copies = ws.len();
         let t = time_graph(device, 7, 100, |i| ws[i % copies].gemv(&x).map(|_| ()))?;
@@ -60,7 +69,8 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         }));
     }
     // GEMV k-split sweep (the default choice is the row above).
-    for (k, n) in [(4096usize, 11008usize), (4096, 4096), (4096, 32000), (11008, 4096)] {
+    let sweep_shapes: &[(usize, usize)] = if want("gemv-splits") { &[(4096, 11008), (4096, 4096), (4096, 32000), (11008, 4096)] } else { &[] };
+    for &(k, n) in sweep_shapes {
         let (bytes, ws, x) = gemv_bench_inputs(device, &mut r, k, n)?;
         let copies = ws.len();
         let mut sweep = Vec::new();
@@ -71,9 +81,12 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
         }
         rows.push(serde_json::json!({"what": format!("gemv split sweep K={k} N={n}"), "sweep": sweep}));
     }
-    rows.extend(small_m(device, &mut r)?);
+    if want("small-m") {
+        rows.extend(small_m(device, &mut r)?);
+    }
     // GEMM against cuBLAS (f16 weights of the same shape), and dequantize + cuBLAS.
-    for (k, n) in [(4096usize, 11008usize), (4096, 4096)] {
+    let gemm_shapes: &[(usize, usize)] = if want("gemm") { &[(4096, 11008), (4096, 4096)] } else { &[] };
+    for &(k, n) in gemm_shapes {
         let one = random_weight(&mut r, n, k, 128);
         let w = CudaQ4::new(&one, device)?;
         let dense = w.dequantize(DType::F16)?;
@@ -107,6 +120,9 @@ pub fn bench(device: &Device) -> Result<Vec<serde_json::Value>> {
     Ok(rows)
 }
 
+/// The sections of [`bench`].
+pub const BENCH_SECTIONS: [&str; 4] = ["gemv", "gemv-splits", "small-m", "gemm"];
+
 /// Few tokens (batched decode, speculative verification): the W4 path `forward` takes (the
 /// few-token GEMV up to 64 tokens), the sm_80 GEMM, the ring GEMV and cuBLAS on the f16 weight, in
 /// alternation, at the GPU issue's shapes. Both weights rotate through more copies than L2
@@ -129,20 +145,21 @@ fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
                 Box::new(|i| gemv_many_with(&[&ws[i % wc]], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }).map(|_| ())),
                 Box::new(|i| skinny_many(&[&ws[i % wc]], &x, None).map(|_| ())),
             ];
-            // Every k-step grouping built for these token slots at its default k slices, then
-            // the slices swept for each where the choice is least obvious.
-            let kws = launch::skinny_k_warps_built(launch::skinny_slots(m));
+            // Every kernel built for these tokens at its default k slices, then the slices
+            // swept for the wgmma ones where the choice is least obvious (session 18 swept
+            // the mma.sync ones).
+            let kernels = skinny_kernels_built(m, device);
             let mut keys = Vec::new();
-            for &kw in kws {
-                keys.push(format!("k{kw}"));
+            for &kernel in &kernels {
+                keys.push(kernel.to_string());
                 let (ws, x) = (&ws, &x);
-                fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kw)).map(|_| ())));
+                fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kernel)).map(|_| ())));
             }
-            for &kw in kws {
+            for &kernel in kernels.iter().filter(|k| matches!(k, SkinnyKernel::Wgmma { .. })) {
                 for &sp in sweep {
-                    keys.push(format!("k{kw} s{sp}"));
+                    keys.push(format!("{kernel} splits {sp}"));
                     let (ws, x) = (&ws, &x);
-                    fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kw)).map(|_| ())));
+                    fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kernel)).map(|_| ())));
                 }
             }
             let t = time_graphs_interleaved(device, 9, 100, fs)?;

@@ -8,7 +8,7 @@ pub mod timing;
 use crate::cuda::{poison, L2Prefetch};
 use crate::linear::QuantLinear;
 use crate::quant::cpu::{Kernel, PackedQ4};
-use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, launch, skinny_many, skinny_many_with, skinny_supported, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
+use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, skinny_kernels_built, skinny_many, skinny_many_with, skinny_supported, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
 use crate::quant::{QuantizedWeight, WeightShape};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
@@ -140,12 +140,13 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                         let got = skinny_many(&[&cw], &x, splits)?;
                         t.check(format!("skinny {splits:?} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                     }
-                    // Every k-step grouping built for these token slots, at the default slices
-                    // and an odd count (uneven slices, some maybe empty).
-                    for &kw in launch::skinny_k_warps_built(launch::skinny_slots(m)) {
+                    // Every kernel built for these tokens on this device (each k-step grouping,
+                    // each wgmma pipeline depth), at the default slices and an odd count (uneven
+                    // slices, some maybe empty).
+                    for kernel in skinny_kernels_built(m, device) {
                         for splits in [None, Some(3)] {
-                            let got = skinny_many_with(&[&cw], &x, splits, Some(kw))?;
-                            t.check(format!("skinny {kw} k-warps {splits:?} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                            let got = skinny_many_with(&[&cw], &x, splits, Some(kernel))?;
+                            t.check(format!("skinny {kernel} {splits:?} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
                         }
                     }
                 }

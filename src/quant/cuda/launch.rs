@@ -90,6 +90,18 @@ pub fn skinny_smem(mt: usize) -> usize {
     (4 * stage).max(mt * 260 * 4)
 }
 
+/// Pipeline stages the wgmma skinny GEMM is built for (`WGS_ENTRY` in w4a16_skinny_sm90.cu).
+pub const SKINNY_WGMMA_STAGES: [usize; 2] = [4, 6];
+/// Threads of a wgmma skinny GEMM block (WGS_THREADS: 4 warpgroups of 64 rows).
+pub const SKINNY_WGMMA_THREADS: usize = 512;
+
+/// Dynamic shared memory of a wgmma skinny GEMM block: `stages` of the mma.sync kernel's stages
+/// (or the block's sums, whichever is more) and 1024 bytes to align them to the swizzle atoms.
+pub fn skinny_wgmma_smem(mt: usize, stages: usize) -> usize {
+    let stage = mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4;
+    (stages * stage).max(mt * 260 * 4) + 1024
+}
+
 /// k slices of a skinny GEMM launch: enough for two blocks per SM (`sms`), within one wave of
 /// `resident` blocks, each slice at least 4 of the `ktiles` 64-wide tiles (the pipeline's
 /// depth), at most [`SKINNY_MAX_SPLITS`]. Every slice adds its sums to the reduction that ends
@@ -97,6 +109,20 @@ pub fn skinny_smem(mt: usize) -> usize {
 pub fn skinny_splits(blocks: usize, ktiles: usize, sms: usize, resident: usize) -> usize {
     let blocks = blocks.max(1);
     (2 * sms).div_ceil(blocks).min(resident / blocks).clamp(1, (ktiles / 4).clamp(1, SKINNY_MAX_SPLITS))
+}
+
+/// k slices of a wgmma skinny GEMM launch (one 512-thread block per SM, `resident` in all): the
+/// count whose blocks fill their waves best, less 0.03 a slice for the reduction each adds, each
+/// slice at least 4 of the `ktiles` tiles, at most [`SKINNY_MAX_SPLITS`]. With one block per SM
+/// the mma.sync rule (two blocks per SM within one wave) left 46 of 132 SMs idle on 22016 rows.
+pub fn skinny_wgmma_splits(blocks: usize, ktiles: usize, resident: usize) -> usize {
+    let (blocks, resident) = (blocks.max(1), resident.max(1));
+    let most = (ktiles / 4).clamp(1, SKINNY_MAX_SPLITS);
+    let score = |s: usize| {
+        let waves = (blocks * s).div_ceil(resident);
+        (blocks * s) as f64 / (waves * resident) as f64 - 0.03 * s as f64
+    };
+    (1..=most).fold(1, |best, s| if score(s) > score(best) + 1e-9 { s } else { best })
 }
 
 /// Most k slices of a skinny GEMM launch (SK_MAX_SPLITS in w4a16_skinny.cu).
@@ -123,6 +149,18 @@ mod tests {
         // slices of k = 4096, 11008 rows (43 blocks) seven; a tiny k keeps one slice; a grid
         // already two blocks per SM keeps one.
         assert_eq!(skinny_splits(16, 64, 132, 264), 16);
+        // One block per SM of an H100: 11008, 4096, 12288 and 22016 rows.
+        assert_eq!(skinny_wgmma_splits(43, 64, 132), 3);
+        assert_eq!(skinny_wgmma_splits(16, 64, 132), 8);
+        assert_eq!(skinny_wgmma_splits(16, 172, 132), 8);
+        assert_eq!(skinny_wgmma_splits(48, 64, 132), 5);
+        assert_eq!(skinny_wgmma_splits(86, 64, 132), 3);
+        assert_eq!(skinny_wgmma_splits(3, 2, 132), 1);
+        // The wgmma kernel's stages stay 1024-aligned (its x tiles are 128-byte swizzle atoms).
+        for mt in [16, 32, 64] {
+            assert_eq!((mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4) % 1024, 0);
+            assert!(skinny_wgmma_smem(mt, 6) <= 227 * 1024);
+        }
         assert_eq!(skinny_splits(43, 64, 132, 528), 7);
         assert_eq!(skinny_splits(43, 64, 132, 264), 6);
         assert_eq!(skinny_splits(16, 172, 132, 528), 16);

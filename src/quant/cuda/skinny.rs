@@ -1,8 +1,9 @@
-//! The thin wrapper of the skinny GEMM (`w4a16_skinny.cu`): 9 to 64 f16 tokens through up to
-//! three 4-bit weights that share an input, in one launch, blocks of 256 rows split over k.
+//! The thin wrapper of the skinny GEMMs (`w4a16_skinny.cu` on mma.sync, `w4a16_skinny_sm90.cu`
+//! on Hopper's wgmma): 9 to 64 f16 tokens through up to three 4-bit weights that share an
+//! input, in one launch, blocks of 256 rows split over k.
 use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, W4Sets, GEMV_MAX_SETS};
 use super::launch;
-use crate::cuda::{device_limits, device_ptr, resident_blocks};
+use crate::cuda::{device_limits, device_ptr, resident_blocks, DeviceLimits};
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
@@ -11,6 +12,66 @@ use half::f16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny.ptx"));
 const MODULE: &str = "awq_w4a16_skinny";
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny_sm90.ptx"));
+const MODULE_SM90: &str = "awq_w4a16_skinny_sm90";
+
+/// One of the skinny GEMM kernels and its build-time variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkinnyKernel {
+    /// mma.sync (`w4a16_skinny.cu`), `k_warps` warps sharing each 64 rows' k steps (one of
+    /// [`launch::skinny_k_warps_built`]).
+    Mma { k_warps: usize },
+    /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages (one of
+    /// [`launch::SKINNY_WGMMA_STAGES`]).
+    Wgmma { stages: usize },
+}
+
+impl std::fmt::Display for SkinnyKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkinnyKernel::Mma { k_warps } => write!(f, "mma k{k_warps}"),
+            SkinnyKernel::Wgmma { stages } => write!(f, "wgmma s{stages}"),
+        }
+    }
+}
+
+/// Whether the wgmma skinny GEMM can run on `device` (built for compute 9.0, and the device is 9.0).
+pub fn skinny_wgmma_available(device: &candle_core::Device) -> bool {
+    let candle_core::Device::Cuda(d) = device else { return false };
+    !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
+}
+
+/// Every skinny kernel variant built for `m` tokens on `device` (the self-test runs each).
+pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<SkinnyKernel> {
+    let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(launch::skinny_slots(m)).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
+    if skinny_wgmma_available(device) {
+        v.extend(launch::SKINNY_WGMMA_STAGES.iter().map(|&stages| SkinnyKernel::Wgmma { stages }));
+    }
+    v
+}
+
+/// The token count from which the skinny GEMM runs on wgmma where the device has it:
+/// 17. `AWQ_RUN_WGMMA_FROM` overrides it for A/B benchmarks (65 turns it off).
+pub fn skinny_wgmma_from() -> usize {
+    static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FROM.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
+}
+
+/// Pipeline stages of the wgmma skinny GEMM: 4. `AWQ_RUN_WGMMA_STAGES` overrides it for A/B
+/// benchmarks where that count is built.
+pub fn skinny_wgmma_stages() -> usize {
+    static ST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ST.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_STAGES").ok().and_then(|v| v.parse().ok()).filter(|s| launch::SKINNY_WGMMA_STAGES.contains(s)).unwrap_or(4))
+}
+
+/// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
+pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKernel {
+    if m >= skinny_wgmma_from() && skinny_wgmma_available(device) {
+        SkinnyKernel::Wgmma { stages: skinny_wgmma_stages() }
+    } else {
+        SkinnyKernel::Mma { k_warps: skinny_k_warps(launch::skinny_slots(m)) }
+    }
+}
 
 /// The token count from which the default GEMV path hands over to the skinny GEMM (up to
 /// [`launch::SKINNY_MAX_TOKENS`]): 9. With two warps sharing each 64 rows' k steps at 9–16
@@ -48,9 +109,9 @@ pub fn skinny_many(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>) -> Result<
     skinny_many_with(ws, x, splits, None)
 }
 
-/// As [`skinny_many`] with the warps per 64 rows' k steps chosen (None: [`skinny_k_warps`]); one
-/// of [`launch::skinny_k_warps_built`] for the launch's token slots.
-pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, k_warps: Option<usize>) -> Result<Tensor> {
+/// As [`skinny_many`] with the kernel chosen (None: [`skinny_default_kernel`]); one of
+/// [`skinny_kernels_built`] for the launch's tokens and device.
+pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, kernel: Option<SkinnyKernel>) -> Result<Tensor> {
     if ws.is_empty() || ws.len() > GEMV_MAX_SETS {
         candle_core::bail!("W4A16 skinny GEMM takes 1 to {GEMV_MAX_SETS} weights, not {}", ws.len());
     }
@@ -65,20 +126,21 @@ pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, k_war
             ws[0].shape.group_size
         );
     }
-    let mt = launch::skinny_slots(m);
-    let k_warps = k_warps.unwrap_or_else(|| skinny_k_warps(mt));
-    if !launch::skinny_k_warps_built(mt).contains(&k_warps) {
-        candle_core::bail!("W4A16 skinny GEMM: {k_warps} warps per k step group at {mt} token slots; built for {:?}", launch::skinny_k_warps_built(mt));
+    let kernel = kernel.unwrap_or_else(|| skinny_default_kernel(m, x.device()));
+    let built = skinny_kernels_built(m, x.device());
+    if !built.contains(&kernel) {
+        let built: Vec<String> = built.iter().map(|k| k.to_string()).collect();
+        candle_core::bail!("W4A16 skinny GEMM: kernel {kernel} is not built for {m} tokens on this device; built: {}", built.join(", "));
     }
     // Activations are staged with 16-byte copies: the start must be 16-byte aligned.
     let x = if x.layout().start_offset() % 8 != 0 { x.copy()? } else { x };
-    x.apply_op1_no_bwd(&Skinny { ws, splits, k_warps })
+    x.apply_op1_no_bwd(&Skinny { ws, splits, kernel })
 }
 
 struct Skinny<'a> {
     ws: &'a [&'a CudaQ4],
     splits: Option<usize>,
-    k_warps: usize,
+    kernel: SkinnyKernel,
 }
 
 impl CustomOp1 for Skinny<'_> {
@@ -96,19 +158,28 @@ impl CustomOp1 for Skinny<'_> {
         let stream = dev.cuda_stream();
         let (sets, blocks, n_total) = W4Sets::new(self.ws, launch::SKINNY_ROWS, &stream)?;
         let mt = launch::skinny_slots(m);
-        let name = format!("w4_skinny_f16_t{mt}_k{}", self.k_warps);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let smem = launch::skinny_smem(mt);
+        let (func, name, smem, threads) = match self.kernel {
+            SkinnyKernel::Mma { k_warps } => {
+                let name = format!("w4_skinny_f16_t{mt}_k{k_warps}");
+                (dev.get_or_load_custom_func(&name, MODULE, PTX)?, name, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps)
+            }
+            SkinnyKernel::Wgmma { stages } => {
+                let name = format!("w4_wgs_f16_t{mt}_s{stages}");
+                (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, name, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
+            }
+        };
         let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
         if smem > max_smem {
             candle_core::bail!("{}: {smem} bytes of shared memory, the device allows {max_smem}", self.name());
         }
-        let threads = 128 * (mt / 16) * self.k_warps;
         let resident = resident_blocks(&dev, &func, &name, threads, smem, smem)?;
         let ktiles = k / 64;
         let splits = match self.splits {
             Some(sp) => sp.clamp(1, ktiles.clamp(1, launch::SKINNY_MAX_SPLITS)),
-            None => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
+            None => match self.kernel {
+                SkinnyKernel::Mma { .. } => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
+                SkinnyKernel::Wgmma { .. } => launch::skinny_wgmma_splits(blocks, ktiles, resident),
+            },
         };
         let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
         // SAFETY: the kernel writes every element of the workspace it reads.

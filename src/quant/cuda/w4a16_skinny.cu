@@ -28,23 +28,9 @@
 #include "common.cuh"
 #include "w4_dequant.cuh"
 #include "w4_sets.cuh"
+#include "w4_skinny.cuh"
 
-// Warps along the rows (64 rows each); a block has SK_WARPS x (MT / 16) warps.
-#define SK_WARPS 4
-#define SK_ROWS (64 * SK_WARPS)
-#define SK_BK 64
 #define SK_STAGES 4
-// Most k slices of a launch (the reduction keeps one float4 per slice in registers).
-#define SK_MAX_SPLITS 16
-// Row stride (floats) of the block's sums in shared memory: lanes (g, t) store token 2t + e, row
-// g, and 2 x 260 = 8 (mod 32) puts the 32 lanes in distinct banks.
-#define SK_RED_STRIDE 260
-
-// Bytes of one stage: MT tokens x 64 k of x (rows of 128 bytes), 4 k16 steps x 4 warps of weight
-// units, and the (scale, zero) pairs of up to two groups (group size 32) of 256 rows. A block's
-// dynamic shared memory is SK_STAGES of these or the block's sums, whichever is more
-// (`launch::skinny_smem` on the Rust side).
-__host__ __device__ constexpr int sk_stage_bytes(int mt) { return mt * 128 + 16 * 512 + 2 * SK_ROWS * 4; }
 
 __device__ __forceinline__ void sk_ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -61,60 +47,23 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
     // Token tiles of n8 per warp, and the warps' token groups.
     constexpr int NT = 2, TG = MT / 16, THREADS = 128 * TG * KW, KSTEPS = 4 / KW;
     constexpr int STAGE = sk_stage_bytes(MT);
-    constexpr int X_BYTES = MT * 128, W_BYTES = 16 * 512;
+    constexpr int X_BYTES = SK_X_BYTES(MT);
     extern __shared__ __align__(128) uint8_t sk_smem[];
     const int tid = threadIdx.x, lane = tid & 31;
     // Row quarter, k-step group and token group of this warp: rows 64 warp .., k16 steps
     // KSTEPS kg .. of every tile, tokens 16 tg .. 16 tg + 15.
-    const int warp = (tid >> 5) & (SK_WARPS - 1), kg = (tid >> 7) % KW, tg = tid / (128 * KW);
+    const int warp = (tid >> 5) & (SK_QUARTERS - 1), kg = (tid >> 7) % KW, tg = tid / (128 * KW);
     const int gi = lane >> 2, ti = lane & 3;
-    const int b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
 
-    // This block's weight and its range of 256 rows in it.
-    const GemvRows rows = gemv_rows(ws, b);
-    const int rb = rows.nb, np = rows.np, n = rows.n, out_off = rows.out_off;
-    const uint8_t* __restrict__ q = reinterpret_cast<const uint8_t*>(rows.q);
-    const __half2* __restrict__ sz = rows.sz;
-    const int nunits = np >> 6;
-
-    const int ktiles = k / SK_BK;
-    const int per_split = (ktiles + nsplit - 1) / nsplit;
-    const int t0 = min(ktiles, split * per_split), t1 = min(ktiles, t0 + per_split);
+    // This block's weight and its range of 256 rows in it, and its k tiles.
+    const GemvRows rows = gemv_rows(ws, blockIdx.x);
+    int t0, t1;
+    sk_slice(k / SK_BK, t0, t1);
     // Group size 32: a tile holds two groups, one per pair of k16 steps.
     const bool two_groups = g == 32;
     const uint32_t smem_base = (uint32_t)__cvta_generic_to_shared(sk_smem);
-
-    // The copy duties of the block's first 128 threads, fixed over the tiles: unit (kk = i,
-    // warp column tid / 32) piece tid % 32 of the weights; (scale, zero) piece tid % 64 of group
-    // tid / 64. Every thread copies x pieces.
-    const int ct = tid & 127;
-    const bool copies_w = tid < 128;
-    const int my_unit = rb * SK_WARPS + (ct >> 5);
-    const bool unit_ok = my_unit < nunits;
-    const size_t unit_stride = (size_t)nunits * 512;
-    const uint8_t* unit_src = q + (size_t)(unit_ok ? my_unit : 0) * 512 + lane * 16;
-    const int sz_col = rb * SK_ROWS + (ct & 63) * 4;
-    const bool sz_ok = sz_col < np && (ct < 64 || two_groups);
-
-    auto load_stage = [&](int kt, int stage) {
-        const uint32_t base = smem_base + stage * STAGE;
-        for (int p = tid; p < MT * 8; p += THREADS) {
-            const int r = p >> 3, c = p & 7;
-            const bool ok = r < m;
-            const __half* src = x + (size_t)(ok ? r : 0) * k + kt * SK_BK + c * 8;
-            cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
-        }
-        if (copies_w) {
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-                cp_async16(base + X_BYTES + (i * SK_WARPS + (ct >> 5)) * 512 + lane * 16,
-                           unit_src + (size_t)(kt * 4 + i) * unit_stride, unit_ok);
-            const int grp = (kt * SK_BK) / g + (ct >> 6);
-            if (ct < 64 || two_groups)
-                cp_async16(base + X_BYTES + W_BYTES + ct * 16, sz + (size_t)(sz_ok ? grp : 0) * np + (sz_ok ? sz_col : 0),
-                           sz_ok);
-        }
-    };
+    const SkinnyStager<MT, THREADS> stager(rows, x, k, g, m);
+    auto load_stage = [&](int kt, int stage) { stager.load(kt, smem_base + stage * STAGE); };
 
     float acc[NT][4][4];
 #pragma unroll
@@ -142,7 +91,7 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
         const uint32_t xs = smem_base + stage * STAGE;
         const uint8_t* st = sk_smem + stage * STAGE;
         const uint32_t* words = reinterpret_cast<const uint32_t*>(st + X_BYTES) + warp * 128 + lane;
-        const __half2* szs = reinterpret_cast<const __half2*>(st + X_BYTES + W_BYTES) + warp * 64 + gi;
+        const __half2* szs = reinterpret_cast<const __half2*>(st + X_BYTES + SK_W_BYTES) + warp * 64 + gi;
         __half2 zl[8], zh[8], sc[8];
 #pragma unroll
         for (int kq = 0; kq < KSTEPS; kq++) {
@@ -165,7 +114,7 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
             }
             uint32_t w[4];
 #pragma unroll
-            for (int wi = 0; wi < 4; wi++) w[wi] = words[kk * SK_WARPS * 128 + wi * 32];
+            for (int wi = 0; wi < 4; wi++) w[wi] = words[kk * SK_QUARTERS * 128 + wi * 32];
 #pragma unroll
             for (int wi = 0; wi < 4; wi++) {
                 const Dq d = dequant_word(w[wi], zl[2 * wi], zh[2 * wi], sc[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1],
@@ -191,58 +140,7 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
         if (kg == g) store_mma_sums<NT, true>(acc, warp_red, m - 16 * tg, gi, ti, SK_RED_STRIDE);
         __syncthreads();
     }
-    const int row0 = rb * SK_ROWS;
-    if (nsplit == 1) {
-        for (int i = tid; i < m * SK_ROWS; i += blockDim.x) {
-            const int t = i / SK_ROWS, r = i % SK_ROWS;
-            if (row0 + r < n) y[(size_t)t * n_total + out_off + row0 + r] = __float2half_rn(red[t * SK_RED_STRIDE + r]);
-        }
-        return;
-    }
-    // Split k: this slice's sums as float4s of 4 rows, then the last block of the row range to
-    // arrive adds the slices' sums in slice order (deterministic). Its loads are the launch's
-    // tail, so each thread issues every slice's load of an element before adding any (one L2
-    // round trip per element, not one per slice).
-    const size_t ld4 = (size_t)gridDim.x * (SK_ROWS / 4);
-    float4* part4 = reinterpret_cast<float4*>(part);
-    for (int i = tid; i < m * (SK_ROWS / 4); i += blockDim.x) {
-        const int t = i / (SK_ROWS / 4), r4 = i % (SK_ROWS / 4);
-        const float* src = red + t * SK_RED_STRIDE + 4 * r4;
-        part4[((size_t)split * m + t) * ld4 + (size_t)b * (SK_ROWS / 4) + r4] = make_float4(src[0], src[1], src[2], src[3]);
-    }
-    __threadfence();
-    __shared__ bool last;
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(&counters[b], 1u) == (unsigned)nsplit - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = tid; i < m * (SK_ROWS / 4); i += blockDim.x) {
-        const int t = i / (SK_ROWS / 4), r4 = i % (SK_ROWS / 4);
-        const int row = row0 + 4 * r4;
-        if (row >= n) continue;
-        const float4* src = part4 + (size_t)t * ld4 + (size_t)b * (SK_ROWS / 4) + r4;
-        const size_t step = (size_t)m * ld4;
-        float4 v[SK_MAX_SPLITS];
-#pragma unroll
-        for (int sp = 0; sp < SK_MAX_SPLITS; sp++)
-            if (sp < nsplit) v[sp] = __ldcg(src + sp * step);
-        float4 a = v[0];
-#pragma unroll
-        for (int sp = 1; sp < SK_MAX_SPLITS; sp++)
-            if (sp < nsplit) {
-                a.x += v[sp].x;
-                a.y += v[sp].y;
-                a.z += v[sp].z;
-                a.w += v[sp].w;
-            }
-        __half* dst = y + (size_t)t * n_total + out_off + row;
-        const float vals[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            if (row + e < n) dst[e] = __float2half_rn(vals[e]);
-    }
-    if (tid == 0) counters[b] = 0;  // ready for the next launch
+    sk_finish(red, rows, y, m, n_total, part, counters);
 }
 
 // (MT, KW) pairs whose blocks fit the register file at the kernel's ~104 registers a thread.

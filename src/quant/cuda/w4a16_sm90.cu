@@ -20,6 +20,7 @@
 #include <cuda.h>
 #include "common.cuh"
 #include "w4_dequant.cuh"
+#include "wgmma.cuh"
 
 #define SM90_BN 128      // weight rows per block
 #define SM90_BT 256      // tokens per block
@@ -34,22 +35,6 @@
 #define SM90_Z0 (SM90_W0 + SM90_STAGES * SM90_W_BYTES)
 #define SM90_BAR0 (SM90_Z0 + SM90_STAGES * SM90_SZ_BYTES)
 #define SM90_SMEM (SM90_BAR0 + 2 * SM90_STAGES * 8 + 1024)
-
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-    uint64_t d = 0;
-    d |= (uint64_t)((addr & 0x3FFFF) >> 4);
-    d |= (uint64_t)1 << 16;                 // leading byte offset (unused with this swizzle)
-    d |= (uint64_t)(1024 >> 4) << 32;       // stride byte offset: next 8-row atom
-    d |= (uint64_t)1 << 62;                 // 128-byte swizzle
-    return d;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
 
 // d (128 f32) += A (4 regs, f16 fragment) x B (descriptor), m64n256k16.
 __device__ __forceinline__ void wgmma_m64n256(float* d, const uint32_t* a, uint64_t desc) {

@@ -1,0 +1,147 @@
+// The skinny W4A16 GEMM on Hopper's warpgroup MMA (sm_90a): 9 to 64 f16 tokens, the same blocks
+// of 256 rows and k slices as w4a16_skinny.cu (its staging and its end are w4_skinny.cuh), but
+// each 64 rows' MMAs are one wgmma per k16 step with the tokens as the N side.
+//
+// Why. The mma.sync kernel gives every warp 64 rows and 16 tokens (two n8 tiles): each 16 x 16
+// weight fragment it dequantizes feeds two m16n8k16 MMAs, and at 64 tokens four warps dequantize
+// the same words, so the block's 16 warps spend more issue slots on dequantization, ldmatrix
+// and MMAs than the weights' bytes need (H100: 47 us at 64 tokens of 4096 x 11008 against
+// cuBLAS FP16's 33, BENCHMARKS.md). Here warpgroup q (4 warps) takes rows 64 q .. 64 q + 63 and
+// every token: warp w dequantizes the m16 A fragment of rows 16 w .. (one 4-byte word a lane a
+// k16 step, as in w4a16_sm90.cu) once, in registers, and one m64nMTk16 wgmma multiplies it by
+// all MT tokens read straight from the stage (the staged x rows already carry the 128-byte
+// swizzle wgmma's descriptor names). A block is 16 warps, one per SM (512 threads); stages are
+// filled by cp.async as in the mma.sync kernel, and each k tile's wgmmas are waited for before
+// the next tile's barrier, so a stage is free when it is refilled.
+#include "common.cuh"
+#include "w4_dequant.cuh"
+#include "w4_sets.cuh"
+#include "w4_skinny.cuh"
+#include "wgmma.cuh"
+
+#define WGS_THREADS 512
+
+// d (N / 2 f32) += A (4 regs, the f16 m64k16 fragment of this warp's 16 rows) x B (descriptor,
+// N tokens x k16), accumulating. d[4 j + e]: row 16 warp + lane / 4 + 8 (e / 2), token
+// 8 j + 2 (lane % 4) + e % 2.
+template <int N> __device__ __forceinline__ void wgmma_m64k16(float* d, const uint32_t* a, uint64_t desc);
+template <> __device__ __forceinline__ void wgmma_m64k16<16>(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<32>(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<64>(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+// MT token slots (16, 32 or 64; tokens past m are zero rows of the stage), STAGES stages.
+// Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
+template <int MT, int STAGES>
+__device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
+                                       int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
+    constexpr int STAGE = sk_stage_bytes(MT);
+    // The stages, 1024-aligned (swizzle atoms); launch::skinny_smem adds the 1024 bytes.
+    extern __shared__ uint8_t wgs_smem_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(wgs_smem_raw);
+    const uint32_t smem_base = (raw + 1023) & ~1023u;
+    uint8_t* smem = wgs_smem_raw + (smem_base - raw);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Row quarter (warpgroup) and m16 tile of this warp; this lane's rows r0 and r0 + 8 of the block.
+    const int q = warp >> 2, w = warp & 3;
+    const int r0 = q * 64 + w * 16 + (lane >> 2);
+
+    const GemvRows rows = gemv_rows(ws, blockIdx.x);
+    int t0, t1;
+    sk_slice(k / SK_BK, t0, t1);
+    const bool two_groups = g == 32;
+    const SkinnyStager<MT, WGS_THREADS> stager(rows, x, k, g, m);
+
+    float acc[MT / 2];
+#pragma unroll
+    for (int i = 0; i < MT / 2; i++) acc[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (t0 + s < t1) stager.load(t0 + s, smem_base + s * STAGE);
+        cp_async_commit();
+    }
+    for (int kt = t0; kt < t1; kt++) {
+        const int idx = kt - t0;
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < t1) stager.load(kt + STAGES - 1, smem_base + ((idx + STAGES - 1) % STAGES) * STAGE);
+        cp_async_commit();
+
+        const int stage = idx % STAGES;
+        const uint8_t* st = smem + stage * STAGE;
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(st + SK_X_BYTES(MT)) + q * 128 + w * 32 + lane;
+        const __half2* szs = reinterpret_cast<const __half2*>(st + SK_X_BYTES(MT) + SK_W_BYTES) + r0;
+        uint32_t wd[4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wd[kk] = words[kk * SK_QUARTERS * 128];
+        __half2 zl0, zh0, s0, zl1, zh1, s1;
+        uint32_t a[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            if (kk == 0 || (kk == 2 && two_groups)) {
+                const int off = kk == 2 ? SK_ROWS : 0;
+                sz_consts(szs[off], zl0, zh0, s0);
+                sz_consts(szs[off + 8], zl1, zh1, s1);
+            }
+            // Tiles 2w and 2w + 1 of the word are the A fragment of rows r0, r0 + 8 (as in w4a16_sm90.cu).
+            const Dq d = dequant_word(wd[kk], zl0, zh0, s0, zl1, zh1, s1);
+            a[kk][0] = as_u32(d.a0);
+            a[kk][1] = as_u32(d.b0);
+            a[kk][2] = as_u32(d.a1);
+            a[kk][3] = as_u32(d.b1);
+        }
+        const uint32_t xs = smem_base + stage * STAGE;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_m64k16<MT>(acc, a[kk], desc_sw128(xs + kk * 32));
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // The block's sums, [token][row of 256], for sk_finish.
+    float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int j = 0; j < MT / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int tok = 8 * j + 2 * (lane & 3) + (e & 1);
+            if (tok < m) red[tok * SK_RED_STRIDE + r0 + (e >> 1) * 8] = acc[4 * j + e];
+        }
+    __syncthreads();
+    sk_finish(red, rows, y, m, n_total, part, counters);
+}
+
+// (MT, STAGES) pairs; one 512-thread block per SM.
+#define WGS_ENTRY(MT, ST)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(WGS_THREADS, 1) w4_wgs_f16_t##MT##_s##ST(                          \
+        W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
+        w4_wgs<MT, ST>(ws, x, y, k, g, m, nt, part, counters);                                                     \
+    }
+WGS_ENTRY(16, 4)
+WGS_ENTRY(16, 6)
+WGS_ENTRY(32, 4)
+WGS_ENTRY(32, 6)
+WGS_ENTRY(64, 4)
+WGS_ENTRY(64, 6)
