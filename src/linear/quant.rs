@@ -375,20 +375,22 @@ impl QuantLinear {
 
     #[cfg(feature = "cuda")]
     fn forward_fused_cuda(layers: &[&QuantLinear], x: &Tensor, next: &L2Prefetch) -> Result<Option<Vec<Tensor>>> {
-        use crate::quant::cuda::{gemv_max_tokens, CudaQ4, GemvOptions, GEMV_MAX_SETS};
+        use crate::quant::cuda::{gemv_max_tokens, skinny_supported, CudaQ4, GemvOptions, GEMV_MAX_SETS};
         if !x.device().is_cuda() || layers.len() < 2 || layers.len() > GEMV_MAX_SETS {
             return Ok(None);
         }
         let k = x.dim(candle_core::D::Minus1)?;
-        if x.elem_count() / k.max(1) > gemv_max_tokens(x.dtype()) {
-            return Ok(None);
-        }
         if layers.iter().any(|q| q.input_perm.is_some()) {
             return Ok(None);
         }
         let cuda: Option<Vec<&CudaQ4>> = layers.iter().map(|q| q.cuda()).collect();
         let Some(cuda) = cuda else { return Ok(None) };
         if cuda.iter().any(|c| c.shape.k != k || c.shape.group_size != cuda[0].shape.group_size) {
+            return Ok(None);
+        }
+        // One launch: the GEMVs' token counts, or the skinny GEMM's (to 128 on wgmma).
+        let m = x.elem_count() / k.max(1);
+        if m > gemv_max_tokens(x.dtype()) && !skinny_supported(&cuda, m, x.dtype()) {
             return Ok(None);
         }
         let y = crate::quant::cuda::gemv_many_with(&cuda, x, GemvOptions { prefetch: *next, ..Default::default() })?;

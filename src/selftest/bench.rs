@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, skinny_kernels_built, skinny_many, skinny_many_with, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, gemv_max_tokens, skinny_kernels_built, skinny_many_with, skinny_supported, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -123,10 +123,11 @@ pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>>
 /// The sections of [`bench`].
 pub const BENCH_SECTIONS: [&str; 4] = ["gemv", "gemv-splits", "small-m", "gemm"];
 
-/// Few tokens (batched decode, speculative verification): the W4 path `forward` takes (the
-/// few-token GEMV up to 64 tokens), the sm_80 GEMM, the ring GEMV and cuBLAS on the f16 weight, in
-/// alternation, at the GPU issue's shapes. Both weights rotate through more copies than L2
-/// holds, as a model's layers do, so neither is timed out of L2.
+/// Few tokens (batched decode, speculative verification): cuBLAS on the f16 weight, the W4 path
+/// `forward` takes, the sm_80 GEMM, the sm_90 GEMM where it runs, the ring GEMV (to 64 tokens)
+/// and every skinny GEMM kernel built for the tokens, in alternation, at the GPU issue's shapes.
+/// Both weights rotate through more copies than L2 holds, as a model's layers do, so neither is
+/// timed out of L2. Each row: µs per kernel under its key, and `w4_over_cublas`.
 fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
     let mut rows = Vec::new();
     for (k, n) in [(4096usize, 11008usize), (11008, 4096), (4096, 4096)] {
@@ -135,40 +136,39 @@ fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
         let dense_copies = (256usize << 20) / (2 * n * k) + 2;
         let dense = (0..dense_copies).map(|_| dense_one.copy()).collect::<Result<Vec<_>>>()?;
         let (wc, dc) = (ws.len(), dense.len());
-        for m in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64] {
+        for m in [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128] {
             let x = Tensor::from_vec(random_vec(r, m * k), (m, k), device)?.to_dtype(DType::F16)?;
-            let sweep: &[usize] = if m == 16 || m == 64 { &[2, 4, 8, 16] } else { &[] };
-            let mut fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
-                Box::new(|i| x.matmul(&dense[i % dc].t()?).map(|_| ())),
-                Box::new(|i| ws[i % wc].forward(&x).map(|_| ())),
-                Box::new(|i| ws[i % wc].gemm_with(&x, GemmKernel::Sm80).map(|_| ())),
-                Box::new(|i| gemv_many_with(&[&ws[i % wc]], &x, GemvOptions { kernel: GemvKernel::Ring, ..Default::default() }).map(|_| ())),
-                Box::new(|i| skinny_many(&[&ws[i % wc]], &x, None).map(|_| ())),
+            let (ws, x, dense) = (&ws, &x, &dense);
+            type Timed<'a> = (String, Box<dyn FnMut(usize) -> Result<()> + 'a>);
+            let mut fs: Vec<Timed> = vec![
+                ("cublas_f16".into(), Box::new(move |i| x.matmul(&dense[i % dc].t()?).map(|_| ()))),
+                ("w4".into(), Box::new(move |i| ws[i % wc].forward(x).map(|_| ()))),
+                ("sm80_gemm".into(), Box::new(move |i| ws[i % wc].gemm_with(x, GemmKernel::Sm80).map(|_| ()))),
             ];
-            // Every kernel built for these tokens at its default k slices, then the slices
-            // swept for the wgmma ones where the choice is least obvious (session 18 swept
-            // the mma.sync ones).
-            let kernels = skinny_kernels_built(m, device);
-            let mut keys = Vec::new();
-            for &kernel in &kernels {
-                keys.push(kernel.to_string());
-                let (ws, x) = (&ws, &x);
-                fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kernel)).map(|_| ())));
+            if sm90_available(device) {
+                fs.push(("sm90_gemm".into(), Box::new(move |i| ws[i % wc].gemm_with(x, GemmKernel::Sm90).map(|_| ()))));
             }
+            if m <= gemv_max_tokens(DType::F16) {
+                let ring = GemvOptions { kernel: GemvKernel::Ring, ..Default::default() };
+                fs.push(("ring_gemv".into(), Box::new(move |i| gemv_many_with(&[&ws[i % wc]], x, ring).map(|_| ()))));
+            }
+            // Every skinny kernel built for these tokens at its default k slices, then the
+            // slices swept for the wgmma ones where the choice is least obvious (session 18
+            // swept the mma.sync ones).
+            let kernels = if skinny_supported(&[&ws[0]], m, DType::F16) { skinny_kernels_built(m, device) } else { Vec::new() };
+            for &kernel in &kernels {
+                fs.push((format!("skinny {kernel}"), Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kernel)).map(|_| ()))));
+            }
+            let sweep: &[usize] = if m == 16 || m == 64 || m == 128 { &[2, 4, 8, 16] } else { &[] };
             for &kernel in kernels.iter().filter(|k| matches!(k, SkinnyKernel::Wgmma { .. })) {
                 for &sp in sweep {
-                    keys.push(format!("{kernel} splits {sp}"));
-                    let (ws, x) = (&ws, &x);
-                    fs.push(Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kernel)).map(|_| ())));
+                    fs.push((format!("skinny {kernel} splits {sp}"), Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kernel)).map(|_| ()))));
                 }
             }
+            let (keys, fs): (Vec<String>, Vec<_>) = fs.into_iter().unzip();
             let t = time_graphs_interleaved(device, 9, 100, fs)?;
-            let swept: serde_json::Map<String, serde_json::Value> = keys.into_iter().zip(&t[5..]).map(|(key, v)| (key, serde_json::json!(v * 1e6))).collect();
-            rows.push(serde_json::json!({
-                "what": format!("small-m K={k} N={n} M={m} f16"),
-                "cublas_f16_us": t[0] * 1e6, "w4_us": t[1] * 1e6, "w4_sm80_gemm_us": t[2] * 1e6, "w4_ring_us": t[3] * 1e6, "w4_skinny_us": t[4] * 1e6, "skinny_over_cublas": t[0] / t[4], "skinny_variants_us": swept,
-                "w4_over_cublas": t[0] / t[1],
-            }));
+            let us: serde_json::Map<String, serde_json::Value> = keys.into_iter().zip(&t).map(|(key, v)| (key, serde_json::json!(v * 1e6))).collect();
+            rows.push(serde_json::json!({ "what": format!("small-m K={k} N={n} M={m} f16"), "us": us, "w4_over_cublas": t[0] / t[1] }));
         }
     }
     Ok(rows)

@@ -148,8 +148,9 @@ impl CudaQ4 {
     }
 
     /// `x · Wᵀ` for `x` `[..., k]` (f16, bf16 or f32): the GEMV for up to 64 tokens in f16 (8
-    /// otherwise; in f16 the skinny GEMM from 9 tokens, see [`gemv_many_with`]); beyond, the
-    /// tensor-core GEMM for f16, else dequantization to `x`'s dtype and a cuBLAS matmul.
+    /// otherwise; in f16 the skinny GEMM from 9 tokens, to 128 where it runs on wgmma, see
+    /// [`gemv_many_with`]); beyond, the tensor-core GEMM for f16, else dequantization to `x`'s
+    /// dtype and a cuBLAS matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_prefetch(x, &L2Prefetch::none())
     }
@@ -158,7 +159,7 @@ impl CudaQ4 {
     /// blocks finish (the GEMMs are compute-bound and take no hint).
     pub fn forward_prefetch(&self, x: &Tensor, next: &L2Prefetch) -> Result<Tensor> {
         let m = x.elem_count() / self.shape.k;
-        if m <= gemv_max_tokens(x.dtype()) {
+        if m <= gemv_max_tokens(x.dtype()) || super::skinny_supported(&[self], m, x.dtype()) {
             gemv_many_with(&[self], x, GemvOptions { prefetch: *next, ..Default::default() })
         } else if x.dtype() == DType::F16 && self.gemm_supported() {
             self.gemm(x)

@@ -51,8 +51,10 @@ pub fn gemv1_fit(k: usize, g: usize, m: usize, blocks: usize, resident_warps: us
 /// Most k slices of a GEMV launch (see [`gemv_splits`]).
 pub const MAX_GEMV_SPLITS: usize = 8;
 
-/// Most tokens the skinny GEMM takes (w4a16_skinny.cu: 16, 32 or 64 token slots).
+/// Most tokens the mma.sync skinny GEMM takes (w4a16_skinny.cu: 16, 32 or 64 token slots).
 pub const SKINNY_MAX_TOKENS: usize = 64;
+/// Most tokens the wgmma skinny GEMM takes (w4a16_skinny_sm90.cu: up to 128 token slots).
+pub const SKINNY_WGMMA_MAX_TOKENS: usize = 128;
 /// Rows per block of the skinny GEMM (SK_ROWS: 4 warps of 64).
 pub const SKINNY_ROWS: usize = 256;
 
@@ -69,7 +71,8 @@ pub fn skinny_k_warps_built(mt: usize) -> &'static [usize] {
     match mt {
         16 => &[1, 2, 4],
         32 => &[1, 2],
-        _ => &[1],
+        64 => &[1],
+        _ => &[],
     }
 }
 
@@ -78,7 +81,8 @@ pub fn skinny_slots(m: usize) -> usize {
     match m {
         0..=16 => 16,
         17..=32 => 32,
-        _ => 64,
+        33..=64 => 64,
+        _ => 128,
     }
 }
 
@@ -136,9 +140,10 @@ mod tests {
     fn skinny_launches() {
         assert!(skinny_shape_ok(4096, 128) && skinny_shape_ok(576, 64) && skinny_shape_ok(11008, 32));
         assert!(!skinny_shape_ok(4096, 96) && !skinny_shape_ok(4000, 32) && !skinny_shape_ok(0, 64));
-        assert_eq!((skinny_slots(9), skinny_slots(16), skinny_slots(17), skinny_slots(64)), (16, 16, 32, 64));
+        assert_eq!((skinny_slots(9), skinny_slots(16), skinny_slots(17), skinny_slots(64), skinny_slots(65)), (16, 16, 32, 64, 128));
+        assert!(skinny_k_warps_built(128).is_empty());
         // Every slot count has the one-group kernel; no block passes 1024 threads.
-        for mt in [16, 32, 64] {
+        for mt in [16, 32, 64, 128] {
             assert_eq!(skinny_k_warps_built(mt)[0], 1);
             assert!(skinny_k_warps_built(mt).iter().all(|kw| 128 * mt / 16 * kw <= 1024));
         }
@@ -157,7 +162,7 @@ mod tests {
         assert_eq!(skinny_wgmma_splits(86, 64, 132), 3);
         assert_eq!(skinny_wgmma_splits(3, 2, 132), 1);
         // The wgmma kernel's stages stay 1024-aligned (its x tiles are 128-byte swizzle atoms).
-        for mt in [16, 32, 64] {
+        for mt in [16, 32, 64, 128] {
             assert_eq!((mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4) % 1024, 0);
             assert!(skinny_wgmma_smem(mt, 6) <= 227 * 1024);
         }

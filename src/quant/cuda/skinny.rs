@@ -1,5 +1,5 @@
 //! The thin wrapper of the skinny GEMMs (`w4a16_skinny.cu` on mma.sync, `w4a16_skinny_sm90.cu`
-//! on Hopper's wgmma): 9 to 64 f16 tokens through up to three 4-bit weights that share an
+//! on Hopper's wgmma): 9 to 64 f16 tokens (to 128 on wgmma) through up to three 4-bit weights that share an
 //! input, in one launch, blocks of 256 rows split over k.
 use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, W4Sets, GEMV_MAX_SETS};
 use super::launch;
@@ -41,6 +41,20 @@ pub fn skinny_wgmma_available(device: &candle_core::Device) -> bool {
     !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
 }
 
+/// Most tokens the skinny GEMM takes on `device`: 128 where the wgmma kernel runs (above 64 only
+/// it), else 64. `AWQ_RUN_WGMMA_MAX` lowers it for A/B benchmarks against the large-M GEMM (64
+/// hands 65–128 tokens back to it).
+pub fn skinny_max_tokens(device: &candle_core::Device) -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if !skinny_wgmma_available(device) {
+        return launch::SKINNY_MAX_TOKENS;
+    }
+    *MAX.get_or_init(|| {
+        let v = std::env::var("AWQ_RUN_WGMMA_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(launch::SKINNY_WGMMA_MAX_TOKENS);
+        v.clamp(launch::SKINNY_MAX_TOKENS, launch::SKINNY_WGMMA_MAX_TOKENS)
+    })
+}
+
 /// Every skinny kernel variant built for `m` tokens on `device` (the self-test runs each).
 pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<SkinnyKernel> {
     let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(launch::skinny_slots(m)).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
@@ -66,7 +80,7 @@ pub fn skinny_wgmma_stages() -> usize {
 
 /// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
 pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKernel {
-    if m >= skinny_wgmma_from() && skinny_wgmma_available(device) {
+    if (m >= skinny_wgmma_from() || m > launch::SKINNY_MAX_TOKENS) && skinny_wgmma_available(device) {
         SkinnyKernel::Wgmma { stages: skinny_wgmma_stages() }
     } else {
         SkinnyKernel::Mma { k_warps: skinny_k_warps(launch::skinny_slots(m)) }
@@ -100,7 +114,7 @@ pub fn skinny_k_warps(mt: usize) -> usize {
 /// Whether the skinny GEMM takes these weights and `m` tokens of `dt`.
 pub fn skinny_supported(ws: &[&CudaQ4], m: usize, dt: DType) -> bool {
     let (k, g) = (ws[0].shape.k, ws[0].shape.group_size);
-    dt == DType::F16 && (1..=launch::SKINNY_MAX_TOKENS).contains(&m) && launch::skinny_shape_ok(k, g) && ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g)
+    dt == DType::F16 && m >= 1 && m <= skinny_max_tokens(ws[0].q.device()) && launch::skinny_shape_ok(k, g) && ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g)
 }
 
 /// `x · Wᵢᵀ` for up to three weights (same k and group size) through the skinny GEMM; outputs
@@ -120,7 +134,7 @@ pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, kerne
     if !skinny_supported(ws, m, x.dtype()) {
         candle_core::bail!(
             "W4A16 skinny GEMM: f16, 1 to {} tokens, k a multiple of 64, group size 32 or a multiple of 64, one k and group size (got {:?}, {m} tokens, k {}, g {})",
-            launch::SKINNY_MAX_TOKENS,
+            skinny_max_tokens(x.device()),
             x.dtype(),
             ws[0].shape.k,
             ws[0].shape.group_size
