@@ -41,18 +41,15 @@ pub fn skinny_wgmma_available(device: &candle_core::Device) -> bool {
     !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
 }
 
-/// Most tokens the skinny GEMM takes on `device`: 128 where the wgmma kernel runs (above 64 only
-/// it), else 64. `AWQ_RUN_WGMMA_MAX` lowers it for A/B benchmarks against the large-M GEMM (64
-/// hands 65–128 tokens back to it).
+/// Most tokens `forward` hands to the skinny GEMM on `device`: 128 where the wgmma kernel runs
+/// (above 64 only it), else 64. `AWQ_RUN_WGMMA_MAX` moves it for A/B benchmarks against the
+/// large-M GEMM: 64 hands 65–128 tokens back to it, more than 128 runs tiles of 128 tokens.
 pub fn skinny_max_tokens(device: &candle_core::Device) -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     if !skinny_wgmma_available(device) {
         return launch::SKINNY_MAX_TOKENS;
     }
-    *MAX.get_or_init(|| {
-        let v = std::env::var("AWQ_RUN_WGMMA_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(launch::SKINNY_WGMMA_MAX_TOKENS);
-        v.clamp(launch::SKINNY_MAX_TOKENS, launch::SKINNY_WGMMA_MAX_TOKENS)
-    })
+    *MAX.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(launch::SKINNY_WGMMA_MAX_TOKENS).max(launch::SKINNY_MAX_TOKENS))
 }
 
 /// Every skinny kernel variant built for `m` tokens on `device` (the self-test runs each).
@@ -111,10 +108,19 @@ pub fn skinny_k_warps(mt: usize) -> usize {
     forced.filter(|kw| launch::skinny_k_warps_built(mt).contains(kw)).unwrap_or(if mt == 16 { 2 } else { 1 })
 }
 
-/// Whether the skinny GEMM takes these weights and `m` tokens of `dt`.
+/// Whether `forward` hands these weights and `m` tokens of `dt` to the skinny GEMM: it can run
+/// them ([`skinny_capable`]) and `m` is within [`skinny_max_tokens`].
 pub fn skinny_supported(ws: &[&CudaQ4], m: usize, dt: DType) -> bool {
+    m <= skinny_max_tokens(ws[0].q.device()) && skinny_capable(ws, m, dt)
+}
+
+/// Whether the skinny GEMM can run these weights and `m` tokens of `dt`: f16, one k (a multiple
+/// of 64) and group size (32 or a multiple of 64), and up to 64 tokens, or any count where the
+/// wgmma kernel runs (tiles of 128).
+pub fn skinny_capable(ws: &[&CudaQ4], m: usize, dt: DType) -> bool {
     let (k, g) = (ws[0].shape.k, ws[0].shape.group_size);
-    dt == DType::F16 && m >= 1 && m <= skinny_max_tokens(ws[0].q.device()) && launch::skinny_shape_ok(k, g) && ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g)
+    let tokens_ok = m >= 1 && (m <= launch::SKINNY_MAX_TOKENS || skinny_wgmma_available(ws[0].q.device()));
+    dt == DType::F16 && tokens_ok && launch::skinny_shape_ok(k, g) && ws.iter().all(|w| w.shape.k == k && w.shape.group_size == g)
 }
 
 /// `x · Wᵢᵀ` for up to three weights (same k and group size) through the skinny GEMM; outputs
@@ -131,10 +137,10 @@ pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, kerne
     }
     let x = x.contiguous()?;
     let m = x.elem_count() / ws[0].shape.k.max(1);
-    if !skinny_supported(ws, m, x.dtype()) {
+    if !skinny_capable(ws, m, x.dtype()) {
+        let most = if skinny_wgmma_available(x.device()) { "any number of".to_string() } else { format!("1 to {}", launch::SKINNY_MAX_TOKENS) };
         candle_core::bail!(
-            "W4A16 skinny GEMM: f16, 1 to {} tokens, k a multiple of 64, group size 32 or a multiple of 64, one k and group size (got {:?}, {m} tokens, k {}, g {})",
-            skinny_max_tokens(x.device()),
+            "W4A16 skinny GEMM: f16, {most} tokens, k a multiple of 64, group size 32 or a multiple of 64, one k and group size (got {:?}, {m} tokens, k {}, g {})",
             x.dtype(),
             ws[0].shape.k,
             ws[0].shape.group_size
@@ -171,7 +177,9 @@ impl CustomOp1 for Skinny<'_> {
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
         let (sets, blocks, n_total) = W4Sets::new(self.ws, launch::SKINNY_ROWS, &stream)?;
-        let mt = launch::skinny_slots(m);
+        // Token slots a block; beyond 128 tokens (wgmma only) tiles of 128 over the grid's z.
+        let mt = launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS));
+        let tiles = m.div_ceil(mt);
         let (func, name, smem, threads) = match self.kernel {
             SkinnyKernel::Mma { k_warps } => {
                 let name = format!("w4_skinny_f16_t{mt}_k{k_warps}");
@@ -192,13 +200,13 @@ impl CustomOp1 for Skinny<'_> {
             Some(sp) => sp.clamp(1, ktiles.clamp(1, launch::SKINNY_MAX_SPLITS)),
             None => match self.kernel {
                 SkinnyKernel::Mma { .. } => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
-                SkinnyKernel::Wgmma { .. } => launch::skinny_wgmma_splits(blocks, ktiles, resident),
+                SkinnyKernel::Wgmma { .. } => launch::skinny_wgmma_splits(blocks * tiles, ktiles, resident),
             },
         };
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, tiles as u32), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
         // SAFETY: the kernel writes every element of the workspace it reads.
-        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * m * blocks * launch::SKINNY_ROWS)? }) } else { None };
-        let counters = device_ptr(&split_counters(&dev, blocks)?, &stream)?;
+        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * tiles * mt * blocks * launch::SKINNY_ROWS)? }) } else { None };
+        let counters = device_ptr(&split_counters(&dev, blocks * tiles)?, &stream)?;
         let x = s.as_cuda_slice::<f16>()?.slice(xo..);
         // SAFETY: every element is written by the kernel (or poisoned first).
         let y = unsafe { dev.alloc::<f16>(m * n_total)? };

@@ -1,4 +1,5 @@
-// The skinny W4A16 GEMM on Hopper's warpgroup MMA (sm_90a): 9 to 64 f16 tokens, the same blocks
+// The skinny W4A16 GEMM on Hopper's warpgroup MMA (sm_90a): from 9 f16 tokens (tiles of up to
+// 128 over gridDim.z beyond), the same blocks
 // of 256 rows and k slices as w4a16_skinny.cu (its staging and its end are w4_skinny.cuh), but
 // each 64 rows' MMAs are one wgmma per k16 step with the tokens as the N side.
 //
@@ -58,7 +59,8 @@ template <> __device__ __forceinline__ void wgmma_m64k16<128>(float* d, const ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 }
 
-// MT token slots (16, 32 or 64; tokens past m are zero rows of the stage), STAGES stages.
+// MT token slots (16, 32, 64 or 128; tokens past m are zero rows of the stage) a block, STAGES
+// stages.
 // Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
 template <int MT, int STAGES>
 __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
@@ -74,6 +76,14 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
     const int q = warp >> 2, w = warp & 3;
     const int r0 = q * 64 + w * 16 + (lane >> 2);
 
+    // More than MT tokens are tiles of MT over gridDim.z, each with its own partial sums and
+    // arrival counters.
+    const int tz = blockIdx.z;
+    x += (size_t)tz * MT * k;
+    y += (size_t)tz * MT * n_total;
+    m = min(MT, m - tz * MT);
+    if (part != nullptr) part += (size_t)tz * gridDim.y * MT * gridDim.x * SK_ROWS;
+    counters += tz * gridDim.x;
     const GemvRows rows = gemv_rows(ws, blockIdx.x);
     int t0, t1;
     sk_slice(k / SK_BK, t0, t1);
