@@ -94,8 +94,16 @@ pub fn skinny_smem(mt: usize) -> usize {
     (4 * stage).max(mt * 260 * 4)
 }
 
-/// Pipeline stages the wgmma skinny GEMM is built for (`WGS_ENTRY` in w4a16_skinny_sm90.cu).
-pub const SKINNY_WGMMA_STAGES: [usize; 2] = [4, 6];
+/// The (pipeline stages, overlap) variants the wgmma skinny GEMM is built for at `mt` token
+/// slots (`WGS_ENTRY` in w4a16_skinny_sm90.cu; overlap keeps a tile's wgmmas running while the
+/// next is dequantized, where the MMAs are long enough to matter).
+pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool)] {
+    match mt {
+        16 | 32 => &[(4, false), (6, false)],
+        64 | 128 => &[(4, false), (6, false), (6, true)],
+        _ => &[],
+    }
+}
 /// Threads of a wgmma skinny GEMM block (WGS_THREADS: 4 warpgroups of 64 rows).
 pub const SKINNY_WGMMA_THREADS: usize = 512;
 

@@ -21,16 +21,17 @@ pub enum SkinnyKernel {
     /// mma.sync (`w4a16_skinny.cu`), `k_warps` warps sharing each 64 rows' k steps (one of
     /// [`launch::skinny_k_warps_built`]).
     Mma { k_warps: usize },
-    /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages (one of
-    /// [`launch::SKINNY_WGMMA_STAGES`]).
-    Wgmma { stages: usize },
+    /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages, and with `overlap`
+    /// a tile's wgmmas left running while the next is dequantized (one of
+    /// [`launch::skinny_wgmma_built`]).
+    Wgmma { stages: usize, overlap: bool },
 }
 
 impl std::fmt::Display for SkinnyKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SkinnyKernel::Mma { k_warps } => write!(f, "mma k{k_warps}"),
-            SkinnyKernel::Wgmma { stages } => write!(f, "wgmma s{stages}"),
+            SkinnyKernel::Wgmma { stages, overlap } => write!(f, "wgmma s{stages}{}", if *overlap { " overlap" } else { "" }),
         }
     }
 }
@@ -56,7 +57,8 @@ pub fn skinny_max_tokens(device: &candle_core::Device) -> usize {
 pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<SkinnyKernel> {
     let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(launch::skinny_slots(m)).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
     if skinny_wgmma_available(device) {
-        v.extend(launch::SKINNY_WGMMA_STAGES.iter().map(|&stages| SkinnyKernel::Wgmma { stages }));
+        let mt = launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS));
+        v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap)| SkinnyKernel::Wgmma { stages, overlap }));
     }
     v
 }
@@ -68,17 +70,23 @@ pub fn skinny_wgmma_from() -> usize {
     *FROM.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
 }
 
-/// Pipeline stages of the wgmma skinny GEMM: 4. `AWQ_RUN_WGMMA_STAGES` overrides it for A/B
-/// benchmarks where that count is built.
-pub fn skinny_wgmma_stages() -> usize {
-    static ST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ST.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_STAGES").ok().and_then(|v| v.parse().ok()).filter(|s| launch::SKINNY_WGMMA_STAGES.contains(s)).unwrap_or(4))
+/// The wgmma skinny GEMM's variant at `mt` token slots: 4 stages, no overlap.
+/// `AWQ_RUN_WGMMA_VARIANT=STAGES[o]` (6, 6o) overrides it for A/B benchmarks where built.
+pub fn skinny_wgmma_variant(mt: usize) -> SkinnyKernel {
+    static V: std::sync::OnceLock<Option<(usize, bool)>> = std::sync::OnceLock::new();
+    let forced = *V.get_or_init(|| {
+        let v = std::env::var("AWQ_RUN_WGMMA_VARIANT").ok()?;
+        let overlap = v.ends_with('o');
+        Some((v.trim_end_matches('o').parse().ok()?, overlap))
+    });
+    let (stages, overlap) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or((4, false));
+    SkinnyKernel::Wgmma { stages, overlap }
 }
 
 /// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
 pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKernel {
     if (m >= skinny_wgmma_from() || m > launch::SKINNY_MAX_TOKENS) && skinny_wgmma_available(device) {
-        SkinnyKernel::Wgmma { stages: skinny_wgmma_stages() }
+        skinny_wgmma_variant(launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS)))
     } else {
         SkinnyKernel::Mma { k_warps: skinny_k_warps(launch::skinny_slots(m)) }
     }
@@ -185,8 +193,8 @@ impl CustomOp1 for Skinny<'_> {
                 let name = format!("w4_skinny_f16_t{mt}_k{k_warps}");
                 (dev.get_or_load_custom_func(&name, MODULE, PTX)?, name, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps)
             }
-            SkinnyKernel::Wgmma { stages } => {
-                let name = format!("w4_wgs_f16_t{mt}_s{stages}");
+            SkinnyKernel::Wgmma { stages, overlap } => {
+                let name = format!("w4_wgs_f16_t{mt}_s{stages}{}", if overlap { "_o" } else { "" });
                 (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, name, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
             }
         };

@@ -60,9 +60,9 @@ template <> __device__ __forceinline__ void wgmma_m64k16<128>(float* d, const ui
 }
 
 // MT token slots (16, 32, 64 or 128; tokens past m are zero rows of the stage) a block, STAGES
-// stages.
+// stages; OVERLAP keeps one tile's wgmmas in flight while the next is dequantized.
 // Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
-template <int MT, int STAGES>
+template <int MT, int STAGES, bool OVERLAP>
 __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                                        int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
     constexpr int STAGE = sk_stage_bytes(MT);
@@ -93,18 +93,16 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
     float acc[MT / 2];
 #pragma unroll
     for (int i = 0; i < MT / 2; i++) acc[i] = 0.f;
+    // Tiles in flight ahead of the one being multiplied: with OVERLAP a tile's wgmmas are left
+    // running while the next tile is dequantized, so its stage is refilled a tile later.
+    constexpr int LEAD = OVERLAP ? STAGES - 2 : STAGES - 1;
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
+    for (int s = 0; s < LEAD; s++) {
         if (t0 + s < t1) stager.load(t0 + s, smem_base + s * STAGE);
         cp_async_commit();
     }
-    for (int kt = t0; kt < t1; kt++) {
-        const int idx = kt - t0;
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        if (kt + STAGES - 1 < t1) stager.load(kt + STAGES - 1, smem_base + ((idx + STAGES - 1) % STAGES) * STAGE);
-        cp_async_commit();
-
+    // One k tile: its words and (scale, zero) pairs dequantized into `a`, then four wgmmas.
+    auto tile = [&](int idx, uint32_t (&a)[4][4]) {
         const int stage = idx % STAGES;
         const uint8_t* st = smem + stage * STAGE;
         const uint32_t* words = reinterpret_cast<const uint32_t*>(st + SK_X_BYTES(MT)) + q * 128 + w * 32 + lane;
@@ -113,7 +111,6 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) wd[kk] = words[kk * SK_QUARTERS * 128];
         __half2 zl0, zh0, s0, zl1, zh1, s1;
-        uint32_t a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             if (kk == 0 || (kk == 2 && two_groups)) {
@@ -133,8 +130,26 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) wgmma_m64k16<MT>(acc, a[kk], desc_sw128(xs + kk * 32));
         wgmma_commit();
-        wgmma_wait<0>();
+        // Without OVERLAP the stage is free once this returns; with it, the previous tile's.
+        if (OVERLAP)
+            wgmma_wait<1>();
+        else
+            wgmma_wait<0>();
+    };
+    // Two register sets for the A fragments, so a tile's are not rewritten while its wgmmas run.
+    uint32_t a_even[4][4], a_odd[4][4];
+    for (int kt = t0; kt < t1; kt++) {
+        const int idx = kt - t0;
+        cp_async_wait<LEAD - 1>();
+        __syncthreads();
+        if (kt + LEAD < t1) stager.load(kt + LEAD, smem_base + ((idx + LEAD) % STAGES) * STAGE);
+        cp_async_commit();
+        if (!OVERLAP || (idx & 1) == 0)
+            tile(idx, a_even);
+        else
+            tile(idx, a_odd);
     }
+    wgmma_wait<0>();
     cp_async_wait<0>();
     __syncthreads();
 
@@ -151,17 +166,19 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
     sk_finish(red, rows, y, m, n_total, part, counters);
 }
 
-// (MT, STAGES) pairs; one 512-thread block per SM.
-#define WGS_ENTRY(MT, ST)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(WGS_THREADS, 1) w4_wgs_f16_t##MT##_s##ST(                          \
+// (MT, STAGES, OVERLAP) variants; one 512-thread block per SM.
+#define WGS_ENTRY(MT, ST, OV, SFX)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(WGS_THREADS, 1) w4_wgs_f16_t##MT##_s##ST##SFX(                     \
         W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
-        w4_wgs<MT, ST>(ws, x, y, k, g, m, nt, part, counters);                                                     \
+        w4_wgs<MT, ST, OV>(ws, x, y, k, g, m, nt, part, counters);                                                 \
     }
-WGS_ENTRY(16, 4)
-WGS_ENTRY(16, 6)
-WGS_ENTRY(32, 4)
-WGS_ENTRY(32, 6)
-WGS_ENTRY(64, 4)
-WGS_ENTRY(64, 6)
-WGS_ENTRY(128, 4)
-WGS_ENTRY(128, 6)
+WGS_ENTRY(16, 4, false, )
+WGS_ENTRY(16, 6, false, )
+WGS_ENTRY(32, 4, false, )
+WGS_ENTRY(32, 6, false, )
+WGS_ENTRY(64, 4, false, )
+WGS_ENTRY(64, 6, false, )
+WGS_ENTRY(64, 6, true, _o)
+WGS_ENTRY(128, 4, false, )
+WGS_ENTRY(128, 6, false, )
+WGS_ENTRY(128, 6, true, _o)
