@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, gemv_max_tokens, skinny_kernels_built, skinny_many_with, skinny_supported, skinny_wgmma_available, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, gemv_max_tokens, skinny_kernels_built, launch, skinny_many_with, skinny_supported, skinny_wgmma_available, skinny_wgmma_variant, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -107,16 +107,16 @@ pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>>
             // The wgmma skinny GEMM in tiles of 128 tokens, against the GEMMs.
             let wgs = skinny_wgmma_available(device);
             if wgs {
-                fs.push(Box::new(|_| skinny_many_with(&[&w], &x, None, Some(SkinnyKernel::Wgmma { stages: 4, overlap: false })).map(|_| ())));
-                fs.push(Box::new(|_| skinny_many_with(&[&w], &x, None, Some(SkinnyKernel::Wgmma { stages: 6, overlap: true })).map(|_| ())));
+                let variant = skinny_wgmma_variant(launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS)));
+                let (w, x) = (&w, &x);
+                fs.push(Box::new(move |_| skinny_many_with(&[w], x, None, Some(variant)).map(|_| ())));
             }
             let t = time_graphs_interleaved(device, 9, iters, fs)?;
             let (t_cublas, t_w4, t_deq, t_sm90) = (t[0], t[1], t[2], sm90.then(|| t[3]));
-            let (t_wgs, t_wgs_o) = (wgs.then(|| t[t.len() - 2]), wgs.then(|| t[t.len() - 1]));
+            let t_wgs = wgs.then(|| t[t.len() - 1]);
             rows.push(serde_json::json!({
                 "what": format!("gemm K={k} N={n} M={m} f16"),
                 "skinny_wgmma_over_cublas": t_wgs.map(|t| t_cublas / t),
-                "skinny_wgmma_s6_overlap_over_cublas": t_wgs_o.map(|t| t_cublas / t),
                 "w4_sm80_mma_tflops": flops / t_w4 / 1e12,
                 "w4_sm90_wgmma_tflops": t_sm90.map(|t| flops / t / 1e12),
                 "sm90_over_cublas": t_sm90.map(|t| t_cublas / t),

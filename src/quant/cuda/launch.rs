@@ -94,13 +94,14 @@ pub fn skinny_smem(mt: usize) -> usize {
     (4 * stage).max(mt * 260 * 4)
 }
 
-/// The (pipeline stages, overlap) variants the wgmma skinny GEMM is built for at `mt` token
-/// slots (`WGS_ENTRY` in w4a16_skinny_sm90.cu; overlap keeps a tile's wgmmas running while the
-/// next is dequantized, where the MMAs are long enough to matter).
-pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool)] {
+/// The (pipeline stages, overlap, blocks an SM) variants the wgmma skinny GEMM is built for at
+/// `mt` token slots (`WGS_ENTRY` in w4a16_skinny_sm90.cu; overlap keeps a tile's wgmmas running
+/// while the next is dequantized, where the MMAs are long enough to matter; two blocks an SM fit
+/// 64 registers a thread only with the small accumulators of 16 and 32 slots).
+pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool, usize)] {
     match mt {
-        16 | 32 => &[(4, false), (6, false)],
-        64 | 128 => &[(4, false), (6, false), (6, true)],
+        16 | 32 => &[(4, false, 1), (6, false, 1), (4, false, 2), (6, false, 2)],
+        64 | 128 => &[(4, false, 1), (6, false, 1), (6, true, 1)],
         _ => &[],
     }
 }

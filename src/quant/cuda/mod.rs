@@ -11,4 +11,4 @@ pub use kernels::*;
 #[cfg(feature = "cuda")]
 mod skinny;
 #[cfg(feature = "cuda")]
-pub use skinny::{skinny_capable, skinny_default_kernel, skinny_kernels_built, skinny_many, skinny_many_with, skinny_max_tokens, skinny_supported, skinny_wgmma_available, SkinnyKernel};
+pub use skinny::{skinny_capable, skinny_default_kernel, skinny_kernels_built, skinny_many, skinny_many_with, skinny_max_tokens, skinny_supported, skinny_wgmma_available, skinny_wgmma_variant, SkinnyKernel};

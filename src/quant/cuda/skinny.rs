@@ -21,17 +21,17 @@ pub enum SkinnyKernel {
     /// mma.sync (`w4a16_skinny.cu`), `k_warps` warps sharing each 64 rows' k steps (one of
     /// [`launch::skinny_k_warps_built`]).
     Mma { k_warps: usize },
-    /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages, and with `overlap`
-    /// a tile's wgmmas left running while the next is dequantized (one of
-    /// [`launch::skinny_wgmma_built`]).
-    Wgmma { stages: usize, overlap: bool },
+    /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages, with `overlap` a
+    /// tile's wgmmas left running while the next is dequantized, `blocks` of 512 threads an SM
+    /// (one of [`launch::skinny_wgmma_built`]).
+    Wgmma { stages: usize, overlap: bool, blocks: usize },
 }
 
 impl std::fmt::Display for SkinnyKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SkinnyKernel::Mma { k_warps } => write!(f, "mma k{k_warps}"),
-            SkinnyKernel::Wgmma { stages, overlap } => write!(f, "wgmma s{stages}{}", if *overlap { " overlap" } else { "" }),
+            SkinnyKernel::Wgmma { stages, overlap, blocks } => write!(f, "wgmma s{stages}{}{}", if *overlap { " overlap" } else { "" }, if *blocks == 2 { " 2/SM" } else { "" }),
         }
     }
 }
@@ -58,7 +58,7 @@ pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<Skinn
     let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(launch::skinny_slots(m)).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
     if skinny_wgmma_available(device) {
         let mt = launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS));
-        v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap)| SkinnyKernel::Wgmma { stages, overlap }));
+        v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap, blocks)| SkinnyKernel::Wgmma { stages, overlap, blocks }));
     }
     v
 }
@@ -70,17 +70,20 @@ pub fn skinny_wgmma_from() -> usize {
     *FROM.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
 }
 
-/// The wgmma skinny GEMM's variant at `mt` token slots: 4 stages, no overlap.
-/// `AWQ_RUN_WGMMA_VARIANT=STAGES[o]` (6, 6o) overrides it for A/B benchmarks where built.
+/// The wgmma skinny GEMM's variant at `mt` token slots: 4 stages, and at 128 slots 6 stages with
+/// overlap (H100, session 19: 4096 × 11008 at 96 / 128 tokens 38.9 / 44.0 µs against 40.6 /
+/// 45.5, the batched step of 128 sequences 14.41 against 14.83 ms; at 64 tokens and below the
+/// variants are within 2 %). `AWQ_RUN_WGMMA_VARIANT=STAGES[o]` (4, 6, 6o) overrides it for A/B
+/// benchmarks where built (`b` after it, 4b or 6b, for two blocks an SM).
 pub fn skinny_wgmma_variant(mt: usize) -> SkinnyKernel {
-    static V: std::sync::OnceLock<Option<(usize, bool)>> = std::sync::OnceLock::new();
+    static V: std::sync::OnceLock<Option<(usize, bool, usize)>> = std::sync::OnceLock::new();
     let forced = *V.get_or_init(|| {
         let v = std::env::var("AWQ_RUN_WGMMA_VARIANT").ok()?;
-        let overlap = v.ends_with('o');
-        Some((v.trim_end_matches('o').parse().ok()?, overlap))
+        let (overlap, blocks) = (v.ends_with('o'), if v.ends_with('b') { 2 } else { 1 });
+        Some((v.trim_end_matches(['o', 'b']).parse().ok()?, overlap, blocks))
     });
-    let (stages, overlap) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or((4, false));
-    SkinnyKernel::Wgmma { stages, overlap }
+    let (stages, overlap, blocks) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or(if mt == 128 { (6, true, 1) } else { (4, false, 1) });
+    SkinnyKernel::Wgmma { stages, overlap, blocks }
 }
 
 /// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
@@ -193,8 +196,8 @@ impl CustomOp1 for Skinny<'_> {
                 let name = format!("w4_skinny_f16_t{mt}_k{k_warps}");
                 (dev.get_or_load_custom_func(&name, MODULE, PTX)?, name, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps)
             }
-            SkinnyKernel::Wgmma { stages, overlap } => {
-                let name = format!("w4_wgs_f16_t{mt}_s{stages}{}", if overlap { "_o" } else { "" });
+            SkinnyKernel::Wgmma { stages, overlap, blocks } => {
+                let name = format!("w4_wgs_f16_t{mt}_s{stages}{}{}", if overlap { "_o" } else { "" }, if blocks == 2 { "_b2" } else { "" });
                 (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, name, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
             }
         };

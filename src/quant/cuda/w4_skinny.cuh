@@ -87,8 +87,9 @@ __device__ __forceinline__ void sk_slice(int ktiles, int& t0, int& t1) {
 // holds the block's sums of its k slice: with one slice, the m tokens' rows stored as f16;
 // otherwise the slice's sums written as float4s of 4 rows, and the last block of the row range
 // to arrive adds the slices' sums in slice order (deterministic). Its loads are the launch's
-// tail, so each thread issues every slice's load of an element before adding any (one L2 round
-// trip per element, not one per slice).
+// tail, so each thread issues CHUNK slices' loads of an element before adding any (one L2 round
+// trip per CHUNK slices, not one per slice; a smaller CHUNK for kernels short of registers).
+template <int CHUNK = SK_MAX_SPLITS>
 __device__ __forceinline__ void sk_finish(const float* red, const GemvRows& rows, __half* __restrict__ y, int m, int n_total,
                                           float* __restrict__ part, unsigned int* __restrict__ counters) {
     const int tid = threadIdx.x, b = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
@@ -120,19 +121,21 @@ __device__ __forceinline__ void sk_finish(const float* red, const GemvRows& rows
         if (row >= n) continue;
         const float4* src = part4 + (size_t)t * ld4 + (size_t)b * (SK_ROWS / 4) + r4;
         const size_t step = (size_t)m * ld4;
-        float4 v[SK_MAX_SPLITS];
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int c0 = 0; c0 < (CHUNK >= SK_MAX_SPLITS ? 1 : nsplit); c0 += CHUNK) {
+            float4 v[CHUNK];
 #pragma unroll
-        for (int sp = 0; sp < SK_MAX_SPLITS; sp++)
-            if (sp < nsplit) v[sp] = __ldcg(src + sp * step);
-        float4 a = v[0];
+            for (int c = 0; c < CHUNK; c++)
+                if (c0 + c < nsplit) v[c] = __ldcg(src + (c0 + c) * step);
 #pragma unroll
-        for (int sp = 1; sp < SK_MAX_SPLITS; sp++)
-            if (sp < nsplit) {
-                a.x += v[sp].x;
-                a.y += v[sp].y;
-                a.z += v[sp].z;
-                a.w += v[sp].w;
-            }
+            for (int c = 0; c < CHUNK; c++)
+                if (c0 + c < nsplit) {
+                    a.x += v[c].x;
+                    a.y += v[c].y;
+                    a.z += v[c].z;
+                    a.w += v[c].w;
+                }
+        }
         __half* dst = y + (size_t)t * n_total + out_off + row;
         const float vals[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll

@@ -11,7 +11,7 @@
 // every token: warp w dequantizes the m16 A fragment of rows 16 w .. (one 4-byte word a lane a
 // k16 step, as in w4a16_sm90.cu) once, in registers, and one m64nMTk16 wgmma multiplies it by
 // all MT tokens read straight from the stage (the staged x rows already carry the 128-byte
-// swizzle wgmma's descriptor names). A block is 16 warps, one per SM (512 threads); stages are
+// swizzle wgmma's descriptor names). A block is 16 warps (512 threads), one or two an SM; stages are
 // filled by cp.async as in the mma.sync kernel, and each k tile's wgmmas are waited for before
 // the next tile's barrier, so a stage is free when it is refilled.
 #include "common.cuh"
@@ -60,9 +60,10 @@ template <> __device__ __forceinline__ void wgmma_m64k16<128>(float* d, const ui
 }
 
 // MT token slots (16, 32, 64 or 128; tokens past m are zero rows of the stage) a block, STAGES
-// stages; OVERLAP keeps one tile's wgmmas in flight while the next is dequantized.
+// stages; OVERLAP keeps one tile's wgmmas in flight while the next is dequantized; MINB blocks
+// an SM.
 // Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
-template <int MT, int STAGES, bool OVERLAP>
+template <int MT, int STAGES, bool OVERLAP, int MINB>
 __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                                        int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
     constexpr int STAGE = sk_stage_bytes(MT);
@@ -163,22 +164,28 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
             if (tok < m) red[tok * SK_RED_STRIDE + r0 + (e >> 1) * 8] = acc[4 * j + e];
         }
     __syncthreads();
-    sk_finish(red, rows, y, m, n_total, part, counters);
+    // Two blocks an SM (64 registers): the reduction's loads four slices at a time.
+    sk_finish < MINB == 2 ? 4 : SK_MAX_SPLITS > (red, rows, y, m, n_total, part, counters);
 }
 
-// (MT, STAGES, OVERLAP) variants; one 512-thread block per SM.
-#define WGS_ENTRY(MT, ST, OV, SFX)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(WGS_THREADS, 1) w4_wgs_f16_t##MT##_s##ST##SFX(                     \
+// (MT, STAGES, OVERLAP, blocks an SM) variants. Two 512-thread blocks an SM need at most 64
+// registers a thread: only at 16 and 32 slots, whose accumulators are 8 and 16 registers.
+#define WGS_ENTRY(MT, ST, OV, MINB, SFX)                                                                            \
+    extern "C" __global__ void __launch_bounds__(WGS_THREADS, MINB) w4_wgs_f16_t##MT##_s##ST##SFX(                  \
         W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) { \
-        w4_wgs<MT, ST, OV>(ws, x, y, k, g, m, nt, part, counters);                                                 \
+        w4_wgs<MT, ST, OV, MINB>(ws, x, y, k, g, m, nt, part, counters);                                           \
     }
-WGS_ENTRY(16, 4, false, )
-WGS_ENTRY(16, 6, false, )
-WGS_ENTRY(32, 4, false, )
-WGS_ENTRY(32, 6, false, )
-WGS_ENTRY(64, 4, false, )
-WGS_ENTRY(64, 6, false, )
-WGS_ENTRY(64, 6, true, _o)
-WGS_ENTRY(128, 4, false, )
-WGS_ENTRY(128, 6, false, )
-WGS_ENTRY(128, 6, true, _o)
+WGS_ENTRY(16, 4, false, 1, )
+WGS_ENTRY(16, 6, false, 1, )
+WGS_ENTRY(16, 4, false, 2, _b2)
+WGS_ENTRY(16, 6, false, 2, _b2)
+WGS_ENTRY(32, 4, false, 1, )
+WGS_ENTRY(32, 6, false, 1, )
+WGS_ENTRY(32, 4, false, 2, _b2)
+WGS_ENTRY(32, 6, false, 2, _b2)
+WGS_ENTRY(64, 4, false, 1, )
+WGS_ENTRY(64, 6, false, 1, )
+WGS_ENTRY(64, 6, true, 1, _o)
+WGS_ENTRY(128, 4, false, 1, )
+WGS_ENTRY(128, 6, false, 1, )
+WGS_ENTRY(128, 6, true, 1, _o)
