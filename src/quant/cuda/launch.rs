@@ -105,6 +105,29 @@ pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool, usize)] {
         _ => &[],
     }
 }
+/// The wgmma skinny GEMM's default variant at `mt` token slots: 4 stages, and at 128 slots 6
+/// stages with overlap (H100, session 19: 4096 × 11008 at 96 / 128 tokens 38.9 / 44.0 µs
+/// against 40.6 / 45.5, the batched step of 128 sequences 14.41 against 14.83 ms; at 64 tokens
+/// and below the variants are within 2 %).
+pub fn skinny_wgmma_default(mt: usize) -> (usize, bool, usize) {
+    if mt == 128 {
+        (6, true, 1)
+    } else {
+        (4, false, 1)
+    }
+}
+
+/// A wgmma skinny GEMM variant as `AWQ_RUN_WGMMA_VARIANT` names it: the stages, then `o` for
+/// overlap and `b` for two blocks an SM (`4`, `6o`, `4b`); None if it is not a number so followed.
+pub fn parse_wgmma_variant(v: &str) -> Option<(usize, bool, usize)> {
+    let digits = v.trim_end_matches(['o', 'b']);
+    let flags = &v[digits.len()..];
+    if flags.len() > 1 {
+        return None;
+    }
+    Some((digits.parse().ok()?, flags == "o", if flags == "b" { 2 } else { 1 }))
+}
+
 /// Threads of a wgmma skinny GEMM block (WGS_THREADS: 4 warpgroups of 64 rows).
 pub const SKINNY_WGMMA_THREADS: usize = 512;
 
@@ -163,6 +186,14 @@ mod tests {
         // slices of k = 4096, 11008 rows (43 blocks) seven; a tiny k keeps one slice; a grid
         // already two blocks per SM keeps one.
         assert_eq!(skinny_splits(16, 64, 132, 264), 16);
+        assert_eq!(parse_wgmma_variant("4"), Some((4, false, 1)));
+        assert_eq!(parse_wgmma_variant("6o"), Some((6, true, 1)));
+        assert_eq!(parse_wgmma_variant("4b"), Some((4, false, 2)));
+        assert_eq!((parse_wgmma_variant("6ob"), parse_wgmma_variant("o"), parse_wgmma_variant("x4")), (None, None, None));
+        // Every default variant is built.
+        for mt in [16, 32, 64, 128] {
+            assert!(skinny_wgmma_built(mt).contains(&skinny_wgmma_default(mt)));
+        }
         // One block per SM of an H100: 11008, 4096, 12288 and 22016 rows.
         assert_eq!(skinny_wgmma_splits(43, 64, 132), 3);
         assert_eq!(skinny_wgmma_splits(16, 64, 132), 8);

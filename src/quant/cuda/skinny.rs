@@ -70,19 +70,13 @@ pub fn skinny_wgmma_from() -> usize {
     *FROM.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
 }
 
-/// The wgmma skinny GEMM's variant at `mt` token slots: 4 stages, and at 128 slots 6 stages with
-/// overlap (H100, session 19: 4096 × 11008 at 96 / 128 tokens 38.9 / 44.0 µs against 40.6 /
-/// 45.5, the batched step of 128 sequences 14.41 against 14.83 ms; at 64 tokens and below the
-/// variants are within 2 %). `AWQ_RUN_WGMMA_VARIANT=STAGES[o]` (4, 6, 6o) overrides it for A/B
-/// benchmarks where built (`b` after it, 4b or 6b, for two blocks an SM).
+/// The wgmma skinny GEMM's variant at `mt` token slots ([`launch::skinny_wgmma_default`]);
+/// `AWQ_RUN_WGMMA_VARIANT` ([`launch::parse_wgmma_variant`]: 4, 6, 6o, 4b, 6b) overrides it for
+/// A/B benchmarks where that variant is built.
 pub fn skinny_wgmma_variant(mt: usize) -> SkinnyKernel {
     static V: std::sync::OnceLock<Option<(usize, bool, usize)>> = std::sync::OnceLock::new();
-    let forced = *V.get_or_init(|| {
-        let v = std::env::var("AWQ_RUN_WGMMA_VARIANT").ok()?;
-        let (overlap, blocks) = (v.ends_with('o'), if v.ends_with('b') { 2 } else { 1 });
-        Some((v.trim_end_matches(['o', 'b']).parse().ok()?, overlap, blocks))
-    });
-    let (stages, overlap, blocks) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or(if mt == 128 { (6, true, 1) } else { (4, false, 1) });
+    let forced = *V.get_or_init(|| launch::parse_wgmma_variant(&std::env::var("AWQ_RUN_WGMMA_VARIANT").ok()?));
+    let (stages, overlap, blocks) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or(launch::skinny_wgmma_default(mt));
     SkinnyKernel::Wgmma { stages, overlap, blocks }
 }
 
