@@ -105,15 +105,17 @@ pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool, usize)] {
         _ => &[],
     }
 }
-/// The wgmma skinny GEMM's default variant at `mt` token slots: 4 stages, and at 128 slots 6
-/// stages with overlap (H100, session 19: 4096 × 11008 at 96 / 128 tokens 38.9 / 44.0 µs
-/// against 40.6 / 45.5, the batched step of 128 sequences 14.41 against 14.83 ms; at 64 tokens
-/// and below the variants are within 2 %).
+/// The wgmma skinny GEMM's default variant at `mt` token slots (H100, session 19): at 32 slots 6
+/// stages and two blocks an SM (the batched step of 32 sequences 5.70 against 6.06 ms with one
+/// block, though alone it wins only on 4096 × 11008: 21.1 against 21.9 µs at 32 tokens, and
+/// loses on 11008 × 4096 and 4096²); at 128 slots 6 stages with overlap (4096 × 11008 at 96 /
+/// 128 tokens 38.9 / 44.0 µs against 40.6 / 45.5, the step of 128 sequences 14.41 against 14.83
+/// ms); else 4 stages, one block (at 64 slots the variants are within 2 %).
 pub fn skinny_wgmma_default(mt: usize) -> (usize, bool, usize) {
-    if mt == 128 {
-        (6, true, 1)
-    } else {
-        (4, false, 1)
+    match mt {
+        32 => (6, false, 2),
+        128 => (6, true, 1),
+        _ => (4, false, 1),
     }
 }
 
