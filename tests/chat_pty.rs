@@ -70,6 +70,19 @@ impl Session {
         self.master.write_all(bytes).unwrap();
     }
 
+    /// Waits (at most 30 s) until output not yet taken by [`Session::expect`] holds more than
+    /// whitespace (the line end of the text `expect` last matched, say).
+    fn expect_some(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.seen.trim().is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(b) => self.seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("timed out waiting for any output"),
+            }
+        }
+    }
+
     /// Waits (at most 30 s) until the output since the last call holds `what`; returns it.
     fn expect(&mut self, what: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -120,14 +133,18 @@ fn pasted_lines_are_answered_at_once_and_keys_work() {
 fn ctrl_c_stops_a_reply_and_the_prompt_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mut spec = TinySpec::new(Arch::Llama);
-    spec.max_pos = 4096;
+    spec.max_pos = 24576;
     let dir = spec.write_dir(tmp.path());
-    // A reply long enough to interrupt (the tiny model rarely ends on its own).
-    let mut s = Session::start(&dir, &["--max-tokens", "3000"]);
+    // A reply long enough to interrupt (the tiny model rarely ends on its own): 20000 tokens take
+    // over a second on a fast machine, where 3000 after a fixed 300 ms wait were once all out
+    // (11.8k tok/s) before the Ctrl-C came.
+    let mut s = Session::start(&dir, &["--max-tokens", "20000"]);
     s.expect(">>> ");
     s.send(b"tell me everything\r");
     s.expect("--- end of prompt ---");
-    std::thread::sleep(Duration::from_millis(300));
+    // Interrupt once the reply has started streaming (the stop flag is cleared before its first
+    // token, so a Ctrl-C sent earlier could be forgotten).
+    s.expect_some();
     s.send(b"\x03"); // Ctrl-C
     let out = s.expect(">>> ");
     assert!(out.contains("(stopped)"), "{out}");
