@@ -23,6 +23,8 @@ pub const SHAPES: &[(usize, usize, usize)] = &[
     (192, 576, 64),
     (3584, 18944, 128),
     (200, 224, 32),
+    // Group size 32 on whole 64-wide k tiles: the skinny GEMMs' two groups a tile.
+    (72, 320, 32),
     (136, 576, 64),
     (8, 384, 128),
     (24, 1536, 1536),
