@@ -24,7 +24,8 @@
 // k tile (x, the four warps' units and the tile's (scale, zero) pairs) streams through a 4-stage
 // cp.async pipeline. The block's sums go through shared memory to coalesced stores; with several
 // k slices each block writes f32 partial sums and the last block of a row range to arrive adds
-// them in slice order (deterministic), as the GEMVs do.
+// them in slice order (deterministic), as the GEMVs do. The staging and that end are shared with
+// the wgmma kernel of w4a16_skinny_sm90.cu (w4_skinny.cuh).
 #include "common.cuh"
 #include "w4_dequant.cuh"
 #include "w4_sets.cuh"

@@ -1,7 +1,7 @@
-// The skinny W4A16 GEMM on Hopper's warpgroup MMA (sm_90a): from 9 f16 tokens (tiles of up to
-// 128 over gridDim.z beyond), the same blocks
-// of 256 rows and k slices as w4a16_skinny.cu (its staging and its end are w4_skinny.cuh), but
-// each 64 rows' MMAs are one wgmma per k16 step with the tokens as the N side.
+// The skinny W4A16 GEMM on Hopper's warpgroup MMA (sm_90a): 17 to 128 f16 tokens by default
+// (any count runs, in tiles of up to 128 over gridDim.z), the same blocks of 256 rows and k
+// slices as w4a16_skinny.cu (its staging and its end are w4_skinny.cuh), but each 64 rows'
+// MMAs are one wgmma per k16 step with the tokens as the N side.
 //
 // Why. The mma.sync kernel gives every warp 64 rows and 16 tokens (two n8 tiles): each 16 x 16
 // weight fragment it dequantizes feeds two m16n8k16 MMAs, and at 64 tokens four warps dequantize
@@ -11,9 +11,10 @@
 // every token: warp w dequantizes the m16 A fragment of rows 16 w .. (one 4-byte word a lane a
 // k16 step, as in w4a16_sm90.cu) once, in registers, and one m64nMTk16 wgmma multiplies it by
 // all MT tokens read straight from the stage (the staged x rows already carry the 128-byte
-// swizzle wgmma's descriptor names). A block is 16 warps (512 threads), one or two an SM; stages are
-// filled by cp.async as in the mma.sync kernel, and each k tile's wgmmas are waited for before
-// the next tile's barrier, so a stage is free when it is refilled.
+// swizzle wgmma's descriptor names): 28 us for that shape (session 19). A block is 16 warps
+// (512 threads), one or two an SM; stages are filled by cp.async as in the mma.sync kernel,
+// and each k tile's wgmmas are waited for before the next tile's barrier (or, with OVERLAP,
+// the one after), so a stage is free when it is refilled.
 #include "common.cuh"
 #include "w4_dequant.cuh"
 #include "w4_sets.cuh"
