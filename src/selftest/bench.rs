@@ -107,7 +107,7 @@ pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>>
             // The wgmma skinny GEMM in tiles of 128 tokens, against the GEMMs.
             let wgs = skinny_wgmma_available(device);
             if wgs {
-                let variant = skinny_wgmma_variant(launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS)));
+                let variant = skinny_wgmma_variant(launch::skinny_slots(m));
                 let (w, x) = (&w, &x);
                 fs.push(Box::new(move |_| skinny_many_with(&[w], x, None, Some(variant)).map(|_| ())));
             }

@@ -76,7 +76,8 @@ pub fn skinny_k_warps_built(mt: usize) -> &'static [usize] {
     }
 }
 
-/// Token slots of the skinny GEMM for `m` tokens.
+/// Token slots of a skinny GEMM block for `m` tokens (128 from 65 on: the wgmma kernel's blocks,
+/// in tiles beyond 128 tokens).
 pub fn skinny_slots(m: usize) -> usize {
     match m {
         0..=16 => 16,
@@ -86,12 +87,22 @@ pub fn skinny_slots(m: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of a skinny GEMM block (w4a16_skinny.cu: SK_STAGES x sk_stage_bytes): 4 stages of
-/// `mt` tokens' 64-wide x tile, 16 weight units and two groups' (scale, zero) pairs of 256 rows;
-/// the block's sums (`mt` rows of 260 floats) reuse it at the end.
+/// Bytes of one skinny GEMM stage (`sk_stage_bytes` in w4_skinny.cuh): `mt` tokens' 64-wide x
+/// tile, 16 weight units and two groups' (scale, zero) pairs of 256 rows.
+pub fn skinny_stage_bytes(mt: usize) -> usize {
+    mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4
+}
+
+/// Bytes of a skinny GEMM block's sums at the end (`mt` rows of SK_RED_STRIDE = 260 floats),
+/// which reuse the stages' shared memory.
+fn skinny_sums_bytes(mt: usize) -> usize {
+    mt * 260 * 4
+}
+
+/// Dynamic shared memory of an mma.sync skinny GEMM block (w4a16_skinny.cu: SK_STAGES = 4
+/// stages, or the block's sums, whichever is more).
 pub fn skinny_smem(mt: usize) -> usize {
-    let stage = mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4;
-    (4 * stage).max(mt * 260 * 4)
+    (4 * skinny_stage_bytes(mt)).max(skinny_sums_bytes(mt))
 }
 
 /// The (pipeline stages, overlap, blocks an SM) variants the wgmma skinny GEMM is built for at
@@ -136,8 +147,7 @@ pub const SKINNY_WGMMA_THREADS: usize = 512;
 /// Dynamic shared memory of a wgmma skinny GEMM block: `stages` of the mma.sync kernel's stages
 /// (or the block's sums, whichever is more) and 1024 bytes to align them to the swizzle atoms.
 pub fn skinny_wgmma_smem(mt: usize, stages: usize) -> usize {
-    let stage = mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4;
-    (stages * stage).max(mt * 260 * 4) + 1024
+    (stages * skinny_stage_bytes(mt)).max(skinny_sums_bytes(mt)) + 1024
 }
 
 /// k slices of a skinny GEMM launch: enough for two blocks per SM (`sms`), within one wave of
@@ -149,7 +159,7 @@ pub fn skinny_splits(blocks: usize, ktiles: usize, sms: usize, resident: usize) 
     (2 * sms).div_ceil(blocks).min(resident / blocks).clamp(1, (ktiles / 4).clamp(1, SKINNY_MAX_SPLITS))
 }
 
-/// k slices of a wgmma skinny GEMM launch (one 512-thread block per SM, `resident` in all): the
+/// k slices of a wgmma skinny GEMM launch (512-thread blocks, `resident` of them at once): the
 /// count whose blocks fill their waves best, less 0.03 a slice for the reduction each adds, each
 /// slice at least 4 of the `ktiles` tiles, at most [`SKINNY_MAX_SPLITS`]. With one block per SM
 /// the mma.sync rule (two blocks per SM within one wave) left 46 of 132 SMs idle on 22016 rows.
@@ -188,6 +198,13 @@ mod tests {
         // slices of k = 4096, 11008 rows (43 blocks) seven; a tiny k keeps one slice; a grid
         // already two blocks per SM keeps one.
         assert_eq!(skinny_splits(16, 64, 132, 264), 16);
+        assert_eq!(skinny_splits(43, 64, 132, 528), 7);
+        assert_eq!(skinny_splits(43, 64, 132, 264), 6);
+        assert_eq!(skinny_splits(16, 172, 132, 528), 16);
+        assert_eq!(skinny_splits(3, 9, 132, 264), 2);
+        assert_eq!(skinny_splits(3, 2, 132, 264), 1);
+        assert_eq!(skinny_splits(300, 64, 132, 264), 1);
+        // The wgmma kernel's variants as AWQ_RUN_WGMMA_VARIANT names them.
         assert_eq!(parse_wgmma_variant("4"), Some((4, false, 1)));
         assert_eq!(parse_wgmma_variant("6o"), Some((6, true, 1)));
         assert_eq!(parse_wgmma_variant("4b"), Some((4, false, 2)));
@@ -205,15 +222,9 @@ mod tests {
         assert_eq!(skinny_wgmma_splits(3, 2, 132), 1);
         // The wgmma kernel's stages stay 1024-aligned (its x tiles are 128-byte swizzle atoms).
         for mt in [16, 32, 64, 128] {
-            assert_eq!((mt * 128 + 16 * 512 + 2 * SKINNY_ROWS * 4) % 1024, 0);
+            assert_eq!(skinny_stage_bytes(mt) % 1024, 0);
             assert!(skinny_wgmma_smem(mt, 6) <= 227 * 1024);
         }
-        assert_eq!(skinny_splits(43, 64, 132, 528), 7);
-        assert_eq!(skinny_splits(43, 64, 132, 264), 6);
-        assert_eq!(skinny_splits(16, 172, 132, 528), 16);
-        assert_eq!(skinny_splits(3, 9, 132, 264), 2);
-        assert_eq!(skinny_splits(3, 2, 132, 264), 1);
-        assert_eq!(skinny_splits(300, 64, 132, 264), 1);
     }
 
     #[test]

@@ -15,6 +15,11 @@ const MODULE: &str = "awq_w4a16_skinny";
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_skinny_sm90.ptx"));
 const MODULE_SM90: &str = "awq_w4a16_skinny_sm90";
 
+/// A count from the environment (the A/B overrides below), None if unset or not a number.
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// One of the skinny GEMM kernels and its build-time variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkinnyKernel {
@@ -50,14 +55,14 @@ pub fn skinny_max_tokens(device: &candle_core::Device) -> usize {
     if !skinny_wgmma_available(device) {
         return launch::SKINNY_MAX_TOKENS;
     }
-    *MAX.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(launch::SKINNY_WGMMA_MAX_TOKENS).max(launch::SKINNY_MAX_TOKENS))
+    *MAX.get_or_init(|| env_usize("AWQ_RUN_WGMMA_MAX").unwrap_or(launch::SKINNY_WGMMA_MAX_TOKENS).max(launch::SKINNY_MAX_TOKENS))
 }
 
 /// Every skinny kernel variant built for `m` tokens on `device` (the self-test runs each).
 pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<SkinnyKernel> {
-    let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(launch::skinny_slots(m)).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
+    let mt = launch::skinny_slots(m);
+    let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(mt).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
     if skinny_wgmma_available(device) {
-        let mt = launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS));
         v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap, blocks)| SkinnyKernel::Wgmma { stages, overlap, blocks }));
     }
     v
@@ -67,7 +72,7 @@ pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<Skinn
 /// 17. `AWQ_RUN_WGMMA_FROM` overrides it for A/B benchmarks (65 turns it off).
 pub fn skinny_wgmma_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FROM.get_or_init(|| std::env::var("AWQ_RUN_WGMMA_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(17))
+    *FROM.get_or_init(|| env_usize("AWQ_RUN_WGMMA_FROM").unwrap_or(17))
 }
 
 /// The wgmma skinny GEMM's variant at `mt` token slots ([`launch::skinny_wgmma_default`]);
@@ -83,7 +88,7 @@ pub fn skinny_wgmma_variant(mt: usize) -> SkinnyKernel {
 /// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
 pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKernel {
     if (m >= skinny_wgmma_from() || m > launch::SKINNY_MAX_TOKENS) && skinny_wgmma_available(device) {
-        skinny_wgmma_variant(launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS)))
+        skinny_wgmma_variant(launch::skinny_slots(m))
     } else {
         SkinnyKernel::Mma { k_warps: skinny_k_warps(launch::skinny_slots(m)) }
     }
@@ -98,7 +103,7 @@ pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKe
 /// the skinny GEMM off).
 pub fn skinny_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FROM.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(9))
+    *FROM.get_or_init(|| env_usize("AWQ_RUN_SKINNY_FROM").unwrap_or(9))
 }
 
 /// How many warps share each 64 rows' k steps at `mt` token slots (one of
@@ -109,7 +114,7 @@ pub fn skinny_from() -> usize {
 /// 6.76 ms). `AWQ_RUN_SKINNY_KW` overrides it for A/B benchmarks where that count is built.
 pub fn skinny_k_warps(mt: usize) -> usize {
     static KW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *KW.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_KW").ok().and_then(|v| v.parse().ok()));
+    let forced = *KW.get_or_init(|| env_usize("AWQ_RUN_SKINNY_KW"));
     forced.filter(|kw| launch::skinny_k_warps_built(mt).contains(kw)).unwrap_or(if mt == 16 { 2 } else { 1 })
 }
 
@@ -183,7 +188,7 @@ impl CustomOp1 for Skinny<'_> {
         let stream = dev.cuda_stream();
         let (sets, blocks, n_total) = W4Sets::new(self.ws, launch::SKINNY_ROWS, &stream)?;
         // Token slots a block; beyond 128 tokens (wgmma only) tiles of 128 over the grid's z.
-        let mt = launch::skinny_slots(m.min(launch::SKINNY_WGMMA_MAX_TOKENS));
+        let mt = launch::skinny_slots(m);
         let tiles = m.div_ceil(mt);
         let (func, name, smem, threads) = match self.kernel {
             SkinnyKernel::Mma { k_warps } => {

@@ -1,5 +1,5 @@
 // Dequantization of the tiled layout's words (see the top of w4a16.cu), shared by the GEMV and
-// GEMM kernels of w4a16.cu and the Hopper GEMM of w4a16_sm90.cu.
+// GEMM kernels of w4a16.cu, the skinny GEMMs and the Hopper GEMM of w4a16_sm90.cu.
 #pragma once
 #include "common.cuh"
 
@@ -7,6 +7,14 @@
 // zl = 1024 + zero, zh = -(64 + zero), s = scale (as half2 pairs) of the two tiles' rows.
 struct Dq {
     __half2 a0, a1, b0, b1;
+    // The two tiles as the m16k16 A operand of mma.sync and wgmma (rows r of tile 2i, r + 8 of
+    // tile 2i + 1): a0, b0, a1, b1.
+    __device__ __forceinline__ void a_operand(uint32_t (&a)[4]) const {
+        a[0] = as_u32(a0);
+        a[1] = as_u32(b0);
+        a[2] = as_u32(a1);
+        a[3] = as_u32(b1);
+    }
 };
 __device__ __forceinline__ Dq dequant_word(uint32_t w, __half2 zlA, __half2 zhA, __half2 sA, __half2 zlB,
                                            __half2 zhB, __half2 sB) {

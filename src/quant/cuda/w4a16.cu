@@ -323,7 +323,8 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                     for (int wi = 0; wi < 4; wi++) {
                         const uint32_t w = slot_words[i * 128 + wi * 32 + lane];
                         const Dq d = dequant_word_unscaled(w, zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
-                        const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                        uint32_t a[4];
+                        d.a_operand(a);
                         mma16816(gacc[wi], a, b0, b1);
                     }
                 } else if constexpr (MMA) {
@@ -341,7 +342,8 @@ __device__ void w4_gemv(const W4Sets& ws, const T* __restrict__ x, T* __restrict
                     for (int wi = 0; wi < 4; wi++) {
                         const uint32_t w = slot_words[i * 128 + wi * 32 + lane];
                         const Dq d = dequant_word(w, zl[2 * wi], zh[2 * wi], sh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1], sh[2 * wi + 1]);
-                        const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                        uint32_t a[4];
+                        d.a_operand(a);
 #pragma unroll
                         for (int j = 0; j < NT; j++)
                             if (8 * j < m) mma16816(macc[j][wi], a, bf[j][0], bf[j][1]);
@@ -561,12 +563,14 @@ __device__ void w4_gemv1(const W4Sets& ws, const __half* __restrict__ x, __half*
                     for (int wi = 0; wi < 4; wi++) {
                         if constexpr (EXACT) {
                             const Dq d = dequant_word_unscaled(w[wi], zl[2 * wi], zh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1]);
-                            const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                            uint32_t af[4];
+                            d.a_operand(af);
                             if (i == 0) mma16816_first(gacc[wi], af, b[0][0], b[0][1]);
                             else mma16816(gacc[wi], af, b[0][0], b[0][1]);
                         } else {
                             const Dq d = dequant_word(w[wi], zl[2 * wi], zh[2 * wi], sh[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1], sh[2 * wi + 1]);
-                            const uint32_t af[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                            uint32_t af[4];
+                            d.a_operand(af);
 #pragma unroll
                             for (int tt = 0; tt < NT; tt++)
                                 if (8 * tt < m) mma16816(acc[tt][wi], af, b[tt][0], b[tt][1]);

@@ -120,7 +120,8 @@ __device__ __forceinline__ void w4_skinny(const W4Sets& ws, const __half* __rest
             for (int wi = 0; wi < 4; wi++) {
                 const Dq d = dequant_word(w[wi], zl[2 * wi], zh[2 * wi], sc[2 * wi], zl[2 * wi + 1], zh[2 * wi + 1],
                                           sc[2 * wi + 1]);
-                const uint32_t a[4] = {as_u32(d.a0), as_u32(d.b0), as_u32(d.a1), as_u32(d.b1)};
+                uint32_t a[4];
+                d.a_operand(a);
 #pragma unroll
                 for (int j = 0; j < NT; j++)
                     if (j < live_tiles) mma16816(acc[j][wi], a, bf[j][0], bf[j][1]);

@@ -121,11 +121,7 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
                 sz_consts(szs[off + 8], zl1, zh1, s1);
             }
             // Tiles 2w and 2w + 1 of the word are the A fragment of rows r0, r0 + 8 (as in w4a16_sm90.cu).
-            const Dq d = dequant_word(wd[kk], zl0, zh0, s0, zl1, zh1, s1);
-            a[kk][0] = as_u32(d.a0);
-            a[kk][1] = as_u32(d.b0);
-            a[kk][2] = as_u32(d.a1);
-            a[kk][3] = as_u32(d.b1);
+            dequant_word(wd[kk], zl0, zh0, s0, zl1, zh1, s1).a_operand(a[kk]);
         }
         const uint32_t xs = smem_base + stage * STAGE;
         wgmma_fence();

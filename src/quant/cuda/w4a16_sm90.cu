@@ -155,11 +155,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         for (int kk = 0; kk < 4; kk++) {
             // Tile 2w (row r0) and 2w + 1 (row r1) of the word are the A fragment of rows r0, r1:
             // a0 row r0 k 2t.., a1 row r1 k 2t.., a2 row r0 k 2t+8.., a3 row r1 k 2t+8...
-            const Dq d = dequant_word(words[kk], zl0, zh0, s0, zl1, zh1, s1);
-            a[kk][0] = as_u32(d.a0);
-            a[kk][1] = as_u32(d.b0);
-            a[kk][2] = as_u32(d.a1);
-            a[kk][3] = as_u32(d.b1);
+            dequant_word(words[kk], zl0, zh0, s0, zl1, zh1, s1).a_operand(a[kk]);
         }
         const uint32_t xs = base + s * SM90_X_BYTES;
         wgmma_fence();
