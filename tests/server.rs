@@ -1,7 +1,7 @@
 //! `awq-run serve` end to end: the real binary on a random loopback port, on the tiny model,
 //! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
-//! with its status and error JSON, the API key and a full queue.
+//! with its status and error JSON, the API key, a full queue and the prefix cache.
 mod common;
 use common::TinySpec;
 use serde_json::{json, Value};
@@ -215,6 +215,42 @@ fn an_f16_kv_cache_serves_batched_streams_as_alone() {
     let requests: Vec<Value> = (0..8).map(|i| greedy(["hello world", "tell her", "the order", "other hero"][i % 4], 24 + i)).collect();
     s.assert_batched_as_alone(&requests, "batched over an f16 cache");
     assert_eq!(s.metric("kv_blocks_used"), 0.0);
+}
+
+/// The prefix cache: a prompt that starts like an earlier one (the same request again, or the
+/// next turn of a conversation) takes the earlier one's whole KV blocks instead of computing
+/// them, and answers as it would have from scratch; `--no-prefix-cache` computes everything.
+#[test]
+fn a_repeated_prefix_is_taken_from_the_cache_and_answers_the_same() {
+    let question = "tell the other hero the order of the world, and tell her the world order";
+    let first = greedy(question, 24);
+    let plain = start(&["--no-prefix-cache"]);
+    let want = plain.chat(first.clone());
+    plain.chat(first.clone());
+    assert_eq!((plain.metric("prefix_cache_hit_tokens_total"), plain.metric("kv_blocks_cached")), (0.0, 0.0));
+
+    let s = start(&[]);
+    let got = s.chat(first.clone());
+    assert_eq!(s.metric("prefix_cache_hit_tokens_total"), 0.0, "nothing was cached before the first request");
+    let prompt_tokens = got["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert!(prompt_tokens > 48.0, "the prompt spans several blocks ({prompt_tokens} tokens)");
+    assert!(s.metric("kv_blocks_cached") > 0.0, "the finished request's whole blocks stay cached");
+    assert_eq!(s.metric("kv_blocks_used"), 0.0);
+    let again = s.chat(first.clone());
+    let hits = s.metric("prefix_cache_hit_tokens_total");
+    // Whole blocks only, and the prompt's last token is always computed.
+    assert_eq!(hits, ((prompt_tokens - 1.0) / 16.0).floor() * 16.0);
+    for v in [&got, &again] {
+        assert_eq!(v["choices"][0]["message"]["content"], want["choices"][0]["message"]["content"], "cached vs computed prefix");
+        assert_eq!(v["usage"]["prompt_tokens"], want["usage"]["prompt_tokens"]);
+    }
+    // The next turn of the conversation starts with the whole first turn.
+    let answer = got["choices"][0]["message"]["content"].as_str().unwrap();
+    let turn = json!({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}], "temperature": 0, "max_tokens": 8});
+    let cached_turn = s.chat(turn.clone());
+    assert!(s.metric("prefix_cache_hit_tokens_total") - hits >= hits, "the second turn reused the first turn's prompt blocks");
+    assert_eq!(cached_turn["choices"][0]["message"]["content"], plain.chat(turn)["choices"][0]["message"]["content"]);
+    assert_eq!(s.metric("kv_blocks_used"), 0.0, "shared blocks are given back by every holder");
 }
 
 #[test]

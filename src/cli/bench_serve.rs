@@ -19,6 +19,10 @@ pub struct Args {
     /// Tokens generated per request (end-of-sequence tokens ignored, so every request is this long).
     #[arg(long, default_value_t = 128)]
     pub gen: usize,
+    /// Send every request the same prompt, so that a server's prefix cache computes it once
+    /// (by default each prompt starts with the request's number: the table measures batching).
+    #[arg(long)]
+    pub shared_prompt: bool,
     /// The server's --api-key, if it has one.
     #[arg(long)]
     pub api_key: Option<String>,
@@ -55,12 +59,13 @@ pub fn run(a: Args) -> Result<()> {
     let words = ["the", "cat", "sat", "on", "a", "mat", "and", "looked", "at", "birds"];
     let prompt: Vec<&str> = (0..a.prompt_len).map(|i| words[i % words.len()]).collect();
     let prompt = prompt.join(" ");
-    eprintln!("{url}: prompts of {} words, {} tokens out per request, {} requests per client", a.prompt_len, a.gen, a.requests_per_client);
+    let whose = if a.shared_prompt { "one prompt for all" } else { "each after its request's number" };
+    eprintln!("{url}: prompts of {} words ({whose}), {} tokens out per request, {} requests per client", a.prompt_len, a.gen, a.requests_per_client);
     // One request first, so the first level does not pay for a cold start.
-    run_level(&url, 1, 1, &prompt, 4.min(a.gen), a.api_key.as_deref())?;
+    run_level(&url, 1, 1, &prompt, a.shared_prompt, 4.min(a.gen), a.api_key.as_deref())?;
     let mut levels = Vec::new();
     for &c in &a.clients {
-        let l = run_level(&url, c, a.requests_per_client, &prompt, a.gen, a.api_key.as_deref())?;
+        let l = run_level(&url, c, a.requests_per_client, &prompt, a.shared_prompt, a.gen, a.api_key.as_deref())?;
         eprintln!("{c:>3} clients: {:.1} output tok/s over {:.1} s", l.tokens_per_second(), l.wall_secs);
         levels.push(l);
     }

@@ -43,6 +43,11 @@ pub struct Args {
     /// in chunks, so running streams keep their pace) [default: 512 on the CPU, 4096 on CUDA].
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
+    /// Compute every prompt in full: no reuse of the KV blocks of an earlier prompt that
+    /// started with the same tokens (the prefix cache, on by default, as in vLLM and
+    /// llama-server: a conversation's next turn or a shared system prompt is not computed again).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// Require `Authorization: Bearer KEY` on every /v1/ request.
     #[arg(long)]
     pub api_key: Option<String>,
@@ -95,7 +100,7 @@ pub fn run(a: Args) -> Result<()> {
     // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
     // already take most of a second.
     let prefill_chunk = a.prefill_chunk.unwrap_or(if device.is_cpu() { 512 } else { 4096 });
-    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype) };
+    let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype), prefix_cache: !a.no_prefix_cache };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {
@@ -105,10 +110,11 @@ pub fn run(a: Args) -> Result<()> {
     let server = Server::bind(&rt, SocketAddr::new(a.host, a.port), state)?;
     let addr = server.local_addr()?;
     eprintln!(
-        "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB, {}); batch up to {} sequences",
+        "KV cache: {kv_blocks} blocks of {BLOCK_TOKENS} tokens ({} tokens, {:.0} MiB, {}, prefix cache {}); batch up to {} sequences",
         kv_blocks * BLOCK_TOKENS,
         (kv_blocks * block_bytes) as f64 / (1 << 20) as f64,
         kv_dtype.as_str(),
+        if a.no_prefix_cache { "off" } else { "on" },
         a.max_batch
     );
     if a.api_key.is_some() {

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub running: AtomicU64,
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,
+    /// Cached prefix blocks that no sequence holds.
+    pub kv_blocks_cached: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of a prefill.
+    pub prefix_cache_hit_tokens: AtomicU64,
     /// Histogram of time to first token: counts per bucket of [`TTFT_BUCKETS`] (not cumulative)
     /// and the overflow, their sum in microseconds.
     ttft_counts: [AtomicU64; TTFT_BUCKETS.len() + 1],
@@ -64,6 +68,8 @@ impl Default for Metrics {
             running: AtomicU64::new(0),
             kv_blocks_used: AtomicU64::new(0),
             kv_blocks_total: AtomicU64::new(0),
+            kv_blocks_cached: AtomicU64::new(0),
+            prefix_cache_hit_tokens: AtomicU64::new(0),
             ttft_counts: Default::default(),
             ttft_sum_us: AtomicU64::new(0),
             busy_us: AtomicU64::new(0),
@@ -120,6 +126,8 @@ impl Metrics {
         metric("running_sequences", "gauge", "Sequences being generated.", c(&self.running));
         metric("kv_blocks_used", "gauge", "KV cache blocks in use.", c(&self.kv_blocks_used));
         metric("kv_blocks_total", "gauge", "KV cache blocks in all.", c(&self.kv_blocks_total));
+        metric("kv_blocks_cached", "gauge", "Cached prompt-prefix blocks held by no sequence (reused by prompts that start the same way, evicted when the pool runs short).", c(&self.kv_blocks_cached));
+        metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from the prefix cache instead of computed.", c(&self.prefix_cache_hit_tokens));
         metric("generation_tokens_per_second", "gauge", "Tokens generated per second of engine busy time.", format!("{:.3}", self.tokens_per_second()));
         let secs = |a: &AtomicU64| format!("{:.6}", a.load(Relaxed) as f64 / 1e6);
         metric("step_seconds_total", "counter", "Time spent in steps.", secs(&self.busy_us));

@@ -38,6 +38,9 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// The KV cache's dtype (None: the model's activation dtype; see [`KvPool::resolve_dtype`]).
     pub kv_dtype: Option<candle_core::DType>,
+    /// Keep finished sequences' whole KV blocks for later prompts that start with the same
+    /// tokens (see [`crate::model::kv_blocks`]).
+    pub prefix_cache: bool,
 }
 
 /// What the engine tells a request's client.
@@ -128,7 +131,7 @@ impl Engine {
             return Err(Error::msg("--max-batch and the prefill chunk must be positive"));
         }
         let kv_dtype = KvPool::resolve_dtype(cfg.kv_dtype, model.dtype, &model.device)?;
-        let pool = KvPool::new(&model.cfg, cfg.kv_blocks, kv_dtype, &model.device)?;
+        let pool = KvPool::new(&model.cfg, cfg.kv_blocks, kv_dtype, &model.device)?.with_prefix_cache(cfg.prefix_cache);
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(pool.total_blocks() as u64, Relaxed);
         let (tx, rx) = mpsc::channel();
@@ -310,9 +313,14 @@ impl Scheduler {
                 self.fail(&mut s, format!("the KV cache ({} tokens) cannot hold this sequence's {need} tokens", self.pool.capacity_tokens()));
                 continue;
             }
+            // The cached blocks of the prompt's prefix (a preempted sequence may find its own).
+            let cached = self.pool.adopt_prefix(&mut s.kv, &s.tokens);
             if self.pool.reserve(&mut s.kv, need).is_err() {
+                self.pool.release(&mut s.kv);
                 break;
             }
+            s.fed = cached;
+            self.metrics.prefix_cache_hit_tokens.fetch_add(cached as u64, Relaxed);
             let mut s = self.waiting.pop_front().expect("front exists");
             if std::mem::take(&mut s.queued) {
                 self.metrics.waiting.fetch_sub(1, Relaxed);
@@ -402,6 +410,7 @@ impl Scheduler {
         for (s, &n) in self.running.iter_mut().zip(&plan) {
             let row = if n > 0 { rows.next() } else { None };
             s.fed += n;
+            self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
             // A prefill chunk that leaves prompt to feed makes no prediction yet.
             predicts.push(row.filter(|_| s.fed == s.tokens.len()));
         }
@@ -489,5 +498,6 @@ impl Scheduler {
     fn publish(&self) {
         self.metrics.running.store(self.running.len() as u64, Relaxed);
         self.metrics.kv_blocks_used.store(self.pool.used_blocks() as u64, Relaxed);
+        self.metrics.kv_blocks_cached.store(self.pool.cached_blocks() as u64, Relaxed);
     }
 }

@@ -13,6 +13,7 @@ pub mod dummy;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod host_step;
+pub mod kv_blocks;
 pub mod layers;
 pub mod llama;
 pub mod paged;

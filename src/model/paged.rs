@@ -4,10 +4,15 @@
 //! tokens actually cached, never a sequence's whole context, and a finished sequence gives its
 //! blocks back for the next one at once.
 //!
+//! Blocks whose positions hold a known prompt prefix are shared between sequences (the prefix
+//! cache, see [`super::kv_blocks`]): a sequence adopts them at admission and computes only the
+//! rest of its prompt.
+//!
 //! Storage per layer is one tensor `[blocks * BLOCK_TOKENS, kv_heads, head_dim]`: one position's
 //! keys (all heads) are one contiguous row, so writing a token is one row copy and gathering a
 //! sequence is one `index_select` over its rows.
 use super::config::Config;
+use super::kv_blocks::Blocks;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Positions per block (vLLM's default block size).
@@ -27,6 +32,8 @@ pub struct PoolFull {
 pub struct SeqKv {
     blocks: Vec<u32>,
     len: usize,
+    /// The prefix-cache identity of each leading block registered or adopted so far.
+    chain: Vec<u64>,
 }
 
 impl SeqKv {
@@ -95,8 +102,7 @@ impl DecodeTables {
 pub struct KvPool {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
-    free: Vec<u32>,
-    total: usize,
+    blocks: Blocks,
     /// The CUDA graphs of batched decode steps over this pool's buffers.
     #[cfg(feature = "cuda")]
     pub(crate) graphs: super::batch_graph::BatchGraphs,
@@ -109,7 +115,8 @@ impl KvPool {
     }
 
     /// A pool of `blocks` blocks for `cfg`'s layers, in `dtype` on `device`; one more block
-    /// past them is scratch (see [`KvPool::scratch_row`]).
+    /// past them is scratch (see [`KvPool::scratch_row`]). No prefix cache: see
+    /// [`KvPool::with_prefix_cache`].
     pub fn new(cfg: &Config, blocks: usize, dtype: DType, device: &Device) -> Result<Self> {
         if blocks == 0 {
             candle_core::bail!("the KV cache needs at least one block of {BLOCK_TOKENS} tokens");
@@ -119,16 +126,21 @@ impl KvPool {
         let layer = || Tensor::zeros(shape, dtype, device);
         let k = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
         let v = (0..cfg.num_hidden_layers).map(|_| layer()).collect::<Result<Vec<_>>>()?;
-        // Hand out low block ids first (pop from the end).
-        let free = (0..blocks as u32).rev().collect();
         Ok(Self {
             k,
             v,
-            free,
-            total: blocks,
+            blocks: Blocks::new(blocks, false),
             #[cfg(feature = "cuda")]
             graphs: Default::default(),
         })
+    }
+
+    /// The pool with finished sequences' whole blocks kept for later prompts that start with the
+    /// same tokens (`on`), or not; only while no block is held.
+    pub fn with_prefix_cache(mut self, on: bool) -> Self {
+        assert_eq!(self.used_blocks(), 0, "the prefix cache is chosen before any block is handed out");
+        self.blocks = Blocks::new(self.blocks.total(), on);
+        self
     }
 
     /// The dtype the keys and values are kept in.
@@ -153,21 +165,27 @@ impl KvPool {
     /// A row no sequence ever owns: the padding sequences of a captured decode step (a batch
     /// rounded up to the graph's size) write their keys there.
     pub fn scratch_row(&self) -> u32 {
-        (self.total * BLOCK_TOKENS) as u32
+        (self.total_blocks() * BLOCK_TOKENS) as u32
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.total
+        self.blocks.total()
     }
+    /// Blocks a sequence can be given: free ones and cached ones that no sequence holds.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.blocks.available()
     }
+    /// Blocks held by sequences.
     pub fn used_blocks(&self) -> usize {
-        self.total - self.free.len()
+        self.total_blocks() - self.blocks.available()
+    }
+    /// Cached prefix blocks that no sequence holds (given out again when the pool runs short).
+    pub fn cached_blocks(&self) -> usize {
+        self.blocks.idle()
     }
     /// Positions the whole pool holds.
     pub fn capacity_tokens(&self) -> usize {
-        self.total * BLOCK_TOKENS
+        self.total_blocks() * BLOCK_TOKENS
     }
 
     /// Blocks a sequence of `len` positions needs.
@@ -183,19 +201,53 @@ impl KvPool {
     /// Grows `seq` to hold `len` positions; on [`PoolFull`] nothing changes.
     pub fn reserve(&mut self, seq: &mut SeqKv, len: usize) -> std::result::Result<(), PoolFull> {
         let needed = self.shortfall(seq, len);
-        if needed > self.free.len() {
-            return Err(PoolFull { needed, free: self.free.len(), total: self.total });
+        let free = self.blocks.available();
+        if needed > free {
+            return Err(PoolFull { needed, free, total: self.total_blocks() });
         }
         for _ in 0..needed {
-            seq.blocks.push(self.free.pop().expect("checked above"));
+            seq.blocks.push(self.blocks.take().expect("checked above"));
         }
         Ok(())
     }
 
-    /// Gives every block of `seq` back.
+    /// Gives every block of `seq` back (those of a known prefix stay cached).
     pub fn release(&mut self, seq: &mut SeqKv) {
-        self.free.extend(seq.blocks.drain(..).rev());
+        // Last block first: a prompt's tail is evicted before its head, which more prompts share.
+        for b in seq.blocks.drain(..).rev() {
+            self.blocks.release(b);
+        }
+        seq.chain.clear();
         seq.len = 0;
+    }
+
+    /// Gives empty `seq` the cached blocks that hold the longest whole-block prefix of
+    /// `tokens` and returns how many positions they hold (`seq`'s length now). At least the last
+    /// token is left to compute, so that the step that feeds it predicts the next one.
+    pub fn adopt_prefix(&mut self, seq: &mut SeqKv, tokens: &[u32]) -> usize {
+        debug_assert!(seq.blocks.is_empty(), "a prefix is adopted by an empty sequence");
+        let found = self.blocks.adopt(tokens, tokens.len().saturating_sub(1) / BLOCK_TOKENS);
+        for (b, id) in found {
+            seq.blocks.push(b);
+            seq.chain.push(id);
+        }
+        seq.len = seq.blocks.len() * BLOCK_TOKENS;
+        seq.len
+    }
+
+    /// Registers the whole blocks of `seq` written since the last call, `tokens` being the
+    /// tokens at `seq`'s positions (at least `seq.len()` of them), so that later prompts that
+    /// start the same way can adopt them. Nothing without a prefix cache.
+    pub fn commit(&mut self, seq: &mut SeqKv, tokens: &[u32]) {
+        if !self.blocks.caching() {
+            return;
+        }
+        let whole = seq.len.min(tokens.len()) / BLOCK_TOKENS;
+        for i in seq.chain.len()..whole {
+            let parent = seq.chain.last().copied().unwrap_or(0);
+            let id = self.blocks.register(seq.blocks[i], parent, &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            seq.chain.push(id);
+        }
     }
 
     /// Writes layer `layer`'s keys and values of `seq`'s next `k.dim(0)` positions (`k`, `v`:
@@ -362,6 +414,49 @@ mod tests {
         pool.reserve(&mut c, 16).unwrap();
         pool.advance(&mut c, 16);
         assert!(pool.decode_inputs(&[&c], &[1], 1, 32).is_err());
+    }
+
+    #[test]
+    fn a_prompt_adopts_the_cached_whole_blocks_of_an_earlier_one() {
+        let mut pool = KvPool::new(&cfg(), 8, DType::F32, &Device::Cpu).unwrap().with_prefix_cache(true);
+        let prompt: Vec<u32> = (0..40).collect();
+        let mut a = SeqKv::default();
+        assert_eq!(pool.adopt_prefix(&mut a, &prompt), 0, "nothing cached yet");
+        pool.reserve(&mut a, 41).unwrap();
+        pool.advance(&mut a, 40);
+        pool.commit(&mut a, &prompt);
+        assert_eq!(a.chain.len(), 2, "two whole blocks registered, the partial third not");
+        // While a runs, b shares its two whole blocks and computes from position 32.
+        let mut b = SeqKv::default();
+        assert_eq!(pool.adopt_prefix(&mut b, &prompt), 32);
+        assert_eq!(&b.block_ids()[..2], &a.block_ids()[..2]);
+        pool.reserve(&mut b, 41).unwrap();
+        assert_eq!(pool.used_blocks(), 4, "a: 3 blocks, b: 2 shared + 1 of its own");
+        // A prompt of exactly 32 tokens leaves its last block to compute.
+        let mut c = SeqKv::default();
+        assert_eq!(pool.adopt_prefix(&mut c, &prompt[..32]), 16);
+        pool.release(&mut c);
+        pool.release(&mut a);
+        pool.release(&mut b);
+        assert_eq!((pool.used_blocks(), pool.cached_blocks(), pool.free_blocks()), (0, 2, 8));
+        // The cached blocks are handed out last, and forgotten then.
+        let mut d = SeqKv::default();
+        pool.reserve(&mut d, 6 * BLOCK_TOKENS).unwrap();
+        assert_eq!(pool.cached_blocks(), 2);
+        pool.reserve(&mut d, 7 * BLOCK_TOKENS).unwrap();
+        assert_eq!(pool.cached_blocks(), 1);
+        let mut e = SeqKv::default();
+        assert_eq!(pool.adopt_prefix(&mut e, &prompt), 16, "the tail went first, the head is still there");
+        pool.release(&mut e);
+        pool.release(&mut d);
+        // Without a prefix cache nothing is kept.
+        let mut plain = KvPool::new(&cfg(), 4, DType::F32, &Device::Cpu).unwrap();
+        let mut f = SeqKv::default();
+        plain.reserve(&mut f, 33).unwrap();
+        plain.advance(&mut f, 33);
+        plain.commit(&mut f, &prompt);
+        plain.release(&mut f);
+        assert_eq!((plain.cached_blocks(), plain.adopt_prefix(&mut f, &prompt)), (0, 0));
     }
 
     #[test]

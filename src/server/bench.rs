@@ -2,9 +2,13 @@
 //! completions one after another (fixed prompt and output lengths: `ignore_eos`), and the run
 //! reports aggregate output tokens/s, time to first token and inter-token latency (p50 / p99),
 //! and the server's mean batch size over the run (from its /metrics).
+//!
+//! Every request's prompt starts with its own number unless the prompt is to be shared, so that
+//! a server's prefix cache serves none of it: the table then measures batching, not the cache.
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One level of a run.
@@ -16,6 +20,9 @@ pub struct LoadLevel {
     /// The mean prompt length in the server's tokens (its `usage`): the load client's N short
     /// words are N tokens for SmolLM2's tokenizer, about 4 N for the dummy model's one per byte.
     pub prompt_tokens: f64,
+    /// Of those, the mean the server took from its prefix cache (its /metrics; NaN if it does
+    /// not say).
+    pub cached_tokens: f64,
     pub wall_secs: f64,
     pub ttft: Vec<f64>,
     pub itl: Vec<f64>,
@@ -113,25 +120,42 @@ fn metric_line(url: &str, prefix: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Runs `clients` clients of `per_client` requests each against `url`.
-pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen: usize, key: Option<&str>) -> Result<LoadLevel> {
+/// Requests sent by this process so far: the number that makes each prompt its own.
+static SENT: AtomicUsize = AtomicUsize::new(0);
+
+/// The prompt of the next request: `prompt` itself if `shared`, else `prompt` after the
+/// request's own number (a fixed width, so every prompt has the same length).
+fn next_prompt(prompt: &str, shared: bool) -> String {
+    let n = SENT.fetch_add(1, Ordering::Relaxed);
+    if shared {
+        prompt.to_string()
+    } else {
+        format!("{:05} {prompt}", n % 100_000)
+    }
+}
+
+/// Runs `clients` clients of `per_client` requests each against `url`, each request with a
+/// prompt of its own unless `shared` (see the module's note).
+pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, shared: bool, gen: usize, key: Option<&str>) -> Result<LoadLevel> {
     let model: Value = ureq::get(&format!("{url}/v1/models")).call().map_err(|e| Error::msg(format!("{url}: {e}")))?.into_json().map_err(|e| Error::msg(e.to_string()))?;
     let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
     let (steps0, seqs0) = (metric(url, "steps_total"), metric(url, "batched_sequences_total"));
+    let cached0 = metric(url, "prefix_cache_hit_tokens_total");
     const PHASES: [&str; 4] = ["step_seconds_total", "step_forward_seconds_total", "step_sampling_seconds_total", "step_emit_seconds_total"];
     let phases0 = PHASES.map(|p| metric(url, p));
     let t0 = Instant::now();
     let samples: Vec<Result<Vec<Sample>>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..clients).map(|_| s.spawn(|| (0..per_client).map(|_| one_request(url, &model, prompt, gen, key)).collect::<Result<Vec<_>>>())).collect();
+        let hs: Vec<_> = (0..clients).map(|_| s.spawn(|| (0..per_client).map(|_| one_request(url, &model, &next_prompt(prompt, shared), gen, key)).collect::<Result<Vec<_>>>())).collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::msg("a client thread panicked")))).collect()
     });
     let wall = t0.elapsed().as_secs_f64();
     let (steps, seqs) = (metric(url, "steps_total") - steps0, metric(url, "batched_sequences_total") - seqs0);
+    let cached = metric(url, "prefix_cache_hit_tokens_total") - cached0;
     let mut step_secs = PHASES.map(|p| metric(url, p));
     for (v, v0) in step_secs.iter_mut().zip(phases0) {
         *v = (*v - v0) / steps;
     }
-    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, prompt_tokens: 0.0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps, step_secs };
+    let mut level = LoadLevel { clients, requests: 0, output_tokens: 0, prompt_tokens: 0.0, cached_tokens: 0.0, wall_secs: wall, ttft: vec![], itl: vec![], mean_batch: seqs / steps, step_secs };
     for s in samples {
         for r in s? {
             level.requests += 1;
@@ -142,6 +166,7 @@ pub fn run_level(url: &str, clients: usize, per_client: usize, prompt: &str, gen
         }
     }
     level.prompt_tokens /= level.requests.max(1) as f64;
+    level.cached_tokens = cached / level.requests.max(1) as f64;
     Ok(level)
 }
 
@@ -283,14 +308,15 @@ pub fn soak(url: &str, secs: f64, clients: usize, max_prompt: usize, max_gen: us
 pub fn table(levels: &[LoadLevel]) -> String {
     let base = levels.first().map(|l| l.tokens_per_second()).unwrap_or(1.0);
     let base_decode = levels.first().map(|l| l.decode_tokens_per_second()).unwrap_or(1.0);
-    let mut t = String::from("| clients | requests | prompt tokens | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | step ms (forward / sampling / emit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| clients | requests | prompt tokens (cached) | output tok/s | vs 1 client | decode tok/s | vs 1 client | mean batch | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | step ms (forward / sampling / emit) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in levels {
         let ms = |x: f64| format!("{:.1} ms", x * 1e3);
         t += &format!(
-            "| {} | {} | {:.0} | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} | {:.2} ({:.2} / {:.2} / {:.2}) |\n",
+            "| {} | {} | {:.0} ({:.0}) | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {} | {} | {} | {} | {:.2} ({:.2} / {:.2} / {:.2}) |\n",
             l.clients,
             l.requests,
             l.prompt_tokens,
+            l.cached_tokens,
             l.tokens_per_second(),
             l.tokens_per_second() / base,
             l.decode_tokens_per_second(),
@@ -313,11 +339,11 @@ pub fn table(levels: &[LoadLevel]) -> String {
 mod tests {
     #[test]
     fn decode_throughput_is_clients_over_the_mean_gap() {
-        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, prompt_tokens: 12.0, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
+        let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, prompt_tokens: 12.0, cached_tokens: 0.0, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
         assert!((l.decode_tokens_per_second() - 200.0).abs() < 1e-9);
         assert!((l.tokens_per_second() - 20.0).abs() < 1e-9);
         let t = super::table(&[l]);
-        assert!(t.contains("| 4 | 4 | 12 | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
+        assert!(t.contains("| 4 | 4 | 12 (0) | 20.0 | 1.00× | 200.0 | 1.00× | 4.0 |"), "{t}");
         assert!(t.contains("| 10.00 (8.00 / 1.00 / 1.00) |"), "{t}");
     }
 
@@ -328,5 +354,12 @@ mod tests {
         assert_eq!(super::quantile(&v, 0.99), 5.0);
         assert_eq!(super::quantile(&v, 0.0), 1.0);
         assert!(super::quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn prompts_are_numbered_unless_shared() {
+        let (a, b) = (super::next_prompt("the cat", false), super::next_prompt("the cat", false));
+        assert!(a != b && a.len() == b.len() && a.ends_with(" the cat"), "{a} / {b}");
+        assert_eq!(super::next_prompt("the cat", true), "the cat");
     }
 }
