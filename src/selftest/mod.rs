@@ -277,7 +277,7 @@ fn batched_step(device: &Device, t: &mut Tally) -> Result<()> {
             alone.push((toks, logits));
         }
         // Batched, teacher-forced with those tokens.
-        let mut pool = KvPool::new(&model.cfg, 32, dt, device)?;
+        let mut pool = KvPool::new(&model.cfg, 32, dt, device)?.with_prefix_cache(true);
         let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
         let mut seen: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
         let mut fed = [0usize; 3]; // tokens of each sequence (prompt, then continuation) fed so far
@@ -307,12 +307,23 @@ fn batched_step(device: &Device, t: &mut Tally) -> Result<()> {
             let l = model.forward_batch(&pool, &mut step)?;
             for (row, &i) in who.iter().enumerate() {
                 fed[i] += toks[row].len();
+                pool.commit(&mut kvs[i], &feed(i, 0, fed[i]));
                 if fed[i] >= prompts[i].len() {
                     seen[i].push(host(&l.get(row)?)?);
                 }
             }
             step_no += 1;
         }
+        // The prefix cache: the first prompt again, its first whole block adopted from the
+        // sequence above, the rest computed over it; its logits as those of the prompt alone.
+        let mut again = SeqKv::default();
+        let adopted = pool.adopt_prefix(&mut again, prompts[0]);
+        pool.reserve(&mut again, prompts[0].len()).map_err(|e| candle_core::Error::Msg(format!("prefix cache: {e:?}")))?;
+        let rest = &prompts[0][adopted..];
+        let l = model.forward_batch(&pool, &mut [StepSeq { tokens: rest, kv: &mut again }])?;
+        let err = if adopted == 16 { max_rel_vec(&host(&l.get(0)?)?, &alone[0].1[0]) } else { f32::INFINITY };
+        t.check(format!("prefix-cached prompt {} {dt:?}", if w4 { "w4" } else { "dense" }), err, if dt == DType::BF16 { 5e-2 } else { 1e-2 });
+        pool.release(&mut again);
         let worst = (0..prompts.len()).flat_map(|i| seen[i].iter().zip(&alone[i].1).map(|(b, a)| max_rel_vec(b, a)).collect::<Vec<_>>()).fold(0f32, f32::max);
         t.check(format!("batched step {} {dt:?}", if w4 { "w4" } else { "dense" }), worst, if dt == DType::BF16 { 5e-2 } else { 1e-2 });
         for kv in kvs.iter_mut() {
