@@ -223,9 +223,12 @@ impl KvPool {
 
     /// Gives empty `seq` the cached blocks that hold the longest whole-block prefix of
     /// `tokens` and returns how many positions they hold (`seq`'s length now). At least the last
-    /// token is left to compute, so that the step that feeds it predicts the next one.
+    /// token is left to compute, so that the step that feeds it predicts the next one. A `seq`
+    /// that already holds blocks adopts nothing (its length is returned).
     pub fn adopt_prefix(&mut self, seq: &mut SeqKv, tokens: &[u32]) -> usize {
-        debug_assert!(seq.blocks.is_empty(), "a prefix is adopted by an empty sequence");
+        if !seq.blocks.is_empty() {
+            return seq.len;
+        }
         let found = self.blocks.adopt(tokens, tokens.len().saturating_sub(1) / BLOCK_TOKENS);
         for (b, id) in found {
             seq.blocks.push(b);
@@ -431,6 +434,7 @@ mod tests {
         assert_eq!(pool.adopt_prefix(&mut b, &prompt), 32);
         assert_eq!(&b.block_ids()[..2], &a.block_ids()[..2]);
         pool.reserve(&mut b, 41).unwrap();
+        assert_eq!(pool.adopt_prefix(&mut b, &prompt), 32, "a sequence that holds blocks adopts no more");
         assert_eq!(pool.used_blocks(), 4, "a: 3 blocks, b: 2 shared + 1 of its own");
         // A prompt of exactly 32 tokens leaves its last block to compute.
         let mut c = SeqKv::default();
