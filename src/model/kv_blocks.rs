@@ -24,7 +24,8 @@ type Key = (u64, [u32; BLOCK_TOKENS]);
 struct Meta {
     /// Sequences holding the block.
     refs: u32,
-    /// The identity under which the block is registered (0: not registered).
+    /// The key and identity under which the block is registered (None, 0: not registered).
+    key: Option<Key>,
     id: u64,
     /// While cached and held by no sequence: its place in the eviction order.
     released_at: u64,
@@ -38,9 +39,8 @@ pub struct Blocks {
     free: Vec<u32>,
     /// Registered blocks held by no sequence, by release time (the oldest evicted first).
     idle: BTreeMap<u64, u32>,
-    /// Registered blocks by key, and each registered block's key (to forget it on eviction).
+    /// Registered blocks by key.
     index: HashMap<Key, u32>,
-    keys: HashMap<u32, Key>,
     /// Whether blocks are registered at all (`serve --no-prefix-cache` turns it off).
     caching: bool,
     next_id: u64,
@@ -54,7 +54,6 @@ impl Blocks {
             free: (0..total as u32).rev().collect(),
             idle: BTreeMap::new(),
             index: HashMap::new(),
-            keys: HashMap::new(),
             caching,
             next_id: 1,
             clock: 0,
@@ -83,10 +82,11 @@ impl Blocks {
             Some(b) => b,
             None => {
                 let (_, b) = self.idle.pop_first()?;
-                if let Some(key) = self.keys.remove(&b) {
+                let m = &mut self.meta[b as usize];
+                if let Some(key) = m.key.take() {
                     self.index.remove(&key);
                 }
-                self.meta[b as usize].id = 0;
+                m.id = 0;
                 b
             }
         };
@@ -111,7 +111,7 @@ impl Blocks {
         if m.refs > 0 {
             return;
         }
-        if m.id != 0 {
+        if m.key.is_some() {
             self.clock += 1;
             m.released_at = self.clock;
             self.idle.insert(self.clock, b);
@@ -153,9 +153,10 @@ impl Blocks {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.meta[b as usize].id = id;
+        let m = &mut self.meta[b as usize];
+        m.id = id;
+        m.key = Some(key);
         self.index.insert(key, b);
-        self.keys.insert(b, key);
         id
     }
 }
