@@ -1,11 +1,11 @@
 //! With the `cuda` feature, compiles the CUDA kernels (the W4A16 linear in src/quant/cuda, the
-//! fused decode-step kernels in src/model/cuda, the AWQ clip search in src/awq) to PTX with nvcc for compute capability 8.0 and newer (`CUDA_COMPUTE_CAP`, default 80; the driver JIT-
+//! fused decode-step kernels and the logits top-k in src/model/cuda, the AWQ clip search in src/awq) to PTX with nvcc for compute capability 8.0 and newer (`CUDA_COMPUTE_CAP`, default 80; the driver JIT-
 //! compiles the PTX for newer cards, sm_90 included). A CPU-only build does nothing here.
 use std::path::PathBuf;
 use std::process::Command;
 
 /// (source, PTX file name in OUT_DIR)
-const KERNELS: [(&str, &str); 4] = [("src/quant/cuda/w4a16.cu", "w4a16.ptx"), ("src/quant/cuda/w4a16_skinny.cu", "w4a16_skinny.ptx"), ("src/model/cuda/decode.cu", "decode.ptx"), ("src/awq/clip.cu", "clip.ptx")];
+const KERNELS: [(&str, &str); 5] = [("src/quant/cuda/w4a16.cu", "w4a16.ptx"), ("src/quant/cuda/w4a16_skinny.cu", "w4a16_skinny.ptx"), ("src/model/cuda/decode.cu", "decode.ptx"), ("src/model/cuda/topk.cu", "topk.ptx"), ("src/awq/clip.cu", "clip.ptx")];
 /// Headers the kernels include (src/cuda is on nvcc's include path).
 const HEADERS: [&str; 5] = ["src/cuda/common.cuh", "src/quant/cuda/w4_dequant.cuh", "src/quant/cuda/w4_sets.cuh", "src/quant/cuda/w4_skinny.cuh", "src/quant/cuda/wgmma.cuh"];
 /// Hopper-only kernels (wgmma): PTX for compute_90a when building for compute capability 9.0,

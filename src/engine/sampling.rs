@@ -4,6 +4,8 @@
 //! is llama.cpp's: repetition penalty, top-k, top-p, min-p (all three on the untempered
 //! distribution), then temperature and a seeded draw; temperature 0 is greedy.
 use crate::model::cpu_math::exp_nonpositive;
+use crate::model::logits::{self, order_key, TOP_K_MAX};
+use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -200,12 +202,72 @@ impl Sampler {
         if max == f32::NEG_INFINITY {
             return Ok(argmax(&logits));
         }
-        const NEGLIGIBLE: f64 = 40.0;
-        let floor = (f64::from(max) - NEGLIGIBLE * p.temperature.max(1.0)) as f32;
-        let mut cand = candidates(&logits, floor, p.top_k);
-        if p.top_p.is_some() {
+        let mut cand = candidates(&logits, self.floor(max), p.top_k);
+        // Ranked whenever a filter ranks them, so that the draw below walks the same list as
+        // from `sample_top`'s pairs.
+        if p.top_p.is_some() || p.top_k.is_some() {
             cand.sort_unstable_by(by_logit);
         }
+        Ok(self.draw(cand, max))
+    }
+
+    /// What this sampler needs to see of a row of `vocab` logits: its best few (greedy, or top-k
+    /// without penalties) or all of it.
+    pub fn wants(&self, vocab: usize) -> Wants {
+        let p = &self.params;
+        if p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return Wants::Whole;
+        }
+        if p.temperature <= 0.0 {
+            return Wants::Top(GREEDY_TOP.min(vocab));
+        }
+        match p.top_k {
+            Some(k) if k > 0 && k < vocab && k <= TOP_K_MAX => Wants::Top(k),
+            _ => Wants::Whole,
+        }
+    }
+
+    /// The token [`Sampler::sample`] draws from a row of `vocab` logits, given only the row's best
+    /// (id, logit) pairs by falling logit then rising id, at least as many as [`Sampler::wants`]
+    /// asked for ([`crate::model::logits::top_k_rows`]); the same draw from the same generator.
+    /// `None` when they do not decide it (a greedy tie that may go on past them, no finite
+    /// logit, settings that want the whole row): then [`Sampler::sample`] the whole row.
+    pub fn sample_top(&mut self, top: &[(u32, f32)], vocab: usize) -> Option<u32> {
+        let p = &self.params;
+        let first = *top.first()?;
+        if first.1.is_nan() || first.1 == f32::NEG_INFINITY || self.wants(vocab) == Wants::Whole {
+            return None;
+        }
+        if p.temperature <= 0.0 {
+            // argmax takes the last of the tied maxima: the highest id of the run of pairs equal
+            // to the first, if the run ends inside the pairs.
+            let key = order_key(first.1);
+            let last = top.iter().rposition(|c| order_key(c.1) == key)?;
+            if last + 1 == top.len() && top.len() < vocab {
+                return None;
+            }
+            return Some(top[last].0);
+        }
+        let k = p.top_k?;
+        if top.len() < k {
+            return None;
+        }
+        // The k best at or above the floor are the first of the k best.
+        let floor = self.floor(first.1);
+        let cand: Vec<(u32, f32)> = top[..k].iter().take_while(|c| c.1 >= floor).copied().collect();
+        Some(self.draw(cand, first.1))
+    }
+
+    /// Logits below this cannot be drawn (see `sample`).
+    fn floor(&self, max: f32) -> f32 {
+        const NEGLIGIBLE: f64 = 40.0;
+        (f64::from(max) - NEGLIGIBLE * self.params.temperature.max(1.0)) as f32
+    }
+
+    /// top-p, min-p, temperature and one draw over `cand` (non-empty, the maximum `max` among
+    /// them; ranked by [`by_logit`] when top-p is on).
+    fn draw(&mut self, mut cand: Vec<(u32, f32)>, max: f32) -> u32 {
+        let p = &self.params;
         // top-p and min-p on the untempered distribution.
         let probs: Vec<f64> = if p.top_p.is_some() || p.min_p.is_some() { cand.iter().map(|c| f64::from(c.1 - max).exp()).collect() } else { Vec::new() };
         let total: f64 = probs.iter().sum();
@@ -237,13 +299,83 @@ impl Sampler {
         let mut u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
         for (c, w) in cand.iter().zip(&weights) {
             if u < *w {
-                return Ok(c.0);
+                return c.0;
             }
             u -= w;
         }
-        Ok(cand[cand.len() - 1].0)
+        cand[cand.len() - 1].0
     }
 }
+
+/// What a [`Sampler`] needs of a row of logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wants {
+    /// The best `k` (id, logit) pairs ([`Sampler::sample_top`]).
+    Top(usize),
+    /// Every logit ([`Sampler::sample`]).
+    Whole,
+}
+
+/// A row of a step's logits, brought to the host as its sampler asked ([`fetch_rows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowLogits {
+    /// The best pairs of row `row` (falling logit, rising id).
+    Top { row: usize, pairs: Vec<(u32, f32)> },
+    Whole(Vec<f32>),
+}
+
+/// Brings to the host what each sampler wants of its row of `logits` (`[rows, vocab]`, f32, on
+/// any device); `wants[i]` is the row and the want of entry `i`, `None` where it predicts
+/// nothing. The rows that want pairs share one top-k selection (k the largest asked: on a GPU a
+/// kernel, and only the pairs are copied), the others one copy of just their rows.
+pub fn fetch_rows(logits: &Tensor, wants: &[Option<(usize, Wants)>]) -> Result<Vec<Option<RowLogits>>> {
+    let k = wants.iter().flatten().filter_map(|(_, w)| match w {
+        Wants::Top(k) => Some(*k),
+        Wants::Whole => None,
+    });
+    let mut tops = match k.max() {
+        Some(k) => logits::top_k_rows(logits, k)?.into_iter().map(Some).collect(),
+        None => Vec::new(),
+    };
+    let whole_rows: Vec<usize> = wants.iter().flatten().filter(|(_, w)| *w == Wants::Whole).map(|(r, _)| *r).collect();
+    let mut whole = logits::rows(logits, &whole_rows)?.into_iter();
+    let mut out = Vec::with_capacity(wants.len());
+    for w in wants {
+        out.push(match *w {
+            None => None,
+            Some((row, Wants::Top(_))) => {
+                let pairs = tops.get_mut(row).and_then(Option::take).ok_or_else(|| Error::msg(format!("sampling: no logits row {row}")))?;
+                Some(RowLogits::Top { row, pairs })
+            }
+            Some((row, Wants::Whole)) => Some(RowLogits::Whole(whole.next().ok_or_else(|| Error::msg(format!("sampling: no logits row {row}")))?)),
+        });
+    }
+    Ok(out)
+}
+
+impl Sampler {
+    /// The next token from what [`fetch_rows`] brought of its row of `logits` (`vocab` wide);
+    /// pairs that do not decide it bring the whole row after all.
+    pub fn sample_fetched(&mut self, got: RowLogits, logits: &Tensor, history: &[u32]) -> Result<u32> {
+        match got {
+            RowLogits::Whole(row) => self.sample(row, history),
+            RowLogits::Top { row, pairs } => {
+                let vocab = logits.dim(1)?;
+                match self.sample_top(&pairs, vocab) {
+                    Some(t) => Ok(t),
+                    None => {
+                        let whole = logits::rows(logits, &[row])?.pop().ok_or_else(|| Error::msg(format!("sampling: no logits row {row}")))?;
+                        self.sample(whole, history)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pairs a greedy sampler asks for: enough that a tie for the maximum almost always ends
+/// inside them (else the whole row is fetched).
+const GREEDY_TOP: usize = 8;
 
 /// Falling logit, then rising id: the order top-k and top-p rank candidates in.
 fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
@@ -413,5 +545,70 @@ mod tests {
         assert_eq!(p.temperature, 0.2, "a refused /set changes nothing");
         assert!(p.describe().contains("top_k           off"));
         assert!(p.summary().starts_with("temperature 0.2, top_p 0.95, top_k off, min_p off, repeat_penalty 1 (last 64 tokens)"), "{}", p.summary());
+    }
+
+    /// From the best pairs of a row, `sample_top` draws what `sample` draws from the whole row,
+    /// with the same generator, whenever it decides; and it decides unless a greedy tie runs to
+    /// the end of the pairs or nothing is finite.
+    #[test]
+    fn sampling_from_the_best_pairs_draws_what_the_whole_row_draws() {
+        use crate::model::logits::top_k_of;
+        let mut rng = Rng::new(5);
+        let settings = [
+            params(0.0, None, None, None),
+            params(0.8, Some(40), Some(0.95), Some(0.05)),
+            params(0.8, Some(40), None, None),
+            params(1.5, Some(3), None, Some(0.2)),
+            params(0.3, Some(1), Some(0.5), None),
+            params(2.0, Some(100), Some(0.99), None),
+        ];
+        let mut decided = 0;
+        for vocab in [2usize, 9, 150, 4000] {
+            for case in 0..12 {
+                let row: Vec<f32> = (0..vocab)
+                    .map(|_| match case % 4 {
+                        // Ties everywhere, the maximum's included.
+                        0 => (rng.next_u64() % 4) as f32,
+                        1 => match rng.next_u64() % 20 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            _ => rng.normal() * 3.0,
+                        },
+                        2 => rng.normal() * 30.0,
+                        _ => rng.normal(),
+                    })
+                    .collect();
+                for p in &settings {
+                    let seed = rng.next_u64();
+                    let mut whole = Sampler::new(&SamplingParams { seed, ..p.clone() });
+                    let mut top = Sampler::new(&SamplingParams { seed, ..p.clone() });
+                    let Wants::Top(k) = whole.wants(vocab) else {
+                        assert!(p.top_k.is_none_or(|k| k >= vocab), "{p:?} over {vocab} wants the whole row");
+                        continue;
+                    };
+                    for _ in 0..3 {
+                        let want = whole.sample(row.clone(), &[]).unwrap();
+                        match top.sample_top(&top_k_of(&row, k), vocab) {
+                            Some(got) => {
+                                assert_eq!(got, want, "{p:?}, vocab {vocab}, case {case}");
+                                decided += 1;
+                            }
+                            None => {
+                                let tie_at_the_end = p.temperature == 0.0 && (case % 4 == 0 || row.iter().all(|v| !v.is_finite()));
+                                assert!(tie_at_the_end, "undecided: {p:?}, vocab {vocab}, case {case}");
+                                // The caller then samples the whole row; the generators stay in step.
+                                assert_eq!(top.sample(row.clone(), &[]).unwrap(), want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(decided > 300, "{decided}");
+        let penalized = SamplingParams { repeat_penalty: 1.1, ..Default::default() };
+        assert_eq!(Sampler::new(&penalized).wants(100), Wants::Whole);
+        assert_eq!(Sampler::new(&penalized).sample_top(&[(0, 1.0)], 100), None);
+        assert_eq!(Sampler::new(&params(0.8, None, Some(0.9), None)).wants(100), Wants::Whole);
+        assert_eq!(Sampler::new(&params(0.0, None, None, None)).wants(5), Wants::Top(5));
     }
 }

@@ -10,7 +10,7 @@
 //! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
 //! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
 use super::metrics::{Metrics, StepPhase};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{fetch_rows, RowLogits, Sampler, SamplingParams};
 use super::stop::StopMatcher;
 use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
@@ -403,21 +403,28 @@ impl Scheduler {
         };
         self.metrics.steps.fetch_add(1, Relaxed);
         // The logits of every sequence that predicts this step, in one copy from the device.
-        let mut rows = logits.to_vec2::<f32>()?.into_iter();
-        let t_forward = Instant::now();
-        self.metrics.add_phase(StepPhase::Forward, (t_forward - t0).as_secs_f64());
-        let mut predicts: Vec<Option<Vec<f32>>> = Vec::with_capacity(plan.len());
+        // Each predicting sequence's row, as much of it as its sampler needs (on a GPU, a few
+        // best pairs instead of the vocabulary where the settings allow).
+        let vocab = logits.dim(1)?;
+        let mut wants = Vec::with_capacity(plan.len());
+        let mut row = 0;
         for (s, &n) in self.running.iter_mut().zip(&plan) {
-            let row = if n > 0 { rows.next() } else { None };
+            let r = (n > 0).then(|| {
+                row += 1;
+                row - 1
+            });
             s.fed += n;
             self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
             // A prefill chunk that leaves prompt to feed makes no prediction yet.
-            predicts.push(row.filter(|_| s.fed == s.tokens.len()));
+            wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, s.sampler.wants(vocab))));
         }
+        let predicts = fetch_rows(&logits, &wants)?;
+        let t_forward = Instant::now();
+        self.metrics.add_phase(StepPhase::Forward, (t_forward - t0).as_secs_f64());
         // Sampling is independent per sequence and costs a pass over the vocabulary each: with
         // a GPU step, on all cores (64 sequences one after another took milliseconds of the
         // step); on the CPU, where the step's kernel threads are still spinning, in turn.
-        let sample = |(s, l): (&mut Seq, Option<Vec<f32>>)| l.map(|l| s.sampler.sample(l, &s.tokens));
+        let sample = |(s, l): (&mut Seq, Option<RowLogits>)| l.map(|l| s.sampler.sample_fetched(l, &logits, &s.tokens));
         let next: Vec<Option<Result<u32>>> = if self.model.device.is_cpu() {
             self.running.iter_mut().zip(predicts).map(sample).collect()
         } else {

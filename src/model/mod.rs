@@ -16,6 +16,7 @@ pub mod host_step;
 pub mod kv_blocks;
 pub mod layers;
 pub mod llama;
+pub mod logits;
 pub mod paged;
 pub mod proj;
 

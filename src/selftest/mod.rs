@@ -173,7 +173,44 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     graph_decode(device, &mut t)?;
     batched_step(device, &mut t)?;
     paged_kernels(device, &mut r, &mut t)?;
+    logits_top_k(device, &mut r, &mut t)?;
     Ok((t.pass, t.fail))
+}
+
+/// The logits top-k kernel against the host selection, exactly (ids and value bits): rows of
+/// normal values, of f16-rounded ones (ties, as an f16 lm_head gives), of four distinct values
+/// (ties across the k-th place), with NaN, infinities and signed zeros sprinkled in.
+fn logits_top_k(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
+    use crate::model::cuda::topk::logits_top_k;
+    use crate::model::logits::{top_k_of, top_k_rows};
+    for (rows, vocab, k) in [(1, 1, 1), (3, 7, 7), (5, 255, 40), (2, 256, 256), (4, 257, 8), (64, 32000, 40), (3, 32000, 256), (2, 128256, 40), (1, 49152, 1), (7, 1000, 255)] {
+        for case in 0..4 {
+            let vals: Vec<f32> = (0..rows * vocab)
+                .map(|_| match case {
+                    0 => r.normal() * 3.0,
+                    1 => half::f16::from_f32(r.normal() * 4.0).to_f32(),
+                    2 => (r.below(4) as f32) - 1.0,
+                    _ => match r.below(40) {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        2 => f32::NEG_INFINITY,
+                        3 => -0.0,
+                        4 => 0.0,
+                        _ => r.normal(),
+                    },
+                })
+                .collect();
+            let logits = Tensor::from_vec(vals.clone(), (rows, vocab), device)?;
+            let want: Vec<Vec<(u32, f32)>> = vals.chunks(vocab).map(|row| top_k_of(row, k)).collect();
+            let same = |got: &[Vec<(u32, f32)>]| got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.len() == w.len() && g.iter().zip(w).all(|(a, b)| a.0 == b.0 && a.1.to_bits() == b.1.to_bits()));
+            let (v, i) = logits_top_k(&logits, k)?;
+            let got: Vec<Vec<(u32, f32)>> = i.to_vec2::<u32>()?.into_iter().zip(v.to_vec2::<f32>()?).map(|(i, v)| i.into_iter().zip(v).collect()).collect();
+            let what = format!("logits top-k rows={rows} vocab={vocab} k={k} case={case}");
+            t.check(what.clone(), if same(&got) { 0.0 } else { f32::INFINITY }, 0.0);
+            t.check(format!("{what} (top_k_rows)"), if same(&top_k_rows(&logits, k)?) { 0.0 } else { f32::INFINITY }, 0.0);
+        }
+    }
+    Ok(())
 }
 
 /// The rotary embedding, KV write and attention of the graph decode step (position read on the

@@ -7,6 +7,8 @@ use candle_core::cuda_backend::WrapErr;
 use crate::cuda::{cuda_device as cuda_dev, device_ptr, kernel_suffix as suffix, prefetch_blocks, suffix_for, L2Prefetch};
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+pub mod topk;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
