@@ -10,7 +10,7 @@
 //! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
 //! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
 use super::metrics::{Metrics, StepPhase};
-use super::sampling::{fetch_rows, RowLogits, Sampler, SamplingParams};
+use super::sampling::{fetch_rows, RowLogits, Sampler, SamplingParams, Wants};
 use super::stop::StopMatcher;
 use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
@@ -416,7 +416,8 @@ impl Scheduler {
             s.fed += n;
             self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
             // A prefill chunk that leaves prompt to feed makes no prediction yet.
-            wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, s.sampler.wants(vocab))));
+            let want = if whole_rows_only() { Wants::Whole } else { s.sampler.wants(vocab) };
+            wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, want)));
         }
         let predicts = fetch_rows(&logits, &wants)?;
         let t_forward = Instant::now();
@@ -507,4 +508,11 @@ impl Scheduler {
         self.metrics.kv_blocks_used.store(self.pool.used_blocks() as u64, Relaxed);
         self.metrics.kv_blocks_cached.store(self.pool.cached_blocks() as u64, Relaxed);
     }
+}
+
+/// `AWQ_RUN_WHOLE_LOGITS=1` copies every predicting row whole, as before the top-k selection
+/// (to measure what the selection saves; the tokens drawn are the same).
+fn whole_rows_only() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("AWQ_RUN_WHOLE_LOGITS").is_ok_and(|v| v == "1"))
 }
