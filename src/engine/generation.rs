@@ -1,6 +1,6 @@
 //! Token generation: the decode loop with streaming output, and statistics.
 pub use super::sampling::SamplingParams;
-use super::sampling::Sampler;
+use super::sampling::{fetch_rows, Sampler};
 use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
 use crate::model::{Cache, Model};
@@ -111,7 +111,11 @@ impl<'a> Generator<'a> {
         let mut t_decode = None;
         stats.stop = StopReason::MaxTokens;
         for i in 0..params.max_tokens {
-            let next = sampler.sample(logits.squeeze(0)?.to_vec1::<f32>()?, &history)?;
+            // As much of the row as the sampler needs: on a GPU its best few pairs, where the
+            // settings allow, instead of the vocabulary.
+            let wants = [Some((0, sampler.wants(logits.dim(1)?)))];
+            let row = fetch_rows(&logits, &wants)?.pop().flatten().ok_or_else(|| Error::msg("generation: no logits"))?;
+            let next = sampler.sample_fetched(row, &logits, &history)?;
             if i == 0 {
                 stats.prefill_secs = t0.elapsed().as_secs_f64();
                 t_decode = Some(Instant::now());
