@@ -18,8 +18,39 @@ pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
 /// The device address of a contiguous tensor's first element (for kernels that take raw
 /// pointers: several weights per launch, or buffers written in place).
 pub fn device_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    if !t.is_contiguous() {
+        candle_core::bail!("CUDA kernel: a raw-pointer argument must be contiguous");
+    }
+    storage_ptr(t, stream)
+}
+
+/// Whether `t` can be read in place as rows of `row` values at a fixed distance: contiguous, or a
+/// view of some columns of wider rows (the q, k or v part of a fused q/k/v output) whose other
+/// dimensions fold into one row index.
+pub fn is_row_view(t: &Tensor, row: usize) -> bool {
+    if t.is_contiguous() {
+        return true;
+    }
+    let (dims, strides) = (t.dims(), t.stride());
+    dims.last() == Some(&row) && strides.last() == Some(&1) && dims[..dims.len() - 1].iter().filter(|&&d| d > 1).count() <= 1
+}
+
+/// The device address of `t`'s first element and the distance in elements between its rows of
+/// `row` values (see [`is_row_view`]), for kernels that read such views in place.
+pub fn device_rows(t: &Tensor, row: usize, stream: &CudaStream) -> Result<(u64, usize)> {
+    if !is_row_view(t, row) {
+        candle_core::bail!("CUDA kernel: a tensor of shape {:?} and strides {:?} is not rows of {row} contiguous values", t.dims(), t.stride());
+    }
+    if t.is_contiguous() {
+        return Ok((storage_ptr(t, stream)?, row));
+    }
+    let lead = t.dims().iter().zip(t.stride()).rev().skip(1).find(|(&d, _)| d > 1).map(|(_, &s)| s);
+    Ok((storage_ptr(t, stream)?, lead.unwrap_or(row)))
+}
+
+/// The address of a tensor's first element in its storage (its layout's start offset applied).
+fn storage_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let (s, l) = t.storage_and_layout();
-    let Some((o, _)) = l.contiguous_offsets() else { candle_core::bail!("CUDA kernel: a raw-pointer argument must be contiguous") };
     let Storage::Cuda(cs) = &*s else { candle_core::bail!("CUDA kernel: a tensor is not on a CUDA device") };
     let size = t.dtype().size_in_bytes() as u64;
     let base = match t.dtype() {
@@ -30,7 +61,7 @@ pub fn device_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
         dt => candle_core::bail!("CUDA kernel: unexpected dtype {dt:?}"),
     };
-    Ok(base + o as u64 * size)
+    Ok(base + l.start_offset() as u64 * size)
 }
 
 /// What the launches need to know of a device, read from the driver once per device: the

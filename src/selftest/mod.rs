@@ -399,8 +399,10 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
             }
             let pos_t = Tensor::new(pos.as_slice(), device)?;
             let rows_t = Tensor::new(new_rows.as_slice(), device)?;
-            // rope_tokens.
-            let x = Tensor::from_vec(random_vec(r, b * h * d), (b, h * d), device)?.to_dtype(dt)?;
+            // rope_tokens, reading the q columns of a wider row in place (as the batched step
+            // reads its fused q/k/v output) and a contiguous copy.
+            let wide = Tensor::from_vec(random_vec(r, b * (h * d + 40)), (b, h * d + 40), device)?.to_dtype(dt)?;
+            let x = wide.narrow(1, 24, h * d)?;
             let xh = host(&x)?;
             let rotate = |src: &[f32], p: usize, out: &mut [f32]| {
                 for i in 0..half {
@@ -417,14 +419,17 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                     rotate(&xh[o..o + d], p as usize, &mut want[o..o + d]);
                 }
             }
-            let got = rope_tokens(&x, &cos, &sin, &pos_t, h, d)?;
-            t.check(format!("rope_tokens {dt:?} b={b} h={h} d={d}"), max_rel(&got, &want)?, tol(dt));
+            for (what, x) in [("view", x.clone()), ("contiguous", x.contiguous()?)] {
+                let got = rope_tokens(&x, &cos, &sin, &pos_t, h, d)?;
+                t.check(format!("rope_tokens {what} {dt:?} b={b} h={h} d={d}"), max_rel(&got, &want)?, tol(dt));
+            }
             // kv_write_rows into a random pool.
             let kp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
             let vp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
             let (mut kwant, mut vwant) = (host(&kp)?, host(&vp)?);
-            let k = Tensor::from_vec(random_vec(r, b * kvh * d), (b, kvh * d), device)?.to_dtype(dt)?;
-            let v = Tensor::from_vec(random_vec(r, b * kvh * d), (b, kvh * d), device)?.to_dtype(dt)?;
+            // k and v as columns of one wider row, read in place.
+            let kv = Tensor::from_vec(random_vec(r, b * (2 * kvh * d + 8)), (b, 2 * kvh * d + 8), device)?.to_dtype(dt)?;
+            let (k, v) = (kv.narrow(1, 0, kvh * d)?, kv.narrow(1, kvh * d + 8, kvh * d)?);
             let (kh, vh) = (host(&k)?, host(&v)?);
             for bi in 0..b {
                 for hi in 0..kvh {

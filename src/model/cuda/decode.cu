@@ -370,30 +370,32 @@ __device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __
 }
 
 // The rotary embedding of one token per sequence of a batch, each at its own position pos[b]:
-// x and out are [batch, heads, d]; grid = (heads, batch), d / 2 threads.
+// x holds each token's heads x d values, x_stride apart (a fused q/k/v output read in place),
+// out is [batch, heads, d]; grid = (heads, batch), d / 2 threads.
 template <typename T>
-__device__ void rope_tokens(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
+__device__ void rope_tokens(const T* __restrict__ x, long long x_stride, T* __restrict__ out, const T* __restrict__ cos,
                             const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d, int heads) {
     const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
-    const size_t o = ((size_t)b * heads + h) * d;
-    rotate_pair(x + o, out + o, cos, sin, pos[b], i, half);
+    rotate_pair(x + b * x_stride + (size_t)h * d, out + ((size_t)b * heads + h) * d, cos, sin, pos[b], i, half);
 }
 
 // One token per sequence of a batch written into the paged pool ([rows, kv_heads, d]): its key
-// rotated at pos[b], and its value, at pool row rows[b]. k and v are [batch, kv_heads, d];
+// rotated at pos[b], and its value, at pool row rows[b]. k and v hold each token's kv_heads x d
+// values, k_stride and v_stride apart (read in place from a fused q/k/v output);
 // grid = (kv_heads, batch), d / 2 threads.
 template <typename T>
-__device__ void kv_write_rows(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kp, T* __restrict__ vp,
-                              const T* __restrict__ cos, const T* __restrict__ sin, const unsigned int* __restrict__ pos,
-                              const unsigned int* __restrict__ rows, int d, int kv_heads) {
+__device__ void kv_write_rows(const T* __restrict__ k, long long k_stride, const T* __restrict__ v, long long v_stride,
+                              T* __restrict__ kp, T* __restrict__ vp, const T* __restrict__ cos, const T* __restrict__ sin,
+                              const unsigned int* __restrict__ pos, const unsigned int* __restrict__ rows, int d, int kv_heads) {
     const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
-    const size_t src = ((size_t)b * kv_heads + h) * d;
+    const T* ks = k + b * k_stride + (size_t)h * d;
+    const T* vs = v + b * v_stride + (size_t)h * d;
     const size_t dst = ((size_t)rows[b] * kv_heads + h) * d;
-    rotate_pair(k + src, kp + dst, cos, sin, pos[b], i, half);
-    vp[dst + i] = v[src + i];
-    vp[dst + i + half] = v[src + i + half];
+    rotate_pair(ks, kp + dst, cos, sin, pos[b], i, half);
+    vp[dst + i] = vs[i];
+    vp[dst + i + half] = vs[i + half];
 }
 
 #define INSTANTIATE(NAME, T)                                                                              \
@@ -422,14 +424,15 @@ __device__ void kv_write_rows(const T* __restrict__ k, const T* __restrict__ v, 
         int width, int d, int heads, int n_rep, float scale) {                                            \
         paged_attention_chunk<T>(q, kp, vp, part, table, lens, width, d, heads, n_rep, scale);            \
     }                                                                                                     \
-    extern "C" __global__ void rope_tokens_##NAME(const T* x, T* out, const T* cos, const T* sin,        \
-                                                  const unsigned int* pos, int d, int heads) {           \
-        rope_tokens<T>(x, out, cos, sin, pos, d, heads);                                                  \
+    extern "C" __global__ void rope_tokens_##NAME(const T* x, long long xs, T* out, const T* cos,        \
+                                                  const T* sin, const unsigned int* pos, int d, int heads) { \
+        rope_tokens<T>(x, xs, out, cos, sin, pos, d, heads);                                              \
     }                                                                                                     \
-    extern "C" __global__ void kv_write_rows_##NAME(const T* k, const T* v, T* kp, T* vp, const T* cos,  \
-                                                    const T* sin, const unsigned int* pos,               \
-                                                    const unsigned int* rows, int d, int kv_heads) {     \
-        kv_write_rows<T>(k, v, kp, vp, cos, sin, pos, rows, d, kv_heads);                                 \
+    extern "C" __global__ void kv_write_rows_##NAME(const T* k, long long ks, const T* v, long long vs,  \
+                                                    T* kp, T* vp, const T* cos, const T* sin,            \
+                                                    const unsigned int* pos, const unsigned int* rows,   \
+                                                    int d, int kv_heads) {                               \
+        kv_write_rows<T>(k, ks, v, vs, kp, vp, cos, sin, pos, rows, d, kv_heads);                         \
     }                                                                                                     \
     extern "C" __global__ void attention_combine_##NAME(const float* part, T* out, int nchunks, int d,    \
                                                         int heads) {                                      \

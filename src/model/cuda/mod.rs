@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use crate::cuda::{cuda_device as cuda_dev, device_ptr, kernel_suffix as suffix, prefetch_blocks, suffix_for, L2Prefetch};
+use crate::cuda::{cuda_device as cuda_dev, device_ptr, device_rows, is_row_view, kernel_suffix as suffix, prefetch_blocks, suffix_for, L2Prefetch};
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 pub mod topk;
@@ -116,11 +116,22 @@ pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tenso
     Ok(())
 }
 
+/// `x` as rows of `row` values, itself where a kernel can read it in place ([`is_row_view`]),
+/// else a contiguous copy.
+fn rows_or_copy(x: &Tensor, row: usize) -> Result<Tensor> {
+    if is_row_view(x, row) {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
+}
+
 /// The rotary embedding of one token per sequence of a batch, each at its own position: `x` holds
-/// `batch × heads × d` values (any contiguous view), `pos` `batch` u32 positions on the device,
+/// `batch × heads × d` values, contiguous or a view of some columns of wider rows (the q part of
+/// a fused q/k/v output, read in place: no copy), `pos` `batch` u32 positions on the device,
 /// `cos`/`sin` the `[positions, d / 2]` tables in x's dtype. Returns `[batch, heads, d]`.
 pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let x = x.contiguous()?;
+    let x = rows_or_copy(x, heads * d)?;
     let batch = pos.elem_count();
     let dev = cuda_dev(&x)?;
     let stream = dev.cuda_stream();
@@ -130,11 +141,15 @@ pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: 
     }
     let out = Tensor::zeros((batch, heads, d), x.dtype(), x.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
+    let (xp, xs) = device_rows(&x, heads * d, &stream)?;
+    let xs = xs as i64;
+    let (op, cp, sp, pp) = (ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
     let func = dev.get_or_load_custom_func(&format!("rope_tokens_{sfx}"), MODULE, PTX)?;
     let (d_, h_) = (d as i32, heads as i32);
     let mut b = func.builder();
-    for p in [&xp, &op, &cp, &sp, &pp] {
+    b.arg(&xp);
+    b.arg(&xs);
+    for p in [&op, &cp, &sp, &pp] {
         b.arg(p);
     }
     b.arg(&d_);
@@ -147,11 +162,12 @@ pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: 
 }
 
 /// Writes one token per sequence of a batch into the paged KV pool in place: its key rotated at
-/// `pos[b]` and its value, at pool row `rows[b]`. `k`, `v` hold `batch × kv_heads × d` values;
+/// `pos[b]` and its value, at pool row `rows[b]`. `k`, `v` hold `batch × kv_heads × d` values,
+/// contiguous or views of some columns of wider rows (read in place, as [`rope_tokens`]);
 /// `kp`, `vp` are one layer's pool storage, contiguous `[rows, kv_heads, d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn kv_write_rows(k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, rows: &Tensor, kv_heads: usize, d: usize) -> Result<()> {
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (k, v) = (rows_or_copy(k, kv_heads * d)?, rows_or_copy(v, kv_heads * d)?);
     let batch = pos.elem_count();
     let dev = cuda_dev(&k)?;
     let stream = dev.cuda_stream();
@@ -162,11 +178,17 @@ pub fn kv_write_rows(k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Ten
         candle_core::bail!("paged kv write: {batch} tokens of {kv_heads} x {d} into a pool of {:?}", kp.dims());
     }
     let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let (kptr, vptr, kpp, vpp, cp, sp, pp, rp) = (ptr(&k)?, ptr(&v)?, ptr(kp)?, ptr(vp)?, ptr(cos)?, ptr(sin)?, ptr(pos)?, ptr(rows)?);
+    let ((kptr, ks), (vptr, vs)) = (device_rows(&k, kv_heads * d, &stream)?, device_rows(&v, kv_heads * d, &stream)?);
+    let (ks, vs) = (ks as i64, vs as i64);
+    let (kpp, vpp, cp, sp, pp, rp) = (ptr(kp)?, ptr(vp)?, ptr(cos)?, ptr(sin)?, ptr(pos)?, ptr(rows)?);
     let func = dev.get_or_load_custom_func(&format!("kv_write_rows_{sfx}"), MODULE, PTX)?;
     let (d_, h_) = (d as i32, kv_heads as i32);
     let mut b = func.builder();
-    for p in [&kptr, &vptr, &kpp, &vpp, &cp, &sp, &pp, &rp] {
+    b.arg(&kptr);
+    b.arg(&ks);
+    b.arg(&vptr);
+    b.arg(&vs);
+    for p in [&kpp, &vpp, &cp, &sp, &pp, &rp] {
         b.arg(p);
     }
     b.arg(&d_);
