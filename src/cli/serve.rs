@@ -40,7 +40,8 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Prompt tokens prefilled per step at most, over all prefilling sequences (long prompts go
-    /// in chunks, so running streams keep their pace) [default: 512 on the CPU, 4096 on CUDA].
+    /// in chunks, so running streams keep their pace) [default: 512 on the CPU; on CUDA 8192 with 70
+    /// GiB of GPU memory or more, else 4096].
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
     /// Compute every prompt in full: no reuse of the KV blocks of an earlier prompt that
@@ -93,13 +94,7 @@ pub fn run(a: Args) -> Result<()> {
         let spec = a.model.model_spec_with(Default4Bit::Prefer).unwrap_or_default();
         std::path::Path::new(spec.trim_end_matches('/')).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(spec)
     });
-    // On a GPU a step of 4096 prompt tokens costs a few hundred milliseconds, and a burst of
-    // arrivals is then admitted in one or two steps instead of one every 512 tokens, each of
-    // which the streams already decoding sat through (H100, 16 clients of ~520-token prompts:
-    // decode 5.1x -> 5.9x one stream, TTFT p50 440 -> 285 ms; BENCHMARKS.md, session 17). vLLM's
-    // chunked prefill defaults to a budget of this order on such cards. On the CPU 512 tokens
-    // already take most of a second.
-    let prefill_chunk = a.prefill_chunk.unwrap_or(if device.is_cpu() { 512 } else { 4096 });
+    let prefill_chunk = a.prefill_chunk.unwrap_or_else(|| awq_run::engine::device::default_prefill_chunk(&device));
     let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype), prefix_cache: !a.no_prefix_cache };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
     let state = AppState::new(model, &assets, sched, opts)?;

@@ -93,6 +93,11 @@ pub fn device_limits(dev: &CudaDevice) -> Result<DeviceLimits> {
     Ok(limits)
 }
 
+/// Bytes of memory on the device.
+pub fn total_memory(dev: &CudaDevice) -> Result<usize> {
+    dev.cuda_stream().context().total_mem().w()
+}
+
 /// Blocks of `func` the whole GPU holds at once (SMs x blocks per SM of `threads` threads with
 /// `smem` bytes of dynamic shared memory), cached per kernel name and size: the answer never
 /// changes for a process. Also raises the kernel's dynamic shared-memory limit to `max_smem`, its

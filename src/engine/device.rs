@@ -74,6 +74,21 @@ pub fn parse_kv_dtype(spec: &str) -> Result<Option<DType>> {
     }
 }
 
+/// The serving step's prompt-token budget when `--prefill-chunk` is not given. On the CPU 512
+/// tokens already take most of a second. On CUDA a burst of arrivals should be prefilled in as
+/// few steps as possible, since the streams already decoding sit through every one: 8192 on
+/// cards of 70 GiB or more (vLLM's server default on H100-class cards), where 64 arrivals of
+/// 136-token prompts then take one step instead of three (H100, 64 streams: decode 18.4x ->
+/// 20.1x one stream, inter-token p99 49.5 -> 17.0 ms; BENCHMARKS.md, session 21), else 4096.
+pub fn default_prefill_chunk(device: &Device) -> usize {
+    match device {
+        Device::Cpu => 512,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) if crate::cuda::total_memory(d).is_ok_and(|b| b >= 70 << 30) => 8192,
+        _ => 4096,
+    }
+}
+
 pub fn device_name(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
