@@ -402,9 +402,9 @@ impl Scheduler {
             self.model.forward_batch(&self.pool, &mut step)?
         };
         self.metrics.steps.fetch_add(1, Relaxed);
-        // The logits of every sequence that predicts this step, in one copy from the device.
-        // Each predicting sequence's row, as much of it as its sampler needs (on a GPU, a few
-        // best pairs instead of the vocabulary where the settings allow).
+        // Each predicting sequence's row of logits, as much of it as its sampler needs: its
+        // best few pairs where the settings allow (on a GPU selected there, so that a step
+        // copies k pairs a sequence instead of its vocabulary), else the whole row.
         let vocab = logits.dim(1)?;
         let mut wants = Vec::with_capacity(plan.len());
         let mut row = 0;
@@ -422,9 +422,10 @@ impl Scheduler {
         let predicts = fetch_rows(&logits, &wants)?;
         let t_forward = Instant::now();
         self.metrics.add_phase(StepPhase::Forward, (t_forward - t0).as_secs_f64());
-        // Sampling is independent per sequence and costs a pass over the vocabulary each: with
-        // a GPU step, on all cores (64 sequences one after another took milliseconds of the
-        // step); on the CPU, where the step's kernel threads are still spinning, in turn.
+        // Sampling is independent per sequence, and a whole row costs a pass over the
+        // vocabulary: with a GPU step, on all cores (64 sequences one after another took
+        // milliseconds of the step); on the CPU, where the step's kernel threads are still
+        // spinning, in turn.
         let sample = |(s, l): (&mut Seq, Option<RowLogits>)| l.map(|l| s.sampler.sample_fetched(l, &logits, &s.tokens));
         let next: Vec<Option<Result<u32>>> = if self.model.device.is_cpu() {
             self.running.iter_mut().zip(predicts).map(sample).collect()
