@@ -4,7 +4,7 @@
 //! is llama.cpp's: repetition penalty, top-k, top-p, min-p (all three on the untempered
 //! distribution), then temperature and a seeded draw; temperature 0 is greedy.
 use crate::model::cpu_math::exp_nonpositive;
-use crate::model::logits::{self, order_key, TOP_K_MAX};
+use crate::model::logits::{self, order_key, rank_order, top_k_of, TOP_K_MAX};
 use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -206,7 +206,7 @@ impl Sampler {
         // Ranked whenever a filter ranks them, so that the draw below walks the same list as
         // from `sample_top`'s pairs.
         if p.top_p.is_some() || p.top_k.is_some() {
-            cand.sort_unstable_by(by_logit);
+            cand.sort_unstable_by(rank_order);
         }
         Ok(self.draw(cand, max))
     }
@@ -252,9 +252,7 @@ impl Sampler {
         if top.len() < k {
             return None;
         }
-        // The k best at or above the floor are the first of the k best.
-        let floor = self.floor(first.1);
-        let cand: Vec<(u32, f32)> = top[..k].iter().take_while(|c| c.1 >= floor).copied().collect();
+        let cand = at_or_above(top[..k].to_vec(), self.floor(first.1));
         Some(self.draw(cand, first.1))
     }
 
@@ -265,7 +263,7 @@ impl Sampler {
     }
 
     /// top-p, min-p, temperature and one draw over `cand` (non-empty, the maximum `max` among
-    /// them; ranked by [`by_logit`] when top-p is on).
+    /// them; ranked by [`rank_order`] when top-p is on).
     fn draw(&mut self, mut cand: Vec<(u32, f32)>, max: f32) -> u32 {
         let p = &self.params;
         // top-p and min-p on the untempered distribution.
@@ -377,40 +375,22 @@ impl Sampler {
 /// inside them (else the whole row is fetched).
 const GREEDY_TOP: usize = 8;
 
-/// Falling logit, then rising id: the order top-k and top-p rank candidates in.
-fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+/// The (id, logit) pairs at or above `floor` (NaN never), cut to the best `top_k` of them in
+/// [`rank_order`] (then ranked; without `top_k` in id order). The k best at or above the floor
+/// are the first of the k best of the whole row ([`top_k_of`]): with k or more above the floor
+/// the k best are all above it, with fewer all of those are among the k.
+fn candidates(logits: &[f32], floor: f32, top_k: Option<usize>) -> Vec<(u32, f32)> {
+    match top_k.filter(|&k| k > 0 && k < logits.len()) {
+        Some(k) => at_or_above(top_k_of(logits, k), floor),
+        None => logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect(),
+    }
 }
 
-/// The (id, logit) pairs at or above `floor` (NaN never), cut to the best `top_k` of them in
-/// [`by_logit`]'s order (in no particular order). With `top_k`, one pass keeps a buffer of
-/// a few k pairs, pruning it to its best k whenever it fills and raising the bar to the k-th of
-/// those (nothing below it can be among the k best), so that most of a vocabulary costs one
-/// comparison each; the k kept are exactly the k best of the whole vocabulary at or above the
-/// floor (with k or more above the floor the k best are all above it, with fewer all of them are
-/// among the k).
-fn candidates(logits: &[f32], floor: f32, top_k: Option<usize>) -> Vec<(u32, f32)> {
-    let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) else {
-        return logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect();
-    };
-    let cap = 4 * k.max(16);
-    let mut buf: Vec<(u32, f32)> = Vec::with_capacity(cap);
-    let mut bar = floor;
-    for (i, &l) in logits.iter().enumerate() {
-        if l >= bar {
-            buf.push((i as u32, l));
-            if buf.len() == cap {
-                buf.select_nth_unstable_by(k - 1, by_logit);
-                buf.truncate(k);
-                bar = bar.max(buf[k - 1].1);
-            }
-        }
-    }
-    if buf.len() > k {
-        buf.select_nth_unstable_by(k - 1, by_logit);
-        buf.truncate(k);
-    }
-    buf
+/// The leading pairs of `ranked` (in [`rank_order`]) at or above `floor`.
+fn at_or_above(mut ranked: Vec<(u32, f32)>, floor: f32) -> Vec<(u32, f32)> {
+    let n = ranked.iter().take_while(|c| c.1 >= floor).count();
+    ranked.truncate(n);
+    ranked
 }
 
 /// The index of the largest value, the last one on a tie (as candle's greedy sampler chose, so
@@ -488,9 +468,9 @@ mod tests {
             for k in [None, Some(1), Some(5), Some(40), Some(n + 3)] {
                 for floor in [f32::NEG_INFINITY, -1.0, 3.0] {
                     let mut got = candidates(&logits, floor, k);
-                    got.sort_unstable_by(by_logit);
+                    got.sort_unstable_by(rank_order);
                     let mut want: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, &l)| l >= floor).map(|(i, &l)| (i as u32, l)).collect();
-                    want.sort_unstable_by(by_logit);
+                    want.sort_unstable_by(rank_order);
                     if let Some(k) = k {
                         want.truncate(k);
                     }
@@ -552,7 +532,6 @@ mod tests {
     /// the end of the pairs or nothing is finite.
     #[test]
     fn sampling_from_the_best_pairs_draws_what_the_whole_row_draws() {
-        use crate::model::logits::top_k_of;
         let mut rng = Rng::new(5);
         let settings = [
             params(0.0, None, None, None),

@@ -21,8 +21,9 @@ pub fn order_key(v: f32) -> u32 {
     }
 }
 
-/// Higher value first, then lower id: the order of [`top_k_rows`].
-fn ranks_before(a: (u32, f32), b: (u32, f32)) -> std::cmp::Ordering {
+/// Higher value first, then lower id, NaN last: the order of [`top_k_rows`], and the order a
+/// sampler ranks its candidates in.
+pub fn rank_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     order_key(b.1).cmp(&order_key(a.1)).then(a.0.cmp(&b.0))
 }
 
@@ -63,16 +64,16 @@ pub fn top_k_of(row: &[f32], k: usize) -> Vec<(u32, f32)> {
         }
         buf.push((i as u32, v));
         if buf.len() == cap {
-            buf.select_nth_unstable_by(k - 1, |a, b| ranks_before(*a, *b));
+            buf.select_nth_unstable_by(k - 1, rank_order);
             buf.truncate(k);
             bar = Some(order_key(buf[k - 1].1));
         }
     }
     if buf.len() > k {
-        buf.select_nth_unstable_by(k - 1, |a, b| ranks_before(*a, *b));
+        buf.select_nth_unstable_by(k - 1, rank_order);
         buf.truncate(k);
     }
-    buf.sort_unstable_by(|a, b| ranks_before(*a, *b));
+    buf.sort_unstable_by(rank_order);
     buf
 }
 
@@ -101,7 +102,7 @@ mod tests {
     /// Every pair sorted by the order, cut to k: what the selection must return.
     fn reference(row: &[f32], k: usize) -> Vec<(u32, f32)> {
         let mut all: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-        all.sort_by(|a, b| ranks_before(*a, *b));
+        all.sort_by(rank_order);
         all.truncate(k);
         all
     }

@@ -9,7 +9,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/topk.ptx"));
 const MODULE: &str = "awq_topk";
 const THREADS: u32 = 256;
 /// The largest k one launch takes (TOPK_MAX in topk.cu).
-pub const TOPK_MAX: usize = 256;
+const TOPK_MAX: usize = crate::model::logits::TOP_K_MAX;
 
 /// `(values [rows, k] f32, ids [rows, k] u32)`: the `k` largest of each row of `logits`
 /// (`[rows, vocab]` f32 on a CUDA device), by falling value then rising id, NaN last;
