@@ -155,7 +155,11 @@ mod tests {
         assert_eq!(top_k_rows(&t, 9).unwrap()[1].len(), 4);
         assert_eq!(rows(&t, &[1]).unwrap(), vec![vec![0.5, -1.0, 2.0, 0.0]]);
         assert_eq!(rows(&t, &[0, 1]).unwrap().len(), 2);
-        assert!(rows(&t, &[2]).is_err());
-        assert!(top_k_rows(&t, 0).is_err());
+        let e = rows(&t, &[2]).unwrap_err().to_string();
+        assert!(e.contains("row 2 of 2"), "{e}");
+        let e = top_k_rows(&t, 0).unwrap_err().to_string();
+        assert!(e.contains("k = 0") && e.contains("k from 1 to 256"), "{e}");
+        let e = top_k_rows(&t.to_dtype(DType::F16).unwrap(), 2).unwrap_err().to_string();
+        assert!(e.contains("F16") && e.contains("f32"), "{e}");
     }
 }
