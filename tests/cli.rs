@@ -235,6 +235,9 @@ fn bench_reports_speed_and_explains_bad_flags() {
     assert!(err(&["bench", "--dummy-weights"]).contains("--config"));
     assert!(err(&["bench", "--dummy-weights", "--config", "gpt-5"]).contains("llama-2-7b"));
     assert!(err(&["bench", "--dummy-weights", "--config", "smollm2-135m", "--weights", "int3"]).contains("--weights int3"));
+    // SmolLM2's 576-wide layers hold no whole 128-groups: an error naming the flag, not a panic.
+    let e = err(&["bench", "--dummy-weights", "--config", "smollm2-135m", "--weights", "w4", "--group-size", "128"]);
+    assert!(e.contains("--group-size 128") && e.contains("576") && !e.contains("panicked"), "{e}");
     assert!(err(&["bench", "--model", dir.to_str().unwrap(), "--prompt-len", "300"]).contains("does not fit the context"));
     assert!(err(&["bench", "--model", dir.to_str().unwrap(), "--requant", "q2"]).contains("--requant q2"));
 }

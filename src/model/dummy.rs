@@ -84,6 +84,18 @@ fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: D
 
 /// A random model of `cfg`'s shape; `w4` makes every decoder linear 4-bit with group size `g`.
 pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Device) -> Result<Model> {
+    // Every decoder linear reads hidden_size or intermediate_size columns, in whole groups.
+    if w4 {
+        let widths = [cfg.hidden_size, cfg.intermediate_size];
+        if g == 0 || widths.iter().any(|w| w % g != 0) {
+            return Err(Error::msg(format!(
+                "--group-size {g}: must divide the layers' input widths (hidden_size {}, intermediate_size {}); {} do",
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                [32usize, 64, 128].iter().filter(|&&c| widths.iter().all(|w| w % c == 0)).map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
     let vb = dummy_var_builder(cfg, dtype, device);
     let counter = std::sync::atomic::AtomicU64::new(1);
     let loader = |vb: VarBuilder, i: usize, o: usize, b: bool| -> candle_core::Result<Linear> {
