@@ -4,7 +4,7 @@
 use super::timing::{time_events, time_graph, time_graphs_interleaved};
 use super::{random_vec, random_weight};
 use crate::cuda::L2Prefetch;
-use crate::quant::cuda::{gemv_many_with, gemv_max_tokens, skinny_kernels_built, launch, skinny_many_with, skinny_supported, skinny_wgmma_available, skinny_wgmma_variant, sm90_available, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions};
+use crate::quant::cuda::{gemv_many_with, gemv_max_tokens, skinny_kernels_built, launch, skinny_many_with, skinny_supported, skinny_wgmma_available, skinny_wgmma_variant, sm90_available, sm90_plan, SkinnyKernel, CudaQ4, GemmKernel, GemvKernel, GemvOptions, Sm90Plan};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -84,45 +84,54 @@ pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>>
     if want("small-m") {
         rows.extend(small_m(device, &mut r)?);
     }
-    // GEMM against cuBLAS (f16 weights of the same shape), and dequantize + cuBLAS.
-    let gemm_shapes: &[(usize, usize)] = if want("gemm") { &[(4096, 11008), (4096, 4096)] } else { &[] };
+    // GEMM against cuBLAS (f16 weights of the same shape): the mma.sync kernel, the wgmma one
+    // with its default plan and with each tile size and split, the wgmma skinny GEMM in tiles.
+    let gemm_shapes: &[(usize, usize)] = if want("gemm") { &[(4096, 11008), (11008, 4096), (4096, 4096)] } else { &[] };
     for &(k, n) in gemm_shapes {
         let one = random_weight(&mut r, n, k, 128);
         let w = CudaQ4::new(&one, device)?;
         let dense = w.dequantize(DType::F16)?;
-        for m in [16usize, 64, 256, 1024, 4096] {
+        for m in [64usize, 256, 512, 1024, 3584, 4096] {
             let x = Tensor::from_vec(random_vec(&mut r, m * k), (m, k), device)?.to_dtype(DType::F16)?;
             let flops = 2.0 * (m * n * k) as f64;
             let iters = (2e12 / flops).clamp(5.0, 200.0) as usize;
+            let (w, x, dense) = (&w, &x, &dense);
+            type Timed<'a> = (String, Box<dyn FnMut(usize) -> Result<()> + 'a>);
             // cuBLAS and the GEMMs in alternation (see time_graphs_interleaved).
-            let mut fs: Vec<Box<dyn FnMut(usize) -> Result<()>>> = vec![
-                Box::new(|_| x.matmul(&dense.t()?).map(|_| ())),
-                Box::new(|_| w.gemm_with(&x, GemmKernel::Sm80).map(|_| ())),
-                Box::new(|_| x.matmul(&w.dequantize(DType::F16)?.t()?).map(|_| ())),
+            let mut fs: Vec<Timed> = vec![
+                ("cublas_f16".into(), Box::new(move |_| x.matmul(&dense.t()?).map(|_| ()))),
+                ("sm80_gemm".into(), Box::new(move |_| w.gemm_with(x, GemmKernel::Sm80).map(|_| ()))),
             ];
             let sm90 = sm90_available(device);
             if sm90 {
-                fs.push(Box::new(|_| w.gemm_with(&x, GemmKernel::Sm90).map(|_| ())));
+                fs.push(("sm90_gemm".into(), Box::new(move |_| w.gemm_with(x, GemmKernel::Sm90).map(|_| ()))));
+                for tokens in [256, 128] {
+                    for splits in 1..=3 {
+                        let plan = Sm90Plan { tokens, splits };
+                        fs.push((format!("sm90 {plan}"), Box::new(move |_| w.gemm_with(x, GemmKernel::Sm90With(plan)).map(|_| ()))));
+                    }
+                }
             }
             // The wgmma skinny GEMM in tiles of 128 tokens, against the GEMMs.
-            let wgs = skinny_wgmma_available(device);
-            if wgs {
+            if skinny_wgmma_available(device) && m <= 1024 {
                 let variant = skinny_wgmma_variant(launch::skinny_slots(m));
-                let (w, x) = (&w, &x);
-                fs.push(Box::new(move |_| skinny_many_with(&[w], x, None, Some(variant)).map(|_| ())));
+                fs.push(("skinny_wgmma".into(), Box::new(move |_| skinny_many_with(&[w], x, None, Some(variant)).map(|_| ()))));
             }
+            let (keys, fs): (Vec<String>, Vec<_>) = fs.into_iter().unzip();
             let t = time_graphs_interleaved(device, 9, iters, fs)?;
-            let (t_cublas, t_w4, t_deq, t_sm90) = (t[0], t[1], t[2], sm90.then(|| t[3]));
-            let t_wgs = wgs.then(|| t[t.len() - 1]);
+            let us: serde_json::Map<String, serde_json::Value> = keys.iter().zip(&t).map(|(key, v)| (key.clone(), serde_json::json!(v * 1e6))).collect();
+            let sms = match device {
+                Device::Cuda(d) => crate::cuda::device_limits(d)?.sms,
+                _ => 1,
+            };
+            let plan = sm90.then(|| sm90_plan(m, w.np, k, sms).to_string());
             rows.push(serde_json::json!({
                 "what": format!("gemm K={k} N={n} M={m} f16"),
-                "skinny_wgmma_over_cublas": t_wgs.map(|t| t_cublas / t),
-                "w4_sm80_mma_tflops": flops / t_w4 / 1e12,
-                "w4_sm90_wgmma_tflops": t_sm90.map(|t| flops / t / 1e12),
-                "sm90_over_cublas": t_sm90.map(|t| t_cublas / t),
-                "cublas_f16_tflops": flops / t_cublas / 1e12,
-                "dequant_cublas_tflops": flops / t_deq / 1e12,
-                "sm80_over_cublas": t_cublas / t_w4,
+                "us": us,
+                "sm90_plan": plan,
+                "cublas_f16_tflops": flops / t[0] / 1e12,
+                "sm90_over_cublas": sm90.then(|| t[0] / t[2]),
+                "sm80_over_cublas": t[0] / t[1],
             }));
         }
     }

@@ -8,7 +8,7 @@ pub mod timing;
 use crate::cuda::{poison, L2Prefetch};
 use crate::linear::QuantLinear;
 use crate::quant::cpu::{Kernel, PackedQ4};
-use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, skinny_capable, skinny_kernels_built, skinny_many, skinny_many_with, skinny_supported, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, GEMV_MAX_TOKENS};
+use crate::quant::cuda::{gemv_many, gemv_many_with, gemv_max_tokens, skinny_capable, skinny_kernels_built, skinny_many, skinny_many_with, skinny_supported, sm90_available, CudaQ4, GemmKernel, GemvKernel, GemvOptions, Sm90Plan, GEMV_MAX_TOKENS, SM90_MAX_SPLITS};
 use crate::quant::{QuantizedWeight, WeightShape};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor};
@@ -157,6 +157,14 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                     t.check(format!("gemm sm80 {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemm_with(&x, GemmKernel::Sm80)?, &want)?, tol(dt));
                     if sm90_available(device) {
                         t.check(format!("gemm sm90 {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&cw.gemm_with(&x, GemmKernel::Sm90)?, &want)?, tol(dt));
+                        // Every tile size and k split (uneven runs of k tiles where they do not divide).
+                        for tokens in [256, 128] {
+                            for splits in (1..=SM90_MAX_SPLITS).filter(|&sp| sp <= k / 64 && m > 8) {
+                                let plan = Sm90Plan { tokens, splits };
+                                let got = cw.gemm_with(&x, GemmKernel::Sm90With(plan))?;
+                                t.check(format!("gemm sm90 {plan} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                            }
+                        }
                     }
                 }
                 if m > gemv_max_tokens(dt) {

@@ -20,11 +20,11 @@ const MODULE: &str = "awq_w4a16";
 /// The Hopper (sm_90a) GEMM; empty unless built for compute capability 9.0.
 const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/w4a16_sm90.ptx"));
 const MODULE_SM90: &str = "awq_w4a16_sm90";
-/// Shared memory of the sm_90 GEMM (SM90_SMEM in w4a16_sm90.cu): 4 stages of activations, weights
-/// and scales, 8 mbarriers, 1024 for alignment.
-const SM90_SMEM: usize = 4 * (SM90_TOKENS * 64 * 2 + 8 * 512 + 128 * 4) + 2 * 4 * 8 + 1024;
-/// Tokens per block of the sm_90 GEMM (SM90_BT in w4a16_sm90.cu).
-const SM90_TOKENS: usize = 256;
+/// Shared memory of the sm_90 GEMM with `tokens` a block (Sm90Smem in w4a16_sm90.cu): 4 stages of
+/// activations, weights and scales, 8 mbarriers, 1024 for alignment.
+fn sm90_smem(tokens: usize) -> usize {
+    4 * (tokens * 64 * 2 + 8 * 512 + 128 * 4) + 2 * 4 * 8 + 1024
+}
 /// Most tokens the GEMV kernel takes on CUDA cores (bf16, f32, or f16 when asked).
 pub const GEMV_MAX_TOKENS: usize = 8;
 /// Most tokens the tensor-core GEMV takes (f16: 8, 16, 32 or 64 token slots).
@@ -263,8 +263,66 @@ const SM90_MIN_TOKENS: usize = 64;
 pub enum GemmKernel {
     /// mma.sync (sm_80 and newer).
     Sm80,
-    /// wgmma (sm_90a, Hopper).
+    /// wgmma (sm_90a, Hopper), its tiles and k splits chosen by [`sm90_plan`].
     Sm90,
+    /// wgmma with the tiles and splits given (self-test and benchmarks).
+    Sm90With(Sm90Plan),
+}
+
+/// How the sm_90 GEMM covers the output: `tokens` (256 or 128) a block, k cut in `splits`
+/// (1 to [`SM90_MAX_SPLITS`]) whose sums the last block of each tile adds in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sm90Plan {
+    pub tokens: usize,
+    pub splits: usize,
+}
+
+impl std::fmt::Display for Sm90Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "t{}/s{}", self.tokens, self.splits)
+    }
+}
+
+/// Most k splits of the sm_90 GEMM (SM90_MAX_SPLITS in w4a16_sm90.cu).
+pub const SM90_MAX_SPLITS: usize = 4;
+
+/// The sm_90 GEMM's plan for `m` tokens of a weight of `np` (padded) rows and `k` columns on a
+/// device of `sms` SMs: the one a simple time model finds fastest. A block of 256 tokens runs
+/// one an SM, of 128 tokens two (half the MMAs per dequantized word: about 15 % more time per
+/// token); the blocks take whole rounds of the SMs; a split costs each block the write of its
+/// sums (about 1.5 k tiles' time for 256 tokens) and the last block the reading of the others'.
+/// `AWQ_RUN_SM90_PLAN=tokens/splits` overrides it (measurements).
+pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize) -> Sm90Plan {
+    if let Some(plan) = sm90_plan_override() {
+        let fits = np.div_ceil(128) * m.div_ceil(plan.tokens) <= MAX_GEMV_BLOCKS;
+        return Sm90Plan { tokens: plan.tokens, splits: if fits { plan.splits.min((k / 64).max(1)) } else { 1 } };
+    }
+    let (row_tiles, ktiles, sms) = (np.div_ceil(128), (k / 64).max(1), sms.max(1) as f64);
+    // The arrival counters bound the tiles of a split launch.
+    let most_splits = if row_tiles * m.div_ceil(128) <= MAX_GEMV_BLOCKS { SM90_MAX_SPLITS.min(ktiles) } else { 1 };
+    let mut best = (f64::INFINITY, Sm90Plan { tokens: 256, splits: 1 });
+    for tokens in [256usize, 128] {
+        let (scale, eff) = (tokens as f64 / 256.0, if tokens == 256 { 1.0 } else { 1.15 });
+        for splits in 1..=most_splits {
+            let blocks = (row_tiles * m.div_ceil(tokens) * splits) as f64;
+            let per_block = ktiles.div_ceil(splits) as f64 * eff + if splits > 1 { 1.5 } else { 0.0 };
+            let time = scale * ((blocks / sms).ceil() * per_block + (splits - 1) as f64 * 1.5);
+            if time < best.0 * 0.999 {
+                best = (time, Sm90Plan { tokens, splits });
+            }
+        }
+    }
+    best.1
+}
+
+fn sm90_plan_override() -> Option<Sm90Plan> {
+    static PLAN: std::sync::OnceLock<Option<Sm90Plan>> = std::sync::OnceLock::new();
+    *PLAN.get_or_init(|| {
+        let v = std::env::var("AWQ_RUN_SM90_PLAN").ok()?;
+        let (t, s) = v.split_once('/')?;
+        let (tokens, splits) = (t.trim().parse().ok()?, s.trim().parse().ok()?);
+        (matches!(tokens, 128 | 256) && (1..=SM90_MAX_SPLITS).contains(&splits)).then_some(Sm90Plan { tokens, splits })
+    })
 }
 
 /// Whether the Hopper kernel can run on `device` (built for compute 9.0, and the device is 9.0).
@@ -474,13 +532,14 @@ struct TensorMap(candle_core::cuda_backend::cudarc::driver::sys::CUtensorMap);
 unsafe impl DeviceRepr for TensorMap {}
 
 impl TensorMap {
-    /// `x` as `m` rows of `k` f16 (k a multiple of 64, x 16-byte aligned), read in 64 x 256 boxes
-    /// with the 128-byte swizzle the kernel's wgmma descriptors expect; rows past `m` read as zeros.
-    fn activations(x: u64, m: usize, k: usize) -> Result<Self> {
+    /// `x` as `m` rows of `k` f16 (k a multiple of 64, x 16-byte aligned), read in 64 x `tokens`
+    /// boxes with the 128-byte swizzle the kernel's wgmma descriptors expect; rows past `m` read as
+    /// zeros.
+    fn activations(x: u64, m: usize, k: usize, tokens: usize) -> Result<Self> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let dims: [u64; 2] = [k as u64, m as u64];
         let strides: [u64; 1] = [(k * 2) as u64];
-        let boxes: [u32; 2] = [64, SM90_TOKENS as u32];
+        let boxes: [u32; 2] = [64, tokens as u32];
         let steps: [u32; 2] = [1, 1];
         let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
         // SAFETY: every pointer is to a live local array of the rank's length; the driver fills `map`.
@@ -537,52 +596,81 @@ impl CustomOp1 for Gemm<'_> {
         let (m, xo) = input_check(self.name(), l, w.shape.k)?;
         let dev = s.device().clone();
         let stream = dev.cuda_stream();
-        let (func, smem, bm) = match self.kernel {
-            GemmKernel::Sm80 => {
-                let wm = gemm_wm(m);
-                (dev.get_or_load_custom_func(&format!("w4_gemm_f16_wm{wm}"), MODULE, PTX)?, gemm_smem(wm), 64 * wm)
-            }
-            GemmKernel::Sm90 => {
-                if PTX_SM90.is_empty() {
-                    candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
-                }
-                (dev.get_or_load_custom_func("w4_gemm_f16_sm90", MODULE_SM90, PTX_SM90)?, SM90_SMEM, SM90_TOKENS)
-            }
+        let plan = match self.kernel {
+            GemmKernel::Sm80 => None,
+            GemmKernel::Sm90 => Some(sm90_plan(m, w.np, w.shape.k, device_limits(&dev)?.sms)),
+            GemmKernel::Sm90With(p) => Some(p),
         };
-        func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-        let cfg = LaunchConfig {
-            grid_dim: (w.np.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (m_, n_, np_, k_, g_) = (m as i32, w.shape.n as i32, w.np as i32, w.shape.k as i32, w.shape.group_size as i32);
         let x = s.as_cuda_slice::<f16>()?.slice(xo..);
         // SAFETY: every element is written by the kernel (or poisoned first).
         let y = unsafe { dev.alloc::<f16>(m * w.shape.n)? };
         poison_buffer(&dev, "f16", &y, m * w.shape.n)?;
         let q = device_ptr(&w.q, &stream)?;
         let sz = device_ptr(&w.sz, &stream)?;
-        let (m_, n_, np_, k_, g_) = (m as i32, w.shape.n as i32, w.np as i32, w.shape.k as i32, w.shape.group_size as i32);
-        let mut b = func.builder();
-        // The Hopper kernel reads X through a TMA tensor map (its first parameter) instead of a pointer.
-        let xmap = match self.kernel {
-            GemmKernel::Sm90 => Some(TensorMap::activations(x.device_ptr(&stream).0, m, w.shape.k)?),
-            GemmKernel::Sm80 => None,
-        };
-        match &xmap {
-            Some(map) => b.arg(map),
-            None => b.arg(&x),
-        };
-        b.arg(&q);
-        b.arg(&sz);
-        b.arg(&y);
-        b.arg(&m_);
-        b.arg(&n_);
-        b.arg(&np_);
-        b.arg(&k_);
-        b.arg(&g_);
-        // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised above;
-        // the tensor map describes x (m rows of k f16, 16-byte aligned: gemm_with copies otherwise).
-        unsafe { b.launch(cfg) }.w()?;
+        match plan {
+            None => {
+                let wm = gemm_wm(m);
+                let func = dev.get_or_load_custom_func(&format!("w4_gemm_f16_wm{wm}"), MODULE, PTX)?;
+                let smem = gemm_smem(wm);
+                func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+                let cfg = LaunchConfig { grid_dim: (w.np.div_ceil(128) as u32, m.div_ceil(64 * wm) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&q);
+                b.arg(&sz);
+                b.arg(&y);
+                b.arg(&m_);
+                b.arg(&n_);
+                b.arg(&np_);
+                b.arg(&k_);
+                b.arg(&g_);
+                // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised above.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Some(plan) => {
+                if PTX_SM90.is_empty() {
+                    candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
+                }
+                let ktiles = w.shape.k / 64;
+                if !matches!(plan.tokens, 128 | 256) || plan.splits == 0 || plan.splits > SM90_MAX_SPLITS.min(ktiles) || (plan.splits > 1 && w.np.div_ceil(128) * m.div_ceil(plan.tokens) > MAX_GEMV_BLOCKS) {
+                    candle_core::bail!("{}: plan {plan}: 128 or 256 tokens, 1 to {} splits (k {}), split only up to {MAX_GEMV_BLOCKS} tiles", self.name(), SM90_MAX_SPLITS.min(ktiles), w.shape.k);
+                }
+                let func = dev.get_or_load_custom_func(&format!("w4_gemm_f16_sm90_t{}", plan.tokens), MODULE_SM90, PTX_SM90)?;
+                let smem = sm90_smem(plan.tokens);
+                func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+                let (row_tiles, token_tiles) = (w.np.div_ceil(128), m.div_ceil(plan.tokens));
+                let tiles = row_tiles * token_tiles;
+                let cfg = LaunchConfig { grid_dim: (row_tiles as u32, token_tiles as u32, plan.splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // Split k: each block's sums, and the per-tile arrival counters (left zeroed by the kernel).
+                // SAFETY: the kernel writes every element of the workspace it reads.
+                let part = if plan.splits > 1 { Some(unsafe { dev.alloc::<f32>(tiles * plan.splits * 128 * plan.tokens)? }) } else { None };
+                let counters = device_ptr(&split_counters(&dev, if plan.splits > 1 { tiles } else { 0 })?, &stream)?;
+                // The kernel reads X through a TMA tensor map (its first parameter) instead of a pointer.
+                let xmap = TensorMap::activations(x.device_ptr(&stream).0, m, w.shape.k, plan.tokens)?;
+                let mut b = func.builder();
+                b.arg(&xmap);
+                b.arg(&q);
+                b.arg(&sz);
+                b.arg(&y);
+                // Unsplit launches never touch the workspace: a null pointer.
+                let null = 0u64;
+                match &part {
+                    Some(p) => b.arg(p),
+                    None => b.arg(&null),
+                };
+                b.arg(&counters);
+                b.arg(&m_);
+                b.arg(&n_);
+                b.arg(&np_);
+                b.arg(&k_);
+                b.arg(&g_);
+                // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised
+                // above; the tensor map describes x (m rows of k f16, 16-byte aligned: gemm_with
+                // copies otherwise); the workspace and counters are sized for the grid.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), out_shape(l, w.shape.n)))
     }
 }
