@@ -269,50 +269,17 @@ pub enum GemmKernel {
     Sm90With(Sm90Plan),
 }
 
-/// How the sm_90 GEMM covers the output: `tokens` (256 or 128) a block, k cut in `splits`
-/// (1 to [`SM90_MAX_SPLITS`]) whose sums the last block of each tile adds in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sm90Plan {
-    pub tokens: usize,
-    pub splits: usize,
-}
-
-impl std::fmt::Display for Sm90Plan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "t{}/s{}", self.tokens, self.splits)
-    }
-}
-
-/// Most k splits of the sm_90 GEMM (SM90_MAX_SPLITS in w4a16_sm90.cu).
-pub const SM90_MAX_SPLITS: usize = 4;
+pub use launch::{Sm90Plan, SM90_MAX_SPLITS};
 
 /// The sm_90 GEMM's plan for `m` tokens of a weight of `np` (padded) rows and `k` columns on a
-/// device of `sms` SMs: the one a simple time model finds fastest. A block of 256 tokens runs
-/// one an SM, of 128 tokens two (half the MMAs per dequantized word: about 15 % more time per
-/// token); the blocks take whole rounds of the SMs; a split costs each block the write of its
-/// sums (about 1.5 k tiles' time for 256 tokens) and the last block the reading of the others'.
-/// `AWQ_RUN_SM90_PLAN=tokens/splits` overrides it (measurements).
+/// device of `sms` SMs ([`launch::sm90_plan`]); `AWQ_RUN_SM90_PLAN=tokens/splits` overrides it
+/// (measurements).
 pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize) -> Sm90Plan {
+    let fits = |tokens: usize| np.div_ceil(128) * m.div_ceil(tokens) <= MAX_GEMV_BLOCKS;
     if let Some(plan) = sm90_plan_override() {
-        let fits = np.div_ceil(128) * m.div_ceil(plan.tokens) <= MAX_GEMV_BLOCKS;
-        return Sm90Plan { tokens: plan.tokens, splits: if fits { plan.splits.min((k / 64).max(1)) } else { 1 } };
+        return Sm90Plan { tokens: plan.tokens, splits: if fits(plan.tokens) { plan.splits.min((k / 64).max(1)) } else { 1 } };
     }
-    let (row_tiles, ktiles, sms) = (np.div_ceil(128), (k / 64).max(1), sms.max(1) as f64);
-    // The arrival counters bound the tiles of a split launch.
-    let most_splits = if row_tiles * m.div_ceil(128) <= MAX_GEMV_BLOCKS { SM90_MAX_SPLITS.min(ktiles) } else { 1 };
-    let mut best = (f64::INFINITY, Sm90Plan { tokens: 256, splits: 1 });
-    for tokens in [256usize, 128] {
-        let (scale, eff) = (tokens as f64 / 256.0, if tokens == 256 { 1.0 } else { 1.15 });
-        for splits in 1..=most_splits {
-            let blocks = (row_tiles * m.div_ceil(tokens) * splits) as f64;
-            let per_block = ktiles.div_ceil(splits) as f64 * eff + if splits > 1 { 1.5 } else { 0.0 };
-            let time = scale * ((blocks / sms).ceil() * per_block + (splits - 1) as f64 * 1.5);
-            if time < best.0 * 0.999 {
-                best = (time, Sm90Plan { tokens, splits });
-            }
-        }
-    }
-    best.1
+    launch::sm90_plan(m, np, k, sms, MAX_GEMV_BLOCKS)
 }
 
 fn sm90_plan_override() -> Option<Sm90Plan> {

@@ -176,6 +176,48 @@ pub fn skinny_wgmma_splits(blocks: usize, ktiles: usize, resident: usize) -> usi
 /// Most k slices of a skinny GEMM launch (SK_MAX_SPLITS in w4a16_skinny.cu).
 pub const SKINNY_MAX_SPLITS: usize = 16;
 
+/// How the sm_90 GEMM (`w4a16_sm90.cu`) covers the output: `tokens` (256 or 128) a block, k cut
+/// in `splits` (1 to [`SM90_MAX_SPLITS`]) whose sums the last block of each tile adds in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sm90Plan {
+    pub tokens: usize,
+    pub splits: usize,
+}
+
+impl std::fmt::Display for Sm90Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "t{}/s{}", self.tokens, self.splits)
+    }
+}
+
+/// Most k splits of the sm_90 GEMM (SM90_MAX_SPLITS in w4a16_sm90.cu).
+pub const SM90_MAX_SPLITS: usize = 4;
+
+/// The sm_90 GEMM's plan for `m` tokens of a weight of `np` (padded) rows and `k` columns on a
+/// device of `sms` SMs, splitting only grids of at most `max_split_tiles` tiles (the arrival
+/// counters): the one a simple time model finds fastest. A block of 256 tokens runs one an SM,
+/// of 128 tokens two (half the MMAs per dequantized word: about 15 % more time per token); the
+/// blocks take whole rounds of the SMs; a split costs each block the write of its sums (about
+/// 1.5 k tiles' time at 256 tokens) and the last block the reading of the others'. At 512 tokens
+/// a 4096-row layer is 64 tiles of 256 tokens: unsplit, half of an H100's 132 SMs idle.
+pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize, max_split_tiles: usize) -> Sm90Plan {
+    let (row_tiles, ktiles, sms) = (np.div_ceil(128), (k / 64).max(1), sms.max(1) as f64);
+    let mut best = (f64::INFINITY, Sm90Plan { tokens: 256, splits: 1 });
+    for tokens in [256usize, 128] {
+        let (scale, eff) = (tokens as f64 / 256.0, if tokens == 256 { 1.0 } else { 1.15 });
+        let most = if row_tiles * m.div_ceil(tokens) <= max_split_tiles { SM90_MAX_SPLITS.min(ktiles) } else { 1 };
+        for splits in 1..=most {
+            let blocks = (row_tiles * m.div_ceil(tokens) * splits) as f64;
+            let per_block = ktiles.div_ceil(splits) as f64 * eff + if splits > 1 { 1.5 } else { 0.0 };
+            let time = scale * ((blocks / sms).ceil() * per_block + (splits - 1) as f64 * 1.5);
+            if time < best.0 * 0.999 {
+                best = (time, Sm90Plan { tokens, splits });
+            }
+        }
+    }
+    best.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +312,22 @@ mod tests {
         assert_eq!(gemv1_launch(344, 32, h100), (4, 1)); // gate and up in one launch
         assert_eq!(gemv1_launch(9, 9, h100), (8, 1)); // SmolLM2 at g = 64: a slice needs a group per warp
         assert_eq!(gemv1_launch(3, 1, 16), (4, 1)); // a tiny GPU
+    }
+
+    #[test]
+    fn sm90_plans_fill_the_sms_and_stay_in_range() {
+        // Prefill at 512 tokens on 132 SMs: a 4096-row layer (64 tiles of 256) is split in two,
+        // an 11008-row one (172 tiles) takes more than two unsplit rounds' worth of blocks.
+        let p = sm90_plan(512, 4096, 4096, 132, 1 << 16);
+        assert!(p.tokens * 128 * p.splits >= 2 * 256 * 128, "{p}");
+        assert_eq!(sm90_plan(4096, 11008, 4096, 132, 1 << 16), Sm90Plan { tokens: 256, splits: 1 });
+        for m in [65usize, 129, 256, 512, 1000, 3584, 4096, 8192] {
+            for (np, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008), (192, 576), (128, 64)] {
+                let p = sm90_plan(m, np, k, 132, 1 << 16);
+                assert!(matches!(p.tokens, 128 | 256) && (1..=SM90_MAX_SPLITS.min(k / 64)).contains(&p.splits), "m={m} np={np} k={k}: {p}");
+                // No split where the counters could not hold the tiles.
+                assert_eq!(sm90_plan(m, np, k, 132, 1).splits, 1);
+            }
+        }
     }
 }
