@@ -106,7 +106,7 @@ pub fn bench(device: &Device, only: &[String]) -> Result<Vec<serde_json::Value>>
             if sm90 {
                 fs.push(("sm90_gemm".into(), Box::new(move |_| w.gemm_with(x, GemmKernel::Sm90).map(|_| ()))));
                 for tokens in [256, 128] {
-                    for splits in 1..=if tokens == 256 { 4 } else { 2 } {
+                    for splits in 1..=3 {
                         let plan = Sm90Plan { tokens, splits };
                         fs.push((format!("sm90 {plan}"), Box::new(move |_| w.gemm_with(x, GemmKernel::Sm90With(plan)).map(|_| ()))));
                     }

@@ -275,9 +275,9 @@ pub use launch::{Sm90Plan, SM90_MAX_SPLITS};
 /// device of `sms` SMs ([`launch::sm90_plan`]); `AWQ_RUN_SM90_PLAN=tokens/splits` overrides it
 /// (measurements).
 pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize) -> Sm90Plan {
+    let fits = |tokens: usize| np.div_ceil(128) * m.div_ceil(tokens) <= MAX_GEMV_BLOCKS;
     if let Some(plan) = sm90_plan_override() {
-        let (tiles, whole) = plan.tiles(m, np, sms);
-        return Sm90Plan { tokens: plan.tokens, splits: if tiles - whole <= MAX_GEMV_BLOCKS { plan.splits.min((k / 64).max(1)) } else { 1 } };
+        return Sm90Plan { tokens: plan.tokens, splits: if fits(plan.tokens) { plan.splits.min((k / 64).max(1)) } else { 1 } };
     }
     launch::sm90_plan(m, np, k, sms, MAX_GEMV_BLOCKS)
 }
@@ -600,23 +600,19 @@ impl CustomOp1 for Gemm<'_> {
                     candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
                 }
                 let ktiles = w.shape.k / 64;
-                let sms = device_limits(&dev)?.sms;
-                let row_tiles = w.np.div_ceil(128);
-                let (tiles, whole) = plan.tiles(m, w.np, sms);
-                let split_tiles = tiles - whole;
-                if !matches!(plan.tokens, 128 | 256) || plan.splits == 0 || plan.splits > SM90_MAX_SPLITS.min(ktiles) || split_tiles > MAX_GEMV_BLOCKS {
-                    candle_core::bail!("{}: plan {plan}: 128 or 256 tokens, 1 to {} splits (k {}), at most {MAX_GEMV_BLOCKS} split tiles", self.name(), SM90_MAX_SPLITS.min(ktiles), w.shape.k);
+                if !matches!(plan.tokens, 128 | 256) || plan.splits == 0 || plan.splits > SM90_MAX_SPLITS.min(ktiles) || (plan.splits > 1 && w.np.div_ceil(128) * m.div_ceil(plan.tokens) > MAX_GEMV_BLOCKS) {
+                    candle_core::bail!("{}: plan {plan}: 128 or 256 tokens, 1 to {} splits (k {}), split only up to {MAX_GEMV_BLOCKS} tiles", self.name(), SM90_MAX_SPLITS.min(ktiles), w.shape.k);
                 }
                 let func = dev.get_or_load_custom_func(&format!("w4_gemm_f16_sm90_t{}", plan.tokens), MODULE_SM90, PTX_SM90)?;
                 let smem = sm90_smem(plan.tokens);
                 func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-                let blocks = whole + split_tiles * plan.splits;
-                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
-                // The split tiles' sums, and their arrival counters (left zeroed by the kernel).
+                let (row_tiles, token_tiles) = (w.np.div_ceil(128), m.div_ceil(plan.tokens));
+                let tiles = row_tiles * token_tiles;
+                let cfg = LaunchConfig { grid_dim: (row_tiles as u32, token_tiles as u32, plan.splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // Split k: each block's sums, and the per-tile arrival counters (left zeroed by the kernel).
                 // SAFETY: the kernel writes every element of the workspace it reads.
-                let part = if split_tiles > 0 { Some(unsafe { dev.alloc::<f32>(split_tiles * plan.splits * 128 * plan.tokens)? }) } else { None };
-                let counters = device_ptr(&split_counters(&dev, split_tiles)?, &stream)?;
-                let (rt_, whole_, splits_) = (row_tiles as i32, whole as i32, plan.splits as i32);
+                let part = if plan.splits > 1 { Some(unsafe { dev.alloc::<f32>(tiles * plan.splits * 128 * plan.tokens)? }) } else { None };
+                let counters = device_ptr(&split_counters(&dev, if plan.splits > 1 { tiles } else { 0 })?, &stream)?;
                 // The kernel reads X through a TMA tensor map (its first parameter) instead of a pointer.
                 let xmap = TensorMap::activations(x.device_ptr(&stream).0, m, w.shape.k, plan.tokens)?;
                 let mut b = func.builder();
@@ -636,9 +632,6 @@ impl CustomOp1 for Gemm<'_> {
                 b.arg(&np_);
                 b.arg(&k_);
                 b.arg(&g_);
-                b.arg(&rt_);
-                b.arg(&whole_);
-                b.arg(&splits_);
                 // SAFETY: buffer sizes match m, n, np, k and g; the shared memory limit was raised
                 // above; the tensor map describes x (m rows of k f16, 16-byte aligned: gemm_with
                 // copies otherwise); the workspace and counters are sized for the grid.

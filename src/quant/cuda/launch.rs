@@ -176,9 +176,8 @@ pub fn skinny_wgmma_splits(blocks: usize, ktiles: usize, resident: usize) -> usi
 /// Most k slices of a skinny GEMM launch (SK_MAX_SPLITS in w4a16_skinny.cu).
 pub const SKINNY_MAX_SPLITS: usize = 16;
 
-/// How the sm_90 GEMM (`w4a16_sm90.cu`) covers the output: `tokens` (256 or 128) a block, and k
-/// cut in `splits` (1 to [`SM90_MAX_SPLITS`]) for the tiles of the last round over the SMs (all
-/// tiles when they are fewer than the SMs), whose sums the last block of each tile adds in order.
+/// How the sm_90 GEMM (`w4a16_sm90.cu`) covers the output: `tokens` (256 or 128) a block, k cut
+/// in `splits` (1 to [`SM90_MAX_SPLITS`]) whose sums the last block of each tile adds in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sm90Plan {
     pub tokens: usize,
@@ -191,15 +190,6 @@ impl std::fmt::Display for Sm90Plan {
     }
 }
 
-impl Sm90Plan {
-    /// `(tiles, whole tiles)` for `m` tokens of `np` rows on `sms` SMs: with splits, the tiles of
-    /// the last round over the SMs are split and the rest are whole.
-    pub fn tiles(&self, m: usize, np: usize, sms: usize) -> (usize, usize) {
-        let tiles = np.div_ceil(128) * m.div_ceil(self.tokens);
-        (tiles, if self.splits > 1 { tiles - tiles % sms.max(1) } else { tiles })
-    }
-}
-
 /// Most k splits of the sm_90 GEMM (SM90_MAX_SPLITS in w4a16_sm90.cu).
 pub const SM90_MAX_SPLITS: usize = 4;
 
@@ -208,9 +198,9 @@ pub const SM90_MAX_SPLITS: usize = 4;
 /// a time model fitted to an H100 (BENCHMARKS.md, session 22) finds fastest. Time in units of one
 /// 256-token block's k tile (about 0.84 µs): whole rounds of blocks over the SMs, each block its k
 /// tiles plus 2 (its start and end); a 128-token block runs alone about 1.6 times slower per token
-/// (two share an SM); the split tiles' sums cost their write and read, 8 bytes per output and
-/// split, at about 3 TB/s. So the 64 tiles of a 4096-row layer at 512 tokens split in two, and of
-/// 11008 rows' 172 tiles the 40 of the second round split in three.
+/// (two share an SM); the split sums cost their write and read, 8 bytes per output and split, at
+/// about 3 TB/s. Splits only where the tiles are fewer than the SMs (measured: where they are
+/// not, every split lost), so the 64 tiles of a 4096-row layer at 512 tokens split in two.
 pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize, max_split_tiles: usize) -> Sm90Plan {
     const UNIT_US: f64 = 0.84;
     const BYTES_PER_US: f64 = 3e6;
@@ -218,20 +208,14 @@ pub fn sm90_plan(m: usize, np: usize, k: usize, sms: usize, max_split_tiles: usi
     let mut best = (f64::INFINITY, Sm90Plan { tokens: 256, splits: 1 });
     for tokens in [256usize, 128] {
         let (scale, eff) = (tokens as f64 / 256.0, if tokens == 256 { 1.0 } else { 1.6 });
-        for splits in 1..=SM90_MAX_SPLITS.min(ktiles) {
-            let plan = Sm90Plan { tokens, splits };
-            let (tiles, whole) = plan.tiles(m, np, sms);
-            let tail = tiles - whole;
-            if splits > 1 && (tail == 0 || tail > max_split_tiles) {
-                continue;
-            }
-            let rounds = |blocks: usize| blocks.div_ceil(sms.max(1)) as f64;
-            let whole_time = rounds(whole) * scale * (ktiles as f64 * eff + 2.0);
-            let tail_time = rounds(tail * splits) * scale * (ktiles.div_ceil(splits) as f64 * eff + 2.0);
-            let traffic = if splits > 1 { (splits * tail * tokens * 128 * 8) as f64 / (BYTES_PER_US * UNIT_US) } else { 0.0 };
-            let time = whole_time + tail_time + traffic;
+        let tiles = np.div_ceil(128) * m.div_ceil(tokens);
+        let most = if tiles < sms && tiles <= max_split_tiles { SM90_MAX_SPLITS.min(ktiles) } else { 1 };
+        for splits in 1..=most {
+            let rounds = (tiles * splits).div_ceil(sms.max(1)) as f64;
+            let traffic = if splits > 1 { (splits * tiles * tokens * 128 * 8) as f64 / (BYTES_PER_US * UNIT_US) } else { 0.0 };
+            let time = rounds * scale * (ktiles.div_ceil(splits) as f64 * eff + 2.0) + traffic;
             if time < best.0 * 0.999 {
-                best = (time, plan);
+                best = (time, Sm90Plan { tokens, splits });
             }
         }
     }
@@ -337,10 +321,10 @@ mod tests {
     #[test]
     fn sm90_plans_fill_the_sms_and_stay_in_range() {
         // Prefill at 512 tokens on 132 SMs: a 4096-row layer (64 tiles of 256) is split in two,
-        // an 11008-row one (172 tiles) takes more than two unsplit rounds' worth of blocks.
+        // as is the 11008-wide down projection's; an 11008-row one (172 tiles) is not split.
         assert_eq!(sm90_plan(512, 4096, 4096, 132, 1 << 16), Sm90Plan { tokens: 256, splits: 2 });
-        let p = sm90_plan(512, 11008, 4096, 132, 1 << 16);
-        assert_eq!((p, p.tiles(512, 11008, 132)), (Sm90Plan { tokens: 256, splits: 3 }, (172, 132)));
+        assert_eq!(sm90_plan(512, 11008, 4096, 132, 1 << 16), Sm90Plan { tokens: 256, splits: 1 });
+        assert_eq!(sm90_plan(512, 4096, 11008, 132, 1 << 16), Sm90Plan { tokens: 256, splits: 2 });
         assert_eq!(sm90_plan(1024, 4096, 4096, 132, 1 << 16), Sm90Plan { tokens: 256, splits: 1 });
         for m in [65usize, 129, 256, 512, 1000, 3584, 4096, 8192] {
             for (np, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008), (192, 576), (128, 64)] {

@@ -18,14 +18,12 @@
 // per k tile, 128 tokens, two blocks per SM) on an H100: the barrier-free pipeline +5 %, 256-token
 // tiles (half the dequantization per MMA) +17 %: 0.81-0.83x cuBLAS at M = 4096 (BENCHMARKS.md).
 //
-// Filling the GPU. One block of 128 rows x 256 tokens an SM leaves SMs idle where the tiles are
-// few, or where the last round of tiles is short: at 512 tokens a 4096-row layer is 64 tiles on
-// 132 SMs, an 11008-row one 132 + 40. So the host may choose 128-token tiles (two blocks an SM)
-// and split k for the tiles of the last round (all of them when they are fewer than the SMs):
-// the grid is one dimension, the first `full_tiles` blocks whole tiles, then `splits` blocks a
-// tile, each taking a contiguous run of k tiles. A split block writes its f32 sums to `part`, and
-// the last block of a tile to arrive (a counter per tile) adds the splits' sums in split order,
-// so the result does not depend on which block came last, and leaves the counter at zero.
+// Filling the GPU. One block of 128 rows x 256 tokens an SM leaves most SMs idle where the tiles
+// are few: at 512 tokens a 4096-row layer is 64 tiles on 132 SMs. So the host may choose 128-token
+// tiles (two blocks an SM) and split k over gridDim.z: each block of a split takes a contiguous
+// run of k tiles, writes its f32 sums to `part`, and the last block of a tile to arrive (a counter
+// per tile) adds the splits' sums in split order, so the result does not depend on which block
+// came last, and leaves the counter at zero for the next launch.
 #include <cuda.h>
 #include "common.cuh"
 #include "w4_dequant.cuh"
@@ -82,14 +80,12 @@ __device__ __forceinline__ void bulk_1d(uint32_t dst, const void* src, uint32_t 
 }
 
 // xmap: X as a 2D f16 tensor (k columns, m rows), 64 x BT boxes, 128-byte swizzle (kernels.rs).
-// Tile t (of row_tiles x token tiles, row tile fastest) is block t for t < full_tiles; each later
-// tile is `splits` consecutive blocks (splits at most SM90_MAX_SPLITS and the k tiles); then
-// `part` holds (tiles - full_tiles) * splits * 128 * BT floats and `counters` one zero per such
-// tile.
+// With gridDim.z > 1 (at most SM90_MAX_SPLITS, at most the k tiles), `part` holds
+// gridDim.x * gridDim.y * gridDim.z * 128 * BT floats and `counters` one zero per tile.
 template <int BT>
 __device__ __forceinline__ void w4_gemm_sm90(const CUtensorMap* xmap, const uint4* __restrict__ q, const __half2* __restrict__ sz,
                                              __half* __restrict__ y, float* __restrict__ part, unsigned int* __restrict__ counters,
-                                             int m, int n, int np, int k, int g, int row_tiles, int full_tiles, int splits) {
+                                             int m, int n, int np, int k, int g) {
     using L = Sm90Smem<BT>;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
@@ -97,13 +93,10 @@ __device__ __forceinline__ void w4_gemm_sm90(const CUtensorMap* xmap, const uint
     uint8_t* base_ptr = smem_raw + (base - raw);
     const uint32_t bar0 = base + L::BAR0;  // full[stage], then empty[stage]
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // This block's tile, and its split z of nsplit (the k tiles [kt0, kt0 + nk)).
-    const int b = blockIdx.x, split_b = b - full_tiles;
-    const int tile = split_b < 0 ? b : full_tiles + split_b / splits;
-    const int nsplit = split_b < 0 ? 1 : splits, z = split_b < 0 ? 0 : split_b % splits;
-    const int bn = tile % row_tiles, bt = tile / row_tiles;
+    const int bn = blockIdx.x, bt = blockIdx.y;
     const int nunits = np >> 6;
-    const int ktiles = k / SM90_BK;
+    // This block's k tiles [kt0, kt0 + nk): split z of gridDim.z.
+    const int ktiles = k / SM90_BK, nsplit = gridDim.z, z = blockIdx.z;
     const int kt0 = ktiles * z / nsplit, nk = ktiles * (z + 1) / nsplit - kt0;
     if (tid == 0) {
         for (int s = 0; s < SM90_STAGES; s++) {
@@ -185,27 +178,27 @@ __device__ __forceinline__ void w4_gemm_sm90(const CUtensorMap* xmap, const uint
     }
 
     if (nsplit > 1) {
-        // This split's sums, element i of thread tid at ((st * nsplit + z) * BT / 2 + i) * 256 + tid
-        // for split tile st (a warp's stores of one i are 128 contiguous bytes).
-        const size_t st = (size_t)(tile - full_tiles);
-        float* mine = part + (st * nsplit + z) * (BT / 2) * 256 + tid;
+        // This split's sums, element i of thread tid at ((tile * nsplit + z) * BT / 2 + i) * 256 + tid
+        // (a warp's stores of one i are 128 contiguous bytes).
+        const size_t tile = (size_t)bt * gridDim.x + bn;
+        float* mine = part + (tile * nsplit + z) * (BT / 2) * 256 + tid;
 #pragma unroll
         for (int i = 0; i < BT / 2; i++) mine[i * 256] = acc[i];
         __threadfence();
         __shared__ bool last;
         __syncthreads();
-        if (tid == 0) last = atomicAdd(&counters[st], 1u) == (unsigned)nsplit - 1;
+        if (tid == 0) last = atomicAdd(&counters[tile], 1u) == (unsigned)nsplit - 1;
         __syncthreads();
         if (!last) return;
         __threadfence();
         // Every split's sums, its own included, in split order (few registers: acc is rewritten).
-        const float* all = part + st * nsplit * (BT / 2) * 256 + tid;
+        const float* all = part + tile * nsplit * (BT / 2) * 256 + tid;
 #pragma unroll
         for (int i = 0; i < BT / 2; i++) acc[i] = __ldcg(all + i * 256);
         for (int j = 1; j < nsplit; j++)
 #pragma unroll
             for (int i = 0; i < BT / 2; i++) acc[i] += __ldcg(all + ((size_t)j * (BT / 2) + i) * 256);
-        if (tid == 0) counters[st] = 0;  // ready for the next launch
+        if (tid == 0) counters[tile] = 0;  // ready for the next launch
     }
 
     // acc[4j + e]: weight row r0 (e < 2) or r1, token 8j + 2t + (e & 1).
@@ -225,9 +218,8 @@ __device__ __forceinline__ void w4_gemm_sm90(const CUtensorMap* xmap, const uint
     extern "C" __global__ void __launch_bounds__(256, MINB)                                                          \
         w4_gemm_f16_sm90_t##BT(const __grid_constant__ CUtensorMap xmap, const uint4* __restrict__ q,                \
                                const __half2* __restrict__ sz, __half* __restrict__ y, float* __restrict__ part,     \
-                               unsigned int* __restrict__ counters, int m, int n, int np, int k, int g,             \
-                               int row_tiles, int full_tiles, int splits) {                                         \
-        w4_gemm_sm90<BT>(&xmap, q, sz, y, part, counters, m, n, np, k, g, row_tiles, full_tiles, splits);           \
+                               unsigned int* __restrict__ counters, int m, int n, int np, int k, int g) {           \
+        w4_gemm_sm90<BT>(&xmap, q, sz, y, part, counters, m, n, np, k, g);                                          \
     }
 SM90_ENTRY(256, 1)
 SM90_ENTRY(128, 2)
