@@ -286,9 +286,14 @@ fn sm90_plan_override() -> Option<Sm90Plan> {
     static PLAN: std::sync::OnceLock<Option<Sm90Plan>> = std::sync::OnceLock::new();
     *PLAN.get_or_init(|| {
         let v = std::env::var("AWQ_RUN_SM90_PLAN").ok()?;
-        let (t, s) = v.split_once('/')?;
-        let (tokens, splits) = (t.trim().parse().ok()?, s.trim().parse().ok()?);
-        (matches!(tokens, 128 | 256) && (1..=SM90_MAX_SPLITS).contains(&splits)).then_some(Sm90Plan { tokens, splits })
+        let plan = v.split_once('/').and_then(|(t, s)| Some(Sm90Plan { tokens: t.trim().parse().ok()?, splits: s.trim().parse().ok()? }));
+        match plan {
+            Some(p) if matches!(p.tokens, 128 | 256) && (1..=SM90_MAX_SPLITS).contains(&p.splits) => Some(p),
+            _ => {
+                eprintln!("warning: AWQ_RUN_SM90_PLAN={v} ignored: expected TOKENS/SPLITS, tokens 128 or 256, splits 1 to {SM90_MAX_SPLITS}");
+                None
+            }
+        }
     })
 }
 
