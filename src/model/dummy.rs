@@ -4,7 +4,7 @@ use super::config::{Config, RopeScaling};
 use super::llama::{load_dense, Model};
 use crate::error::{Error, Result};
 use crate::linear::{Linear, QuantLinear};
-use crate::quant::{QuantizedWeight, WeightShape};
+use crate::quant::{QuantScheme, QuantizedWeight, WeightShape};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -84,16 +84,15 @@ fn random_q4(out_f: usize, in_f: usize, g: usize, bias: Option<Tensor>, dtype: D
 
 /// A random model of `cfg`'s shape; `w4` makes every decoder linear 4-bit with group size `g`.
 pub fn dummy_model(cfg: &Config, w4: bool, g: usize, dtype: DType, device: &Device) -> Result<Model> {
-    // Every decoder linear reads hidden_size or intermediate_size columns, in whole groups.
+    // Every decoder linear reads hidden_size or intermediate_size columns, in whole groups: the
+    // quantizer's own check, for one layer of each width.
     if w4 {
-        let widths = [cfg.hidden_size, cfg.intermediate_size];
-        if g == 0 || widths.iter().any(|w| w % g != 0) {
-            return Err(Error::msg(format!(
-                "--group-size {g}: must divide the layers' input widths (hidden_size {}, intermediate_size {}); {} do",
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                [32usize, 64, 128].iter().filter(|&&c| widths.iter().all(|w| w % c == 0)).map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
-            )));
+        if g == 0 {
+            return Err(Error::msg("--group-size 0: dummy 4-bit layers need groups (32, 64 or 128 columns)"));
+        }
+        let scheme = QuantScheme::new(4, g)?;
+        for (name, width) in [("self_attn.q_proj", cfg.hidden_size), ("mlp.down_proj", cfg.intermediate_size)] {
+            scheme.check_layer(name, width).map_err(|e| Error::msg(format!("--group-size {g}: {e}")))?;
         }
     }
     let vb = dummy_var_builder(cfg, dtype, device);

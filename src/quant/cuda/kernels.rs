@@ -605,14 +605,14 @@ impl CustomOp1 for Gemm<'_> {
                     candle_core::bail!("{}: this build has no sm_90 kernels (CUDA_COMPUTE_CAP=90)", self.name());
                 }
                 let ktiles = w.shape.k / 64;
-                if !matches!(plan.tokens, 128 | 256) || plan.splits == 0 || plan.splits > SM90_MAX_SPLITS.min(ktiles) || (plan.splits > 1 && w.np.div_ceil(128) * m.div_ceil(plan.tokens) > MAX_GEMV_BLOCKS) {
+                let (row_tiles, token_tiles) = (w.np.div_ceil(128), m.div_ceil(plan.tokens.max(1)));
+                let tiles = row_tiles * token_tiles;
+                if !matches!(plan.tokens, 128 | 256) || plan.splits == 0 || plan.splits > SM90_MAX_SPLITS.min(ktiles) || (plan.splits > 1 && tiles > MAX_GEMV_BLOCKS) {
                     candle_core::bail!("{}: plan {plan}: 128 or 256 tokens, 1 to {} splits (k {}), split only up to {MAX_GEMV_BLOCKS} tiles", self.name(), SM90_MAX_SPLITS.min(ktiles), w.shape.k);
                 }
                 let func = dev.get_or_load_custom_func(&format!("w4_gemm_f16_sm90_t{}", plan.tokens), MODULE_SM90, PTX_SM90)?;
                 let smem = sm90_smem(plan.tokens);
                 func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-                let (row_tiles, token_tiles) = (w.np.div_ceil(128), m.div_ceil(plan.tokens));
-                let tiles = row_tiles * token_tiles;
                 let cfg = LaunchConfig { grid_dim: (row_tiles as u32, token_tiles as u32, plan.splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
                 // Split k: each block's sums, and the per-tile arrival counters (left zeroed by the kernel).
                 // SAFETY: the kernel writes every element of the workspace it reads.
