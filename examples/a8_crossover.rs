@@ -42,7 +42,7 @@ fn main() {
             next.set((next.get() + 1) % copies);
             &ws[next.get()]
         };
-        for m in [1usize, 2, 4, 6, 8, 12, 16] {
+        for m in [1usize, 2, 4, 8, 12, 16, 24, 32, 48] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let (gemv_acts, gemm_acts) = (QuantizedActs::new(&x, m, k, false), QuantizedActs::new(&x, m, k, true));
             let gemv = median_us(&|| {

@@ -6,9 +6,10 @@
 //! tokens it is better to put **rows** across the vector. Each thread takes panels of
 //! [`PANEL_ROWS`] output rows, unpacks their 4-bit codes once into `vpdpbusd`'s operand layout (a
 //! 64-byte vector holds 4 consecutive codes of each of 16 rows, as unsigned bytes), and then runs
-//! every token of the call against the panel, [`TOKENS`] at a time: per 4 inputs, one broadcast of
-//! the token's 4 int8 activations and one `vpdpbusd` per 16 rows. Per 32-block the integer sums of
-//! each (row, token) are converted once and scaled by the row's group scale times the block's
+//! every token of the call against the panel, [`TOKENS`] at a time: chunk by chunk the panel's
+//! codes sit in registers while each token of the block brings, per 4 inputs, one broadcast of its
+//! 4 int8 activations and one `vpdpbusd` per 16 rows. Per 32-block the integer sums of each
+//! (row, token) are converted once and scaled by the row's group scale times the block's
 //! activation scale, and the zero point's share subtracted (`s·z` times the block's `d·Σq`) — 4
 //! float operations per 8 `vpdpbusd`. The panel (32 rows × k codes) stays in L1/L2 while the
 //! tokens stream past it.
@@ -18,8 +19,9 @@ use super::{pool, PackedQ4, RowMap};
 
 /// Output rows of one panel (two 16-lane vectors).
 pub const PANEL_ROWS: usize = 32;
-/// Tokens that share one pass over a panel's codes.
-pub const TOKENS: usize = 6;
+/// Tokens that meet a panel's codes, held in registers, chunk by chunk (their float sums stay
+/// in L1: 4 KiB).
+pub const TOKENS: usize = 32;
 
 /// Whether this CPU runs the GEMM (AVX-512 with VNNI and byte/word instructions).
 pub fn available() -> bool {
@@ -117,14 +119,7 @@ pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let out = Out { y: y_ptr, n, r0: p * PANEL_ROWS, rows: panel.rows };
-                    match tile {
-                        1 => x86::tile::<1>(&panel, acts, t0, gsize / 32, &out),
-                        2 => x86::tile::<2>(&panel, acts, t0, gsize / 32, &out),
-                        3 => x86::tile::<3>(&panel, acts, t0, gsize / 32, &out),
-                        4 => x86::tile::<4>(&panel, acts, t0, gsize / 32, &out),
-                        5 => x86::tile::<5>(&panel, acts, t0, gsize / 32, &out),
-                        _ => x86::tile::<6>(&panel, acts, t0, gsize / 32, &out),
-                    }
+                    x86::block(&panel, acts, t0, tile, gsize / 32, &out);
                 }
                 t0 += tile;
             }
@@ -144,7 +139,7 @@ struct Out {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Out, Panel, QuantizedActs, PANEL_ROWS};
+    use super::{Out, Panel, QuantizedActs, PANEL_ROWS, TOKENS};
     use std::arch::x86_64::*;
 
     /// Writes `codes` in [`Panel`]'s layout from 32 rows of packed codes (`k / 2` bytes each,
@@ -209,45 +204,54 @@ mod x86 {
         _mm512_shuffle_i32x4::<0x88>(x, y)
     }
 
-    /// Tokens `t0 .. t0 + T` against one panel; `cpg` chunks per group.
+    /// Tokens `t0 .. t0 + tb` (`tb` ≤ [`TOKENS`]) against one panel; `cpg` chunks per group.
+    ///
+    /// Chunk by chunk, the panel's 16 code vectors of the chunk are loaded once into registers
+    /// and every token of the block meets them: 8 broadcasts of its 4-byte pieces, 16
+    /// `vpdpbusd`, then the float update of its 32 sums (kept in `acc`, on the stack: a token's
+    /// two vectors are read and written once per chunk, which the load/store units absorb).
+    /// Holding the codes rather than the tokens' sums in registers is what keeps the integer
+    /// units busy: with a few tokens' sums held instead, the compiler ran out of registers and
+    /// moved the broadcasts through the stack.
     ///
     /// # Safety
     /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; the output columns of the panel
     /// belong to the caller.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile<const T: usize>(p: &Panel, acts: &QuantizedActs, t0: usize, cpg: usize, out: &Out) {
+    pub(super) unsafe fn block(p: &Panel, acts: &QuantizedActs, t0: usize, tb: usize, cpg: usize, out: &Out) {
+        debug_assert!(tb <= TOKENS);
         let chunks = acts.k / 32;
-        let mut acc = [[_mm512_setzero_ps(); 2]; T];
-        let mut xq = [std::ptr::null::<i8>(); T];
-        for (t, x) in xq.iter_mut().enumerate() {
-            *x = acts.token(t0 + t).as_ptr();
-        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; TOKENS];
+        // Per token: its int8 values, and per 32-block its scale `d` and `d·Σq`.
+        let (stride, bstride) = (acts.pairs * 64, acts.pairs * 2);
+        let xq = acts.q.as_ptr().add(t0 * stride);
+        let ds = acts.block_scales.as_ptr().add(t0 * bstride);
+        let bs = acts.block_sums.as_ptr().add(t0 * bstride);
         let codes = p.codes.as_ptr();
         for c in 0..chunks {
-            let mut sums = [[_mm512_setzero_si512(); 2]; T];
             let wc = codes.add(c * 8 * PANEL_ROWS);
-            for s in 0..8 {
-                let w0 = _mm512_loadu_si512(wc.add(s * PANEL_ROWS) as *const __m512i);
-                let w1 = _mm512_loadu_si512(wc.add(s * PANEL_ROWS + 16) as *const __m512i);
-                for t in 0..T {
-                    let x = _mm512_set1_epi32((xq[t].add(c * 32 + 4 * s) as *const i32).read_unaligned());
-                    sums[t][0] = _mm512_dpbusd_epi32(sums[t][0], w0, x);
-                    sums[t][1] = _mm512_dpbusd_epi32(sums[t][1], w1, x);
-                }
+            let mut w = [_mm512_setzero_si512(); 16];
+            for (i, w) in w.iter_mut().enumerate() {
+                *w = _mm512_loadu_si512(wc.add(i * 16) as *const __m512i);
             }
             let g = c / cpg;
-            for h in 0..2 {
-                let sc = _mm512_loadu_ps(p.scales.as_ptr().add(g * PANEL_ROWS + 16 * h));
-                let sz = _mm512_loadu_ps(p.zeros.as_ptr().add(g * PANEL_ROWS + 16 * h));
-                for t in 0..T {
-                    let d = _mm512_set1_ps(acts.block_scale(t0 + t, c));
-                    let bs = _mm512_set1_ps(*acts.token_block_sums(t0 + t).get_unchecked(c));
-                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t][h]), _mm512_mul_ps(sc, d), acc[t][h]);
-                    acc[t][h] = _mm512_fnmadd_ps(sz, bs, acc[t][h]);
+            let sc = [_mm512_loadu_ps(p.scales.as_ptr().add(g * PANEL_ROWS)), _mm512_loadu_ps(p.scales.as_ptr().add(g * PANEL_ROWS + 16))];
+            let sz = [_mm512_loadu_ps(p.zeros.as_ptr().add(g * PANEL_ROWS)), _mm512_loadu_ps(p.zeros.as_ptr().add(g * PANEL_ROWS + 16))];
+            for (t, acc) in acc.iter_mut().enumerate().take(tb) {
+                let x = xq.add(t * stride + c * 32) as *const i32;
+                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for s in 0..8 {
+                    let b = _mm512_set1_epi32(x.add(s).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, w[2 * s], b);
+                    s1 = _mm512_dpbusd_epi32(s1, w[2 * s + 1], b);
                 }
+                let d = _mm512_set1_ps(*ds.add(t * bstride + c));
+                let zb = _mm512_set1_ps(*bs.add(t * bstride + c));
+                acc[0] = _mm512_fnmadd_ps(sz[0], zb, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(sc[0], d), acc[0]));
+                acc[1] = _mm512_fnmadd_ps(sz[1], zb, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(sc[1], d), acc[1]));
             }
         }
-        for (t, a) in acc.iter().enumerate() {
+        for (t, a) in acc.iter().enumerate().take(tb) {
             for (h, v) in a.iter().enumerate() {
                 let first = 16 * h;
                 if first >= out.rows {

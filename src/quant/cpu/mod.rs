@@ -125,9 +125,11 @@ pub const GEMM_MIN_TOKENS: usize = 8;
 /// the vector, a panel of weights unpacked once for every token) instead of the GEMV. Measured on
 /// the 2-core EPYC VM at SmolLM2's shapes with the weights read from memory, as in a model
 /// (`cargo run --release --example a8_crossover`), since the GEMV prefetches its next rows
-/// (session 14): the GEMM is 0.68–0.87× the GEMV at 8 tokens, 0.78–1.08× at 12 and 0.88–1.29× at
-/// 16 (before the prefetch it was already ahead at 8: 1.04–1.12×).
-pub const A8_GEMM_MIN_TOKENS: usize = 16;
+/// (session 14). With the GEMM's codes held in registers across its tokens (session 23), two runs:
+/// the GEMM is 0.63–0.94× the GEMV at 16 tokens, 0.79–1.26× at 24 (ahead on three shapes of
+/// four) and 0.88–1.30× at 32; below 16 its unpacking of every panel, once per call, costs more
+/// than the GEMV's passes of eight tokens.
+pub const A8_GEMM_MIN_TOKENS: usize = 24;
 
 /// Tokens at or above which a W4A8 call goes to the exact blocked GEMM instead (where the W4A8
 /// GEMM does not run): on the 2-core
