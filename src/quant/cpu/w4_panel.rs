@@ -8,6 +8,9 @@
 //! conversion, three float operations and (at several tokens) horizontal sums, and ran at about a
 //! third of the integer units' rate; this one reads the same bytes.
 //!
+//! With AVX-512 and `PAIR_MIN_TOKENS` tokens or more, two panels go through 512-bit vectors
+//! together (lanes 0–7 one panel's rows, 8–15 the other's), the same operations lane for lane.
+//!
 //! Same arithmetic as [`super::w4a8`]: identical integer sums, float sums in another order.
 //! Activations in the 4-bit kernels' order (see [`super::acts::pair_slot`]): a chunk's 4-byte
 //! pieces are contiguous in it too.
@@ -18,6 +21,13 @@ use crate::quant::format::panel::{PanelQ4, PANEL_ROWS};
 
 /// Tokens that share one pass over a panel's codes.
 const TOKENS: usize = 8;
+
+/// Tokens from which AVX-512 CPUs take two panels at a time (see [`matmul_acts`]). Below it
+/// the call waits on memory, not on instructions, and one panel at a time (one stream of codes,
+/// the next panel prefetched) is faster. Measured on the 2-core EPYC VM, SmolLM2's shapes,
+/// weights read from memory, two alternated rounds (µs, one panel → pairs): 1 token 14–53 →
+/// 16–73, 2 tokens about even, 4 mixed, 6 tokens 33–100 → 27–92, 8 tokens 34–157 → 27–119.
+const PAIR_MIN_TOKENS: usize = 6;
 
 /// Whether the panel kernel runs `ws` on `path`: an x86 SIMD path, whole panels of rows, and
 /// not turned off with `AWQ_RUN_W4_PANELS=0` (to compare with the row-major kernel).
@@ -38,22 +48,33 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
         starts.push(starts.last().unwrap() + w.shape.n);
     }
     let n = *starts.last().unwrap();
+    // Every weight is whole panels, so rows r .. r + 8 (r a multiple of 8) are one panel.
+    let panel_at = |r: usize| {
+        let wi = starts.partition_point(|&s| s <= r) - 1;
+        let pq = panels[wi];
+        let p = (r - starts[wi]) / PANEL_ROWS;
+        (pq.panel_codes(p), pq.panel_sz(p), pq.group_size / 32)
+    };
+    // With AVX-512 and several tokens, two panels at a time (16 rows across a 512-bit vector:
+    // half the instructions of two passes over 256-bit ones; the panels may belong to two
+    // weights). See PAIR_MIN_TOKENS for where that pays.
+    let pairs = path == A8Path::Avx512Vnni && m >= PAIR_MIN_TOKENS;
+    let block = if pairs { 2 * PANEL_ROWS } else { PANEL_ROWS };
     super::par_output_blocks(
         m,
         n,
-        PANEL_ROWS,
+        block,
         || (),
         |_, rows, out| {
-            // Every weight is whole panels, so a block of eight rows is one panel of one weight.
-            let wi = starts.partition_point(|&s| s <= rows.start) - 1;
-            let pq = panels[wi];
-            let p = (rows.start - starts[wi]) / PANEL_ROWS;
-            let (codes, sz) = (pq.panel_codes(p), pq.panel_sz(p));
-            let mut y = [[0f32; PANEL_ROWS]; TOKENS];
+            let mut y = [[0f32; 2 * PANEL_ROWS]; TOKENS];
+            let (a, b) = (panel_at(rows.start), (rows.len() > PANEL_ROWS).then(|| panel_at(rows.start + PANEL_ROWS)));
             let mut t0 = 0;
             while t0 < m {
                 let tile = TOKENS.min(m - t0);
-                panel_tile(path, codes, sz, pq.group_size / 32, acts, t0, tile, &mut y);
+                match b {
+                    Some(b) => pair_tile(a, b, acts, t0, tile, &mut y),
+                    None => panel_tile(path, a.0, a.1, a.2, acts, t0, tile, &mut y),
+                }
                 for (t, yt) in y[..tile].iter().enumerate() {
                     for (o, v) in rows.clone().zip(yt) {
                         out.put(t0 + t, o, *v);
@@ -65,8 +86,41 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
     )
 }
 
+/// One panel's codes, its scales and zeros, and chunks per group.
+type PanelRef<'a> = (&'a [u8], &'a [half::f16], usize);
+
+/// Two panels (rows `0..8` of `y` from `a`, `8..16` from `b`) on the AVX512-VNNI path.
+fn pair_tile(a: PanelRef, b: PanelRef, acts: &QuantizedActs, t0: usize, tile: usize, y: &mut [[f32; 2 * PANEL_ROWS]; TOKENS]) {
+    assert!(a.0.len() == b.0.len() && a.2 == b.2, "paired panels of different shapes");
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! call {
+            ($t:literal) => {
+                // SAFETY: pairs are formed only on the AVX512-VNNI path, which `applies` admits
+                // only where `A8Path::available` lists it.
+                unsafe { x86::pair_avx512vnni::<$t>(a.0, b.0, a.1, b.1, a.2, acts, t0, y) }
+            };
+        }
+        match tile {
+            1 => call!(1),
+            2 => call!(2),
+            3 => call!(3),
+            4 => call!(4),
+            5 => call!(5),
+            6 => call!(6),
+            7 => call!(7),
+            _ => call!(8),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b, acts, t0, tile, y);
+        unreachable!("the panel kernel runs only on x86");
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn panel_tile(path: A8Path, codes: &[u8], sz: &[half::f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, tile: usize, y: &mut [[f32; PANEL_ROWS]; TOKENS]) {
+fn panel_tile(path: A8Path, codes: &[u8], sz: &[half::f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, tile: usize, y: &mut [[f32; 2 * PANEL_ROWS]; TOKENS]) {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! dispatch {
@@ -112,7 +166,7 @@ mod x86 {
             /// The CPU must have the features named; `codes` and `sz` one panel's, `acts` in
             /// kernel order with tokens `t0 .. t0 + T`.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const T: usize>(codes: &[u8], sz: &[f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, y: &mut [[f32; PANEL_ROWS]; TOKENS]) {
+            pub unsafe fn $name<const T: usize>(codes: &[u8], sz: &[f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, y: &mut [[f32; 2 * PANEL_ROWS]; TOKENS]) {
                 let chunks = codes.len() / 128;
                 debug_assert!(sz.len() * group_chunks >= chunks * 2 * PANEL_ROWS);
                 let cp = codes.as_ptr();
@@ -209,6 +263,82 @@ mod x86 {
     panel_fn!(panel_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", unpack_shifted, dot_vnni512);
     panel_fn!(panel_avxvnni, "avx2,fma,f16c,avxvnni", unpack_shifted, dot_avxvnni);
     panel_fn!(panel_avx2, "avx2,fma,f16c", unpack_codes, dot_avx2);
+
+    /// Two panels side by side in 512-bit vectors: lanes 0–7 rows of `ca`, lanes 8–15 rows of
+    /// `cb`; otherwise the arithmetic of the 256-bit kernels, lane for lane.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F, AVX512VL, AVX512-VNNI and F16C; `ca`/`cb` and `sa`/`sb` two
+    /// panels' codes and scales of the same shape, `acts` in kernel order with tokens
+    /// `t0 .. t0 + T`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn pair_avx512vnni<const T: usize>(ca: &[u8], cb: &[u8], sa: &[f16], sb: &[f16], group_chunks: usize, acts: &QuantizedActs, t0: usize, y: &mut [[f32; 2 * PANEL_ROWS]; TOKENS]) {
+        let chunks = ca.len() / 128;
+        debug_assert!(cb.len() == ca.len() && sa.len() == sb.len() && sa.len() * group_chunks >= chunks * 2 * PANEL_ROWS);
+        let (pa, pb) = (ca.as_ptr(), cb.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); T];
+        let mut xp = [std::ptr::null::<i8>(); T];
+        let mut bd = [std::ptr::null::<f32>(); T];
+        let mut bs = [std::ptr::null::<f32>(); T];
+        for t in 0..T {
+            xp[t] = acts.token(t0 + t).as_ptr();
+            bd[t] = acts.token_block_scales(t0 + t)[..chunks].as_ptr();
+            bs[t] = acts.token_block_sums(t0 + t)[..chunks].as_ptr();
+        }
+        // The two panels after `b` in memory, fetched while these are multiplied: where `a` and
+        // `b` are neighbours (all but a block that spans two weights), the next block's rows.
+        // (Prefetches do not fault; the addresses past a weight's end are only never used.)
+        let (ahead_a, ahead_b) = (pb.wrapping_add(cb.len()), pb.wrapping_add(2 * cb.len()));
+        let (lo_mask, hi_mask) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+        let (mut sv, mut szv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        // (A macro, not a closure: a closure would not inherit this function's target features.)
+        macro_rules! both_ph {
+            ($p:expr, $q:expr) => {{
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128($q as *const __m128i));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi)))
+            }};
+        }
+        for c in 0..chunks {
+            _mm_prefetch::<_MM_HINT_T0>(ahead_a.wrapping_add(c * 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead_a.wrapping_add(c * 128 + 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead_b.wrapping_add(c * 128) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead_b.wrapping_add(c * 128 + 64) as *const i8);
+            if c % group_chunks == 0 {
+                let at = c / group_chunks * 2 * PANEL_ROWS;
+                sv = both_ph!(sa.as_ptr().add(at), sb.as_ptr().add(at));
+                szv = _mm512_mul_ps(sv, both_ph!(sa.as_ptr().add(at + PANEL_ROWS), sb.as_ptr().add(at + PANEL_ROWS)));
+            }
+            let mut words = [_mm512_setzero_si512(); 4];
+            for (j, w) in words.iter_mut().enumerate() {
+                let lo = _mm256_loadu_si256(pa.add(c * 128 + 32 * j) as *const __m256i);
+                let hi = _mm256_loadu_si256(pb.add(c * 128 + 32 * j) as *const __m256i);
+                *w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            }
+            let (mut lo, mut hi) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
+            for j in 0..4 {
+                lo[j] = _mm512_and_si512(words[j], lo_mask);
+                hi[j] = _mm512_and_si512(words[j], hi_mask);
+            }
+            let off = (c / 2) * 64 + (c % 2) * 16;
+            for t in 0..T {
+                let x = xp[t].add(off);
+                let (mut s_lo, mut s_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for j in 0..4 {
+                    s_lo = _mm512_dpbusd_epi32(s_lo, lo[j], _mm512_set1_epi32((x.add(4 * j) as *const i32).read_unaligned()));
+                    s_hi = _mm512_dpbusd_epi32(s_hi, hi[j], _mm512_set1_epi32((x.add(32 + 4 * j) as *const i32).read_unaligned()));
+                }
+                let sums = _mm512_add_epi32(s_lo, _mm512_srai_epi32::<4>(s_hi));
+                let d = _mm512_set1_ps(*bd[t].add(c));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sv, d), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(*bs[t].add(c)), acc[t]);
+            }
+        }
+        for t in 0..T {
+            _mm512_storeu_ps(y[t].as_mut_ptr(), acc[t]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -219,7 +349,9 @@ mod tests {
 
     /// Every x86 path against the exact sum of the dequantized weight times the quantized
     /// activations, on awkward shapes (one chunk, odd chunk counts, groups of 32 to 128 and not a
-    /// power of two) and token counts below, at and past a tile; several weights in one call.
+    /// power of two) and token counts below, at and past a tile (one panel at a time below
+    /// `PAIR_MIN_TOKENS`, two from it, pairs that span two weights and a last panel alone);
+    /// several weights in one call.
     #[test]
     fn every_path_matches_the_quantized_reference() {
         let mut rng = Rng::new(17);
