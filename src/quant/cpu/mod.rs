@@ -127,8 +127,8 @@ pub const GEMM_MIN_TOKENS: usize = 8;
 /// (`cargo run --release --example a8_crossover`), since the GEMV prefetches its next rows
 /// (session 14). With the GEMM's codes held in registers across its tokens (session 23), two runs:
 /// the GEMM is 0.63–0.94× the GEMV at 16 tokens, 0.79–1.26× at 24 (ahead on three shapes of
-/// four) and 0.88–1.30× at 32; below 16 its unpacking of every panel, once per call, costs more
-/// than the GEMV's passes of eight tokens.
+/// four) and 0.88–1.30× at 32; with fewer tokens its unpacking of every panel, once per call,
+/// costs more than the GEMV's passes of eight tokens.
 pub const A8_GEMM_MIN_TOKENS: usize = 24;
 
 /// Tokens at or above which a W4A8 call goes to the exact blocked GEMM instead (where the W4A8
