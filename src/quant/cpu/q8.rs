@@ -27,6 +27,11 @@ pub const PANEL: usize = 8;
 /// Tokens that share one pass over a panel's codes.
 const TOKENS: usize = 8;
 
+/// Tokens from which AVX512-VNNI CPUs multiply two panels at a time, in 512-bit vectors (as the
+/// 4-bit decode kernel does, `w4_panel.rs`): half the instructions where the call is bound by
+/// them; one token waits on memory and keeps one panel (one stream of codes) at a time.
+const PAIR_MIN_TOKENS: usize = 6;
+
 #[derive(Debug, Clone)]
 pub struct Q8Weight {
     pub n: usize,
@@ -88,19 +93,26 @@ impl Q8Weight {
         let (n, nb) = (self.n, self.k / 32);
         let acts = QuantizedActs::new(x, m, self.k, true);
         let path = path.or_scalar();
+        let pairs = path == A8Path::Avx512Vnni && m >= PAIR_MIN_TOKENS;
+        let panel = |p: usize| Panel { codes: &self.codes[p * nb * 32 * PANEL..][..nb * 32 * PANEL], scales: &self.scales[p * nb * PANEL..][..nb * PANEL] };
         super::par_output_blocks(
             m,
             n,
-            PANEL,
-            || (),
-            |_, rows, dst| {
+            if pairs { 2 * PANEL } else { PANEL },
+            // The tile's outputs, once per task (zeroing them per block cost 5 % at one token).
+            || [[0f32; 2 * PANEL]; TOKENS],
+            |out, rows, dst| {
                 let p = rows.start / PANEL;
-                let panel = Panel { codes: &self.codes[p * nb * 32 * PANEL..][..nb * 32 * PANEL], scales: &self.scales[p * nb * PANEL..][..nb * PANEL] };
-                let mut out = [[0f32; PANEL]; TOKENS];
+                // A block of more than 8 rows reaches into the next panel (the last panel is
+                // padded with zero rows).
+                let (a, b) = (panel(p), (rows.len() > PANEL).then(|| panel(p + 1)));
                 let mut t0 = 0;
                 while t0 < m {
                     let tile = TOKENS.min(m - t0);
-                    panel_tile(path, &panel, &acts, t0, tile, &mut out);
+                    match &b {
+                        Some(b) => pair_tile(&a, b, &acts, t0, tile, out),
+                        None => panel_tile(path, &a, &acts, t0, tile, out),
+                    }
                     for (t, o) in out[..tile].iter().enumerate() {
                         for (r, v) in rows.clone().zip(o) {
                             dst.put(t0 + t, r, *v);
@@ -125,8 +137,38 @@ struct Panel<'a> {
     scales: &'a [f32],
 }
 
-/// `out[t][r]` = row `r`'s output for token `t0 + t`, `t < tile` (≤ [`TOKENS`]).
-fn panel_tile(path: A8Path, panel: &Panel, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; PANEL]; TOKENS]) {
+/// Two panels on the AVX512-VNNI path: `out[t][r]` from `a` for `r < 8`, from `b` above.
+fn pair_tile(a: &Panel, b: &Panel, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
+    assert_eq!(a.codes.len(), b.codes.len(), "paired panels of different widths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! call {
+            ($t:literal) => {
+                // SAFETY: pairs are formed only on the AVX512-VNNI path, chosen only where
+                // `A8Path::available` lists it.
+                unsafe { x86::pair_avx512vnni::<$t>(a, b, acts, t0, out) }
+            };
+        }
+        match tile {
+            1 => call!(1),
+            2 => call!(2),
+            3 => call!(3),
+            4 => call!(4),
+            5 => call!(5),
+            6 => call!(6),
+            7 => call!(7),
+            _ => call!(8),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b, acts, t0, tile, out);
+        unreachable!("panel pairs run only on x86");
+    }
+}
+
+/// `out[t][r]` = row `r`'s output for token `t0 + t`, `t < tile` (≤ [`TOKENS`]), `r < 8`.
+fn panel_tile(path: A8Path, panel: &Panel, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
     macro_rules! dispatch {
         ($($f:ident)::+) => {
             match tile {
@@ -157,7 +199,7 @@ fn panel_tile(path: A8Path, panel: &Panel, acts: &QuantizedActs, t0: usize, tile
 
 /// The reference: exact integer dot products per row and block (the codes read in memory
 /// order).
-fn panel_scalar<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
+fn panel_scalar<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
     for (t, o) in out[..T].iter_mut().enumerate() {
         let q = acts.token(t0 + t);
         let mut acc = [0f32; PANEL];
@@ -174,7 +216,7 @@ fn panel_scalar<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, 
                 *a += s * db * d as f32;
             }
         }
-        *o = acc;
+        o[..PANEL].copy_from_slice(&acc);
     }
 }
 
@@ -192,7 +234,7 @@ mod x86 {
             /// # Safety
             /// The CPU must have the features named; arguments as in `panel_scalar`.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
+            pub unsafe fn $name<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
                 let mut acc = [_mm256_setzero_ps(); T];
                 let nb = panel.scales.len() / PANEL;
                 let cp = panel.codes.as_ptr();
@@ -225,6 +267,56 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// Two panels side by side in 512-bit vectors (lanes 0–7 the rows of `a`, 8–15 those of
+    /// `b`), otherwise `panel_avx512vnni` lane for lane.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512-VNNI; `a` and `b` of the same width, arguments
+    /// otherwise as in `panel_scalar`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn pair_avx512vnni<const T: usize>(a: &Panel, b: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
+        let mut acc = [_mm512_setzero_ps(); T];
+        let nb = a.scales.len() / PANEL;
+        let (pa, pb) = (a.codes.as_ptr(), b.codes.as_ptr());
+        let mut xp = [std::ptr::null::<i8>(); T];
+        let mut dp = [std::ptr::null::<f32>(); T];
+        let mut qs = [std::ptr::null::<i32>(); T];
+        for t in 0..T {
+            xp[t] = acts.token(t0 + t).as_ptr();
+            dp[t] = acts.token_block_scales(t0 + t)[..nb].as_ptr();
+            qs[t] = acts.token_block_qsums(t0 + t)[..nb].as_ptr();
+        }
+        // The two panels after `b` (the next block's), fetched while these are multiplied;
+        // prefetches past the last panel never fault.
+        let ahead = pb.wrapping_add(b.codes.len());
+        for blk in 0..nb {
+            for l in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(if l < 4 { blk * 256 + 64 * l } else { b.codes.len() + blk * 256 + 64 * (l - 4) }) as *const i8);
+            }
+            let mut words = [_mm512_setzero_si512(); 8];
+            for (j, w) in words.iter_mut().enumerate() {
+                let lo = _mm256_loadu_si256(pa.add(blk * 256 + 32 * j) as *const __m256i);
+                let hi = _mm256_loadu_si256(pb.add(blk * 256 + 32 * j) as *const __m256i);
+                *w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            }
+            let (sa, sb) = (_mm256_loadu_ps(a.scales.as_ptr().add(blk * PANEL)), _mm256_loadu_ps(b.scales.as_ptr().add(blk * PANEL)));
+            let sv = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(_mm512_castps256_ps512(sa)), _mm256_castps_pd(sb)));
+            for t in 0..T {
+                let x = xp[t].add(blk * 32) as *const i32;
+                let mut s = _mm512_setzero_si512();
+                for (j, w) in words.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, *w, _mm512_set1_epi32(x.add(j).read_unaligned()));
+                }
+                let sums = _mm512_sub_epi32(s, _mm512_set1_epi32(*qs[t].add(blk) << 7));
+                let w = _mm512_mul_ps(sv, _mm512_set1_ps(*dp[t].add(blk)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), w, acc[t]);
+            }
+        }
+        for t in 0..T {
+            _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        }
     }
 
     /// One block's eight row sums: `vpdpbusd` of the codes (`c + 128`) with each broadcast
@@ -278,7 +370,7 @@ mod arm {
     /// # Safety
     /// The CPU must have NEON and the dot-product extension; arguments as in `panel_scalar`.
     #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn panel_neon_dot<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; PANEL]; TOKENS]) {
+    pub unsafe fn panel_neon_dot<const T: usize>(panel: &Panel, acts: &QuantizedActs, t0: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
         let mut acc = [[vdupq_n_f32(0.0); 2]; T];
         let cp = panel.codes.as_ptr();
         let flip = vdupq_n_u8(0x80);
@@ -313,11 +405,13 @@ mod tests {
     use crate::rng::Rng;
 
     /// Every path against the exact integer reference on awkward shapes (rows that leave a
-    /// panel part empty, one block, long rows) and token counts (below, at and past a tile).
+    /// panel part empty, one block, long rows) and token counts (below, at and past a tile; from
+    /// `PAIR_MIN_TOKENS` on AVX512-VNNI two panels at a time, the second one part empty for
+    /// n = 28, a last panel alone for 40 and 129).
     #[test]
     fn every_path_matches_the_quantized_reference() {
         let mut rng = Rng::new(5);
-        for &(n, k) in &[(7usize, 32usize), (40, 96), (129, 576), (16, 2048)] {
+        for &(n, k) in &[(7usize, 32usize), (40, 96), (129, 576), (16, 2048), (28, 64)] {
             let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
             let q = Q8Weight::quantize(n, k, |o, buf| buf.copy_from_slice(&w[o * k..(o + 1) * k]));
             let mut row = vec![0f32; k];

@@ -64,16 +64,16 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
         m,
         n,
         block,
-        || (),
-        |_, rows, out| {
-            let mut y = [[0f32; 2 * PANEL_ROWS]; TOKENS];
+        // The tile's outputs, once per task rather than zeroed per block.
+        || [[0f32; 2 * PANEL_ROWS]; TOKENS],
+        |y, rows, out| {
             let (a, b) = (panel_at(rows.start), (rows.len() > PANEL_ROWS).then(|| panel_at(rows.start + PANEL_ROWS)));
             let mut t0 = 0;
             while t0 < m {
                 let tile = TOKENS.min(m - t0);
                 match b {
-                    Some(b) => pair_tile(a, b, acts, t0, tile, &mut y),
-                    None => panel_tile(path, a.0, a.1, a.2, acts, t0, tile, &mut y),
+                    Some(b) => pair_tile(a, b, acts, t0, tile, y),
+                    None => panel_tile(path, a.0, a.1, a.2, acts, t0, tile, y),
                 }
                 for (t, yt) in y[..tile].iter().enumerate() {
                     for (o, v) in rows.clone().zip(yt) {
