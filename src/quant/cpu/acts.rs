@@ -218,6 +218,14 @@ impl SendParts {
     }
 }
 
+/// Per token of a tile, [`QuantizedActs::tile_rows`].
+pub struct TileRows<const T: usize> {
+    pub q: [*const i8; T],
+    pub scales: [*const f32; T],
+    pub sums: [*const f32; T],
+    pub qsums: [*const i32; T],
+}
+
 /// Where element `j` (0..64) of a pair is stored in the kernel order.
 #[inline]
 pub fn pair_slot(j: usize) -> usize {
@@ -278,6 +286,17 @@ impl QuantizedActs {
     }
     pub fn token_block_qsums(&self, t: usize) -> &[i32] {
         &self.block_qsums[t * self.pairs * 2..(t + 1) * self.pairs * 2]
+    }
+    /// For tokens `t0 .. t0 + T`, where the panel kernels' inner loops read: each token's
+    /// values and its first `blocks` 32-block scales, `d·Σq` and `Σq` (every slice checked once,
+    /// here).
+    pub fn tile_rows<const T: usize>(&self, t0: usize, blocks: usize) -> TileRows<T> {
+        TileRows {
+            q: std::array::from_fn(|t| self.token(t0 + t).as_ptr()),
+            scales: std::array::from_fn(|t| self.token_block_scales(t0 + t)[..blocks].as_ptr()),
+            sums: std::array::from_fn(|t| self.token_block_sums(t0 + t)[..blocks].as_ptr()),
+            qsums: std::array::from_fn(|t| self.token_block_qsums(t0 + t)[..blocks].as_ptr()),
+        }
     }
     /// The scale of 32-block `b` of token `t`.
     pub fn block_scale(&self, t: usize, b: usize) -> f32 {

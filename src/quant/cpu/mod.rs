@@ -12,6 +12,32 @@
 //!
 //! Which one a layer uses by default is a process-wide choice ([`set_default_numerics`]): the
 //! CLI's `--cpu-kernel` sets it, tests and benchmarks name a [`Kernel`] directly.
+/// Runs `$body` with `$t` a constant equal to `$tile`, for kernels that take their token count
+/// as a const generic: `1 ..= 8`, or `1 ..= 4` with `up to 4` (a larger `$tile` runs as the
+/// largest; the callers' tiles never are).
+macro_rules! const_tokens {
+    ($tile:expr, $t:ident => $body:expr) => {
+        match $tile {
+            1 => { const $t: usize = 1; $body }
+            2 => { const $t: usize = 2; $body }
+            3 => { const $t: usize = 3; $body }
+            4 => { const $t: usize = 4; $body }
+            5 => { const $t: usize = 5; $body }
+            6 => { const $t: usize = 6; $body }
+            7 => { const $t: usize = 7; $body }
+            _ => { const $t: usize = 8; $body }
+        }
+    };
+    ($tile:expr, $t:ident up to 4 => $body:expr) => {
+        match $tile {
+            1 => { const $t: usize = 1; $body }
+            2 => { const $t: usize = 2; $body }
+            3 => { const $t: usize = 3; $body }
+            _ => { const $t: usize = 4; $body }
+        }
+    };
+}
+
 pub mod acts;
 pub mod gemm_a8;
 pub mod pool;

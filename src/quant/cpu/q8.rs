@@ -142,23 +142,9 @@ fn pair_tile(a: &Panel, b: &Panel, acts: &QuantizedActs, t0: usize, tile: usize,
     assert_eq!(a.codes.len(), b.codes.len(), "paired panels of different widths");
     #[cfg(target_arch = "x86_64")]
     {
-        macro_rules! call {
-            ($t:literal) => {
-                // SAFETY: pairs are formed only on the AVX512-VNNI path, chosen only where
-                // `A8Path::available` lists it.
-                unsafe { x86::pair_avx512vnni::<$t>(a, b, acts, t0, out) }
-            };
-        }
-        match tile {
-            1 => call!(1),
-            2 => call!(2),
-            3 => call!(3),
-            4 => call!(4),
-            5 => call!(5),
-            6 => call!(6),
-            7 => call!(7),
-            _ => call!(8),
-        }
+        // SAFETY: pairs are formed only on the AVX512-VNNI path, chosen only where
+        // `A8Path::available` lists it.
+        const_tokens!(tile, T => unsafe { x86::pair_avx512vnni::<T>(a, b, acts, t0, out) })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -171,16 +157,7 @@ fn pair_tile(a: &Panel, b: &Panel, acts: &QuantizedActs, t0: usize, tile: usize,
 fn panel_tile(path: A8Path, panel: &Panel, acts: &QuantizedActs, t0: usize, tile: usize, out: &mut [[f32; 2 * PANEL]; TOKENS]) {
     macro_rules! dispatch {
         ($($f:ident)::+) => {
-            match tile {
-                1 => $($f)::+::<1>(panel, acts, t0, out),
-                2 => $($f)::+::<2>(panel, acts, t0, out),
-                3 => $($f)::+::<3>(panel, acts, t0, out),
-                4 => $($f)::+::<4>(panel, acts, t0, out),
-                5 => $($f)::+::<5>(panel, acts, t0, out),
-                6 => $($f)::+::<6>(panel, acts, t0, out),
-                7 => $($f)::+::<7>(panel, acts, t0, out),
-                _ => $($f)::+::<8>(panel, acts, t0, out),
-            }
+            const_tokens!(tile, T => $($f)::+::<T>(panel, acts, t0, out))
         };
     }
     match path {
@@ -238,14 +215,8 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); T];
                 let nb = panel.scales.len() / PANEL;
                 let cp = panel.codes.as_ptr();
-                let mut xp = [std::ptr::null::<i8>(); T];
-                let mut dp = [std::ptr::null::<f32>(); T];
-                let mut qs = [std::ptr::null::<i32>(); T];
-                for t in 0..T {
-                    xp[t] = acts.token(t0 + t).as_ptr();
-                    dp[t] = acts.token_block_scales(t0 + t)[..nb].as_ptr();
-                    qs[t] = acts.token_block_qsums(t0 + t)[..nb].as_ptr();
-                }
+                let rows = acts.tile_rows::<T>(t0, nb);
+                let (xp, dp, qs) = (rows.q, rows.scales, rows.qsums);
                 // The next panel is fetched while this one is multiplied (the hardware
                 // prefetcher stops at page boundaries; see the W4A8 kernel).
                 let ahead = cp.add(panel.codes.len());
@@ -280,14 +251,8 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); T];
         let nb = a.scales.len() / PANEL;
         let (pa, pb) = (a.codes.as_ptr(), b.codes.as_ptr());
-        let mut xp = [std::ptr::null::<i8>(); T];
-        let mut dp = [std::ptr::null::<f32>(); T];
-        let mut qs = [std::ptr::null::<i32>(); T];
-        for t in 0..T {
-            xp[t] = acts.token(t0 + t).as_ptr();
-            dp[t] = acts.token_block_scales(t0 + t)[..nb].as_ptr();
-            qs[t] = acts.token_block_qsums(t0 + t)[..nb].as_ptr();
-        }
+        let rows = acts.tile_rows::<T>(t0, nb);
+        let (xp, dp, qs) = (rows.q, rows.scales, rows.qsums);
         // The two panels after `b` (the next block's), fetched while these are multiplied;
         // prefetches past the last panel never fault.
         let ahead = pb.wrapping_add(b.codes.len());

@@ -94,23 +94,9 @@ fn pair_tile(a: PanelRef, b: PanelRef, acts: &QuantizedActs, t0: usize, tile: us
     assert!(a.0.len() == b.0.len() && a.2 == b.2, "paired panels of different shapes");
     #[cfg(target_arch = "x86_64")]
     {
-        macro_rules! call {
-            ($t:literal) => {
-                // SAFETY: pairs are formed only on the AVX512-VNNI path, which `applies` admits
-                // only where `A8Path::available` lists it.
-                unsafe { x86::pair_avx512vnni::<$t>(a.0, b.0, a.1, b.1, a.2, acts, t0, y) }
-            };
-        }
-        match tile {
-            1 => call!(1),
-            2 => call!(2),
-            3 => call!(3),
-            4 => call!(4),
-            5 => call!(5),
-            6 => call!(6),
-            7 => call!(7),
-            _ => call!(8),
-        }
+        // SAFETY: pairs are formed only on the AVX512-VNNI path, which `applies` admits only
+        // where `A8Path::available` lists it.
+        const_tokens!(tile, T => unsafe { x86::pair_avx512vnni::<T>(a.0, b.0, a.1, b.1, a.2, acts, t0, y) })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -126,18 +112,7 @@ fn panel_tile(path: A8Path, codes: &[u8], sz: &[half::f16], group_chunks: usize,
         macro_rules! dispatch {
             ($f:ident) => {
                 // SAFETY: `applies` admits only paths `A8Path::available` lists on this CPU.
-                unsafe {
-                    match tile {
-                        1 => x86::$f::<1>(codes, sz, group_chunks, acts, t0, y),
-                        2 => x86::$f::<2>(codes, sz, group_chunks, acts, t0, y),
-                        3 => x86::$f::<3>(codes, sz, group_chunks, acts, t0, y),
-                        4 => x86::$f::<4>(codes, sz, group_chunks, acts, t0, y),
-                        5 => x86::$f::<5>(codes, sz, group_chunks, acts, t0, y),
-                        6 => x86::$f::<6>(codes, sz, group_chunks, acts, t0, y),
-                        7 => x86::$f::<7>(codes, sz, group_chunks, acts, t0, y),
-                        _ => x86::$f::<8>(codes, sz, group_chunks, acts, t0, y),
-                    }
-                }
+                const_tokens!(tile, T => unsafe { x86::$f::<T>(codes, sz, group_chunks, acts, t0, y) })
             };
         }
         match path {
@@ -171,14 +146,8 @@ mod x86 {
                 debug_assert!(sz.len() * group_chunks >= chunks * 2 * PANEL_ROWS);
                 let cp = codes.as_ptr();
                 let mut acc = [_mm256_setzero_ps(); T];
-                let mut xp = [std::ptr::null::<i8>(); T];
-                let mut bd = [std::ptr::null::<f32>(); T];
-                let mut bs = [std::ptr::null::<f32>(); T];
-                for t in 0..T {
-                    xp[t] = acts.token(t0 + t).as_ptr();
-                    bd[t] = acts.token_block_scales(t0 + t)[..chunks].as_ptr();
-                    bs[t] = acts.token_block_sums(t0 + t)[..chunks].as_ptr();
-                }
+                let rows = acts.tile_rows::<T>(t0, chunks);
+                let (xp, bd, bs) = (rows.q, rows.scales, rows.sums);
                 // The next panel is fetched while this one is multiplied (the hardware
                 // prefetcher stops at page boundaries; see the row-major kernel).
                 let ahead = cp.add(codes.len());
@@ -278,14 +247,8 @@ mod x86 {
         debug_assert!(cb.len() == ca.len() && sa.len() == sb.len() && sa.len() * group_chunks >= chunks * 2 * PANEL_ROWS);
         let (pa, pb) = (ca.as_ptr(), cb.as_ptr());
         let mut acc = [_mm512_setzero_ps(); T];
-        let mut xp = [std::ptr::null::<i8>(); T];
-        let mut bd = [std::ptr::null::<f32>(); T];
-        let mut bs = [std::ptr::null::<f32>(); T];
-        for t in 0..T {
-            xp[t] = acts.token(t0 + t).as_ptr();
-            bd[t] = acts.token_block_scales(t0 + t)[..chunks].as_ptr();
-            bs[t] = acts.token_block_sums(t0 + t)[..chunks].as_ptr();
-        }
+        let rows = acts.tile_rows::<T>(t0, chunks);
+        let (xp, bd, bs) = (rows.q, rows.scales, rows.sums);
         // The two panels after `b` in memory, fetched while these are multiplied: where `a` and
         // `b` are neighbours (all but a block that spans two weights), the next block's rows.
         // (Prefetches do not fault; the addresses past a weight's end are only never used.)

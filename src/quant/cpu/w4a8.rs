@@ -225,14 +225,7 @@ pub fn block_tile(path: A8Path, rows: &[Row], acts: &QuantizedActs, t0: usize, t
                 let rs: &[Row; $r] = rows[$first..$first + $r].try_into().unwrap();
                 let o: &mut [[f32; TILE]; $r] = (&mut out[$first..$first + $r]).try_into().unwrap();
                 // SAFETY: the path is only chosen when `A8Path::available` lists it.
-                unsafe {
-                    match tile {
-                        1 => x86::$f::<$r, 1>(rs, acts, t0, o),
-                        2 => x86::$f::<$r, 2>(rs, acts, t0, o),
-                        3 => x86::$f::<$r, 3>(rs, acts, t0, o),
-                        _ => x86::$f::<$r, 4>(rs, acts, t0, o),
-                    }
-                }
+                const_tokens!(tile, T up to 4 => unsafe { x86::$f::<$r, T>(rs, acts, t0, o) })
             }};
         }
         macro_rules! by_path {
@@ -294,12 +287,7 @@ pub fn row_tile(path: A8Path, row: &Row, acts: &QuantizedActs, t0: usize, tile: 
     debug_assert!((1..=TILE).contains(&tile) && t0 + tile <= acts.m && acts.k == row.k);
     macro_rules! dispatch {
         ($($f:ident)::+) => {
-            match tile {
-                1 => $($f)::+::<1>(row, acts, t0, out),
-                2 => $($f)::+::<2>(row, acts, t0, out),
-                3 => $($f)::+::<3>(row, acts, t0, out),
-                _ => $($f)::+::<4>(row, acts, t0, out),
-            }
+            const_tokens!(tile, T up to 4 => $($f)::+::<T>(row, acts, t0, out))
         };
     }
     match path {
