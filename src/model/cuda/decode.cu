@@ -3,8 +3,8 @@
 // decode_attention_*: one query token per sequence against the KV cache, read in place: scores,
 //   softmax (f32) and the weighted sum of values in one launch per layer, instead of a scale,
 //   two batched matmuls, two dtype conversions, a softmax and a transpose copy. One block of
-//   256 threads per (sequence, query head), up to ATT_CHUNK_MAX positions; grouped-query heads index
-//   their shared KV head. Longer caches take attention_chunk_* + attention_combine_* (below).
+//   256 threads per (sequence, query head), up to ATT_CHUNK_MAX positions; grouped-query heads
+//   index their shared KV head. Longer caches take attention_chunk_* + attention_combine_* (below).
 //   With `pos` non-null the length comes from the device (pos[0] + 1), so a captured CUDA graph
 //   of the decode step replays at any position.
 // silu_mul_*: silu(a) * b over rows with their own strides (the gate and up halves of a fused
@@ -152,7 +152,8 @@ __device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ 
 }
 
 // Split-sequence attention (flash-decoding): block (head, sequence, c) takes positions
-// [c * chunk, +chunk) (chunk ≤ ATT_CHUNK_MAX, the host's choice) and writes its softmax statistics and unnormalized output,
+// [c * chunk, +chunk) (chunk ≤ ATT_CHUNK_MAX, the host's choice) and writes its softmax
+// statistics and unnormalized output,
 // part[((b * heads + head) * nchunks + c) * (d + 2)] = (max, sum, o[d]); a chunk past the
 // length writes (-inf, 0). Then one block per head combines the chunks. Hundreds of blocks instead
 // of one per head: a 32-head model used 32 SMs, and at long contexts each read megabytes.
