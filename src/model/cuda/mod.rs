@@ -14,25 +14,29 @@ const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
 /// Positions one attention block takes at most (ATT_CHUNK_MAX in decode.cu).
 const ATT_CHUNK_MAX: usize = 256;
-/// Positions per block of the split-sequence attention, unless `AWQ_RUN_ATT_CHUNK` says
-/// otherwise. A decode step's attention reads each head's whole cache once; in blocks of 256
-/// positions a 32-head model at 512 positions ran 64 blocks on 132 SMs.
-const ATT_CHUNK: usize = 64;
-
-/// The split attention's chunk length: [`ATT_CHUNK`], or `AWQ_RUN_ATT_CHUNK` (1 ..= 256, for
-/// measurements; another value is reported and ignored).
-fn att_chunk() -> usize {
-    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CHUNK.get_or_init(|| match std::env::var("AWQ_RUN_ATT_CHUNK") {
-        Err(_) => ATT_CHUNK,
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(c) if (1..=ATT_CHUNK_MAX).contains(&c) => c,
+/// The split attention's chunk length for a cache view of `len` positions (the capacity in a
+/// CUDA-graph step, where the length is on the device): 64 up to 1024 positions, 128 beyond.
+/// A decode step reads each head's cache once, so the chunks set how many blocks share that
+/// read: in chunks of 256 a 32-head model at 512 positions ran 64 blocks on 132 SMs. Measured on
+/// an H100 (session 23, dummy Llama-2-7B W4, batch-1 decode, two rounds): at 512 + 128 positions
+/// 352.0 / 356.7 tok/s with chunks of 256 and the old score loop, 375.5 / 374.3 with 64,
+/// 370.1 / 364.7 with 128; at 3584 + 256, 291.9 / 289.3 before, 274.8 / 274.1 with 64 (the
+/// combine's chunk statistics outgrow the gain), 298.0 / 293.1 with 128, 297.9 / 296.3 with 256.
+/// `AWQ_RUN_ATT_CHUNK` (1 ..= 256) fixes the length, for measurements; another value is
+/// reported and ignored.
+fn att_chunk(len: usize) -> usize {
+    static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| {
+        let v = std::env::var("AWQ_RUN_ATT_CHUNK").ok()?;
+        match v.trim().parse::<usize>() {
+            Ok(c) if (1..=ATT_CHUNK_MAX).contains(&c) => Some(c),
             _ => {
-                eprintln!("warning: AWQ_RUN_ATT_CHUNK={v:?} is not a position count in 1..={ATT_CHUNK_MAX}; using {ATT_CHUNK}");
-                ATT_CHUNK
+                eprintln!("warning: AWQ_RUN_ATT_CHUNK={v:?} is not a position count in 1..={ATT_CHUNK_MAX}; ignored");
+                None
             }
-        },
-    })
+        }
+    });
+    fixed.unwrap_or(if len <= 1024 { 64 } else { 128 })
 }
 
 /// Whether [`decode_attention`] takes these: CUDA, one query token, q `[b, heads, 1, d]`, k/v
@@ -236,7 +240,7 @@ pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, len
     let dev = cuda_dev(&q)?;
     let stream = dev.cuda_stream();
     let sfx = suffix_for("paged attention", q.dtype())?;
-    let chunk = att_chunk();
+    let chunk = att_chunk(width);
     let chunks = width.div_ceil(chunk).max(1);
     let out = Tensor::zeros((batch, heads, d), q.dtype(), q.device())?;
     let part = Tensor::zeros(batch * heads * chunks * (d + 2), candle_core::DType::F32, q.device())?;
@@ -436,7 +440,7 @@ impl CustomOp3 for DecodeAttention {
         let sfx = suffix_for(self.name(), dt)?;
         // Over one chunk of positions (of the view: the capacity when the length is on the
         // device), the split-sequence kernels; else one block per head.
-        let chunk = att_chunk();
+        let chunk = att_chunk(len);
         let chunks = len.div_ceil(chunk);
         let split = chunks > 1;
         let kernel = if split { "attention_chunk" } else { "decode_attention" };
