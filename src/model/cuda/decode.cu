@@ -3,8 +3,8 @@
 // decode_attention_*: one query token per sequence against the KV cache, read in place: scores,
 //   softmax (f32) and the weighted sum of values in one launch per layer, instead of a scale,
 //   two batched matmuls, two dtype conversions, a softmax and a transpose copy. One block of
-//   256 threads per (sequence, query head), up to ATT_CHUNK positions; grouped-query heads index
-//   their shared KV head. Longer caches take attention_chunk_* + attention_combine_* (below).
+//   256 threads per (sequence, query head), up to ATT_CHUNK_MAX positions; grouped-query heads
+//   index their shared KV head. Longer caches take attention_chunk_* + attention_combine_* (below).
 //   With `pos` non-null the length comes from the device (pos[0] + 1), so a captured CUDA graph
 //   of the decode step replays at any position.
 // silu_mul_*: silu(a) * b over rows with their own strides (the gate and up halves of a fused
@@ -50,18 +50,20 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
     return r;
 }
 
-#define ATT_CHUNK 256
+// Positions one attention block takes at most; the split kernels take a chunk length (≤ this)
+// from the host.
+#define ATT_CHUNK_MAX 256
 
-// Shared memory of one attention block: the query, the scores of up to ATT_CHUNK positions, the
-// value streams' partial sums and the reduction scratch.
+// Shared memory of one attention block: the query, the scores of up to ATT_CHUNK_MAX positions,
+// the value streams' partial sums and the reduction scratch.
 struct __align__(16) AttSmem {
     float q[256];
-    float scores[ATT_CHUNK];
+    float scores[ATT_CHUNK_MAX];
     float partial[ATT_THREADS * 8];
     float red[8];
 };
 
-// One head's attention over n (<= ATT_CHUNK) positions whose keys and values start at kb and vb:
+// One head's attention over n (<= ATT_CHUNK_MAX) positions whose keys and values start at kb and vb:
 // the softmax statistics (max, sum of exp) are returned and the unnormalized weighted sum of
 // values is left in sm.partial, as `streams` rows of d summed by att_out. sm.q holds the query.
 // With a row table (paged caches, `rows` non-null) position j is at row rows[j] of kb and vb.
@@ -70,19 +72,32 @@ __device__ float2 attend_span(AttSmem& sm, const T* __restrict__ kb, const T* __
                               long long k_sl, long long v_sl, float scale,
                               const unsigned int* __restrict__ rows = nullptr) {
     const int tid = threadIdx.x;
-    float lmax = -INFINITY;
-    for (int j = tid; j < n; j += ATT_THREADS) {
-        const T* kr = kb + (rows != nullptr ? (long long)rows[j] : (long long)j) * k_sl;
-        float dot = 0.f;
-        for (int i = 0; i < d; i += 8) {
-            float f[8];
-            load8<T>(kr + i, f);
+    const int tpr = d >> 3;                 // threads per key or value row, 8 elements each
+    const int streams = ATT_THREADS / tpr;  // rows taken in parallel
+    const int stream = tid / tpr, d0 = (tid % tpr) * 8;
+    // Scores: the tpr threads of a row read it side by side (one coalesced row per group) and sum
+    // their 8 products across the group with shuffles (tpr is a power of two ≤ 32, so a group
+    // never straddles a warp). A thread per whole row left most threads idle in short chunks and
+    // spread each warp's loads over 32 rows.
+    float qf[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) dot = fmaf(f[e], sm.q[i + e], dot);
+    for (int e = 0; e < 8; e++) qf[e] = sm.q[d0 + e];
+    float lmax = -INFINITY;
+    for (int base = 0; base < n; base += streams) {  // the same trip count in every thread
+        const int j = base + stream;
+        float dot = 0.f;
+        if (j < n) {
+            float f[8];
+            load8<T>(kb + (rows != nullptr ? (long long)rows[j] : (long long)j) * k_sl + d0, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) dot = fmaf(f[e], qf[e], dot);
         }
-        dot *= scale;
-        sm.scores[j] = dot;
-        lmax = fmaxf(lmax, dot);
+        for (int o = tpr >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (j < n && d0 == 0) {
+            dot *= scale;
+            sm.scores[j] = dot;
+            lmax = fmaxf(lmax, dot);
+        }
     }
     const float mx = block_reduce(lmax, sm.red, true);
     float lsum = 0.f;
@@ -92,9 +107,6 @@ __device__ float2 attend_span(AttSmem& sm, const T* __restrict__ kb, const T* __
         lsum += p;
     }
     const float total = block_reduce(lsum, sm.red, false);  // its barriers also publish the scores
-    const int tpr = d >> 3;                 // threads per value row, 8 elements each
-    const int streams = ATT_THREADS / tpr;  // rows summed in parallel
-    const int stream = tid / tpr, d0 = (tid % tpr) * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int j = stream; j < n; j += streams) {
         const float p = sm.scores[j];
@@ -124,7 +136,7 @@ template <typename T> __device__ size_t load_query(AttSmem& sm, const T* __restr
     return qo;
 }
 
-// Up to ATT_CHUNK positions (the caller takes the chunked kernels beyond).
+// Up to ATT_CHUNK_MAX positions (the caller takes the chunked kernels beyond its chunk length).
 template <typename T>
 __device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                  T* __restrict__ out, int len, const unsigned int* __restrict__ pos, int d,
@@ -139,21 +151,22 @@ __device__ void decode_attention(const T* __restrict__ q, const T* __restrict__ 
     for (int i = threadIdx.x; i < d; i += ATT_THREADS) out[qo + i] = from_f<T>(att_out(sm, i, d) * inv);
 }
 
-// Split-sequence attention (flash-decoding): block (head, sequence, chunk) takes positions
-// [chunk * ATT_CHUNK, +ATT_CHUNK) and writes its softmax statistics and unnormalized output,
-// part[((b * heads + head) * nchunks + chunk) * (d + 2)] = (max, sum, o[d]); a chunk past the
+// Split-sequence attention (flash-decoding): block (head, sequence, c) takes positions
+// [c * chunk, +chunk) (chunk ≤ ATT_CHUNK_MAX, the host's choice) and writes its softmax
+// statistics and unnormalized output,
+// part[((b * heads + head) * nchunks + c) * (d + 2)] = (max, sum, o[d]); a chunk past the
 // length writes (-inf, 0). Then one block per head combines the chunks. Hundreds of blocks instead
 // of one per head: a 32-head model used 32 SMs, and at long contexts each read megabytes.
 template <typename T>
 __device__ void attention_chunk(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 float* __restrict__ part, int len, const unsigned int* __restrict__ pos, int d,
                                 int heads, int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
-                                long long v_sh, long long v_sl, float scale) {
+                                long long v_sh, long long v_sl, float scale, int chunk) {
     __shared__ AttSmem sm;
     if (pos != nullptr) len = (int)pos[0] + 1;
-    const int head = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
-    float* out = part + (((size_t)b * heads + head) * nchunks + chunk) * (d + 2);
-    const int j0 = chunk * ATT_CHUNK, n = min(ATT_CHUNK, len - j0);
+    const int head = blockIdx.x, b = blockIdx.y, c = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
+    float* out = part + (((size_t)b * heads + head) * nchunks + c) * (d + 2);
+    const int j0 = c * chunk, n = min(chunk, len - j0);
     if (n <= 0) {
         if (tid == 0) {
             out[0] = -INFINITY;
@@ -180,11 +193,11 @@ template <typename T>
 __device__ void paged_attention_chunk(const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,
                                       float* __restrict__ part, const unsigned int* __restrict__ table,
                                       const unsigned int* __restrict__ lens, int width, int d, int heads, int n_rep,
-                                      float scale) {
+                                      float scale, int chunk) {
     __shared__ AttSmem sm;
-    const int head = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
-    float* out = part + (((size_t)b * heads + head) * nchunks + chunk) * (d + 2);
-    const int j0 = chunk * ATT_CHUNK, n = min(ATT_CHUNK, (int)lens[b] - j0);
+    const int head = blockIdx.x, b = blockIdx.y, c = blockIdx.z, nchunks = gridDim.z, tid = threadIdx.x;
+    float* out = part + (((size_t)b * heads + head) * nchunks + c) * (d + 2);
+    const int j0 = c * chunk, n = min(chunk, (int)lens[b] - j0);
     if (n <= 0) {
         if (tid == 0) {
             out[0] = -INFINITY;
@@ -416,13 +429,14 @@ __device__ void kv_write_rows(const T* __restrict__ k, long long k_stride, const
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_chunk_##NAME(                     \
         const T* q, const T* k, const T* v, float* part, int len, const unsigned int* pos, int d, int heads,  \
         int n_rep, long long k_sb, long long k_sh, long long k_sl, long long v_sb, long long v_sh,         \
-        long long v_sl, float scale) {                                                                    \
-        attention_chunk<T>(q, k, v, part, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale); \
+        long long v_sl, float scale, int chunk) {                                                         \
+        attention_chunk<T>(q, k, v, part, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale, \
+                           chunk);                                                                        \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_chunk_##NAME(               \
         const T* q, const T* kp, const T* vp, float* part, const unsigned int* table, const unsigned int* lens, \
-        int width, int d, int heads, int n_rep, float scale) {                                            \
-        paged_attention_chunk<T>(q, kp, vp, part, table, lens, width, d, heads, n_rep, scale);            \
+        int width, int d, int heads, int n_rep, float scale, int chunk) {                                 \
+        paged_attention_chunk<T>(q, kp, vp, part, table, lens, width, d, heads, n_rep, scale, chunk);     \
     }                                                                                                     \
     extern "C" __global__ void rope_tokens_##NAME(const T* x, long long xs, T* out, const T* cos,        \
                                                   const T* sin, const unsigned int* pos, int d, int heads) { \

@@ -12,8 +12,32 @@ pub mod topk;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
-/// Positions per block of the split-sequence attention (ATT_CHUNK in decode.cu).
-const ATT_CHUNK: usize = 256;
+/// Positions one attention block takes at most (ATT_CHUNK_MAX in decode.cu).
+const ATT_CHUNK_MAX: usize = 256;
+/// The split attention's chunk length for a cache view of `len` positions (the capacity in a
+/// CUDA-graph step, where the length is on the device): 64 up to 1024 positions, 128 beyond.
+/// A decode step reads each head's cache once, so the chunks set how many blocks share that
+/// read: in chunks of 256 a 32-head model at 512 positions ran 64 blocks on 132 SMs. Measured on
+/// an H100 (session 23, dummy Llama-2-7B W4, batch-1 decode, two rounds): at 512 + 128 positions
+/// 352.0 / 356.7 tok/s with chunks of 256 and the old score loop, 375.5 / 374.3 with 64,
+/// 370.1 / 364.7 with 128; at 3584 + 256, 291.9 / 289.3 before, 274.8 / 274.1 with 64 (the
+/// combine's chunk statistics outgrow the gain), 298.0 / 293.1 with 128, 297.9 / 296.3 with 256.
+/// `AWQ_RUN_ATT_CHUNK` (1 ..= 256) fixes the length, for measurements; another value is
+/// reported and ignored.
+fn att_chunk(len: usize) -> usize {
+    static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| {
+        let v = std::env::var("AWQ_RUN_ATT_CHUNK").ok()?;
+        match v.trim().parse::<usize>() {
+            Ok(c) if (1..=ATT_CHUNK_MAX).contains(&c) => Some(c),
+            _ => {
+                eprintln!("warning: AWQ_RUN_ATT_CHUNK={v:?} is not a position count in 1..={ATT_CHUNK_MAX}; ignored");
+                None
+            }
+        }
+    });
+    fixed.unwrap_or(if len <= 1024 { 64 } else { 128 })
+}
 
 /// Whether [`decode_attention`] takes these: CUDA, one query token, q `[b, heads, 1, d]`, k/v
 /// `[b, kv_heads, len, d]` of q's dtype with unit stride on `d`, `d` / 8 dividing 256.
@@ -33,7 +57,7 @@ pub fn attention_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// Whether the attention kernels take heads of `d` (any number of cached positions: beyond
-/// ATT_CHUNK the split-sequence kernels run).
+/// one chunk the split-sequence kernels run).
 pub fn attention_fits(d: usize) -> bool {
     d.is_multiple_of(8) && d > 0 && d <= 256 && ATT_THREADS.is_multiple_of(d / 8)
 }
@@ -203,7 +227,7 @@ pub fn kv_write_rows(k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Ten
 /// Decode attention for one query token per sequence over the paged KV pool: `q` `[batch, heads,
 /// d]`; `kp`, `vp` one layer's pool, contiguous `[rows, kv_heads, d]`; `table` u32 `[batch, width]`,
 /// row `b` holding the pool rows of sequence b's positions (`lens[b]` of them, ≤ width, the token
-/// of this step included). Returns `[batch, heads, d]`. Split into ATT_CHUNK-position chunks and
+/// of this step included). Returns `[batch, heads, d]`. Split into [`att_chunk`]-position chunks and
 /// combined, as [`decode_attention`] does for long caches.
 pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, lens: &Tensor, scale: f32) -> Result<Tensor> {
     let q = q.contiguous()?;
@@ -216,7 +240,8 @@ pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, len
     let dev = cuda_dev(&q)?;
     let stream = dev.cuda_stream();
     let sfx = suffix_for("paged attention", q.dtype())?;
-    let chunks = width.div_ceil(ATT_CHUNK).max(1);
+    let chunk = att_chunk(width);
+    let chunks = width.div_ceil(chunk).max(1);
     let out = Tensor::zeros((batch, heads, d), q.dtype(), q.device())?;
     let part = Tensor::zeros(batch * heads * chunks * (d + 2), candle_core::DType::F32, q.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
@@ -232,6 +257,8 @@ pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, len
     b.arg(&h_);
     b.arg(&rep);
     b.arg(&scale);
+    let chunk_ = chunk as i32;
+    b.arg(&chunk_);
     let cfg = LaunchConfig { grid_dim: (heads as u32, batch as u32, chunks as u32), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the table holds batch * width rows of the pool, of which each sequence reads lens[b]
     // (≤ width, the caller's invariant); part holds every chunk's statistics and sums.
@@ -411,15 +438,16 @@ impl CustomOp3 for DecodeAttention {
         let dev = qs.device().clone();
         let dt = qs.dtype();
         let sfx = suffix_for(self.name(), dt)?;
-        // Over ATT_CHUNK positions (of the view: the capacity when the length is on the device), the
-        // split-sequence kernels; else one block per head.
-        let chunks = len.div_ceil(ATT_CHUNK);
+        // Over one chunk of positions (of the view: the capacity when the length is on the
+        // device), the split-sequence kernels; else one block per head.
+        let chunk = att_chunk(len);
+        let chunks = len.div_ceil(chunk);
         let split = chunks > 1;
         let kernel = if split { "attention_chunk" } else { "decode_attention" };
         let func = dev.get_or_load_custom_func(&format!("{kernel}_{sfx}"), MODULE, PTX)?;
         let grid_z = if split { chunks as u32 } else { 1 };
         let cfg = LaunchConfig { grid_dim: (h as u32, b as u32, grid_z), block_dim: (ATT_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-        let (len_, d_, h_, rep, chunks_) = (len as i32, d as i32, h as i32, (h / kvh) as i32, chunks as i32);
+        let (len_, d_, h_, rep, chunks_, chunk_) = (len as i32, d as i32, h as i32, (h / kvh) as i32, chunks as i32, chunk as i32);
         let st = |s: &[usize], i: usize| s[i] as i64;
         let (ksb, ksh, ksl, vsb, vsh, vsl) = (st(kst, 0), st(kst, 1), st(kst, 2), st(vst, 0), st(vst, 1), st(vst, 2));
         let out = crate::with_float_type!(dt, T => {
@@ -449,6 +477,9 @@ impl CustomOp3 for DecodeAttention {
             bld.arg(&vsh);
             bld.arg(&vsl);
             bld.arg(&self.scale);
+            if split {
+                bld.arg(&chunk_);
+            }
             // SAFETY: strides and sizes come from the layouts checked in attention_applies.
             unsafe { bld.launch(cfg) }.w()?;
             if let Some(part) = &part {
