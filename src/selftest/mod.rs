@@ -89,6 +89,14 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
     let mut r = Rng::new(seed);
     let mut t = Tally { pass: 0, fail: 0 };
     let _poisoned = poison::enable();
+    // Every kernel module a server loads before its first request (the names it loads exist).
+    if let Device::Cuda(dev) = device {
+        let loaded = crate::model::cuda::preload_kernels(dev);
+        if let Err(e) = &loaded {
+            println!("preload: {e}");
+        }
+        t.check("preload kernel modules".into(), if loaded.is_ok() { 0.0 } else { f32::INFINITY }, 0.0);
+    }
     // A buffer the kernels under test are told to prefetch into L2 (a stand-in for the next
     // layer's weights).
     let hint_buf = Tensor::zeros(3 << 20, DType::U8, device)?;

@@ -14,6 +14,15 @@ const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
 /// Positions one attention block takes at most (ATT_CHUNK_MAX in decode.cu).
 const ATT_CHUNK_MAX: usize = 256;
+/// Loads (JIT-compiles) the decode-step, top-k and 4-bit kernel modules on `dev`, so that a
+/// server's first requests do not wait for the driver (see
+/// [`crate::quant::cuda::preload_kernels`]).
+pub fn preload_kernels(dev: &candle_core::CudaDevice) -> Result<()> {
+    dev.get_or_load_custom_func("silu_mul_f16", MODULE, PTX)?;
+    topk::preload(dev)?;
+    crate::quant::cuda::preload_kernels(dev)
+}
+
 /// The split attention's chunk length for a cache view of `len` positions (the capacity in a
 /// CUDA-graph step, where the length is on the device): 64 up to 1024 positions, 128 beyond.
 /// A decode step reads each head's cache once, so the chunks set how many blocks share that

@@ -7,9 +7,16 @@ use candle_core::{DType, Result, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/topk.ptx"));
 const MODULE: &str = "awq_topk";
+const KERNEL: &str = "logits_topk_f32";
+
 const THREADS: u32 = 256;
 /// The largest k one launch takes (TOPK_MAX in topk.cu).
 const TOPK_MAX: usize = crate::model::logits::TOP_K_MAX;
+
+/// Loads the module on `dev` (see [`super::preload_kernels`]).
+pub(super) fn preload(dev: &candle_core::CudaDevice) -> Result<()> {
+    dev.get_or_load_custom_func(KERNEL, MODULE, PTX).map(|_| ())
+}
 
 /// `(values [rows, k] f32, ids [rows, k] u32)`: the `k` largest of each row of `logits`
 /// (`[rows, vocab]` f32 on a CUDA device), by falling value then rising id, NaN last;
@@ -33,7 +40,7 @@ pub fn logits_top_k(logits: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     let stream = dev.cuda_stream();
     let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (lp, vp, ip) = (ptr(&logits)?, ptr(&values)?, ptr(&ids)?);
-    let func = dev.get_or_load_custom_func("logits_topk_f32", MODULE, PTX)?;
+    let func = dev.get_or_load_custom_func(KERNEL, MODULE, PTX)?;
     let (vocab_, k_) = (vocab as i32, k as i32);
     let mut b = func.builder();
     for p in [&lp, &vp, &ip] {

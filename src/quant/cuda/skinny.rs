@@ -47,6 +47,27 @@ pub fn skinny_wgmma_available(device: &candle_core::Device) -> bool {
     !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
 }
 
+/// The f16 entry point of `kernel` for `mt` token slots.
+fn kernel_name(kernel: SkinnyKernel, mt: usize) -> String {
+    match kernel {
+        SkinnyKernel::Mma { k_warps } => format!("w4_skinny_f16_t{mt}_k{k_warps}"),
+        SkinnyKernel::Wgmma { stages, overlap, blocks } => {
+            format!("w4_wgs_f16_t{mt}_s{stages}{}{}", if overlap { "_o" } else { "" }, if blocks == 2 { "_b2" } else { "" })
+        }
+    }
+}
+
+/// Loads the skinny GEMMs' modules on `dev` (see [`super::preload_kernels`]).
+pub(super) fn preload(dev: &candle_core::CudaDevice) -> Result<()> {
+    let device = candle_core::Device::Cuda(dev.clone());
+    dev.get_or_load_custom_func(&kernel_name(SkinnyKernel::Mma { k_warps: 1 }, 16), MODULE, PTX)?;
+    if skinny_wgmma_available(&device) {
+        let slots = launch::skinny_slots(64);
+        dev.get_or_load_custom_func(&kernel_name(skinny_wgmma_variant(slots), slots), MODULE_SM90, PTX_SM90)?;
+    }
+    Ok(())
+}
+
 /// Most tokens `forward` hands to the skinny GEMM on `device`: 128 where the wgmma kernel runs
 /// (above 64 only it), else 64. `AWQ_RUN_WGMMA_MAX` moves it for A/B benchmarks against the
 /// large-M GEMM: 64 hands 65–128 tokens back to it, more than 128 runs tiles of 128 tokens.
@@ -190,14 +211,11 @@ impl CustomOp1 for Skinny<'_> {
         // Token slots a block; beyond 128 tokens (wgmma only) tiles of 128 over the grid's z.
         let mt = launch::skinny_slots(m);
         let tiles = m.div_ceil(mt);
-        let (func, name, smem, threads) = match self.kernel {
-            SkinnyKernel::Mma { k_warps } => {
-                let name = format!("w4_skinny_f16_t{mt}_k{k_warps}");
-                (dev.get_or_load_custom_func(&name, MODULE, PTX)?, name, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps)
-            }
-            SkinnyKernel::Wgmma { stages, overlap, blocks } => {
-                let name = format!("w4_wgs_f16_t{mt}_s{stages}{}{}", if overlap { "_o" } else { "" }, if blocks == 2 { "_b2" } else { "" });
-                (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, name, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
+        let name = kernel_name(self.kernel, mt);
+        let (func, smem, threads) = match self.kernel {
+            SkinnyKernel::Mma { k_warps } => (dev.get_or_load_custom_func(&name, MODULE, PTX)?, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps),
+            SkinnyKernel::Wgmma { stages, .. } => {
+                (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
             }
         };
         let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
