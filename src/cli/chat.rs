@@ -52,6 +52,7 @@ fn fit_prompt(conv: &mut Conversation, tmpl: &ChatTemplate, assets: &ModelAssets
 pub fn run(a: Args) -> Result<()> {
     a.sampling.check()?;
     let (assets, model) = a.model.load_with(Default4Bit::Prefer)?;
+    super::common::warm_up_cuda(&model)?;
     let mut params = a.sampling.params(&assets)?;
     eprintln!("sampling: {}", params.summary());
     let tmpl = chat_template(&assets)?;

@@ -218,6 +218,18 @@ impl SamplingArgs {
     }
 }
 
+/// On CUDA, loads every kernel module and runs a short forward pass before the first prompt
+/// ([`awq_run::model::Model::warm_up`]): on a driver that has not compiled our PTX before that
+/// takes some 20 s, better spent at start-up than inside the first reply.
+pub fn warm_up_cuda(model: &awq_run::model::Model) -> Result<()> {
+    if model.device.is_cuda() {
+        eprintln!("loading CUDA kernels...");
+        let took = model.warm_up()?;
+        eprintln!("CUDA kernels loaded and warmed up in {:.1} s", took.as_secs_f64());
+    }
+    Ok(())
+}
+
 /// llama.cpp's defaults with the model's generation_config.json applied (errors name the file).
 pub fn model_sampling(assets: &ModelAssets) -> Result<SamplingParams> {
     let origin = match &assets.dir {

@@ -97,10 +97,7 @@ pub fn run(a: Args) -> Result<()> {
     let prefill_chunk = a.prefill_chunk.unwrap_or_else(|| awq_run::engine::device::default_prefill_chunk(&device));
     let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype), prefix_cache: !a.no_prefix_cache };
     let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
-    if model.device.is_cuda() {
-        let took = model.warm_up()?;
-        eprintln!("CUDA kernels loaded and warmed up in {:.1} s", took.as_secs_f64());
-    }
+    super::common::warm_up_cuda(&model)?;
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {
         eprintln!("note: the KV cache holds fewer tokens than the model's context; requests are limited to {} tokens", state.engine.context_len);
