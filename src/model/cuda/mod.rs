@@ -77,6 +77,18 @@ pub fn paged_decode_applies(device: &candle_core::Device, dtype: candle_core::DT
     device.is_cuda() && suffix(dtype).is_some() && attention_fits(head_dim) && head_dim.is_multiple_of(2)
 }
 
+/// A kernel's output tensor, every element of which the kernel writes: left uninitialized (a
+/// zeroed one was a memset node before each of these kernels in the decode graphs), or NaN under
+/// the self-test's poisoning, so that an element left unwritten fails its check.
+fn kernel_output(shape: impl Into<Shape>, dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    let shape = shape.into();
+    if crate::cuda::poison::enabled() {
+        return Tensor::full(f32::NAN, shape, device)?.to_dtype(dtype);
+    }
+    // SAFETY: each caller launches a kernel that writes every element before anything reads it.
+    unsafe { Tensor::empty(shape, dtype, device) }
+}
+
 /// softmax(q kᵀ · scale) v for one query token: q `[b, heads, 1, d]`, k and v views of the cache.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
     q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos: 0 })
@@ -101,7 +113,7 @@ pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usiz
     if x.elem_count() != heads * d || cos.dtype() != x.dtype() || !d.is_multiple_of(2) || d > 2048 {
         candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
-    let out = Tensor::zeros((1, heads, 1, d), x.dtype(), x.device())?;
+    let out = kernel_output((1, heads, 1, d), x.dtype(), x.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
     let func = dev.get_or_load_custom_func(&format!("rope_pos_{sfx}"), MODULE, PTX)?;
@@ -172,7 +184,7 @@ pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: 
     if x.elem_count() != batch * heads * d || cos.dtype() != x.dtype() || pos.dtype() != candle_core::DType::U32 || !d.is_multiple_of(2) || d > 2048 {
         candle_core::bail!("rope: {} values for {batch} tokens of {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
     }
-    let out = Tensor::zeros((batch, heads, d), x.dtype(), x.device())?;
+    let out = kernel_output((batch, heads, d), x.dtype(), x.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (xp, xs) = device_rows(&x, heads * d, &stream)?;
     let xs = xs as i64;
@@ -251,8 +263,8 @@ pub fn paged_attention(q: &Tensor, kp: &Tensor, vp: &Tensor, table: &Tensor, len
     let sfx = suffix_for("paged attention", q.dtype())?;
     let chunk = att_chunk(width);
     let chunks = width.div_ceil(chunk).max(1);
-    let out = Tensor::zeros((batch, heads, d), q.dtype(), q.device())?;
-    let part = Tensor::zeros(batch * heads * chunks * (d + 2), candle_core::DType::F32, q.device())?;
+    let out = kernel_output((batch, heads, d), q.dtype(), q.device())?;
+    let part = kernel_output(batch * heads * chunks * (d + 2), candle_core::DType::F32, q.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
     let (qp, kpp, vpp, pp, tp, lp, op) = (ptr(&q)?, ptr(kp)?, ptr(vp)?, ptr(&part)?, ptr(table)?, ptr(lens)?, ptr(&out)?);
     let func = dev.get_or_load_custom_func(&format!("paged_attention_chunk_{sfx}"), MODULE, PTX)?;
