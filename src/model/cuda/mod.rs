@@ -14,6 +14,7 @@ const MODULE: &str = "awq_decode";
 const ATT_THREADS: usize = 256;
 /// Positions one attention block takes at most (ATT_CHUNK_MAX in decode.cu).
 const ATT_CHUNK_MAX: usize = 256;
+
 /// Loads (JIT-compiles) the decode-step, top-k and 4-bit kernel modules on `dev`, so that a
 /// server's first requests do not wait for the driver (see
 /// [`crate::quant::cuda::preload_kernels`]).
