@@ -297,8 +297,8 @@ fn sm90_plan_override() -> Option<Sm90Plan> {
     })
 }
 
-/// Loads (the driver JIT-compiles) every 4-bit kernel module on `dev`: about 4.7 MB of the 5.3 MB
-/// of PTX the whole warm-up loads (`Model::warm_up` took 23.6 s on a fresh H100), which a server
+/// Loads (the driver JIT-compiles) every 4-bit kernel module on `dev`: about 4.7 MB of our 5.3 MB
+/// of PTX (the whole `Model::warm_up` took 23.6 s on a fresh H100), which a server
 /// otherwise pays inside its first requests at each new batch size (measured on an H100: a
 /// serving run started on a fresh machine decoded 16 streams at 4.4x one stream, against
 /// 9.6-10.2x where the kernels had been loaded before).
