@@ -307,32 +307,46 @@ fn layer_tensors(kv: &KvTarget, li: usize) -> Result<(Tensor, Tensor)> {
 }
 
 /// Attention of every sequence's query heads over its cached positions (its own new one
-/// included), split over the kernel threads by (sequence, head); `[seqs][h · hd]`.
+/// included), split over the kernel threads; `[seqs][h · hd]`.
 #[allow(clippy::too_many_arguments)]
 fn attend<T: attention_cpu::KvElem + candle_core::WithDType>(q: &[f32], kc: &Tensor, vc: &Tensor, seqs: &[Seq], h: usize, kvh: usize, hd: usize, scale: f32, window: Option<usize>) -> Result<Vec<f32>> {
     let mut out = vec![0f32; seqs.len() * h * hd];
     let n_rep = h / kvh;
     let out_ptr = SendPtr(out.as_mut_ptr());
-    // A task takes `per_task` consecutive query heads of one sequence. With enough sequences to
-    // keep every thread busy, that is all the query heads of one KV head: its keys and values
-    // are then read from memory once and from cache for the other heads (in a batched step the
-    // cache is most of what attention reads). One sequence alone keeps a head per task, so
-    // that its few tasks still split evenly over the threads.
-    let per_task = if seqs.len() * kvh >= 4 * pool::threads() { n_rep } else { 1 };
-    let tasks_per_seq = h / per_task;
+    // A task takes the query heads `heads_per_task` at a time. With sequences enough to keep
+    // every thread busy, a whole sequence: its keys and values are then read front to back
+    // once (the kernel takes every KV head of a few positions before the next ones). With
+    // fewer, the query heads of one KV head, or one query head for one sequence alone, so that
+    // the few tasks still split evenly over the threads. A head's arithmetic is the same in
+    // every case, so a sequence's tokens do not depend on what it is batched with.
+    let threads = pool::threads();
+    let heads_per_task = if seqs.len() >= 4 * threads {
+        h
+    } else if seqs.len() * kvh >= 4 * threads {
+        n_rep
+    } else {
+        1
+    };
+    let tasks_per_seq = h / heads_per_task;
+    // Longest sequences first: the threads take tasks in order, and the long ones last would
+    // leave one thread working alone at the end.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].pos));
     let attend_all = |k: &[T], v: &[T]| {
         pool::run(seqs.len() * tasks_per_seq, &|task| {
-            let si = task / tasks_per_seq;
+            let si = order[task / tasks_per_seq];
             let s = &seqs[si];
             // candle's mask for a sliding window keeps positions p with p + window ≥ pos.
             let first = window.map_or(0, |w| s.pos.saturating_sub(w));
-            for head in (task % tasks_per_seq) * per_task..(task % tasks_per_seq + 1) * per_task {
-                let j = head / n_rep;
-                let qv = &q[(si * h + head) * hd..(si * h + head + 1) * hd];
-                // SAFETY: each task writes its own (sequence, head) rows of `out`.
-                let o = unsafe { out_ptr.row(si * h + head, hd) };
-                attention_cpu::attend_head(qv, first..s.pos + 1, |p| &k[s.addr.offset(j, p)..][..hd], |p| &v[s.addr.offset(j, p)..][..hd], scale, o);
-            }
+            let h0 = (task % tasks_per_seq) * heads_per_task;
+            let rows = si * h + h0..si * h + h0 + heads_per_task;
+            // One query head alone is a group of one; otherwise whole groups of `n_rep`.
+            let (groups, rep) = if heads_per_task == 1 { (h0 / n_rep..h0 / n_rep + 1, 1) } else { (h0 / n_rep..(h0 + heads_per_task) / n_rep, n_rep) };
+            // SAFETY: each task writes its own (sequence, head) rows of `out`.
+            let o = unsafe { out_ptr.range(rows.start * hd..rows.end * hd) };
+            let key = |j: usize, p: usize| &k[s.addr.offset(j, p)..][..hd];
+            let value = |j: usize, p: usize| &v[s.addr.offset(j, p)..][..hd];
+            attention_cpu::attend_heads(&q[rows.start * hd..rows.end * hd], groups, rep, first..s.pos + 1, key, value, scale, o);
         });
     };
     with_slice::<T, _>(kc, |k| with_slice::<T, _>(vc, |v| attend_all(k, v)))??;
@@ -351,13 +365,14 @@ fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> 
 mod tests {
     use super::*;
 
-    /// Enough sequences that each task takes all the query heads of a KV head, and one sequence
-    /// alone (a head per task): every output row equals the one head's attention on its own.
+    /// One sequence alone (a head per task), a few (the query heads of a KV head per task) and
+    /// many (a whole sequence per task, longest first): every output row has the bits of the
+    /// one head's attention on its own.
     #[test]
     fn attention_tasks_over_grouped_heads_match_one_head_at_a_time() {
         let mut r = crate::rng::Rng::new(11);
         let (h, kvh, hd, alloc) = (6, 2, 16, 40);
-        for n_seqs in [1, 2 * pool::threads()] {
+        for n_seqs in [1, 2 * pool::threads(), 4 * pool::threads() + 1] {
             let seqs: Vec<Seq> = (0..n_seqs).map(|i| Seq { pos: (7 * i + 3) % alloc, addr: Addr::HeadMajor { alloc, hd } }).collect();
             let q: Vec<f32> = (0..n_seqs * h * hd).map(|_| r.unit()).collect();
             let kv = |r: &mut crate::rng::Rng| Tensor::from_vec((0..kvh * alloc * hd).map(|_| r.unit()).collect::<Vec<f32>>(), (1, kvh, alloc, hd), &Device::Cpu).unwrap();
