@@ -1,6 +1,7 @@
 //! Single-query attention on the CPU, fused: scores, softmax and the weighted sum of values in
-//! one call per sequence (or per head), reading the KV cache in place. A decode step otherwise spends as long in
-//! the generic path's small matmuls, softmax and reshapes as in the 4-bit linears.
+//! one call per sequence (or per head), reading the KV cache in place. A decode step otherwise
+//! spends as long in the generic path's small matmuls, softmax and reshapes as in the 4-bit
+//! linears.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
