@@ -57,9 +57,8 @@ impl Attention {
                 // layer, which made a 150-token prompt's prefill step host-bound (45 ms on an
                 // H100 against a fraction of that of GPU work).
                 Some((pos, new_rows)) => {
-                    let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), pos, h, hd)?;
                     let (kp, vp) = pool.layer(layer)?;
-                    super::cuda::kv_write_rows(&k, &v, &kp, &vp, rope.cos(), rope.sin(), pos, new_rows, kvh, hd)?;
+                    let q = super::cuda::rope_kv_write_rows(&q, &k, &v, &kp, &vp, rope.cos(), rope.sin(), pos, new_rows, h, kvh, hd)?;
                     Some(q.reshape((1, s.n, h, hd))?.transpose(1, 2)?)
                 }
                 None => None,
@@ -84,8 +83,8 @@ impl Attention {
     }
 
     /// Attention for a step in which every sequence decodes one token, on CUDA: q/k/v for all rows
-    /// at once, then one launch each for rope at every sequence's own position, the keys and
-    /// values written into the pool, and attention over every sequence's rows of the pool.
+    /// at once, then one launch for rope at every sequence's own position with the keys and values
+    /// written into the pool, and one for attention over every sequence's rows of the pool.
     #[cfg(feature = "cuda")]
     fn attend_paged_decode(&self, normed: &Tensor, rope: &super::layers::Rope, pool: &KvPool, layer: usize, t: &super::paged::DecodeTables) -> Result<Tensor> {
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -95,9 +94,8 @@ impl Attention {
             (Some(qn), Some(kn)) => (qn.forward(&qkv[0].reshape((1, b, h, hd))?)?, kn.forward(&qkv[1].reshape((1, b, kvh, hd))?)?),
             _ => (qkv[0].clone(), qkv[1].clone()),
         };
-        let q = super::cuda::rope_tokens(&q, rope.cos(), rope.sin(), &t.pos, h, hd)?;
         let (kp, vp) = pool.layer(layer)?;
-        super::cuda::kv_write_rows(&k, &qkv[2], &kp, &vp, rope.cos(), rope.sin(), &t.pos, &t.new_rows, kvh, hd)?;
+        let q = super::cuda::rope_kv_write_rows(&q, &k, &qkv[2], &kp, &vp, rope.cos(), rope.sin(), &t.pos, &t.new_rows, h, kvh, hd)?;
         let out = super::cuda::paged_attention(&q, &kp, &vp, &t.table, &t.lens, 1.0 / (hd as f32).sqrt())?;
         out.reshape((1, b, h * hd))
     }

@@ -183,8 +183,7 @@ impl Attention {
             _ => (qkv[0].clone(), qkv[1].clone()),
         };
         let Some((kc, vc)) = kv.buffers() else { candle_core::bail!("graph decode: the KV cache has no buffers") };
-        let q = super::cuda::rope_at(&q, rope.cos(), rope.sin(), pos, h, hd)?;
-        super::cuda::kv_write_at(&k, &qkv[2], kc, vc, rope.cos(), rope.sin(), pos, kvh, hd)?;
+        let q = super::cuda::rope_kv_write_at(&q, &k, &qkv[2], kc, vc, rope.cos(), rope.sin(), pos, h, kvh, hd)?;
         let out = super::cuda::decode_attention_at(&q, kc, vc, pos, 1.0 / (hd as f32).sqrt())?;
         out.reshape((1, 1, h * hd))
     }

@@ -232,7 +232,7 @@ fn logits_top_k(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
 /// The rotary embedding, KV write and attention of the graph decode step (position read on the
 /// device) against the eager ops at random positions.
 fn position_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
-    use crate::model::cuda::{decode_attention_at, kv_write_at, rope_at};
+    use crate::model::cuda::{decode_attention_at, rope_kv_write_at};
     for (h, kvh, d, cap) in [(32, 32, 128, 300), (9, 3, 64, 77), (16, 2, 128, 1000)] {
         for dt in [DType::F16, DType::BF16, DType::F32] {
             let pos = r.below(cap as u64) as usize;
@@ -252,11 +252,10 @@ fn position_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
             let (kw, vw) = (kc.copy()?, vc.copy()?);
             kw.slice_set(&want_k, 2, pos)?;
             vw.slice_set(&v.reshape((1, 1, kvh, d))?.transpose(1, 2)?.contiguous()?, 2, pos)?;
-            let got_q = rope_at(&q, &cos, &sin, &step, h, d)?;
-            t.check(format!("rope_at {dt:?} h={h} d={d} pos={pos}"), max_rel(&got_q, &host(&want_q)?)?, tol(dt));
-            kv_write_at(&k, &v, &kc, &vc, &cos, &sin, &step, kvh, d)?;
-            t.check(format!("kv_write_at K {dt:?} kvh={kvh} d={d} pos={pos}"), max_rel(&kc, &host(&kw)?)?, tol(dt));
-            t.check(format!("kv_write_at V {dt:?} kvh={kvh} d={d} pos={pos}"), max_rel(&vc, &host(&vw)?)?, 0.0);
+            let got_q = rope_kv_write_at(&q, &k, &v, &kc, &vc, &cos, &sin, &step, h, kvh, d)?;
+            t.check(format!("rope_kv_write_at q {dt:?} h={h} d={d} pos={pos}"), max_rel(&got_q, &host(&want_q)?)?, tol(dt));
+            t.check(format!("rope_kv_write_at K {dt:?} kvh={kvh} d={d} pos={pos}"), max_rel(&kc, &host(&kw)?)?, tol(dt));
+            t.check(format!("rope_kv_write_at V {dt:?} kvh={kvh} d={d} pos={pos}"), max_rel(&vc, &host(&vw)?)?, 0.0);
             let scale = 1.0 / (d as f32).sqrt();
             let want = crate::model::cuda::decode_attention(&got_q, &kw.narrow(2, 0, pos + 1)?, &vw.narrow(2, 0, pos + 1)?, scale)?;
             let got = decode_attention_at(&got_q, &kc, &vc, &step, scale)?;
@@ -390,7 +389,7 @@ fn batched_step(device: &Device, t: &mut Tally) -> Result<()> {
 /// KV write into pool rows, and attention through a row table over sequences of mixed lengths
 /// (one chunk, several, one position; GQA; rows drawn at random, so sequences share rows).
 fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
-    use crate::model::cuda::{kv_write_rows, paged_attention, rope_tokens};
+    use crate::model::cuda::{paged_attention, rope_kv_write_rows};
     let pool_rows = 1200;
     for (h, kvh, d, lens) in [(32, 8, 128, vec![1usize, 17, 300]), (9, 3, 64, vec![600, 5]), (4, 4, 256, vec![256, 257, 1000, 2]), (28, 4, 128, vec![33])] {
         let b = lens.len();
@@ -415,8 +414,9 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
             }
             let pos_t = Tensor::new(pos.as_slice(), device)?;
             let rows_t = Tensor::new(new_rows.as_slice(), device)?;
-            // rope_tokens, reading the q columns of a wider row in place (as the batched step
-            // reads its fused q/k/v output) and a contiguous copy.
+            // rope_kv_write_rows: q read as columns of a wider row in place (as the batched step
+            // reads its fused q/k/v output) and as a contiguous copy, k and v as columns of one
+            // wider row, written into a random pool (twice, the same values at the same rows).
             let wide = Tensor::from_vec(random_vec(r, b * (h * d + 40)), (b, h * d + 40), device)?.to_dtype(dt)?;
             let x = wide.narrow(1, 24, h * d)?;
             let xh = host(&x)?;
@@ -435,15 +435,9 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                     rotate(&xh[o..o + d], p as usize, &mut want[o..o + d]);
                 }
             }
-            for (what, x) in [("view", x.clone()), ("contiguous", x.contiguous()?)] {
-                let got = rope_tokens(&x, &cos, &sin, &pos_t, h, d)?;
-                t.check(format!("rope_tokens {what} {dt:?} b={b} h={h} d={d}"), max_rel(&got, &want)?, tol(dt));
-            }
-            // kv_write_rows into a random pool.
             let kp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
             let vp = Tensor::from_vec(random_vec(r, pool_rows * kvh * d), (pool_rows, kvh, d), device)?.to_dtype(dt)?;
             let (mut kwant, mut vwant) = (host(&kp)?, host(&vp)?);
-            // k and v as columns of one wider row, read in place.
             let kv = Tensor::from_vec(random_vec(r, b * (2 * kvh * d + 8)), (b, 2 * kvh * d + 8), device)?.to_dtype(dt)?;
             let (k, v) = (kv.narrow(1, 0, kvh * d)?, kv.narrow(1, kvh * d + 8, kvh * d)?);
             let (kh, vh) = (host(&k)?, host(&v)?);
@@ -454,9 +448,12 @@ fn paged_kernels(device: &Device, r: &mut Rng, t: &mut Tally) -> Result<()> {
                     vwant[dst..dst + d].copy_from_slice(&vh[src..src + d]);
                 }
             }
-            kv_write_rows(&k, &v, &kp, &vp, &cos, &sin, &pos_t, &rows_t, kvh, d)?;
-            t.check(format!("kv_write_rows K {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&kp, &kwant)?, tol(dt));
-            t.check(format!("kv_write_rows V {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&vp, &vwant)?, 0.0);
+            for (what, x) in [("view", x.clone()), ("contiguous", x.contiguous()?)] {
+                let got = rope_kv_write_rows(&x, &k, &v, &kp, &vp, &cos, &sin, &pos_t, &rows_t, h, kvh, d)?;
+                t.check(format!("rope_kv_write_rows q {what} {dt:?} b={b} h={h} d={d}"), max_rel(&got, &want)?, tol(dt));
+            }
+            t.check(format!("rope_kv_write_rows K {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&kp, &kwant)?, tol(dt));
+            t.check(format!("rope_kv_write_rows V {dt:?} b={b} kvh={kvh} d={d}"), max_rel(&vp, &vwant)?, 0.0);
             // paged_attention through a random row table.
             let table: Vec<u32> = (0..b * width).map(|_| r.below(pool_rows as u64) as u32).collect();
             let q = Tensor::from_vec(random_vec(r, b * h * d), (b, h, d), device)?.to_dtype(dt)?;

@@ -12,9 +12,9 @@
 // add_rms_norm_*: the residual add and the RMS norm after it, one launch.
 // add_rms_norm and silu_mul precede GEMVs in decode and take an L2Prefetch (common.cuh): extra
 // blocks on otherwise idle SMs pull the GEMV's weights into L2 while DRAM would sit idle.
-// rope_pos_*, kv_write_*: the rotary embedding of one token's queries, and of its key written into
-//   the KV cache with its value, at the position read from the device (CUDA-graph decode).
-// paged_attention_chunk_*, rope_tokens_*, kv_write_rows_*: the server's batched decode step over
+// rope_kv_write_*: the rotary embedding of one token's queries, and of its key written into the
+//   KV cache with its value, at the position read from the device (CUDA-graph decode).
+// paged_attention_chunk_*, rope_kv_write_rows_*: the server's batched decode step over
 //   the paged KV cache: every sequence's token in one launch each, at its own position, its
 //   positions found through a row table (model/paged.rs) instead of one contiguous cache.
 #include "common.cuh"
@@ -359,50 +359,46 @@ __device__ __forceinline__ void rotate_pair(const T* __restrict__ x, T* __restri
     out[i + half] = from_f<T>(b * c + a * s);
 }
 
-// The rotary embedding of one token's heads: grid = heads, d / 2 threads per head.
+// One token's rotary embedding of its queries and the KV-cache write of its key (rotated) and
+// value at pos[0], in one launch: grid = kv_heads + heads, d / 2 threads. Block h < kv_heads writes
+// KV head h into the caches (head_stride / pos_stride apart); block kv_heads + j rotates query
+// head j into q_out ([heads, d]). One launch instead of two per layer of the graph decode step.
 template <typename T>
-__device__ void rope_pos(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ cos,
-                         const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d) {
-    const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
-    if (i >= half) return;
-    rotate_pair(x + (size_t)h * d, out + (size_t)h * d, cos, sin, pos[0], i, half);
-}
-
-// The key (rotated) and value of one token written into the caches at pos[0]: grid = KV heads.
-template <typename T>
-__device__ void kv_write(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc,
-                         const T* __restrict__ cos, const T* __restrict__ sin, const unsigned int* __restrict__ pos,
-                         int d, long long head_stride, long long pos_stride) {
+__device__ void rope_kv_write(const T* __restrict__ q, T* __restrict__ q_out, const T* __restrict__ k,
+                              const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc, const T* __restrict__ cos,
+                              const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d, int kv_heads,
+                              long long head_stride, long long pos_stride) {
     const int h = blockIdx.x, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
     const size_t p = pos[0];
+    if (h >= kv_heads) {
+        const size_t o = (size_t)(h - kv_heads) * d;
+        rotate_pair(q + o, q_out + o, cos, sin, p, i, half);
+        return;
+    }
     const size_t o = (size_t)h * head_stride + p * pos_stride;
     rotate_pair(k + (size_t)h * d, kc + o, cos, sin, p, i, half);
     vc[o + i] = v[(size_t)h * d + i];
     vc[o + i + half] = v[(size_t)h * d + i + half];
 }
 
-// The rotary embedding of one token per sequence of a batch, each at its own position pos[b]:
-// x holds each token's heads x d values, x_stride apart (a fused q/k/v output read in place),
-// out is [batch, heads, d]; grid = (heads, batch), d / 2 threads.
+// rope_kv_write for one token per sequence of a batch, each at its own position pos[b], into the
+// paged pool ([rows, kv_heads, d]) at row rows[b]: grid = (kv_heads + heads, batch), d / 2
+// threads. q, k and v hold each token's heads x d values q_stride, k_stride and v_stride apart
+// (columns of a fused q/k/v output, read in place); q_out is [batch, heads, d].
 template <typename T>
-__device__ void rope_tokens(const T* __restrict__ x, long long x_stride, T* __restrict__ out, const T* __restrict__ cos,
-                            const T* __restrict__ sin, const unsigned int* __restrict__ pos, int d, int heads) {
+__device__ void rope_kv_write_rows(const T* __restrict__ q, long long q_stride, T* __restrict__ q_out,
+                                   const T* __restrict__ k, long long k_stride, const T* __restrict__ v, long long v_stride,
+                                   T* __restrict__ kp, T* __restrict__ vp, const T* __restrict__ cos, const T* __restrict__ sin,
+                                   const unsigned int* __restrict__ pos, const unsigned int* __restrict__ rows, int d,
+                                   int heads, int kv_heads) {
     const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
     if (i >= half) return;
-    rotate_pair(x + b * x_stride + (size_t)h * d, out + ((size_t)b * heads + h) * d, cos, sin, pos[b], i, half);
-}
-
-// One token per sequence of a batch written into the paged pool ([rows, kv_heads, d]): its key
-// rotated at pos[b], and its value, at pool row rows[b]. k and v hold each token's kv_heads x d
-// values, k_stride and v_stride apart (read in place from a fused q/k/v output);
-// grid = (kv_heads, batch), d / 2 threads.
-template <typename T>
-__device__ void kv_write_rows(const T* __restrict__ k, long long k_stride, const T* __restrict__ v, long long v_stride,
-                              T* __restrict__ kp, T* __restrict__ vp, const T* __restrict__ cos, const T* __restrict__ sin,
-                              const unsigned int* __restrict__ pos, const unsigned int* __restrict__ rows, int d, int kv_heads) {
-    const int h = blockIdx.x, b = blockIdx.y, i = threadIdx.x, half = d >> 1;
-    if (i >= half) return;
+    if (h >= kv_heads) {
+        const int j = h - kv_heads;
+        rotate_pair(q + b * q_stride + (size_t)j * d, q_out + ((size_t)b * heads + j) * d, cos, sin, pos[b], i, half);
+        return;
+    }
     const T* ks = k + b * k_stride + (size_t)h * d;
     const T* vs = v + b * v_stride + (size_t)h * d;
     const size_t dst = ((size_t)rows[b] * kv_heads + h) * d;
@@ -417,14 +413,10 @@ __device__ void kv_write_rows(const T* __restrict__ k, long long k_stride, const
         long long k_sb, long long k_sh, long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale) { \
         decode_attention<T>(q, k, v, out, len, pos, d, heads, n_rep, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale); \
     }                                                                                                     \
-    extern "C" __global__ void rope_pos_##NAME(const T* x, T* out, const T* cos, const T* sin,           \
-                                               const unsigned int* pos, int d) {                         \
-        rope_pos<T>(x, out, cos, sin, pos, d);                                                            \
-    }                                                                                                     \
-    extern "C" __global__ void kv_write_##NAME(const T* k, const T* v, T* kc, T* vc, const T* cos,       \
-                                               const T* sin, const unsigned int* pos, int d,             \
-                                               long long head_stride, long long pos_stride) {            \
-        kv_write<T>(k, v, kc, vc, cos, sin, pos, d, head_stride, pos_stride);                             \
+    extern "C" __global__ void rope_kv_write_##NAME(const T* q, T* q_out, const T* k, const T* v, T* kc, T* vc, \
+                                                    const T* cos, const T* sin, const unsigned int* pos, int d, \
+                                                    int kv_heads, long long head_stride, long long pos_stride) { \
+        rope_kv_write<T>(q, q_out, k, v, kc, vc, cos, sin, pos, d, kv_heads, head_stride, pos_stride);    \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_chunk_##NAME(                     \
         const T* q, const T* k, const T* v, float* part, int len, const unsigned int* pos, int d, int heads,  \
@@ -438,15 +430,11 @@ __device__ void kv_write_rows(const T* __restrict__ k, long long k_stride, const
         int width, int d, int heads, int n_rep, float scale, int chunk) {                                 \
         paged_attention_chunk<T>(q, kp, vp, part, table, lens, width, d, heads, n_rep, scale, chunk);     \
     }                                                                                                     \
-    extern "C" __global__ void rope_tokens_##NAME(const T* x, long long xs, T* out, const T* cos,        \
-                                                  const T* sin, const unsigned int* pos, int d, int heads) { \
-        rope_tokens<T>(x, xs, out, cos, sin, pos, d, heads);                                              \
-    }                                                                                                     \
-    extern "C" __global__ void kv_write_rows_##NAME(const T* k, long long ks, const T* v, long long vs,  \
-                                                    T* kp, T* vp, const T* cos, const T* sin,            \
-                                                    const unsigned int* pos, const unsigned int* rows,   \
-                                                    int d, int kv_heads) {                               \
-        kv_write_rows<T>(k, ks, v, vs, kp, vp, cos, sin, pos, rows, d, kv_heads);                         \
+    extern "C" __global__ void rope_kv_write_rows_##NAME(                                                 \
+        const T* q, long long qs, T* q_out, const T* k, long long ks, const T* v, long long vs, T* kp, T* vp, \
+        const T* cos, const T* sin, const unsigned int* pos, const unsigned int* rows, int d, int heads,      \
+        int kv_heads) {                                                                                   \
+        rope_kv_write_rows<T>(q, qs, q_out, k, ks, v, vs, kp, vp, cos, sin, pos, rows, d, heads, kv_heads); \
     }                                                                                                     \
     extern "C" __global__ void attention_combine_##NAME(const float* part, T* out, int nchunks, int d,    \
                                                         int heads) {                                      \

@@ -103,63 +103,40 @@ pub fn decode_attention_at(q: &Tensor, k: &Tensor, v: &Tensor, pos: &Tensor, sca
     q.contiguous()?.apply_op3_no_bwd(k, v, &DecodeAttention { scale, pos })
 }
 
-/// The rotary embedding of one token's queries `x` (`heads * d` contiguous values, batch 1) at the
-/// position `pos[0]` (u32 on the device); `cos`/`sin` are the `[positions, d / 2]` tables in x's
-/// dtype. Returns `[1, heads, 1, d]`.
-pub fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let dev = cuda_dev(&x)?;
-    let stream = dev.cuda_stream();
-    let sfx = suffix_for("rope", x.dtype())?;
-    if x.elem_count() != heads * d || cos.dtype() != x.dtype() || !d.is_multiple_of(2) || d > 2048 {
-        candle_core::bail!("rope: {} values for {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
-    }
-    let out = kernel_output((1, heads, 1, d), x.dtype(), x.device())?;
-    let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let (xp, op, cp, sp, pp) = (ptr(&x)?, ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
-    let func = dev.get_or_load_custom_func(&format!("rope_pos_{sfx}"), MODULE, PTX)?;
-    let d_ = d as i32;
-    let mut b = func.builder();
-    b.arg(&xp);
-    b.arg(&op);
-    b.arg(&cp);
-    b.arg(&sp);
-    b.arg(&pp);
-    b.arg(&d_);
-    let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: out holds heads * d elements; the tables hold the position (checked by the caller
-    // against the context length before the step).
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(out)
-}
-
-/// Writes one token's key (rotated at `pos[0]`) and value (`kv_heads * d` contiguous values each,
-/// batch 1) into the caches `kc`, `vc` (`[1, kv_heads, capacity, d]`) in place, at `pos[0]`.
+/// The rotary embedding of one token's queries and the KV-cache write of its key (rotated) and
+/// value, at the position `pos[0]` (u32 on the device), in one launch: `q` `heads * d`, `k` and
+/// `v` `kv_heads * d` contiguous values (batch 1), `kc`, `vc` the caches `[1, kv_heads, capacity,
+/// d]` written in place, `cos`/`sin` the `[positions, d / 2]` tables in q's dtype. Returns the
+/// rotated queries, `[1, heads, 1, d]`.
 #[allow(clippy::too_many_arguments)]
-pub fn kv_write_at(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, kv_heads: usize, d: usize) -> Result<()> {
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let dev = cuda_dev(&k)?;
+pub fn rope_kv_write_at(q: &Tensor, k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, kv_heads: usize, d: usize) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let dev = cuda_dev(&q)?;
     let stream = dev.cuda_stream();
-    let sfx = suffix_for("kv write", k.dtype())?;
+    let sfx = suffix_for("rope and kv write", q.dtype())?;
     let (_, h, cap, dd) = kc.dims4()?;
-    if h != kv_heads || dd != d || vc.dims() != kc.dims() || k.elem_count() != kv_heads * d || v.elem_count() != kv_heads * d || kc.dtype() != k.dtype() {
-        candle_core::bail!("kv write: key/value of {kv_heads} x {d} into caches {:?}", kc.dims());
+    let dtypes_agree = [k.dtype(), v.dtype(), kc.dtype(), vc.dtype(), cos.dtype(), sin.dtype()].iter().all(|&t| t == q.dtype());
+    if q.elem_count() != heads * d || h != kv_heads || dd != d || vc.dims() != kc.dims() || k.elem_count() != kv_heads * d || v.elem_count() != kv_heads * d || !dtypes_agree || !d.is_multiple_of(2) || d > 2048 {
+        candle_core::bail!("rope and kv write: queries of {heads} x {d}, key/value of {kv_heads} x {d} into caches {:?} ({:?})", kc.dims(), q.dtype());
     }
+    let q_out = kernel_output((1, heads, 1, d), q.dtype(), q.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let (kp, vp, kcp, vcp, cp, sp, pp) = (ptr(&k)?, ptr(&v)?, ptr(kc)?, ptr(vc)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
-    let func = dev.get_or_load_custom_func(&format!("kv_write_{sfx}"), MODULE, PTX)?;
-    let (d_, hs, ps) = (d as i32, (cap * d) as i64, d as i64);
+    let (qp, op, kp, vp, kcp, vcp, cp, sp, pp) = (ptr(&q)?, ptr(&q_out)?, ptr(&k)?, ptr(&v)?, ptr(kc)?, ptr(vc)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
+    let func = dev.get_or_load_custom_func(&format!("rope_kv_write_{sfx}"), MODULE, PTX)?;
+    let (d_, kvh_, hs, ps) = (d as i32, kv_heads as i32, (cap * d) as i64, d as i64);
     let mut b = func.builder();
-    for p in [&kp, &vp, &kcp, &vcp, &cp, &sp, &pp] {
+    for p in [&qp, &op, &kp, &vp, &kcp, &vcp, &cp, &sp, &pp] {
         b.arg(p);
     }
     b.arg(&d_);
+    b.arg(&kvh_);
     b.arg(&hs);
     b.arg(&ps);
-    let cfg = LaunchConfig { grid_dim: (kv_heads as u32, 1, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the caches are contiguous [1, kv_heads, cap, d]; the caller keeps pos[0] < cap.
+    let cfg = LaunchConfig { grid_dim: ((kv_heads + heads) as u32, 1, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: q_out holds heads * d elements; the caches are contiguous [1, kv_heads, cap, d]; the
+    // caller keeps pos[0] < cap and within the tables.
     unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    Ok(q_out)
 }
 
 /// `x` as rows of `row` values, itself where a kernel can read it in place ([`is_row_view`]),
@@ -172,78 +149,53 @@ fn rows_or_copy(x: &Tensor, row: usize) -> Result<Tensor> {
     }
 }
 
-/// The rotary embedding of one token per sequence of a batch, each at its own position: `x` holds
-/// `batch × heads × d` values, contiguous or a view of some columns of wider rows (the q part of
-/// a fused q/k/v output, read in place: no copy), `pos` `batch` u32 positions on the device,
-/// `cos`/`sin` the `[positions, d / 2]` tables in x's dtype. Returns `[batch, heads, d]`.
-pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let x = rows_or_copy(x, heads * d)?;
-    let batch = pos.elem_count();
-    let dev = cuda_dev(&x)?;
-    let stream = dev.cuda_stream();
-    let sfx = suffix_for("rope", x.dtype())?;
-    if x.elem_count() != batch * heads * d || cos.dtype() != x.dtype() || pos.dtype() != candle_core::DType::U32 || !d.is_multiple_of(2) || d > 2048 {
-        candle_core::bail!("rope: {} values for {batch} tokens of {heads} heads of {d}, tables {:?}", x.elem_count(), cos.dtype());
-    }
-    let out = kernel_output((batch, heads, d), x.dtype(), x.device())?;
-    let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let (xp, xs) = device_rows(&x, heads * d, &stream)?;
-    let xs = xs as i64;
-    let (op, cp, sp, pp) = (ptr(&out)?, ptr(cos)?, ptr(sin)?, ptr(pos)?);
-    let func = dev.get_or_load_custom_func(&format!("rope_tokens_{sfx}"), MODULE, PTX)?;
-    let (d_, h_) = (d as i32, heads as i32);
-    let mut b = func.builder();
-    b.arg(&xp);
-    b.arg(&xs);
-    for p in [&op, &cp, &sp, &pp] {
-        b.arg(p);
-    }
-    b.arg(&d_);
-    b.arg(&h_);
-    let cfg = LaunchConfig { grid_dim: (heads as u32, batch as u32, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: out holds batch * heads * d elements; the tables hold every position (checked by the
-    // caller against the context length before the step).
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(out)
-}
-
-/// Writes one token per sequence of a batch into the paged KV pool in place: its key rotated at
-/// `pos[b]` and its value, at pool row `rows[b]`. `k`, `v` hold `batch × kv_heads × d` values,
-/// contiguous or views of some columns of wider rows (read in place, as [`rope_tokens`]);
-/// `kp`, `vp` are one layer's pool storage, contiguous `[rows, kv_heads, d]`.
+/// [`rope_kv_write_at`] for one token per sequence of a batch, each at its own position, into the
+/// paged KV pool: the queries rotated at `pos[b]` and returned as `[batch, heads, d]`, the key
+/// (rotated) and value written at pool row `rows[b]`, in one launch. `q`, `k`, `v` hold `batch ×
+/// heads × d` and `batch × kv_heads × d` values, contiguous or views of some columns of wider rows
+/// (the parts of a fused q/k/v output, read in place: no copy); `pos`, `rows` `batch` u32 on the
+/// device; `kp`, `vp` are one layer's pool storage, contiguous `[rows, kv_heads, d]`.
 #[allow(clippy::too_many_arguments)]
-pub fn kv_write_rows(k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, rows: &Tensor, kv_heads: usize, d: usize) -> Result<()> {
-    let (k, v) = (rows_or_copy(k, kv_heads * d)?, rows_or_copy(v, kv_heads * d)?);
+pub fn rope_kv_write_rows(q: &Tensor, k: &Tensor, v: &Tensor, kp: &Tensor, vp: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor, rows: &Tensor, heads: usize, kv_heads: usize, d: usize) -> Result<Tensor> {
+    let (q, k, v) = (rows_or_copy(q, heads * d)?, rows_or_copy(k, kv_heads * d)?, rows_or_copy(v, kv_heads * d)?);
     let batch = pos.elem_count();
-    let dev = cuda_dev(&k)?;
+    let dev = cuda_dev(&q)?;
     let stream = dev.cuda_stream();
-    let sfx = suffix_for("kv write", k.dtype())?;
+    let sfx = suffix_for("rope and paged kv write", q.dtype())?;
     let (_, h, dd) = kp.dims3()?;
-    let want = batch * kv_heads * d;
-    if h != kv_heads || dd != d || vp.dims() != kp.dims() || k.elem_count() != want || v.elem_count() != want || kp.dtype() != k.dtype() || rows.elem_count() != batch {
-        candle_core::bail!("paged kv write: {batch} tokens of {kv_heads} x {d} into a pool of {:?}", kp.dims());
+    let kv_want = batch * kv_heads * d;
+    let dtypes_agree = [k.dtype(), v.dtype(), kp.dtype(), vp.dtype(), cos.dtype(), sin.dtype()].iter().all(|&t| t == q.dtype());
+    let u32s = pos.dtype() == candle_core::DType::U32 && rows.dtype() == candle_core::DType::U32;
+    if q.elem_count() != batch * heads * d || h != kv_heads || dd != d || vp.dims() != kp.dims() || k.elem_count() != kv_want || v.elem_count() != kv_want || !dtypes_agree || !u32s || rows.elem_count() != batch || !d.is_multiple_of(2) || d > 2048 {
+        candle_core::bail!("rope and paged kv write: {batch} tokens of {heads} x {d} queries, {kv_heads} x {d} keys into a pool of {:?} ({:?})", kp.dims(), q.dtype());
     }
+    let q_out = kernel_output((batch, heads, d), q.dtype(), q.device())?;
     let ptr = |t: &Tensor| device_ptr(t, &stream);
-    let ((kptr, ks), (vptr, vs)) = (device_rows(&k, kv_heads * d, &stream)?, device_rows(&v, kv_heads * d, &stream)?);
-    let (ks, vs) = (ks as i64, vs as i64);
-    let (kpp, vpp, cp, sp, pp, rp) = (ptr(kp)?, ptr(vp)?, ptr(cos)?, ptr(sin)?, ptr(pos)?, ptr(rows)?);
-    let func = dev.get_or_load_custom_func(&format!("kv_write_rows_{sfx}"), MODULE, PTX)?;
-    let (d_, h_) = (d as i32, kv_heads as i32);
+    let (qr, kr, vr) = (device_rows(&q, heads * d, &stream)?, device_rows(&k, kv_heads * d, &stream)?, device_rows(&v, kv_heads * d, &stream)?);
+    let (op, kpp, vpp, cp, sp, pp, rp) = (ptr(&q_out)?, ptr(kp)?, ptr(vp)?, ptr(cos)?, ptr(sin)?, ptr(pos)?, ptr(rows)?);
+    let func = dev.get_or_load_custom_func(&format!("rope_kv_write_rows_{sfx}"), MODULE, PTX)?;
+    let (qs, ks, vs) = (qr.1 as i64, kr.1 as i64, vr.1 as i64);
+    let (d_, h_, kvh_) = (d as i32, heads as i32, kv_heads as i32);
     let mut b = func.builder();
-    b.arg(&kptr);
+    b.arg(&qr.0);
+    b.arg(&qs);
+    b.arg(&op);
+    b.arg(&kr.0);
     b.arg(&ks);
-    b.arg(&vptr);
+    b.arg(&vr.0);
     b.arg(&vs);
     for p in [&kpp, &vpp, &cp, &sp, &pp, &rp] {
         b.arg(p);
     }
     b.arg(&d_);
     b.arg(&h_);
-    let cfg = LaunchConfig { grid_dim: (kv_heads as u32, batch as u32, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the pool is contiguous [rows, kv_heads, d]; the caller's rows are rows of it (blocks
-    // reserved for these positions) and its positions lie within the tables.
+    b.arg(&kvh_);
+    let cfg = LaunchConfig { grid_dim: ((kv_heads + heads) as u32, batch as u32, 1), block_dim: ((d / 2) as u32, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: q_out holds batch * heads * d elements; the pool is contiguous [rows, kv_heads, d];
+    // the caller's rows are rows of it (blocks reserved for these positions) and its positions
+    // lie within the tables.
     unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    Ok(q_out)
 }
 
 /// Decode attention for one query token per sequence over the paged KV pool: `q` `[batch, heads,
