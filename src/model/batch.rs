@@ -118,12 +118,13 @@ impl Model {
                 candle_core::bail!("position {end} is beyond the model's context of {} tokens", self.context_len());
             }
         }
-        if seqs.iter().all(|s| s.tokens.len() == 1) && super::host_step::applies(self) {
-            // Every sequence decodes: the host step, over the pool in place.
+        if super::host_step::applies(self) && seqs.iter().all(|s| s.tokens.len() <= super::host_step::HOST_CHUNK_MAX) {
+            // Decoding sequences and short prompt chunks: the host step, over the pool in place.
             let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
-            let logits = self.on_pool(|| self.host_step(&ids, super::host_step::KvTarget::Paged { pool, seqs: &kvs }))?;
+            let counts: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+            let logits = self.on_pool(|| self.host_step(&ids, &counts, super::host_step::KvTarget::Paged { pool, seqs: &kvs }))?;
             for s in seqs.iter_mut() {
-                pool.advance(s.kv, 1);
+                pool.advance(s.kv, s.tokens.len());
             }
             return Ok(logits);
         }
@@ -277,10 +278,14 @@ mod tests {
     }
 
     fn tiny(w4: bool) -> Model {
+        tiny_with_context(w4, 128)
+    }
+
+    fn tiny_with_context(w4: bool, context: usize) -> Model {
         let cfg: crate::model::Config = serde_json::from_value(serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
-            "max_position_embeddings": 128,
+            "max_position_embeddings": context,
         }))
         .unwrap();
         dummy::dummy_model(&cfg, w4, 32, DType::F32, &Device::Cpu).unwrap()
@@ -336,8 +341,29 @@ mod tests {
 
     fn batched_matches_alone(m: &Model, split: bool, kv: DType) {
         let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 65, 69, 2], &[3], &[7, 8, 9, 10, 11]];
+        batched_prompts_match_alone(m, split, kv, &prompts, 16);
+    }
+
+    /// A prompt chunk longer than the host step takes ([`host_step::HOST_CHUNK_MAX`]) goes
+    /// through the general path, alone and beside short chunks and decoding sequences; the
+    /// tokens and logits are still those of each sequence alone.
+    #[test]
+    fn long_prompt_chunks_match_each_sequence_alone() {
+        use crate::model::host_step::HOST_CHUNK_MAX;
+        let long: Vec<u32> = (0..HOST_CHUNK_MAX as u32 + 40).map(|i| (i * 7 + 3) % 100).collect();
+        for w4 in [false, true] {
+            let m = tiny_with_context(w4, 2 * HOST_CHUNK_MAX + 64);
+            let prompts: [&[u32]; 3] = [&long, &[3], &long[5..HOST_CHUNK_MAX]];
+            batched_prompts_match_alone(&m, false, DType::F32, &prompts, 48);
+        }
+    }
+
+    /// Sequence 0's prompt is fed in two chunks (7 tokens, then the rest) while the others
+    /// prefill whole; then everyone decodes greedily, all in one batch, until each has `steps`
+    /// tokens; each sequence's tokens and logits are compared with its run alone.
+    fn batched_prompts_match_alone(m: &Model, split: bool, kv: DType, prompts: &[&[u32]; 3], blocks: usize) {
         let steps = 12;
-        let mut pool = KvPool::new(&m.cfg, 16, kv, &Device::Cpu).unwrap();
+        let mut pool = KvPool::new(&m.cfg, blocks, kv, &Device::Cpu).unwrap();
         let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
         let mut fed: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
         let mut outs: Vec<Vec<u32>> = vec![vec![]; 3];
@@ -389,6 +415,6 @@ mod tests {
         for kv in kvs.iter_mut() {
             pool.release(kv);
         }
-        assert_eq!(pool.free_blocks(), 16);
+        assert_eq!(pool.free_blocks(), blocks);
     }
 }

@@ -138,6 +138,23 @@ impl CustomOp2 for SiluMul {
 }
 
 /// `silu(g) · u` elementwise over the pool's threads (AVX2 where the CPU has it).
+/// `silu(gate) · up` of each row of `gu` (`[m][2 · n]`, a row's gate then its up values, as one
+/// call of the fused gate/up projection leaves them): `[m][n]`, rows split over the kernel
+/// threads (a decode step's few rows stay on the calling thread).
+pub fn silu_mul_rows_host(gu: &[f32], n: usize) -> Vec<f32> {
+    let m = gu.len() / (2 * n);
+    let mut out = vec![0f32; m * n];
+    let dst = pool::SendPtr(out.as_mut_ptr());
+    pool::for_ranges(m, 4096usize.div_ceil(n).max(1), |rows| {
+        for r in rows {
+            let row = &gu[r * 2 * n..(r + 1) * 2 * n];
+            // SAFETY: tasks take disjoint rows of `out`, which outlives the call.
+            silu_mul_slices(&row[..n], &row[n..], unsafe { dst.row(r, n) });
+        }
+    });
+    out
+}
+
 pub fn silu_mul_host(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
     // Chunks of 4096 values (16 KiB) per task: a decode step's single row stays on one thread.

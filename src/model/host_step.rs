@@ -1,17 +1,24 @@
-//! The decode step on the CPU without candle's op-by-op machinery: one new token for each of
-//! several sequences (one for chat and generate, the whole batch for the server), through host
-//! buffers and fused loops. A decode step of SmolLM2 otherwise makes about 20 candle ops per
-//! block — an allocation and a dispatch each, on vectors of 576 values — and that bookkeeping
-//! cost as much as the 4-bit arithmetic itself.
+//! The CPU forward step without candle's op-by-op machinery: new tokens for each of several
+//! sequences (one while a sequence decodes, a short prompt chunk while it prefills; one sequence
+//! for chat and generate, the whole batch for the server), through host buffers and fused
+//! loops. A decode step of SmolLM2 otherwise makes about 20 candle ops per block — an
+//! allocation and a dispatch each, on vectors of 576 values — and that bookkeeping cost as much
+//! as the 4-bit arithmetic itself; a prompt's tokens paid it once per sequence for rope, the
+//! cache writes and attention.
 //!
-//! Per block: the residual add and RMS norm in one loop per token; q/k/v in one call of the
-//! kernel threads (the activations quantized once, [`crate::quant::cpu::PackedQ4::matmul_many`]);
-//! rope at each token's own position; the keys and values written straight into the cache's
-//! storage; attention per (token, head) over that storage in place, split over the kernel
-//! threads; o_proj; add + norm; gate/up in one call; silu·mul; down_proj. The arithmetic of each
-//! piece is that of the candle ops it replaces (the same sums in the same order), so a sequence
-//! decodes to the same tokens whichever path runs it. Linear layers other than packed 4-bit ones
-//! (dense, f16, GPTQ with an input permutation) run their own `forward` on the step's rows.
+//! Per block: the residual add and RMS norm in one loop per token (a prompt's rows over the
+//! kernel threads); q/k/v in one call of the kernel threads (the activations quantized once,
+//! [`crate::quant::cpu::PackedQ4::matmul_many`]); rope at each token's own position; the keys
+//! and values of every new token written straight into the cache's storage; then attention per
+//! (token, head) over that storage in place, split over the kernel threads — a prompt chunk's
+//! tokens are rows of their own, each attending over the positions up to its own; o_proj; add +
+//! norm; gate/up in one call; silu·mul read from that call's output; down_proj. A decode token's
+//! arithmetic is that of the candle ops it replaces (the same sums in the same order), so a
+//! sequence decodes to the same tokens whichever path runs it; a prompt token's attention sums
+//! in another order than the general path's tiled prompt attention (`causal_attention_cpu`),
+//! within rounding (tested against the whole-sequence pass). Linear layers other than packed
+//! 4-bit ones (dense, f16, GPTQ with an input permutation) run their own `forward` on the
+//! step's rows.
 use super::attention_cpu;
 use super::llama::{Block, Model};
 use super::paged::{KvPool, SeqKv, BLOCK_TOKENS};
@@ -28,6 +35,16 @@ pub(crate) enum KvTarget<'a> {
     /// Sequences of the paged pool, each at its own next position (`kv.len()`); blocks reserved.
     Paged { pool: &'a KvPool, seqs: &'a [&'a SeqKv] },
 }
+
+/// The longest prompt chunk a sequence may feed to the host step. Its tokens attend one by one
+/// over the cache, each reading all the positions before it, which costs the square of the
+/// chunk's length in cache reads; longer chunks go through the general path, whose attention
+/// multiplies whole matrices. On the 2-core EPYC VM (`cargo run --release --example
+/// prefill_step`, six runs alternated with `AWQ_RUN_HOST_STEP=0`, medians) the host step
+/// prefilled SmolLM2 AWQ at 1711 against 1575 tok/s for 8 × 69 tokens, 1573 / 1464 for 4 × 128,
+/// 1361 / 1312 for one 69-token prompt and 1424 / 1030 for one of 128; with the limit raised,
+/// 256- and 512-token prompts ran alike on both paths.
+pub(crate) const HOST_CHUNK_MAX: usize = 128;
 
 /// Whether the host step runs `model`'s decode steps: CPU, f32 activations, and not turned off
 /// with `AWQ_RUN_HOST_STEP=0` (to compare with the op-by-op path).
@@ -164,41 +181,50 @@ struct Seq<'a> {
 }
 
 impl Model {
-    /// The host decode step: logits `[seqs, vocab]` (f32) of one new token per sequence
-    /// (`tokens[i]` for sequence `i` of `kv`). Advances nothing: the caller counts the written
-    /// position (the contiguous cache's length, the pool's `advance`).
-    pub(crate) fn host_step(&self, tokens: &[u32], kv: KvTarget) -> Result<Tensor> {
+    /// The host step: logits `[seqs, vocab]` (f32) of the last new token of each sequence, where
+    /// sequence `i` of `kv` feeds the next `counts[i]` of `tokens` at its next positions (one
+    /// while it decodes, a prompt chunk while it prefills; see [`HOST_CHUNK_MAX`]). Advances
+    /// nothing: the caller counts the written positions (the contiguous cache's length, the
+    /// pool's `advance`).
+    pub(crate) fn host_step(&self, tokens: &[u32], counts: &[usize], kv: KvTarget) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (h, kvh, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let hidden = cfg.hidden_size;
         let s_n = tokens.len();
         self.check_tokens(tokens)?;
+        if counts.contains(&0) || counts.iter().sum::<usize>() != s_n {
+            candle_core::bail!("host step: {s_n} tokens for sequences of {counts:?}");
+        }
         let eps = cfg.rms_norm_eps as f32;
         let mut kv = kv;
-        // Each sequence's position and addressing; the contiguous cache's buffers grown to hold it.
+        // Every token's position and the addressing of its sequence (a prompt chunk's tokens
+        // are rows of their own, attending causally through the cache they are written to
+        // first); the contiguous cache's buffers grown to hold them.
         let seqs: Vec<Seq> = match &mut kv {
             KvTarget::Contiguous { cache, pos } => {
-                let need = *pos + 1;
+                let [n] = counts else { candle_core::bail!("host step: one sequence in a contiguous cache, not {}", counts.len()) };
+                let need = *pos + n;
                 let cap = cache.capacity;
                 for layer in cache.layers.iter_mut() {
                     layer.reserve_shape((1, kvh, hd), DType::F32, &Device::Cpu, need, cap)?;
                 }
                 let alloc = cache.layers.first().map_or(0, |l| l.allocated());
-                vec![Seq { pos: *pos, addr: Addr::HeadMajor { alloc, hd } }]
+                (*pos..need).map(|p| Seq { pos: p, addr: Addr::HeadMajor { alloc, hd } }).collect()
             }
-            KvTarget::Paged { seqs, .. } => seqs
-                .iter()
-                .map(|s| {
-                    if KvPool::blocks_for(s.len() + 1) > s.blocks() {
-                        candle_core::bail!("host step: position {} has no KV block reserved", s.len());
+            KvTarget::Paged { seqs, .. } => {
+                if seqs.len() != counts.len() {
+                    candle_core::bail!("host step: {} sequences, {} token counts", seqs.len(), counts.len());
+                }
+                let mut rows = Vec::with_capacity(s_n);
+                for (s, &n) in seqs.iter().zip(counts) {
+                    if KvPool::blocks_for(s.len() + n) > s.blocks() {
+                        candle_core::bail!("host step: position {} has no KV block reserved", s.len() + n - 1);
                     }
-                    Ok(Seq { pos: s.len(), addr: Addr::Paged { blocks: s.block_ids(), kvh, hd } })
-                })
-                .collect::<Result<_>>()?,
+                    rows.extend((s.len()..s.len() + n).map(|p| Seq { pos: p, addr: Addr::Paged { blocks: s.block_ids(), kvh, hd } }));
+                }
+                rows
+            }
         };
-        if s_n != seqs.len() {
-            candle_core::bail!("host step: {s_n} tokens for {} sequences", seqs.len());
-        }
         for s in &seqs {
             if s.pos >= self.context_len() {
                 candle_core::bail!("position {} is beyond the model's context of {} tokens", s.pos + 1, self.context_len());
@@ -256,33 +282,57 @@ impl Model {
                 *a += b;
             }
         }
-        let xt = Tensor::from_vec(x, (s_n, hidden), &Device::Cpu)?;
+        // The head for each sequence's last token only (a chunk's other rows predict nothing).
+        let last: Vec<f32> = if counts.iter().all(|&n| n == 1) {
+            x
+        } else {
+            counts.iter().scan(0, |end, &n| {
+                *end += n;
+                Some(*end - 1)
+            }).flat_map(|r| x[r * hidden..(r + 1) * hidden].to_vec()).collect()
+        };
+        let xt = Tensor::from_vec(last, (counts.len(), hidden), &Device::Cpu)?;
         self.head(&xt)
     }
 
     fn mlp_host(&self, block: &Block, normed: &[f32], m: usize) -> Result<Vec<f32>> {
         let mlp = &block.mlp;
-        let mut gu = project(&[&mlp.gate_proj, &mlp.up_proj], normed, m)?;
-        let up = gu.pop().expect("two projections");
-        let gate = gu.pop().expect("two projections");
         // The general path's silu · up (its vector exp; libm's, one value at a time, was 1.5 %
-        // of an 8-sequence step on the calling thread alone).
-        let act = super::cpu_math::silu_mul_host(&gate, &up);
+        // of an 8-sequence step on the calling thread alone), read from the fused gate/up
+        // output where one call gives it (a prompt's rows were otherwise copied out of it into
+        // two buffers first, on the calling thread alone).
+        let layers = [&mlp.gate_proj, &mlp.up_proj];
+        let act = match packed_set(&layers).filter(|ws| ws[0].shape.n == ws[1].shape.n && layers.iter().all(|l| l.bias().is_none())) {
+            Some(ws) => super::cpu_math::silu_mul_rows_host(&PackedQ4::matmul_many(&ws, normed, m, Kernel::Auto), ws[0].shape.n),
+            None => {
+                let mut gu = project(&layers, normed, m)?;
+                let up = gu.pop().expect("two projections");
+                let gate = gu.pop().expect("two projections");
+                super::cpu_math::silu_mul_host(&gate, &up)
+            }
+        };
         Ok(project(&[&mlp.down_proj], &act, m)?.pop().expect("one projection"))
     }
 }
 
 /// `x += delta` (where given), then `normed` = the RMS norm of each row of `x` with weight `w`.
 fn add_norm(x: &mut [f32], delta: Option<&[f32]>, w: &Tensor, eps: f32, normed: &mut [f32], hidden: usize) -> Result<()> {
-    if let Some(d) = delta {
-        for (a, b) in x.iter_mut().zip(d) {
-            *a += b;
-        }
-    }
+    // A prompt's rows over the kernel threads (a decode step's few stay on this one).
+    let rows_n = x.len() / hidden;
+    let (xs, out) = (SendPtr(x.as_mut_ptr()), SendPtr(normed.as_mut_ptr()));
     with_f32(w, |w| {
-        for (xr, yr) in x.chunks_exact(hidden).zip(normed.chunks_exact_mut(hidden)) {
-            rms_norm_row(xr, w, eps, yr);
-        }
+        pool::for_ranges(rows_n, 16, |rows| {
+            for r in rows {
+                // SAFETY: tasks take disjoint rows of `x` and `normed`, which outlive the call.
+                let (xr, yr) = unsafe { (xs.row(r, hidden), out.row(r, hidden)) };
+                if let Some(d) = delta {
+                    for (a, b) in xr.iter_mut().zip(&d[r * hidden..(r + 1) * hidden]) {
+                        *a += b;
+                    }
+                }
+                rms_norm_row(xr, w, eps, yr);
+            }
+        })
     })
 }
 

@@ -565,14 +565,16 @@ impl Model {
         if let Some(logits) = super::graph::forward(self, tokens, cache)? {
             return Ok(logits);
         }
-        if tokens.dims() == [1, 1] && super::host_step::applies(self) {
-            let id = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-            let pos = cache.len();
-            let logits = self.on_pool(|| self.host_step(&id, super::host_step::KvTarget::Contiguous { cache: &mut *cache, pos }))?;
-            for layer in cache.layers.iter_mut() {
-                layer.advance(1);
+        if let [1, n] = *tokens.dims() {
+            if n <= super::host_step::HOST_CHUNK_MAX && super::host_step::applies(self) {
+                let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let pos = cache.len();
+                let logits = self.on_pool(|| self.host_step(&ids, &[n], super::host_step::KvTarget::Contiguous { cache: &mut *cache, pos }))?;
+                for layer in cache.layers.iter_mut() {
+                    layer.advance(n);
+                }
+                return Ok(logits);
             }
-            return Ok(logits);
         }
         self.on_pool(|| {
             let x = self.hidden_states(tokens, Some(cache))?;
