@@ -29,8 +29,8 @@ pub struct Args {
     /// sequences of --prompt-len positions decoding --gen tokens together (aggregate tokens/s).
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
-    /// With --batch: the paged KV cache's dtype, as `serve --kv-cache-dtype` (auto: the
-    /// activation dtype; f16 under f32 activations on the CPU).
+    /// With --batch: the paged KV cache's dtype, as `serve --kv-cache-dtype` (auto: f16 on the
+    /// CPU, the activation dtype elsewhere; f32 or f16 on the CPU).
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Print the result as JSON.

@@ -34,9 +34,10 @@ pub struct Args {
     /// Size of the paged KV cache in blocks of 16 tokens (instead of --kv-cache-mb).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
-    /// The KV cache's dtype: `auto` (the activation dtype) or, on the CPU, `f16`: half the
+    /// The KV cache's dtype: `auto` (f16 on the CPU, where activations are f32: half the
     /// memory per token and half the bytes a decode step's attention reads, keys and values
-    /// rounded to f16 (as llama.cpp's default cache).
+    /// rounded to f16 as in llama.cpp's default cache; elsewhere the activation dtype), or on
+    /// the CPU `f32` or `f16`.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Prompt tokens prefilled per step at most, over all prefilling sequences (long prompts go

@@ -36,7 +36,8 @@ pub struct SchedulerConfig {
     pub kv_blocks: usize,
     /// Prompt tokens prefilled in one step at most (over all prefilling sequences).
     pub prefill_chunk: usize,
-    /// The KV cache's dtype (None: the model's activation dtype; see [`KvPool::resolve_dtype`]).
+    /// The KV cache's dtype (None: f16 on the CPU, else the activation dtype; see
+    /// [`KvPool::resolve_dtype`]).
     pub kv_dtype: Option<candle_core::DType>,
     /// Keep finished sequences' whole KV blocks for later prompts that start with the same
     /// tokens (see [`crate::model::kv_blocks`]).

@@ -148,13 +148,17 @@ impl KvPool {
         self.k.first().map_or(DType::F32, Tensor::dtype)
     }
 
-    /// The cache dtype for a model computing in `act` on `device`, asked for as `kv` (None:
-    /// `act`): the activation dtype itself, or f16 under f32 activations on the CPU (half the
-    /// bytes a decode step's attention reads and half the memory a token holds; the host decode
-    /// step and the general path convert to f32 as they read). The CUDA kernels read the cache
-    /// in the activation dtype, so anything else is refused.
+    /// The cache dtype for a model computing in `act` on `device`, asked for as `kv`: the
+    /// activation dtype itself, or f16 under f32 activations on the CPU (half the bytes a decode
+    /// step's attention reads and half the memory a token holds; the host step and the general
+    /// path convert to f32 as they read). None picks f16 there, as llama.cpp's default cache
+    /// type: an 8-sequence SmolLM2 step at 69–133 positions takes 9.7–10.0 ms against
+    /// 10.6–10.7 over f32, for +0.05 % perplexity (22.468 against 22.458, teacher-forced
+    /// through the cache over 1152 tokens of three texts; BENCHMARKS.md, session 26); elsewhere
+    /// the activation dtype. The CUDA kernels read the cache in the activation dtype, so
+    /// anything else is refused there.
     pub fn resolve_dtype(kv: Option<DType>, act: DType, device: &Device) -> Result<DType> {
-        let kv = kv.unwrap_or(act);
+        let kv = kv.unwrap_or(if device.is_cpu() && act == DType::F32 { DType::F16 } else { act });
         if kv == act || (device.is_cpu() && act == DType::F32 && kv == DType::F16) {
             return Ok(kv);
         }
