@@ -154,7 +154,7 @@ impl KvPool {
     /// path convert to f32 as they read). None picks f16 there, as llama.cpp's default cache
     /// type: an 8-sequence SmolLM2 step at 69–133 positions takes 9.7–10.0 ms against
     /// 10.6–10.7 over f32, for +0.05 % perplexity (22.468 against 22.458, teacher-forced
-    /// through the cache over 1152 tokens of three texts; BENCHMARKS.md, session 26); elsewhere
+    /// through the cache over 1152 tokens of three texts, `examples/kv_cache_ppl.rs`); elsewhere
     /// the activation dtype. The CUDA kernels read the cache in the activation dtype, so
     /// anything else is refused there.
     pub fn resolve_dtype(kv: Option<DType>, act: DType, device: &Device) -> Result<DType> {
