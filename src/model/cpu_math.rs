@@ -137,7 +137,6 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-/// `silu(g) · u` elementwise over the pool's threads (AVX2 where the CPU has it).
 /// `silu(gate) · up` of each row of `gu` (`[m][2 · n]`, a row's gate then its up values, as one
 /// call of the fused gate/up projection leaves them): `[m][n]`, rows split over the kernel
 /// threads (a decode step's few rows stay on the calling thread).
@@ -155,6 +154,7 @@ pub fn silu_mul_rows_host(gu: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
+/// `silu(g) · u` elementwise over the pool's threads (AVX2 where the CPU has it).
 pub fn silu_mul_host(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
     // Chunks of 4096 values (16 KiB) per task: a decode step's single row stays on one thread.

@@ -46,7 +46,7 @@ pub(crate) enum KvTarget<'a> {
 /// 256- and 512-token prompts ran alike on both paths.
 pub(crate) const HOST_CHUNK_MAX: usize = 128;
 
-/// Whether the host step runs `model`'s decode steps: CPU, f32 activations, and not turned off
+/// Whether the host step runs `model`'s steps: CPU, f32 activations, and not turned off
 /// with `AWQ_RUN_HOST_STEP=0` (to compare with the op-by-op path).
 pub(crate) fn applies(model: &Model) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

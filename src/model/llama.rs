@@ -566,7 +566,7 @@ impl Model {
             return Ok(logits);
         }
         if let [1, n] = *tokens.dims() {
-            if n <= super::host_step::HOST_CHUNK_MAX && super::host_step::applies(self) {
+            if (1..=super::host_step::HOST_CHUNK_MAX).contains(&n) && super::host_step::applies(self) {
                 let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let pos = cache.len();
                 let logits = self.on_pool(|| self.host_step(&ids, &[n], super::host_step::KvTarget::Contiguous { cache: &mut *cache, pos }))?;
