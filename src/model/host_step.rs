@@ -286,10 +286,13 @@ impl Model {
         let last: Vec<f32> = if counts.iter().all(|&n| n == 1) {
             x
         } else {
-            counts.iter().scan(0, |end, &n| {
-                *end += n;
-                Some(*end - 1)
-            }).flat_map(|r| x[r * hidden..(r + 1) * hidden].to_vec()).collect()
+            let mut last = Vec::with_capacity(counts.len() * hidden);
+            let mut end = 0;
+            for &n in counts {
+                end += n;
+                last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+            }
+            last
         };
         let xt = Tensor::from_vec(last, (counts.len(), hidden), &Device::Cpu)?;
         self.head(&xt)
