@@ -117,6 +117,21 @@ pub fn resident_blocks(dev: &CudaDevice, func: &CudaFunction, name: &str, thread
     Ok(n)
 }
 
+/// Lets `func` (named `name`) take `smem` bytes of dynamic shared memory, once per name and
+/// size: what [`resident_blocks`] does before its occupancy query, for kernels (thread block
+/// clusters) whose launches are planned on another entry's occupancy.
+pub fn allow_dynamic_smem(func: &CudaFunction, name: &str, smem: usize) -> Result<()> {
+    static DONE: OnceLock<Mutex<std::collections::HashSet<(String, usize)>>> = OnceLock::new();
+    let done = DONE.get_or_init(|| Mutex::new(std::collections::HashSet::new()));
+    let key = (name.to_string(), smem);
+    if done.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+        return Ok(());
+    }
+    func.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+    done.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+    Ok(())
+}
+
 /// Extra blocks a small kernel launches to issue an L2 hint (none for an empty hint): one per SM,
 /// so the prefetches spread over every SM's TMA unit (see `l2_prefetch` in common.cuh).
 pub fn prefetch_blocks(dev: &CudaDevice, hint: &super::L2Prefetch) -> Result<u32> {

@@ -172,13 +172,15 @@ fn small_m(device: &Device, r: &mut Rng) -> Result<Vec<serde_json::Value>> {
             }
             // Every skinny kernel built for these tokens at its default k slices, then the
             // slices swept for the wgmma ones where the choice is least obvious (session 18
-            // swept the mma.sync ones).
+            // swept the mma.sync ones), for the mma.sync kernel of two k-step warps, and for
+            // the cluster ends, against the global end at the same slices.
             let kernels = if skinny_supported(&[&ws[0]], m, DType::F16) { skinny_kernels_built(m, device) } else { Vec::new() };
             for &kernel in &kernels {
                 fs.push((format!("skinny {kernel}"), Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, None, Some(kernel)).map(|_| ()))));
             }
-            let sweep: &[usize] = if m == 16 || m == 64 || m == 128 { &[2, 4, 8, 16] } else { &[] };
-            for &kernel in kernels.iter().filter(|k| matches!(k, SkinnyKernel::Wgmma { .. })) {
+            let swept = matches!(m, 16 | 32 | 64 | 128);
+            for &kernel in kernels.iter().filter(|k| swept && (k.cluster() || matches!(k, SkinnyKernel::Wgmma { .. }) || **k == SkinnyKernel::Mma { k_warps: 2 })) {
+                let sweep: &[usize] = if kernel.cluster() { &[2, 4] } else { &[2, 4, 8, 16] };
                 for &sp in sweep {
                     fs.push((format!("skinny {kernel} splits {sp}"), Box::new(move |i| skinny_many_with(&[&ws[i % wc]], x, Some(sp), Some(kernel)).map(|_| ()))));
                 }

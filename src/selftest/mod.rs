@@ -155,9 +155,16 @@ pub fn run(device: &Device, seed: u64) -> Result<(usize, usize)> {
                     // each wgmma pipeline depth), at the default slices and an odd count (uneven
                     // slices, some maybe empty).
                     for kernel in skinny_kernels_built(m, device) {
-                        for splits in [None, Some(3)] {
+                        // A cluster end takes 2 or 4 slices; it adds them in the order the
+                        // global end does, so both give the same bits.
+                        let counts: &[Option<usize>] = if kernel.cluster() { &[None, Some(2), Some(4)] } else { &[None, Some(3)] };
+                        for &splits in counts {
                             let got = skinny_many_with(&[&cw], &x, splits, Some(kernel))?;
                             t.check(format!("skinny {kernel} {splits:?} {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &want)?, tol(dt));
+                            if let (Some(sp), true) = (splits, kernel.cluster()) {
+                                let global = skinny_many_with(&[&cw], &x, Some(sp), Some(kernel.with_cluster(false)))?;
+                                t.check(format!("skinny {kernel} = global end, {sp} slices, {dt:?} n={n} k={k} g={g} m={m}"), max_rel(&got, &host(&global)?)?, 0.0);
+                            }
                         }
                     }
                 }

@@ -161,11 +161,12 @@ pub fn skinny_splits(blocks: usize, ktiles: usize, sms: usize, resident: usize) 
 
 /// k slices of a wgmma skinny GEMM launch (512-thread blocks, `resident` of them at once): the
 /// count whose blocks fill their waves best, less 0.03 a slice for the reduction each adds, each
-/// slice at least 4 of the `ktiles` tiles, at most [`SKINNY_MAX_SPLITS`]. With one block per SM
-/// the mma.sync rule (two blocks per SM within one wave) left 46 of 132 SMs idle on 22016 rows.
+/// slice at least 4 of the `ktiles` tiles, at most [`SKINNY_WGMMA_MAX_SPLITS`]. With one block
+/// per SM the mma.sync rule (two blocks per SM within one wave) left 46 of 132 SMs idle on 22016
+/// rows.
 pub fn skinny_wgmma_splits(blocks: usize, ktiles: usize, resident: usize) -> usize {
     let (blocks, resident) = (blocks.max(1), resident.max(1));
-    let most = (ktiles / 4).clamp(1, SKINNY_MAX_SPLITS);
+    let most = (ktiles / 4).clamp(1, SKINNY_WGMMA_MAX_SPLITS);
     let score = |s: usize| {
         let waves = (blocks * s).div_ceil(resident);
         (blocks * s) as f64 / (waves * resident) as f64 - 0.03 * s as f64
@@ -175,6 +176,40 @@ pub fn skinny_wgmma_splits(blocks: usize, ktiles: usize, resident: usize) -> usi
 
 /// Most k slices of a skinny GEMM launch (SK_MAX_SPLITS in w4a16_skinny.cu).
 pub const SKINNY_MAX_SPLITS: usize = 16;
+
+/// Most k slices [`skinny_wgmma_splits`] plans. Up to session 26 it was 16, which two blocks an
+/// SM (32 tokens) got for 16 row ranges; in session 27's sweep (H100, 16 to 128 tokens, the
+/// GPU issue's shapes) 16 slices never beat 8, and at 32 tokens lost by 5 to 20 % (4096² 16.9
+/// against 13.8 µs, 11008 × 4096 24.6 against 22.5).
+pub const SKINNY_WGMMA_MAX_SPLITS: usize = 8;
+
+/// Whether a skinny GEMM kernel with the cluster end runs `splits` k slices: one (no sums to
+/// add) or a cluster size it is built for (`CLUSTER_SIZES` in w4a16_skinny_sm90.cu: 2, 4).
+pub fn skinny_cluster_splits_ok(splits: usize) -> bool {
+    matches!(splits, 1 | 2 | 4)
+}
+
+/// Most 64-wide k tiles a block of a cluster-end launch takes (see [`skinny_cluster_plan`]).
+pub const SKINNY_CLUSTER_MAX_TILES: usize = 32;
+
+/// The cluster size of a wgmma skinny launch whose global end would take `splits` slices of
+/// `ktiles` k tiles, or None where the global end should run. A cluster adds its slices' sums in
+/// shared memory, where the global end writes and reads 8 bytes an output and slice through L2
+/// and the last block of each row range adds them alone; but clusters of 8 lost on an H100, so
+/// a cluster takes 2 or 4 slices, fewer than the global end's, and its blocks take longer slices.
+/// That pays where the sums' traffic is large beside the weights' (short k): measured on an H100
+/// (BENCHMARKS.md, session 27) at 64 / 128 tokens, 4096² 16.8 / 22.7 µs against 20.8 / 34.1
+/// (4 slices for 8), 4096 × 11008 27.4 / 37.1 against 28.9 / 44.4 (2 for 3), but 11008 × 4096
+/// 35.9 / 49.9 against 30.7 / 48.7 (4 for 8: 43 tiles a block). So: the largest built size
+/// up to `splits`, if its slices are at most [`SKINNY_CLUSTER_MAX_TILES`] tiles.
+pub fn skinny_cluster_plan(splits: usize, ktiles: usize) -> Option<usize> {
+    let size = match splits {
+        0 | 1 => return None,
+        2 | 3 => 2,
+        _ => 4,
+    };
+    (ktiles.div_ceil(size) <= SKINNY_CLUSTER_MAX_TILES).then_some(size)
+}
 
 /// How the sm_90 GEMM (`w4a16_sm90.cu`) covers the output: `tokens` (256 or 128) a block, k cut
 /// in `splits` (1 to [`SM90_MAX_SPLITS`]) whose sums the last block of each tile adds in order.
@@ -239,6 +274,10 @@ mod tests {
         }
         // Four stages of 64 tokens: 73.7 KB, three blocks per SM at most.
         assert_eq!(skinny_smem(64), 4 * (8192 + 8192 + 2048));
+        // The shapes the plan was measured on (64-wide k tiles: 4096 is 64, 11008 is 172).
+        assert_eq!((skinny_cluster_plan(8, 64), skinny_cluster_plan(3, 64), skinny_cluster_plan(8, 172)), (Some(4), Some(2), None));
+        assert_eq!((skinny_cluster_plan(1, 64), skinny_cluster_plan(16, 128), skinny_cluster_plan(16, 129)), (None, Some(4), None));
+        assert!([1, 2, 4].into_iter().all(skinny_cluster_splits_ok) && ![0, 3, 8].into_iter().any(skinny_cluster_splits_ok));
         assert!(skinny_smem(16) >= 16 * 260 * 4);
         // An H100 (132 SMs) holding two or four blocks per SM: 4096 rows (16 blocks) take 16
         // slices of k = 4096, 11008 rows (43 blocks) seven; a tiny k keeps one slice; a grid
@@ -266,6 +305,8 @@ mod tests {
         assert_eq!(skinny_wgmma_splits(48, 64, 132), 5);
         assert_eq!(skinny_wgmma_splits(86, 64, 132), 3);
         assert_eq!(skinny_wgmma_splits(3, 2, 132), 1);
+        // Two blocks an SM (32 tokens): at most 8 slices.
+        assert_eq!((skinny_wgmma_splits(16, 64, 264), skinny_wgmma_splits(43, 64, 264), skinny_wgmma_splits(48, 64, 264)), (8, 6, 5));
         // The wgmma kernel's stages stay 1024-aligned (its x tiles are 128-byte swizzle atoms).
         for mt in [16, 32, 64, 128] {
             assert_eq!(skinny_stage_bytes(mt) % 1024, 0);

@@ -3,7 +3,7 @@
 //! input, in one launch, blocks of 256 rows split over k.
 use super::kernels::{input_check, out_shape, poison_buffer, split_counters, CudaQ4, W4Sets, GEMV_MAX_SETS};
 use super::launch;
-use crate::cuda::{device_limits, device_ptr, resident_blocks, DeviceLimits};
+use crate::cuda::{allow_dynamic_smem, device_limits, device_ptr, resident_blocks, DeviceLimits};
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
@@ -28,16 +28,40 @@ pub enum SkinnyKernel {
     Mma { k_warps: usize },
     /// Hopper's wgmma (`w4a16_skinny_sm90.cu`) with `stages` pipeline stages, with `overlap` a
     /// tile's wgmmas left running while the next is dequantized, `blocks` of 512 threads an SM
-    /// (one of [`launch::skinny_wgmma_built`]).
-    Wgmma { stages: usize, overlap: bool, blocks: usize },
+    /// (one of [`launch::skinny_wgmma_built`]). With `cluster` the k slices of a row range are
+    /// one thread block cluster whose blocks add their sums in each other's shared memory
+    /// (`sk_finish_cluster` in w4_skinny.cuh), where [`launch::skinny_cluster_plan`] finds it
+    /// pays; else the slices' sums go through global memory and the last block of each row
+    /// range adds them.
+    Wgmma { stages: usize, overlap: bool, blocks: usize, cluster: bool },
+}
+
+impl SkinnyKernel {
+    /// Whether the k slices' sums may be added across a thread block cluster.
+    pub fn cluster(self) -> bool {
+        matches!(self, SkinnyKernel::Wgmma { cluster: true, .. })
+    }
+
+    /// The same kernel with the k slices' sums added across a cluster or not (the mma.sync
+    /// kernel has no cluster end).
+    pub fn with_cluster(self, on: bool) -> SkinnyKernel {
+        match self {
+            SkinnyKernel::Mma { .. } => self,
+            SkinnyKernel::Wgmma { stages, overlap, blocks, .. } => SkinnyKernel::Wgmma { stages, overlap, blocks, cluster: on },
+        }
+    }
 }
 
 impl std::fmt::Display for SkinnyKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SkinnyKernel::Mma { k_warps } => write!(f, "mma k{k_warps}"),
-            SkinnyKernel::Wgmma { stages, overlap, blocks } => write!(f, "wgmma s{stages}{}{}", if *overlap { " overlap" } else { "" }, if *blocks == 2 { " 2/SM" } else { "" }),
+            SkinnyKernel::Mma { k_warps } => write!(f, "mma k{k_warps}")?,
+            SkinnyKernel::Wgmma { stages, overlap, blocks, .. } => write!(f, "wgmma s{stages}{}{}", if *overlap { " overlap" } else { "" }, if *blocks == 2 { " 2/SM" } else { "" })?,
         }
+        if self.cluster() {
+            write!(f, " cluster")?;
+        }
+        Ok(())
     }
 }
 
@@ -47,23 +71,31 @@ pub fn skinny_wgmma_available(device: &candle_core::Device) -> bool {
     !PTX_SM90.is_empty() && matches!(device_limits(d), Ok(DeviceLimits { compute: (9, 0), .. }))
 }
 
-/// The f16 entry point of `kernel` for `mt` token slots.
-fn kernel_name(kernel: SkinnyKernel, mt: usize) -> String {
-    match kernel {
+/// The f16 entry point of `kernel` for `mt` token slots and `splits` k slices (a cluster
+/// kernel's entry names its cluster size; at one slice there is nothing to add and the plain
+/// entry runs), and whether it is in the sm_90 module.
+fn kernel_name(kernel: SkinnyKernel, mt: usize, splits: usize) -> (String, bool) {
+    let base = match kernel {
         SkinnyKernel::Mma { k_warps } => format!("w4_skinny_f16_t{mt}_k{k_warps}"),
-        SkinnyKernel::Wgmma { stages, overlap, blocks } => {
+        SkinnyKernel::Wgmma { stages, overlap, blocks, .. } => {
             format!("w4_wgs_f16_t{mt}_s{stages}{}{}", if overlap { "_o" } else { "" }, if blocks == 2 { "_b2" } else { "" })
         }
+    };
+    let sm90 = matches!(kernel, SkinnyKernel::Wgmma { .. });
+    if kernel.cluster() && splits > 1 {
+        (format!("{base}_c{splits}"), sm90)
+    } else {
+        (base, sm90)
     }
 }
 
 /// Loads the skinny GEMMs' modules on `dev` (see [`super::preload_kernels`]).
 pub(super) fn preload(dev: &candle_core::CudaDevice) -> Result<()> {
     let device = candle_core::Device::Cuda(dev.clone());
-    dev.get_or_load_custom_func(&kernel_name(SkinnyKernel::Mma { k_warps: 1 }, 16), MODULE, PTX)?;
+    dev.get_or_load_custom_func(&kernel_name(SkinnyKernel::Mma { k_warps: 1 }, 16, 1).0, MODULE, PTX)?;
     if skinny_wgmma_available(&device) {
         let slots = launch::skinny_slots(64);
-        dev.get_or_load_custom_func(&kernel_name(skinny_wgmma_variant(slots), slots), MODULE_SM90, PTX_SM90)?;
+        dev.get_or_load_custom_func(&kernel_name(skinny_wgmma_variant(slots), slots, 1).0, MODULE_SM90, PTX_SM90)?;
     }
     Ok(())
 }
@@ -84,9 +116,43 @@ pub fn skinny_kernels_built(m: usize, device: &candle_core::Device) -> Vec<Skinn
     let mt = launch::skinny_slots(m);
     let mut v: Vec<SkinnyKernel> = launch::skinny_k_warps_built(mt).iter().map(|&k_warps| SkinnyKernel::Mma { k_warps }).collect();
     if skinny_wgmma_available(device) {
-        v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap, blocks)| SkinnyKernel::Wgmma { stages, overlap, blocks }));
+        v.extend(launch::skinny_wgmma_built(mt).iter().map(|&(stages, overlap, blocks)| SkinnyKernel::Wgmma { stages, overlap, blocks, cluster: false }));
+        v.extend(skinny_cluster_kernel(mt));
     }
     v
+}
+
+/// The kernel built with the cluster end at `mt` token slots (`CLUSTER_SIZES` in
+/// w4a16_skinny_sm90.cu): the wgmma variant of [`launch::skinny_wgmma_default`] at 64 and 128
+/// slots. Fewer tokens send fewer sums through L2, and on an H100 (BENCHMARKS.md, session 27)
+/// a cluster end lost on two of three shapes at 16 tokens (on the mma.sync kernel), and at 32
+/// tokens (two blocks an SM) on one, with the batched step of 32 sequences 4 % slower.
+fn skinny_cluster_kernel(mt: usize) -> Option<SkinnyKernel> {
+    match mt {
+        64 | 128 => {
+            let (stages, overlap, blocks) = launch::skinny_wgmma_default(mt);
+            Some(SkinnyKernel::Wgmma { stages, overlap, blocks, cluster: true })
+        }
+        _ => None,
+    }
+}
+
+/// Whether the default kernels add their k slices' sums across a cluster where one is built:
+/// yes unless `AWQ_RUN_SKINNY_CLUSTER=0` (A/B benchmarks).
+pub fn skinny_cluster_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("AWQ_RUN_SKINNY_CLUSTER").map(|v| v != "0").unwrap_or(true))
+}
+
+/// `kernel` with the cluster end where it is built for `mt` slots on a device that has it and
+/// [`skinny_cluster_on`].
+fn cluster_if_built(kernel: SkinnyKernel, mt: usize, device: &candle_core::Device) -> SkinnyKernel {
+    let clustered = kernel.with_cluster(true);
+    if skinny_cluster_on() && clustered.cluster() && skinny_wgmma_available(device) && skinny_cluster_kernel(mt) == Some(clustered) {
+        clustered
+    } else {
+        kernel
+    }
 }
 
 /// The token count from which the skinny GEMM runs on wgmma where the device has it:
@@ -103,16 +169,19 @@ pub fn skinny_wgmma_variant(mt: usize) -> SkinnyKernel {
     static V: std::sync::OnceLock<Option<(usize, bool, usize)>> = std::sync::OnceLock::new();
     let forced = *V.get_or_init(|| launch::parse_wgmma_variant(&std::env::var("AWQ_RUN_WGMMA_VARIANT").ok()?));
     let (stages, overlap, blocks) = forced.filter(|f| launch::skinny_wgmma_built(mt).contains(f)).unwrap_or(launch::skinny_wgmma_default(mt));
-    SkinnyKernel::Wgmma { stages, overlap, blocks }
+    SkinnyKernel::Wgmma { stages, overlap, blocks, cluster: false }
 }
 
-/// The kernel the skinny GEMM runs for `m` tokens on `device` by default.
+/// The kernel the skinny GEMM runs for `m` tokens on `device` by default (with the cluster end
+/// where it is built: [`skinny_cluster_on`]).
 pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKernel {
-    if (m >= skinny_wgmma_from() || m > launch::SKINNY_MAX_TOKENS) && skinny_wgmma_available(device) {
-        skinny_wgmma_variant(launch::skinny_slots(m))
+    let mt = launch::skinny_slots(m);
+    let kernel = if (m >= skinny_wgmma_from() || m > launch::SKINNY_MAX_TOKENS) && skinny_wgmma_available(device) {
+        skinny_wgmma_variant(mt)
     } else {
-        SkinnyKernel::Mma { k_warps: skinny_k_warps(launch::skinny_slots(m)) }
-    }
+        SkinnyKernel::Mma { k_warps: skinny_k_warps(mt) }
+    };
+    cluster_if_built(kernel, mt, device)
 }
 
 /// The token count from which the default GEMV path hands over to the skinny GEMM (up to
@@ -177,7 +246,11 @@ pub fn skinny_many_with(ws: &[&CudaQ4], x: &Tensor, splits: Option<usize>, kerne
             ws[0].shape.group_size
         );
     }
-    let kernel = kernel.unwrap_or_else(|| skinny_default_kernel(m, x.device()));
+    // The default kernel with k slices a cluster cannot take runs its global end.
+    let kernel = kernel.unwrap_or_else(|| {
+        let default = skinny_default_kernel(m, x.device());
+        default.with_cluster(default.cluster() && splits.is_none_or(launch::skinny_cluster_splits_ok))
+    });
     let built = skinny_kernels_built(m, x.device());
     if !built.contains(&kernel) {
         let built: Vec<String> = built.iter().map(|k| k.to_string()).collect();
@@ -211,29 +284,52 @@ impl CustomOp1 for Skinny<'_> {
         // Token slots a block; beyond 128 tokens (wgmma only) tiles of 128 over the grid's z.
         let mt = launch::skinny_slots(m);
         let tiles = m.div_ceil(mt);
-        let name = kernel_name(self.kernel, mt);
-        let (func, smem, threads) = match self.kernel {
-            SkinnyKernel::Mma { k_warps } => (dev.get_or_load_custom_func(&name, MODULE, PTX)?, launch::skinny_smem(mt), 128 * (mt / 16) * k_warps),
-            SkinnyKernel::Wgmma { stages, .. } => {
-                (dev.get_or_load_custom_func(&name, MODULE_SM90, PTX_SM90)?, launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS)
-            }
+        let load = |name: &str, sm90: bool| if sm90 { dev.get_or_load_custom_func(name, MODULE_SM90, PTX_SM90) } else { dev.get_or_load_custom_func(name, MODULE, PTX) };
+        let (smem, threads) = match self.kernel {
+            SkinnyKernel::Mma { k_warps, .. } => (launch::skinny_smem(mt), 128 * (mt / 16) * k_warps),
+            SkinnyKernel::Wgmma { stages, .. } => (launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS),
         };
         let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
         if smem > max_smem {
             candle_core::bail!("{}: {smem} bytes of shared memory, the device allows {max_smem}", self.name());
         }
-        let resident = resident_blocks(&dev, &func, &name, threads, smem, smem)?;
+        // The slices are planned on the plain entry's occupancy (a cluster entry holds the same
+        // registers and shared memory; it only schedules its blocks together).
+        let (plain, plain_sm90) = kernel_name(self.kernel, mt, 1);
+        let plain_func = load(&plain, plain_sm90)?;
+        let resident = resident_blocks(&dev, &plain_func, &plain, threads, smem, smem)?;
         let ktiles = k / 64;
-        let splits = match self.splits {
-            Some(sp) => sp.clamp(1, ktiles.clamp(1, launch::SKINNY_MAX_SPLITS)),
-            None => match self.kernel {
-                SkinnyKernel::Mma { .. } => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
-                SkinnyKernel::Wgmma { .. } => launch::skinny_wgmma_splits(blocks * tiles, ktiles, resident),
-            },
+        let most = ktiles.clamp(1, launch::SKINNY_MAX_SPLITS);
+        // The k slices, and whether a cluster adds them (a cluster kernel runs its global end
+        // where the plan finds no cluster that pays).
+        let (splits, cluster) = match (self.splits, self.kernel.cluster()) {
+            (Some(sp), false) => (sp.clamp(1, most), false),
+            (Some(sp), true) => {
+                if !launch::skinny_cluster_splits_ok(sp) {
+                    candle_core::bail!("{}: kernel {} adds its k slices across a cluster of 2 or 4 blocks, not {sp} slices", self.name(), self.kernel);
+                }
+                let sp = sp.min(most);
+                (sp, launch::skinny_cluster_splits_ok(sp))
+            }
+            (None, cluster) => {
+                let sp = match self.kernel {
+                    SkinnyKernel::Mma { .. } => launch::skinny_splits(blocks, ktiles, device_limits(&dev)?.sms, resident),
+                    SkinnyKernel::Wgmma { .. } => launch::skinny_wgmma_splits(blocks * tiles, ktiles, resident),
+                };
+                match launch::skinny_cluster_plan(sp, ktiles).filter(|_| cluster) {
+                    Some(size) => (size, true),
+                    None => (sp, false),
+                }
+            }
         };
+        let (name, sm90) = kernel_name(self.kernel.with_cluster(cluster), mt, splits);
+        let func = load(&name, sm90)?;
+        if name != plain {
+            allow_dynamic_smem(&func, &name, smem)?;
+        }
         let cfg = LaunchConfig { grid_dim: (blocks as u32, splits as u32, tiles as u32), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
         // SAFETY: the kernel writes every element of the workspace it reads.
-        let part = if splits > 1 { Some(unsafe { dev.alloc::<f32>(splits * tiles * mt * blocks * launch::SKINNY_ROWS)? }) } else { None };
+        let part = if splits > 1 && !cluster { Some(unsafe { dev.alloc::<f32>(splits * tiles * mt * blocks * launch::SKINNY_ROWS)? }) } else { None };
         let counters = device_ptr(&split_counters(&dev, blocks * tiles)?, &stream)?;
         let x = s.as_cuda_slice::<f16>()?.slice(xo..);
         // SAFETY: every element is written by the kernel (or poisoned first).

@@ -144,3 +144,62 @@ __device__ __forceinline__ void sk_finish(const float* red, const GemvRows& rows
     }
     if (tid == 0) counters[b] = 0;  // ready for the next launch
 }
+
+// Thread block clusters (sm_90): the barrier of every block of the cluster, with release and
+// acquire so that shared memory written before it is seen by the other blocks after it.
+__device__ __forceinline__ void sk_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The address of shared-memory address `addr` of this block in the block of cluster rank `rank`.
+__device__ __forceinline__ uint32_t sk_cluster_map(uint32_t addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float4 sk_cluster_ld4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+
+// The end of a launch whose CS k slices of a row range are one thread block cluster (sm_90;
+// the kernel's __cluster_dims__ are (1, CS, 1) and gridDim.y == CS, so blockIdx.y is the rank):
+// once every block's sums are in its own `red`, block r adds rows r / CS .. of all of them,
+// reading the others' shared memory over the cluster's network, and stores them as f16. Why:
+// sk_finish's partial sums go through L2 (8 bytes an output and slice, as many bytes as the
+// weights at 64 tokens of a 4096-row layer in 16 slices) and the last block of each row range
+// adds every slice alone, the launch's tail. The slices are added in order from zero, as
+// sk_finish adds them, so both ends give the same bits.
+template <int CS>
+__device__ __forceinline__ void sk_finish_cluster(const float* red, const GemvRows& rows, __half* __restrict__ y, int m, int n_total) {
+    static_assert(CS >= 2 && CS <= 8 && (SK_ROWS / 4) % CS == 0, "a cluster of 2 to 8 blocks that divide the row range");
+    constexpr int R4 = SK_ROWS / 4 / CS;  // float4s of rows each block adds
+    const int tid = threadIdx.x, rank = blockIdx.y;
+    const int row0 = rows.nb * SK_ROWS, n = rows.n, out_off = rows.out_off;
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(red);
+    sk_cluster_sync();
+    for (int i = tid; i < m * R4; i += blockDim.x) {
+        const int t = i / R4, r4 = rank * R4 + i % R4;
+        const int row = row0 + 4 * r4;
+        if (row >= n) continue;
+        const uint32_t off = base + (uint32_t)(t * SK_RED_STRIDE + 4 * r4) * 4u;
+        float4 v[CS];
+#pragma unroll
+        for (int c = 0; c < CS; c++) v[c] = sk_cluster_ld4(sk_cluster_map(off, c));
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            a.x += v[c].x;
+            a.y += v[c].y;
+            a.z += v[c].z;
+            a.w += v[c].w;
+        }
+        __half* dst = y + (size_t)t * n_total + out_off + row;
+        const float vals[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (row + e < n) dst[e] = __float2half_rn(vals[e]);
+    }
+    // No block leaves (and frees its shared memory) while another reads it.
+    sk_cluster_sync();
+}

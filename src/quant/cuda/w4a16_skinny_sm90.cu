@@ -25,9 +25,9 @@
 
 // MT token slots (16, 32, 64 or 128; tokens past m are zero rows of the stage) a block, STAGES
 // stages; OVERLAP keeps one tile's wgmmas in flight while the next is dequantized; MINB blocks
-// an SM.
-// Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
-template <int MT, int STAGES, bool OVERLAP, int MINB>
+// an SM; the k slices' sums added across a cluster of CS blocks (gridDim.y == CS), or with CS = 0
+// through global memory. Requires k % 64 == 0 and a group size of 32 or a multiple of 64.
+template <int MT, int STAGES, bool OVERLAP, int MINB, int CS = 0>
 __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restrict__ x, __half* __restrict__ y, int k, int g, int m,
                                        int n_total, float* __restrict__ part, unsigned int* __restrict__ counters) {
     constexpr int STAGE = sk_stage_bytes(MT);
@@ -125,7 +125,10 @@ __device__ __forceinline__ void w4_wgs(const W4Sets& ws, const __half* __restric
         }
     __syncthreads();
     // Two blocks an SM (64 registers): the reduction's loads four slices at a time.
-    sk_finish < MINB == 2 ? 4 : SK_MAX_SPLITS > (red, rows, y, m, n_total, part, counters);
+    if constexpr (CS > 0)
+        sk_finish_cluster<CS>(red, rows, y, m, n_total);
+    else
+        sk_finish < MINB == 2 ? 4 : SK_MAX_SPLITS > (red, rows, y, m, n_total, part, counters);
 }
 
 // (MT, STAGES, OVERLAP, blocks an SM) variants. Two 512-thread blocks an SM need at most 64
@@ -149,3 +152,17 @@ WGS_ENTRY(64, 6, true, 1, _o)
 WGS_ENTRY(128, 4, false, 1, )
 WGS_ENTRY(128, 6, false, 1, )
 WGS_ENTRY(128, 6, true, 1, _o)
+
+// The default variants at 64 and 128 slots (launch::skinny_wgmma_default) with the k
+// slices' sums added across a cluster of 2 or 4 blocks (suffix _c2, _c4; launch::skinny_cluster_plan
+// says when). Clusters of 8 lost on an H100 (11008 x 4096 at 64 tokens: 44.0 us against 35.9
+// with 4 and 30.7 with 8 slices through global memory; BENCHMARKS.md, session 27), most likely
+// because its GPCs cannot hold all 16 clusters of 8 of such a launch at once.
+#define WGS_CLUSTER_ENTRY(MT, ST, OV, MINB, SFX, CS)                                                                           \
+    extern "C" __global__ void __cluster_dims__(1, CS, 1) __launch_bounds__(WGS_THREADS, MINB) w4_wgs_f16_t##MT##_s##ST##SFX##_c##CS( \
+        W4Sets ws, const __half* x, __half* y, int k, int g, int m, int nt, float* part, unsigned int* counters) {              \
+        w4_wgs<MT, ST, OV, MINB, CS>(ws, x, y, k, g, m, nt, part, counters);                                                    \
+    }
+#define CLUSTER_SIZES(...) WGS_CLUSTER_ENTRY(__VA_ARGS__, 2) WGS_CLUSTER_ENTRY(__VA_ARGS__, 4)
+CLUSTER_SIZES(64, 4, false, 1, )
+CLUSTER_SIZES(128, 6, true, 1, _o)
