@@ -30,7 +30,7 @@ fn kv_cache_matches_full_sequence_for_every_arch() {
         let tokens = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let full = m.forward_all(&tokens).unwrap().squeeze(0).unwrap();
         // Prefill 4 tokens, then one at a time, then the remaining 2 as a chunk.
-        let mut cache = m.new_cache(64);
+        let mut cache = m.new_cache_with(64, Some(DType::F32)).unwrap();
         let mut rows = vec![m.forward_all_cached(&tokens.narrow(1, 0, 4).unwrap(), &mut cache).unwrap().squeeze(0).unwrap()];
         for i in 4..7 {
             rows.push(m.forward_all_cached(&tokens.narrow(1, i, 1).unwrap(), &mut cache).unwrap().squeeze(0).unwrap());
@@ -44,6 +44,31 @@ fn kv_cache_matches_full_sequence_for_every_arch() {
         let again = m.forward_all_cached(&tokens.narrow(1, 5, 4).unwrap(), &mut cache).unwrap().squeeze(0).unwrap();
         assert!(rel_err(&again, &full.narrow(0, 5, 4).unwrap()) < 1e-5, "{arch:?}: truncate");
     }
+}
+
+/// The CPU's plain cache stores f16 by default (as the server's paged one): the host step and
+/// the general path (prompt chunks through candle's ops, which convert the cached rows back to
+/// f32) both stay within f16 rounding of the full f32 pass, and the f32 cache is still there.
+#[test]
+fn the_cpu_cache_stores_f16_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, m) = load(&TinySpec::new(Arch::Llama).write_dir(tmp.path()));
+    let tokens = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = m.forward_all(&tokens).unwrap().squeeze(0).unwrap();
+    let mut cache = m.new_cache(64);
+    assert_eq!(cache.store_dtype(), Some(DType::F16));
+    let mut rows = vec![m.forward_all_cached(&tokens.narrow(1, 0, 4).unwrap(), &mut cache).unwrap().squeeze(0).unwrap()];
+    for i in 4..9 {
+        rows.push(m.forward(&tokens.narrow(1, i, 1).unwrap(), &mut cache).unwrap());
+    }
+    let buffers = cache.layers[0].buffers().unwrap();
+    assert_eq!((buffers.0.dtype(), buffers.1.dtype()), (DType::F16, DType::F16));
+    let inc = Tensor::cat(&rows, 0).unwrap();
+    let e = rel_err(&inc, &full);
+    assert!(e > 0.0 && e < 1e-2, "f16 cache vs full pass rel err {e}");
+    assert_eq!(m.new_cache_with(64, Some(DType::F32)).unwrap().store_dtype(), Some(DType::F32));
+    let bf16 = m.new_cache_with(64, Some(DType::BF16)).unwrap_err().to_string();
+    assert!(bf16.contains("--kv-cache-dtype bf16"), "{bf16}");
 }
 
 #[test]
@@ -318,7 +343,7 @@ fn host_step_matches_the_full_pass() {
             let (_, m) = load(&d);
             let tokens = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             let full = m.forward_all(&tokens).unwrap().squeeze(0).unwrap();
-            let mut cache = m.new_cache(64);
+            let mut cache = m.new_cache_with(64, Some(DType::F32)).unwrap();
             let mut fed = 0;
             for n in [3, 2].into_iter().chain(std::iter::repeat(1)) {
                 if fed == PROMPT.len() {

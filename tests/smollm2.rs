@@ -14,7 +14,7 @@ fn logits_agree_with_candle_transformers_llama() {
     let ours = a.load_model(&dev, DType::F32).unwrap();
     let tokens = a.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of", false).unwrap();
     let input = Tensor::new(tokens.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-    let mut cache = ours.new_cache(256);
+    let mut cache = ours.new_cache_with(256, Some(DType::F32)).unwrap();
     let l_ours = ours.forward(&input, &mut cache).unwrap();
 
     use candle_transformers::models::llama as ref_llama;

@@ -3,7 +3,7 @@ use super::common::{peak_rss_mib, ModelArgs};
 use anyhow::{bail, Result};
 use awq_run::model::paged::KvPool;
 use awq_run::model::Model;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -29,8 +29,8 @@ pub struct Args {
     /// sequences of --prompt-len positions decoding --gen tokens together (aggregate tokens/s).
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
-    /// With --batch: the paged KV cache's dtype, as `serve --kv-cache-dtype` (auto: f16 on the
-    /// CPU, the activation dtype elsewhere; f32 or f16 on the CPU).
+    /// The KV cache's dtype (the paged one with --batch), as `serve --kv-cache-dtype` (auto:
+    /// f16 on the CPU, the activation dtype elsewhere; f32 or f16 on the CPU).
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// Print the result as JSON.
@@ -70,6 +70,7 @@ struct BenchResult {
     /// close to decode_ms_per_token when the host, not the device, sets the pace.
     decode_issue_ms_per_token: f64,
     peak_rss_mib: f64,
+    kv_cache_dtype: String,
 }
 
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
@@ -83,9 +84,9 @@ fn sync(d: &Device) -> Result<()> {
 
 /// One prefill of `prompt` and `gen` greedy decode steps; returns (prefill s, decode s, decode s
 /// spent issuing work).
-fn run_once(model: &Model, prompt: &[u32], gen: usize) -> Result<(f64, f64, f64)> {
+fn run_once(model: &Model, kv_dtype: DType, prompt: &[u32], gen: usize) -> Result<(f64, f64, f64)> {
     let dev = &model.device;
-    let mut cache = model.new_cache(prompt.len() + gen + 1);
+    let mut cache = model.new_cache_with(prompt.len() + gen + 1, Some(kv_dtype))?;
     sync(dev)?;
     let t0 = Instant::now();
     let logits = model.forward(&Tensor::new(prompt, dev)?.unsqueeze(0)?, &mut cache)?;
@@ -143,10 +144,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.batch.is_empty() {
         return report_batched(&a, &model, run, &prompt);
     }
-    run_once(&model, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
+    let kv_dtype = KvPool::resolve_dtype(awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?, model.dtype, &model.device)?;
+    run_once(&model, kv_dtype, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
     let (mut pre, mut dec, mut issue) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.repeats.max(1) {
-        let (p, d, i) = run_once(&model, &prompt, a.gen)?;
+        let (p, d, i) = run_once(&model, kv_dtype, &prompt, a.gen)?;
         pre.push(a.prompt_len as f64 / p);
         dec.push(a.gen as f64 / d.max(1e-9));
         issue.push(1000.0 * i / a.gen.max(1) as f64);
@@ -158,12 +160,13 @@ pub fn run(a: Args) -> Result<()> {
         decode_ms_per_token: 1000.0 / median(dec),
         decode_issue_ms_per_token: median(issue),
         peak_rss_mib: peak_rss_mib(),
+        kv_cache_dtype: kv_dtype.as_str().to_string(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), peak RSS {:.0} MiB",
+            "{}: prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({:.2} ms/token, {:.2} ms of it issuing work, {} tokens), KV cache {}, peak RSS {:.0} MiB",
             r.run.describe(),
             r.prefill_tok_s,
             r.run.prompt_len,
@@ -171,6 +174,7 @@ pub fn run(a: Args) -> Result<()> {
             r.decode_ms_per_token,
             r.decode_issue_ms_per_token,
             r.run.gen,
+            r.kv_cache_dtype,
             r.peak_rss_mib
         );
     }

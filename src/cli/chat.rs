@@ -20,6 +20,11 @@ pub struct Args {
     /// Print each rendered prompt to stderr (for debugging templates).
     #[arg(long)]
     pub show_prompt: bool,
+    /// The KV cache's dtype: `auto` (f16 on the CPU, where activations are f32: half the memory
+    /// a position takes and half the bytes each decode step reads, as llama.cpp's default
+    /// cache; elsewhere the activation dtype), or on the CPU `f32` or `f16`.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -56,7 +61,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut params = a.sampling.params(&assets)?;
     eprintln!("sampling: {}", params.summary());
     let tmpl = chat_template(&assets)?;
-    let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
+    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?;
+    let mut gen = Generator::with_kv_dtype(&model, &assets.tokenizer, assets.eos_ids.clone(), kv_dtype)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {

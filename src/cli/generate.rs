@@ -18,6 +18,11 @@ pub struct Args {
     /// Feed the prompt as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// The KV cache's dtype: `auto` (f16 on the CPU, where activations are f32: half the memory
+    /// a position takes and half the bytes each decode step reads, as llama.cpp's default
+    /// cache; elsewhere the activation dtype), or on the CPU `f32` or `f16`.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -41,7 +46,8 @@ pub fn run(a: Args) -> Result<()> {
         let text = chat_template(&assets)?.render(&msgs, true)?;
         assets.encode(&text, false)?
     };
-    let mut gen = Generator::new(&model, &assets.tokenizer, assets.eos_ids.clone());
+    let kv_dtype = awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?;
+    let mut gen = Generator::with_kv_dtype(&model, &assets.tokenizer, assets.eos_ids.clone(), kv_dtype)?;
     let mut stdout = std::io::stdout().lock();
     let (_, stats) = gen.generate(&tokens, &params, None, |t| {
         stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()).map_err(|e| awq_run::Error::msg(e.to_string()))

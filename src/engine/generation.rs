@@ -66,6 +66,13 @@ impl<'a> Generator<'a> {
         Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new() }
     }
 
+    /// As [`Generator::new`] with the KV cache storing `kv_dtype` (None: the model's default,
+    /// [`Model::new_cache`]); refused where the model cannot use it.
+    pub fn with_kv_dtype(model: &'a Model, tokenizer: &'a Tokenizer, eos_ids: Vec<u32>, kv_dtype: Option<candle_core::DType>) -> Result<Self> {
+        let cache = model.new_cache_with(model.context_len(), kv_dtype)?;
+        Ok(Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new() })
+    }
+
     pub fn context_len(&self) -> usize {
         self.cache.capacity
     }

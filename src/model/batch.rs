@@ -258,9 +258,9 @@ mod tests {
     use crate::model::dummy;
     use candle_core::Device;
 
-    /// Greedy continuation of `prompt` for `steps` tokens with the plain cache.
+    /// Greedy continuation of `prompt` for `steps` tokens with the plain cache, in f32.
     fn alone(m: &Model, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-        let mut cache = m.new_cache(m.context_len());
+        let mut cache = m.new_cache_with(m.context_len(), Some(DType::F32)).unwrap();
         let mut logits = m.forward(&Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
         let (mut out, mut all) = (vec![], vec![]);
         for _ in 0..steps {

@@ -117,12 +117,16 @@ impl Rope {
 /// A per-layer KV cache, `[b, kv_heads, allocated, head_dim]`, written in place. The buffer grows
 /// in steps (doubling, up to the capacity) so memory follows the tokens actually cached, not the
 /// model's whole context. Unlike candle-nn's it can be truncated, so a chat keeps the prefix it
-/// shares with the next turn.
+/// shares with the next turn. It may store another dtype than the keys and values it is given
+/// (f16 under f32 activations on the CPU: see [`Cache::with_dtype`]); [`KvCache::append`] then
+/// converts on the way in and out, and the host step reads the stored rows as they are.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    /// The buffers' dtype; None: the dtype of the first keys written.
+    store: Option<DType>,
 }
 
 /// The first allocation, in tokens.
@@ -143,12 +147,13 @@ impl KvCache {
         self.k.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
     }
     /// Makes room for `need` tokens in buffers of `[b, heads, _, head_dim]` (for writers that
-    /// have no tensors to take the shape from: the host decode step), keeping what is cached.
+    /// have no tensors to take the shape from: the host decode step), keeping what is cached;
+    /// the buffers are in the cache's storage dtype, or `dtype` where it has none.
     pub fn reserve_shape(&mut self, (b, heads, head_dim): (usize, usize, usize), dtype: DType, dev: &Device, need: usize, capacity: usize) -> Result<()> {
         if need > capacity {
             candle_core::bail!("the KV cache holds {capacity} tokens and {need} were asked for");
         }
-        let like = Tensor::zeros((b, heads, 1, head_dim), dtype, dev)?;
+        let like = Tensor::zeros((b, heads, 1, head_dim), self.store.unwrap_or(dtype), dev)?;
         self.reserve(&like, &like, need, capacity)
     }
     /// Makes room for `need` tokens, keeping what is cached.
@@ -190,7 +195,8 @@ impl KvCache {
     pub fn advance(&mut self, n: usize) {
         self.len = (self.len + n).min(self.allocated());
     }
-    /// Appends `k`, `v` (`[b, kv_heads, seq, head_dim]`) and returns views of everything cached.
+    /// Appends `k`, `v` (`[b, kv_heads, seq, head_dim]`) and returns everything cached: views of
+    /// the buffers, or copies in `k`'s dtype where the cache stores another.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, capacity: usize) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
         if self.len + seq > capacity {
@@ -199,12 +205,18 @@ impl KvCache {
                 self.len + seq
             );
         }
-        self.reserve(k, v, self.len + seq, capacity)?;
+        let (act, store) = (k.dtype(), self.store.unwrap_or(k.dtype()));
+        let (k, v) = (k.to_dtype(store)?, v.to_dtype(store)?);
+        self.reserve(&k, &v, self.len + seq, capacity)?;
         let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
         kc.slice_set(&k.contiguous()?, 2, self.len)?;
         vc.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += seq;
-        Ok((kc.narrow(2, 0, self.len)?, vc.narrow(2, 0, self.len)?))
+        let (kc, vc) = (kc.narrow(2, 0, self.len)?, vc.narrow(2, 0, self.len)?);
+        if store == act {
+            return Ok((kc, vc));
+        }
+        Ok((kc.to_dtype(act)?, vc.to_dtype(act)?))
     }
 }
 
@@ -219,13 +231,24 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// Caches that store keys and values in the dtype they are given.
     pub fn new(n_layers: usize, capacity: usize) -> Self {
+        Self::with_dtype(n_layers, capacity, None)
+    }
+    /// Caches that store keys and values in `store` (None: the dtype they are given). The CPU
+    /// model's caches store f16 under f32 activations by default, as the server's paged cache
+    /// does (`Model::new_cache`).
+    pub fn with_dtype(n_layers: usize, capacity: usize, store: Option<DType>) -> Self {
         Self {
-            layers: vec![KvCache::default(); n_layers],
+            layers: vec![KvCache { store, ..KvCache::default() }; n_layers],
             capacity,
             #[cfg(feature = "cuda")]
             graph: Default::default(),
         }
+    }
+    /// The dtype the caches store, where one was set.
+    pub fn store_dtype(&self) -> Option<DType> {
+        self.layers.first().and_then(|l| l.store)
     }
     /// Tokens already in the cache (the position of the next token).
     pub fn len(&self) -> usize {

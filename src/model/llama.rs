@@ -4,6 +4,7 @@
 //! captured: the AWQ pass is built on that.
 use super::config::Config;
 use super::layers::{causal_mask, softmax_f32, Cache, KvCache, RmsNorm, Rope};
+use super::paged::KvPool;
 use super::proj::Proj;
 use crate::cuda::{prefetch, L2Prefetch};
 use crate::linear::{DenseLinear, HalfLinear, Linear};
@@ -457,9 +458,18 @@ impl Model {
         })
     }
 
-    /// A KV cache for up to `capacity` tokens (capped at the model's context).
+    /// A KV cache for up to `capacity` tokens (capped at the model's context), storing keys and
+    /// values in the default dtype for this model ([`KvPool::resolve_dtype`]: f16 under f32
+    /// activations on the CPU, else the activation dtype).
     pub fn new_cache(&self, capacity: usize) -> Cache {
-        Cache::new(self.layers.len(), capacity.min(self.context_len()))
+        let store = KvPool::resolve_dtype(None, self.dtype, &self.device).unwrap_or(self.dtype);
+        Cache::with_dtype(self.layers.len(), capacity.min(self.context_len()), Some(store))
+    }
+    /// As [`Model::new_cache`], storing `kv` (None: the default); the dtypes
+    /// [`KvPool::resolve_dtype`] refuses are refused here too.
+    pub fn new_cache_with(&self, capacity: usize, kv: Option<DType>) -> Result<Cache> {
+        let store = KvPool::resolve_dtype(kv, self.dtype, &self.device)?;
+        Ok(Cache::with_dtype(self.layers.len(), capacity.min(self.context_len()), Some(store)))
     }
     pub fn context_len(&self) -> usize {
         self.rope.max_len()
