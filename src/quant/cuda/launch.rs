@@ -121,10 +121,11 @@ pub fn skinny_wgmma_built(mt: usize) -> &'static [(usize, bool, usize)] {
 /// block, though alone it wins only on 4096 × 11008: 21.1 against 21.9 µs at 32 tokens, and
 /// loses on 11008 × 4096 and 4096²); at 128 slots 6 stages with overlap (4096 × 11008 at 96 /
 /// 128 tokens 38.9 / 44.0 µs against 40.6 / 45.5, the step of 128 sequences 14.41 against 14.83
-/// ms); else 4 stages, one block (at 64 slots the variants are within 2 %).
+/// ms); at 16 slots the same as at 32 (session 27, see `skinny::skinny_wgmma_from`); else 4
+/// stages, one block (at 64 slots the variants are within 2 %).
 pub fn skinny_wgmma_default(mt: usize) -> (usize, bool, usize) {
     match mt {
-        32 => (6, false, 2),
+        16 | 32 => (6, false, 2),
         128 => (6, true, 1),
         _ => (4, false, 1),
     }

@@ -155,11 +155,16 @@ fn cluster_if_built(kernel: SkinnyKernel, mt: usize, device: &candle_core::Devic
     }
 }
 
-/// The token count from which the skinny GEMM runs on wgmma where the device has it:
-/// 17. `AWQ_RUN_WGMMA_FROM` overrides it for A/B benchmarks (65 turns it off).
+/// The token count from which the skinny GEMM runs on wgmma where the device has it: 9, all of
+/// its range (17 until session 27). At 16 tokens the wgmma kernel, 6 stages and two blocks an
+/// SM at up to 8 slices, beat the mma.sync kernel of two k-step warps on all three of the GPU
+/// issue's shapes (H100: 4096 × 11008 17.3 against 17.9 µs, 11008 × 4096 19.0 against 19.1,
+/// 4096² 10.9 against 12.7), and the batched step of 16 sequences took 3.85 against 3.97 ms
+/// (12: 3.63 against 3.66; BENCHMARKS.md, session 27). `AWQ_RUN_WGMMA_FROM` overrides it for
+/// A/B benchmarks (65 turns it off).
 pub fn skinny_wgmma_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FROM.get_or_init(|| env_usize("AWQ_RUN_WGMMA_FROM").unwrap_or(17))
+    *FROM.get_or_init(|| env_usize("AWQ_RUN_WGMMA_FROM").unwrap_or(9))
 }
 
 /// The wgmma skinny GEMM's variant at `mt` token slots ([`launch::skinny_wgmma_default`]);
@@ -189,7 +194,8 @@ pub fn skinny_default_kernel(m: usize, device: &candle_core::Device) -> SkinnyKe
 /// tokens ([`skinny_k_warps`]) the skinny GEMM beats the few-token GEMV at 16 tokens on
 /// 4096 × 11008 (H100: 18.0 against 22.6 µs), ties it on 11008 × 4096 and at 12 tokens, and the
 /// batched decode step of 16 sequences of dummy Llama-2-7B took 4.31 ms against 4.70
-/// (BENCHMARKS.md, session 18). `AWQ_RUN_SKINNY_FROM` overrides it for A/B benchmarks (65 turns
+/// (BENCHMARKS.md, session 18); on Hopper the wgmma kernel runs it from 9 tokens too
+/// ([`skinny_wgmma_from`]). `AWQ_RUN_SKINNY_FROM` overrides it for A/B benchmarks (65 turns
 /// the skinny GEMM off).
 pub fn skinny_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
