@@ -81,12 +81,8 @@ fn kernel_name(kernel: SkinnyKernel, mt: usize, splits: usize) -> (String, bool)
             format!("w4_wgs_f16_t{mt}_s{stages}{}{}", if overlap { "_o" } else { "" }, if blocks == 2 { "_b2" } else { "" })
         }
     };
-    let sm90 = matches!(kernel, SkinnyKernel::Wgmma { .. });
-    if kernel.cluster() && splits > 1 {
-        (format!("{base}_c{splits}"), sm90)
-    } else {
-        (base, sm90)
-    }
+    let name = if kernel.cluster() && splits > 1 { format!("{base}_c{splits}") } else { base };
+    (name, matches!(kernel, SkinnyKernel::Wgmma { .. }))
 }
 
 /// Loads the skinny GEMMs' modules on `dev` (see [`super::preload_kernels`]).
@@ -292,7 +288,7 @@ impl CustomOp1 for Skinny<'_> {
         let tiles = m.div_ceil(mt);
         let load = |name: &str, sm90: bool| if sm90 { dev.get_or_load_custom_func(name, MODULE_SM90, PTX_SM90) } else { dev.get_or_load_custom_func(name, MODULE, PTX) };
         let (smem, threads) = match self.kernel {
-            SkinnyKernel::Mma { k_warps, .. } => (launch::skinny_smem(mt), 128 * (mt / 16) * k_warps),
+            SkinnyKernel::Mma { k_warps } => (launch::skinny_smem(mt), 128 * (mt / 16) * k_warps),
             SkinnyKernel::Wgmma { stages, .. } => (launch::skinny_wgmma_smem(mt, stages), launch::SKINNY_WGMMA_THREADS),
         };
         let max_smem = device_limits(&dev)?.smem_optin.saturating_sub(1024);
