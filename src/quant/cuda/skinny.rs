@@ -155,8 +155,8 @@ fn cluster_if_built(kernel: SkinnyKernel, mt: usize, device: &candle_core::Devic
 /// its range (17 until session 27). At 16 tokens the wgmma kernel, 6 stages and two blocks an
 /// SM at up to 8 slices, beat the mma.sync kernel of two k-step warps on all three of the GPU
 /// issue's shapes (H100: 4096 × 11008 17.3 against 17.9 µs, 11008 × 4096 19.0 against 19.1,
-/// 4096² 10.9 against 12.7), and the batched step of 16 sequences took 3.85 against 3.97 ms
-/// (12: 3.63 against 3.66; BENCHMARKS.md, session 27). `AWQ_RUN_WGMMA_FROM` overrides it for
+/// 4096² 10.9 against 12.7), and the batched step of 16 sequences took 3.81–3.85 against
+/// 3.89–3.97 ms in four alternated rounds (12 sequences alike; BENCHMARKS.md, session 27). `AWQ_RUN_WGMMA_FROM` overrides it for
 /// A/B benchmarks (65 turns it off).
 pub fn skinny_wgmma_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
