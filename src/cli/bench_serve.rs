@@ -1,6 +1,6 @@
 //! `awq-run bench-serve`: concurrent streaming clients against a running server, as a table.
 use anyhow::{bail, Result};
-use awq_run::server::bench::{run_level, table};
+use awq_run::server::bench::{rounds_summary, run_level, table};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,6 +26,11 @@ pub struct Args {
     /// The server's --api-key, if it has one.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Run the levels in turn this many times (1, 8, 1, 8, ...): each round's table, then per
+    /// level the medians over the rounds of tok/s and of each round's ratio to its first level
+    /// (steadier where the machine's speed drifts between minutes).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Instead of the table: a soak run of this many seconds (random prompt lengths up to
     /// --prompt-len, outputs up to --gen, streamed or whole, one client in five leaving early),
     /// failing unless it ends with no errors but 429/503, no KV blocks held and no failed request.
@@ -34,8 +39,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.clients.contains(&0) || a.requests_per_client == 0 || a.gen == 0 {
-        bail!("--clients, --requests-per-client and --gen must be positive");
+    if a.clients.contains(&0) || a.requests_per_client == 0 || a.gen == 0 || a.rounds == 0 {
+        bail!("--clients, --requests-per-client, --gen and --rounds must be positive");
     }
     let url = a.url.trim_end_matches('/').to_string();
     if let Some(secs) = a.soak {
@@ -63,12 +68,22 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("{url}: prompts of {} words ({whose}), {} tokens out per request, {} requests per client", a.prompt_len, a.gen, a.requests_per_client);
     // One request first, so the first level does not pay for a cold start.
     run_level(&url, 1, 1, &prompt, a.shared_prompt, 4.min(a.gen), a.api_key.as_deref())?;
-    let mut levels = Vec::new();
-    for &c in &a.clients {
-        let l = run_level(&url, c, a.requests_per_client, &prompt, a.shared_prompt, a.gen, a.api_key.as_deref())?;
-        eprintln!("{c:>3} clients: {:.1} output tok/s over {:.1} s", l.tokens_per_second(), l.wall_secs);
-        levels.push(l);
+    let mut rounds = Vec::new();
+    for round in 1..=a.rounds {
+        let mut levels = Vec::new();
+        for &c in &a.clients {
+            let l = run_level(&url, c, a.requests_per_client, &prompt, a.shared_prompt, a.gen, a.api_key.as_deref())?;
+            eprintln!("{c:>3} clients: {:.1} output tok/s over {:.1} s", l.tokens_per_second(), l.wall_secs);
+            levels.push(l);
+        }
+        if a.rounds > 1 {
+            println!("round {round}:");
+        }
+        print!("{}", table(&levels));
+        rounds.push(levels);
     }
-    print!("{}", table(&levels));
+    if a.rounds > 1 {
+        print!("{}", rounds_summary(&rounds));
+    }
     Ok(())
 }

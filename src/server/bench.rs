@@ -335,8 +335,54 @@ pub fn table(levels: &[LoadLevel]) -> String {
     t
 }
 
+/// The summary of a run whose levels went in turn `rounds.len()` times (each round the same
+/// levels in the same order): per level the median over the rounds of output and decode tok/s
+/// and of each round's ratios to its own first level, in Markdown. On a machine whose speed
+/// drifts, a ratio within one round compares levels minutes apart; the median of several
+/// rounds' ratios is the steadier figure.
+pub fn rounds_summary(rounds: &[Vec<LoadLevel>]) -> String {
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.retain(|x| !x.is_nan());
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    };
+    let levels = rounds.first().map_or(0, Vec::len);
+    let mut t = format!("medians over {} rounds:\n| clients | output tok/s | vs first level | decode tok/s | vs first level | each round's output ratio |\n|---|---|---|---|---|---|\n", rounds.len());
+    for i in 0..levels {
+        let of = |f: &dyn Fn(&[LoadLevel]) -> f64| -> Vec<f64> { rounds.iter().filter(|r| r.len() == levels).map(|r| f(r)).collect() };
+        let out = of(&|r| r[i].tokens_per_second());
+        let ratio = of(&|r| r[i].tokens_per_second() / r[0].tokens_per_second());
+        let each: Vec<String> = ratio.iter().map(|x| format!("{x:.2}×")).collect();
+        t += &format!(
+            "| {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {} |\n",
+            rounds[0][i].clients,
+            median(out),
+            median(ratio),
+            median(of(&|r| r[i].decode_tokens_per_second())),
+            median(of(&|r| r[i].decode_tokens_per_second() / r[0].decode_tokens_per_second())),
+            each.join(" "),
+        );
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rounds_give_medians_of_each_rounds_ratio() {
+        let level = |clients: usize, wall_secs: f64| super::LoadLevel { clients, requests: clients, output_tokens: 100 * clients, prompt_tokens: 12.0, cached_tokens: 0.0, wall_secs, ttft: vec![0.5], itl: vec![0.01], mean_batch: 1.0, step_secs: [0.01; 4] };
+        // One stream at 100, 50 and 80 tok/s; eight at 400, 300 and 320: ratios 4, 6 and 4.
+        let rounds = vec![vec![level(1, 1.0), level(8, 2.0)], vec![level(1, 2.0), level(8, 8.0 / 3.0)], vec![level(1, 1.25), level(8, 2.5)]];
+        let t = super::rounds_summary(&rounds);
+        assert!(t.starts_with("medians over 3 rounds:"), "{t}");
+        assert!(t.contains("| 1 | 80.0 | 1.00× |"), "{t}");
+        assert!(t.contains("| 8 | 320.0 | 4.00× | 800.0 | 8.00× | 4.00× 6.00× 4.00× |"), "{t}");
+    }
+
     #[test]
     fn decode_throughput_is_clients_over_the_mean_gap() {
         let l = super::LoadLevel { clients: 4, requests: 4, output_tokens: 40, prompt_tokens: 12.0, cached_tokens: 0.0, wall_secs: 2.0, ttft: vec![0.5], itl: vec![0.01, 0.03], mean_batch: 4.0, step_secs: [0.01, 0.008, 0.001, 0.001] };
