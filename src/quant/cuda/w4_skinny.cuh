@@ -75,6 +75,23 @@ struct SkinnyStager {
     }
 };
 
+// The two ends of a split launch (sk_finish, sk_finish_cluster) add the slices' float4s of four
+// rows with sk_add4 and store them with sk_store_rows4, so that both give the same bits.
+__device__ __forceinline__ void sk_add4(float4& a, const float4& v) {
+    a.x += v.x;
+    a.y += v.y;
+    a.z += v.z;
+    a.w += v.w;
+}
+// Rows row .. row + 3 of one token's output `y_tok` as f16; those at n and beyond (the padded
+// rows of the last range) are not stored.
+__device__ __forceinline__ void sk_store_rows4(__half* __restrict__ y_tok, int row, int n, const float4& a) {
+    const float vals[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (row + e < n) y_tok[row + e] = __float2half_rn(vals[e]);
+}
+
 // This block's k tiles [t0, t1) of the launch's `ktiles`, as even slices over gridDim.y (some
 // may be empty).
 __device__ __forceinline__ void sk_slice(int ktiles, int& t0, int& t1) {
@@ -129,18 +146,9 @@ __device__ __forceinline__ void sk_finish(const float* red, const GemvRows& rows
                 if (c0 + c < nsplit) v[c] = __ldcg(src + (c0 + c) * step);
 #pragma unroll
             for (int c = 0; c < CHUNK; c++)
-                if (c0 + c < nsplit) {
-                    a.x += v[c].x;
-                    a.y += v[c].y;
-                    a.z += v[c].z;
-                    a.w += v[c].w;
-                }
+                if (c0 + c < nsplit) sk_add4(a, v[c]);
         }
-        __half* dst = y + (size_t)t * n_total + out_off + row;
-        const float vals[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            if (row + e < n) dst[e] = __float2half_rn(vals[e]);
+        sk_store_rows4(y + (size_t)t * n_total + out_off, row, n, a);
     }
     if (tid == 0) counters[b] = 0;  // ready for the next launch
 }
@@ -188,17 +196,8 @@ __device__ __forceinline__ void sk_finish_cluster(const float* red, const GemvRo
         for (int c = 0; c < CS; c++) v[c] = sk_cluster_ld4(sk_cluster_map(off, c));
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int c = 0; c < CS; c++) {
-            a.x += v[c].x;
-            a.y += v[c].y;
-            a.z += v[c].z;
-            a.w += v[c].w;
-        }
-        __half* dst = y + (size_t)t * n_total + out_off + row;
-        const float vals[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            if (row + e < n) dst[e] = __float2half_rn(vals[e]);
+        for (int c = 0; c < CS; c++) sk_add4(a, v[c]);
+        sk_store_rows4(y + (size_t)t * n_total + out_off, row, n, a);
     }
     // No block leaves (and frees its shared memory) while another reads it.
     sk_cluster_sync();
