@@ -141,10 +141,10 @@ pub fn run(a: Args) -> Result<()> {
         threads: rayon::current_num_threads(),
         cpu_kernel: a.model.cpu_kernel_name(),
     };
-    if !a.batch.is_empty() {
-        return report_batched(&a, &model, run, &prompt);
-    }
     let kv_dtype = KvPool::resolve_dtype(awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?, model.dtype, &model.device)?;
+    if !a.batch.is_empty() {
+        return report_batched(&a, &model, run, kv_dtype, &prompt);
+    }
     run_once(&model, kv_dtype, &prompt[..a.prompt_len.min(16)], 4)?; // warm-up
     let (mut pre, mut dec, mut issue) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.repeats.max(1) {
@@ -190,8 +190,7 @@ struct BatchedResult {
 }
 
 /// `--batch`: one row per batch size (see [`super::bench_batch`]).
-fn report_batched(a: &Args, model: &Model, run: RunInfo, prompt: &[u32]) -> Result<()> {
-    let kv_dtype = KvPool::resolve_dtype(awq_run::engine::device::parse_kv_dtype(&a.kv_cache_dtype)?, model.dtype, &model.device)?;
+fn report_batched(a: &Args, model: &Model, run: RunInfo, kv_dtype: DType, prompt: &[u32]) -> Result<()> {
     let rows = super::bench_batch::run(model, kv_dtype, prompt, a.gen, &a.batch, a.repeats)?;
     let r = BatchedResult { run, kv_cache_dtype: kv_dtype.as_str().to_string(), batched: rows };
     if a.json {
