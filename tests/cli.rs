@@ -289,6 +289,27 @@ fn serve_refuses_zero_limits_by_flag_name() {
 }
 
 #[test]
+fn bench_serve_refuses_zero_counts_by_flag_name() {
+    // Checked before any request, so no server is needed on the URL.
+    for flag in ["--rounds", "--gen", "--requests-per-client"] {
+        let o = Command::new(bin()).args(["bench-serve", "--url", "http://127.0.0.1:9", flag, "0"]).output().unwrap();
+        assert!(!o.status.success(), "{flag} 0 ran");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(flag) && stderr.contains("must be positive"), "{flag} 0: {stderr}");
+    }
+}
+
+#[test]
+fn generate_refuses_an_unknown_kv_cache_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let o = Command::new(bin()).args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--kv-cache-dtype", "bf16"]).output().unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("--kv-cache-dtype bf16: expected auto, f16 or f32"), "{stderr}");
+}
+
+#[test]
 fn serve_refuses_a_kv_cache_dtype_it_cannot_read() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
