@@ -3,7 +3,7 @@
 //! median of REPS runs after a warm-up. Run it once as it is and once with
 //! `AWQ_RUN_HOST_STEP=0` to compare the host step's prompt chunks with the general path.
 //!
-//!   cargo run --release --example prefill_step -- [REPS] [MODEL]
+//!   cargo run --release --example prefill_step -- [REPS] [MODEL] [SHAPES, e.g. 8x69,1x512]
 use awq_run::assets::ModelAssets;
 use awq_run::model::batch::StepSeq;
 use awq_run::model::paged::{KvPool, SeqKv};
@@ -26,7 +26,17 @@ fn main() -> anyhow::Result<()> {
     let model = ModelAssets::load(&dir)?.load_model(&Device::Cpu, DType::F32)?;
     let mut pool = KvPool::new(&model.cfg, 2048, DType::F32, &Device::Cpu)?;
     let vocab = model.cfg.vocab_size as u32;
-    for (seqs, len) in [(8usize, 69usize), (4, 128), (1, 69), (1, 128), (1, 256), (1, 512)] {
+    let shapes: Vec<(usize, usize)> = match std::env::args().nth(3) {
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                let (a, b) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("shape {s:?}: expected SEQSxTOKENS"))?;
+                Ok((a.trim().parse()?, b.trim().parse()?))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![(8, 69), (4, 128), (1, 69), (1, 128), (1, 256), (1, 512)],
+    };
+    for (seqs, len) in shapes {
         let mut ms = Vec::with_capacity(reps);
         for rep in 0..=reps {
             // Different tokens every run and sequence, so nothing is shared.
