@@ -1,5 +1,6 @@
 //! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
-//! a streamed chat completion, a whole one and the model list, as a user's script would do them
+//! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion) and
+//! the model list, as a user's script would do them
 //! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
@@ -27,8 +28,22 @@ for chunk in stream:
         text += chunk.choices[0].delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
 whole = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
+# Log-probabilities, as the client's types parse them: chat (top_logprobs) and legacy (logprobs=N).
+lp = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0,
+                                    logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content
+legacy = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                   temperature=0, logprobs=2)
+ll = legacy.choices[0].logprobs
 print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
-                  "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens}))
+                  "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens,
+                  "lp_text": b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace"),
+                  "lp_tokens": len(content), "lp_usage": lp.usage.completion_tokens,
+                  "lp_greedy": all(c.top_logprobs[0].token == c.token and c.logprob <= 0 for c in content),
+                  "lp_top": sorted({len(c.top_logprobs) for c in content}),
+                  "legacy_tokens": len(ll.tokens), "legacy_usage": legacy.usage.completion_tokens,
+                  "legacy_top": all(t in d for t, d in zip(ll.tokens, ll.top_logprobs)),
+                  "legacy_text": "".join(ll.tokens) == legacy.choices[0].text}))
 "#;
 
 fn venv_python() -> Option<PathBuf> {
@@ -69,4 +84,13 @@ fn the_openai_python_client_streams_from_the_server() {
     assert_eq!(v["usage"], v["whole_usage"]);
     assert!(v["chunks"].as_u64().unwrap() > 3, "{v}");
     assert!(v["finish"] == "stop" || v["finish"] == "length", "{v}");
+    // Log-probabilities: a greedy reply's tokens are each the most likely, their bytes are the
+    // reply, and the legacy endpoint's alternatives hold the generated token.
+    assert_eq!(v["lp_text"], v["whole"], "{v}");
+    assert_eq!(v["lp_tokens"], v["lp_usage"], "{v}");
+    assert_eq!(v["lp_greedy"], true, "{v}");
+    assert_eq!(v["lp_top"], serde_json::json!([3]), "{v}");
+    assert_eq!(v["legacy_tokens"], v["legacy_usage"], "{v}");
+    assert_eq!(v["legacy_top"], true, "{v}");
+    assert_eq!(v["legacy_text"], true, "{v}");
 }

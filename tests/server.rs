@@ -1,7 +1,8 @@
 //! `awq-run serve` end to end: the real binary on a random loopback port, on the tiny model,
 //! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
-//! with its status and error JSON, the API key, a full queue and the prefix cache.
+//! with its status and error JSON, the API key, a full queue, the prefix cache and
+//! log-probabilities.
 mod common;
 use common::TinySpec;
 use serde_json::{json, Value};
@@ -152,6 +153,60 @@ fn chat_completions_streamed_and_whole_agree() {
     assert!(page.contains("<title>awq-run chat</title>"));
 }
 
+/// The bytes of the tokens a chat `logprobs.content` list holds, end to end.
+fn logprob_bytes(content: &[Value]) -> Vec<u8> {
+    content.iter().flat_map(|c| c["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect()
+}
+
+#[test]
+fn log_probabilities_come_with_every_generated_token() {
+    let s = start(&[]);
+    let mut body = greedy("tell the hero", 16);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let v = s.chat(body.clone());
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "one entry per generated token");
+    for c in &content {
+        let (lp, top) = (c["logprob"].as_f64().unwrap(), c["top_logprobs"].as_array().unwrap());
+        assert!(lp <= 0.0 && top.len() == 3, "{c}");
+        // Greedy: the generated token is the most likely one, and the alternatives fall.
+        assert_eq!((&top[0]["token"], top[0]["logprob"].as_f64().unwrap()), (&c["token"], lp), "{c}");
+        assert!(top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{c}");
+        let p: f64 = top.iter().map(|t| t["logprob"].as_f64().unwrap().exp()).sum();
+        assert!(p <= 1.0 + 1e-5, "{c}");
+    }
+    // The tokens' bytes are the reply (the tiny model's specials, which the text leaves out,
+    // aside).
+    let mut joined = String::from_utf8_lossy(&logprob_bytes(&content)).into_owned();
+    for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        joined = joined.replace(special, "");
+    }
+    assert_eq!(joined, text);
+    // Without asking, none; streamed, the chunks carry the same entries in order.
+    assert!(s.chat(greedy("tell the hero", 16))["choices"][0]["logprobs"].is_null());
+    let (streamed, chunks) = s.stream(body);
+    assert_eq!(streamed, text);
+    let in_chunks: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).flatten().cloned().collect();
+    assert_eq!(in_chunks, content);
+
+    // The legacy endpoint's shape: tokens, their log-probabilities, alternatives holding the
+    // generated token, offsets into the text.
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": "the world", "max_tokens": 10, "temperature": 0, "logprobs": 2}).to_string(), None);
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "{v}");
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert!(offsets.first() == Some(&0) && offsets.windows(2).all(|w| w[0] <= w[1]), "{v}");
+    for (i, t) in tokens.iter().enumerate() {
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(top.contains_key(t.as_str().unwrap()) && top.len() <= 3, "{v}");
+        assert_eq!(top[t.as_str().unwrap()], lp["token_logprobs"][i], "{v}");
+    }
+}
+
 #[test]
 fn stop_strings_and_max_tokens() {
     let s = start(&[]);
@@ -294,6 +349,12 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": long}]}).to_string(), 400, "messages"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}).to_string(), 404, "model"),
         ("/v1/completions", json!({"prompt": 3}).to_string(), 400, "prompt"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(), 400, "top_logprobs"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 50}).to_string(), 400, "top_logprobs"),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": true}).to_string(), 400, "logprobs"),
+        ("/v1/completions", json!({"prompt": "x", "echo": true}).to_string(), 400, "echo"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
     ];
     for (path, body, status, param) in cases {
         let (got, v, _) = s.post(path, &body, None);

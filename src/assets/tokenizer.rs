@@ -142,6 +142,25 @@ pub fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The bytes token `id` stands for, as the API's log-probabilities report it (a token may be part
+/// of a character: byte-level BPE splits them, SentencePiece's byte fallback too). Its text where
+/// decoding it alone gives whole characters (a special token's own text included); otherwise
+/// the byte of a byte-fallback token (`<0xE2>`), or the bytes behind a byte-level token's
+/// characters; an id outside the vocabulary has none.
+pub fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
+    let text = tok.decode(&[id], false).unwrap_or_default();
+    if !text.contains('\u{FFFD}') {
+        return text.into_bytes();
+    }
+    let Some(surface) = tok.id_to_token(id) else { return text.into_bytes() };
+    if let Some(b) = surface.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        return vec![b];
+    }
+    static BYTES: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    let table = BYTES.get_or_init(|| byte_chars().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect());
+    surface.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+}
+
 /// Decodes a token stream piece by piece, emitting text only once it is valid UTF-8 and stable
 /// (byte-level BPE can split a character across tokens).
 pub struct TokenStream {
@@ -190,6 +209,17 @@ impl Default for TokenStream {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_bytes_are_whole_characters_or_the_bytes_behind_a_piece_of_one() {
+        let t = super::byte_level_tokenizer(1000).unwrap();
+        let ids = t.encode("a☃", false).unwrap().get_ids().to_vec();
+        let bytes: Vec<Vec<u8>> = ids.iter().map(|&i| super::token_bytes(&t, i)).collect();
+        assert_eq!(bytes, vec![b"a".to_vec(), vec![0xE2], vec![0x98], vec![0x83]]);
+        assert_eq!(super::token_bytes(&t, 1), b"<|im_start|>".to_vec(), "a special token is its text");
+        assert_eq!(super::token_bytes(&t, 500), b" w500".to_vec());
+        assert!(super::token_bytes(&t, 5000).is_empty(), "outside the vocabulary");
+    }
+
     #[test]
     fn the_byte_level_tokenizer_round_trips_any_text() {
         let t = super::byte_level_tokenizer(1000).unwrap();

@@ -9,6 +9,7 @@
 //! When the pool cannot give a running sequence its next block, the most recently admitted
 //! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
 //! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
+use super::logprobs::{self, TokenLogprob};
 use super::metrics::{Metrics, StepPhase};
 use super::sampling::{fetch_rows, RowLogits, Sampler, SamplingParams, Wants};
 use super::stop::StopMatcher;
@@ -49,6 +50,10 @@ pub struct SchedulerConfig {
 pub enum Event {
     /// A piece of the reply.
     Text(String),
+    /// The log-probabilities of a generated token (requests that ask for them), sent before
+    /// the text the token completes; a token whose text is held back (part of a character, a
+    /// possible stop string) comes before the piece that holds it.
+    Logprobs(TokenLogprob),
     /// The reply is complete.
     Done(Finish),
     /// The engine failed on this request (the message says why).
@@ -94,6 +99,9 @@ pub struct Request {
     /// Go on past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`, for
     /// benchmarks with fixed output lengths).
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability with this many alternatives (at most
+    /// [`logprobs::TOP_LOGPROBS_MAX`]); `None`: none.
+    pub logprobs: Option<usize>,
     pub sink: Box<dyn EventSink>,
 }
 
@@ -157,6 +165,9 @@ impl Engine {
             return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
         }
         r.params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
+        if let Some(n) = r.logprobs.filter(|&n| n > logprobs::TOP_LOGPROBS_MAX) {
+            return Err(SubmitError::BadParams(format!("{n} alternatives per token were asked for; at most {} are given", logprobs::TOP_LOGPROBS_MAX)));
+        }
         // `waiting` counts queued requests until the scheduler admits them.
         let waiting = self.metrics.waiting.fetch_add(1, Relaxed);
         if waiting as usize >= self.max_queue {
@@ -220,6 +231,9 @@ struct Scheduler {
     running: Vec<Seq>,
     metrics: Arc<Metrics>,
 }
+
+/// A sequence's next token, with its log-probabilities where its request asked for them.
+type Sampled = (u32, Option<TokenLogprob>);
 
 /// What a step decided for one sequence.
 enum Outcome {
@@ -416,8 +430,9 @@ impl Scheduler {
             });
             s.fed += n;
             self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
-            // A prefill chunk that leaves prompt to feed makes no prediction yet.
-            let want = if whole_rows_only() { Wants::Whole } else { s.sampler.wants(vocab) };
+            // A prefill chunk that leaves prompt to feed makes no prediction yet. Log-probabilities
+            // need the whole row (its softmax's denominator).
+            let want = if whole_rows_only() || s.req.logprobs.is_some() { Wants::Whole } else { s.sampler.wants(vocab) };
             wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, want)));
         }
         let predicts = fetch_rows(&logits, &wants)?;
@@ -427,8 +442,17 @@ impl Scheduler {
         // vocabulary: with a GPU step, on all cores (64 sequences one after another took
         // milliseconds of the step); on the CPU, where the step's kernel threads are still
         // spinning, in turn.
-        let sample = |(s, l): (&mut Seq, Option<RowLogits>)| l.map(|l| s.sampler.sample_fetched(l, &logits, &s.tokens));
-        let next: Vec<Option<Result<u32>>> = if self.model.device.is_cpu() {
+        let sample = |(s, l): (&mut Seq, Option<RowLogits>)| {
+            l.map(|l| match (s.req.logprobs, l) {
+                // The raw row's log-probabilities; the draw is the one `sample_fetched` makes.
+                (Some(n), RowLogits::Whole(row)) => {
+                    let t = s.sampler.sample(row.clone(), &s.tokens)?;
+                    Ok((t, Some(logprobs::of_row(&row, t, n))))
+                }
+                (_, l) => Ok((s.sampler.sample_fetched(l, &logits, &s.tokens)?, None)),
+            })
+        };
+        let next: Vec<Option<Result<Sampled>>> = if self.model.device.is_cpu() {
             self.running.iter_mut().zip(predicts).map(sample).collect()
         } else {
             self.running.par_iter_mut().zip(predicts.into_par_iter()).map(sample).collect()
@@ -438,7 +462,10 @@ impl Scheduler {
         let mut outcomes = Vec::with_capacity(plan.len());
         for (s, next) in self.running.iter_mut().zip(next) {
             outcomes.push(match next {
-                Some(t) => Self::advance(s, t?, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?,
+                Some(t) => {
+                    let (t, lp) = t?;
+                    Self::advance(s, t, lp, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?
+                }
                 None => Outcome::Continue,
             });
         }
@@ -465,8 +492,10 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Takes `s`'s sampled next token and tells its client.
-    fn advance(s: &mut Seq, next: u32, tok: &Tokenizer, eos: &[u32], context: usize, m: &Metrics) -> Result<Outcome> {
+    /// Takes `s`'s sampled next token (with its log-probabilities where asked for) and tells
+    /// its client. An end-of-sequence token that ends the reply is not part of it, nor of its
+    /// log-probabilities.
+    fn advance(s: &mut Seq, next: u32, logprob: Option<TokenLogprob>, tok: &Tokenizer, eos: &[u32], context: usize, m: &Metrics) -> Result<Outcome> {
         if s.first_token {
             s.first_token = false;
             m.observe_ttft(s.arrived.elapsed().as_secs_f64());
@@ -490,6 +519,11 @@ impl Scheduler {
         }
         s.tokens.push(next);
         m.generated_tokens.fetch_add(1, Relaxed);
+        if let Some(lp) = logprob {
+            if !s.req.sink.send(Event::Logprobs(lp)) {
+                return Ok(Outcome::Cancelled);
+            }
+        }
         if let Some(piece) = s.detok.push(tok, next)? {
             let o = s.stop.push(&piece);
             if !o.text.is_empty() && !s.req.sink.send(Event::Text(o.text)) {

@@ -3,6 +3,7 @@
 //! tokenize, submit the request to the engine and turn its events into OpenAI's JSON objects or
 //! Server-Sent Events; the engine thread owns the model.
 pub mod bench;
+pub mod logprobs;
 pub mod openai;
 mod routes;
 

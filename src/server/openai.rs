@@ -2,6 +2,7 @@
 //! not through serde derive, so that every refusal names the field (`param`) and says what was
 //! wrong with it, as OpenAI's own errors do.
 use crate::engine::chat_template::Message;
+use crate::engine::logprobs::TOP_LOGPROBS_MAX;
 use crate::engine::sampling::SamplingParams;
 use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
@@ -181,6 +182,65 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
     Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos })
 }
 
+/// The alternatives per token whose log-probabilities the reply carries, or `None` if it carries
+/// none: a chat completion's `logprobs: true` with `top_logprobs` (0 to 20, 0 if absent), a
+/// legacy completion's `logprobs: N` (0 to 20).
+pub fn logprobs(o: &Map<String, Value>, chat: bool) -> ApiResult<Option<usize>> {
+    let f = Fields(o);
+    let max = TOP_LOGPROBS_MAX as i64;
+    let most = |key: &str, n: i64| {
+        if n > max {
+            return Err(ApiError::bad_request(key, format!("{key} is {n}; at most {max} alternatives per token are given")));
+        }
+        Ok(n as usize)
+    };
+    if !chat {
+        return f.int("logprobs", 0)?.map(|n| most("logprobs", n)).transpose();
+    }
+    let on = f.bool("logprobs")?.unwrap_or(false);
+    match f.int("top_logprobs", 0)? {
+        Some(_) if !on => Err(ApiError::bad_request("top_logprobs", "top_logprobs needs logprobs set to true")),
+        Some(n) => most("top_logprobs", n).map(Some),
+        None => Ok(on.then_some(0)),
+    }
+}
+
+/// Refuses, by name, the fields that ask for a reply this server does not give, instead of
+/// quietly ignoring them: `echo`, `best_of` above 1, `suffix`, `logit_bias`, a `response_format`
+/// other than text, `tools` and `functions`. Their empty or default values pass (clients send
+/// them without asking for anything).
+pub fn refuse_unsupported(o: &Map<String, Value>) -> ApiResult<()> {
+    let f = Fields(o);
+    let refuse = |key: &str, what: &str| Err(ApiError::bad_request(key, format!("{key}: {what} is not supported by this server")));
+    if f.bool("echo")? == Some(true) {
+        return refuse("echo", "the prompt in the reply");
+    }
+    if f.int("best_of", 1)?.is_some_and(|n| n > 1) {
+        return refuse("best_of", "choosing the best of several completions");
+    }
+    if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
+        return refuse("suffix", "text after the completion");
+    }
+    match f.get("logit_bias") {
+        Some(Value::Object(m)) if !m.is_empty() => return refuse("logit_bias", "biasing tokens"),
+        Some(Value::Object(_)) | None => {}
+        Some(v) => return Err(Fields::wrong("logit_bias", "an object", v)),
+    }
+    match f.get("response_format") {
+        Some(Value::Object(m)) if m.get("type").and_then(Value::as_str) != Some("text") => return refuse("response_format", "a format other than {\"type\": \"text\"}"),
+        Some(Value::Object(_)) | None => {}
+        Some(v) => return Err(Fields::wrong("response_format", "an object", v)),
+    }
+    for key in ["tools", "functions"] {
+        match f.get(key) {
+            Some(Value::Array(a)) if !a.is_empty() => return refuse(key, "calling tools"),
+            Some(Value::Array(_)) | None => {}
+            Some(v) => return Err(Fields::wrong(key, "an array", v)),
+        }
+    }
+    Ok(())
+}
+
 /// `messages` of a chat completion: each `{"role", "content"}` with content a string or an
 /// array of `{"type": "text", "text"}` parts.
 pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
@@ -260,6 +320,49 @@ mod tests {
         }
         let c = common(&obj(json!({"temperature": 0, "stop": "x", "max_tokens": 5, "top_k": -1, "seed": 7, "model": null})), &d).unwrap();
         assert_eq!((c.params.temperature, c.stop, c.max_tokens, c.params.top_k, c.params.seed, c.model), (0.0, vec!["x".to_string()], Some(5), None, 7, None));
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_as_each_endpoint_spells_it() {
+        let chat = |v: Value| logprobs(&obj(v), true);
+        let legacy = |v: Value| logprobs(&obj(v), false);
+        assert_eq!(chat(json!({})).unwrap(), None);
+        assert_eq!(chat(json!({"logprobs": false})).unwrap(), None);
+        assert_eq!(chat(json!({"logprobs": true})).unwrap(), Some(0));
+        assert_eq!(chat(json!({"logprobs": true, "top_logprobs": 5})).unwrap(), Some(5));
+        assert_eq!(legacy(json!({"logprobs": 3})).unwrap(), Some(3));
+        assert_eq!(legacy(json!({"logprobs": null})).unwrap(), None);
+        for (body, param, is_chat) in [
+            (json!({"top_logprobs": 2}), "top_logprobs", true),
+            (json!({"logprobs": false, "top_logprobs": 2}), "top_logprobs", true),
+            (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", true),
+            (json!({"logprobs": true, "top_logprobs": -1}), "top_logprobs", true),
+            (json!({"logprobs": 2}), "logprobs", true),
+            (json!({"logprobs": true}), "logprobs", false),
+            (json!({"logprobs": 21}), "logprobs", false),
+        ] {
+            let e = logprobs(&obj(body.clone()), is_chat).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn fields_asking_for_what_is_not_offered_are_refused_by_name() {
+        for (body, param) in [
+            (json!({"echo": true}), "echo"),
+            (json!({"best_of": 3}), "best_of"),
+            (json!({"suffix": "end"}), "suffix"),
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (json!({"logit_bias": [1]}), "logit_bias"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+        ] {
+            let e = refuse_unsupported(&obj(body.clone())).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
+        }
+        let defaults = json!({"echo": false, "best_of": 1, "suffix": "", "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": null, "user": "u"});
+        refuse_unsupported(&obj(defaults)).unwrap();
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
 //! `/metrics` and the chat page at `/`.
+use super::logprobs::{self, TextOffsets};
 use super::openai::{self, ApiError, ApiResult, Common};
 use super::{AppState, CHAT_PAGE};
+use crate::engine::logprobs::TokenLogprob;
 use crate::engine::scheduler::{Event, EventSink, Finish, FinishReason, Request, SubmitError};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -95,6 +97,8 @@ fn server_error(e: impl std::fmt::Display) -> ApiError {
 async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Response> {
     let o = openai::parse_body(&body)?;
     let mut c = openai::common(&o, &s.opts.defaults)?;
+    let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
+    openai::refuse_unsupported(&o)?;
     if let Some(m) = &c.model {
         if *m != s.opts.model_name {
             let mut e = ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"), format!("model {m:?} is not served here; this server serves {:?}", s.opts.model_name));
@@ -139,13 +143,14 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         None => room,
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let req = Request { prompt, params: c.params.clone(), stop: c.stop.clone(), ignore_eos: c.ignore_eos, sink: Box::new(ChannelSink(tx)) };
+    let req = Request { prompt, params: c.params.clone(), stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, sink: Box::new(ChannelSink(tx)) };
     s.engine.submit(req).map_err(submit_error)?;
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
+    let asked = logprobs.is_some();
     if c.stream {
-        Ok(stream(s, rx, id, kind, c).into_response())
+        Ok(stream(s, rx, id, kind, c, asked).into_response())
     } else {
-        collect(s, rx, id, kind).await.map(IntoResponse::into_response)
+        collect(s, rx, id, kind, asked).await.map(IntoResponse::into_response)
     }
 }
 
@@ -181,17 +186,29 @@ fn usage(f: &Finish) -> Value {
     json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens})
 }
 
+/// A choice's `logprobs`: null unless the request asked for them (`asked`).
+fn logprobs_value(s: &AppState, kind: Kind, asked: bool, tokens: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
+    match (asked, kind) {
+        (false, _) => Value::Null,
+        (true, Kind::Chat) => logprobs::chat(&s.tokenizer, tokens),
+        (true, Kind::Completion) => logprobs::completion(&s.tokenizer, tokens, offsets),
+    }
+}
+
 /// The whole reply as one object.
-async fn collect(s: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind) -> ApiResult<Json<Value>> {
+async fn collect(s: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind, asked: bool) -> ApiResult<Json<Value>> {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text += &t,
+            Event::Logprobs(t) => tokens.push(t),
             Event::Failed(e) => return Err(server_error(e)),
             Event::Done(f) => {
+                let lp = logprobs_value(&s, kind, asked, &tokens, &mut TextOffsets::default());
                 let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": reason(&f)}),
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason(&f)}),
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason(&f)}),
+                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": reason(&f)}),
                 };
                 let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
                 return Ok(Json(json!({
@@ -208,8 +225,10 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The reply as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
-fn stream(s: Arc<AppState>, rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind, c: Common) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+/// The reply as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`; with
+/// log-probabilities (`asked`) each text chunk carries those of the tokens it completes, and
+/// tokens whose text never came (a stop string cut it) a last chunk of no text before the end.
+fn stream(s: Arc<AppState>, rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind, c: Common, asked: bool) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let created = now();
     let model = s.opts.model_name.clone();
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -223,25 +242,36 @@ fn stream(s: Arc<AppState>, rx: mpsc::UnboundedReceiver<Event>, id: String, kind
         }
         SseEvent::default().data(v.to_string())
     };
-    let delta = move |text: Option<&str>, finish: Option<&str>| -> Value {
+    let delta = move |text: Option<&str>, lp: Value, finish: Option<&str>| -> Value {
         match kind {
             Kind::Chat => {
                 let d = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": d, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish}),
         }
     };
     let include_usage = c.include_usage;
     let first = (kind == Kind::Chat).then(|| chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None));
+    // The tokens whose text has not come yet, and where the legacy API's offsets stand.
+    let (mut pending, mut offsets) = (Vec::<TokenLogprob>::new(), TextOffsets::default());
     let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |ev| {
+        let mut lp = |pending: &mut Vec<TokenLogprob>| logprobs_value(&s, kind, asked, &std::mem::take(pending), &mut offsets);
         let out: Vec<SseEvent> = match ev {
-            Event::Text(t) => vec![chunk(delta(Some(&t), None), None)],
+            Event::Logprobs(t) => {
+                pending.push(t);
+                vec![]
+            }
+            Event::Text(t) => vec![chunk(delta(Some(&t), lp(&mut pending), None), None)],
             Event::Done(f) => {
-                let mut v = vec![chunk(delta(None, Some(reason(&f))), None)];
+                let mut v = Vec::new();
+                if !pending.is_empty() {
+                    v.push(chunk(delta(Some(""), lp(&mut pending), None), None));
+                }
+                v.push(chunk(delta(None, Value::Null, Some(reason(&f))), None));
                 if include_usage {
                     v.push(chunk(Value::Null, Some(usage(&f))));
                 }
