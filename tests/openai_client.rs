@@ -1,6 +1,6 @@
 //! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
-//! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion) and
-//! the model list, as a user's script would do them
+//! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion),
+//! several choices and the model list, as a user's script would do them
 //! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
@@ -35,6 +35,7 @@ content = lp.choices[0].logprobs.content
 legacy = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
                                    temperature=0, logprobs=2)
 ll = legacy.choices[0].logprobs
+several = client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0.8, n=3, seed=4)
 print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
                   "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens,
                   "lp_text": b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace"),
@@ -43,7 +44,8 @@ print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": u
                   "lp_top": sorted({len(c.top_logprobs) for c in content}),
                   "legacy_tokens": len(ll.tokens), "legacy_usage": legacy.usage.completion_tokens,
                   "legacy_top": all(t in d for t, d in zip(ll.tokens, ll.top_logprobs)),
-                  "legacy_text": "".join(ll.tokens) == legacy.choices[0].text}))
+                  "legacy_text": "".join(ll.tokens) == legacy.choices[0].text,
+                  "several": [c.index for c in several.choices]}))
 "#;
 
 fn venv_python() -> Option<PathBuf> {
@@ -93,4 +95,5 @@ fn the_openai_python_client_streams_from_the_server() {
     assert_eq!(v["legacy_tokens"], v["legacy_usage"], "{v}");
     assert_eq!(v["legacy_top"], true, "{v}");
     assert_eq!(v["legacy_text"], true, "{v}");
+    assert_eq!(v["several"], serde_json::json!([0, 1, 2]), "n choices in order");
 }

@@ -1,8 +1,8 @@
 //! `awq-run serve` end to end: the real binary on a random loopback port, on the tiny model,
 //! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
-//! with its status and error JSON, the API key, a full queue, the prefix cache and
-//! log-probabilities.
+//! with its status and error JSON, the API key, a full queue, the prefix cache,
+//! log-probabilities, and several choices and prompts in one request.
 mod common;
 use common::TinySpec;
 use serde_json::{json, Value};
@@ -355,6 +355,8 @@ fn bad_requests_get_openai_errors() {
         ("/v1/completions", json!({"prompt": "x", "echo": true}).to_string(), 400, "echo"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),
+        ("/v1/completions", json!({"prompt": [[1, 2]]}).to_string(), 400, "prompt"),
     ];
     for (path, body, status, param) in cases {
         let (got, v, _) = s.post(path, &body, None);
@@ -410,7 +412,53 @@ fn a_full_queue_answers_429_and_the_server_goes_on() {
     assert!(refused.iter().all(|(_, retry)| retry.as_deref() == Some("1")), "{statuses:?}");
     assert!(statuses.iter().all(|(st, _)| *st == 200 || *st == 429), "{statuses:?}");
     assert!(s.metric("requests_rejected_total") >= refused.len() as f64);
+    // More choices than the queue ever holds is the request's fault, not the moment's.
+    let (status, v, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), None);
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("n")), "{v}");
     s.chat(greedy("hello", 3));
+}
+
+#[test]
+fn several_choices_and_prompts_are_each_a_sequence_and_come_back_in_order() {
+    let s = start(&[]);
+    // n sampled choices: choice 0 is what the request alone draws (its seed), the others differ
+    // by their own seeds; streamed, each choice's chunks carry its index.
+    let sampled = |n: usize| json!({"messages": [{"role": "user", "content": "tell the hero"}], "temperature": 1.0, "seed": 11, "max_tokens": 10, "n": n});
+    let one = s.chat(sampled(1));
+    let three = s.chat(sampled(3));
+    let texts: Vec<&str> = (0..3).map(|i| three["choices"][i]["message"]["content"].as_str().unwrap()).collect();
+    assert_eq!((0..3).map(|i| three["choices"][i]["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(texts[0], one["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(texts[1] != texts[0] || texts[2] != texts[0], "{three}");
+    assert_eq!(three["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"], "the prompt counts once");
+    assert!(three["usage"]["completion_tokens"].as_u64().unwrap() > one["usage"]["completion_tokens"].as_u64().unwrap(), "{three}");
+    let mut body = sampled(3);
+    body["stream_options"] = json!({"include_usage": true});
+    let (_, chunks) = s.stream(body);
+    for (i, want) in texts.iter().enumerate() {
+        let mine: Vec<&Value> = chunks.iter().filter(|c| c["choices"][0]["index"] == i).collect();
+        assert_eq!(mine[0]["choices"][0]["delta"]["role"], "assistant");
+        let text: String = mine.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(&text, want, "choice {i}");
+        assert_eq!(mine.iter().filter(|c| c["choices"][0]["finish_reason"].is_string()).count(), 1, "choice {i}");
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], three["usage"]);
+
+    // Several prompts of a legacy completion, n each: prompt-major order, each choice as its
+    // prompt alone answers it.
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": ["the world", "hello"], "n": 2, "max_tokens": 6, "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, prompt) in ["the world", "the world", "hello", "hello"].iter().enumerate() {
+        let (_, alone, _) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}).to_string(), None);
+        assert_eq!((choices[i]["index"].as_u64(), &choices[i]["text"]), (Some(i as u64), &alone["choices"][0]["text"]), "choice {i}");
+    }
+    // A prompt too long among them is named.
+    let long = "hello ".repeat(400);
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": ["hi", long]}).to_string(), None);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("prompt[1] has"), "{v}");
 }
 
 #[test]

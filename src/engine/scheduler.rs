@@ -134,6 +134,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Requests that may wait for admission at most (`--max-queue`).
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
     /// Starts the scheduler thread with `model` (moved there) and a pool of `cfg.kv_blocks`.
     pub fn start(model: Model, tokenizer: Tokenizer, eos_ids: Vec<u32>, cfg: SchedulerConfig) -> Result<Self> {
         if cfg.max_batch == 0 || cfg.prefill_chunk == 0 {

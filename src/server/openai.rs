@@ -59,7 +59,13 @@ pub struct Common {
     pub stop: Vec<String>,
     /// vLLM's extension: generate `max_tokens` whatever end-of-sequence tokens come.
     pub ignore_eos: bool,
+    /// Choices per prompt (`n`).
+    pub n: usize,
 }
+
+/// Most choices a request may ask for per prompt (`n`), and most prompts one legacy completion
+/// may hold: each is a sequence of its own in the engine.
+pub const MAX_CHOICES: usize = 64;
 
 /// A parsed request body: an object, or a 400 naming what is wrong.
 pub fn parse_body(bytes: &[u8]) -> ApiResult<Map<String, Value>> {
@@ -148,11 +154,11 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
     if let Some(s) = f.int("seed", i64::MIN)? {
         p.seed = s as u64;
     }
-    if let Some(n) = f.int("n", 1)? {
-        if n != 1 {
-            return Err(ApiError::bad_request("n", format!("n is {n}; only one choice per request is supported")));
-        }
-    }
+    let n = match f.int("n", 1)? {
+        Some(n) if n > MAX_CHOICES as i64 => return Err(ApiError::bad_request("n", format!("n is {n}; at most {MAX_CHOICES} choices per prompt are given"))),
+        Some(n) => n as usize,
+        None => 1,
+    };
     let max_tokens = match f.int("max_completion_tokens", 1)? {
         Some(n) => Some(n as usize),
         None => f.int("max_tokens", 1)?.map(|n| n as usize),
@@ -179,7 +185,7 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
         Some(v) => return Err(Fields::wrong("stream_options", "an object", v)),
     };
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
-    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos })
+    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos, n })
 }
 
 /// The alternatives per token whose log-probabilities the reply carries, or `None` if it carries
@@ -280,13 +286,23 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
         .collect()
 }
 
-/// `prompt` of a (legacy) completion: a string, or an array of one string.
-pub fn prompt(o: &Map<String, Value>) -> ApiResult<String> {
+/// `prompt` of a (legacy) completion: a string, or an array of strings (one choice, or `n`, for
+/// each, in order).
+pub fn prompts(o: &Map<String, Value>) -> ApiResult<Vec<String>> {
     match o.get("prompt") {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap_or_default().to_string()),
-        Some(Value::Array(a)) => Err(ApiError::bad_request("prompt", format!("prompt holds {} entries; one string per request is supported", a.len()))),
-        Some(v) => Err(Fields::wrong("prompt", "a string", v)),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::bad_request("prompt", "prompt must hold at least one string")),
+        Some(Value::Array(a)) if a.len() > MAX_CHOICES => Err(ApiError::bad_request("prompt", format!("prompt holds {} strings; at most {MAX_CHOICES} are taken at once", a.len()))),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(_) | Value::Array(_) => Err(ApiError::bad_request("prompt", "prompts of token ids are not supported; send text")),
+                v => Err(ApiError::bad_request(&format!("prompt[{i}]"), format!("prompt[{i}] must be a string, not {}", kind_of(v)))),
+            })
+            .collect(),
+        Some(v) => Err(Fields::wrong("prompt", "a string or an array of strings", v)),
         None => Err(ApiError::bad_request("prompt", "prompt is required")),
     }
 }
@@ -311,7 +327,8 @@ mod tests {
             (json!({"stop": [1]}), "stop"),
             (json!({"stream": "yes"}), "stream"),
             (json!({"stream_options": {"include_usage": 1}}), "stream_options.include_usage"),
-            (json!({"n": 2}), "n"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 65}), "n"),
             (json!({"presence_penalty": -3}), "presence_penalty"),
         ];
         for (body, param) in cases {
@@ -363,6 +380,22 @@ mod tests {
         }
         let defaults = json!({"echo": false, "best_of": 1, "suffix": "", "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": null, "user": "u"});
         refuse_unsupported(&obj(defaults)).unwrap();
+    }
+
+    #[test]
+    fn prompts_are_a_string_or_strings() {
+        assert_eq!(prompts(&obj(json!({"prompt": "a"}))).unwrap(), vec!["a"]);
+        assert_eq!(prompts(&obj(json!({"prompt": ["a", "b"]}))).unwrap(), vec!["a", "b"]);
+        for (body, param) in [
+            (json!({}), "prompt"),
+            (json!({"prompt": []}), "prompt"),
+            (json!({"prompt": 3}), "prompt"),
+            (json!({"prompt": [1, 2]}), "prompt"),
+            (json!({"prompt": ["a", {}]}), "prompt[1]"),
+            (json!({"prompt": vec!["a"; MAX_CHOICES + 1]}), "prompt"),
+        ] {
+            assert_eq!(prompts(&obj(body.clone())).unwrap_err().param.as_deref(), Some(param), "{body}");
+        }
     }
 
     #[test]

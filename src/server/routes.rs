@@ -96,7 +96,7 @@ fn server_error(e: impl std::fmt::Display) -> ApiError {
 
 async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Response> {
     let o = openai::parse_body(&body)?;
-    let mut c = openai::common(&o, &s.opts.defaults)?;
+    let c = openai::common(&o, &s.opts.defaults)?;
     let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
     openai::refuse_unsupported(&o)?;
     if let Some(m) = &c.model {
@@ -109,49 +109,81 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     // Templates and tokenizers are CPU work: off the async threads.
     let st = s.clone();
     let o2 = o.clone();
-    let prompt = tokio::task::spawn_blocking(move || -> ApiResult<Vec<u32>> {
-        let (text, special) = match kind {
+    let prompts = tokio::task::spawn_blocking(move || -> ApiResult<Vec<Vec<u32>>> {
+        let (texts, special) = match kind {
             Kind::Chat => {
                 let msgs = openai::messages(&o2)?;
-                let text = st.template.render(&msgs, true).map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
-                (text, false)
+                (vec![st.template.render(&msgs, true).map_err(|e| ApiError::bad_request("messages", e.to_string()))?], false)
             }
-            Kind::Completion => (openai::prompt(&o2)?, true),
+            Kind::Completion => (openai::prompts(&o2)?, true),
         };
-        let enc = st.tokenizer.encode(text, special).map_err(server_error)?;
-        Ok(enc.get_ids().to_vec())
+        texts.into_iter().map(|t| Ok(st.tokenizer.encode(t, special).map_err(server_error)?.get_ids().to_vec())).collect()
     })
     .await
     .map_err(server_error)??;
+    let choices = prompts.len() * c.n;
+    if choices > s.engine.max_queue() {
+        let param = if c.n > 1 { "n" } else { "prompt" };
+        return Err(ApiError::bad_request(param, format!("{choices} choices were asked for; the server queues at most {} requests (--max-queue)", s.engine.max_queue())));
+    }
+    let mut requests = Vec::with_capacity(choices);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let max_tokens = room_for(&s, kind, &o, &c, prompt.len(), (prompts.len() > 1).then_some(i))?;
+        for j in 0..c.n {
+            let mut params = c.params.clone();
+            params.max_tokens = max_tokens;
+            // Each choice of a prompt draws with its own seed (choice 0 with the one given).
+            params.seed = params.seed.wrapping_add(j as u64);
+            requests.push((prompt.clone(), params));
+        }
+    }
+    // Every choice is a request of its own in the engine; if one cannot be queued, the receivers
+    // of those that were are dropped here, and the engine cancels them.
+    let mut receivers = Vec::with_capacity(choices);
+    for (prompt, params) in requests {
+        let (tx, rx) = mpsc::unbounded_channel();
+        s.engine.submit(Request { prompt, params, stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, sink: Box::new(ChannelSink(tx)) }).map_err(submit_error)?;
+        receivers.push(rx);
+    }
+    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
+    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(Vec::len).sum() };
+    if c.stream {
+        Ok(stream(s, receivers, reply, c.include_usage).into_response())
+    } else {
+        collect(s, receivers, reply).await.map(IntoResponse::into_response)
+    }
+}
+
+/// The tokens a prompt of `len` may be followed by: `max_tokens` if it fits the context, else a
+/// 400 naming both lengths (and the prompt, `index`, of several).
+fn room_for(s: &AppState, kind: Kind, o: &serde_json::Map<String, Value>, c: &Common, len: usize, index: Option<usize>) -> ApiResult<usize> {
     let context = s.engine.context_len;
     let holder = if s.engine.context_by_cache { "the server's KV cache (--kv-cache-mb)" } else { "the model's context" };
-    if prompt.len() >= context {
+    let what = index.map_or("the prompt".to_string(), |i| format!("prompt[{i}]"));
+    if len >= context {
         let param = if kind == Kind::Chat { "messages" } else { "prompt" };
-        return Err(ApiError::bad_request(param, format!("the prompt has {} tokens; {holder} holds {context}, and at least one token must be generated", prompt.len()))
-            .with_code("context_length_exceeded"));
+        return Err(ApiError::bad_request(param, format!("{what} has {len} tokens; {holder} holds {context}, and at least one token must be generated")).with_code("context_length_exceeded"));
     }
-    let room = context - prompt.len();
-    c.params.max_tokens = match c.max_tokens {
-        Some(n) if n > room => {
-            return Err(ApiError::bad_request(
-                if o.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" },
-                format!("the prompt has {} tokens and {n} more were asked for; {holder} holds {context}", prompt.len()),
-            )
-            .with_code("context_length_exceeded"))
-        }
-        Some(n) => n,
-        None => room,
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = Request { prompt, params: c.params.clone(), stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, sink: Box::new(ChannelSink(tx)) };
-    s.engine.submit(req).map_err(submit_error)?;
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
-    let asked = logprobs.is_some();
-    if c.stream {
-        Ok(stream(s, rx, id, kind, c, asked).into_response())
-    } else {
-        collect(s, rx, id, kind, asked).await.map(IntoResponse::into_response)
+    let room = context - len;
+    match c.max_tokens {
+        Some(n) if n > room => Err(ApiError::bad_request(
+            if o.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" },
+            format!("{what} has {len} tokens and {n} more were asked for; {holder} holds {context}"),
+        )
+        .with_code("context_length_exceeded")),
+        Some(n) => Ok(n),
+        None => Ok(room),
     }
+}
+
+/// What every choice of one reply shares.
+struct Reply {
+    id: String,
+    kind: Kind,
+    /// Whether the request asked for log-probabilities.
+    asked: bool,
+    /// The prompts' tokens, each prompt counted once whatever `n` (as OpenAI and vLLM count them).
+    prompt_tokens: usize,
 }
 
 fn submit_error(e: SubmitError) -> ApiError {
@@ -182,8 +214,8 @@ fn reason(f: &Finish) -> &'static str {
     }
 }
 
-fn usage(f: &Finish) -> Value {
-    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens})
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
 /// A choice's `logprobs`: null unless the request asked for them (`asked`).
@@ -195,95 +227,117 @@ fn logprobs_value(s: &AppState, kind: Kind, asked: bool, tokens: &[TokenLogprob]
     }
 }
 
-/// The whole reply as one object.
-async fn collect(s: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind, asked: bool) -> ApiResult<Json<Value>> {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Text(t) => text += &t,
-            Event::Logprobs(t) => tokens.push(t),
-            Event::Failed(e) => return Err(server_error(e)),
-            Event::Done(f) => {
-                let lp = logprobs_value(&s, kind, asked, &tokens, &mut TextOffsets::default());
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason(&f)}),
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": reason(&f)}),
-                };
-                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-                return Ok(Json(json!({
-                    "id": id, "object": object, "created": now(), "model": s.opts.model_name,
-                    "choices": [choice], "usage": usage(&f), "system_fingerprint": null,
-                })));
+/// The whole reply as one object, its choices in order.
+async fn collect(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: Reply) -> ApiResult<Json<Value>> {
+    let mut choices = Vec::with_capacity(receivers.len());
+    let mut completion_tokens = 0;
+    for (index, mut rx) in receivers.into_iter().enumerate() {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let done = loop {
+            match rx.recv().await {
+                Some(Event::Text(t)) => text += &t,
+                Some(Event::Logprobs(t)) => tokens.push(t),
+                Some(Event::Failed(e)) => return Err(server_error(e)),
+                Some(Event::Done(f)) => break f,
+                None => return Err(server_error("the engine ended the request without an answer")),
             }
-        }
+        };
+        completion_tokens += done.completion_tokens;
+        let lp = logprobs_value(&s, r.kind, r.asked, &tokens, &mut TextOffsets::default());
+        choices.push(match r.kind {
+            Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason(&done)}),
+            Kind::Completion => json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason(&done)}),
+        });
     }
-    Err(server_error("the engine ended the request without an answer"))
+    let object = if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    Ok(Json(json!({
+        "id": r.id, "object": object, "created": now(), "model": s.opts.model_name,
+        "choices": choices, "usage": usage(r.prompt_tokens, completion_tokens), "system_fingerprint": null,
+    })))
 }
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The reply as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`; with
-/// log-probabilities (`asked`) each text chunk carries those of the tokens it completes, and
-/// tokens whose text never came (a stop string cut it) a last chunk of no text before the end.
-fn stream(s: Arc<AppState>, rx: mpsc::UnboundedReceiver<Event>, id: String, kind: Kind, c: Common, asked: bool) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+/// The reply as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]` once
+/// every choice has finished (chunks of several choices interleave, each naming its `index`);
+/// with log-probabilities each text chunk carries those of the tokens it completes, and tokens
+/// whose text never came (a stop string cut it) a last chunk of no text before the choice ends.
+fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: Reply, include_usage: bool) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let created = now();
     let model = s.opts.model_name.clone();
+    let (kind, asked, total) = (r.kind, r.asked, receivers.len());
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let id = r.id;
     let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
         let mut v = json!({"id": id, "object": object, "created": created, "model": model, "system_fingerprint": null,
                            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
         if let Some(u) = usage {
             v["usage"] = u;
-        } else if c.include_usage {
+        } else if include_usage {
             v["usage"] = Value::Null;
         }
         SseEvent::default().data(v.to_string())
     };
-    let delta = move |text: Option<&str>, lp: Value, finish: Option<&str>| -> Value {
+    let delta = move |index: usize, text: Option<&str>, lp: Value, finish: Option<&str>| -> Value {
         match kind {
             Kind::Chat => {
                 let d = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish})
+                json!({"index": index, "delta": d, "logprobs": lp, "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish}),
+            Kind::Completion => json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish}),
         }
     };
-    let include_usage = c.include_usage;
-    let first = (kind == Kind::Chat).then(|| chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None));
-    // The tokens whose text has not come yet, and where the legacy API's offsets stand.
-    let (mut pending, mut offsets) = (Vec::<TokenLogprob>::new(), TextOffsets::default());
-    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |ev| {
-        let mut lp = |pending: &mut Vec<TokenLogprob>| logprobs_value(&s, kind, asked, &std::mem::take(pending), &mut offsets);
+    let first: Vec<SseEvent> = match kind {
+        Kind::Chat => (0..total).map(|i| chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None)).collect(),
+        Kind::Completion => Vec::new(),
+    };
+    // Per choice: the tokens whose text has not come yet, and where the legacy API's offsets stand.
+    let mut pending: Vec<(Vec<TokenLogprob>, TextOffsets)> = (0..total).map(|_| Default::default()).collect();
+    let (mut finished, mut completion_tokens, prompt_tokens) = (0, 0, r.prompt_tokens);
+    let merged = futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))));
+    let events = merged.scan(false, move |ended, (i, ev)| {
+        if *ended {
+            return futures_util::future::ready(None);
+        }
+        let (tokens, offsets) = &mut pending[i];
+        let mut lp = |tokens: &mut Vec<TokenLogprob>| logprobs_value(&s, kind, asked, &std::mem::take(tokens), offsets);
         let out: Vec<SseEvent> = match ev {
             Event::Logprobs(t) => {
-                pending.push(t);
+                tokens.push(t);
                 vec![]
             }
-            Event::Text(t) => vec![chunk(delta(Some(&t), lp(&mut pending), None), None)],
+            Event::Text(t) => vec![chunk(delta(i, Some(&t), lp(tokens), None), None)],
             Event::Done(f) => {
                 let mut v = Vec::new();
-                if !pending.is_empty() {
-                    v.push(chunk(delta(Some(""), lp(&mut pending), None), None));
+                if !tokens.is_empty() {
+                    v.push(chunk(delta(i, Some(""), lp(tokens), None), None));
                 }
-                v.push(chunk(delta(None, Value::Null, Some(reason(&f))), None));
-                if include_usage {
-                    v.push(chunk(Value::Null, Some(usage(&f))));
+                v.push(chunk(delta(i, None, Value::Null, Some(reason(&f))), None));
+                (finished, completion_tokens) = (finished + 1, completion_tokens + f.completion_tokens);
+                if finished == total {
+                    if include_usage {
+                        v.push(chunk(Value::Null, Some(usage(prompt_tokens, completion_tokens))));
+                    }
+                    v.push(SseEvent::default().data("[DONE]"));
+                    *ended = true;
                 }
-                v.push(SseEvent::default().data("[DONE]"));
                 v
             }
             Event::Failed(e) => {
+                // The other choices end with the stream: their receivers are dropped.
+                *ended = true;
                 let err = server_error(e).body();
                 vec![SseEvent::default().data(err.to_string()), SseEvent::default().data("[DONE]")]
             }
         };
-        futures_util::stream::iter(out.into_iter().map(Ok))
+        futures_util::future::ready(Some(out))
     });
+    let events = events.flat_map(|out| futures_util::stream::iter(out.into_iter().map(Ok)));
     Sse::new(futures_util::stream::iter(first.into_iter().map(Ok)).chain(events)).keep_alive(axum::response::sse::KeepAlive::default())
 }
