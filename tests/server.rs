@@ -307,6 +307,20 @@ fn a_repeated_prefix_is_taken_from_the_cache_and_answers_the_same() {
     assert!(s.metric("prefix_cache_hit_tokens_total") - hits >= hits, "the second turn reused the first turn's prompt blocks");
     assert_eq!(cached_turn["choices"][0]["message"]["content"], plain.chat(turn)["choices"][0]["message"]["content"]);
     assert_eq!(s.metric("kv_blocks_used"), 0.0, "shared blocks are given back by every holder");
+
+    // Choices of one new prompt: the first prefills it, the others wait a step and adopt its
+    // whole blocks instead of computing them beside it; all answer as one alone.
+    let fresh = "tell the hero of the other world the order of the world, and then her order";
+    let hits = s.metric("prefix_cache_hit_tokens_total");
+    let mut body = greedy(fresh, 12);
+    body["n"] = json!(4);
+    let four = s.chat(body);
+    let tokens = four["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(s.metric("prefix_cache_hit_tokens_total") - hits, 3.0 * ((tokens - 1.0) / 16.0).floor() * 16.0, "{four}");
+    let alone = plain.chat(greedy(fresh, 12));
+    for c in four["choices"].as_array().unwrap() {
+        assert_eq!(c["message"]["content"], alone["choices"][0]["message"]["content"]);
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ use super::stop::StopMatcher;
 use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
 use crate::model::batch::StepSeq;
-use crate::model::paged::{KvPool, SeqKv};
+use crate::model::paged::{KvPool, SeqKv, BLOCK_TOKENS};
 use crate::model::Model;
 use rayon::prelude::*;
 use std::collections::VecDeque;
@@ -326,6 +326,13 @@ impl Scheduler {
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
             let Some(s) = self.waiting.front_mut() else { break };
+            // The same tokens that a running sequence is still prefilling (n choices of one
+            // prompt, clients sending the same prompt together) wait for it: once its blocks are
+            // registered this one adopts them and computes only what follows its last whole
+            // block, instead of computing all of it again beside it in the same steps.
+            if self.pool.prefix_caching() && s.tokens.len() > BLOCK_TOKENS && self.running.iter().any(|r| r.fed < r.tokens.len() && r.tokens == s.tokens) {
+                break;
+            }
             let need = s.tokens.len() + 1;
             if KvPool::blocks_for(need) > self.pool.total_blocks() {
                 // Only a preempted sequence can have grown past the whole pool.

@@ -143,6 +143,12 @@ impl KvPool {
         self
     }
 
+    /// Whether finished and written whole blocks are kept for later prompts (see
+    /// [`KvPool::with_prefix_cache`]).
+    pub fn prefix_caching(&self) -> bool {
+        self.blocks.caching()
+    }
+
     /// The dtype the keys and values are kept in.
     pub fn dtype(&self) -> DType {
         self.k.first().map_or(DType::F32, Tensor::dtype)
