@@ -2,7 +2,8 @@
 //! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
 //! with its status and error JSON, the API key, a full queue, the prefix cache,
-//! log-probabilities, and several choices and prompts in one request.
+//! log-probabilities, several choices and prompts in one request, prompts of token ids and
+//! the tokenizer endpoints.
 mod common;
 use common::TinySpec;
 use serde_json::{json, Value};
@@ -208,6 +209,46 @@ fn log_probabilities_come_with_every_generated_token() {
 }
 
 #[test]
+fn token_id_prompts_and_the_tokenizer_endpoints() {
+    let s = start(&[]);
+    let post = |path: &str, body: Value| {
+        let (status, v, _) = s.post(path, &body.to_string(), None);
+        (status, v)
+    };
+    let (status, t) = post("/tokenize", json!({"prompt": "the world"}));
+    assert_eq!(status, 200, "{t}");
+    let ids = t["tokens"].clone();
+    assert_eq!((t["count"].as_u64(), &t["max_model_len"]), (Some(ids.as_array().unwrap().len() as u64), &json!(256)), "{t}");
+    // A prompt of token ids answers as its text does; several mix.
+    let ask = |prompt: Value| post("/v1/completions", json!({"prompt": prompt, "max_tokens": 6, "temperature": 0})).1;
+    let by_text = ask(json!("the world"));
+    let by_ids = ask(ids.clone());
+    assert_eq!((&by_ids["choices"][0]["text"], &by_ids["usage"]), (&by_text["choices"][0]["text"], &by_text["usage"]));
+    let both = ask(json!([ids.clone(), "the world"]));
+    assert_eq!(both["choices"][0]["text"], both["choices"][1]["text"]);
+    assert_eq!(post("/detokenize", json!({"tokens": ids})).1["prompt"], "the world");
+    // Messages go through the chat template as a chat request's do.
+    let msgs = json!([{"role": "user", "content": "hello there"}]);
+    let counted = post("/tokenize", json!({"messages": msgs})).1["count"].clone();
+    assert_eq!(counted, s.chat(json!({"messages": msgs, "max_tokens": 1}))["usage"]["prompt_tokens"]);
+    let bare = post("/tokenize", json!({"messages": msgs, "add_generation_prompt": false})).1["count"].as_u64().unwrap();
+    assert!(bare < counted.as_u64().unwrap());
+    // Ids outside the vocabulary, and missing fields, are named.
+    for (path, body, param) in [
+        ("/v1/completions", json!({"prompt": [5, 100000]}), "prompt"),
+        ("/v1/completions", json!({"prompt": ["x", [100000]]}), "prompt[1]"),
+        ("/detokenize", json!({"tokens": [-1]}), "tokens"),
+        ("/detokenize", json!({}), "tokens"),
+        ("/tokenize", json!({}), "prompt"),
+        ("/tokenize", json!({"messages": "x"}), "messages"),
+    ] {
+        let (status, v) = post(path, body.clone());
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(param)), "{path} {body}: {v}");
+    }
+    s.chat(greedy("still serving", 2));
+}
+
+#[test]
 fn stop_strings_and_max_tokens() {
     let s = start(&[]);
     // Find a prompt whose greedy reply is long enough to cut.
@@ -370,7 +411,7 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),
-        ("/v1/completions", json!({"prompt": [[1, 2]]}).to_string(), 400, "prompt"),
+        ("/v1/completions", json!({"prompt": [[1, 2], [3, 1000]]}).to_string(), 400, "prompt[1]"),
     ];
     for (path, body, status, param) in cases {
         let (got, v, _) = s.post(path, &body, None);

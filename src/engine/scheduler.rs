@@ -129,6 +129,8 @@ pub struct Engine {
     pub context_len: usize,
     /// Whether the KV cache, not the model, sets `context_len`.
     pub context_by_cache: bool,
+    /// Token ids the model takes: `0 .. vocab_size`.
+    pub vocab_size: usize,
     max_queue: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -151,13 +153,14 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let context_len = model.context_len().min(pool.capacity_tokens());
         let context_by_cache = context_len < model.context_len();
+        let vocab_size = model.cfg.vocab_size;
         let max_queue = cfg.max_queue;
         let mut s = Scheduler { model, tokenizer, eos_ids, cfg, pool, rx, context: context_len, waiting: VecDeque::new(), running: Vec::new(), metrics: metrics.clone() };
         let thread = std::thread::Builder::new()
             .name("awq-run-engine".into())
             .spawn(move || s.run())
             .map_err(|e| Error::msg(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { tx, metrics, context_len, context_by_cache, max_queue, thread: Some(thread) })
+        Ok(Self { tx, metrics, context_len, context_by_cache, vocab_size, max_queue, thread: Some(thread) })
     }
 
     /// Queues a request, or says why it cannot be.
@@ -168,6 +171,10 @@ impl Engine {
         }
         if n >= self.context_len {
             return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
+        }
+        // A token the model has no embedding for would fail the whole batch's step.
+        if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(SubmitError::BadParams(format!("token id {t} is outside the vocabulary of {} tokens", self.vocab_size)));
         }
         r.params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
         if let Some(n) = r.logprobs.filter(|&n| n > logprobs::TOP_LOGPROBS_MAX) {

@@ -286,23 +286,45 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
         .collect()
 }
 
-/// `prompt` of a (legacy) completion: a string, or an array of strings (one choice, or `n`, for
-/// each, in order).
-pub fn prompts(o: &Map<String, Value>) -> ApiResult<Vec<String>> {
+/// One prompt of a legacy completion: text, or token ids as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// `prompt` of a (legacy) completion: a string, an array of token ids, or an array of several
+/// (strings or arrays of token ids), one choice (or `n`) for each, in order. Token ids are
+/// checked against `vocab`.
+pub fn prompts(o: &Map<String, Value>, vocab: usize) -> ApiResult<Vec<Prompt>> {
+    let tokens = |a: &[Value], at: &str| -> ApiResult<Prompt> {
+        if a.is_empty() {
+            return Err(ApiError::bad_request(at, format!("{at} holds no token ids")));
+        }
+        a.iter()
+            .enumerate()
+            .map(|(j, v)| match v.as_u64() {
+                Some(t) if (t as usize) < vocab => Ok(t as u32),
+                _ => Err(ApiError::bad_request(at, format!("{at}[{j}] is {v}; token ids are whole numbers below the vocabulary's {vocab}"))),
+            })
+            .collect::<ApiResult<Vec<u32>>>()
+            .map(Prompt::Tokens)
+    };
     match o.get("prompt") {
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::bad_request("prompt", "prompt must hold at least one string")),
-        Some(Value::Array(a)) if a.len() > MAX_CHOICES => Err(ApiError::bad_request("prompt", format!("prompt holds {} strings; at most {MAX_CHOICES} are taken at once", a.len()))),
+        Some(Value::String(s)) => Ok(vec![Prompt::Text(s.clone())]),
+        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::bad_request("prompt", "prompt must hold at least one prompt")),
+        Some(Value::Array(a)) if a[0].is_number() => Ok(vec![tokens(a, "prompt")?]),
+        Some(Value::Array(a)) if a.len() > MAX_CHOICES => Err(ApiError::bad_request("prompt", format!("prompt holds {} prompts; at most {MAX_CHOICES} are taken at once", a.len()))),
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.clone()),
-                Value::Number(_) | Value::Array(_) => Err(ApiError::bad_request("prompt", "prompts of token ids are not supported; send text")),
-                v => Err(ApiError::bad_request(&format!("prompt[{i}]"), format!("prompt[{i}] must be a string, not {}", kind_of(v)))),
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(ids) => tokens(ids, &format!("prompt[{i}]")),
+                v => Err(ApiError::bad_request(&format!("prompt[{i}]"), format!("prompt[{i}] must be a string or an array of token ids, not {}", kind_of(v)))),
             })
             .collect(),
-        Some(v) => Err(Fields::wrong("prompt", "a string or an array of strings", v)),
+        Some(v) => Err(Fields::wrong("prompt", "a string, an array of token ids or an array of prompts", v)),
         None => Err(ApiError::bad_request("prompt", "prompt is required")),
     }
 }
@@ -383,18 +405,25 @@ mod tests {
     }
 
     #[test]
-    fn prompts_are_a_string_or_strings() {
-        assert_eq!(prompts(&obj(json!({"prompt": "a"}))).unwrap(), vec!["a"]);
-        assert_eq!(prompts(&obj(json!({"prompt": ["a", "b"]}))).unwrap(), vec!["a", "b"]);
+    fn prompts_are_text_or_token_ids() {
+        let text = |s: &str| Prompt::Text(s.into());
+        assert_eq!(prompts(&obj(json!({"prompt": "a"})), 10).unwrap(), vec![text("a")]);
+        assert_eq!(prompts(&obj(json!({"prompt": ["a", "b"]})), 10).unwrap(), vec![text("a"), text("b")]);
+        assert_eq!(prompts(&obj(json!({"prompt": [3, 4]})), 10).unwrap(), vec![Prompt::Tokens(vec![3, 4])]);
+        assert_eq!(prompts(&obj(json!({"prompt": [[3], "b"]})), 10).unwrap(), vec![Prompt::Tokens(vec![3]), text("b")]);
         for (body, param) in [
             (json!({}), "prompt"),
             (json!({"prompt": []}), "prompt"),
             (json!({"prompt": 3}), "prompt"),
-            (json!({"prompt": [1, 2]}), "prompt"),
+            (json!({"prompt": [1, 10]}), "prompt"),
+            (json!({"prompt": [1, -1]}), "prompt"),
+            (json!({"prompt": [1, "a"]}), "prompt"),
+            (json!({"prompt": ["a", [2, 11]]}), "prompt[1]"),
+            (json!({"prompt": ["a", []]}), "prompt[1]"),
             (json!({"prompt": ["a", {}]}), "prompt[1]"),
             (json!({"prompt": vec!["a"; MAX_CHOICES + 1]}), "prompt"),
         ] {
-            assert_eq!(prompts(&obj(body.clone())).unwrap_err().param.as_deref(), Some(param), "{body}");
+            assert_eq!(prompts(&obj(body.clone()), 10).unwrap_err().param.as_deref(), Some(param), "{body}");
         }
     }
 

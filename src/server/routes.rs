@@ -1,7 +1,7 @@
 //! The endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
-//! `/metrics` and the chat page at `/`.
+//! `/metrics`, vLLM's `/tokenize` and `/detokenize`, and the chat page at `/`.
 use super::logprobs::{self, TextOffsets};
-use super::openai::{self, ApiError, ApiResult, Common};
+use super::openai::{self, ApiError, ApiResult, Common, Prompt};
 use super::{AppState, CHAT_PAGE};
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::scheduler::{Event, EventSink, Finish, FinishReason, Request, SubmitError};
@@ -29,6 +29,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/", get(|| async { Html(CHAT_PAGE) }))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
@@ -61,6 +63,48 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
         "id": s.opts.model_name, "object": "model", "created": s.created, "owned_by": "awq-run",
         "max_model_len": s.engine.context_len,
     }]}))
+}
+
+/// vLLM's `/tokenize`: the tokens of `prompt` (with the tokenizer's special tokens unless
+/// `add_special_tokens` is false), or of `messages` through the chat template (with the
+/// assistant's opening unless `add_generation_prompt` is false), as a completion or chat request
+/// would see them.
+async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let o = openai::parse_body(&body)?;
+    let st = s.clone();
+    let tokens = tokio::task::spawn_blocking(move || -> ApiResult<Vec<u32>> {
+        let f = openai::Fields(&o);
+        let (text, special) = if o.contains_key("messages") {
+            let msgs = openai::messages(&o)?;
+            let text = st.template.render(&msgs, f.bool("add_generation_prompt")?.unwrap_or(true)).map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+            (text, f.bool("add_special_tokens")?.unwrap_or(false))
+        } else {
+            let text = f.string("prompt")?.ok_or_else(|| ApiError::bad_request("prompt", "prompt (a string) or messages is required"))?;
+            (text, f.bool("add_special_tokens")?.unwrap_or(true))
+        };
+        Ok(st.tokenizer.encode(text, special).map_err(server_error)?.get_ids().to_vec())
+    })
+    .await
+    .map_err(server_error)??;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": s.engine.context_len})))
+}
+
+/// vLLM's `/detokenize`: the text of `tokens` (ids below the vocabulary's size).
+async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let o = openai::parse_body(&body)?;
+    let ids = match o.get("tokens") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_u64() {
+                Some(t) if (t as usize) < s.engine.vocab_size => Ok(t as u32),
+                _ => Err(ApiError::bad_request("tokens", format!("tokens[{i}] is {v}; token ids are whole numbers below the vocabulary's {}", s.engine.vocab_size))),
+            })
+            .collect::<ApiResult<Vec<u32>>>()?,
+        _ => return Err(ApiError::bad_request("tokens", "tokens (an array of token ids) is required")),
+    };
+    let text = s.tokenizer.decode(&ids, false).map_err(server_error)?;
+    Ok(Json(json!({"prompt": text})))
 }
 
 /// Events of one request, from the engine thread to its handler.
@@ -110,14 +154,20 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let st = s.clone();
     let o2 = o.clone();
     let prompts = tokio::task::spawn_blocking(move || -> ApiResult<Vec<Vec<u32>>> {
-        let (texts, special) = match kind {
+        let (inputs, special) = match kind {
             Kind::Chat => {
                 let msgs = openai::messages(&o2)?;
-                (vec![st.template.render(&msgs, true).map_err(|e| ApiError::bad_request("messages", e.to_string()))?], false)
+                (vec![Prompt::Text(st.template.render(&msgs, true).map_err(|e| ApiError::bad_request("messages", e.to_string()))?)], false)
             }
-            Kind::Completion => (openai::prompts(&o2)?, true),
+            Kind::Completion => (openai::prompts(&o2, st.engine.vocab_size)?, true),
         };
-        texts.into_iter().map(|t| Ok(st.tokenizer.encode(t, special).map_err(server_error)?.get_ids().to_vec())).collect()
+        inputs
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(t) => Ok(st.tokenizer.encode(t, special).map_err(server_error)?.get_ids().to_vec()),
+                Prompt::Tokens(ids) => Ok(ids),
+            })
+            .collect()
     })
     .await
     .map_err(server_error)??;
