@@ -1,6 +1,6 @@
 //! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
 //! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion),
-//! several choices and the model list, as a user's script would do them
+//! a prompt scored (echo), several choices and the model list, as a user's script would do them
 //! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
@@ -35,6 +35,9 @@ content = lp.choices[0].logprobs.content
 legacy = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
                                    temperature=0, logprobs=2)
 ll = legacy.choices[0].logprobs
+scored = client.completions.create(model=model, prompt="The capital of France is Paris.", max_tokens=0,
+                                   echo=True, logprobs=1, temperature=0)
+sl = scored.choices[0].logprobs
 several = client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0.8, n=3, seed=4)
 print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
                   "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens,
@@ -45,7 +48,10 @@ print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": u
                   "legacy_tokens": len(ll.tokens), "legacy_usage": legacy.usage.completion_tokens,
                   "legacy_top": all(t in d for t, d in zip(ll.tokens, ll.top_logprobs)),
                   "legacy_text": "".join(ll.tokens) == legacy.choices[0].text,
-                  "several": [c.index for c in several.choices]}))
+                  "several": [c.index for c in several.choices],
+                  "scored_text": scored.choices[0].text, "scored_first": sl.token_logprobs[0],
+                  "scored_rest": [lp for lp in sl.token_logprobs[1:]],
+                  "scored_usage": [scored.usage.prompt_tokens, scored.usage.completion_tokens]}))
 "#;
 
 fn venv_python() -> Option<PathBuf> {
@@ -96,4 +102,13 @@ fn the_openai_python_client_streams_from_the_server() {
     assert_eq!(v["legacy_top"], true, "{v}");
     assert_eq!(v["legacy_text"], true, "{v}");
     assert_eq!(v["several"], serde_json::json!([0, 1, 2]), "n choices in order");
+    // Scoring a text (lm-eval's loglikelihood request): the prompt echoed, each token after the
+    // first with its log-probability, nothing generated. " Paris" after "The capital of France
+    // is" is the likely word: its token's probability is above one half.
+    assert_eq!(v["scored_text"], "The capital of France is Paris.", "{v}");
+    assert!(v["scored_first"].is_null(), "{v}");
+    let rest: Vec<f64> = v["scored_rest"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(rest.len() as u64 + 1, v["scored_usage"][0].as_u64().unwrap(), "{v}");
+    assert_eq!(v["scored_usage"][1], 0, "{v}");
+    assert!(rest.iter().all(|&lp| lp <= 0.0) && rest.iter().any(|&lp| lp > 0.5f64.ln()), "{v}");
 }

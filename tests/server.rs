@@ -2,8 +2,8 @@
 //! driven by a real HTTP client (ureq): OpenAI objects and chunks, stop strings, limits, many
 //! concurrent streams against the same requests alone, a client that goes away, every bad input
 //! with its status and error JSON, the API key, a full queue, the prefix cache,
-//! log-probabilities, several choices and prompts in one request, prompts of token ids and
-//! the tokenizer endpoints.
+//! log-probabilities, several choices and prompts in one request, prompts of token ids, the
+//! tokenizer endpoints and echoed prompts scored.
 mod common;
 use common::TinySpec;
 use serde_json::{json, Value};
@@ -248,6 +248,63 @@ fn token_id_prompts_and_the_tokenizer_endpoints() {
     s.chat(greedy("still serving", 2));
 }
 
+/// The chunks of a streamed legacy completion.
+fn stream_completion(s: &Server, mut body: Value) -> Vec<Value> {
+    body["stream"] = json!(true);
+    let resp = ureq::post(&s.url("/v1/completions")).send_string(&body.to_string()).unwrap();
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map(Result::unwrap)
+        .filter_map(|l| l.strip_prefix("data: ").filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()))
+        .collect()
+}
+
+#[test]
+fn an_echoed_prompt_is_scored_as_the_model_scores_it() {
+    let s = start(&[]);
+    let prompt = "tell the other hero the order of the world";
+    // Scoring alone (lm-eval's loglikelihood request): max_tokens 0, echo, logprobs.
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2, "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!((c["text"].as_str(), &c["finish_reason"], &v["usage"]["completion_tokens"]), (Some(prompt), &json!("length"), &json!(0)), "{v}");
+    let lp = &c["logprobs"];
+    let n = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    let served: f64 = (1..n).map(|i| lp["token_logprobs"][i].as_f64().unwrap()).sum();
+    // The library's own scoring of the same tokens (the perplexity path).
+    let ids: Vec<u32> = s.post("/tokenize", &json!({"prompt": prompt}).to_string(), None).1["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let model = awq_run::assets::ModelAssets::load(s._dir.path().join("tiny").to_str().unwrap()).unwrap().load_model(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let logits = model.forward_all(&candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let nll = awq_run::engine::eval::window_nll(&logits.get(0).unwrap(), &ids).unwrap();
+    assert!((served + nll).abs() < 1e-3 * nll.abs().max(1.0), "served {served} vs the library's {}", -nll);
+
+    // With tokens generated after it: the prompt leads the text and the lists; the generated part
+    // is what the request without echo gives.
+    let body = json!({"prompt": prompt, "max_tokens": 5, "echo": true, "logprobs": 1, "temperature": 0});
+    let (_, v, _) = s.post("/v1/completions", &body.to_string(), None);
+    let (_, plain, _) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 5, "temperature": 0}).to_string(), None);
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, format!("{prompt}{}", plain["choices"][0]["text"].as_str().unwrap()));
+    let generated = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len(), n + generated, "{v}");
+    // Streamed: the prompt and its scores first, then the rest, the same in all.
+    let chunks = stream_completion(&s, body);
+    assert_eq!(chunks[0]["choices"][0]["text"], prompt);
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, text);
+    let lists: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array()).flatten().cloned().collect();
+    assert_eq!(Value::Array(lists), v["choices"][0]["logprobs"]["token_logprobs"]);
+    // echo without logprobs only leads the text; 0 tokens without echo, and echo in chat, are refused.
+    let (_, v, _) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 2, "echo": true}).to_string(), None);
+    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with(prompt) && v["choices"][0]["logprobs"].is_null(), "{v}");
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 0}).to_string(), None);
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("max_tokens")), "{v}");
+    let (status, v, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "echo": true}).to_string(), None);
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("echo")), "{v}");
+}
+
 #[test]
 fn stop_strings_and_max_tokens() {
     let s = start(&[]);
@@ -407,7 +464,6 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(), 400, "top_logprobs"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 50}).to_string(), 400, "top_logprobs"),
         ("/v1/completions", json!({"prompt": "x", "logprobs": true}).to_string(), 400, "logprobs"),
-        ("/v1/completions", json!({"prompt": "x", "echo": true}).to_string(), 400, "echo"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),

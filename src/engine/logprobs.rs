@@ -1,11 +1,15 @@
-//! Log-probabilities of generated tokens, for the OpenAI API's `logprobs` and `top_logprobs`.
+//! Log-probabilities of generated tokens, for the OpenAI API's `logprobs` and `top_logprobs`,
+//! and of a prompt's own tokens (`echo`).
 //!
 //! They are the log-softmax of the model's raw logits at the step that produced the token:
 //! before repetition penalties, temperature and the top-k/top-p/min-p filters, as vLLM reports
 //! them by default. They say what the model thought of each candidate, whatever the sampling
 //! settings did with it; a greedy token is then always the first of its alternatives (ties
 //! aside).
-use crate::model::logits::top_k_of;
+use crate::error::Result;
+use crate::model::logits::{top_k_of, top_k_rows};
+use crate::model::Model;
+use candle_core::{DType, Tensor, D};
 
 /// Most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
 pub const TOP_LOGPROBS_MAX: usize = 20;
@@ -28,6 +32,25 @@ pub fn of_row(row: &[f32], token: u32, top: usize) -> TokenLogprob {
     let lp = |l: f32| if l.is_nan() || lse == f64::NEG_INFINITY { f32::NEG_INFINITY } else { (f64::from(l) - lse) as f32 };
     let top = if top == 0 { Vec::new() } else { top_k_of(row, top.min(row.len())).into_iter().map(|(i, l)| (i, lp(l))).collect() };
     TokenLogprob { token, logprob: row.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)), top }
+}
+
+/// The log-probability of each token of `prompt` after the first under the model given the
+/// tokens before it, with the `top` most likely tokens at each position (the OpenAI API's
+/// `echo` with `logprobs`: what scoring a text, lm-eval's loglikelihood, asks for). One forward
+/// pass over the whole prompt; the softmax and the selection run where the logits are, and only
+/// the picked values and the pairs come to the host.
+pub fn of_prompt(model: &Model, prompt: &[u32], top: usize) -> Result<Vec<TokenLogprob>> {
+    let n = prompt.len();
+    if n < 2 {
+        return Ok(Vec::new());
+    }
+    let input = Tensor::from_slice(prompt, (1, n), &model.device)?;
+    let logits = model.forward_all(&input)?.get(0)?.narrow(0, 0, n - 1)?.to_dtype(DType::F32)?;
+    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.contiguous()?;
+    let targets = Tensor::new(&prompt[1..], &model.device)?.unsqueeze(1)?;
+    let picked = lp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let tops = if top == 0 { vec![Vec::new(); n - 1] } else { top_k_rows(&lp, top)? };
+    Ok(prompt[1..].iter().zip(picked).zip(tops).map(|((&token, logprob), top)| TokenLogprob { token, logprob, top }).collect())
 }
 
 /// ln Σ exp(row), in f64 around the row's maximum (NaN left out).

@@ -54,6 +54,9 @@ pub enum Event {
     /// the text the token completes; a token whose text is held back (part of a character, a
     /// possible stop string) comes before the piece that holds it.
     Logprobs(TokenLogprob),
+    /// The log-probabilities of the prompt's tokens after the first (requests that ask for
+    /// them), before anything else.
+    PromptLogprobs(Vec<TokenLogprob>),
     /// The reply is complete.
     Done(Finish),
     /// The engine failed on this request (the message says why).
@@ -102,6 +105,9 @@ pub struct Request {
     /// Report each generated token's log-probability with this many alternatives (at most
     /// [`logprobs::TOP_LOGPROBS_MAX`]); `None`: none.
     pub logprobs: Option<usize>,
+    /// Score the prompt's own tokens, with this many alternatives each ([`Event::PromptLogprobs`]);
+    /// with it `max_tokens` may be 0 (score only).
+    pub prompt_logprobs: Option<usize>,
     pub sink: Box<dyn EventSink>,
 }
 
@@ -176,8 +182,13 @@ impl Engine {
         if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(SubmitError::BadParams(format!("token id {t} is outside the vocabulary of {} tokens", self.vocab_size)));
         }
-        r.params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
-        if let Some(n) = r.logprobs.filter(|&n| n > logprobs::TOP_LOGPROBS_MAX) {
+        // max_tokens 0 scores the prompt only.
+        let mut params = r.params.clone();
+        if r.prompt_logprobs.is_some() {
+            params.max_tokens = params.max_tokens.max(1);
+        }
+        params.validate().map_err(|e| SubmitError::BadParams(e.to_string()))?;
+        if let Some(n) = r.logprobs.max(r.prompt_logprobs).filter(|&n| n > logprobs::TOP_LOGPROBS_MAX) {
             return Err(SubmitError::BadParams(format!("{n} alternatives per token were asked for; at most {} are given", logprobs::TOP_LOGPROBS_MAX)));
         }
         // `waiting` counts queued requests until the scheduler admits them.
@@ -283,7 +294,7 @@ impl Scheduler {
 
     fn arrive(&mut self, req: Request) {
         let prompt_len = req.prompt.len();
-        let seq = Seq {
+        let mut seq = Seq {
             sampler: Sampler::new(&req.params),
             tokens: req.prompt.clone(),
             stop: StopMatcher::new(req.stop.clone()),
@@ -297,6 +308,28 @@ impl Scheduler {
             queued: true,
         };
         self.metrics.prompt_tokens.fetch_add(prompt_len as u64, Relaxed);
+        if let Some(top) = seq.req.prompt_logprobs {
+            // Scored here, in one pass of its own outside the batch, before the sequence
+            // queues: the batched step computes only each sequence's last logits. The running
+            // sequences wait that long, as they would for the prompt's prefill.
+            let scored = match logprobs::of_prompt(&self.model, &seq.req.prompt, top) {
+                Ok(s) => s,
+                Err(e) => return self.fail(&mut seq, format!("scoring the prompt: {e}")),
+            };
+            let alive = seq.req.sink.send(Event::PromptLogprobs(scored));
+            if !alive || seq.req.params.max_tokens == 0 {
+                // Gone, or done: it asked for the prompt's scores alone.
+                self.metrics.waiting.fetch_sub(1, Relaxed);
+                let done = Finish { reason: FinishReason::Length, prompt_tokens: prompt_len, completion_tokens: 0 };
+                if alive {
+                    self.metrics.requests_finished.fetch_add(1, Relaxed);
+                    seq.req.sink.send(Event::Done(done));
+                } else {
+                    self.metrics.requests_cancelled.fetch_add(1, Relaxed);
+                }
+                return;
+            }
+        }
         self.waiting.push_back(seq);
     }
 

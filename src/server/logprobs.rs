@@ -112,9 +112,44 @@ pub fn completion(tok: &Tokenizer, tokens: &[TokenLogprob], offsets: &mut TextOf
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": at})
 }
 
+/// The legacy completion API's `logprobs` of an echoed prompt, `prompt`'s tokens with the scores
+/// of all but the first (`scored`, which has none: its log-probability and alternatives are
+/// null), to be followed by those of the generated tokens ([`append`]).
+pub fn echoed_prompt(tok: &Tokenizer, prompt: &[u32], scored: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
+    let Some((&first, _)) = prompt.split_first() else { return completion(tok, &[], offsets) };
+    let (text, bytes) = text_and_bytes(tok, first);
+    let at = offsets.next(&bytes);
+    let rest = completion(tok, scored, offsets);
+    let lead = json!({"tokens": [text], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [at]});
+    append(lead, &rest)
+}
+
+/// `a` with the legacy `logprobs` lists of `b` appended to its own.
+pub fn append(mut a: Value, b: &Value) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a[key].as_array_mut(), b[key].as_array()) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_echoed_prompt_leads_with_a_null_then_the_scores() {
+        let t = crate::assets::tokenizer::byte_level_tokenizer(1000).unwrap();
+        let mut offsets = TextOffsets::default();
+        let p = echoed_prompt(&t, &[500, 501], &[TokenLogprob { token: 501, logprob: -2.0, top: vec![(502, -1.0)] }], &mut offsets);
+        let gen = completion(&t, &[TokenLogprob { token: 503, logprob: -0.5, top: vec![] }], &mut offsets);
+        let all = append(p, &gen);
+        assert_eq!(all["tokens"], json!([" w500", " w501", " w503"]));
+        assert_eq!(all["token_logprobs"], json!([null, -2.0, -0.5]));
+        assert_eq!(all["top_logprobs"], json!([null, {" w502": -1.0, " w501": -2.0}, {" w503": -0.5}]));
+        assert_eq!(all["text_offset"], json!([0, 5, 10]));
+    }
 
     #[test]
     fn text_offsets_count_characters_and_split_ones_start_where_they_begin() {

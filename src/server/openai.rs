@@ -61,6 +61,9 @@ pub struct Common {
     pub ignore_eos: bool,
     /// Choices per prompt (`n`).
     pub n: usize,
+    /// A legacy completion's `echo`: the prompt leads the reply's text (and its tokens, scored,
+    /// the reply's `logprobs`).
+    pub echo: bool,
 }
 
 /// Most choices a request may ask for per prompt (`n`), and most prompts one legacy completion
@@ -159,9 +162,10 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
         Some(n) => n as usize,
         None => 1,
     };
-    let max_tokens = match f.int("max_completion_tokens", 1)? {
+    // 0 is taken here and refused later unless the request scores its prompt (`echo`).
+    let max_tokens = match f.int("max_completion_tokens", 0)? {
         Some(n) => Some(n as usize),
-        None => f.int("max_tokens", 1)?.map(|n| n as usize),
+        None => f.int("max_tokens", 0)?.map(|n| n as usize),
     };
     let stop = match f.get("stop") {
         None => vec![],
@@ -185,7 +189,8 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
         Some(v) => return Err(Fields::wrong("stream_options", "an object", v)),
     };
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
-    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos, n })
+    let echo = f.bool("echo")?.unwrap_or(false);
+    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos, n, echo })
 }
 
 /// The alternatives per token whose log-probabilities the reply carries, or `None` if it carries
@@ -212,14 +217,14 @@ pub fn logprobs(o: &Map<String, Value>, chat: bool) -> ApiResult<Option<usize>> 
 }
 
 /// Refuses, by name, the fields that ask for a reply this server does not give, instead of
-/// quietly ignoring them: `echo`, `best_of` above 1, `suffix`, `logit_bias`, a `response_format`
-/// other than text, `tools` and `functions`. Their empty or default values pass (clients send
-/// them without asking for anything).
-pub fn refuse_unsupported(o: &Map<String, Value>) -> ApiResult<()> {
+/// quietly ignoring them: `echo` in a chat completion, `best_of` above 1, `suffix`,
+/// `logit_bias`, a `response_format` other than text, `tools` and `functions`. Their empty or
+/// default values pass (clients send them without asking for anything).
+pub fn refuse_unsupported(o: &Map<String, Value>, chat: bool) -> ApiResult<()> {
     let f = Fields(o);
     let refuse = |key: &str, what: &str| Err(ApiError::bad_request(key, format!("{key}: {what} is not supported by this server")));
-    if f.bool("echo")? == Some(true) {
-        return refuse("echo", "the prompt in the reply");
+    if chat && f.bool("echo")? == Some(true) {
+        return refuse("echo", "the last message in a chat reply");
     }
     if f.int("best_of", 1)?.is_some_and(|n| n > 1) {
         return refuse("best_of", "choosing the best of several completions");
@@ -344,7 +349,7 @@ mod tests {
             (json!({"temperature": "hot"}), "temperature"),
             (json!({"temperature": 3}), "temperature"),
             (json!({"top_p": 0}), "top_p"),
-            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": -1}), "max_tokens"),
             (json!({"max_completion_tokens": 1.5}), "max_completion_tokens"),
             (json!({"stop": [1]}), "stop"),
             (json!({"stream": "yes"}), "stream"),
@@ -397,11 +402,12 @@ mod tests {
             (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
-            let e = refuse_unsupported(&obj(body.clone())).unwrap_err();
+            let e = refuse_unsupported(&obj(body.clone()), true).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
         }
         let defaults = json!({"echo": false, "best_of": 1, "suffix": "", "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": null, "user": "u"});
-        refuse_unsupported(&obj(defaults)).unwrap();
+        refuse_unsupported(&obj(defaults.clone()), true).unwrap();
+        refuse_unsupported(&obj(json!({"echo": true})), false).unwrap();
     }
 
     #[test]

@@ -142,7 +142,11 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let o = openai::parse_body(&body)?;
     let c = openai::common(&o, &s.opts.defaults)?;
     let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
-    openai::refuse_unsupported(&o)?;
+    openai::refuse_unsupported(&o, kind == Kind::Chat)?;
+    if c.max_tokens == Some(0) && !(kind == Kind::Completion && c.echo) {
+        let param = if o.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
+        return Err(ApiError::bad_request(param, format!("{param} is 0; at least one token must be generated (0 is taken with echo, to score the prompt alone)")));
+    }
     if let Some(m) = &c.model {
         if *m != s.opts.model_name {
             let mut e = ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"), format!("model {m:?} is not served here; this server serves {:?}", s.opts.model_name));
@@ -153,7 +157,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     // Templates and tokenizers are CPU work: off the async threads.
     let st = s.clone();
     let o2 = o.clone();
-    let prompts = tokio::task::spawn_blocking(move || -> ApiResult<Vec<Vec<u32>>> {
+    // Each prompt's tokens, and its text (what `echo` puts first).
+    let prompts = tokio::task::spawn_blocking(move || -> ApiResult<Vec<(Vec<u32>, String)>> {
         let (inputs, special) = match kind {
             Kind::Chat => {
                 let msgs = openai::messages(&o2)?;
@@ -164,8 +169,11 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         inputs
             .into_iter()
             .map(|p| match p {
-                Prompt::Text(t) => Ok(st.tokenizer.encode(t, special).map_err(server_error)?.get_ids().to_vec()),
-                Prompt::Tokens(ids) => Ok(ids),
+                Prompt::Text(t) => Ok((st.tokenizer.encode(t.as_str(), special).map_err(server_error)?.get_ids().to_vec(), t)),
+                Prompt::Tokens(ids) => {
+                    let text = st.tokenizer.decode(&ids, false).map_err(server_error)?;
+                    Ok((ids, text))
+                }
             })
             .collect()
     })
@@ -177,7 +185,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         return Err(ApiError::bad_request(param, format!("{choices} choices were asked for; the server queues at most {} requests (--max-queue)", s.engine.max_queue())));
     }
     let mut requests = Vec::with_capacity(choices);
-    for (i, prompt) in prompts.iter().enumerate() {
+    let mut echo = Vec::with_capacity(choices);
+    for (i, (prompt, text)) in prompts.iter().enumerate() {
         let max_tokens = room_for(&s, kind, &o, &c, prompt.len(), (prompts.len() > 1).then_some(i))?;
         for j in 0..c.n {
             let mut params = c.params.clone();
@@ -185,6 +194,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
             // Each choice of a prompt draws with its own seed (choice 0 with the one given).
             params.seed = params.seed.wrapping_add(j as u64);
             requests.push((prompt.clone(), params));
+            echo.push((kind == Kind::Completion && c.echo).then(|| Echo { text: text.clone(), tokens: prompt.clone() }));
         }
     }
     // Every choice is a request of its own in the engine; if one cannot be queued, the receivers
@@ -192,11 +202,12 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let mut receivers = Vec::with_capacity(choices);
     for (prompt, params) in requests {
         let (tx, rx) = mpsc::unbounded_channel();
-        s.engine.submit(Request { prompt, params, stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, sink: Box::new(ChannelSink(tx)) }).map_err(submit_error)?;
+        let prompt_logprobs = logprobs.filter(|_| kind == Kind::Completion && c.echo);
+        s.engine.submit(Request { prompt, params, stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, prompt_logprobs, sink: Box::new(ChannelSink(tx)) }).map_err(submit_error)?;
         receivers.push(rx);
     }
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
-    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(Vec::len).sum() };
+    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo };
     if c.stream {
         Ok(stream(s, receivers, reply, c.include_usage).into_response())
     } else {
@@ -234,6 +245,21 @@ struct Reply {
     asked: bool,
     /// The prompts' tokens, each prompt counted once whatever `n` (as OpenAI and vLLM count them).
     prompt_tokens: usize,
+    /// Per choice, the prompt that leads its text (`echo`).
+    echo: Vec<Option<Echo>>,
+}
+
+/// A prompt echoed at the start of a legacy completion's text.
+struct Echo {
+    text: String,
+    tokens: Vec<u32>,
+}
+
+/// The text and `logprobs` (null unless asked for) that an echoed prompt leads a choice with;
+/// `scored`: the engine's scores of its tokens after the first.
+fn echoed(s: &AppState, e: &Echo, asked: bool, scored: &[TokenLogprob], offsets: &mut TextOffsets) -> (String, Value) {
+    let lp = if asked { logprobs::echoed_prompt(&s.tokenizer, &e.tokens, scored, offsets) } else { Value::Null };
+    (e.text.clone(), lp)
 }
 
 fn submit_error(e: SubmitError) -> ApiError {
@@ -284,17 +310,25 @@ async fn collect(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>
     for (index, mut rx) in receivers.into_iter().enumerate() {
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut scored = Vec::new();
         let done = loop {
             match rx.recv().await {
                 Some(Event::Text(t)) => text += &t,
                 Some(Event::Logprobs(t)) => tokens.push(t),
+                Some(Event::PromptLogprobs(p)) => scored = p,
                 Some(Event::Failed(e)) => return Err(server_error(e)),
                 Some(Event::Done(f)) => break f,
                 None => return Err(server_error("the engine ended the request without an answer")),
             }
         };
         completion_tokens += done.completion_tokens;
-        let lp = logprobs_value(&s, r.kind, r.asked, &tokens, &mut TextOffsets::default());
+        let mut offsets = TextOffsets::default();
+        let lead = r.echo[index].as_ref().map(|e| echoed(&s, e, r.asked, &scored, &mut offsets));
+        let mut lp = logprobs_value(&s, r.kind, r.asked, &tokens, &mut offsets);
+        if let Some((echo_text, echo_lp)) = lead {
+            text = echo_text + &text;
+            lp = if r.asked { logprobs::append(echo_lp, &lp) } else { Value::Null };
+        }
         choices.push(match r.kind {
             Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason(&done)}),
             Kind::Completion => json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason(&done)}),
@@ -343,12 +377,17 @@ fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: R
             Kind::Completion => json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish}),
         }
     };
-    let first: Vec<SseEvent> = match kind {
-        Kind::Chat => (0..total).map(|i| chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None)).collect(),
-        Kind::Completion => Vec::new(),
-    };
     // Per choice: the tokens whose text has not come yet, and where the legacy API's offsets stand.
     let mut pending: Vec<(Vec<TokenLogprob>, TextOffsets)> = (0..total).map(|_| Default::default()).collect();
+    // A chat reply's role first; an echoed prompt at once, or with its scores when they come.
+    let first: Vec<SseEvent> = match kind {
+        Kind::Chat => (0..total).map(|i| chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None)).collect(),
+        Kind::Completion => (0..total)
+            .filter(|_| !asked)
+            .filter_map(|i| r.echo[i].as_ref().map(|e| chunk(delta(i, Some(&e.text), Value::Null, None), None)))
+            .collect(),
+    };
+    let echo = r.echo;
     let (mut finished, mut completion_tokens, prompt_tokens) = (0, 0, r.prompt_tokens);
     let merged = futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))));
     let events = merged.scan(false, move |ended, (i, ev)| {
@@ -362,6 +401,13 @@ fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: R
                 tokens.push(t);
                 vec![]
             }
+            Event::PromptLogprobs(scored) => match &echo[i] {
+                Some(e) => {
+                    let (text, lp) = echoed(&s, e, asked, &scored, offsets);
+                    vec![chunk(delta(i, Some(&text), lp, None), None)]
+                }
+                None => vec![],
+            },
             Event::Text(t) => vec![chunk(delta(i, Some(&t), lp(tokens), None), None)],
             Event::Done(f) => {
                 let mut v = Vec::new();
