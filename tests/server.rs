@@ -306,6 +306,34 @@ fn an_echoed_prompt_is_scored_as_the_model_scores_it() {
 }
 
 #[test]
+fn stop_token_ids_end_a_reply_and_min_tokens_holds_them_back() {
+    let s = start(&[]);
+    let tok = awq_run::assets::tokenizer::from_value(&TinySpec::new(awq_run::model::Arch::Llama).tokenizer_json()).unwrap();
+    let id_of = |bytes: &[u8]| (0..tok.get_vocab_size(true) as u32).find(|&i| awq_run::assets::tokenizer::token_bytes(&tok, i) == bytes).unwrap();
+    let mut body = greedy("tell the hero", 10);
+    body["ignore_eos"] = json!(true);
+    body["logprobs"] = json!(true);
+    let v = s.chat(body.clone());
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    let ids: Vec<u32> = content.iter().map(|c| id_of(&logprob_bytes(std::slice::from_ref(c)))).collect();
+    // The first token after the second that did not come before.
+    let k = (2..ids.len()).find(|&k| !ids[..k].contains(&ids[k])).expect("a new token among ten");
+    body["stop_token_ids"] = json!([ids[k]]);
+    let stopped = s.chat(body.clone());
+    assert_eq!((&stopped["usage"]["completion_tokens"], &stopped["choices"][0]["finish_reason"]), (&json!(k), &json!("stop")), "{stopped}");
+    let want = String::from_utf8_lossy(&logprob_bytes(&content[..k])).into_owned();
+    assert_eq!(stopped["choices"][0]["message"]["content"], want);
+    // Held back until min_tokens: the reply goes on past where it stopped.
+    body["min_tokens"] = json!(k + 2);
+    let held = s.chat(body);
+    let n = held["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(n >= k + 2, "{held}");
+    let held_ids: Vec<u32> = held["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|c| id_of(&logprob_bytes(std::slice::from_ref(c)))).collect();
+    assert_eq!(&held_ids[..k], &ids[..k]);
+    assert!(!held_ids[..k + 2].contains(&ids[k]), "{held_ids:?}");
+}
+
+#[test]
 fn stop_strings_and_max_tokens() {
     let s = start(&[]);
     // Find a prompt whose greedy reply is long enough to cut.
@@ -467,6 +495,8 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [100000]}).to_string(), 400, "stop_token_ids"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "min_tokens": 1000}).to_string(), 400, "min_tokens"),
         ("/v1/completions", json!({"prompt": [[1, 2], [3, 1000]]}).to_string(), 400, "prompt[1]"),
     ];
     for (path, body, status, param) in cases {

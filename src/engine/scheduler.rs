@@ -102,6 +102,12 @@ pub struct Request {
     /// Go on past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`, for
     /// benchmarks with fixed output lengths).
     pub ignore_eos: bool,
+    /// Tokens that end the reply as an end-of-sequence token does, not part of it (vLLM's
+    /// `stop_token_ids`; `ignore_eos` does not cover them).
+    pub stop_token_ids: Vec<u32>,
+    /// Generated tokens before an end-of-sequence or stop token may come (vLLM's
+    /// `min_tokens`): until then they are never drawn.
+    pub min_tokens: usize,
     /// Report each generated token's log-probability with this many alternatives (at most
     /// [`logprobs::TOP_LOGPROBS_MAX`]); `None`: none.
     pub logprobs: Option<usize>,
@@ -179,8 +185,11 @@ impl Engine {
             return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
         }
         // A token the model has no embedding for would fail the whole batch's step.
-        if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+        if let Some(&t) = r.prompt.iter().chain(&r.stop_token_ids).find(|&&t| t as usize >= self.vocab_size) {
             return Err(SubmitError::BadParams(format!("token id {t} is outside the vocabulary of {} tokens", self.vocab_size)));
+        }
+        if r.min_tokens > r.params.max_tokens {
+            return Err(SubmitError::BadParams(format!("min_tokens ({}) is more than max_tokens ({})", r.min_tokens, r.params.max_tokens)));
         }
         // max_tokens 0 scores the prompt only.
         let mut params = r.params.clone();
@@ -484,7 +493,7 @@ impl Scheduler {
             self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
             // A prefill chunk that leaves prompt to feed makes no prediction yet. Log-probabilities
             // need the whole row (its softmax's denominator).
-            let want = if whole_rows_only() || s.req.logprobs.is_some() { Wants::Whole } else { s.sampler.wants(vocab) };
+            let want = if whole_rows_only() || s.req.logprobs.is_some() || !Self::banned(s, &self.eos_ids).is_empty() { Wants::Whole } else { s.sampler.wants(vocab) };
             wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, want)));
         }
         let predicts = fetch_rows(&logits, &wants)?;
@@ -494,14 +503,23 @@ impl Scheduler {
         // vocabulary: with a GPU step, on all cores (64 sequences one after another took
         // milliseconds of the step); on the CPU, where the step's kernel threads are still
         // spinning, in turn.
+        let eos = &self.eos_ids;
         let sample = |(s, l): (&mut Seq, Option<RowLogits>)| {
-            l.map(|l| match (s.req.logprobs, l) {
-                // The raw row's log-probabilities; the draw is the one `sample_fetched` makes.
-                (Some(n), RowLogits::Whole(row)) => {
-                    let t = s.sampler.sample(row.clone(), &s.tokens)?;
-                    Ok((t, Some(logprobs::of_row(&row, t, n))))
+            let banned = Self::banned(s, eos);
+            l.map(|l| match l {
+                // The raw row's log-probabilities; the draw is the one `sample_fetched` makes,
+                // from the row without the tokens `min_tokens` holds back.
+                RowLogits::Whole(row) if s.req.logprobs.is_some() || !banned.is_empty() => {
+                    let mut drawn = row.clone();
+                    for &t in &banned {
+                        if let Some(l) = drawn.get_mut(t as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                    let t = s.sampler.sample(drawn, &s.tokens)?;
+                    Ok((t, s.req.logprobs.map(|n| logprobs::of_row(&row, t, n))))
                 }
-                (_, l) => Ok((s.sampler.sample_fetched(l, &logits, &s.tokens)?, None)),
+                l => Ok((s.sampler.sample_fetched(l, &logits, &s.tokens)?, None)),
             })
         };
         let next: Vec<Option<Result<Sampled>>> = if self.model.device.is_cpu() {
@@ -544,6 +562,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The tokens `s` may not draw now: its end-of-sequence and stop tokens while it has
+    /// generated fewer than its `min_tokens`.
+    fn banned(s: &Seq, eos: &[u32]) -> Vec<u32> {
+        if s.generated() >= s.req.min_tokens {
+            return Vec::new();
+        }
+        let eos = if s.req.ignore_eos { &[][..] } else { eos };
+        eos.iter().chain(&s.req.stop_token_ids).copied().collect()
+    }
+
     /// Takes `s`'s sampled next token (with its log-probabilities where asked for) and tells
     /// its client. An end-of-sequence token that ends the reply is not part of it, nor of its
     /// log-probabilities.
@@ -566,7 +594,7 @@ impl Scheduler {
                 Outcome::Cancelled
             }
         };
-        if eos.contains(&next) && !s.req.ignore_eos {
+        if (eos.contains(&next) && !s.req.ignore_eos) || s.req.stop_token_ids.contains(&next) {
             return Ok(finish(s, FinishReason::Stop));
         }
         s.tokens.push(next);

@@ -59,6 +59,10 @@ pub struct Common {
     pub stop: Vec<String>,
     /// vLLM's extension: generate `max_tokens` whatever end-of-sequence tokens come.
     pub ignore_eos: bool,
+    /// vLLM's extensions: tokens that end the reply as end-of-sequence does, and the tokens
+    /// generated before either may come.
+    pub stop_token_ids: Vec<u32>,
+    pub min_tokens: usize,
     /// Choices per prompt (`n`).
     pub n: usize,
     /// A legacy completion's `echo`: the prompt leads the reply's text (and its tokens, scored,
@@ -190,7 +194,19 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
     };
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let echo = f.bool("echo")?.unwrap_or(false);
-    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos, n, echo })
+    let stop_token_ids = match f.get("stop_token_ids") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| ApiError::bad_request("stop_token_ids", format!("stop_token_ids must hold token ids, not {v}"))))
+            .collect::<ApiResult<_>>()?,
+        Some(v) => return Err(Fields::wrong("stop_token_ids", "an array of token ids", v)),
+    };
+    let min_tokens = f.int("min_tokens", 0)?.map_or(0, |n| n as usize);
+    if max_tokens.is_some_and(|m| min_tokens > m) {
+        return Err(ApiError::bad_request("min_tokens", format!("min_tokens ({min_tokens}) is more than max_tokens ({})", max_tokens.unwrap_or(0))));
+    }
+    Ok(Common { model: f.string("model")?, stream, include_usage, params: p, max_tokens, stop, ignore_eos, stop_token_ids, min_tokens, n, echo })
 }
 
 /// The alternatives per token whose log-probabilities the reply carries, or `None` if it carries
@@ -357,6 +373,10 @@ mod tests {
             (json!({"n": 0}), "n"),
             (json!({"n": 65}), "n"),
             (json!({"presence_penalty": -3}), "presence_penalty"),
+            (json!({"stop_token_ids": [1, "x"]}), "stop_token_ids"),
+            (json!({"stop_token_ids": 5}), "stop_token_ids"),
+            (json!({"min_tokens": -1}), "min_tokens"),
+            (json!({"min_tokens": 5, "max_tokens": 4}), "min_tokens"),
         ];
         for (body, param) in cases {
             let e = common(&obj(body.clone()), &d).unwrap_err();

@@ -179,6 +179,9 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     })
     .await
     .map_err(server_error)??;
+    if let Some(t) = c.stop_token_ids.iter().find(|&&t| t as usize >= s.engine.vocab_size) {
+        return Err(ApiError::bad_request("stop_token_ids", format!("stop_token_ids holds {t}; token ids are below the vocabulary's {}", s.engine.vocab_size)));
+    }
     let choices = prompts.len() * c.n;
     if choices > s.engine.max_queue() {
         let param = if c.n > 1 { "n" } else { "prompt" };
@@ -188,6 +191,9 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let mut echo = Vec::with_capacity(choices);
     for (i, (prompt, text)) in prompts.iter().enumerate() {
         let max_tokens = room_for(&s, kind, &o, &c, prompt.len(), (prompts.len() > 1).then_some(i))?;
+        if c.min_tokens > max_tokens {
+            return Err(ApiError::bad_request("min_tokens", format!("min_tokens is {}, more than the {max_tokens} tokens the context leaves after the prompt", c.min_tokens)));
+        }
         for j in 0..c.n {
             let mut params = c.params.clone();
             params.max_tokens = max_tokens;
@@ -203,7 +209,18 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     for (prompt, params) in requests {
         let (tx, rx) = mpsc::unbounded_channel();
         let prompt_logprobs = logprobs.filter(|_| kind == Kind::Completion && c.echo);
-        s.engine.submit(Request { prompt, params, stop: c.stop.clone(), ignore_eos: c.ignore_eos, logprobs, prompt_logprobs, sink: Box::new(ChannelSink(tx)) }).map_err(submit_error)?;
+        let req = Request {
+            prompt,
+            params,
+            stop: c.stop.clone(),
+            ignore_eos: c.ignore_eos,
+            stop_token_ids: c.stop_token_ids.clone(),
+            min_tokens: c.min_tokens,
+            logprobs,
+            prompt_logprobs,
+            sink: Box::new(ChannelSink(tx)),
+        };
+        s.engine.submit(req).map_err(submit_error)?;
         receivers.push(rx);
     }
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
