@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod logprobs;
 pub mod openai;
+mod reply;
 mod routes;
 
 use crate::assets::ModelAssets;
