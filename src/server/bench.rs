@@ -194,7 +194,9 @@ impl SoakReport {
 }
 
 /// One soak request: a random prompt and length, streamed or whole, and for about one in five
-/// a client that goes away after a few chunks.
+/// a client that goes away after a few chunks; about one in four asks for two choices, one in
+/// four for log-probabilities, one in eight has its prompt echoed and scored (one in sixteen
+/// with nothing generated).
 fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: usize, max_gen: usize, r: &mut SoakReport) {
     let words = ["river", "stone", "light", "forest", "quiet", "engine", "paper", "window", "cloud", "garden"];
     let n = 1 + (rng.next_u64() as usize) % max_prompt;
@@ -202,8 +204,21 @@ fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: u
     let gen = 1 + (rng.next_u64() as usize) % max_gen;
     let stream = !rng.next_u64().is_multiple_of(4);
     let leave_after = rng.next_u64().is_multiple_of(5).then(|| 1 + (rng.next_u64() % 8) as usize);
-    let body = json!({"model": model, "prompt": prompt.join(" "), "max_tokens": gen, "temperature": 0.9,
-                      "seed": rng.next_u64() >> 1, "stream": stream, "ignore_eos": rng.next_u64().is_multiple_of(2)});
+    let mut body = json!({"model": model, "prompt": prompt.join(" "), "max_tokens": gen, "temperature": 0.9,
+                          "seed": rng.next_u64() >> 1, "stream": stream, "ignore_eos": rng.next_u64().is_multiple_of(2)});
+    if rng.next_u64().is_multiple_of(4) {
+        body["n"] = json!(2);
+    }
+    if rng.next_u64().is_multiple_of(4) {
+        body["logprobs"] = json!(rng.next_u64() % 4);
+    }
+    if rng.next_u64().is_multiple_of(8) {
+        body["echo"] = json!(true);
+        body["logprobs"] = json!(1);
+        if rng.next_u64().is_multiple_of(2) {
+            body["max_tokens"] = json!(0);
+        }
+    }
     let resp = match ureq::post(&format!("{url}/v1/completions")).timeout(Duration::from_secs(300)).send_json(body) {
         Ok(resp) => resp,
         Err(ureq::Error::Status(429 | 503, _)) => {
