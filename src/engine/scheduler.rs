@@ -509,15 +509,16 @@ impl Scheduler {
             l.map(|l| match l {
                 // The raw row's log-probabilities; the draw is the one `sample_fetched` makes,
                 // from the row without the tokens `min_tokens` holds back.
-                RowLogits::Whole(row) if s.req.logprobs.is_some() || !banned.is_empty() => {
-                    let mut drawn = row.clone();
+                // (The raw row is kept only where log-probabilities are asked for.)
+                RowLogits::Whole(mut row) if s.req.logprobs.is_some() || !banned.is_empty() => {
+                    let raw = s.req.logprobs.map(|n| (n, row.clone()));
                     for &t in &banned {
-                        if let Some(l) = drawn.get_mut(t as usize) {
+                        if let Some(l) = row.get_mut(t as usize) {
                             *l = f32::NEG_INFINITY;
                         }
                     }
-                    let t = s.sampler.sample(drawn, &s.tokens)?;
-                    Ok((t, s.req.logprobs.map(|n| logprobs::of_row(&row, t, n))))
+                    let t = s.sampler.sample(row, &s.tokens)?;
+                    Ok((t, raw.map(|(n, raw)| logprobs::of_row(&raw, t, n))))
                 }
                 l => Ok((s.sampler.sample_fetched(l, &logits, &s.tokens)?, None)),
             })

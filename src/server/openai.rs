@@ -130,8 +130,9 @@ impl Fields<'_> {
     }
 }
 
-/// The fields both endpoints share, over `defaults` (the model's own sampling settings).
-pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Common> {
+/// The fields both endpoints share, over `defaults` (the model's own sampling settings); token
+/// ids are checked against `vocab`.
+pub fn common(o: &Map<String, Value>, defaults: &SamplingParams, vocab: usize) -> ApiResult<Common> {
     let f = Fields(o);
     let mut p = defaults.clone();
     if let Some(t) = f.number("temperature", 0.0, 2.0)? {
@@ -196,10 +197,7 @@ pub fn common(o: &Map<String, Value>, defaults: &SamplingParams) -> ApiResult<Co
     let echo = f.bool("echo")?.unwrap_or(false);
     let stop_token_ids = match f.get("stop_token_ids") {
         None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| ApiError::bad_request("stop_token_ids", format!("stop_token_ids must hold token ids, not {v}"))))
-            .collect::<ApiResult<_>>()?,
+        Some(Value::Array(a)) => token_ids(a, "stop_token_ids", vocab)?,
         Some(v) => return Err(Fields::wrong("stop_token_ids", "an array of token ids", v)),
     };
     let min_tokens = f.int("min_tokens", 0)?.map_or(0, |n| n as usize);
@@ -307,6 +305,18 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
         .collect()
 }
 
+/// The token ids of array `a` (the field `at`): whole numbers below `vocab`, or a 400 naming the
+/// first that is not.
+pub fn token_ids(a: &[Value], at: &str, vocab: usize) -> ApiResult<Vec<u32>> {
+    a.iter()
+        .enumerate()
+        .map(|(j, v)| match v.as_u64() {
+            Some(t) if (t as usize) < vocab => Ok(t as u32),
+            _ => Err(ApiError::bad_request(at, format!("{at}[{j}] is {v}; token ids are whole numbers below the vocabulary's {vocab}"))),
+        })
+        .collect()
+}
+
 /// One prompt of a legacy completion: text, or token ids as they are.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -322,14 +332,7 @@ pub fn prompts(o: &Map<String, Value>, vocab: usize) -> ApiResult<Vec<Prompt>> {
         if a.is_empty() {
             return Err(ApiError::bad_request(at, format!("{at} holds no token ids")));
         }
-        a.iter()
-            .enumerate()
-            .map(|(j, v)| match v.as_u64() {
-                Some(t) if (t as usize) < vocab => Ok(t as u32),
-                _ => Err(ApiError::bad_request(at, format!("{at}[{j}] is {v}; token ids are whole numbers below the vocabulary's {vocab}"))),
-            })
-            .collect::<ApiResult<Vec<u32>>>()
-            .map(Prompt::Tokens)
+        token_ids(a, at, vocab).map(Prompt::Tokens)
     };
     match o.get("prompt") {
         Some(Value::String(s)) => Ok(vec![Prompt::Text(s.clone())]),
@@ -375,14 +378,15 @@ mod tests {
             (json!({"presence_penalty": -3}), "presence_penalty"),
             (json!({"stop_token_ids": [1, "x"]}), "stop_token_ids"),
             (json!({"stop_token_ids": 5}), "stop_token_ids"),
+            (json!({"stop_token_ids": [100]}), "stop_token_ids"),
             (json!({"min_tokens": -1}), "min_tokens"),
             (json!({"min_tokens": 5, "max_tokens": 4}), "min_tokens"),
         ];
         for (body, param) in cases {
-            let e = common(&obj(body.clone()), &d).unwrap_err();
+            let e = common(&obj(body.clone()), &d, 100).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
         }
-        let c = common(&obj(json!({"temperature": 0, "stop": "x", "max_tokens": 5, "top_k": -1, "seed": 7, "model": null})), &d).unwrap();
+        let c = common(&obj(json!({"temperature": 0, "stop": "x", "max_tokens": 5, "top_k": -1, "seed": 7, "model": null})), &d, 100).unwrap();
         assert_eq!((c.params.temperature, c.stop, c.max_tokens, c.params.top_k, c.params.seed, c.model), (0.0, vec!["x".to_string()], Some(5), None, 7, None));
     }
 

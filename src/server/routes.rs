@@ -89,14 +89,7 @@ async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<Json
 async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> ApiResult<Json<Value>> {
     let o = openai::parse_body(&body)?;
     let ids = match o.get("tokens") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v.as_u64() {
-                Some(t) if (t as usize) < s.engine.vocab_size => Ok(t as u32),
-                _ => Err(ApiError::bad_request("tokens", format!("tokens[{i}] is {v}; token ids are whole numbers below the vocabulary's {}", s.engine.vocab_size))),
-            })
-            .collect::<ApiResult<Vec<u32>>>()?,
+        Some(Value::Array(a)) => openai::token_ids(a, "tokens", s.engine.vocab_size)?,
         _ => return Err(ApiError::bad_request("tokens", "tokens (an array of token ids) is required")),
     };
     let text = s.tokenizer.decode(&ids, false).map_err(server_error)?;
@@ -125,10 +118,12 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Response> {
     let o = openai::parse_body(&body)?;
-    let c = openai::common(&o, &s.opts.defaults)?;
+    let c = openai::common(&o, &s.opts.defaults, s.engine.vocab_size)?;
     let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
     openai::refuse_unsupported(&o, kind == Kind::Chat)?;
-    if c.max_tokens == Some(0) && !(kind == Kind::Completion && c.echo) {
+    // A legacy completion's echo (chat refuses it above): the prompt leads each choice's text.
+    let echo_on = kind == Kind::Completion && c.echo;
+    if c.max_tokens == Some(0) && !echo_on {
         let param = if o.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
         return Err(ApiError::bad_request(param, format!("{param} is 0; at least one token must be generated (0 is taken with echo, to score the prompt alone)")));
     }
@@ -164,9 +159,6 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     })
     .await
     .map_err(server_error)??;
-    if let Some(t) = c.stop_token_ids.iter().find(|&&t| t as usize >= s.engine.vocab_size) {
-        return Err(ApiError::bad_request("stop_token_ids", format!("stop_token_ids holds {t}; token ids are below the vocabulary's {}", s.engine.vocab_size)));
-    }
     let choices = prompts.len() * c.n;
     if choices > s.engine.max_queue() {
         let param = if c.n > 1 { "n" } else { "prompt" };
@@ -185,15 +177,15 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
             // Each choice of a prompt draws with its own seed (choice 0 with the one given).
             params.seed = params.seed.wrapping_add(j as u64);
             requests.push((prompt.clone(), params));
-            echo.push((kind == Kind::Completion && c.echo).then(|| Echo { text: text.clone(), tokens: prompt.clone() }));
+            echo.push(echo_on.then(|| Echo { text: text.clone(), tokens: prompt.clone() }));
         }
     }
     // Every choice is a request of its own in the engine; if one cannot be queued, the receivers
     // of those that were are dropped here, and the engine cancels them.
+    let prompt_logprobs = logprobs.filter(|_| echo_on);
     let mut receivers = Vec::with_capacity(choices);
     for (prompt, params) in requests {
         let (tx, rx) = mpsc::unbounded_channel();
-        let prompt_logprobs = logprobs.filter(|_| kind == Kind::Completion && c.echo);
         let req = Request {
             prompt,
             params,
