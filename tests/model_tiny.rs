@@ -358,3 +358,44 @@ fn host_step_matches_the_full_pass() {
         }
     }
 }
+
+/// The engine refuses, before queueing, what would fail a whole batch's step or could never be
+/// met: token ids outside the vocabulary (in the prompt or among the stop tokens), `min_tokens`
+/// above `max_tokens`, more than 20 alternatives per token; the server checks these by field
+/// first, and the engine again for any other caller.
+#[test]
+fn the_engine_refuses_requests_that_would_fail_a_batch() {
+    use awq_run::engine::sampling::SamplingParams;
+    use awq_run::engine::scheduler::{Engine, Request, SchedulerConfig, SubmitError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = TinySpec::new(Arch::Llama).write_dir(&dir.path().join("tiny"));
+    let assets = ModelAssets::load(path.to_str().unwrap()).unwrap();
+    let model = assets.load_model(&Device::Cpu, DType::F32).unwrap();
+    let vocab = model.cfg.vocab_size as u32;
+    let cfg = SchedulerConfig { max_batch: 2, max_queue: 4, kv_blocks: 64, prefill_chunk: 64, kv_dtype: None, prefix_cache: true };
+    let engine = Engine::start(model, assets.tokenizer.clone(), assets.eos_ids.clone(), cfg).unwrap();
+    let request = |prompt: Vec<u32>| Request {
+        prompt,
+        params: SamplingParams { max_tokens: 4, ..Default::default() },
+        stop: vec![],
+        ignore_eos: false,
+        stop_token_ids: vec![],
+        min_tokens: 0,
+        logprobs: None,
+        prompt_logprobs: None,
+        sink: Box::new(std::sync::mpsc::channel().0),
+    };
+    let refused = |r: Request, says: &str| match engine.submit(r) {
+        Err(SubmitError::BadParams(m)) => assert!(m.contains(says), "{m}"),
+        other => panic!("{other:?}: expected a refusal saying {says:?}"),
+    };
+    refused(request(vec![5, vocab]), &format!("token id {vocab} is outside the vocabulary"));
+    refused(Request { stop_token_ids: vec![vocab + 7], ..request(vec![5]) }, &format!("token id {} is outside the vocabulary", vocab + 7));
+    refused(Request { min_tokens: 5, ..request(vec![5]) }, "min_tokens (5) is more than max_tokens (4)");
+    refused(Request { logprobs: Some(21), ..request(vec![5]) }, "21 alternatives per token");
+    refused(Request { prompt_logprobs: Some(30), ..request(vec![5]) }, "30 alternatives per token");
+    // max_tokens 0 is taken only to score the prompt.
+    refused(Request { params: SamplingParams { max_tokens: 0, ..Default::default() }, ..request(vec![5]) }, "max-tokens");
+    assert_eq!(engine.submit(Request { params: SamplingParams { max_tokens: 0, ..Default::default() }, prompt_logprobs: Some(0), ..request(vec![5, 6]) }), Ok(()));
+    assert_eq!(engine.metrics.requests_rejected.load(std::sync::atomic::Ordering::Relaxed), 0, "refusals of bad requests are not queue rejections");
+}
