@@ -16,6 +16,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Msg(String),
+    /// A reply's grammar failed (structured output): it fails that reply, not its batch.
+    #[error("{0}")]
+    Grammar(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -383,6 +383,8 @@ fn the_engine_refuses_requests_that_would_fail_a_batch() {
         min_tokens: 0,
         logprobs: None,
         prompt_logprobs: None,
+        logit_bias: vec![],
+        constraint: None,
         sink: Box::new(std::sync::mpsc::channel().0),
     };
     let refused = |r: Request, says: &str| match engine.submit(r) {
@@ -391,6 +393,7 @@ fn the_engine_refuses_requests_that_would_fail_a_batch() {
     };
     refused(request(vec![5, vocab]), &format!("token id {vocab} is outside the vocabulary"));
     refused(Request { stop_token_ids: vec![vocab + 7], ..request(vec![5]) }, &format!("token id {} is outside the vocabulary", vocab + 7));
+    refused(Request { logit_bias: vec![(vocab, 1.0)], ..request(vec![5]) }, &format!("token id {vocab} is outside the vocabulary"));
     refused(Request { min_tokens: 5, ..request(vec![5]) }, "min_tokens (5) is more than max_tokens (4)");
     refused(Request { logprobs: Some(21), ..request(vec![5]) }, "21 alternatives per token");
     refused(Request { prompt_logprobs: Some(30), ..request(vec![5]) }, "30 alternatives per token");

@@ -1,6 +1,7 @@
 //! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
 //! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion),
-//! a prompt scored (echo), several choices and the model list, as a user's script would do them
+//! a prompt scored (echo), several choices, structured output (a pydantic model through the
+//! client's `parse`, vLLM's `guided_choice`) and the model list, as a user's script would do them
 //! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
@@ -39,6 +40,16 @@ scored = client.completions.create(model=model, prompt="The capital of France is
                                    echo=True, logprobs=1, temperature=0)
 sl = scored.choices[0].logprobs
 several = client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0.8, n=3, seed=4)
+# Structured output as users ask for it: a pydantic model through the client's parse helper
+# (response_format json_schema, strict), and vLLM's guided_choice through extra_body.
+from pydantic import BaseModel
+class City(BaseModel):
+    city: str
+    country: str
+parsed = client.chat.completions.parse(model=model, temperature=0, max_tokens=60, response_format=City,
+    messages=[{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}])
+choice = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=8,
+                                        extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]})
 print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
                   "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens,
                   "lp_text": b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace"),
@@ -49,6 +60,8 @@ print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": u
                   "legacy_top": all(t in d for t, d in zip(ll.tokens, ll.top_logprobs)),
                   "legacy_text": "".join(ll.tokens) == legacy.choices[0].text,
                   "several": [c.index for c in several.choices],
+                  "parsed": parsed.choices[0].message.parsed.model_dump(), "parsed_finish": parsed.choices[0].finish_reason,
+                  "choice": choice.choices[0].message.content,
                   "scored_text": scored.choices[0].text, "scored_first": sl.token_logprobs[0],
                   "scored_rest": [lp for lp in sl.token_logprobs[1:]],
                   "scored_usage": [scored.usage.prompt_tokens, scored.usage.completion_tokens]}))
@@ -102,6 +115,13 @@ fn the_openai_python_client_streams_from_the_server() {
     assert_eq!(v["legacy_top"], true, "{v}");
     assert_eq!(v["legacy_text"], true, "{v}");
     assert_eq!(v["several"], serde_json::json!([0, 1, 2]), "n choices in order");
+    // Structured output: the reply parses into the client's pydantic model; a guided choice is
+    // one of the choices. (Greedy picks token by token: after this question SmolLM2's likeliest
+    // first tokens are "The", then "L", so its choice is "Lyon".)
+    assert_eq!(v["parsed_finish"], "stop", "{v}");
+    assert!(v["parsed"]["city"].as_str().is_some_and(|c| c.contains("Paris")), "{v}");
+    assert!(v["parsed"]["country"].is_string(), "{v}");
+    assert!(["Paris", "Lyon", "Nice"].contains(&v["choice"].as_str().unwrap_or("")), "{v}");
     // Scoring a text (lm-eval's loglikelihood request): the prompt echoed, each token after the
     // first with its log-probability, nothing generated. " Paris" after "The capital of France
     // is" is the likely word: its token's probability is above one half.

@@ -333,6 +333,80 @@ fn stop_token_ids_end_a_reply_and_min_tokens_holds_them_back() {
     assert!(!held_ids[..k + 2].contains(&ids[k]), "{held_ids:?}");
 }
 
+/// Structured output: replies held to a list of choices, a regular expression or a JSON schema,
+/// sampled (several seeds, batched together as `n` choices) and greedy, streamed and whole, in
+/// both endpoints; a grammar's end ends the reply even under `ignore_eos`.
+#[test]
+fn structured_output_holds_replies_to_their_grammar() {
+    let s = start(&[]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "answer me"}], "temperature": 1.0, "max_tokens": 40, "n": 6, "seed": 3});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let v = s.chat(body);
+        v["choices"].as_array().unwrap().iter().map(|c| (c["message"]["content"].as_str().unwrap().to_string(), c["finish_reason"].as_str().unwrap().to_string())).collect::<Vec<_>>()
+    };
+    for (text, finish) in chat(json!({"guided_choice": ["yes", "no", "maybe not"]})) {
+        assert!(["yes", "no", "maybe not"].contains(&text.as_str()) && finish == "stop", "{text:?} {finish}");
+    }
+    for (text, finish) in chat(json!({"guided_regex": "[0-9]{3}-[a-c]{2,4}", "ignore_eos": true})) {
+        let (digits, letters) = text.split_once('-').unwrap_or_else(|| panic!("{text:?}"));
+        assert!(digits.len() == 3 && digits.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+        assert!((2..=4).contains(&letters.len()) && letters.bytes().all(|b| (b'a'..=b'c').contains(&b)), "{text:?}");
+        assert_eq!(finish, "stop");
+    }
+    let schema = json!({"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["answer", "n"], "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}});
+    let texts = chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": true}}}));
+    let mut seen = std::collections::HashSet::new();
+    for (text, finish) in texts {
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(v["answer"] == "yes" || v["answer"] == "no", "{v}");
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 9) && v.as_object().unwrap().len() == 2, "{v}");
+        assert_eq!(finish, "stop");
+        seen.insert(text);
+    }
+    assert!(seen.len() > 1, "six seeds drew one reply: {seen:?}");
+    // Greedy, streamed and whole alike; the legacy endpoint too.
+    let mut body = greedy("pick one", 20);
+    body["guided_choice"] = json!(["alpha", "beta", "gamma"]);
+    let whole = s.chat(body.clone())["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(["alpha", "beta", "gamma"].contains(&whole.as_str()), "{whole:?}");
+    assert_eq!(s.stream(body).0, whole);
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": "the", "max_tokens": 30, "guided_regex": "(hello|world)!", "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{v}");
+    assert!(["hello!", "world!"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+    // A grammar longer than max_tokens: cut there, as any reply.
+    let (text, finish) = chat(json!({"guided_regex": "x{50}", "max_tokens": 5})).remove(0);
+    assert_eq!((text.as_str(), finish.as_str()), ("xxxxx", "length"));
+}
+
+/// `logit_bias`: +100 all but forces a token, −100 bans it; log-probabilities stay the raw ones.
+#[test]
+fn logit_bias_forces_and_bans_tokens() {
+    let s = start(&[]);
+    let tok = awq_run::assets::tokenizer::from_value(&TinySpec::new(awq_run::model::Arch::Llama).tokenizer_json()).unwrap();
+    let q = tok.token_to_id("q").unwrap();
+    let mut body = greedy("hello there", 6);
+    body["ignore_eos"] = json!(true);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    let plain = s.chat(body.clone());
+    let first = &plain["choices"][0]["logprobs"]["content"][0];
+    body["logit_bias"] = json!({q.to_string(): 100});
+    let forced = s.chat(body.clone());
+    assert_eq!(forced["choices"][0]["message"]["content"], "qqqqqq", "{forced}");
+    let lp = forced["choices"][0]["logprobs"]["content"][0]["logprob"].as_f64().unwrap();
+    assert!(lp < -0.5, "the raw log-probability of the forced token, not ~0: {lp}");
+    let first_id = tok.encode(first["token"].as_str().unwrap(), false).unwrap().get_ids()[0];
+    body["logit_bias"] = json!({first_id.to_string(): -100});
+    let banned = s.chat(body);
+    let got = &banned["choices"][0]["logprobs"]["content"][0];
+    assert_ne!(got["token"], first["token"], "{banned}");
+    // The banned token was the best: greedy now takes the raw row's second best.
+    assert_eq!(got["token"], first["top_logprobs"][1]["token"], "{plain}");
+    assert_eq!(got["logprob"], first["top_logprobs"][1]["logprob"]);
+}
+
 #[test]
 fn stop_strings_and_max_tokens() {
     let s = start(&[]);
@@ -492,7 +566,13 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(), 400, "top_logprobs"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 50}).to_string(), 400, "top_logprobs"),
         ("/v1/completions", json!({"prompt": "x", "logprobs": true}).to_string(), 400, "logprobs"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}).to_string(), 400, "response_format.type"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "guided_regex": "(unclosed"}).to_string(), 400, "guided_regex"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "guided_json": {"type": "integer", "minimum": 5, "maximum": 2}}).to_string(), 400, "guided_json"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "guided_choice": []}).to_string(), 400, "guided_choice"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "guided_choice": ["a"], "guided_regex": "a"}).to_string(), 400, "guided_choice"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 5}}).to_string(), 400, "logit_bias"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 500}}).to_string(), 400, "logit_bias"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [100000]}).to_string(), 400, "stop_token_ids"),

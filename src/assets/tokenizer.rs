@@ -152,13 +152,54 @@ pub fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
     if !text.contains('\u{FFFD}') {
         return text.into_bytes();
     }
-    let Some(surface) = tok.id_to_token(id) else { return text.into_bytes() };
+    surface_bytes(tok, id).unwrap_or_else(|| text.into_bytes())
+}
+
+/// The bytes behind a token that is part of a character, read from its surface form: a
+/// byte-fallback token (`<0xE2>`), or a byte-level token's characters through GPT-2's table.
+fn surface_bytes(tok: &Tokenizer, id: u32) -> Option<Vec<u8>> {
+    let surface = tok.id_to_token(id)?;
     if let Some(b) = surface.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-        return vec![b];
+        return Some(vec![b]);
     }
     static BYTES: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
     let table = BYTES.get_or_init(|| byte_chars().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect());
-    surface.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+    surface.chars().map(|c| table.get(&c).copied()).collect()
+}
+
+/// What a token adds to text that is already under way ([`vocabulary_pieces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Bytes(Vec<u8>),
+    /// A special token (`<|im_end|>`): its text, which no text written by the model stands for.
+    Special(String),
+    /// An id the tokenizer has no token for (a model's vocabulary may be padded past it).
+    Unknown,
+}
+
+/// What each id `0 .. vocab` adds to text already under way, as constrained decoding needs it
+/// (which tokens can extend a partial JSON document). A token's text alone is not that:
+/// SentencePiece decoders drop the space that leads a text, so `▁the` alone decodes to `the`.
+/// Each token is decoded after an anchor token instead, and the anchor's text taken off, which
+/// asks the tokenizer's own decoder, whatever its kind (byte-level, Metaspace, byte fallback);
+/// a token that is part of a character has the bytes behind its surface form.
+pub fn vocabulary_pieces(tok: &Tokenizer, vocab: usize) -> Vec<Piece> {
+    let special: std::collections::HashSet<u32> = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+    let anchor = tok.token_to_id("a").or_else(|| tok.encode("a", false).ok().and_then(|e| e.get_ids().first().copied()));
+    let anchor_text = anchor.and_then(|a| tok.decode(&[a], false).ok()).unwrap_or_default();
+    (0..vocab as u32)
+        .map(|id| {
+            let Some(surface) = tok.id_to_token(id) else { return Piece::Unknown };
+            if special.contains(&id) {
+                return Piece::Special(tok.decode(&[id], false).unwrap_or(surface));
+            }
+            let after = anchor.and_then(|a| tok.decode(&[a, id], false).ok()).and_then(|t| t.strip_prefix(anchor_text.as_str()).map(str::to_string));
+            match after.or_else(|| tok.decode(&[id], false).ok()) {
+                Some(t) if !t.contains('\u{FFFD}') => Piece::Bytes(t.into_bytes()),
+                t => Piece::Bytes(surface_bytes(tok, id).unwrap_or_else(|| t.unwrap_or_default().into_bytes())),
+            }
+        })
+        .collect()
 }
 
 /// Decodes a token stream piece by piece, emitting text only once it is valid UTF-8 and stable
@@ -218,6 +259,46 @@ mod tests {
         assert_eq!(super::token_bytes(&t, 1), b"<|im_start|>".to_vec(), "a special token is its text");
         assert_eq!(super::token_bytes(&t, 500), b" w500".to_vec());
         assert!(super::token_bytes(&t, 5000).is_empty(), "outside the vocabulary");
+    }
+
+    #[test]
+    fn vocabulary_pieces_are_what_a_token_adds_mid_text() {
+        use super::Piece;
+        let t = super::byte_level_tokenizer(600).unwrap();
+        let p = super::vocabulary_pieces(&t, 602);
+        assert_eq!(p.len(), 602);
+        assert_eq!(p[2], Piece::Special("<|im_end|>".into()));
+        let ids = t.encode("a ☃", false).unwrap().get_ids().to_vec();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| match &p[i as usize] {
+            Piece::Bytes(b) => b.clone(),
+            other => panic!("{other:?}"),
+        }).collect();
+        assert_eq!(bytes, "a ☃".as_bytes());
+        assert_eq!(p[500], Piece::Bytes(b" w500".to_vec()));
+        assert_eq!(p[601], Piece::Unknown, "past the tokenizer's vocabulary");
+    }
+
+    /// A SentencePiece-style vocabulary (Metaspace, byte fallback): `▁the` adds " the" mid-text,
+    /// though it decodes to "the" alone.
+    #[test]
+    fn vocabulary_pieces_keep_the_space_of_a_metaspace_token() {
+        use super::Piece;
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "vocab": {"<s>": 0, "<0xE2>": 1, "a": 2, "▁the": 3, "▁": 4, "t": 5, "h": 6, "e": 7}, "merges": [], "byte_fallback": true, "fuse_unk": true}
+        });
+        let t = super::from_value(&json).unwrap();
+        assert_eq!(t.decode(&[3], false).unwrap(), "the");
+        let p = super::vocabulary_pieces(&t, 8);
+        assert_eq!(p[3], Piece::Bytes(b" the".to_vec()));
+        assert_eq!(p[1], Piece::Bytes(vec![0xE2]));
+        assert_eq!(p[0], Piece::Special("<s>".into()));
+        assert_eq!(p[2], Piece::Bytes(b"a".to_vec()));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! When the pool cannot give a running sequence its next block, the most recently admitted
 //! sequence is preempted (vLLM's recompute policy): its blocks are freed and it goes back to the
 //! front of the queue with its prompt and the tokens generated so far, to be prefilled again.
+use super::constraint::{Compiler, Constraint, Grammar, Next};
 use super::logprobs::{self, TokenLogprob};
 use super::metrics::{Metrics, StepPhase};
 use super::sampling::{fetch_rows, RowLogits, Sampler, SamplingParams, Wants};
@@ -114,6 +115,12 @@ pub struct Request {
     /// Score the prompt's own tokens, with this many alternatives each ([`Event::PromptLogprobs`]);
     /// with it `max_tokens` may be 0 (score only).
     pub prompt_logprobs: Option<usize>,
+    /// Added to these tokens' logits before every draw (OpenAI's `logit_bias`; −100 bans a
+    /// token, +100 all but forces it). Log-probabilities stay those of the raw logits.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the reply is held to ([`Engine::compile`]); its end ends the reply, before
+    /// `min_tokens` if it comes sooner.
+    pub constraint: Option<Constraint>,
     pub sink: Box<dyn EventSink>,
 }
 
@@ -143,6 +150,7 @@ pub struct Engine {
     pub context_by_cache: bool,
     /// Token ids the model takes: `0 .. vocab_size`.
     pub vocab_size: usize,
+    grammars: Compiler,
     max_queue: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -166,13 +174,20 @@ impl Engine {
         let context_len = model.context_len().min(pool.capacity_tokens());
         let context_by_cache = context_len < model.context_len();
         let vocab_size = model.cfg.vocab_size;
+        let grammars = Compiler::new(tokenizer.clone(), vocab_size, &eos_ids);
         let max_queue = cfg.max_queue;
         let mut s = Scheduler { model, tokenizer, eos_ids, cfg, pool, rx, context: context_len, waiting: VecDeque::new(), running: Vec::new(), metrics: metrics.clone() };
         let thread = std::thread::Builder::new()
             .name("awq-run-engine".into())
             .spawn(move || s.run())
             .map_err(|e| Error::msg(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { tx, metrics, context_len, context_by_cache, vocab_size, max_queue, thread: Some(thread) })
+        Ok(Self { tx, metrics, context_len, context_by_cache, vocab_size, grammars, max_queue, thread: Some(thread) })
+    }
+
+    /// The state a request's [`Request::constraint`] starts from, or why `g` is no grammar. The
+    /// first call builds the vocabulary's trie (CPU work: call it off async threads).
+    pub fn compile(&self, g: &Grammar) -> std::result::Result<Constraint, String> {
+        self.grammars.compile(g)
     }
 
     /// Queues a request, or says why it cannot be.
@@ -185,7 +200,7 @@ impl Engine {
             return Err(SubmitError::PromptTooLong { prompt: n, context: self.context_len });
         }
         // A token the model has no embedding for would fail the whole batch's step.
-        if let Some(&t) = r.prompt.iter().chain(&r.stop_token_ids).find(|&&t| t as usize >= self.vocab_size) {
+        if let Some(&t) = r.prompt.iter().chain(&r.stop_token_ids).chain(r.logit_bias.iter().map(|(t, _)| t)).find(|&&t| t as usize >= self.vocab_size) {
             return Err(SubmitError::BadParams(format!("token id {t} is outside the vocabulary of {} tokens", self.vocab_size)));
         }
         if r.min_tokens > r.params.max_tokens {
@@ -274,6 +289,8 @@ enum Outcome {
     /// counters say so (a client that reads /metrics after its reply sees them freed).
     Finished(Finish),
     Cancelled,
+    /// The sequence cannot go on (its grammar failed); the message says why.
+    Failed(String),
 }
 
 impl Scheduler {
@@ -492,8 +509,8 @@ impl Scheduler {
             s.fed += n;
             self.pool.commit(&mut s.kv, &s.tokens[..s.fed]);
             // A prefill chunk that leaves prompt to feed makes no prediction yet. Log-probabilities
-            // need the whole row (its softmax's denominator).
-            let want = if whole_rows_only() || s.req.logprobs.is_some() || !Self::banned(s, &self.eos_ids).is_empty() { Wants::Whole } else { s.sampler.wants(vocab) };
+            // need the whole row (its softmax's denominator), and so does any edit of it.
+            let want = if whole_rows_only() || s.req.logprobs.is_some() || Self::edits_row(s, &self.eos_ids) { Wants::Whole } else { s.sampler.wants(vocab) };
             wants.push(r.filter(|_| s.fed == s.tokens.len()).map(|r| (r, want)));
         }
         let predicts = fetch_rows(&logits, &wants)?;
@@ -505,19 +522,16 @@ impl Scheduler {
         // spinning, in turn.
         let eos = &self.eos_ids;
         let sample = |(s, l): (&mut Seq, Option<RowLogits>)| {
-            let banned = Self::banned(s, eos);
             l.map(|l| match l {
                 // The raw row's log-probabilities; the draw is the one `sample_fetched` makes,
-                // from the row without the tokens `min_tokens` holds back.
+                // from the row as the grammar, `logit_bias` and `min_tokens` leave it.
                 // (The raw row is kept only where log-probabilities are asked for.)
-                RowLogits::Whole(mut row) if s.req.logprobs.is_some() || !banned.is_empty() => {
+                RowLogits::Whole(mut row) if s.req.logprobs.is_some() || Self::edits_row(s, eos) => {
                     let raw = s.req.logprobs.map(|n| (n, row.clone()));
-                    for &t in &banned {
-                        if let Some(l) = row.get_mut(t as usize) {
-                            *l = f32::NEG_INFINITY;
-                        }
-                    }
-                    let t = s.sampler.sample(row, &s.tokens)?;
+                    let t = match Self::edit_row(s, eos, &mut row)? {
+                        Some(end) => end,
+                        None => s.sampler.sample(row, &s.tokens)?,
+                    };
                     Ok((t, raw.map(|(n, raw)| logprobs::of_row(&raw, t, n))))
                 }
                 l => Ok((s.sampler.sample_fetched(l, &logits, &s.tokens)?, None)),
@@ -533,10 +547,10 @@ impl Scheduler {
         let mut outcomes = Vec::with_capacity(plan.len());
         for (s, next) in self.running.iter_mut().zip(next) {
             outcomes.push(match next {
-                Some(t) => {
-                    let (t, lp) = t?;
-                    Self::advance(s, t, lp, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?
-                }
+                Some(Ok((t, lp))) => Self::advance(s, t, lp, &self.tokenizer, &self.eos_ids, self.context, &self.metrics)?,
+                // A grammar that fails fails its own sequence, not the batch.
+                Some(Err(Error::Grammar(e))) => Outcome::Failed(e),
+                Some(Err(e)) => return Err(e),
                 None => Outcome::Continue,
             });
         }
@@ -558,9 +572,41 @@ impl Scheduler {
                     self.publish();
                     s.req.sink.send(Event::Done(done));
                 }
+                Outcome::Failed(e) => {
+                    let mut s = self.running.remove(i);
+                    self.fail(&mut s, e);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether `s`'s row of logits is changed before its draw ([`Self::edit_row`]).
+    fn edits_row(s: &Seq, eos: &[u32]) -> bool {
+        s.req.constraint.is_some() || !s.req.logit_bias.is_empty() || !Self::banned(s, eos).is_empty()
+    }
+
+    /// Edits `s`'s row before its draw: the tokens its grammar does not allow next, then those
+    /// `min_tokens` holds back, to −∞, its `logit_bias` added. Where the grammar is complete
+    /// and allows only the end of the sequence, that end is the token (the draw is skipped).
+    fn edit_row(s: &mut Seq, eos: &[u32], row: &mut [f32]) -> Result<Option<u32>> {
+        if let Some(c) = &mut s.req.constraint {
+            if c.mask(row, &s.req.stop_token_ids).map_err(Error::Grammar)? == Next::End {
+                let end = eos.first().or(s.req.stop_token_ids.first()).copied();
+                return end.map(Some).ok_or_else(|| Error::Grammar("the grammar is complete, and the model has no end-of-sequence token".into()));
+            }
+        }
+        for t in Self::banned(s, eos) {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for &(t, b) in &s.req.logit_bias {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        Ok(None)
     }
 
     /// The tokens `s` may not draw now: its end-of-sequence and stop tokens while it has
@@ -595,9 +641,18 @@ impl Scheduler {
                 Outcome::Cancelled
             }
         };
-        if (eos.contains(&next) && !s.req.ignore_eos) || s.req.stop_token_ids.contains(&next) {
+        // A grammar's end is the reply's, `ignore_eos` or not.
+        let ends_grammar = s.req.constraint.is_some() && eos.contains(&next);
+        if (eos.contains(&next) && !s.req.ignore_eos) || s.req.stop_token_ids.contains(&next) || ends_grammar {
             return Ok(finish(s, FinishReason::Stop));
         }
+        let complete = match &mut s.req.constraint {
+            Some(c) => match c.accept(next) {
+                Ok(done) => done,
+                Err(e) => return Ok(Outcome::Failed(e)),
+            },
+            None => false,
+        };
         s.tokens.push(next);
         m.generated_tokens.fetch_add(1, Relaxed);
         if let Some(lp) = logprob {
@@ -613,6 +668,11 @@ impl Scheduler {
             if o.stopped {
                 return Ok(Outcome::Finished(Finish { reason: FinishReason::Stop, prompt_tokens: s.prompt_len, completion_tokens: s.generated() }));
             }
+        }
+        if complete {
+            // The grammar allows nothing more: the reply ends here, without a step for the
+            // end-of-sequence token.
+            return Ok(finish(s, FinishReason::Stop));
         }
         if s.generated() >= s.req.params.max_tokens || s.tokens.len() >= context {
             return Ok(finish(s, FinishReason::Length));

@@ -2,6 +2,7 @@
 //! not through serde derive, so that every refusal names the field (`param`) and says what was
 //! wrong with it, as OpenAI's own errors do.
 use crate::engine::chat_template::Message;
+use crate::engine::constraint::Grammar;
 use crate::engine::logprobs::TOP_LOGPROBS_MAX;
 use crate::engine::sampling::SamplingParams;
 use axum::http::StatusCode;
@@ -230,10 +231,126 @@ pub fn logprobs(o: &Map<String, Value>, chat: bool) -> ApiResult<Option<usize>> 
     }
 }
 
+/// `logit_bias`: token ids (as strings, the keys) with a bias from −100 to 100 each.
+pub fn logit_bias(o: &Map<String, Value>, vocab: usize) -> ApiResult<Vec<(u32, f32)>> {
+    let f = Fields(o);
+    let m = match f.get("logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => return Err(Fields::wrong("logit_bias", "an object of token ids and biases", v)),
+    };
+    if m.len() > 300 {
+        return Err(ApiError::bad_request("logit_bias", format!("logit_bias has {} tokens; at most 300 are allowed", m.len())));
+    }
+    m.iter()
+        .map(|(k, v)| {
+            let id = k.trim().parse::<u32>().ok().filter(|&t| (t as usize) < vocab);
+            let id = id.ok_or_else(|| ApiError::bad_request("logit_bias", format!("logit_bias: {k:?} is not a token id below the vocabulary's size ({vocab})")))?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(ApiError::bad_request("logit_bias", format!("logit_bias: the bias of token {k} is {v}; it must be a number from -100 to 100"))),
+            }
+        })
+        .collect()
+}
+
+/// The grammar a reply is held to, with the field that asked for it: OpenAI's `response_format`
+/// (`json_object`, or `json_schema` with its `schema`), vLLM's `guided_json`, `guided_regex`,
+/// `guided_choice` and `guided_grammar` (Lark) or their newer form `structured_outputs: {json,
+/// regex, choice, grammar}`, llama-server's `json_schema`. At most one of them.
+pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
+    let f = Fields(o);
+    let mut found: Option<(String, Grammar)> = None;
+    let mut put = |param: &str, g: Grammar| -> ApiResult<()> {
+        if let Some((first, _)) = &found {
+            return Err(ApiError::bad_request(param, format!("{param} and {first} both ask for a reply's format; give one")));
+        }
+        found = Some((param.to_string(), g));
+        Ok(())
+    };
+    match f.get("response_format") {
+        None => {}
+        Some(Value::Object(m)) => match m.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            // llama-server's json_object takes a `schema` too.
+            Some("json_object") => put("response_format", Grammar::JsonSchema(m.get("schema").filter(|s| s.is_object()).cloned().unwrap_or_else(|| json!({"type": "object"}))))?,
+            Some("json_schema") => {
+                let js = match m.get("json_schema") {
+                    Some(Value::Object(js)) => js,
+                    Some(v) => return Err(ApiError::bad_request("response_format.json_schema", format!("response_format.json_schema must be an object, not {}", kind_of(v)))),
+                    None => return Err(ApiError::bad_request("response_format.json_schema", "response_format.json_schema is required with the type json_schema")),
+                };
+                // No schema: any JSON value.
+                let schema = match js.get("schema") {
+                    None | Some(Value::Null) => json!({}),
+                    Some(v @ Value::Object(_)) => v.clone(),
+                    Some(v) => return Err(ApiError::bad_request("response_format.json_schema.schema", format!("response_format.json_schema.schema must be an object, not {}", kind_of(v)))),
+                };
+                put("response_format", Grammar::JsonSchema(schema))?
+            }
+            Some(t) => return Err(ApiError::bad_request("response_format.type", format!("response_format.type is {t:?}; the types are text, json_object and json_schema"))),
+            None => return Err(ApiError::bad_request("response_format.type", "response_format.type is required (text, json_object or json_schema)")),
+        },
+        Some(v) => return Err(Fields::wrong("response_format", "an object", v)),
+    }
+    let schema = |param: &str, v: &Value| match v {
+        Value::Object(_) => Ok(Grammar::JsonSchema(v.clone())),
+        Value::String(t) => serde_json::from_str::<Value>(t).ok().filter(Value::is_object).map(Grammar::JsonSchema).ok_or_else(|| ApiError::bad_request(param, format!("{param} is a string that is not a JSON schema object"))),
+        v => Err(ApiError::bad_request(param, format!("{param} must be a JSON schema (an object), not {}", kind_of(v)))),
+    };
+    let text = |param: &str, v: &Value, make: fn(String) -> Grammar| match v {
+        Value::String(t) => Ok(make(t.clone())),
+        v => Err(ApiError::bad_request(param, format!("{param} must be a string, not {}", kind_of(v)))),
+    };
+    let choice = |param: &str, v: &Value| match v {
+        Value::Array(a) => a
+            .iter()
+            .map(|c| c.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request(param, format!("{param} must hold strings, not {}", kind_of(c)))))
+            .collect::<ApiResult<Vec<_>>>()
+            .map(Grammar::Choice),
+        v => Err(ApiError::bad_request(param, format!("{param} must be an array of strings, not {}", kind_of(v)))),
+    };
+    let so = match f.get("structured_outputs") {
+        None => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(v) => return Err(Fields::wrong("structured_outputs", "an object", v)),
+    };
+    let nested = |key: &str| so.and_then(|m| m.get(key)).filter(|v| !v.is_null());
+    #[derive(Clone, Copy)]
+    enum As {
+        Schema,
+        Regex,
+        Choice,
+        Lark,
+    }
+    let fields = [
+        ("guided_json", f.get("guided_json"), As::Schema),
+        ("guided_regex", f.get("guided_regex"), As::Regex),
+        ("guided_choice", f.get("guided_choice"), As::Choice),
+        ("guided_grammar", f.get("guided_grammar"), As::Lark),
+        ("json_schema", f.get("json_schema"), As::Schema),
+        ("structured_outputs.json", nested("json"), As::Schema),
+        ("structured_outputs.regex", nested("regex"), As::Regex),
+        ("structured_outputs.choice", nested("choice"), As::Choice),
+        ("structured_outputs.grammar", nested("grammar"), As::Lark),
+    ];
+    for (param, v, kind) in fields {
+        let Some(v) = v else { continue };
+        let g = match kind {
+            As::Schema => schema(param, v)?,
+            As::Regex => text(param, v, Grammar::Regex)?,
+            As::Choice => choice(param, v)?,
+            As::Lark => text(param, v, Grammar::Lark)?,
+        };
+        put(param, g)?;
+    }
+    Ok(found)
+}
+
 /// Refuses, by name, the fields that ask for a reply this server does not give, instead of
-/// quietly ignoring them: `echo` in a chat completion, `best_of` above 1, `suffix`,
-/// `logit_bias`, a `response_format` other than text, `tools` and `functions`. Their empty or
-/// default values pass (clients send them without asking for anything).
+/// quietly ignoring them: `echo` in a chat completion, `best_of` above 1, `suffix`, `tools`
+/// and `functions`. Their empty or default values pass (clients send them without asking for
+/// anything).
 pub fn refuse_unsupported(o: &Map<String, Value>, chat: bool) -> ApiResult<()> {
     let f = Fields(o);
     let refuse = |key: &str, what: &str| Err(ApiError::bad_request(key, format!("{key}: {what} is not supported by this server")));
@@ -245,16 +362,6 @@ pub fn refuse_unsupported(o: &Map<String, Value>, chat: bool) -> ApiResult<()> {
     }
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return refuse("suffix", "text after the completion");
-    }
-    match f.get("logit_bias") {
-        Some(Value::Object(m)) if !m.is_empty() => return refuse("logit_bias", "biasing tokens"),
-        Some(Value::Object(_)) | None => {}
-        Some(v) => return Err(Fields::wrong("logit_bias", "an object", v)),
-    }
-    match f.get("response_format") {
-        Some(Value::Object(m)) if m.get("type").and_then(Value::as_str) != Some("text") => return refuse("response_format", "a format other than {\"type\": \"text\"}"),
-        Some(Value::Object(_)) | None => {}
-        Some(v) => return Err(Fields::wrong("response_format", "an object", v)),
     }
     for key in ["tools", "functions"] {
         match f.get(key) {
@@ -420,9 +527,6 @@ mod tests {
             (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
             (json!({"suffix": "end"}), "suffix"),
-            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
-            (json!({"logit_bias": [1]}), "logit_bias"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
             (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
@@ -432,6 +536,62 @@ mod tests {
         let defaults = json!({"echo": false, "best_of": 1, "suffix": "", "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": null, "user": "u"});
         refuse_unsupported(&obj(defaults.clone()), true).unwrap();
         refuse_unsupported(&obj(json!({"echo": true})), false).unwrap();
+    }
+
+    #[test]
+    fn logit_bias_maps_token_ids_to_biases() {
+        let got = logit_bias(&obj(json!({"logit_bias": {"5": -100, " 7": 2.5}})), 10).unwrap();
+        let mut got = got;
+        got.sort_by_key(|p| p.0);
+        assert_eq!(got, vec![(5, -100.0), (7, 2.5)]);
+        assert!(logit_bias(&obj(json!({"logit_bias": {}})), 10).unwrap().is_empty());
+        assert!(logit_bias(&obj(json!({"logit_bias": null})), 10).unwrap().is_empty());
+        for (body, says) in [
+            (json!({"logit_bias": [1]}), "must be an object"),
+            (json!({"logit_bias": {"10": 1}}), "not a token id below"),
+            (json!({"logit_bias": {"x": 1}}), "not a token id"),
+            (json!({"logit_bias": {"1": 101}}), "from -100 to 100"),
+            (json!({"logit_bias": {"1": "1"}}), "from -100 to 100"),
+        ] {
+            let e = logit_bias(&obj(body.clone()), 10).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logit_bias"));
+            assert!(e.message.contains(says), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn grammars_come_from_each_api_s_field() {
+        let g = |v: Value| grammar(&obj(v));
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        assert_eq!(g(json!({})).unwrap(), None);
+        assert_eq!(g(json!({"response_format": {"type": "text"}})).unwrap(), None);
+        assert_eq!(g(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(json!({"type": "object"})))));
+        assert_eq!(g(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(schema.clone()))));
+        assert_eq!(g(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(json!({})))));
+        assert_eq!(g(json!({"guided_json": schema.to_string()})).unwrap(), Some(("guided_json".into(), Grammar::JsonSchema(schema.clone()))));
+        assert_eq!(g(json!({"guided_regex": "[a-z]+"})).unwrap(), Some(("guided_regex".into(), Grammar::Regex("[a-z]+".into()))));
+        assert_eq!(g(json!({"guided_choice": ["a", "b"]})).unwrap(), Some(("guided_choice".into(), Grammar::Choice(vec!["a".into(), "b".into()]))));
+        assert_eq!(g(json!({"guided_grammar": "start: \"a\""})).unwrap(), Some(("guided_grammar".into(), Grammar::Lark("start: \"a\"".into()))));
+        assert_eq!(g(json!({"json_schema": schema})).unwrap(), Some(("json_schema".into(), Grammar::JsonSchema(schema.clone()))));
+        assert_eq!(g(json!({"structured_outputs": {"choice": ["x"]}})).unwrap(), Some(("structured_outputs.choice".into(), Grammar::Choice(vec!["x".into()]))));
+        for (body, param) in [
+            (json!({"response_format": "json"}), "response_format"),
+            (json!({"response_format": {"type": "xml"}}), "response_format.type"),
+            (json!({"response_format": {}}), "response_format.type"),
+            (json!({"response_format": {"type": "json_schema"}}), "response_format.json_schema"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}), "response_format.json_schema.schema"),
+            (json!({"guided_json": "not json"}), "guided_json"),
+            (json!({"guided_json": 3}), "guided_json"),
+            (json!({"guided_regex": ["a"]}), "guided_regex"),
+            (json!({"guided_choice": "a"}), "guided_choice"),
+            (json!({"guided_choice": ["a", 1]}), "guided_choice"),
+            (json!({"structured_outputs": 1}), "structured_outputs"),
+            (json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
+            (json!({"response_format": {"type": "json_object"}, "guided_regex": "a"}), "guided_regex"),
+        ] {
+            let e = g(body.clone()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
+        }
     }
 
     #[test]

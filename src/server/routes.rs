@@ -121,6 +121,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let c = openai::common(&o, &s.opts.defaults, s.engine.vocab_size)?;
     let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
     openai::refuse_unsupported(&o, kind == Kind::Chat)?;
+    let logit_bias = openai::logit_bias(&o, s.engine.vocab_size)?;
+    let grammar = openai::grammar(&o)?;
     // A legacy completion's echo (chat refuses it above): the prompt leads each choice's text.
     let echo_on = kind == Kind::Completion && c.echo;
     if c.max_tokens == Some(0) && !echo_on {
@@ -137,8 +139,12 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     // Templates and tokenizers are CPU work: off the async threads.
     let st = s.clone();
     let o2 = o.clone();
-    // Each prompt's tokens, and its text (what `echo` puts first).
-    let prompts = tokio::task::spawn_blocking(move || -> ApiResult<Vec<(Vec<u32>, String)>> {
+    // Each prompt's tokens, and its text (what `echo` puts first); the grammar's first state.
+    let (prompts, constraint) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let constraint = match grammar {
+            Some((param, g)) => Some(st.engine.compile(&g).map_err(|e| ApiError::bad_request(&param, format!("{param}: {e}")))?),
+            None => None,
+        };
         let (inputs, special) = match kind {
             Kind::Chat => {
                 let msgs = openai::messages(&o2)?;
@@ -146,7 +152,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
             }
             Kind::Completion => (openai::prompts(&o2, st.engine.vocab_size)?, true),
         };
-        inputs
+        let prompts = inputs
             .into_iter()
             .map(|p| match p {
                 Prompt::Text(t) => Ok((st.tokenizer.encode(t.as_str(), special).map_err(server_error)?.get_ids().to_vec(), t)),
@@ -155,7 +161,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
                     Ok((ids, text))
                 }
             })
-            .collect()
+            .collect::<ApiResult<Vec<(Vec<u32>, String)>>>()?;
+        Ok((prompts, constraint))
     })
     .await
     .map_err(server_error)??;
@@ -195,6 +202,9 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
             min_tokens: c.min_tokens,
             logprobs,
             prompt_logprobs,
+            logit_bias: logit_bias.clone(),
+            // Each choice from the grammar's start.
+            constraint: constraint.clone(),
             sink: Box::new(ChannelSink(tx)),
         };
         s.engine.submit(req).map_err(submit_error)?;
