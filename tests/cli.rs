@@ -168,6 +168,43 @@ fn generate_streams_and_reports_speed() {
     assert!(stderr.contains("tok/s"), "{stderr}");
 }
 
+/// `generate --choice / --regex / --json-schema / --grammar`: the reply is what the grammar
+/// allows (sampled, several seeds); two grammars, a bad regex, a missing file are errors naming
+/// the flag.
+#[test]
+fn generate_holds_the_reply_to_a_grammar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(&tmp.path().join("tiny"));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "40", "--temperature", "1"];
+        args.extend_from_slice(extra);
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim_end().to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for seed in ["1", "2", "3"] {
+        let (ok, text, e) = run(&["--seed", seed, "--choice", "red", "--choice", "green"]);
+        assert!(ok && (text == "red" || text == "green"), "{text:?} {e}");
+        let (ok, text, e) = run(&["--seed", seed, "--regex", "[xyz]{4}!"]);
+        assert!(ok && text.len() == 5 && text.ends_with('!') && text[..4].bytes().all(|b| b"xyz".contains(&b)), "{text:?} {e}");
+        let (ok, text, e) = run(&["--seed", seed, "--json-schema", r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}}"#]);
+        assert!(ok && (text == r#"{"ok":true}"# || text == r#"{"ok":false}"#), "{text:?} {e}");
+    }
+    let lark = tmp.path().join("g.lark");
+    std::fs::write(&lark, "start: \"<\" (\"a\" | \"b\") \">\"\n").unwrap();
+    let (ok, text, e) = run(&["--grammar", lark.to_str().unwrap()]);
+    assert!(ok && (text == "<a>" || text == "<b>"), "{text:?} {e}");
+    for (extra, says) in [
+        (&["--regex", "a", "--choice", "b"][..], "--regex and --choice both"),
+        (&["--regex", "(a"][..], "--regex: "),
+        (&["--json-schema", "/nonexistent/schema.json"][..], "--json-schema /nonexistent/schema.json"),
+        (&["--json-schema", "[1]"][..], "--json-schema [1]"),
+        (&["--grammar", "/nonexistent/g.lark"][..], "--grammar /nonexistent/g.lark"),
+    ] {
+        let (ok, _, e) = run(extra);
+        assert!(!ok && e.contains(says), "{extra:?}: {e}");
+    }
+}
+
 #[test]
 fn generate_refuses_empty_prompt() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! Token generation: the decode loop with streaming output, and statistics.
 pub use super::sampling::SamplingParams;
-use super::sampling::{fetch_rows, Sampler};
+use super::constraint::{Constraint, Next};
+use super::sampling::{fetch_rows, RowLogits, Sampler, Wants};
 use crate::assets::tokenizer::TokenStream;
 use crate::error::{Error, Result};
 use crate::model::{Cache, Model};
@@ -58,19 +59,28 @@ pub struct Generator<'a> {
     pub eos_ids: Vec<u32>,
     cache: Cache,
     cached_tokens: Vec<u32>,
+    /// The grammar replies are held to (`generate --json-schema` and the like), from its start
+    /// at every call.
+    constraint: Option<Constraint>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Model, tokenizer: &'a Tokenizer, eos_ids: Vec<u32>) -> Self {
         let cache = model.new_cache(model.context_len());
-        Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new() }
+        Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new(), constraint: None }
     }
 
     /// As [`Generator::new`] with the KV cache storing `kv_dtype` (None: the model's default,
     /// [`Model::new_cache`]); refused where the model cannot use it.
     pub fn with_kv_dtype(model: &'a Model, tokenizer: &'a Tokenizer, eos_ids: Vec<u32>, kv_dtype: Option<candle_core::DType>) -> Result<Self> {
         let cache = model.new_cache_with(model.context_len(), kv_dtype)?;
-        Ok(Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new() })
+        Ok(Self { model, tokenizer, eos_ids, cache, cached_tokens: Vec::new(), constraint: None })
+    }
+
+    /// Holds every later reply to a grammar ([`crate::engine::constraint::Compiler::compile`]):
+    /// tokens it does not allow are never drawn, and a reply ends where it is complete.
+    pub fn set_constraint(&mut self, c: Option<Constraint>) {
+        self.constraint = c;
     }
 
     pub fn context_len(&self) -> usize {
@@ -110,6 +120,7 @@ impl<'a> Generator<'a> {
         let mut history: Vec<u32> = prompt.to_vec();
         let mut out = Vec::new();
         let dev = &self.model.device;
+        let mut constraint = self.constraint.clone();
 
         let t0 = Instant::now();
         let input = Tensor::new(&prompt[reuse..], dev)?.unsqueeze(0)?;
@@ -120,9 +131,16 @@ impl<'a> Generator<'a> {
         for i in 0..params.max_tokens {
             // As much of the row as the sampler needs: on a GPU its best few pairs, where the
             // settings allow, instead of the vocabulary.
-            let wants = [Some((0, sampler.wants(logits.dim(1)?)))];
-            let row = fetch_rows(&logits, &wants)?.pop().flatten().ok_or_else(|| Error::msg("generation: no logits"))?;
-            let next = sampler.sample_fetched(row, &logits, &history)?;
+            let want = if constraint.is_some() { Wants::Whole } else { sampler.wants(logits.dim(1)?) };
+            let row = fetch_rows(&logits, &[Some((0, want))])?.pop().flatten().ok_or_else(|| Error::msg("generation: no logits"))?;
+            let next = match (&mut constraint, row) {
+                // The row masked to what the grammar allows; complete, it allows only the end.
+                (Some(c), RowLogits::Whole(mut row)) => match c.mask(&mut row, &[]).map_err(Error::Grammar)? {
+                    Next::End => self.eos_ids[0],
+                    Next::Tokens => sampler.sample(row, &history)?,
+                },
+                (_, row) => sampler.sample_fetched(row, &logits, &history)?,
+            };
             if i == 0 {
                 stats.prefill_secs = t0.elapsed().as_secs_f64();
                 t_decode = Some(Instant::now());
@@ -135,6 +153,12 @@ impl<'a> Generator<'a> {
             history.push(next);
             if let Some(text) = stream.push(self.tokenizer, next)? {
                 on_text(&text)?;
+            }
+            if let Some(c) = &mut constraint {
+                if c.accept(next).map_err(Error::Grammar)? {
+                    stats.stop = StopReason::Eos;
+                    break;
+                }
             }
             if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
                 stats.stop = StopReason::Interrupted;
