@@ -1,7 +1,7 @@
 //! The official `openai` Python package against `awq-run serve` on the real SmolLM2 AWQ model:
 //! a streamed chat completion, a whole one, log-probabilities (chat and legacy completion),
 //! a prompt scored (echo), several choices, structured output (a pydantic model through the
-//! client's `parse`, vLLM's `guided_choice`) and the model list, as a user's script would do them
+//! client's `parse`, vLLM's `guided_choice`), a named tool call and the model list, as a user's script would do them
 //! with `base_url` pointed at the server. The package is installed from PyPI into a virtual
 //! environment under target/ (once; later runs reuse it). Skipped, saying why, where the model
 //! (scripts/fetch-models.sh) or python3 is missing.
@@ -50,6 +50,15 @@ parsed = client.chat.completions.parse(model=model, temperature=0, max_tokens=60
     messages=[{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}])
 choice = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=8,
                                         extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]})
+# A tool call, named, as agent frameworks make them.
+weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city", "unit"]}}}
+called = client.chat.completions.create(model=model, temperature=0, max_tokens=60, tools=[weather],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+call = called.choices[0].message.tool_calls[0]
 print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": usage, "chunks": chunks,
                   "whole": whole.choices[0].message.content, "whole_usage": whole.usage.completion_tokens,
                   "lp_text": b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace"),
@@ -62,6 +71,7 @@ print(json.dumps({"model": model, "streamed": text, "finish": finish, "usage": u
                   "several": [c.index for c in several.choices],
                   "parsed": parsed.choices[0].message.parsed.model_dump(), "parsed_finish": parsed.choices[0].finish_reason,
                   "choice": choice.choices[0].message.content,
+                  "call": [call.function.name, json.loads(call.function.arguments), call.type],
                   "scored_text": scored.choices[0].text, "scored_first": sl.token_logprobs[0],
                   "scored_rest": [lp for lp in sl.token_logprobs[1:]],
                   "scored_usage": [scored.usage.prompt_tokens, scored.usage.completion_tokens]}))
@@ -122,6 +132,11 @@ fn the_openai_python_client_streams_from_the_server() {
     assert!(v["parsed"]["city"].as_str().is_some_and(|c| c.contains("Paris")), "{v}");
     assert!(v["parsed"]["country"].is_string(), "{v}");
     assert!(["Paris", "Lyon", "Nice"].contains(&v["choice"].as_str().unwrap_or("")), "{v}");
+    // The tool call: the function named, its arguments JSON of its schema (SmolLM2 fills in
+    // the city asked about).
+    assert_eq!((&v["call"][0], &v["call"][2]), (&serde_json::json!("get_weather"), &serde_json::json!("function")), "{v}");
+    assert!(v["call"][1]["city"].as_str().is_some_and(|c| c.contains("Paris")), "{v}");
+    assert!(v["call"][1]["unit"] == "celsius" || v["call"][1]["unit"] == "fahrenheit", "{v}");
     // Scoring a text (lm-eval's loglikelihood request): the prompt echoed, each token after the
     // first with its log-probability, nothing generated. " Paris" after "The capital of France
     // is" is the likely word: its token's probability is above one half.

@@ -380,6 +380,79 @@ fn structured_output_holds_replies_to_their_grammar() {
     assert_eq!((text.as_str(), finish.as_str()), ("xxxxx", "length"));
 }
 
+/// Tool calls: a named function's arguments held to its schema (whole and streamed as
+/// `tool_calls` deltas), `required` calls of any of them as a list, a conversation that carries
+/// calls and their results back; `auto`, tools in a legacy completion and tools beside another
+/// format are refused by name.
+#[test]
+fn tool_calls_named_and_required() {
+    // The tools' description takes some 500 tokens of the byte-level tokenizer.
+    let s = start_with(TinySpec { max_pos: 2048, ..TinySpec::new(awq_run::model::Arch::Llama) }, &[]);
+    let compact = json!({"whitespace_flexible": false});
+    let tools = json!([
+        {"type": "function", "function": {"name": "set_light", "description": "Turn a light on or off",
+            "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}, "room": {"enum": ["hall", "den"]}}, "required": ["on", "room"], "x-guidance": compact}}},
+        {"type": "function", "function": {"name": "ring", "parameters": {"type": "object", "properties": {"times": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["times"], "x-guidance": compact}}},
+    ]);
+    let body = |choice: Value| json!({"messages": [{"role": "user", "content": "lights please"}], "tools": tools, "tool_choice": choice, "temperature": 0, "max_tokens": 60});
+    let named = json!({"type": "function", "function": {"name": "set_light"}});
+    let v = s.chat(body(named.clone()));
+    let choice = &v["choices"][0];
+    assert_eq!((&choice["finish_reason"], &choice["message"]["content"]), (&json!("stop"), &Value::Null), "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!((&call["type"], &call["function"]["name"]), (&json!("function"), &json!("set_light")), "{v}");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{v}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["on"].is_boolean() && (args["room"] == "hall" || args["room"] == "den") && args.as_object().unwrap().len() == 2, "{args}");
+    // Streamed: the first delta names the call, the rest add to its arguments.
+    let (_, chunks) = s.stream(body(named));
+    let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+    assert_eq!((&deltas[0]["function"]["name"], &deltas[0]["index"]), (&json!("set_light"), &json!(0)), "{chunks:?}");
+    assert!(deltas[0]["id"].is_string() && deltas[1..].iter().all(|d| d.get("id").is_none()));
+    let streamed: String = deltas.iter().map(|d| d["function"]["arguments"].as_str().unwrap()).collect();
+    assert_eq!(streamed, call["function"]["arguments"].as_str().unwrap());
+    // Required: a list of calls, each of a tool given.
+    for stream in [false, true] {
+        let calls: Vec<Value> = if stream {
+            let (_, chunks) = s.stream(body(json!("required")));
+            let finish = chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap().to_string();
+            assert_eq!(finish, "tool_calls");
+            chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().cloned().collect()
+        } else {
+            let v = s.chat(body(json!("required")));
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+            v["choices"][0]["message"]["tool_calls"].as_array().unwrap().clone()
+        };
+        assert!(!calls.is_empty());
+        for c in &calls {
+            let args: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            match c["function"]["name"].as_str().unwrap() {
+                "set_light" => assert!(args["on"].is_boolean(), "{args}"),
+                "ring" => assert!(args["times"].as_u64().is_some_and(|n| (1..=3).contains(&n)), "{args}"),
+                other => panic!("a call of {other}"),
+            }
+        }
+    }
+    // A conversation that carries a call and its result back; "none" answers in text.
+    let mut follow = body(json!("none"));
+    follow["messages"] = json!([
+        {"role": "user", "content": "lights please"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "set_light", "arguments": "{\"on\":true,\"room\":\"den\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]);
+    let v = s.chat(follow);
+    assert!(v["choices"][0]["message"]["content"].is_string() && v["choices"][0]["message"].get("tool_calls").is_none(), "{v}");
+    for (b, param) in [
+        (json!({"messages": [{"role": "user", "content": "x"}], "tools": tools}), "tool_choice"),
+        (json!({"messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "required", "guided_regex": "a"}), "guided_regex"),
+    ] {
+        let (status, v, _) = s.post("/v1/chat/completions", &b.to_string(), None);
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(param)), "{v}");
+    }
+    let (status, v, _) = s.post("/v1/completions", &json!({"prompt": "x", "tools": tools}).to_string(), None);
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("tools")), "{v}");
+}
+
 /// `logit_bias`: +100 all but forces a token, −100 bans it; log-probabilities stay the raw ones.
 #[test]
 fn logit_bias_forces_and_bans_tokens() {
@@ -573,7 +646,7 @@ fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "guided_choice": ["a"], "guided_regex": "a"}).to_string(), 400, "guided_choice"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"100000": 5}}).to_string(), 400, "logit_bias"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 500}}).to_string(), 400, "logit_bias"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}).to_string(), 400, "tools"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}], "tool_choice": "required"}).to_string(), 400, "tools[0].function"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "n"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [100000]}).to_string(), 400, "stop_token_ids"),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "min_tokens": 1000}).to_string(), 400, "min_tokens"),

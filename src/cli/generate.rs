@@ -57,7 +57,7 @@ impl Args {
             given.push(("--json-schema", Grammar::JsonSchema(v)));
         }
         if self.json {
-            given.push(("--json", Grammar::JsonSchema(serde_json::json!({"type": "object"}))));
+            given.push(("--json", Grammar::JsonObject));
         }
         if let Some(r) = &self.regex {
             given.push(("--regex", Grammar::Regex(r.clone())));

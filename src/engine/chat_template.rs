@@ -8,11 +8,18 @@ use serde::{Deserialize, Serialize};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant's calls of tools, as OpenAI's API sends them back (`[{"id", "type",
+    /// "function": {"name", "arguments"}}]`); templates that know tools render them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message's answer: to which call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self { role: role.to_string(), content: content.to_string(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -21,6 +28,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template reads `tools` (HF's variable for the functions a model may call).
+    knows_tools: bool,
 }
 
 /// Steps (minijinja's fuel: one per instruction) a rendering may take. A real template takes a few
@@ -57,14 +66,27 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
+            knows_tools: template.contains("tools"),
         })
+    }
+
+    /// Whether the template shows the model the `tools` it is given ([`Self::render_with_tools`]).
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant starts.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// As [`Self::render`], with the functions the model may call (OpenAI's `tools` list) as the
+    /// template's `tools`.
+    pub fn render_with_tools(&self, messages: &[Message], add_generation_prompt: bool, tools: Option<&serde_json::Value>) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(|e| Error::msg(e.to_string()))?;
         // The messages appear once or twice in any real template's output.
-        let text: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        let extra = |v: Option<&serde_json::Value>| v.map_or(0, |v| v.to_string().len());
+        let text: usize = messages.iter().map(|m| m.role.len() + m.content.len() + extra(m.tool_calls.as_ref())).sum::<usize>() + extra(tools);
         let limit = MAX_EXTRA_OUTPUT + 2 * text;
         let mut out = BoundedOutput { bytes: Vec::new(), limit, overflowed: false };
         let ctx = minijinja::context! {
@@ -72,6 +94,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         };
         match tmpl.render_captured_to(ctx, &mut out) {
             Ok(_) => String::from_utf8(out.bytes).map_err(|_| Error::msg("chat template: output is not UTF-8")),
@@ -165,6 +188,24 @@ mod tests {
         assert!(e.contains("output exceeds"), "{e}");
         let deep = "{{ ".to_string() + &"(".repeat(5000) + "1" + &")".repeat(5000) + " }}";
         assert!(ChatTemplate::new(&deep, None, None).is_err());
+    }
+
+    /// Tools and calls reach the template as HF templates read them: `tools` as given, a call's
+    /// arguments an object; a template without `tools` says so.
+    #[test]
+    fn tools_and_tool_calls_reach_the_template() {
+        let src = "{% if tools %}[{{ tools[0].function.name }}]{% endif %}{% for m in messages %}{{ m.role }}:{{ m.content }}{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.city }}{% endif %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        assert!(t.knows_tools());
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let mut call = Message::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"function": {"name": "f", "arguments": {"city": "Oslo"}}}]));
+        let mut answer = Message::new("tool", "sunny");
+        answer.tool_call_id = Some("c1".into());
+        let out = t.render_with_tools(&[Message::new("user", "hi"), call, answer], false, Some(&tools)).unwrap();
+        assert_eq!(out, "[f]user:hi;assistant:Oslo;tool:sunny#c1;");
+        assert_eq!(t.render(&[Message::new("user", "hi")], false).unwrap(), "user:hi;", "no tools: none shown");
+        assert!(!ChatTemplate::new(CHATML, None, None).unwrap().knows_tools());
     }
 
     #[test]

@@ -19,9 +19,14 @@ use tokenizers::Tokenizer;
 /// What a reply must match.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Grammar {
-    /// A JSON Schema (`{"type": "object"}` for any object). llguidance's `x-guidance` key in
-    /// the schema sets its options, e.g. `{"whitespace_flexible": false}` for compact JSON.
+    /// A JSON Schema. An object schema that does not say whether properties it does not name may
+    /// come allows none, as llama.cpp's grammars and vLLM's default backend (xgrammar's strict
+    /// mode) read schemas: a small model otherwise adds invented keys without end.
+    /// llguidance's `x-guidance` key in the schema sets its options, e.g.
+    /// `{"whitespace_flexible": false}` for compact JSON.
     JsonSchema(Value),
+    /// Any JSON object (OpenAI's `json_object`).
+    JsonObject,
     /// A regular expression the whole reply matches.
     Regex(String),
     /// Exactly one of these strings.
@@ -33,10 +38,49 @@ pub enum Grammar {
 impl Grammar {
     fn top_level(&self) -> TopLevelGrammar {
         match self {
-            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Grammar::JsonSchema(s) => {
+                let mut s = s.clone();
+                close_objects(&mut s);
+                TopLevelGrammar::from_json_schema(s)
+            }
+            Grammar::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
             Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
             Grammar::Choice(c) => TopLevelGrammar::from_regex(&c.iter().map(|s| regex_syntax::escape(s)).collect::<Vec<_>>().join("|")),
             Grammar::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+        }
+    }
+}
+
+/// Sets `additionalProperties: false` in every object schema of `schema` that has neither it
+/// nor `patternProperties` (see [`Grammar::JsonSchema`]), walking only the keywords that hold
+/// schemas (never a property named like a keyword, nor `const` or `enum` values).
+fn close_objects(schema: &mut Value) {
+    let Value::Object(m) = schema else { return };
+    let says_object = match m.get("type") {
+        Some(Value::String(t)) => t == "object",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+        _ => m.contains_key("properties"),
+    };
+    if says_object && !m.contains_key("additionalProperties") && !m.contains_key("patternProperties") && !m.contains_key("unevaluatedProperties") {
+        m.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, child) in m.iter_mut() {
+        match key.as_str() {
+            // Maps of names to schemas.
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                if let Value::Object(named) = child {
+                    named.values_mut().for_each(close_objects);
+                }
+            }
+            // Lists of schemas.
+            "anyOf" | "allOf" | "oneOf" | "prefixItems" => {
+                if let Value::Array(list) = child {
+                    list.iter_mut().for_each(close_objects);
+                }
+            }
+            // One schema.
+            "items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains" | "propertyNames" | "additionalItems" => close_objects(child),
+            _ => {}
         }
     }
 }
@@ -248,6 +292,33 @@ mod tests {
         assert!(run(&mut g.clone(), &t, r#"{"m":1}"#).is_err());
         let g = c.compile(&Grammar::Lark("start: \"x\" \"y\"+".into())).unwrap();
         assert_eq!(run(&mut g.clone(), &t, "xyy").unwrap(), Next::Tokens);
+    }
+
+    #[test]
+    fn object_schemas_allow_no_unnamed_properties_unless_they_say_so() {
+        let mut s = serde_json::json!({"type": "object", "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "open": {"type": "object", "additionalProperties": true},
+            "list": {"type": "array", "items": {"properties": {"x": {"const": {"type": "object"}}}}},
+            "either": {"anyOf": [{"type": "object"}, {"type": "string"}]}},
+            "$defs": {"d": {"type": ["object", "null"]}}});
+        close_objects(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["properties"]["additionalProperties"], false, "a property named properties is a schema");
+        assert!(s["properties"].get("additionalProperties").is_none(), "the map of properties is no schema");
+        assert_eq!(s["properties"]["open"]["additionalProperties"], true);
+        assert_eq!(s["properties"]["list"]["items"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["list"]["items"]["properties"]["x"]["const"], serde_json::json!({"type": "object"}), "values are not schemas");
+        assert_eq!(s["properties"]["either"]["anyOf"][0]["additionalProperties"], false);
+        assert!(s["properties"]["either"]["anyOf"][1].get("additionalProperties").is_none());
+        assert_eq!(s["$defs"]["d"]["additionalProperties"], false);
+        // Through a grammar: an unnamed key is refused; with json_object any object is taken.
+        let (c, t) = compiler();
+        let g = c.compile(&Grammar::JsonSchema(serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "x-guidance": {"whitespace_flexible": false}}))).unwrap();
+        assert_eq!(run(&mut g.clone(), &t, r#"{"a":1}"#).unwrap(), Next::End);
+        assert!(run(&mut g.clone(), &t, r#"{"b":1}"#).is_err());
+        let g = c.compile(&Grammar::JsonObject).unwrap();
+        assert!(run(&mut g.clone(), &t, r#"{"b": [1, {"c": null}]}"#).is_ok());
     }
 
     #[test]

@@ -273,7 +273,7 @@ pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
         Some(Value::Object(m)) => match m.get("type").and_then(Value::as_str) {
             Some("text") => {}
             // llama-server's json_object takes a `schema` too.
-            Some("json_object") => put("response_format", Grammar::JsonSchema(m.get("schema").filter(|s| s.is_object()).cloned().unwrap_or_else(|| json!({"type": "object"}))))?,
+            Some("json_object") => put("response_format", m.get("schema").filter(|s| s.is_object()).cloned().map_or(Grammar::JsonObject, Grammar::JsonSchema))?,
             Some("json_schema") => {
                 let js = match m.get("json_schema") {
                     Some(Value::Object(js)) => js,
@@ -347,10 +347,121 @@ pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
     Ok(found)
 }
 
+/// One function a chat request offers the model (`tools[i].function`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    /// Its arguments' JSON schema (`{"type": "object", "properties": {}}` if not given).
+    pub parameters: Value,
+}
+
+/// How a reply calls the tools offered (`tool_choice`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolCalls {
+    /// A named function (`{"type": "function", "function": {"name"}}`): the reply is one call
+    /// of it, its text the call's arguments, held to the function's schema.
+    Named(Tool),
+    /// `"required"`: the reply is one or more calls of any of them, held to a JSON list of
+    /// `{"name", "parameters"}` objects (vLLM's form), without whitespace.
+    Required(Vec<Tool>),
+}
+
+impl ToolCalls {
+    /// The grammar the reply is held to.
+    pub fn grammar(&self) -> Grammar {
+        match self {
+            ToolCalls::Named(t) => Grammar::JsonSchema(t.parameters.clone()),
+            ToolCalls::Required(tools) => {
+                let calls: Vec<Value> = tools
+                    .iter()
+                    .map(|t| json!({"type": "object", "properties": {"name": {"const": t.name}, "parameters": t.parameters}, "required": ["name", "parameters"], "additionalProperties": false}))
+                    .collect();
+                // Compact: the calls' arguments are written out again anyway, and whitespace
+                // between a list's items is where small models loop.
+                Grammar::JsonSchema(json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}, "x-guidance": {"whitespace_flexible": false}}))
+            }
+        }
+    }
+}
+
+/// A chat request's `tools` (the list as given, for the chat template; `None` if empty) and how
+/// its reply calls them. `tool_choice` `"auto"`, the default where tools are given, would need
+/// a parser of each model family's own call syntax in free text, which this server does not
+/// have (nor does vLLM without `--tool-call-parser`): it is refused, naming what is offered.
+pub fn tools(o: &Map<String, Value>) -> ApiResult<(Option<Value>, Option<ToolCalls>)> {
+    let f = Fields(o);
+    let list = match f.get("tools") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(v) => return Err(Fields::wrong("tools", "an array", v)),
+    };
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let at = |field: &str| format!("tools[{i}]{field}");
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::bad_request(&at(".type"), format!("{}: only tools of type \"function\" are offered", at(".type"))));
+        }
+        let func = t.get("function").and_then(Value::as_object).ok_or_else(|| ApiError::bad_request(&at(".function"), format!("{} must be an object", at(".function"))))?;
+        let name = func.get("name").and_then(Value::as_str).unwrap_or_default();
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ApiError::bad_request(&at(".function.name"), format!("{} must be 1 to 64 letters, digits, _ or -", at(".function.name"))));
+        }
+        if tools.iter().any(|t| t.name == name) {
+            return Err(ApiError::bad_request(&at(".function.name"), format!("{}: {name:?} is offered twice", at(".function.name"))));
+        }
+        let parameters = match func.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(v) => return Err(ApiError::bad_request(&at(".function.parameters"), format!("{} must be a JSON schema (an object), not {}", at(".function.parameters"), kind_of(v)))),
+        };
+        tools.push(Tool { name: name.to_string(), parameters });
+    }
+    enum Choice<'a> {
+        No,
+        Auto,
+        Required,
+        Named(&'a str),
+    }
+    let choice = match f.get("tool_choice") {
+        None if tools.is_empty() => Choice::No,
+        None => Choice::Auto,
+        Some(Value::String(c)) => match c.as_str() {
+            "none" => Choice::No,
+            "auto" => Choice::Auto,
+            "required" => Choice::Required,
+            _ => return Err(ApiError::bad_request("tool_choice", format!("tool_choice is {c:?}; it is \"none\", \"auto\", \"required\" or a named function"))),
+        },
+        Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) => Choice::Named(name),
+            None => return Err(ApiError::bad_request("tool_choice.function.name", "tool_choice.function.name is required with a named function")),
+        },
+        Some(v) => return Err(Fields::wrong("tool_choice", "a string or an object", v)),
+    };
+    let need_tools = |what: &str| ApiError::bad_request("tool_choice", format!("tool_choice is {what}, but no tools are given"));
+    let calls = match choice {
+        Choice::No => None,
+        Choice::Auto if tools.is_empty() => None,
+        Choice::Auto => {
+            return Err(ApiError::bad_request(
+                "tool_choice",
+                "tool_choice \"auto\" (the default where tools are given) is not offered: it needs a parser of the model's own tool-call syntax. Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
+            ))
+        }
+        Choice::Required if tools.is_empty() => return Err(need_tools("\"required\"")),
+        Choice::Required => Some(ToolCalls::Required(tools.clone())),
+        Choice::Named(name) if tools.is_empty() => return Err(need_tools(&format!("the function {name:?}"))),
+        Choice::Named(name) => match tools.iter().find(|t| t.name == name) {
+            Some(t) => Some(ToolCalls::Named(t.clone())),
+            None => return Err(ApiError::bad_request("tool_choice.function.name", format!("tool_choice names {name:?}, which is not among the tools given"))),
+        },
+    };
+    Ok(((!list.is_empty()).then(|| Value::Array(list)), calls))
+}
+
 /// Refuses, by name, the fields that ask for a reply this server does not give, instead of
-/// quietly ignoring them: `echo` in a chat completion, `best_of` above 1, `suffix`, `tools`
-/// and `functions`. Their empty or default values pass (clients send them without asking for
-/// anything).
+/// quietly ignoring them: `echo` in a chat completion, `best_of` above 1, `suffix`, `tools` in
+/// a legacy completion and the legacy `functions`. Their empty or default values pass (clients
+/// send them without asking for anything).
 pub fn refuse_unsupported(o: &Map<String, Value>, chat: bool) -> ApiResult<()> {
     let f = Fields(o);
     let refuse = |key: &str, what: &str| Err(ApiError::bad_request(key, format!("{key}: {what} is not supported by this server")));
@@ -363,7 +474,7 @@ pub fn refuse_unsupported(o: &Map<String, Value>, chat: bool) -> ApiResult<()> {
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return refuse("suffix", "text after the completion");
     }
-    for key in ["tools", "functions"] {
+    for key in if chat { &["functions"][..] } else { &["tools", "functions"][..] } {
         match f.get(key) {
             Some(Value::Array(a)) if !a.is_empty() => return refuse(key, "calling tools"),
             Some(Value::Array(_)) | None => {}
@@ -407,7 +518,32 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
             };
             // Templates know system, user and assistant; developer is OpenAI's new name for system.
             let role = if role == "developer" { "system".to_string() } else { role };
-            Ok(Message { role, content })
+            let tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => None,
+                // HF templates read each call's arguments as an object (`| tojson`); the API
+                // sends them as JSON text (vLLM turns them into objects too).
+                Some(Value::Array(calls)) => Some(Value::Array(
+                    calls
+                        .iter()
+                        .map(|c| {
+                            let mut c = c.clone();
+                            if let Some(args) = c.pointer_mut("/function/arguments") {
+                                if let Some(parsed) = args.as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()) {
+                                    *args = parsed;
+                                }
+                            }
+                            c
+                        })
+                        .collect(),
+                )),
+                Some(v) => return Err(ApiError::bad_request(&at("tool_calls"), format!("{} must be an array, not {}", at("tool_calls"), kind_of(v)))),
+            };
+            let tool_call_id = match m.get("tool_call_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) => Some(id.clone()),
+                Some(v) => return Err(ApiError::bad_request(&at("tool_call_id"), format!("{} must be a string, not {}", at("tool_call_id"), kind_of(v)))),
+            };
+            Ok(Message { role, content, tool_calls, tool_call_id })
         })
         .collect()
 }
@@ -527,15 +663,54 @@ mod tests {
             (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
             (json!({"suffix": "end"}), "suffix"),
-            (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
             let e = refuse_unsupported(&obj(body.clone()), true).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
         }
+        // Tools are a chat completion's; a legacy completion refuses them.
+        let tools = json!({"tools": [{"type": "function", "function": {"name": "f"}}]});
+        assert_eq!(refuse_unsupported(&obj(tools.clone()), false).unwrap_err().param.as_deref(), Some("tools"));
+        refuse_unsupported(&obj(tools), true).unwrap();
         let defaults = json!({"echo": false, "best_of": 1, "suffix": "", "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "functions": null, "user": "u"});
         refuse_unsupported(&obj(defaults.clone()), true).unwrap();
         refuse_unsupported(&obj(json!({"echo": true})), false).unwrap();
+    }
+
+    #[test]
+    fn tools_and_tool_choice() {
+        let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+        let clock = json!({"type": "function", "function": {"name": "now"}});
+        let t = |v: Value| tools(&obj(v));
+        assert_eq!(t(json!({})).unwrap(), (None, None));
+        assert_eq!(t(json!({"tools": [], "tool_choice": "auto"})).unwrap(), (None, None));
+        let (list, calls) = t(json!({"tools": [weather, clock], "tool_choice": "none"})).unwrap();
+        assert_eq!((list.unwrap().as_array().unwrap().len(), calls), (2, None));
+        let (_, calls) = t(json!({"tools": [weather, clock], "tool_choice": {"type": "function", "function": {"name": "now"}}})).unwrap();
+        assert_eq!(calls, Some(ToolCalls::Named(Tool { name: "now".into(), parameters: json!({"type": "object", "properties": {}}) })));
+        let (_, calls) = t(json!({"tools": [weather, clock], "tool_choice": "required"})).unwrap();
+        let Some(ToolCalls::Required(all)) = &calls else { panic!("{calls:?}") };
+        assert_eq!(all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_weather", "now"]);
+        let Grammar::JsonSchema(g) = calls.unwrap().grammar() else { panic!() };
+        assert_eq!(g["items"]["anyOf"][0]["properties"]["name"]["const"], "get_weather");
+        for (body, param) in [
+            (json!({"tools": [weather]}), "tool_choice"),
+            (json!({"tools": [weather], "tool_choice": "auto"}), "tool_choice"),
+            (json!({"tools": [weather], "tool_choice": "sometimes"}), "tool_choice"),
+            (json!({"tools": [weather], "tool_choice": 1}), "tool_choice"),
+            (json!({"tools": [weather], "tool_choice": {"type": "function"}}), "tool_choice.function.name"),
+            (json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "other"}}}), "tool_choice.function.name"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"tools": {"a": 1}, "tool_choice": "none"}), "tools"),
+            (json!({"tools": [{"type": "retrieval"}], "tool_choice": "none"}), "tools[0].type"),
+            (json!({"tools": [{"type": "function"}], "tool_choice": "none"}), "tools[0].function"),
+            (json!({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "none"}), "tools[0].function.name"),
+            (json!({"tools": [clock, clock], "tool_choice": "none"}), "tools[1].function.name"),
+            (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}], "tool_choice": "none"}), "tools[0].function.parameters"),
+        ] {
+            let e = t(body.clone()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
+        }
     }
 
     #[test]
@@ -565,7 +740,7 @@ mod tests {
         let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
         assert_eq!(g(json!({})).unwrap(), None);
         assert_eq!(g(json!({"response_format": {"type": "text"}})).unwrap(), None);
-        assert_eq!(g(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(json!({"type": "object"})))));
+        assert_eq!(g(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(("response_format".into(), Grammar::JsonObject)));
         assert_eq!(g(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(schema.clone()))));
         assert_eq!(g(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})).unwrap(), Some(("response_format".into(), Grammar::JsonSchema(json!({})))));
         assert_eq!(g(json!({"guided_json": schema.to_string()})).unwrap(), Some(("guided_json".into(), Grammar::JsonSchema(schema.clone()))));

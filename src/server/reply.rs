@@ -37,6 +37,43 @@ pub struct Reply {
     pub prompt_tokens: usize,
     /// Per choice, the prompt that leads its text (`echo`).
     pub echo: Vec<Option<Echo>>,
+    /// How a chat reply's text calls tools (`tool_choice`), if it does.
+    pub tools: Option<ToolReply>,
+}
+
+/// What a chat reply held to a tool call's grammar means.
+#[derive(Clone, PartialEq)]
+pub enum ToolReply {
+    /// The text is the arguments of a call of this function.
+    Named(String),
+    /// The text is a JSON list of `{"name", "parameters"}`: one call each.
+    Required,
+}
+
+/// One call in OpenAI's shape (`arguments` as JSON text), with a new id.
+fn tool_call(name: &str, arguments: &str) -> Value {
+    json!({"id": format!("call_{}", super::routes::next_id()), "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
+/// The calls a required tool choice's text holds, or `None` where it is not a whole list (cut
+/// by `max_tokens`).
+fn required_calls(text: &str) -> Option<Vec<Value>> {
+    let list: Vec<Value> = serde_json::from_str(text).ok()?;
+    list.iter().map(|c| Some(tool_call(c.get("name")?.as_str()?, &c.get("parameters")?.to_string()))).collect()
+}
+
+/// A chat choice's `message` and `finish_reason` for `text`, with tool calls where it makes
+/// them: a named function's call ends as the reply did (`stop`, as vLLM and OpenAI end a forced
+/// call), a required choice's whole list with `tool_calls`; a list cut short stays text.
+fn chat_message(text: String, tools: Option<&ToolReply>, done: &Finish) -> (Value, &'static str) {
+    match tools {
+        Some(ToolReply::Named(name)) => (json!({"role": "assistant", "content": null, "tool_calls": [tool_call(name, &text)]}), reason(done)),
+        Some(ToolReply::Required) => match required_calls(&text) {
+            Some(calls) => (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls"),
+            None => (json!({"role": "assistant", "content": text}), reason(done)),
+        },
+        None => (json!({"role": "assistant", "content": text}), reason(done)),
+    }
 }
 
 /// A prompt echoed at the start of a legacy completion's text.
@@ -99,7 +136,10 @@ pub async fn collect(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Ev
             lp = if r.asked { logprobs::append(echo_lp, &lp) } else { Value::Null };
         }
         choices.push(match r.kind {
-            Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason(&done)}),
+            Kind::Chat => {
+                let (message, finish) = chat_message(text, r.tools.as_ref(), &done);
+                json!({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
+            }
             Kind::Completion => json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason(&done)}),
         });
     }
@@ -118,6 +158,8 @@ fn now() -> u64 {
 /// every choice has finished (chunks of several choices interleave, each naming its `index`);
 /// with log-probabilities each text chunk carries those of the tokens it completes, and tokens
 /// whose text never came (a stop string cut it) a last chunk of no text before the choice ends.
+/// A named tool call streams its arguments as `tool_calls` deltas (the first with the call's id
+/// and name); a required choice's list is parsed whole, its calls sent in one chunk at the end.
 pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: Reply, include_usage: bool) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let created = now();
     let model = s.opts.model_name.clone();
@@ -134,12 +176,21 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
         }
         SseEvent::default().data(v.to_string())
     };
-    let delta = move |index: usize, text: Option<&str>, lp: Value, finish: Option<&str>| -> Value {
+    let tools = r.tools.clone();
+    // Per choice: whether its named call's first delta (id and name) went out.
+    let mut call_opened = vec![false; total];
+    let delta = move |index: usize, text: Option<&str>, lp: Value, finish: Option<&str>, opened: &mut bool| -> Value {
         match kind {
             Kind::Chat => {
-                let d = match text {
-                    Some(t) => json!({"content": t}),
-                    None => json!({}),
+                let d = match (text, &tools) {
+                    (Some(t), Some(ToolReply::Named(name))) if !std::mem::replace(opened, true) => {
+                        let mut call = tool_call(name, t);
+                        call["index"] = json!(0);
+                        json!({"tool_calls": [call]})
+                    }
+                    (Some(t), Some(ToolReply::Named(_))) => json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}),
+                    (Some(t), _) => json!({"content": t}),
+                    (None, _) => json!({}),
                 };
                 json!({"index": index, "delta": d, "logprobs": lp, "finish_reason": finish})
             }
@@ -153,10 +204,13 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
         Kind::Chat => (0..total).map(|i| chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}), None)).collect(),
         Kind::Completion => (0..total)
             .filter(|_| !asked)
-            .filter_map(|i| r.echo[i].as_ref().map(|e| chunk(delta(i, Some(&e.text), Value::Null, None), None)))
+            .filter_map(|i| r.echo[i].as_ref().map(|e| chunk(delta(i, Some(&e.text), Value::Null, None, &mut false), None)))
             .collect(),
     };
     let echo = r.echo;
+    let required = r.tools == Some(ToolReply::Required);
+    // Per choice, a required tool choice's text until it is whole.
+    let mut held = vec![String::new(); total];
     let (mut finished, mut completion_tokens, prompt_tokens) = (0, 0, r.prompt_tokens);
     let merged = futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))));
     let events = merged.scan(false, move |ended, (i, ev)| {
@@ -173,17 +227,36 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
             Event::PromptLogprobs(scored) => match &echo[i] {
                 Some(e) => {
                     let (text, lp) = echoed(&s, e, asked, &scored, offsets);
-                    vec![chunk(delta(i, Some(&text), lp, None), None)]
+                    vec![chunk(delta(i, Some(&text), lp, None, &mut call_opened[i]), None)]
                 }
                 None => vec![],
             },
-            Event::Text(t) => vec![chunk(delta(i, Some(&t), lp(tokens), None), None)],
+            Event::Text(t) if required => {
+                held[i] += &t;
+                vec![]
+            }
+            Event::Text(t) => vec![chunk(delta(i, Some(&t), lp(tokens), None, &mut call_opened[i]), None)],
             Event::Done(f) => {
                 let mut v = Vec::new();
-                if !tokens.is_empty() {
-                    v.push(chunk(delta(i, Some(""), lp(tokens), None), None));
+                let mut finish = reason(&f);
+                if required {
+                    let text = std::mem::take(&mut held[i]);
+                    let d = match required_calls(&text) {
+                        Some(calls) => {
+                            finish = "tool_calls";
+                            let calls: Vec<Value> = calls.into_iter().enumerate().map(|(k, mut c)| {
+                                c["index"] = json!(k);
+                                c
+                            }).collect();
+                            json!({"tool_calls": calls})
+                        }
+                        None => json!({"content": text}),
+                    };
+                    v.push(chunk(json!({"index": i, "delta": d, "logprobs": lp(tokens), "finish_reason": null}), None));
+                } else if !tokens.is_empty() {
+                    v.push(chunk(delta(i, Some(""), lp(tokens), None, &mut call_opened[i]), None));
                 }
-                v.push(chunk(delta(i, None, Value::Null, Some(reason(&f))), None));
+                v.push(chunk(delta(i, None, Value::Null, Some(finish), &mut call_opened[i]), None));
                 (finished, completion_tokens) = (finished + 1, completion_tokens + f.completion_tokens);
                 if finished == total {
                     if include_usage {

@@ -1,7 +1,8 @@
 //! The endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
 //! `/metrics`, vLLM's `/tokenize` and `/detokenize`, and the chat page at `/`.
 use super::openai::{self, ApiError, ApiResult, Common, Prompt};
-use super::reply::{collect, server_error, stream, Echo, Kind, Reply};
+use super::reply::{collect, server_error, stream, Echo, Kind, Reply, ToolReply};
+use crate::engine::chat_template::Message;
 use super::{AppState, CHAT_PAGE};
 use crate::engine::scheduler::{Event, EventSink, Request, SubmitError};
 use axum::body::Bytes;
@@ -122,7 +123,14 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let logprobs = openai::logprobs(&o, kind == Kind::Chat)?;
     openai::refuse_unsupported(&o, kind == Kind::Chat)?;
     let logit_bias = openai::logit_bias(&o, s.engine.vocab_size)?;
-    let grammar = openai::grammar(&o)?;
+    let mut grammar = openai::grammar(&o)?;
+    let (tools, tool_calls) = if kind == Kind::Chat { openai::tools(&o)? } else { (None, None) };
+    if let Some(calls) = &tool_calls {
+        if let Some((param, _)) = &grammar {
+            return Err(ApiError::bad_request(param, format!("{param} and tool_choice both ask for a reply's format; give one")));
+        }
+        grammar = Some(("tools".into(), calls.grammar()));
+    }
     // A legacy completion's echo (chat refuses it above): the prompt leads each choice's text.
     let echo_on = kind == Kind::Completion && c.echo;
     if c.max_tokens == Some(0) && !echo_on {
@@ -147,8 +155,12 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         };
         let (inputs, special) = match kind {
             Kind::Chat => {
-                let msgs = openai::messages(&o2)?;
-                (vec![Prompt::Text(st.template.render(&msgs, true).map_err(|e| ApiError::bad_request("messages", e.to_string()))?)], false)
+                let mut msgs = openai::messages(&o2)?;
+                if tools.is_some() && !st.template.knows_tools() {
+                    msgs = with_tools_described(msgs, tools.as_ref());
+                }
+                let text = st.template.render_with_tools(&msgs, true, tools.as_ref()).map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+                (vec![Prompt::Text(text)], false)
             }
             Kind::Completion => (openai::prompts(&o2, st.engine.vocab_size)?, true),
         };
@@ -211,12 +223,30 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         receivers.push(rx);
     }
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
-    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo };
+    let tools = tool_calls.map(|c| match c {
+        openai::ToolCalls::Named(t) => ToolReply::Named(t.name),
+        openai::ToolCalls::Required(_) => ToolReply::Required,
+    });
+    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo, tools };
     if c.stream {
         Ok(stream(s, receivers, reply, c.include_usage).into_response())
     } else {
         collect(s, receivers, reply).await.map(IntoResponse::into_response)
     }
+}
+
+/// `msgs` with the tools offered described in the system message (the first, made if there is
+/// none), for chat templates that do not show the model their `tools`: the model then knows
+/// what the functions are for and what their arguments mean, which the grammar alone does not
+/// tell it.
+fn with_tools_described(mut msgs: Vec<Message>, tools: Option<&Value>) -> Vec<Message> {
+    let Some(tools) = tools else { return msgs };
+    let note = format!("You can call these functions (their parameters as JSON schemas):\n{tools}");
+    match msgs.first_mut().filter(|m| m.role == "system") {
+        Some(m) => m.content = format!("{}\n\n{note}", m.content),
+        None => msgs.insert(0, Message::new("system", &note)),
+    }
+    msgs
 }
 
 /// The tokens a prompt of `len` may be followed by: `max_tokens` if it fits the context, else a
@@ -255,7 +285,7 @@ fn submit_error(e: SubmitError) -> ApiError {
     err
 }
 
-fn next_id() -> String {
+pub(super) fn next_id() -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
