@@ -195,17 +195,28 @@ impl Constraint {
         }
         let allowed = self.matcher.compute_mask().map_err(|e| format!("the grammar failed: {e}"))?;
         let may_end = self.ends.iter().any(|&t| allowed.is_allowed(t));
-        let is_end = |t: u32| self.ends.contains(&t) || also_ends.contains(&t);
-        let mut other = false;
-        for (t, l) in row.iter_mut().enumerate() {
-            let t = t as u32;
-            let ok = if is_end(t) { may_end } else { (t as usize) < allowed.len() && allowed.is_allowed(t) };
-            if ok {
-                other |= !is_end(t);
-            } else {
-                *l = f32::NEG_INFINITY;
+        let mut ends: Vec<(usize, f32)> = self.ends.iter().chain(also_ends).map(|&t| t as usize).filter(|&t| t < row.len()).map(|t| (t, row[t])).collect();
+        ends.sort_by_key(|e| e.0);
+        ends.dedup_by_key(|e| e.0);
+        // A word of the mask at a time (a grammar allows a few tokens or nearly all of them: the
+        // words are mostly all clear or all set), past the mask's end nothing.
+        let words = allowed.as_slice();
+        let mut chunks = row.chunks_mut(32);
+        for (&w, chunk) in words.iter().zip(&mut chunks) {
+            match w {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                w => chunk.iter_mut().enumerate().filter(|(b, _)| w & (1 << b) == 0).for_each(|(_, l)| *l = f32::NEG_INFINITY),
             }
         }
+        chunks.for_each(|c| c.fill(f32::NEG_INFINITY));
+        // Every end of the sequence counts as one: allowed where the grammar may end here.
+        let mut ends_allowed = 0;
+        for &(t, l) in &ends {
+            ends_allowed += usize::from(t < allowed.len() && allowed.is_allowed(t as u32));
+            row[t] = if may_end { l } else { f32::NEG_INFINITY };
+        }
+        let other = allowed.num_set() > ends_allowed;
         match (other, may_end) {
             (true, _) => Ok(Next::Tokens),
             (false, true) => Ok(Next::End),

@@ -196,7 +196,8 @@ impl SoakReport {
 /// One soak request: a random prompt and length, streamed or whole, and for about one in five
 /// a client that goes away after a few chunks; about one in four asks for two choices, one in
 /// four for log-probabilities, one in eight has its prompt echoed and scored (one in sixteen
-/// with nothing generated).
+/// with nothing generated), one in four is held to a grammar (a regex, a list of choices, a JSON
+/// schema) or biases tokens.
 fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: usize, max_gen: usize, r: &mut SoakReport) {
     let words = ["river", "stone", "light", "forest", "quiet", "engine", "paper", "window", "cloud", "garden"];
     let n = 1 + (rng.next_u64() as usize) % max_prompt;
@@ -218,6 +219,16 @@ fn soak_request(url: &str, model: &str, rng: &mut crate::rng::Rng, max_prompt: u
         if rng.next_u64().is_multiple_of(2) {
             body["max_tokens"] = json!(0);
         }
+    }
+    match rng.next_u64() % 16 {
+        0 => body["guided_regex"] = json!("[a-z]+( [a-z]+){0,40}\\."),
+        1 => body["guided_choice"] = json!(words),
+        2 => {
+            let schema = json!({"type": "object", "properties": {"word": {"enum": words}, "count": {"type": "integer"}}, "required": ["word", "count"]});
+            body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "soak", "schema": schema}});
+        }
+        3 => body["logit_bias"] = json!({"100": 5, "200": -100}),
+        _ => {}
     }
     let resp = match ureq::post(&format!("{url}/v1/completions")).timeout(Duration::from_secs(300)).send_json(body) {
         Ok(resp) => resp,
