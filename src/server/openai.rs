@@ -362,8 +362,9 @@ pub enum ToolCalls {
     /// of it, its text the call's arguments, held to the function's schema.
     Named(Tool),
     /// `"required"`: the reply is one or more calls of any of them, held to a JSON list of
-    /// `{"name", "parameters"}` objects (vLLM's form), without whitespace.
-    Required(Vec<Tool>),
+    /// `{"name", "parameters"}` objects (vLLM's form), without whitespace; one call only with
+    /// `parallel_tool_calls: false` (the flag).
+    Required(Vec<Tool>, bool),
 }
 
 impl ToolCalls {
@@ -371,14 +372,18 @@ impl ToolCalls {
     pub fn grammar(&self) -> Grammar {
         match self {
             ToolCalls::Named(t) => Grammar::JsonSchema(t.parameters.clone()),
-            ToolCalls::Required(tools) => {
+            ToolCalls::Required(tools, parallel) => {
                 let calls: Vec<Value> = tools
                     .iter()
                     .map(|t| json!({"type": "object", "properties": {"name": {"const": t.name}, "parameters": t.parameters}, "required": ["name", "parameters"], "additionalProperties": false}))
                     .collect();
                 // Compact: the calls' arguments are written out again anyway, and whitespace
                 // between a list's items is where small models loop.
-                Grammar::JsonSchema(json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}, "x-guidance": {"whitespace_flexible": false}}))
+                let mut list = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}, "x-guidance": {"whitespace_flexible": false}});
+                if !parallel {
+                    list["maxItems"] = json!(1);
+                }
+                Grammar::JsonSchema(list)
             }
         }
     }
@@ -448,7 +453,7 @@ pub fn tools(o: &Map<String, Value>) -> ApiResult<(Option<Value>, Option<ToolCal
             ))
         }
         Choice::Required if tools.is_empty() => return Err(need_tools("\"required\"")),
-        Choice::Required => Some(ToolCalls::Required(tools.clone())),
+        Choice::Required => Some(ToolCalls::Required(tools.clone(), f.bool("parallel_tool_calls")?.unwrap_or(true))),
         Choice::Named(name) if tools.is_empty() => return Err(need_tools(&format!("the function {name:?}"))),
         Choice::Named(name) => match tools.iter().find(|t| t.name == name) {
             Some(t) => Some(ToolCalls::Named(t.clone())),
@@ -689,10 +694,14 @@ mod tests {
         let (_, calls) = t(json!({"tools": [weather, clock], "tool_choice": {"type": "function", "function": {"name": "now"}}})).unwrap();
         assert_eq!(calls, Some(ToolCalls::Named(Tool { name: "now".into(), parameters: json!({"type": "object", "properties": {}}) })));
         let (_, calls) = t(json!({"tools": [weather, clock], "tool_choice": "required"})).unwrap();
-        let Some(ToolCalls::Required(all)) = &calls else { panic!("{calls:?}") };
+        let Some(ToolCalls::Required(all, true)) = &calls else { panic!("{calls:?}") };
         assert_eq!(all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_weather", "now"]);
         let Grammar::JsonSchema(g) = calls.unwrap().grammar() else { panic!() };
         assert_eq!(g["items"]["anyOf"][0]["properties"]["name"]["const"], "get_weather");
+        assert!(g.get("maxItems").is_none());
+        let (_, calls) = t(json!({"tools": [weather], "tool_choice": "required", "parallel_tool_calls": false})).unwrap();
+        let Grammar::JsonSchema(g) = calls.unwrap().grammar() else { panic!() };
+        assert_eq!(g["maxItems"], 1, "one call without parallel calls");
         for (body, param) in [
             (json!({"tools": [weather]}), "tool_choice"),
             (json!({"tools": [weather], "tool_choice": "auto"}), "tool_choice"),
@@ -707,6 +716,7 @@ mod tests {
             (json!({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "none"}), "tools[0].function.name"),
             (json!({"tools": [clock, clock], "tool_choice": "none"}), "tools[1].function.name"),
             (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}], "tool_choice": "none"}), "tools[0].function.parameters"),
+            (json!({"tools": [weather], "tool_choice": "required", "parallel_tool_calls": "no"}), "parallel_tool_calls"),
         ] {
             let e = t(body.clone()).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);

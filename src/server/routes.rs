@@ -225,7 +225,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
     let tools = tool_calls.map(|c| match c {
         openai::ToolCalls::Named(t) => ToolReply::Named(t.name),
-        openai::ToolCalls::Required(_) => ToolReply::Required,
+        openai::ToolCalls::Required(..) => ToolReply::Required,
     });
     let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo, tools };
     if c.stream {
