@@ -361,6 +361,16 @@ fn serve_refuses_a_kv_cache_dtype_it_cannot_read() {
 }
 
 #[test]
+fn serve_refuses_an_unknown_tool_call_parser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
+    let o = Command::new(bin()).args(["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--tool-call-parser", "mistral"]).output().unwrap();
+    assert!(!o.status.success(), "started a server");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("--tool-call-parser") && stderr.contains("hermes"), "{stderr}");
+}
+
+#[test]
 fn quantize_dummy_weights_times_the_pass_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     // RTN keeps this quick on the CI's CPU; the pass and its report are the same code as AWQ's.

@@ -453,6 +453,36 @@ fn tool_calls_named_and_required() {
     assert_eq!((status, &v["error"]["param"]), (400, &json!("tools")), "{v}");
 }
 
+/// `tool_choice: "auto"` with `--tool-call-parser hermes`: calls the model writes in
+/// `<tool_call>` blocks are taken out of its text, whole and streamed (the reply is forced here
+/// by a regex: a random model writes no calls of its own).
+#[test]
+fn auto_tool_calls_are_read_out_of_the_text() {
+    let s = start_with(TinySpec { max_pos: 2048, ..TinySpec::new(awq_run::model::Arch::Llama) }, &["--tool-call-parser", "hermes"]);
+    let tools = json!([{"type": "function", "function": {"name": "ring", "parameters": {"type": "object", "properties": {"times": {"type": "integer"}}}}}]);
+    let body = |regex: &str| json!({"messages": [{"role": "user", "content": "ring twice"}], "tools": tools, "tool_choice": "auto", "temperature": 0, "max_tokens": 200, "guided_regex": regex});
+    let with_call = r#"Sure\. <tool_call>\{"name": "ring", "arguments": \{"times": 2\}\}</tool_call>"#;
+    let v = s.chat(body(with_call));
+    let m = &v["choices"][0]["message"];
+    assert_eq!((&m["content"], &v["choices"][0]["finish_reason"]), (&json!("Sure."), &json!("tool_calls")), "{v}");
+    assert_eq!((&m["tool_calls"][0]["function"]["name"], &m["tool_calls"][0]["function"]["arguments"]), (&json!("ring"), &json!(r#"{"times":2}"#)), "{v}");
+    let (content, chunks) = s.stream(body(with_call));
+    assert_eq!(content, "Sure. ");
+    let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!((&calls[0]["index"], &calls[0]["function"]["name"], &calls[0]["function"]["arguments"]), (&json!(0), &json!("ring"), &json!(r#"{"times":2}"#)));
+    assert!(calls[0]["id"].is_string());
+    let finish = chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    assert_eq!(finish, "tool_calls");
+    // No block: a plain reply; a block that is not a call stays text.
+    for (regex, text) in [("no call", "no call"), ("<tool_call>oops</tool_call>", "<tool_call>oops</tool_call>")] {
+        let v = s.chat(body(regex));
+        assert_eq!(v["choices"][0]["message"]["content"], text, "{v}");
+        assert!(v["choices"][0]["message"].get("tool_calls").is_none() && v["choices"][0]["finish_reason"] == "stop", "{v}");
+        assert_eq!(s.stream(body(regex)).0, text);
+    }
+}
+
 /// `logit_bias`: +100 all but forces a token, −100 bans it; log-probabilities stay the raw ones.
 #[test]
 fn logit_bias_forces_and_bans_tokens() {

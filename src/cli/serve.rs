@@ -56,6 +56,11 @@ pub struct Args {
     /// The model name the API reports and accepts (default: the model's directory or file name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Read tool calls out of replies in this syntax, for `tool_choice: "auto"` (refused
+    /// without it): `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`: Qwen 2.5 / 3,
+    /// Hermes, SmolLM2).
+    #[arg(long, value_name = "NAME")]
+    pub tool_call_parser: Option<awq_run::server::tool_parser::ToolParser>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -97,7 +102,7 @@ pub fn run(a: Args) -> Result<()> {
     });
     let prefill_chunk = a.prefill_chunk.unwrap_or_else(|| awq_run::engine::device::default_prefill_chunk(&device));
     let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype), prefix_cache: !a.no_prefix_cache };
-    let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults };
+    let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults, tool_parser: a.tool_call_parser };
     super::common::warm_up_cuda(&model)?;
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {

@@ -7,6 +7,7 @@ pub mod logprobs;
 pub mod openai;
 mod reply;
 mod routes;
+pub mod tool_parser;
 
 use crate::assets::ModelAssets;
 use crate::engine::chat_template::{ChatTemplate, CHATML};
@@ -30,6 +31,8 @@ pub struct ServerOptions {
     /// The model's own sampling settings (its generation_config.json over llama.cpp's
     /// defaults), which request fields override.
     pub defaults: SamplingParams,
+    /// Reads tool calls out of replies (`tool_choice: "auto"`); without it `auto` is refused.
+    pub tool_parser: Option<tool_parser::ToolParser>,
 }
 
 /// Everything a handler needs.

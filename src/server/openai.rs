@@ -365,12 +365,16 @@ pub enum ToolCalls {
     /// `{"name", "parameters"}` objects (vLLM's form), without whitespace; one call only with
     /// `parallel_tool_calls: false` (the flag).
     Required(Vec<Tool>, bool),
+    /// `"auto"` (with `serve --tool-call-parser`): the model writes text, calls in its own
+    /// syntax among it, or both; nothing holds it to a grammar.
+    Auto,
 }
 
 impl ToolCalls {
-    /// The grammar the reply is held to.
-    pub fn grammar(&self) -> Grammar {
-        match self {
+    /// The grammar the reply is held to, if any.
+    pub fn grammar(&self) -> Option<Grammar> {
+        Some(match self {
+            ToolCalls::Auto => return None,
             ToolCalls::Named(t) => Grammar::JsonSchema(t.parameters.clone()),
             ToolCalls::Required(tools, parallel) => {
                 let calls: Vec<Value> = tools
@@ -385,15 +389,15 @@ impl ToolCalls {
                 }
                 Grammar::JsonSchema(list)
             }
-        }
+        })
     }
 }
 
 /// A chat request's `tools` (the list as given, for the chat template; `None` if empty) and how
-/// its reply calls them. `tool_choice` `"auto"`, the default where tools are given, would need
-/// a parser of each model family's own call syntax in free text, which this server does not
-/// have (nor does vLLM without `--tool-call-parser`): it is refused, naming what is offered.
-pub fn tools(o: &Map<String, Value>) -> ApiResult<(Option<Value>, Option<ToolCalls>)> {
+/// its reply calls them. `tool_choice` `"auto"`, the default where tools are given, needs a
+/// parser of the model family's call syntax in free text (`serve --tool-call-parser`, as vLLM
+/// asks for one): without it (`auto_parser` false) it is refused, naming what is offered.
+pub fn tools(o: &Map<String, Value>, auto_parser: bool) -> ApiResult<(Option<Value>, Option<ToolCalls>)> {
     let f = Fields(o);
     let list = match f.get("tools") {
         None => Vec::new(),
@@ -446,10 +450,11 @@ pub fn tools(o: &Map<String, Value>) -> ApiResult<(Option<Value>, Option<ToolCal
     let calls = match choice {
         Choice::No => None,
         Choice::Auto if tools.is_empty() => None,
+        Choice::Auto if auto_parser => Some(ToolCalls::Auto),
         Choice::Auto => {
             return Err(ApiError::bad_request(
                 "tool_choice",
-                "tool_choice \"auto\" (the default where tools are given) is not offered: it needs a parser of the model's own tool-call syntax. Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
+                "tool_choice \"auto\" (the default where tools are given) needs a parser of the model's own tool-call syntax, and this server was started without one (serve --tool-call-parser hermes). Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
             ))
         }
         Choice::Required if tools.is_empty() => return Err(need_tools("\"required\"")),
@@ -686,7 +691,7 @@ mod tests {
     fn tools_and_tool_choice() {
         let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
         let clock = json!({"type": "function", "function": {"name": "now"}});
-        let t = |v: Value| tools(&obj(v));
+        let t = |v: Value| tools(&obj(v), false);
         assert_eq!(t(json!({})).unwrap(), (None, None));
         assert_eq!(t(json!({"tools": [], "tool_choice": "auto"})).unwrap(), (None, None));
         let (list, calls) = t(json!({"tools": [weather, clock], "tool_choice": "none"})).unwrap();
@@ -696,12 +701,18 @@ mod tests {
         let (_, calls) = t(json!({"tools": [weather, clock], "tool_choice": "required"})).unwrap();
         let Some(ToolCalls::Required(all, true)) = &calls else { panic!("{calls:?}") };
         assert_eq!(all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["get_weather", "now"]);
-        let Grammar::JsonSchema(g) = calls.unwrap().grammar() else { panic!() };
+        let Some(Grammar::JsonSchema(g)) = calls.unwrap().grammar() else { panic!() };
         assert_eq!(g["items"]["anyOf"][0]["properties"]["name"]["const"], "get_weather");
         assert!(g.get("maxItems").is_none());
         let (_, calls) = t(json!({"tools": [weather], "tool_choice": "required", "parallel_tool_calls": false})).unwrap();
-        let Grammar::JsonSchema(g) = calls.unwrap().grammar() else { panic!() };
+        let Some(Grammar::JsonSchema(g)) = calls.unwrap().grammar() else { panic!() };
         assert_eq!(g["maxItems"], 1, "one call without parallel calls");
+        // auto: refused without a parser, free (no grammar) with one.
+        let auto = json!({"tools": [weather], "tool_choice": "auto"});
+        assert!(t(auto.clone()).unwrap_err().message.contains("--tool-call-parser"));
+        let (_, calls) = tools(&obj(auto), true).unwrap();
+        assert_eq!(calls, Some(ToolCalls::Auto));
+        assert_eq!(calls.unwrap().grammar(), None);
         for (body, param) in [
             (json!({"tools": [weather]}), "tool_choice"),
             (json!({"tools": [weather], "tool_choice": "auto"}), "tool_choice"),

@@ -3,6 +3,7 @@
 //! echoed prompts.
 use super::logprobs::{self, TextOffsets};
 use super::openai::{ApiError, ApiResult};
+use super::tool_parser::{self, Piece};
 use super::AppState;
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::scheduler::{Event, Finish, FinishReason};
@@ -48,11 +49,13 @@ pub enum ToolReply {
     Named(String),
     /// The text is a JSON list of `{"name", "parameters"}`: one call each.
     Required,
+    /// The text may hold calls in the model's own syntax (`--tool-call-parser`), taken out of it.
+    Auto,
 }
 
 /// One call in OpenAI's shape (`arguments` as JSON text), with a new id.
 fn tool_call(name: &str, arguments: &str) -> Value {
-    json!({"id": format!("call_{}", super::routes::next_id()), "type": "function", "function": {"name": name, "arguments": arguments}})
+    tool_parser::call_object(format!("call_{}", super::routes::next_id()), name, arguments)
 }
 
 /// The calls a required tool choice's text holds, or `None` where it is not a whole list (cut
@@ -71,6 +74,19 @@ fn chat_message(text: String, tools: Option<&ToolReply>, done: &Finish) -> (Valu
         Some(ToolReply::Required) => match required_calls(&text) {
             Some(calls) => (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls"),
             None => (json!({"role": "assistant", "content": text}), reason(done)),
+        },
+        Some(ToolReply::Auto) => match tool_parser::parse(&text) {
+            (_, calls) if calls.is_empty() => (json!({"role": "assistant", "content": text}), reason(done)),
+            (content, calls) => {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .filter_map(|c| match c {
+                        Piece::Call { name, arguments } => Some(tool_call(name, arguments)),
+                        Piece::Text(_) => None,
+                    })
+                    .collect();
+                (json!({"role": "assistant", "content": content, "tool_calls": calls}), "tool_calls")
+            }
         },
         None => (json!({"role": "assistant", "content": text}), reason(done)),
     }
@@ -159,7 +175,9 @@ fn now() -> u64 {
 /// with log-probabilities each text chunk carries those of the tokens it completes, and tokens
 /// whose text never came (a stop string cut it) a last chunk of no text before the choice ends.
 /// A named tool call streams its arguments as `tool_calls` deltas (the first with the call's id
-/// and name); a required choice's list is parsed whole, its calls sent in one chunk at the end.
+/// and name); a required choice's list is parsed whole, its calls sent in one chunk at the end;
+/// with `auto`, text outside the model's call blocks streams as content and each block, once
+/// closed, as one `tool_calls` delta per call.
 pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, r: Reply, include_usage: bool) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let created = now();
     let model = s.opts.model_name.clone();
@@ -209,8 +227,29 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
     };
     let echo = r.echo;
     let required = r.tools == Some(ToolReply::Required);
-    // Per choice, a required tool choice's text until it is whole.
+    let auto = r.tools == Some(ToolReply::Auto);
+    // Per choice, a required tool choice's text until it is whole; with auto, the scanner of
+    // its text and the calls found so far.
     let mut held = vec![String::new(); total];
+    let mut scanners: Vec<(tool_parser::Scanner, usize)> = (0..total).map(|_| Default::default()).collect();
+    // Chunks of an auto reply's pieces, the pending log-probabilities with the first.
+    let pieces_chunks = move |i: usize, pieces: Vec<Piece>, lp: &mut dyn FnMut() -> Value, calls: &mut usize| -> Vec<Value> {
+        pieces
+            .into_iter()
+            .map(|p| {
+                let d = match p {
+                    Piece::Text(t) => json!({"content": t}),
+                    Piece::Call { name, arguments } => {
+                        let mut call = tool_call(&name, &arguments);
+                        call["index"] = json!(*calls);
+                        *calls += 1;
+                        json!({"tool_calls": [call]})
+                    }
+                };
+                json!({"index": i, "delta": d, "logprobs": lp(), "finish_reason": null})
+            })
+            .collect()
+    };
     let (mut finished, mut completion_tokens, prompt_tokens) = (0, 0, r.prompt_tokens);
     let merged = futures_util::stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| (i, ev))));
     let events = merged.scan(false, move |ended, (i, ev)| {
@@ -235,6 +274,11 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                 held[i] += &t;
                 vec![]
             }
+            Event::Text(t) if auto => {
+                let (scanner, calls) = &mut scanners[i];
+                let pieces = scanner.push(&t);
+                pieces_chunks(i, pieces, &mut || lp(tokens), calls).into_iter().map(|c| chunk(c, None)).collect()
+            }
             Event::Text(t) => vec![chunk(delta(i, Some(&t), lp(tokens), None, &mut call_opened[i]), None)],
             Event::Done(f) => {
                 let mut v = Vec::new();
@@ -253,7 +297,15 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                         None => json!({"content": text}),
                     };
                     v.push(chunk(json!({"index": i, "delta": d, "logprobs": lp(tokens), "finish_reason": null}), None));
-                } else if !tokens.is_empty() {
+                } else if auto {
+                    let (scanner, calls) = &mut scanners[i];
+                    let pieces = scanner.finish();
+                    v.extend(pieces_chunks(i, pieces, &mut || lp(tokens), calls).into_iter().map(|c| chunk(c, None)));
+                    if *calls > 0 {
+                        finish = "tool_calls";
+                    }
+                }
+                if !required && !tokens.is_empty() {
                     v.push(chunk(delta(i, Some(""), lp(tokens), None, &mut call_opened[i]), None));
                 }
                 v.push(chunk(delta(i, None, Value::Null, Some(finish), &mut call_opened[i]), None));

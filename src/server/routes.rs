@@ -2,6 +2,7 @@
 //! `/metrics`, vLLM's `/tokenize` and `/detokenize`, and the chat page at `/`.
 use super::openai::{self, ApiError, ApiResult, Common, Prompt};
 use super::reply::{collect, server_error, stream, Echo, Kind, Reply, ToolReply};
+use super::tool_parser::ToolParser;
 use crate::engine::chat_template::Message;
 use super::{AppState, CHAT_PAGE};
 use crate::engine::scheduler::{Event, EventSink, Request, SubmitError};
@@ -124,12 +125,12 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     openai::refuse_unsupported(&o, kind == Kind::Chat)?;
     let logit_bias = openai::logit_bias(&o, s.engine.vocab_size)?;
     let mut grammar = openai::grammar(&o)?;
-    let (tools, tool_calls) = if kind == Kind::Chat { openai::tools(&o)? } else { (None, None) };
-    if let Some(calls) = &tool_calls {
+    let (tools, tool_calls) = if kind == Kind::Chat { openai::tools(&o, s.opts.tool_parser.is_some())? } else { (None, None) };
+    if let Some(g) = tool_calls.as_ref().and_then(openai::ToolCalls::grammar) {
         if let Some((param, _)) = &grammar {
             return Err(ApiError::bad_request(param, format!("{param} and tool_choice both ask for a reply's format; give one")));
         }
-        grammar = Some(("tools".into(), calls.grammar()));
+        grammar = Some(("tools".into(), g));
     }
     // A legacy completion's echo (chat refuses it above): the prompt leads each choice's text.
     let echo_on = kind == Kind::Completion && c.echo;
@@ -157,7 +158,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
             Kind::Chat => {
                 let mut msgs = openai::messages(&o2)?;
                 if tools.is_some() && !st.template.knows_tools() {
-                    msgs = with_tools_described(msgs, tools.as_ref());
+                    msgs = with_tools_described(msgs, tools.as_ref(), st.opts.tool_parser);
                 }
                 let text = st.template.render_with_tools(&msgs, true, tools.as_ref()).map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
                 (vec![Prompt::Text(text)], false)
@@ -226,6 +227,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     let tools = tool_calls.map(|c| match c {
         openai::ToolCalls::Named(t) => ToolReply::Named(t.name),
         openai::ToolCalls::Required(..) => ToolReply::Required,
+        openai::ToolCalls::Auto => ToolReply::Auto,
     });
     let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo, tools };
     if c.stream {
@@ -238,10 +240,13 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
 /// `msgs` with the tools offered described in the system message (the first, made if there is
 /// none), for chat templates that do not show the model their `tools`: the model then knows
 /// what the functions are for and what their arguments mean, which the grammar alone does not
-/// tell it.
-fn with_tools_described(mut msgs: Vec<Message>, tools: Option<&Value>) -> Vec<Message> {
+/// tell it; with a tool-call parser, also how to write a call (as Hermes-style templates say).
+fn with_tools_described(mut msgs: Vec<Message>, tools: Option<&Value>, parser: Option<ToolParser>) -> Vec<Message> {
     let Some(tools) = tools else { return msgs };
-    let note = format!("You can call these functions (their parameters as JSON schemas):\n{tools}");
+    let mut note = format!("You can call these functions (their parameters as JSON schemas):\n{tools}");
+    if parser == Some(ToolParser::Hermes) {
+        note += "\n\nTo call a function, write <tool_call>{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}</tool_call>.";
+    }
     match msgs.first_mut().filter(|m| m.role == "system") {
         Some(m) => m.content = format!("{}\n\n{note}", m.content),
         None => msgs.insert(0, Message::new("system", &note)),
