@@ -135,7 +135,10 @@ impl Compiler {
             }
         }
         let factory = self.factory()?;
-        let matcher = Matcher::new(factory.create_parser(g.top_level()));
+        // A user's schema or grammar is hostile input: a panic deep in the compiler is its error.
+        let top = g.top_level();
+        let parser = crate::error::catch_panic(std::panic::AssertUnwindSafe(|| factory.create_parser(top))).map_err(|p| format!("the grammar compiler failed: {p}"))?;
+        let matcher = Matcher::new(parser);
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
