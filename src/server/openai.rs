@@ -277,14 +277,14 @@ pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
             Some("json_schema") => {
                 let js = match m.get("json_schema") {
                     Some(Value::Object(js)) => js,
-                    Some(v) => return Err(ApiError::bad_request("response_format.json_schema", format!("response_format.json_schema must be an object, not {}", kind_of(v)))),
+                    Some(v) => return Err(Fields::wrong("response_format.json_schema", "an object", v)),
                     None => return Err(ApiError::bad_request("response_format.json_schema", "response_format.json_schema is required with the type json_schema")),
                 };
                 // No schema: any JSON value.
                 let schema = match js.get("schema") {
                     None | Some(Value::Null) => json!({}),
                     Some(v @ Value::Object(_)) => v.clone(),
-                    Some(v) => return Err(ApiError::bad_request("response_format.json_schema.schema", format!("response_format.json_schema.schema must be an object, not {}", kind_of(v)))),
+                    Some(v) => return Err(Fields::wrong("response_format.json_schema.schema", "an object", v)),
                 };
                 put("response_format", Grammar::JsonSchema(schema))?
             }
@@ -296,11 +296,11 @@ pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
     let schema = |param: &str, v: &Value| match v {
         Value::Object(_) => Ok(Grammar::JsonSchema(v.clone())),
         Value::String(t) => serde_json::from_str::<Value>(t).ok().filter(Value::is_object).map(Grammar::JsonSchema).ok_or_else(|| ApiError::bad_request(param, format!("{param} is a string that is not a JSON schema object"))),
-        v => Err(ApiError::bad_request(param, format!("{param} must be a JSON schema (an object), not {}", kind_of(v)))),
+        v => Err(Fields::wrong(param, "a JSON schema (an object)", v)),
     };
     let text = |param: &str, v: &Value, make: fn(String) -> Grammar| match v {
         Value::String(t) => Ok(make(t.clone())),
-        v => Err(ApiError::bad_request(param, format!("{param} must be a string, not {}", kind_of(v)))),
+        v => Err(Fields::wrong(param, "a string", v)),
     };
     let choice = |param: &str, v: &Value| match v {
         Value::Array(a) => a
@@ -308,7 +308,7 @@ pub fn grammar(o: &Map<String, Value>) -> ApiResult<Option<(String, Grammar)>> {
             .map(|c| c.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request(param, format!("{param} must hold strings, not {}", kind_of(c)))))
             .collect::<ApiResult<Vec<_>>>()
             .map(Grammar::Choice),
-        v => Err(ApiError::bad_request(param, format!("{param} must be an array of strings, not {}", kind_of(v)))),
+        v => Err(Fields::wrong(param, "an array of strings", v)),
     };
     let so = match f.get("structured_outputs") {
         None => None,
@@ -421,7 +421,7 @@ pub fn tools(o: &Map<String, Value>, auto_parser: bool) -> ApiResult<(Option<Val
         let parameters = match func.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
             Some(p @ Value::Object(_)) => p.clone(),
-            Some(v) => return Err(ApiError::bad_request(&at(".function.parameters"), format!("{} must be a JSON schema (an object), not {}", at(".function.parameters"), kind_of(v)))),
+            Some(v) => return Err(Fields::wrong(&at(".function.parameters"), "a JSON schema (an object)", v)),
         };
         tools.push(Tool { name: name.to_string(), parameters });
     }
@@ -506,11 +506,11 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
         .enumerate()
         .map(|(i, m)| {
             let at = |field: &str| format!("messages[{i}].{field}");
-            let m = m.as_object().ok_or_else(|| ApiError::bad_request(&format!("messages[{i}]"), format!("messages[{i}] must be an object, not {}", kind_of(m))))?;
+            let m = m.as_object().ok_or_else(|| Fields::wrong(&format!("messages[{i}]"), "an object", m))?;
             let role = match m.get("role") {
                 Some(Value::String(r)) if matches!(r.as_str(), "system" | "developer" | "user" | "assistant" | "tool") => r.clone(),
                 Some(Value::String(r)) => return Err(ApiError::bad_request(&at("role"), format!("{} is {r:?}; roles are system, developer, user, assistant, tool", at("role")))),
-                Some(v) => return Err(ApiError::bad_request(&at("role"), format!("{} must be a string, not {}", at("role"), kind_of(v)))),
+                Some(v) => return Err(Fields::wrong(&at("role"), "a string", v)),
                 None => return Err(ApiError::bad_request(&at("role"), format!("{} is required", at("role")))),
             };
             let content = match m.get("content") {
@@ -524,7 +524,7 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
                     })
                     .collect::<ApiResult<Vec<_>>>()?
                     .join(""),
-                Some(v) => return Err(ApiError::bad_request(&at("content"), format!("{} must be a string or an array of text parts, not {}", at("content"), kind_of(v)))),
+                Some(v) => return Err(Fields::wrong(&at("content"), "a string or an array of text parts", v)),
             };
             // Templates know system, user and assistant; developer is OpenAI's new name for system.
             let role = if role == "developer" { "system".to_string() } else { role };
@@ -546,12 +546,12 @@ pub fn messages(o: &Map<String, Value>) -> ApiResult<Vec<Message>> {
                         })
                         .collect(),
                 )),
-                Some(v) => return Err(ApiError::bad_request(&at("tool_calls"), format!("{} must be an array, not {}", at("tool_calls"), kind_of(v)))),
+                Some(v) => return Err(Fields::wrong(&at("tool_calls"), "an array", v)),
             };
             let tool_call_id = match m.get("tool_call_id") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(id)) => Some(id.clone()),
-                Some(v) => return Err(ApiError::bad_request(&at("tool_call_id"), format!("{} must be a string, not {}", at("tool_call_id"), kind_of(v)))),
+                Some(v) => return Err(Fields::wrong(&at("tool_call_id"), "a string", v)),
             };
             Ok(Message { role, content, tool_calls, tool_call_id })
         })
@@ -598,7 +598,7 @@ pub fn prompts(o: &Map<String, Value>, vocab: usize) -> ApiResult<Vec<Prompt>> {
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(Prompt::Text(s.clone())),
                 Value::Array(ids) => tokens(ids, &format!("prompt[{i}]")),
-                v => Err(ApiError::bad_request(&format!("prompt[{i}]"), format!("prompt[{i}] must be a string or an array of token ids, not {}", kind_of(v)))),
+                v => Err(Fields::wrong(&format!("prompt[{i}]"), "a string or an array of token ids", v)),
             })
             .collect(),
         Some(v) => Err(Fields::wrong("prompt", "a string, an array of token ids or an array of prompts", v)),
