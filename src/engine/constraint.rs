@@ -169,7 +169,8 @@ impl TokenizerEnv for Env {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    /// The model's end-of-sequence tokens.
+    /// The model's end-of-sequence tokens; never empty ([`Compiler::compile`] refuses a model
+    /// without one).
     ends: Vec<u32>,
 }
 
@@ -179,8 +180,9 @@ pub enum Next {
     /// Tokens other than the end of the sequence (the row is masked to them, and to the end
     /// where the grammar may stop here).
     Tokens,
-    /// Only the end of the sequence: the grammar is complete.
-    End,
+    /// Only the end of the sequence, this token (the model's first end-of-sequence token): the
+    /// grammar is complete.
+    End(u32),
 }
 
 impl std::fmt::Debug for Constraint {
@@ -194,7 +196,7 @@ impl Constraint {
     /// token ids) count as ends of the sequence.
     pub fn mask(&mut self, row: &mut [f32], also_ends: &[u32]) -> Result<Next, String> {
         if self.matcher.is_stopped() {
-            return self.stopped_error().map(|_| Next::End);
+            return self.stopped_error().map(|_| Next::End(self.ends[0]));
         }
         let allowed = self.matcher.compute_mask().map_err(|e| format!("the grammar failed: {e}"))?;
         let may_end = self.ends.iter().any(|&t| allowed.is_allowed(t));
@@ -222,7 +224,7 @@ impl Constraint {
         let other = allowed.num_set() > ends_allowed;
         match (other, may_end) {
             (true, _) => Ok(Next::Tokens),
-            (false, true) => Ok(Next::End),
+            (false, true) => Ok(Next::End(self.ends[0])),
             // Nothing can follow and the grammar is not complete: no token of this vocabulary
             // continues it.
             (false, false) => Err("no token of the vocabulary can continue the grammar here".into()),
@@ -267,7 +269,7 @@ mod tests {
                 return Err(format!("token {id} refused"));
             }
             if c.accept(*id)? {
-                return Ok(Next::End);
+                return Ok(Next::End(2));
             }
         }
         let mut row = vec![0f32; 320];
@@ -281,7 +283,7 @@ mod tests {
         let (c, t) = compiler();
         let g = c.compile(&Grammar::Regex("[0-9]{2,3}".into())).unwrap();
         assert_eq!(run(&mut g.clone(), &t, "12").unwrap(), Next::Tokens, "a third digit may come");
-        assert_eq!(run(&mut g.clone(), &t, "123").unwrap(), Next::End);
+        assert_eq!(run(&mut g.clone(), &t, "123").unwrap(), Next::End(2));
         assert!(run(&mut g.clone(), &t, "1a").is_err());
         let mut row = vec![0f32; 320];
         assert_eq!(g.clone().mask(&mut row, &[]).unwrap(), Next::Tokens);
@@ -296,13 +298,13 @@ mod tests {
     fn choices_json_schemas_and_lark_grammars() {
         let (c, t) = compiler();
         let g = c.compile(&Grammar::Choice(vec!["yes".into(), "no".into(), "a|b".into()])).unwrap();
-        assert_eq!(run(&mut g.clone(), &t, "yes").unwrap(), Next::End);
-        assert_eq!(run(&mut g.clone(), &t, "a|b").unwrap(), Next::End, "choices are literal text");
+        assert_eq!(run(&mut g.clone(), &t, "yes").unwrap(), Next::End(2));
+        assert_eq!(run(&mut g.clone(), &t, "a|b").unwrap(), Next::End(2), "choices are literal text");
         assert!(run(&mut g.clone(), &t, "a").is_ok_and(|n| n == Next::Tokens));
         assert!(run(&mut g.clone(), &t, "yep").is_err());
         let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}});
         let g = c.compile(&Grammar::JsonSchema(schema)).unwrap();
-        assert_eq!(run(&mut g.clone(), &t, r#"{"n":42}"#).unwrap(), Next::End);
+        assert_eq!(run(&mut g.clone(), &t, r#"{"n":42}"#).unwrap(), Next::End(2));
         assert!(run(&mut g.clone(), &t, r#"{"m":1}"#).is_err());
         let g = c.compile(&Grammar::Lark("start: \"x\" \"y\"+".into())).unwrap();
         assert_eq!(run(&mut g.clone(), &t, "xyy").unwrap(), Next::Tokens);
@@ -329,7 +331,7 @@ mod tests {
         // Through a grammar: an unnamed key is refused; with json_object any object is taken.
         let (c, t) = compiler();
         let g = c.compile(&Grammar::JsonSchema(serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "x-guidance": {"whitespace_flexible": false}}))).unwrap();
-        assert_eq!(run(&mut g.clone(), &t, r#"{"a":1}"#).unwrap(), Next::End);
+        assert_eq!(run(&mut g.clone(), &t, r#"{"a":1}"#).unwrap(), Next::End(2));
         assert!(run(&mut g.clone(), &t, r#"{"b":1}"#).is_err());
         let g = c.compile(&Grammar::JsonObject).unwrap();
         assert!(run(&mut g.clone(), &t, r#"{"b": [1, {"c": null}]}"#).is_ok());

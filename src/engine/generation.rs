@@ -136,7 +136,7 @@ impl<'a> Generator<'a> {
             let next = match (&mut constraint, row) {
                 // The row masked to what the grammar allows; complete, it allows only the end.
                 (Some(c), RowLogits::Whole(mut row)) => match c.mask(&mut row, &[]).map_err(Error::Grammar)? {
-                    Next::End => *self.eos_ids.first().ok_or_else(|| Error::Grammar("the grammar is complete, and the model has no end-of-sequence token".into()))?,
+                    Next::End(end) => end,
                     Next::Tokens => sampler.sample(row, &history)?,
                 },
                 (_, row) => sampler.sample_fetched(row, &logits, &history)?,

@@ -591,9 +591,8 @@ impl Scheduler {
     /// and allows only the end of the sequence, that end is the token (the draw is skipped).
     fn edit_row(s: &mut Seq, eos: &[u32], row: &mut [f32]) -> Result<Option<u32>> {
         if let Some(c) = &mut s.req.constraint {
-            if c.mask(row, &s.req.stop_token_ids).map_err(Error::Grammar)? == Next::End {
-                let end = eos.first().or(s.req.stop_token_ids.first()).copied();
-                return end.map(Some).ok_or_else(|| Error::Grammar("the grammar is complete, and the model has no end-of-sequence token".into()));
+            if let Next::End(end) = c.mask(row, &s.req.stop_token_ids).map_err(Error::Grammar)? {
+                return Ok(Some(end));
             }
         }
         for t in Self::banned(s, eos) {
