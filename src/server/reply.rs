@@ -2,7 +2,7 @@
 //! ([`collect`]) or Server-Sent Events ([`stream`]), with the choices' log-probabilities and
 //! echoed prompts.
 use super::logprobs::{self, TextOffsets};
-use super::openai::{ApiError, ApiResult};
+use super::openai::{ApiError, ApiResult, ToolCalls};
 use super::tool_parser::{self, Piece};
 use super::AppState;
 use crate::engine::logprobs::TokenLogprob;
@@ -38,44 +38,45 @@ pub struct Reply {
     pub prompt_tokens: usize,
     /// Per choice, the prompt that leads its text (`echo`).
     pub echo: Vec<Option<Echo>>,
-    /// How a chat reply's text calls tools (`tool_choice`), if it does.
-    pub tools: Option<ToolReply>,
-}
-
-/// What a chat reply held to a tool call's grammar means.
-#[derive(Clone, PartialEq)]
-pub enum ToolReply {
-    /// The text is the arguments of a call of this function.
-    Named(String),
-    /// The text is a JSON list of `{"name", "parameters"}`: one call each.
-    Required,
-    /// The text may hold calls in the model's own syntax (`--tool-call-parser`), taken out of it.
-    Auto,
+    /// How a chat reply's text calls tools (`tool_choice`), if it does: a named call's text is
+    /// its arguments, a required choice's a JSON list of `{"name", "parameters"}`, an auto
+    /// reply's text may hold calls in the model's own syntax.
+    pub tools: Option<ToolCalls>,
 }
 
 /// One call in OpenAI's shape (`arguments` as JSON text), with a new id.
 fn tool_call(name: &str, arguments: &str) -> Value {
-    tool_parser::call_object(format!("call_{}", super::routes::next_id()), name, arguments)
+    json!({"id": format!("call_{}", super::routes::next_id()), "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
-/// The calls a required tool choice's text holds, or `None` where it is not a whole list (cut
-/// by `max_tokens`).
-fn required_calls(text: &str) -> Option<Vec<Value>> {
+/// A call as a streamed delta holds it: [`tool_call`] with its place among the reply's calls.
+fn tool_call_delta(index: usize, name: &str, arguments: &str) -> Value {
+    let mut call = tool_call(name, arguments);
+    call["index"] = json!(index);
+    call
+}
+
+/// The calls (name, arguments) a required tool choice's text holds, or `None` where it is not a
+/// whole list (cut by `max_tokens`).
+fn required_calls(text: &str) -> Option<Vec<(String, String)>> {
     let list: Vec<Value> = serde_json::from_str(text).ok()?;
-    list.iter().map(|c| Some(tool_call(c.get("name")?.as_str()?, &c.get("parameters")?.to_string()))).collect()
+    list.iter().map(|c| Some((c.get("name")?.as_str()?.to_string(), c.get("parameters")?.to_string()))).collect()
 }
 
 /// A chat choice's `message` and `finish_reason` for `text`, with tool calls where it makes
 /// them: a named function's call ends as the reply did (`stop`, as vLLM and OpenAI end a forced
 /// call), a required choice's whole list with `tool_calls`; a list cut short stays text.
-fn chat_message(text: String, tools: Option<&ToolReply>, done: &Finish) -> (Value, &'static str) {
+fn chat_message(text: String, tools: Option<&ToolCalls>, done: &Finish) -> (Value, &'static str) {
     match tools {
-        Some(ToolReply::Named(name)) => (json!({"role": "assistant", "content": null, "tool_calls": [tool_call(name, &text)]}), reason(done)),
-        Some(ToolReply::Required) => match required_calls(&text) {
-            Some(calls) => (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls"),
+        Some(ToolCalls::Named(t)) => (json!({"role": "assistant", "content": null, "tool_calls": [tool_call(&t.name, &text)]}), reason(done)),
+        Some(ToolCalls::Required(..)) => match required_calls(&text) {
+            Some(calls) => {
+                let calls: Vec<Value> = calls.iter().map(|(name, arguments)| tool_call(name, arguments)).collect();
+                (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls")
+            }
             None => (json!({"role": "assistant", "content": text}), reason(done)),
         },
-        Some(ToolReply::Auto) => match tool_parser::parse(&text) {
+        Some(ToolCalls::Auto) => match tool_parser::parse(&text) {
             (_, calls) if calls.is_empty() => (json!({"role": "assistant", "content": text}), reason(done)),
             (content, calls) => {
                 let calls: Vec<Value> = calls
@@ -201,12 +202,8 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
         match kind {
             Kind::Chat => {
                 let d = match (text, &tools) {
-                    (Some(t), Some(ToolReply::Named(name))) if !std::mem::replace(opened, true) => {
-                        let mut call = tool_call(name, t);
-                        call["index"] = json!(0);
-                        json!({"tool_calls": [call]})
-                    }
-                    (Some(t), Some(ToolReply::Named(_))) => json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}),
+                    (Some(t), Some(ToolCalls::Named(tool))) if !std::mem::replace(opened, true) => json!({"tool_calls": [tool_call_delta(0, &tool.name, t)]}),
+                    (Some(t), Some(ToolCalls::Named(_))) => json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}),
                     (Some(t), _) => json!({"content": t}),
                     (None, _) => json!({}),
                 };
@@ -226,8 +223,8 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
             .collect(),
     };
     let echo = r.echo;
-    let required = r.tools == Some(ToolReply::Required);
-    let auto = r.tools == Some(ToolReply::Auto);
+    let required = matches!(r.tools, Some(ToolCalls::Required(..)));
+    let auto = matches!(r.tools, Some(ToolCalls::Auto));
     // Per choice, a required tool choice's text until it is whole; with auto, the scanner of
     // its text and the calls found so far.
     let mut held = vec![String::new(); total];
@@ -240,10 +237,8 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                 let d = match p {
                     Piece::Text(t) => json!({"content": t}),
                     Piece::Call { name, arguments } => {
-                        let mut call = tool_call(&name, &arguments);
-                        call["index"] = json!(*calls);
                         *calls += 1;
-                        json!({"tool_calls": [call]})
+                        json!({"tool_calls": [tool_call_delta(*calls - 1, &name, &arguments)]})
                     }
                 };
                 json!({"index": i, "delta": d, "logprobs": lp(), "finish_reason": null})
@@ -288,10 +283,7 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                     let d = match required_calls(&text) {
                         Some(calls) => {
                             finish = "tool_calls";
-                            let calls: Vec<Value> = calls.into_iter().enumerate().map(|(k, mut c)| {
-                                c["index"] = json!(k);
-                                c
-                            }).collect();
+                            let calls: Vec<Value> = calls.iter().enumerate().map(|(k, (name, arguments))| tool_call_delta(k, name, arguments)).collect();
                             json!({"tool_calls": calls})
                         }
                         None => json!({"content": text}),

@@ -1,7 +1,7 @@
 //! The endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
 //! `/metrics`, vLLM's `/tokenize` and `/detokenize`, and the chat page at `/`.
 use super::openai::{self, ApiError, ApiResult, Common, Prompt};
-use super::reply::{collect, server_error, stream, Echo, Kind, Reply, ToolReply};
+use super::reply::{collect, server_error, stream, Echo, Kind, Reply};
 use super::tool_parser::ToolParser;
 use crate::engine::chat_template::Message;
 use super::{AppState, CHAT_PAGE};
@@ -157,8 +157,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         let (inputs, special) = match kind {
             Kind::Chat => {
                 let mut msgs = openai::messages(&o2)?;
-                if tools.is_some() && !st.template.knows_tools() {
-                    msgs = with_tools_described(msgs, tools.as_ref(), st.opts.tool_parser);
+                if let Some(t) = tools.as_ref().filter(|_| !st.template.knows_tools()) {
+                    msgs = with_tools_described(msgs, t, st.opts.tool_parser);
                 }
                 let text = st.template.render_with_tools(&msgs, true, tools.as_ref()).map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
                 (vec![Prompt::Text(text)], false)
@@ -224,12 +224,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
         receivers.push(rx);
     }
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, next_id());
-    let tools = tool_calls.map(|c| match c {
-        openai::ToolCalls::Named(t) => ToolReply::Named(t.name),
-        openai::ToolCalls::Required(..) => ToolReply::Required,
-        openai::ToolCalls::Auto => ToolReply::Auto,
-    });
-    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo, tools };
+    let reply = Reply { id, kind, asked: logprobs.is_some(), prompt_tokens: prompts.iter().map(|p| p.0.len()).sum(), echo, tools: tool_calls };
     if c.stream {
         Ok(stream(s, receivers, reply, c.include_usage).into_response())
     } else {
@@ -241,8 +236,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
 /// none), for chat templates that do not show the model their `tools`: the model then knows
 /// what the functions are for and what their arguments mean, which the grammar alone does not
 /// tell it; with a tool-call parser, also how to write a call (as Hermes-style templates say).
-fn with_tools_described(mut msgs: Vec<Message>, tools: Option<&Value>, parser: Option<ToolParser>) -> Vec<Message> {
-    let Some(tools) = tools else { return msgs };
+fn with_tools_described(mut msgs: Vec<Message>, tools: &Value, parser: Option<ToolParser>) -> Vec<Message> {
     let mut note = format!("You can call these functions (their parameters as JSON schemas):\n{tools}");
     if parser == Some(ToolParser::Hermes) {
         note += "\n\nTo call a function, write <tool_call>{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}</tool_call>.";

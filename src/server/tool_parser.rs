@@ -6,7 +6,7 @@
 //!
 //! Streamed text goes through [`Scanner`]: text outside the blocks comes out at once, except a
 //! tail that may be the start of `<tool_call>`; a block comes out as its calls once it is closed.
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -134,11 +134,6 @@ pub fn parse(text: &str) -> (Option<String>, Vec<Piece>) {
     }
     let content = content.trim();
     ((!content.is_empty()).then(|| content.to_string()), calls)
-}
-
-/// A call in OpenAI's shape, `id` its id.
-pub fn call_object(id: String, name: &str, arguments: &str) -> Value {
-    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
 #[cfg(test)]
