@@ -364,10 +364,10 @@ fn serve_refuses_a_kv_cache_dtype_it_cannot_read() {
 fn serve_refuses_an_unknown_tool_call_parser() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinySpec::new(Arch::Llama).write_dir(tmp.path());
-    let o = Command::new(bin()).args(["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--tool-call-parser", "mistral"]).output().unwrap();
+    let o = Command::new(bin()).args(["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--tool-call-parser", "pythonic"]).output().unwrap();
     assert!(!o.status.success(), "started a server");
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("--tool-call-parser") && stderr.contains("hermes"), "{stderr}");
+    assert!(stderr.contains("--tool-call-parser") && stderr.contains("hermes") && stderr.contains("llama3_json"), "{stderr}");
 }
 
 #[test]

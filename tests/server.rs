@@ -483,6 +483,34 @@ fn auto_tool_calls_are_read_out_of_the_text() {
     }
 }
 
+/// `--tool-call-parser llama3_json`: a reply that is nothing but `{"name", "parameters"}` calls
+/// (Llama 3's special `<|python_tag|>` left out of the text) is calls, streamed once it ends;
+/// the tools are described in the system message with how to write a call.
+#[test]
+fn llama3_json_calls_are_read_out_of_the_text() {
+    let s = start_with(TinySpec { max_pos: 2048, ..TinySpec::new(awq_run::model::Arch::Llama) }, &["--tool-call-parser", "llama3_json"]);
+    let tools = json!([{"type": "function", "function": {"name": "ring", "parameters": {"type": "object", "properties": {"times": {"type": "integer"}}}}}]);
+    let body = |regex: &str| json!({"messages": [{"role": "user", "content": "ring"}], "tools": tools, "temperature": 0, "max_tokens": 200, "guided_regex": regex});
+    let calls = r#"\{"name": "ring", "parameters": \{"times": 2\}\}; \{"name": "ring", "parameters": \{\}\}"#;
+    let v = s.chat(body(calls));
+    let m = &v["choices"][0]["message"];
+    assert_eq!((&m["content"], &v["choices"][0]["finish_reason"]), (&Value::Null, &json!("tool_calls")), "{v}");
+    let got: Vec<(&Value, &Value)> = m["tool_calls"].as_array().unwrap().iter().map(|c| (&c["function"]["name"], &c["function"]["arguments"])).collect();
+    assert_eq!(got, [(&json!("ring"), &json!(r#"{"times":2}"#)), (&json!("ring"), &json!("{}"))], "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 40, "the tools and how to call them in the prompt: {v}");
+    let (content, chunks) = s.stream(body(calls));
+    assert_eq!(content, "");
+    let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+    assert_eq!(deltas.iter().map(|d| d["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1], "{chunks:?}");
+    // Text is text, streamed as it comes; JSON that is not a call stays text.
+    for text in ["no call", r#"{"answer": 2}"#] {
+        let regex = text.replace('{', "\\{").replace('}', "\\}");
+        let v = s.chat(body(&regex));
+        assert_eq!((&v["choices"][0]["message"]["content"], &v["choices"][0]["finish_reason"]), (&json!(text), &json!("stop")), "{v}");
+        assert_eq!(s.stream(body(&regex)).0, text);
+    }
+}
+
 /// `logit_bias`: +100 all but forces a token, −100 bans it; log-probabilities stay the raw ones.
 #[test]
 fn logit_bias_forces_and_bans_tokens() {

@@ -58,7 +58,8 @@ pub struct Args {
     pub served_model_name: Option<String>,
     /// Read tool calls out of replies in this syntax, for `tool_choice: "auto"` (refused
     /// without it): `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`: Qwen 2.5 / 3,
-    /// Hermes, SmolLM2).
+    /// Hermes, SmolLM2), `llama3_json` (a reply of `{"name", "parameters"}` calls joined by `;`:
+    /// Llama 3.1-3.3), `mistral` (`[TOOL_CALLS][{"name", "arguments"}, ...]`).
     #[arg(long, value_name = "NAME")]
     pub tool_call_parser: Option<awq_run::server::tool_parser::ToolParser>,
 }

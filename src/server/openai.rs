@@ -5,6 +5,7 @@ use crate::engine::chat_template::Message;
 use crate::engine::constraint::Grammar;
 use crate::engine::logprobs::TOP_LOGPROBS_MAX;
 use crate::engine::sampling::SamplingParams;
+use super::tool_parser::ToolParser;
 use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
 
@@ -366,15 +367,15 @@ pub enum ToolCalls {
     /// `parallel_tool_calls: false` (the flag).
     Required(Vec<Tool>, bool),
     /// `"auto"` (with `serve --tool-call-parser`): the model writes text, calls in its own
-    /// syntax among it, or both; nothing holds it to a grammar.
-    Auto,
+    /// syntax (the parser's) among it, or both; nothing holds it to a grammar.
+    Auto(ToolParser),
 }
 
 impl ToolCalls {
     /// The grammar the reply is held to, if any.
     pub fn grammar(&self) -> Option<Grammar> {
         Some(match self {
-            ToolCalls::Auto => return None,
+            ToolCalls::Auto(_) => return None,
             ToolCalls::Named(t) => Grammar::JsonSchema(t.parameters.clone()),
             ToolCalls::Required(tools, parallel) => {
                 let calls: Vec<Value> = tools
@@ -396,8 +397,8 @@ impl ToolCalls {
 /// A chat request's `tools` (the list as given, for the chat template; `None` if empty) and how
 /// its reply calls them. `tool_choice` `"auto"`, the default where tools are given, needs a
 /// parser of the model family's call syntax in free text (`serve --tool-call-parser`, as vLLM
-/// asks for one): without it (`auto_parser` false) it is refused, naming what is offered.
-pub fn tools(o: &Map<String, Value>, auto_parser: bool) -> ApiResult<(Option<Value>, Option<ToolCalls>)> {
+/// asks for one): without it (`parser` `None`) it is refused, naming what is offered.
+pub fn tools(o: &Map<String, Value>, parser: Option<ToolParser>) -> ApiResult<(Option<Value>, Option<ToolCalls>)> {
     let f = Fields(o);
     let list = match f.get("tools") {
         None => Vec::new(),
@@ -450,13 +451,15 @@ pub fn tools(o: &Map<String, Value>, auto_parser: bool) -> ApiResult<(Option<Val
     let calls = match choice {
         Choice::No => None,
         Choice::Auto if tools.is_empty() => None,
-        Choice::Auto if auto_parser => Some(ToolCalls::Auto),
-        Choice::Auto => {
-            return Err(ApiError::bad_request(
-                "tool_choice",
-                "tool_choice \"auto\" (the default where tools are given) needs a parser of the model's own tool-call syntax, and this server was started without one (serve --tool-call-parser hermes). Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
-            ))
-        }
+        Choice::Auto => match parser {
+            Some(p) => Some(ToolCalls::Auto(p)),
+            None => {
+                return Err(ApiError::bad_request(
+                    "tool_choice",
+                    "tool_choice \"auto\" (the default where tools are given) needs a parser of the model's own tool-call syntax, and this server was started without one (serve --tool-call-parser hermes|llama3_json|mistral). Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
+                ))
+            }
+        },
         Choice::Required if tools.is_empty() => return Err(need_tools("\"required\"")),
         Choice::Required => Some(ToolCalls::Required(tools.clone(), f.bool("parallel_tool_calls")?.unwrap_or(true))),
         Choice::Named(name) if tools.is_empty() => return Err(need_tools(&format!("the function {name:?}"))),
@@ -691,7 +694,7 @@ mod tests {
     fn tools_and_tool_choice() {
         let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
         let clock = json!({"type": "function", "function": {"name": "now"}});
-        let t = |v: Value| tools(&obj(v), false);
+        let t = |v: Value| tools(&obj(v), None);
         assert_eq!(t(json!({})).unwrap(), (None, None));
         assert_eq!(t(json!({"tools": [], "tool_choice": "auto"})).unwrap(), (None, None));
         let (list, calls) = t(json!({"tools": [weather, clock], "tool_choice": "none"})).unwrap();
@@ -710,8 +713,8 @@ mod tests {
         // auto: refused without a parser, free (no grammar) with one.
         let auto = json!({"tools": [weather], "tool_choice": "auto"});
         assert!(t(auto.clone()).unwrap_err().message.contains("--tool-call-parser"));
-        let (_, calls) = tools(&obj(auto), true).unwrap();
-        assert_eq!(calls, Some(ToolCalls::Auto));
+        let (_, calls) = tools(&obj(auto), Some(ToolParser::Mistral)).unwrap();
+        assert_eq!(calls, Some(ToolCalls::Auto(ToolParser::Mistral)));
         assert_eq!(calls.unwrap().grammar(), None);
         for (body, param) in [
             (json!({"tools": [weather]}), "tool_choice"),

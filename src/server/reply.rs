@@ -76,7 +76,7 @@ fn chat_message(text: String, tools: Option<&ToolCalls>, done: &Finish) -> (Valu
             }
             None => (json!({"role": "assistant", "content": text}), reason(done)),
         },
-        Some(ToolCalls::Auto) => match tool_parser::parse(&text) {
+        Some(ToolCalls::Auto(parser)) => match tool_parser::parse(*parser, &text) {
             (_, calls) if calls.is_empty() => (json!({"role": "assistant", "content": text}), reason(done)),
             (content, calls) => {
                 let calls: Vec<Value> = calls
@@ -224,11 +224,11 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
     };
     let echo = r.echo;
     let required = matches!(r.tools, Some(ToolCalls::Required(..)));
-    let auto = matches!(r.tools, Some(ToolCalls::Auto));
+    let auto = if let Some(ToolCalls::Auto(parser)) = r.tools { Some(parser) } else { None };
     // Per choice, a required tool choice's text until it is whole; with auto, the scanner of
     // its text and the calls found so far.
     let mut held = vec![String::new(); total];
-    let mut scanners: Vec<(tool_parser::Scanner, usize)> = (0..total).map(|_| Default::default()).collect();
+    let mut scanners: Vec<(tool_parser::Scanner, usize)> = auto.map_or_else(Vec::new, |p| (0..total).map(|_| (tool_parser::Scanner::new(p), 0)).collect());
     // Chunks of an auto reply's pieces, the pending log-probabilities with the first.
     let pieces_chunks = move |i: usize, pieces: Vec<Piece>, lp: &mut dyn FnMut() -> Value, calls: &mut usize| -> Vec<Value> {
         pieces
@@ -269,7 +269,7 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                 held[i] += &t;
                 vec![]
             }
-            Event::Text(t) if auto => {
+            Event::Text(t) if auto.is_some() => {
                 let (scanner, calls) = &mut scanners[i];
                 let pieces = scanner.push(&t);
                 pieces_chunks(i, pieces, &mut || lp(tokens), calls).into_iter().map(|c| chunk(c, None)).collect()
@@ -289,7 +289,7 @@ pub fn stream(s: Arc<AppState>, receivers: Vec<mpsc::UnboundedReceiver<Event>>, 
                         None => json!({"content": text}),
                     };
                     v.push(chunk(json!({"index": i, "delta": d, "logprobs": lp(tokens), "finish_reason": null}), None));
-                } else if auto {
+                } else if auto.is_some() {
                     let (scanner, calls) = &mut scanners[i];
                     let pieces = scanner.finish();
                     v.extend(pieces_chunks(i, pieces, &mut || lp(tokens), calls).into_iter().map(|c| chunk(c, None)));

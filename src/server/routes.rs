@@ -125,7 +125,7 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
     openai::refuse_unsupported(&o, kind == Kind::Chat)?;
     let logit_bias = openai::logit_bias(&o, s.engine.vocab_size)?;
     let mut grammar = openai::grammar(&o)?;
-    let (tools, tool_calls) = if kind == Kind::Chat { openai::tools(&o, s.opts.tool_parser.is_some())? } else { (None, None) };
+    let (tools, tool_calls) = if kind == Kind::Chat { openai::tools(&o, s.opts.tool_parser)? } else { (None, None) };
     if let Some(g) = tool_calls.as_ref().and_then(openai::ToolCalls::grammar) {
         if let Some((param, _)) = &grammar {
             return Err(ApiError::bad_request(param, format!("{param} and tool_choice both ask for a reply's format; give one")));
@@ -238,8 +238,8 @@ async fn respond(s: Arc<AppState>, body: Bytes, kind: Kind) -> ApiResult<Respons
 /// tell it; with a tool-call parser, also how to write a call (as Hermes-style templates say).
 fn with_tools_described(mut msgs: Vec<Message>, tools: &Value, parser: Option<ToolParser>) -> Vec<Message> {
     let mut note = format!("You can call these functions (their parameters as JSON schemas):\n{tools}");
-    if parser == Some(ToolParser::Hermes) {
-        note += "\n\nTo call a function, write <tool_call>{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}</tool_call>.";
+    if let Some(p) = parser {
+        note = format!("{note}\n\n{}", p.how_to_call());
     }
     match msgs.first_mut().filter(|m| m.role == "system") {
         Some(m) => m.content = format!("{}\n\n{note}", m.content),

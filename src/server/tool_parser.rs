@@ -1,28 +1,81 @@
-//! Tool calls in free text (`tool_choice: "auto"` with `serve --tool-call-parser hermes`): the
+//! Tool calls in free text (`tool_choice: "auto"` with `serve --tool-call-parser NAME`): the
 //! model writes its calls in its own syntax among its text, and they are taken out of it. The
-//! Hermes syntax, which Qwen 2.5 / 3, Hermes and SmolLM2's instruct models write (vLLM's
-//! `hermes` parser reads the same): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-//! one call per block, or (SmolLM2) a JSON list of calls in one block.
+//! syntaxes are vLLM's parsers of the same names:
+//! - `hermes` (Qwen 2.5 / 3, Hermes, SmolLM2): `<tool_call>{"name": ..., "arguments": {...}}
+//!   </tool_call>`, one call per block, or (SmolLM2) a JSON list of calls in one block;
+//! - `llama3_json` (Llama 3.1 / 3.2 / 3.3): a reply that is nothing but calls, `{"name": ...,
+//!   "parameters": {...}}`, several joined by `;`, after `<|python_tag|>` or not;
+//! - `mistral` (Mistral 7B v0.3, Nemo, Small): `[TOOL_CALLS]` and a JSON list of `{"name",
+//!   "arguments"}` to the end of the reply.
 //!
-//! Streamed text goes through [`Scanner`]: text outside the blocks comes out at once, except a
-//! tail that may be the start of `<tool_call>`; a block comes out as its calls once it is closed.
+//! `<|python_tag|>` and `[TOOL_CALLS]` are special tokens in those models' tokenizers, and the
+//! server's text leaves special tokens out, so a reply that *starts* with the calls' JSON (`{`
+//! for llama3_json, `[` for mistral) is read as calls too, as vLLM's llama3_json parser does.
+//!
+//! Streamed text goes through [`Scanner`]: text outside the calls comes out at once, except a
+//! tail that may be the start of a marker; a block comes out as its calls once it is closed (for
+//! the syntaxes whose calls run to the end, once the reply ends). A block that holds no calls
+//! comes out as the text it was.
 use serde_json::Value;
-
-const OPEN: &str = "<tool_call>";
-const CLOSE: &str = "</tool_call>";
 
 /// Which syntax `--tool-call-parser` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolParser {
     Hermes,
+    Llama3Json,
+    Mistral,
 }
+
+/// The names `--tool-call-parser` takes, with the syntax each reads.
+const OFFERED: &str = "hermes (<tool_call>{\"name\", \"arguments\"}</tool_call>), llama3_json ({\"name\", \"parameters\"}; ...) and mistral ([TOOL_CALLS][{\"name\", \"arguments\"}])";
 
 impl std::str::FromStr for ToolParser {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "hermes" => Ok(ToolParser::Hermes),
-            _ => Err(format!("unknown tool-call parser {s:?}; the parser offered is hermes (<tool_call>{{\"name\", \"arguments\"}}</tool_call>)")),
+            "llama3_json" => Ok(ToolParser::Llama3Json),
+            "mistral" => Ok(ToolParser::Mistral),
+            _ => Err(format!("unknown tool-call parser {s:?}; the parsers offered are {OFFERED}")),
+        }
+    }
+}
+
+impl ToolParser {
+    /// The text that opens a block of calls.
+    fn open(self) -> &'static str {
+        match self {
+            ToolParser::Hermes => "<tool_call>",
+            ToolParser::Llama3Json => "<|python_tag|>",
+            ToolParser::Mistral => "[TOOL_CALLS]",
+        }
+    }
+
+    /// The text that closes a block, or `None` where the calls run to the end of the reply.
+    fn close(self) -> Option<&'static str> {
+        match self {
+            ToolParser::Hermes => Some("</tool_call>"),
+            ToolParser::Llama3Json | ToolParser::Mistral => None,
+        }
+    }
+
+    /// The character a reply that is nothing but calls starts with, where the opening marker
+    /// is a special token the text leaves out.
+    fn bare_start(self) -> Option<char> {
+        match self {
+            ToolParser::Hermes => None,
+            ToolParser::Llama3Json => Some('{'),
+            ToolParser::Mistral => Some('['),
+        }
+    }
+
+    /// How a call is written, for the system message of a template that does not tell the
+    /// model itself.
+    pub fn how_to_call(self) -> &'static str {
+        match self {
+            ToolParser::Hermes => "To call a function, write <tool_call>{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}</tool_call>.",
+            ToolParser::Llama3Json => "To call a function, reply with only {\"name\": <function name>, \"parameters\": <arguments as a JSON object>}.",
+            ToolParser::Mistral => "To call functions, reply with only [TOOL_CALLS][{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}].",
         }
     }
 }
@@ -35,28 +88,35 @@ pub enum Piece {
     Call { name: String, arguments: String },
 }
 
-/// The calls a block's body holds (one `{"name", "arguments"|"parameters"}` object or a list of
-/// them), or `None` when it holds none (then the block stays text).
+/// The calls a block's body holds: JSON calls (`{"name", "arguments"|"parameters"}` objects or
+/// lists of them) one after another, apart by whitespace or `;`; `None` when it holds anything
+/// else or nothing (then the block stays text).
 fn calls_in(body: &str) -> Option<Vec<Piece>> {
-    let v: Value = serde_json::from_str(body.trim()).ok()?;
-    let list = match v {
-        Value::Array(a) => a,
-        one @ Value::Object(_) => vec![one],
-        _ => return None,
+    let mut calls = Vec::new();
+    let mut rest = body.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+    while !rest.is_empty() {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let v = values.next()?.ok()?;
+        rest = rest[values.byte_offset()..].trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        match v {
+            Value::Array(list) => calls.extend(list.iter().map(call_in).collect::<Option<Vec<_>>>()?),
+            one => calls.push(call_in(&one)?),
+        }
+    }
+    (!calls.is_empty()).then_some(calls)
+}
+
+/// One `{"name", "arguments"|"parameters"}` object as a call.
+fn call_in(c: &Value) -> Option<Piece> {
+    let name = c.get("name")?.as_str()?.to_string();
+    let arguments = match c.get("arguments").or_else(|| c.get("parameters")) {
+        None | Some(Value::Null) => "{}".to_string(),
+        // Some models write the arguments as JSON text already.
+        Some(Value::String(s)) => s.clone(),
+        Some(a @ Value::Object(_)) => a.to_string(),
+        Some(_) => return None,
     };
-    list.iter()
-        .map(|c| {
-            let name = c.get("name")?.as_str()?.to_string();
-            let arguments = match c.get("arguments").or_else(|| c.get("parameters")) {
-                None | Some(Value::Null) => "{}".to_string(),
-                // Some models write the arguments as JSON text already.
-                Some(Value::String(s)) => s.clone(),
-                Some(a) => a.to_string(),
-            };
-            Some(Piece::Call { name, arguments })
-        })
-        .collect::<Option<Vec<_>>>()
-        .filter(|c| !c.is_empty())
+    Some(Piece::Call { name, arguments })
 }
 
 /// How much of the end of `s` may be the start of `pat` (so must wait for more text).
@@ -64,64 +124,97 @@ fn partial_suffix(s: &str, pat: &str) -> usize {
     (1..pat.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && pat.starts_with(&s[s.len() - n..])).unwrap_or(0)
 }
 
+/// Where a [`Scanner`] is in the reply.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Place {
+    /// Nothing but whitespace yet (the reply may be bare calls).
+    #[default]
+    Start,
+    /// In text.
+    Text,
+    /// In a block, after its opening marker (or, bare, from the reply's start).
+    Block { bare: bool },
+}
+
 /// Splits streamed text into [`Piece`]s as soon as each is certain.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scanner {
-    /// Text not yet given out: a possible start of `<tool_call>`, or an open block.
+    parser: ToolParser,
+    /// Text not yet given out: leading whitespace, a possible start of the opening marker, or
+    /// an open block's body.
     held: String,
-    in_block: bool,
+    place: Place,
 }
 
 impl Scanner {
+    pub fn new(parser: ToolParser) -> Self {
+        Scanner { parser, held: String::new(), place: Place::Start }
+    }
+
     /// The pieces that `text`, after what came before, makes certain.
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         self.held += text;
+        let (open, close) = (self.parser.open(), self.parser.close());
         let mut out = Vec::new();
         loop {
-            if self.in_block {
-                let Some(end) = self.held.find(CLOSE) else { break };
-                let body = self.held[..end].to_string();
-                self.held.drain(..end + CLOSE.len());
-                self.in_block = false;
-                match calls_in(&body) {
-                    Some(calls) => out.extend(calls),
-                    None => out.push(Piece::Text(format!("{OPEN}{body}{CLOSE}"))),
+            match self.place {
+                Place::Start => {
+                    let Some(first) = self.held.trim_start().chars().next() else { break };
+                    self.place = if Some(first) == self.parser.bare_start() { Place::Block { bare: true } } else { Place::Text };
                 }
-            } else if let Some(start) = self.held.find(OPEN) {
-                if start > 0 {
-                    out.push(Piece::Text(self.held[..start].to_string()));
+                Place::Block { bare } => {
+                    let Some(close) = close else { break };
+                    let Some(end) = self.held.find(close) else { break };
+                    let body: String = self.held.drain(..end + close.len()).collect();
+                    self.place = Place::Text;
+                    out.extend(Self::block(&body[..end], || format!("{}{}", if bare { "" } else { open }, body)));
                 }
-                self.held.drain(..start + OPEN.len());
-                self.in_block = true;
-            } else {
-                let keep = partial_suffix(&self.held, OPEN);
-                let give = self.held.len() - keep;
-                if give > 0 {
-                    out.push(Piece::Text(self.held[..give].to_string()));
-                    self.held.drain(..give);
+                Place::Text => {
+                    if let Some(start) = self.held.find(open) {
+                        if start > 0 {
+                            out.push(Piece::Text(self.held[..start].to_string()));
+                        }
+                        self.held.drain(..start + open.len());
+                        self.place = Place::Block { bare: false };
+                    } else {
+                        let keep = partial_suffix(&self.held, open);
+                        let give = self.held.len() - keep;
+                        if give > 0 {
+                            out.push(Piece::Text(self.held.drain(..give).collect()));
+                        }
+                        break;
+                    }
                 }
-                break;
             }
         }
         out
     }
 
-    /// The end of the text: what is held comes out as text (a block never closed stays text).
+    /// A block's calls, or (none in it) its text as written.
+    fn block(body: &str, written: impl FnOnce() -> String) -> Vec<Piece> {
+        calls_in(body).unwrap_or_else(|| vec![Piece::Text(written())])
+    }
+
+    /// The end of the text: a block that runs to the end gives its calls; anything else held
+    /// comes out as text (a block never closed stays text).
     pub fn finish(&mut self) -> Vec<Piece> {
         let rest = std::mem::take(&mut self.held);
-        let rest = if std::mem::take(&mut self.in_block) { format!("{OPEN}{rest}") } else { rest };
-        if rest.is_empty() {
-            Vec::new()
-        } else {
-            vec![Piece::Text(rest)]
-        }
+        let open = self.parser.open();
+        let out = match std::mem::take(&mut self.place) {
+            Place::Block { bare: false } if self.parser.close().is_none() => Self::block(&rest, || format!("{open}{rest}")),
+            // A bare reply may still begin with the marker, where the tokenizer has it as text.
+            Place::Block { bare: true } => Self::block(rest.trim_start().strip_prefix(open).unwrap_or(&rest), || rest.clone()),
+            Place::Block { bare: false } => vec![Piece::Text(format!("{open}{rest}"))],
+            _ => vec![Piece::Text(rest)],
+        };
+        out.into_iter().filter(|p| *p != Piece::Text(String::new())).collect()
     }
 }
 
-/// A whole reply's text and calls: the text outside the blocks (trimmed; `None` if nothing is
+/// A whole reply's text and calls: the text outside the calls (trimmed; `None` if nothing is
 /// left) and the calls.
-pub fn parse(text: &str) -> (Option<String>, Vec<Piece>) {
-    let mut s = Scanner::default();
+pub fn parse(parser: ToolParser, text: &str) -> (Option<String>, Vec<Piece>) {
+    let mut s = Scanner::new(parser);
     let mut pieces = s.push(text);
     pieces.extend(s.finish());
     let mut content = String::new();
@@ -139,55 +232,103 @@ pub fn parse(text: &str) -> (Option<String>, Vec<Piece>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ToolParser::{Hermes, Llama3Json, Mistral};
 
     fn call(name: &str, arguments: &str) -> Piece {
         Piece::Call { name: name.into(), arguments: arguments.into() }
     }
 
     #[test]
-    fn whole_replies() {
-        let (text, calls) = parse("Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>");
+    fn hermes_replies() {
+        let (text, calls) = parse(Hermes, "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>");
         assert_eq!(text.as_deref(), Some("Let me check."));
         assert_eq!(calls, vec![call("get_weather", r#"{"city":"Paris"}"#)]);
-        let (text, calls) = parse(r#"<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "parameters": {"x": 1}}]</tool_call>"#);
+        let (text, calls) = parse(Hermes, r#"<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "parameters": {"x": 1}}]</tool_call>"#);
         assert_eq!((text, calls), (None, vec![call("a", "{}"), call("b", r#"{"x":1}"#)]), "SmolLM2's list");
-        let (_, calls) = parse(r#"<tool_call>{"name": "a", "arguments": "{\"k\": 2}"}</tool_call><tool_call>{"name": "c"}</tool_call>"#);
+        let (_, calls) = parse(Hermes, r#"<tool_call>{"name": "a", "arguments": "{\"k\": 2}"}</tool_call><tool_call>{"name": "c"}</tool_call>"#);
         assert_eq!(calls, vec![call("a", r#"{"k": 2}"#), call("c", "{}")]);
         // Not calls: the text stays as it was.
-        for text in ["no calls here", "<tool_call>not json</tool_call>", "<tool_call>{\"name\": 3}</tool_call>", "<tool_call>{\"name\": \"a\"", "a < b <tool"] {
-            assert_eq!(parse(text), (Some(text.trim().to_string()), vec![]), "{text}");
+        for text in ["no calls here", "<tool_call>not json</tool_call>", "<tool_call>{\"name\": 3}</tool_call>", "<tool_call>{\"name\": \"a\"", "a < b <tool", "<tool_call>{\"name\": \"a\", \"arguments\": [1]}</tool_call>", "{\"name\": \"a\"}"] {
+            assert_eq!(parse(Hermes, text), (Some(text.trim().to_string()), vec![]), "{text}");
+        }
+    }
+
+    #[test]
+    fn llama3_json_replies() {
+        let (text, calls) = parse(Llama3Json, " {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}");
+        assert_eq!((text, calls), (None, vec![call("get_weather", r#"{"city":"Paris"}"#)]));
+        let (text, calls) = parse(Llama3Json, r#"{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}"#);
+        assert_eq!((text, calls), (None, vec![call("a", r#"{"x":1}"#), call("b", "{}")]), "several, joined by ;");
+        let (text, calls) = parse(Llama3Json, r#"Checking.<|python_tag|>{"name": "a", "parameters": {}}"#);
+        assert_eq!((text.as_deref(), calls), (Some("Checking."), vec![call("a", "{}")]), "after the tag, where it is text");
+        for text in ["It is sunny.", "{not json}", r#"{"answer": 42}"#, r#"{"name": "a"} and more"#, "Use {\"name\": \"a\"} like this"] {
+            assert_eq!(parse(Llama3Json, text), (Some(text.to_string()), vec![]), "{text}");
+        }
+    }
+
+    #[test]
+    fn mistral_replies() {
+        let (text, calls) = parse(Mistral, r#"[TOOL_CALLS] [{"name": "a", "arguments": {"x": "y"}}, {"name": "b", "arguments": {}}]"#);
+        assert_eq!((text, calls), (None, vec![call("a", r#"{"x":"y"}"#), call("b", "{}")]));
+        let (text, calls) = parse(Mistral, r#"Let me see. [TOOL_CALLS][{"name": "a", "arguments": {}}]"#);
+        assert_eq!((text.as_deref(), calls), (Some("Let me see."), vec![call("a", "{}")]));
+        let (text, calls) = parse(Mistral, r#"[{"name": "a", "arguments": {}}]"#);
+        assert_eq!((text, calls), (None, vec![call("a", "{}")]), "the marker left out as a special token");
+        for text in ["[1] first, [2] second", "[TOOL_CALLS] none", "Plain."] {
+            assert_eq!(parse(Mistral, text), (Some(text.to_string()), vec![]), "{text}");
         }
     }
 
     /// Streamed in every split of the same reply, the pieces come out the same (texts joined).
     #[test]
     fn any_split_gives_the_same_pieces() {
-        let reply = "Sure, <b>bold</b> <tool_call>{\"name\": \"f\", \"arguments\": {\"s\": \"é<\"}}</tool_call> done <tool";
-        let (whole_text, whole_calls) = parse(reply);
-        let chars: Vec<char> = reply.chars().collect();
-        for step in 1..=7 {
-            let mut s = Scanner::default();
-            let mut pieces = Vec::new();
-            for chunk in chars.chunks(step) {
-                pieces.extend(s.push(&chunk.iter().collect::<String>()));
+        let replies = [
+            (Hermes, "Sure, <b>bold</b> <tool_call>{\"name\": \"f\", \"arguments\": {\"s\": \"é<\"}}</tool_call> done <tool"),
+            (Llama3Json, "  {\"name\": \"f\", \"parameters\": {\"s\": \"é{\"}}; {\"name\": \"g\"}"),
+            (Llama3Json, "Fine <|py> : <|python_tag|>{\"name\": \"f\", \"parameters\": {}}"),
+            (Mistral, "Right [x]. [TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"s\": \"é[\"}}]"),
+            (Mistral, "[{\"name\": \"f\", \"arguments\": {}}]"),
+        ];
+        for (parser, reply) in replies {
+            let (whole_text, whole_calls) = parse(parser, reply);
+            assert!(!whole_calls.is_empty(), "{reply}");
+            let chars: Vec<char> = reply.chars().collect();
+            for step in 1..=7 {
+                let mut s = Scanner::new(parser);
+                let mut pieces = Vec::new();
+                for chunk in chars.chunks(step) {
+                    pieces.extend(s.push(&chunk.iter().collect::<String>()));
+                }
+                pieces.extend(s.finish());
+                let text: String = pieces.iter().filter_map(|p| if let Piece::Text(t) = p { Some(t.as_str()) } else { None }).collect();
+                let calls: Vec<Piece> = pieces.into_iter().filter(|p| matches!(p, Piece::Call { .. })).collect();
+                let text = text.trim();
+                assert_eq!(((!text.is_empty()).then(|| text.to_string()), &calls), (whole_text.clone(), &whole_calls), "{reply:?} in chunks of {step}");
             }
-            pieces.extend(s.finish());
-            let text: String = pieces.iter().filter_map(|p| if let Piece::Text(t) = p { Some(t.as_str()) } else { None }).collect();
-            let calls: Vec<Piece> = pieces.into_iter().filter(|p| matches!(p, Piece::Call { .. })).collect();
-            assert_eq!((Some(text.trim().to_string()), &calls), (whole_text.clone(), &whole_calls), "chunks of {step}");
         }
-        assert_eq!(whole_calls, vec![call("f", r#"{"s":"é<"}"#)]);
-        assert_eq!(whole_text.as_deref(), Some("Sure, <b>bold</b>  done <tool"));
+        let (text, calls) = parse(Hermes, replies[0].1);
+        assert_eq!(calls, vec![call("f", r#"{"s":"é<"}"#)]);
+        assert_eq!(text.as_deref(), Some("Sure, <b>bold</b>  done <tool"));
     }
 
     #[test]
     fn text_that_may_open_a_block_waits() {
-        let mut s = Scanner::default();
+        let mut s = Scanner::new(Hermes);
         assert_eq!(s.push("Hello <to"), vec![Piece::Text("Hello ".into())]);
         assert_eq!(s.push("ol_c"), vec![]);
         assert_eq!(s.push("ar!"), vec![Piece::Text("<tool_car!".into())]);
         assert_eq!(s.finish(), vec![]);
-        assert_eq!("hermes".parse::<ToolParser>(), Ok(ToolParser::Hermes));
-        assert!("mistral".parse::<ToolParser>().unwrap_err().contains("hermes"));
+        // A reply that may be bare calls waits for its first character, then for its end.
+        let mut s = Scanner::new(Llama3Json);
+        assert_eq!(s.push(" \n"), vec![]);
+        assert_eq!(s.push("Hi"), vec![Piece::Text(" \nHi".into())]);
+        let mut s = Scanner::new(Llama3Json);
+        assert_eq!(s.push("{\"name\": \"f\"}"), vec![]);
+        assert_eq!(s.finish(), vec![call("f", "{}")]);
+        for (name, parser) in [("hermes", Hermes), ("llama3_json", Llama3Json), ("mistral", Mistral)] {
+            assert_eq!(name.parse::<ToolParser>(), Ok(parser));
+        }
+        let err = "pythonic".parse::<ToolParser>().unwrap_err();
+        assert!(err.contains("hermes") && err.contains("llama3_json") && err.contains("mistral"), "{err}");
     }
 }
