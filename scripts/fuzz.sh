@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fuzzes every parser that reads a user's file (fuzz/src/lib.rs has one target each: gguf,
-# model_dir, awq_linear, tokenizer, chat_template, configs) with cargo fuzz (libFuzzer), SECONDS
+# Fuzzes every parser that reads a user's file or a server request (fuzz/src/lib.rs has one
+# target each: gguf, model_dir, awq_linear, tokenizer, chat_template, configs, request,
+# tool_calls) with cargo fuzz (libFuzzer), SECONDS
 # per target, and prints executions and crashes per target.
 #
 #   scripts/fuzz.sh 60                 # 60 s per target, one target after another
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 SECS=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
 shift
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(gguf model_dir awq_linear tokenizer chat_template configs)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(gguf model_dir awq_linear tokenizer chat_template configs request tool_calls)
 JOBS=${FUZZ_JOBS:-1}
 
 if ! rustup run nightly cargo --version >/dev/null 2>&1; then

@@ -127,6 +127,32 @@ fn seeds() -> Corpus {
     add("chat_template", "pythonic", harness::frame(&[pythonic.as_bytes(), &messages]));
 
     // The real files, where scripts/fetch-models.sh has fetched them.
+    // Server requests the handlers accept, one per family of fields.
+    let weather = r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}"#;
+    let requests = [
+        ("chat-sampling", r#"{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "max_tokens": 16, "stop": ["\n\n", "END"], "seed": 7, "frequency_penalty": 0.5, "stream": true, "stream_options": {"include_usage": true}, "n": 2, "logprobs": true, "top_logprobs": 3}"#.to_string()),
+        ("chat-json-schema", r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "A cat"}]}], "response_format": {"type": "json_schema", "json_schema": {"name": "cat", "schema": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}}}, "logit_bias": {"5": -100, "17": 3.5}}"#.to_string()),
+        ("chat-guided-regex", r#"{"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9]{3}-[a-z]+", "repetition_penalty": 1.1, "max_completion_tokens": 8}"#.to_string()),
+        ("chat-tools-required", format!(r#"{{"messages": [{{"role": "user", "content": "Weather in Oslo?"}}, {{"role": "assistant", "content": null, "tool_calls": [{{"id": "c1", "type": "function", "function": {{"name": "get_weather", "arguments": "{{\"city\": \"Oslo\"}}"}}}}]}}, {{"role": "tool", "tool_call_id": "c1", "content": "sunny"}}], "tools": [{weather}], "tool_choice": "required", "parallel_tool_calls": false}}"#)),
+        ("chat-tools-named", format!(r#"{{"messages": [{{"role": "user", "content": "Weather?"}}], "tools": [{weather}], "tool_choice": {{"type": "function", "function": {{"name": "get_weather"}}}}}}"#)),
+        ("chat-tools-auto", format!(r#"{{"messages": [{{"role": "user", "content": "Weather?"}}], "tools": [{weather}], "guided_choice": ["a", "b"]}}"#)),
+        ("completion-token-ids", r#"{"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 4, "echo": true, "logprobs": 2, "structured_outputs": {"choice": ["yes", "no"]}}"#.to_string()),
+    ];
+    for (name, body) in requests {
+        add("request", name, body.into_bytes());
+    }
+    // Replies read for tool calls: parser byte, piece-size byte, text.
+    let replies: [(u8, &str); 4] = [
+        (0, "Let me check. <tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>"),
+        (0, "<tool_call>[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"parameters\": {\"x\": 1}}]</tool_call>"),
+        (1, "{\"name\": \"a\", \"parameters\": {\"x\": [1, 2]}}; {\"name\": \"b\", \"parameters\": {}}"),
+        (2, "Sure. [TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"s\": \"é\"}}]"),
+    ];
+    for (i, (parser, text)) in replies.iter().enumerate() {
+        let mut b = vec![*parser, 2 + i as u8];
+        b.extend_from_slice(text.as_bytes());
+        add("tool_calls", &format!("reply-{i}"), b);
+    }
     let real = repo().join("models/smollm2-135m-instruct");
     if let Some(cfg) = read(&real, "config.json") {
         add("configs", "smollm2-config", cfg.clone());

@@ -1,4 +1,5 @@
-//! The fuzz targets' bodies: one function per parser that reads a user's file. Each takes the
+//! The fuzz targets' bodies: one function per parser that reads a user's file or a server
+//! request. Each takes the
 //! fuzzer's bytes and must return without panicking, whatever they are; errors are the expected
 //! outcome for almost every input. `fuzz_targets/*.rs` hand them to libFuzzer, and the main
 //! crate's `tests/fuzz_corpus.rs` runs the seeds and every saved crash input through them as
@@ -17,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 /// The names of the targets, as `fuzz_targets/NAME.rs` and the corpus folders spell them.
-pub const TARGETS: &[&str] = &["gguf", "model_dir", "awq_linear", "tokenizer", "chat_template", "configs"];
+pub const TARGETS: &[&str] = &["gguf", "model_dir", "awq_linear", "tokenizer", "chat_template", "configs", "request", "tool_calls"];
 
 /// Runs target `name` on `data`; true when the input was accepted all the way (a model loaded
 /// and ran, a template rendered, ...), which the seeds' test checks.
@@ -29,6 +30,8 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "tokenizer" => tokenizer_json(data),
         "chat_template" => chat_template(data),
         "configs" => configs(data),
+        "request" => request(data),
+        "tool_calls" => tool_calls(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -194,4 +197,67 @@ pub fn configs(data: &[u8]) -> bool {
     accepted |= QuantSpec::parse(&v, "quant_config.json").is_ok();
     accepted |= SamplingParams::default().with_generation_config(&v, "generation_config.json").is_ok();
     accepted
+}
+
+/// A server request's body: parsed as the chat and completion handlers parse it, every field
+/// reader in turn (sampling, log-probabilities, refused fields, `logit_bias`, structured output,
+/// tools with each parser, messages, prompts); true when its endpoint (chat where it has
+/// `messages`, else completions) would accept it.
+pub fn request(data: &[u8]) -> bool {
+    use awq_run::server::openai;
+    use awq_run::server::tool_parser::ToolParser;
+    let Ok(o) = openai::parse_body(data) else { return false };
+    let vocab = 1000;
+    let chat = o.contains_key("messages");
+    let common = openai::common(&o, &SamplingParams::default(), vocab).is_ok();
+    let logprobs = [openai::logprobs(&o, true).is_ok(), openai::logprobs(&o, false).is_ok()];
+    let allowed = [openai::refuse_unsupported(&o, true).is_ok(), openai::refuse_unsupported(&o, false).is_ok()];
+    let bias = openai::logit_bias(&o, vocab).is_ok();
+    let grammar = openai::grammar(&o).is_ok();
+    let mut tools = false;
+    for parser in [None, Some(ToolParser::Hermes), Some(ToolParser::Llama3Json), Some(ToolParser::Mistral)] {
+        if let Ok((_, calls)) = openai::tools(&o, parser) {
+            let _ = calls.as_ref().map(openai::ToolCalls::grammar);
+            tools = true;
+        }
+    }
+    let messages = openai::messages(&o).is_ok();
+    let prompts = openai::prompts(&o, vocab).is_ok();
+    let endpoint = if chat { logprobs[0] && allowed[0] && tools && messages } else { logprobs[1] && allowed[1] && prompts };
+    common && bias && grammar && endpoint
+}
+
+/// A reply's text read for tool calls: the first byte picks the parser, the second the size of
+/// the streamed pieces, the rest is the text. Streamed in those pieces, the scanner must give the
+/// text and calls that the whole reply gives (a difference panics, for the fuzzer to report);
+/// true when the text holds calls.
+pub fn tool_calls(data: &[u8]) -> bool {
+    use awq_run::server::tool_parser::{parse, Piece, Scanner, ToolParser};
+    let mut b = Bytes(data);
+    let parser = [ToolParser::Hermes, ToolParser::Llama3Json, ToolParser::Mistral][b.byte() as usize % 3];
+    let step = 1 + b.byte() as usize % 16;
+    let text = String::from_utf8_lossy(b.0);
+    let (whole_text, whole_calls) = parse(parser, &text);
+    let chars: Vec<char> = text.chars().collect();
+    let mut s = Scanner::new(parser);
+    let mut pieces = Vec::new();
+    for chunk in chars.chunks(step) {
+        pieces.extend(s.push(&chunk.iter().collect::<String>()));
+    }
+    pieces.extend(s.finish());
+    let mut streamed_text = String::new();
+    let mut streamed_calls = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Text(t) => streamed_text += &t,
+            call => streamed_calls.push(call),
+        }
+    }
+    let streamed_text = streamed_text.trim();
+    assert_eq!(
+        ((!streamed_text.is_empty()).then(|| streamed_text.to_string()), &streamed_calls),
+        (whole_text, &whole_calls),
+        "{parser:?}: streamed in pieces of {step} characters"
+    );
+    !whole_calls.is_empty()
 }
