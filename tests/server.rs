@@ -511,6 +511,33 @@ fn llama3_json_calls_are_read_out_of_the_text() {
     }
 }
 
+/// Without `--tool-call-parser`, a chat template that teaches `<tool_call>` blocks turns the
+/// hermes parser on; `--tool-call-parser none` turns it off again; a template without tools
+/// (the tiny model's ChatML) leaves `auto` refused.
+#[test]
+fn the_tool_call_parser_is_read_off_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinySpec { max_pos: 2048, ..TinySpec::new(awq_run::model::Arch::Llama) }.write_dir(&dir.path().join("tiny"));
+    let config = model.join("tokenizer_config.json");
+    let mut tc: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    tc["chat_template"] = json!(format!("{{# calls come in <tool_call></tool_call> blocks #}}{}", tc["chat_template"].as_str().unwrap()));
+    std::fs::write(&config, tc.to_string()).unwrap();
+    let tools = json!([{"type": "function", "function": {"name": "ring", "parameters": {"type": "object", "properties": {}}}}]);
+    let body = json!({"messages": [{"role": "user", "content": "ring"}], "tools": tools, "temperature": 0, "max_tokens": 100, "guided_regex": r#"<tool_call>\{"name": "ring", "arguments": \{\}\}</tool_call>"#});
+    let (child, base) = common::spawn_server(&model, &[]);
+    let s = Server { child, base, _dir: dir };
+    let v = s.chat(body.clone());
+    assert_eq!((&v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], &v["choices"][0]["finish_reason"]), (&json!("ring"), &json!("tool_calls")), "{v}");
+    let (child, base) = common::spawn_server(&model, &["--tool-call-parser", "none"]);
+    let off = Server { child, base, _dir: tempfile::tempdir().unwrap() };
+    let (status, v, _) = off.post("/v1/chat/completions", &body.to_string(), None);
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("tool_choice")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--tool-call-parser"), "{v}");
+    let plain = start(&[]);
+    let (status, _, _) = plain.post("/v1/chat/completions", &body.to_string(), None);
+    assert_eq!(status, 400, "ChatML names no syntax");
+}
+
 /// `logit_bias`: +100 all but forces a token, −100 bans it; log-probabilities stay the raw ones.
 #[test]
 fn logit_bias_forces_and_bans_tokens() {

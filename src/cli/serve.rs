@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use awq_run::engine::scheduler::SchedulerConfig;
 use awq_run::model::paged::{KvPool, BLOCK_TOKENS};
 use awq_run::server::{AppState, Server, ServerOptions};
+use awq_run::server::tool_parser::ToolParser;
 use awq_run::ModelAssets;
 use std::net::{IpAddr, SocketAddr};
 
@@ -56,12 +57,30 @@ pub struct Args {
     /// The model name the API reports and accepts (default: the model's directory or file name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Read tool calls out of replies in this syntax, for `tool_choice: "auto"` (refused
-    /// without it): `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`: Qwen 2.5 / 3,
-    /// Hermes, SmolLM2), `llama3_json` (a reply of `{"name", "parameters"}` calls joined by `;`:
-    /// Llama 3.1-3.3), `mistral` (`[TOOL_CALLS][{"name", "arguments"}, ...]`).
+    /// Read tool calls out of replies in this syntax, for `tool_choice: "auto"`: `hermes`
+    /// (`<tool_call>{"name", "arguments"}</tool_call>`: Qwen 2.5 / 3, Hermes, SmolLM2),
+    /// `llama3_json` (a reply of `{"name", "parameters"}` calls joined by `;`: Llama 3.1-3.3),
+    /// `mistral` (`[TOOL_CALLS][{"name", "arguments"}, ...]`), or `none` (`auto` refused).
+    /// Default: the syntax the model's chat template teaches, where it names one; else none.
     #[arg(long, value_name = "NAME")]
-    pub tool_call_parser: Option<awq_run::server::tool_parser::ToolParser>,
+    pub tool_call_parser: Option<ParserFlag>,
+}
+
+/// `--tool-call-parser`: a syntax, or `none`.
+#[derive(Debug, Clone, Copy)]
+pub enum ParserFlag {
+    Off,
+    On(ToolParser),
+}
+
+impl std::str::FromStr for ParserFlag {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(ParserFlag::Off),
+            _ => s.parse().map(ParserFlag::On).map_err(|e| format!("{e}, or none")),
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -103,7 +122,18 @@ pub fn run(a: Args) -> Result<()> {
     });
     let prefill_chunk = a.prefill_chunk.unwrap_or_else(|| awq_run::engine::device::default_prefill_chunk(&device));
     let sched = SchedulerConfig { max_batch: a.max_batch, max_queue: a.max_queue, kv_blocks, prefill_chunk, kv_dtype: Some(kv_dtype), prefix_cache: !a.no_prefix_cache };
-    let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults, tool_parser: a.tool_call_parser };
+    let tool_parser = match a.tool_call_parser {
+        Some(ParserFlag::Off) => None,
+        Some(ParserFlag::On(p)) => Some(p),
+        None => {
+            let found = assets.chat_template.as_deref().and_then(ToolParser::from_template);
+            if let Some(p) = found {
+                eprintln!("tool calls in tool_choice \"auto\": the {} syntax, which the chat template teaches (--tool-call-parser to choose another, or none)", p.name());
+            }
+            found
+        }
+    };
+    let opts = ServerOptions { model_name: name.clone(), api_key: a.api_key.clone(), defaults, tool_parser };
     super::common::warm_up_cuda(&model)?;
     let state = AppState::new(model, &assets, sched, opts)?;
     if state.engine.context_by_cache {

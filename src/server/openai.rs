@@ -456,7 +456,7 @@ pub fn tools(o: &Map<String, Value>, parser: Option<ToolParser>) -> ApiResult<(O
             None => {
                 return Err(ApiError::bad_request(
                     "tool_choice",
-                    "tool_choice \"auto\" (the default where tools are given) needs a parser of the model's own tool-call syntax, and this server was started without one (serve --tool-call-parser hermes|llama3_json|mistral). Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
+                    "tool_choice \"auto\" (the default where tools are given) needs a parser of the model's own tool-call syntax, and this server has none: the model's chat template names no syntax, or --tool-call-parser none turned it off (serve --tool-call-parser hermes|llama3_json|mistral chooses one). Send \"required\", a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
                 ))
             }
         },

@@ -42,6 +42,31 @@ impl std::str::FromStr for ToolParser {
 }
 
 impl ToolParser {
+    /// The name `--tool-call-parser` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolParser::Hermes => "hermes",
+            ToolParser::Llama3Json => "llama3_json",
+            ToolParser::Mistral => "mistral",
+        }
+    }
+
+    /// The syntax a chat template teaches its model, where it says (as llama-server reads a
+    /// model's tool-call format off its template): Mistral's `[TOOL_CALLS]`, Hermes' (Qwen's)
+    /// `<tool_call>`, or a Llama 3 template (its `<|start_header_id|>` headers) that reads
+    /// `tools`. `None` for a template without tools, such as SmolLM2's or ChatML.
+    pub fn from_template(template: &str) -> Option<Self> {
+        if template.contains("[TOOL_CALLS]") {
+            Some(ToolParser::Mistral)
+        } else if template.contains("<tool_call>") {
+            Some(ToolParser::Hermes)
+        } else if template.contains("<|start_header_id|>") && template.contains("tools") {
+            Some(ToolParser::Llama3Json)
+        } else {
+            None
+        }
+    }
+
     /// The text that opens a block of calls.
     fn open(self) -> &'static str {
         match self {
@@ -327,8 +352,22 @@ mod tests {
         assert_eq!(s.finish(), vec![call("f", "{}")]);
         for (name, parser) in [("hermes", Hermes), ("llama3_json", Llama3Json), ("mistral", Mistral)] {
             assert_eq!(name.parse::<ToolParser>(), Ok(parser));
+            assert_eq!(parser.name(), name);
         }
         let err = "pythonic".parse::<ToolParser>().unwrap_err();
         assert!(err.contains("hermes") && err.contains("llama3_json") && err.contains("mistral"), "{err}");
+    }
+
+    /// Templates name their syntax; templates without tools name none.
+    #[test]
+    fn the_syntax_is_read_off_the_template() {
+        let qwen = "{%- if tools %}{{- '<|im_start|>system\\n' }}# Tools\n<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>\nFor each function call, return a json object within <tool_call></tool_call> XML tags{% endif %}";
+        let llama = "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{%- if tools is not none %}{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.' }}{%- endif %}";
+        let mistral = "{%- if tools is not none and loop.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}{%- for tool_call in message.tool_calls %}[TOOL_CALLS] {{ tool_call | tojson }}{% endfor %}";
+        assert_eq!(ToolParser::from_template(qwen), Some(Hermes));
+        assert_eq!(ToolParser::from_template(llama), Some(Llama3Json));
+        assert_eq!(ToolParser::from_template(mistral), Some(Mistral));
+        assert_eq!(ToolParser::from_template(crate::engine::chat_template::CHATML), None);
+        assert_eq!(ToolParser::from_template("{{ '<|start_header_id|>user<|end_header_id|>' + messages[0].content }}"), None, "Llama 3 without tools");
     }
 }
