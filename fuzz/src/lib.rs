@@ -232,7 +232,7 @@ pub fn request(data: &[u8]) -> bool {
 /// text and calls that the whole reply gives (a difference panics, for the fuzzer to report);
 /// true when the text holds calls.
 pub fn tool_calls(data: &[u8]) -> bool {
-    use awq_run::server::tool_parser::{parse, Piece, Scanner, ToolParser};
+    use awq_run::server::tool_parser::{join, parse, Scanner, ToolParser};
     let mut b = Bytes(data);
     let parser = [ToolParser::Hermes, ToolParser::Llama3Json, ToolParser::Mistral][b.byte() as usize % 3];
     let step = 1 + b.byte() as usize % 16;
@@ -245,19 +245,6 @@ pub fn tool_calls(data: &[u8]) -> bool {
         pieces.extend(s.push(&chunk.iter().collect::<String>()));
     }
     pieces.extend(s.finish());
-    let mut streamed_text = String::new();
-    let mut streamed_calls = Vec::new();
-    for p in pieces {
-        match p {
-            Piece::Text(t) => streamed_text += &t,
-            call => streamed_calls.push(call),
-        }
-    }
-    let streamed_text = streamed_text.trim();
-    assert_eq!(
-        ((!streamed_text.is_empty()).then(|| streamed_text.to_string()), &streamed_calls),
-        (whole_text, &whole_calls),
-        "{parser:?}: streamed in pieces of {step} characters"
-    );
+    assert_eq!(join(pieces), (whole_text, whole_calls.clone()), "{parser:?}: streamed in pieces of {step} characters");
     !whole_calls.is_empty()
 }

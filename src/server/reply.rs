@@ -49,6 +49,11 @@ fn tool_call(name: &str, arguments: &str) -> Value {
     json!({"id": format!("call_{}", super::routes::next_id()), "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
+/// Calls (name, arguments) in OpenAI's shape, each with a new id.
+fn tool_calls(calls: &[(String, String)]) -> Vec<Value> {
+    calls.iter().map(|(name, arguments)| tool_call(name, arguments)).collect()
+}
+
 /// A call as a streamed delta holds it: [`tool_call`] with its place among the reply's calls.
 fn tool_call_delta(index: usize, name: &str, arguments: &str) -> Value {
     let mut call = tool_call(name, arguments);
@@ -70,24 +75,12 @@ fn chat_message(text: String, tools: Option<&ToolCalls>, done: &Finish) -> (Valu
     match tools {
         Some(ToolCalls::Named(t)) => (json!({"role": "assistant", "content": null, "tool_calls": [tool_call(&t.name, &text)]}), reason(done)),
         Some(ToolCalls::Required(..)) => match required_calls(&text) {
-            Some(calls) => {
-                let calls: Vec<Value> = calls.iter().map(|(name, arguments)| tool_call(name, arguments)).collect();
-                (json!({"role": "assistant", "content": null, "tool_calls": calls}), "tool_calls")
-            }
+            Some(calls) => (json!({"role": "assistant", "content": null, "tool_calls": tool_calls(&calls)}), "tool_calls"),
             None => (json!({"role": "assistant", "content": text}), reason(done)),
         },
         Some(ToolCalls::Auto(parser)) => match tool_parser::parse(*parser, &text) {
             (_, calls) if calls.is_empty() => (json!({"role": "assistant", "content": text}), reason(done)),
-            (content, calls) => {
-                let calls: Vec<Value> = calls
-                    .iter()
-                    .filter_map(|c| match c {
-                        Piece::Call { name, arguments } => Some(tool_call(name, arguments)),
-                        Piece::Text(_) => None,
-                    })
-                    .collect();
-                (json!({"role": "assistant", "content": content, "tool_calls": calls}), "tool_calls")
-            }
+            (content, calls) => (json!({"role": "assistant", "content": content, "tool_calls": tool_calls(&calls)}), "tool_calls"),
         },
         None => (json!({"role": "assistant", "content": text}), reason(done)),
     }

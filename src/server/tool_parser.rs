@@ -237,17 +237,23 @@ impl Scanner {
 }
 
 /// A whole reply's text and calls: the text outside the calls (trimmed; `None` if nothing is
-/// left) and the calls.
-pub fn parse(parser: ToolParser, text: &str) -> (Option<String>, Vec<Piece>) {
+/// left) and the calls (name, arguments).
+pub fn parse(parser: ToolParser, text: &str) -> (Option<String>, Vec<(String, String)>) {
     let mut s = Scanner::new(parser);
     let mut pieces = s.push(text);
     pieces.extend(s.finish());
+    join(pieces)
+}
+
+/// A reply's pieces as [`parse`] gives them: the texts joined and trimmed (`None` if nothing
+/// is left), the calls in order.
+pub fn join(pieces: Vec<Piece>) -> (Option<String>, Vec<(String, String)>) {
     let mut content = String::new();
     let mut calls = Vec::new();
     for p in pieces {
         match p {
             Piece::Text(t) => content += &t,
-            call => calls.push(call),
+            Piece::Call { name, arguments } => calls.push((name, arguments)),
         }
     }
     let content = content.trim();
@@ -259,8 +265,8 @@ mod tests {
     use super::*;
     use ToolParser::{Hermes, Llama3Json, Mistral};
 
-    fn call(name: &str, arguments: &str) -> Piece {
-        Piece::Call { name: name.into(), arguments: arguments.into() }
+    fn call(name: &str, arguments: &str) -> (String, String) {
+        (name.into(), arguments.into())
     }
 
     #[test]
@@ -325,10 +331,7 @@ mod tests {
                     pieces.extend(s.push(&chunk.iter().collect::<String>()));
                 }
                 pieces.extend(s.finish());
-                let text: String = pieces.iter().filter_map(|p| if let Piece::Text(t) = p { Some(t.as_str()) } else { None }).collect();
-                let calls: Vec<Piece> = pieces.into_iter().filter(|p| matches!(p, Piece::Call { .. })).collect();
-                let text = text.trim();
-                assert_eq!(((!text.is_empty()).then(|| text.to_string()), &calls), (whole_text.clone(), &whole_calls), "{reply:?} in chunks of {step}");
+                assert_eq!(join(pieces), (whole_text.clone(), whole_calls.clone()), "{reply:?} in chunks of {step}");
             }
         }
         let (text, calls) = parse(Hermes, replies[0].1);
@@ -349,7 +352,7 @@ mod tests {
         assert_eq!(s.push("Hi"), vec![Piece::Text(" \nHi".into())]);
         let mut s = Scanner::new(Llama3Json);
         assert_eq!(s.push("{\"name\": \"f\"}"), vec![]);
-        assert_eq!(s.finish(), vec![call("f", "{}")]);
+        assert_eq!(s.finish(), vec![Piece::Call { name: "f".into(), arguments: "{}".into() }]);
         for (name, parser) in [("hermes", Hermes), ("llama3_json", Llama3Json), ("mistral", Mistral)] {
             assert_eq!(name.parse::<ToolParser>(), Ok(parser));
             assert_eq!(parser.name(), name);
