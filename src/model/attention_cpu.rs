@@ -155,18 +155,7 @@ const KEY_AHEAD: usize = 16;
 
 /// Turns each head's row of raw scores into softmax weights, in place.
 fn softmax_rows(scores: &mut [f32], len: usize) {
-    for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-        let mut sum = 0f32;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for s in row.iter_mut() {
-            *s *= inv;
-        }
-    }
+    scores.chunks_exact_mut(len).for_each(super::cpu_math::softmax);
 }
 
 /// [`attend_heads`] with AVX2 and FMA, head size a multiple of 8. Scores are taken 8 positions at

@@ -10,9 +10,7 @@
 //! the `gemm` crate's microkernels for both products (they take the paged cache's strided keys
 //! and values in place).
 use super::attention_cpu::f32_slice;
-use super::cpu_math::exp_nonpositive;
-#[cfg(target_arch = "x86_64")]
-use super::cpu_math::x86::exp_nonpositive_avx2;
+use super::cpu_math::softmax;
 use crate::quant::cpu::{gemm_f32, pool};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -112,98 +110,13 @@ fn softmax_in_span(row: &mut [f32], span: std::ops::Range<usize>) {
     let (live, tail) = rest.split_at_mut(span.len());
     head.fill(0.0);
     tail.fill(0.0);
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: both features were just detected.
-        return unsafe { softmax_avx2(live) };
-    }
-    softmax_any(live)
-}
-
-fn softmax_any(live: &mut [f32]) {
-    let max = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
-        *x = exp_nonpositive(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    live.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// [`softmax_any`] 8 lanes at a time with AVX2 intrinsics (the compiler left the portable loop
-/// scalar); the tail of fewer than 8 takes the portable steps.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(live: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n8 = live.len() / 8 * 8;
-    let p = live.as_mut_ptr();
-    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
-    for i in (0..n8).step_by(8) {
-        mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i)));
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
-    let max = live[n8..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let vmax = _mm256_set1_ps(max);
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..n8).step_by(8) {
-        let e = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
-        _mm256_storeu_ps(p.add(i), e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut sum: f32 = lanes.iter().sum();
-    for x in live[n8..].iter_mut() {
-        *x = exp_nonpositive(*x - max);
-        sum += *x;
-    }
-    let inv = _mm256_set1_ps(1.0 / sum);
-    for i in (0..n8).step_by(8) {
-        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
-    }
-    for x in live[n8..].iter_mut() {
-        *x *= 1.0 / sum;
-    }
+    softmax(live)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    /// The dispatched softmax (AVX2 here) and the portable one against f64, on lengths around
-    /// the 8 lanes, with scores spread wide enough that some flush to zero.
-    #[test]
-    fn softmax_in_span_matches_an_f64_reference() {
-        let mut r = crate::rng::Rng::new(5);
-        for len in [1usize, 7, 8, 9, 16, 23, 100] {
-            for spread in [1f32, 60.0] {
-                let x: Vec<f32> = (0..len + 5).map(|_| r.unit() * spread).collect();
-                let span = 2..2 + len;
-                let mx = x[span.clone()].iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-                let z: f64 = x[span.clone()].iter().map(|&v| (v as f64 - mx).exp()).sum();
-                let mut fast = x.clone();
-                softmax_in_span(&mut fast, span.clone());
-                let mut portable = x.clone();
-                portable[..2].fill(0.0);
-                portable[2 + len..].fill(0.0);
-                softmax_any(&mut portable[span.clone()]);
-                for (i, (f, p)) in fast.iter().zip(&portable).enumerate() {
-                    let want = if span.contains(&i) { (x[i] as f64 - mx).exp() / z } else { 0.0 };
-                    // x − max is rounded to f32 first: half an ulp of it moves e^(x − max) by
-                    // |x − max|·2⁻²⁴ relative, on top of the exponential's own 3e-7.
-                    let tol = want * (1e-6 + (x[i] as f64 - mx).abs() * 6e-8) + 1e-30;
-                    assert!((*f as f64 - want).abs() <= tol, "dispatched len={len} i={i}: {f} vs {want}");
-                    assert!((*p as f64 - want).abs() <= tol, "portable len={len} i={i}: {p} vs {want}");
-                }
-            }
-        }
-    }
 
     /// Masked softmax attention in f64, straight from the definition.
     #[allow(clippy::too_many_arguments)]

@@ -114,9 +114,7 @@ impl Q8Weight {
                         None => panel_tile(path, &a, &acts, t0, tile, out),
                     }
                     for (t, o) in out[..tile].iter().enumerate() {
-                        for (r, v) in rows.clone().zip(o) {
-                            dst.put(t0 + t, r, *v);
-                        }
+                        dst.put_run(t0 + t, rows.start, &o[..rows.len()]);
                     }
                     t0 += tile;
                 }

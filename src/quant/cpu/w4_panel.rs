@@ -76,9 +76,7 @@ pub fn matmul_acts(ws: &[&PackedQ4], acts: &QuantizedActs, path: A8Path) -> Vec<
                     None => panel_tile(path, a.0, a.1, a.2, acts, t0, tile, y),
                 }
                 for (t, yt) in y[..tile].iter().enumerate() {
-                    for (o, v) in rows.clone().zip(yt) {
-                        out.put(t0 + t, o, *v);
-                    }
+                    out.put_run(t0 + t, rows.start, &yt[..rows.len()]);
                 }
                 t0 += tile;
             }
