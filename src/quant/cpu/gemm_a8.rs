@@ -103,10 +103,11 @@ pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
     let map = RowMap::new(ws);
     let n = map.n;
     let groups = k / gsize;
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut y = vec![0f32; m * n];
-    #[cfg(target_arch = "x86_64")]
-    let y_ptr = super::SendPtr(y.as_mut_ptr());
+    // Not zeroed: every tile stores all its rows for each of its tokens (a prompt's output is
+    // megabytes, zeroed on the calling thread alone).
+    let mut y = super::Unstored::new(m, n);
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let y_ptr = y.ptr();
     pool::for_ranges(n.div_ceil(PANEL_ROWS), 1, |panels| {
         let mut panel = Panel::new(k, groups);
         for p in panels {
@@ -125,7 +126,9 @@ pub fn matmul_many(ws: &[&PackedQ4], acts: &QuantizedActs) -> Vec<f32> {
             }
         }
     });
-    y
+    // SAFETY: the panels cover all n rows and the tiles all m tokens, and a tile stores every
+    // row of its panel for each of its tokens.
+    unsafe { y.all_stored() }
 }
 
 /// Where a tile writes: `y[t][r0 + i]` for `i < rows`, rows of `n`.

@@ -364,16 +364,10 @@ fn par_output_rows<S>(m: usize, n: usize, init: impl Fn() -> S + Sync, fill: imp
 /// [`par_output_rows`] for kernels that take `block` rows at a time: `fill(rows, out)` gets
 /// `block` consecutive columns (fewer at the end) and stores `y[t][o]` with `out.put(t, o, v)`.
 ///
-/// `fill` must store every `y[t][o]` of its block (all `t < m`): the output is not zeroed first.
-/// Zeroing it cost 5 % of an 8-sequence SmolLM2 decode step, on the calling thread while the
-/// others waited, for values every kernel overwrites. Test and debug builds fill it with a
-/// marker instead and check that none is left.
+/// `fill` must store every `y[t][o]` of its block (all `t < m`): see [`Unstored`].
 fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S + Sync, fill: impl Fn(&mut S, std::ops::Range<usize>, BlockOut) + Sync) -> Vec<f32> {
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    if CHECK_ALL_STORED {
-        y.resize(m * n, f32::from_bits(UNSTORED));
-    }
-    let ptr = SendPtr(y.as_mut_ptr());
+    let mut y = Unstored::new(m, n);
+    let ptr = y.ptr();
     let blocks = n.div_ceil(block);
     // At least 16 rows a task: below that the hand-out costs more than the rows. Two ranges a
     // thread, not four: a range's first rows wait for memory with nothing prefetched, and a
@@ -388,21 +382,55 @@ fn par_output_blocks<S>(m: usize, n: usize, block: usize, init: impl Fn() -> S +
             fill(&mut scratch, rows, out);
         }
     });
-    // SAFETY: the capacity is m · n, and `fill` stored every element (its contract, checked
-    // below in test and debug builds); a panic in a task leaves `y` empty.
-    unsafe { y.set_len(m * n) };
-    if CHECK_ALL_STORED {
-        if let Some(i) = y.iter().position(|v| v.to_bits() == UNSTORED) {
-            panic!("a kernel left y[{}][{}] of its [{m}][{n}] output unstored", i / n, i % n);
-        }
-    }
-    y
+    // SAFETY: `fill` stored every element (its contract).
+    unsafe { y.all_stored() }
 }
 
-/// Whether [`par_output_blocks`] checks that its kernel stored every output.
-const CHECK_ALL_STORED: bool = cfg!(any(test, debug_assertions));
-/// A NaN no kernel computes, marking outputs not yet stored.
-const UNSTORED: u32 = 0x7fa5_5a5a;
+/// A kernel's `[m][n]` output, not zeroed: the kernel stores every element. Zeroing cost 5 % of
+/// an 8-sequence SmolLM2 decode step, on the calling thread while the others waited, for values
+/// every kernel overwrites. Test and debug builds fill it with a marker instead and check that
+/// none is left, so a kernel that skips an element fails its tests.
+pub(crate) struct Unstored {
+    y: Vec<f32>,
+    m: usize,
+    n: usize,
+}
+
+impl Unstored {
+    /// Whether the buffer is checked (see the type).
+    const CHECK: bool = cfg!(any(test, debug_assertions));
+    /// A NaN no kernel computes, marking elements not yet stored.
+    const MARK: u32 = 0x7fa5_5a5a;
+
+    pub(crate) fn new(m: usize, n: usize) -> Self {
+        let mut y = Vec::with_capacity(m * n);
+        if Self::CHECK {
+            y.resize(m * n, f32::from_bits(Self::MARK));
+        }
+        Self { y, m, n }
+    }
+
+    /// Where the kernel's tasks store (each its own elements).
+    pub(crate) fn ptr(&mut self) -> SendPtr {
+        SendPtr(self.y.as_mut_ptr())
+    }
+
+    /// The output, once stored.
+    ///
+    /// # Safety
+    /// Every one of the `m · n` elements was stored through [`Self::ptr`]. (A kernel that
+    /// panics never gets here: the buffer is then dropped unread.)
+    pub(crate) unsafe fn all_stored(mut self) -> Vec<f32> {
+        let (m, n) = (self.m, self.n);
+        self.y.set_len(m * n);
+        if Self::CHECK {
+            if let Some(i) = self.y.iter().position(|v| v.to_bits() == Self::MARK) {
+                panic!("a kernel left y[{}][{}] of its [{m}][{n}] output unstored", i / n, i % n);
+            }
+        }
+        self.y
+    }
+}
 
 /// One row's dot product with one token.
 #[inline]
