@@ -1,7 +1,7 @@
-//! Vectorized elementwise math for the CPU paths: the exponential and softmax that attention
-//! takes (prompt and decode), and silu(gate) · up as one op. candle's own ops call glibc's scalar `expf` per
-//! value and allocate a tensor per step (silu, then the product): on a 512-token prefill of SmolLM2
-//! that is 24 million exponentials.
+//! Vectorized elementwise math for the CPU paths: the exponential and the softmax that attention
+//! takes (prompt and decode), and silu(gate) · up as one op. candle's own ops call glibc's
+//! scalar `expf` per value and allocate a tensor per step (silu, then the product): on a
+//! 512-token prefill of SmolLM2 that is 24 million exponentials.
 use crate::quant::cpu::pool;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
