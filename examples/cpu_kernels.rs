@@ -7,19 +7,11 @@ use awq_run::quant::cpu::q8::Q8Weight;
 use awq_run::quant::cpu::{A8Path, Kernel, PackedQ4};
 use awq_run::quant::{quantize_codes, QuantScheme};
 use awq_run::rng::Rng;
-use std::time::Instant;
+mod timing;
 
-fn median_us(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[reps / 2]
+/// The median of `reps` timed calls after a warm-up, in µs.
+fn median_us(reps: usize, f: impl FnMut()) -> f64 {
+    timing::time_us(reps, f).0
 }
 
 fn main() -> anyhow::Result<()> {

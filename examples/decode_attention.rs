@@ -9,22 +9,7 @@
 use awq_run::model::attention_cpu::attend_heads;
 use awq_run::rng::Rng;
 use half::f16;
-use std::time::Instant;
-
-/// Median and fastest of `reps` timed calls after a warm-up, in µs (the fastest is steadier on a
-/// shared VM whose speed drifts between calls).
-fn time_us(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    (t[reps / 2], t[0])
-}
+mod timing;
 
 fn main() -> anyhow::Result<()> {
     let reps: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(201);
@@ -38,7 +23,7 @@ fn main() -> anyhow::Result<()> {
             let k: Vec<f16> = (0..len * kvh * d).map(|_| f16::from_f32(rng.unit())).collect();
             let v: Vec<f16> = (0..len * kvh * d).map(|_| f16::from_f32(rng.unit())).collect();
             let mut out = vec![0f32; h * d];
-            let (us, fastest) = time_us(reps, || {
+            let (us, fastest) = timing::time_us(reps, || {
                 out.fill(0.0);
                 attend_heads(&q, 0..kvh, n_rep, 0..len, |j, p| &k[(p * kvh + j) * d..][..d], |j, p| &v[(p * kvh + j) * d..][..d], 0.125, &mut out);
                 std::hint::black_box(&out);
